@@ -1,0 +1,25 @@
+"""backprop_check: cross-check hand-derived, numerical and autograd gradients against PyTorch."""
+from __future__ import annotations
+
+from .case import Case, case
+from .errors import CaseError, CaseLoadError, CaseTimeout, UsageError
+from .nodes import node
+from .report import Report, Result
+from .runner import run
+
+__version__ = "0.1.0"
+
+__all__ = sorted(
+    [
+        "Case",
+        "CaseError",
+        "CaseLoadError",
+        "CaseTimeout",
+        "Report",
+        "Result",
+        "UsageError",
+        "case",
+        "node",
+        "run",
+    ]
+)

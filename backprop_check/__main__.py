@@ -1,0 +1,1 @@
+from backprop_check.cli import main; raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""`backprop-check`: run, list (and the commands registered in COMMANDS).
+
+Exit status: 0 all ok; 1 at least one mismatch; 2 a usage error or a broken case (2 wins).
+A user's mistake is one line naming the file, case and reason; `--traceback` shows the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import UsageError
+from .formats import FORMATS, write_atomic
+from .loader import load
+from .options import add_to_argparse, plan_from
+from .runner import run_plan
+
+DEFAULT_PATHS = ["cases/"]
+
+
+def add_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="case files or folders (default: cases/)")
+    parser.add_argument("-k", dest="select", metavar="EXPR", help="select cases by name: 'linear and not mse'")
+    add_to_argparse(parser)
+    parser.add_argument("--format", choices=sorted(FORMATS), default="text", help="report format (default: text)")
+    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of a broken case")
+
+
+def command_run(args: argparse.Namespace) -> int:
+    plan = plan_from(lambda name: getattr(args, name), select=args.select)
+    report = run_plan(args.paths or DEFAULT_PATHS, plan)
+    rendered = FORMATS[args.format](report)
+    if args.output:
+        write_atomic(args.output, rendered)
+        print(f"{report.summary['total']} results written to {args.output} (exit {report.exit_code})")
+    else:
+        sys.stdout.write(rendered)
+    if args.traceback:
+        _print_tracebacks(report)
+    return report.exit_code
+
+
+def add_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="case files or folders (default: cases/)")
+    parser.add_argument("-k", dest="select", metavar="EXPR", help="select cases by name")
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from .select import matches
+
+    cases, failures = load(args.paths or DEFAULT_PATHS)
+    for case in cases:
+        if args.select and not matches(args.select, case.name):
+            continue
+        shapes = ", ".join(case.params) or "(module)"
+        way = "three-way" if case.manual_fn else "two-way"
+        print(f"{case.name:<24} {case.where:<36} {way:<9} {shapes}")
+    for failure in failures:
+        print(f"error: {failure.where}: {failure.reason}", file=sys.stderr)
+    return 2 if failures else 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: list[Command] = [
+    ("run", add_run, command_run),
+    ("list", add_list, command_list),
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="backprop-check",
+        description="Check hand-derived (manual), numerical and autograd gradients against each other.",
+        epilog="exit status: 0 all ok, 1 a gradient mismatch, 2 a usage error or a broken case",
+    )
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, add, handler in COMMANDS:
+        doc = (handler.__doc__ or "").strip().splitlines()
+        child = sub.add_parser(name, help=doc[0] if doc else None)
+        add(child)
+        child.set_defaults(handler=handler)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: parse `argv`, run the command, return the exit status."""
+    try:
+        args = parser().parse_args(argv)
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"backprop-check: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("backprop-check: interrupted", file=sys.stderr)
+        return 2
+
+
+def _print_tracebacks(report) -> None:  # noqa: ANN001
+    for result in report.results:
+        if result.verdict == "error" and result.traceback:
+            print(f"--- {result.id}\n{result.traceback}", file=sys.stderr)
+
+
+command_run.__doc__ = "check every case: manual vs numerical vs autograd"
+command_list.__doc__ = "list the cases a path defines"

@@ -1,0 +1,39 @@
+"""Error types: each names what the user did wrong, in one line."""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+
+class CaseError(ValueError):
+    """A case is broken: it cannot be loaded, it raised, or it returned something unusable."""
+
+
+class CaseLoadError(CaseError):
+    """A case file could not be imported (syntax error, failing import, missing file)."""
+
+
+class UsageError(ValueError):
+    """The command line or the Python API was called with options that make no sense."""
+
+
+class CaseTimeout(CaseError):
+    """A case ran past its time limit."""
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message` — an exception as a user reads it."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def line_in(file: str | None, exc: BaseException) -> int | None:
+    """The last line of `file` in the exception's traceback: where the user's code failed."""
+    if file is None:
+        return None
+    target = Path(file).resolve()
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == target:
+            line = frame.lineno
+    return line

@@ -1,0 +1,22 @@
+"""The JSON report: `{"results": [...], "summary": {...}}`; non-finite numbers as strings."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from ..report import Report
+
+
+def render(report: Report) -> str:
+    return json.dumps(_finite(report.to_dict()), indent=2, ensure_ascii=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value

@@ -1,0 +1,117 @@
+"""Points: the values of every parameter and datum at which a case is checked.
+
+Every case is checked at its given point and at random points: float parameters and float data
+redrawn from a standard normal (same shapes), then the case's `sample` overrides. At the
+tutorials' x = 1 a manual gradient that forgets the factor x looks right; at a random point not.
+Values are kept in float64 on the CPU and cast for each run.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .case import Case
+from .errors import CaseError
+
+
+@dataclass(frozen=True)
+class Point:
+    """One assignment of every parameter and datum; `seed` repeats a random one exactly."""
+
+    label: str
+    seed: int | None
+    params: dict[str, torch.Tensor]
+    data: dict[str, torch.Tensor]
+
+    def cast(self, dtype: torch.dtype, device: str = "cpu") -> Point:
+        """The point in `dtype` on `device`: float values are rounded, integer data stay."""
+        return Point(
+            self.label,
+            self.seed,
+            {k: v.to(device=device, dtype=dtype) for k, v in self.params.items()},
+            {k: _cast_float(v, dtype, device) for k, v in self.data.items()},
+        )
+
+    def rounded(self, dtype: torch.dtype) -> Point:
+        """The point rounded to `dtype` and back to float64: where a `dtype` run really is."""
+        return self.cast(dtype).cast(torch.float64)
+
+    def describe(self) -> str:
+        return self.label if self.seed is None else f"{self.label} (seed {self.seed})"
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable seed from a run seed and names, independent of which cases are selected."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def given_point(case: Case, seed: int) -> Point:
+    """The point the case file gives; callable parameters are drawn from a seeded generator."""
+    gen = generator(derive_seed(seed, case.name, "given"))
+    params = {name: as_float(name, _resolve(spec, gen)) for name, spec in case.params.items()}
+    data = {name: as_value(name, _resolve(spec, gen)) for name, spec in case.data.items()}
+    return Point("given point", None, params, data)
+
+
+def random_point(case: Case, given: Point, index: int, seed: int, attempt: int = 0) -> Point:
+    """Random point number `index` (from 1); `attempt` > 0 redraws one that landed on a kink."""
+    point_seed = derive_seed(seed, case.name, index, attempt)
+    gen = generator(point_seed)
+    params = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in given.params.items()}
+    data = {
+        k: torch.randn(v.shape, generator=gen, dtype=torch.float64) if v.is_floating_point() else v
+        for k, v in given.data.items()
+    }
+    if case.sample is not None:
+        overrides = case.sample(gen)
+        if not isinstance(overrides, Mapping):
+            raise CaseError(f"sample= must return a dict, got {type(overrides).__name__}")
+        for name, value in overrides.items():
+            if name in params:
+                params[name] = as_float(name, value)
+            elif name in data:
+                data[name] = as_value(name, value)
+            else:
+                raise CaseError(f"sample= returns {name!r}, which is neither a parameter nor a datum")
+    return Point(f"random point {index}", point_seed, params, data)
+
+
+def as_value(name: str, value: Any) -> torch.Tensor:
+    """A datum as a CPU tensor: floats in float64, integers (labels) stay integer."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CaseError(f"{name!r} is not a number, array or tensor: {exc}") from None
+    if tensor.is_floating_point() or tensor.is_complex():
+        return tensor.to(torch.float64).clone()
+    if tensor.dtype == torch.bool:
+        return tensor.clone()
+    return tensor.to(torch.long).clone()
+
+
+def as_float(name: str, value: Any) -> torch.Tensor:
+    """A parameter as a float64 CPU tensor (an integer initial value becomes a float)."""
+    tensor = as_value(name, value)
+    if tensor.is_complex():
+        raise CaseError(f"parameter {name!r} is complex; only real parameters are supported")
+    return tensor.to(torch.float64)
+
+
+def _resolve(spec: Any, gen: torch.Generator) -> Any:
+    return spec(gen) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
+
+
+def _cast_float(value: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)

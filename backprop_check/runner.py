@@ -1,0 +1,354 @@
+"""The run: load → plan (case × device × dtype × point) → three gradients → compare → Report."""
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .case import Case
+from .compare import MISMATCH, NONDIFFERENTIABLE, OK, Check, compare
+from .errors import CaseError, UsageError
+from .forward import call_forward
+from .hints import hints_for
+from .loader import LoadFailure, load
+from .points import Point, given_point, random_point
+from .report import Report, Result
+from .select import matches
+from .sources import SOURCES, Gradients
+from .tolerance import ERROR_BARS, tolerance_for
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float64", "float32")
+POINTS = 3
+REDRAWS = 5
+# `expect` holds published numbers, often rounded to a few digits.
+EXPECT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+@dataclass
+class Plan:
+    """What to check: the options shared by the CLI, the pytest plugin and the Python API."""
+
+    devices: tuple[str, ...] = DEVICES
+    dtypes: tuple[str, ...] = DTYPES
+    points: int = POINTS
+    seed: int = 0
+    select: str | None = None
+
+    def __post_init__(self) -> None:
+        for dtype in self.dtypes:
+            if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+                raise UsageError(f"unknown dtype {dtype!r} (use float64, float32, float16 or bfloat16)")
+        for device in self.devices:
+            if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+                raise UsageError(f"unknown device {device!r} (use cpu or cuda)")
+        if self.points < 0:
+            raise UsageError(f"--points must be 0 or more, got {self.points}")
+
+
+def run(
+    targets: str | Path | Case | Iterable[str | Path | Case],
+    *,
+    devices: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    points: int | None = None,
+    seed: int = 0,
+    select: str | None = None,
+) -> Report:
+    """Check every case in `targets` (case files, folders or `Case` objects) and return a Report."""
+    if isinstance(targets, (str, Path, Case)):
+        targets = [targets]
+    plan = Plan(
+        devices=tuple(devices or DEVICES),
+        dtypes=tuple(dtypes or DTYPES),
+        points=POINTS if points is None else points,
+        seed=seed,
+        select=select,
+    )
+    return run_plan(list(targets), plan)
+
+
+def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
+    started = time.perf_counter()
+    cases, failures = load(targets)
+    report = Report()
+    report.results.extend(load_error(failure) for failure in failures)
+    for case in cases:
+        if plan.select is None or matches(plan.select, case.name):
+            report.results.extend(check_case(case, plan))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def load_error(failure: LoadFailure) -> Result:
+    return Result(
+        case=failure.case or Path(failure.file).stem,
+        device="-",
+        dtype="-",
+        verdict="error",
+        message=f"{failure.where}: {failure.reason}",
+        file=failure.file,
+        line=failure.line,
+    )
+
+
+def check_case(case: Case, plan: Plan) -> list[Result]:
+    """Every device × dtype result for one case."""
+    started = time.perf_counter()
+    try:
+        problem = case.problem()
+        if problem:
+            raise CaseError(problem)
+        points, numerical_cache, notes = prepare_points(case, plan)
+    except CaseError as exc:
+        return [_error(case, device, dtype, str(exc), exc) for device in plan.devices for dtype in plan.dtypes]
+    results = []
+    for device in plan.devices:
+        unavailable = device_unavailable(device)
+        for dtype_name in plan.dtypes:
+            if unavailable:
+                results.append(_result(case, device, dtype_name, "skipped", message=unavailable))
+                continue
+            result = check_combination(case, points, device, dtype_name, numerical_cache)
+            result.notes.extend(notes)
+            results.append(result)
+    elapsed = time.perf_counter() - started
+    for result in results:
+        result.seconds = elapsed / max(1, len(results))
+    return results
+
+
+def device_unavailable(device: str) -> str | None:
+    """Why `device` cannot be used here, or None."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    return None
+
+
+def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str, str], Gradients], list[str]]:
+    """The given point and the random ones; a random point on a kink is redrawn."""
+    given = given_point(case, plan.seed)
+    check_forward_is_pure(case, given)
+    points = [given]
+    cache: dict[tuple[str, str], Gradients] = {}
+    notes: list[str] = []
+    for index in range(1, plan.points + 1):
+        for attempt in range(REDRAWS):
+            point = random_point(case, given, index, plan.seed, attempt)
+            numerical = SOURCES["numerical"](case, point, "cpu", torch.float64)
+            _require_finite_loss(numerical.loss, point)
+            if not any(bool(mask.any()) for mask in numerical.kink.values()):
+                break
+        else:
+            notes.append(f"{point.describe()} still sits on a kink after {REDRAWS} draws")
+        points.append(point)
+        cache[(point.label, "float64")] = numerical
+    return points, cache, notes
+
+
+def check_forward_is_pure(case: Case, point: Point) -> None:
+    """The forward pass must be deterministic and leave its inputs alone."""
+    params = {k: v.clone() for k, v in point.params.items()}
+    data = {k: v.clone() for k, v in point.data.items()}
+    with torch.no_grad():
+        first, _ = call_forward(case, params, data)
+        second, _ = call_forward(case, {k: v.clone() for k, v in point.params.items()}, data)
+    for name, value in {**params, **data}.items():
+        original = point.params.get(name, point.data.get(name))
+        if not torch.equal(value, original):
+            raise CaseError(f"the forward pass changes {name!r} in place; it must not modify its inputs")
+    _require_finite_loss(first, point)
+    if not torch.equal(first, second):
+        raise CaseError(
+            f"the forward pass is not deterministic: two runs at the same point gave {float(first):.17g} "
+            f"and {float(second):.17g} (dropout or unseeded randomness?)"
+        )
+
+
+def _require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
+    if loss is not None and not bool(torch.isfinite(loss)):
+        hint = "" if point.seed is None else "; constrain random points with sample="
+        raise CaseError(f"the loss is {float(loss)} at the {point.describe()}{hint}")
+
+
+@dataclass
+class Outcome:
+    point: Point
+    checks: list[Check]
+    verdict: str
+    culprit: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_combination(
+    case: Case,
+    points: list[Point],
+    device: str,
+    dtype_name: str,
+    cache: dict[tuple[str, str], Gradients],
+) -> Result:
+    """Check one case on one device in one dtype at every point."""
+    dtype = getattr(torch, dtype_name)
+    tol = tolerance_for(dtype, case.rtol, case.atol)
+    outcomes: list[Outcome] = []
+    notes: list[str] = []
+    try:
+        for point in points:
+            key = (point.label, dtype_name)
+            if key not in cache:
+                cache[key] = SOURCES["numerical"](case, point, "cpu", dtype)
+            numerical = cache[key]
+            _require_finite_loss(numerical.loss, point)
+            autograd = SOURCES["autograd"](case, point, device, dtype)
+            _require_finite_loss(autograd.loss, point)
+            manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
+            clash = set(numerical.nodes) & set(point.params)
+            if clash:
+                raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
+            checks = compare(numerical, autograd, manual, list(point.params), tol)
+            if point.seed is None:
+                checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
+            if numerical.note and numerical.note not in notes:
+                notes.append(numerical.note)
+            outcomes.append(_outcome(point, checks))
+    except CaseError as exc:
+        at = f" at the {point.describe()}" if "point" not in str(exc) else ""
+        return _error(case, device, dtype_name, f"{exc}{at}", exc)
+    result = summarize(case, device, dtype_name, outcomes, tol.describe())
+    result.notes.extend(notes)
+    return result
+
+
+def expect_checks(
+    case: Case, numerical: Gradients, autograd: Gradients, dtype: torch.dtype, tol
+) -> list[Check]:  # noqa: ANN001
+    """The case's published values against the loss and the numerical gradient."""
+    from .points import as_float
+
+    checks = []
+    rtol = EXPECT_RTOL.get(dtype, 1e-3)
+    for name, value in case.expect.items():
+        expected = as_float(name, value)
+        if name == "loss":
+            got, bar = autograd.loss.to(torch.float64).reshape(1), torch.zeros(1, dtype=torch.float64)
+        elif name in numerical.values:
+            got, bar = numerical.values[name].reshape(-1), numerical.error[name].reshape(-1)
+        else:
+            continue
+        if expected.numel() != got.numel():
+            raise CaseError(f"expect[{name!r}] has {expected.numel()} values, the {name} has {got.numel()}")
+        expected = expected.reshape(-1)
+        allowed = ERROR_BARS * bar + rtol * expected.abs() + tol.allowed(expected, float(expected.abs().max())) + 1e-12
+        diff = (got - expected).abs()
+        worst = int(torch.argmax(diff / allowed))
+        bad = ~(diff <= allowed)
+        check = Check(
+            name=f"expect {name}",
+            kind="expect",
+            shape=tuple(numerical.values[name].shape) if name in numerical.values else (),
+            verdict=MISMATCH if bool(bad.any()) else OK,
+            numerical=float(got[worst]),
+            abs_err=float(diff[worst]),
+            rel_err=float(diff[worst] / expected[worst].abs()) if float(expected[worst]) else float(diff[worst]),
+            allowed=float(allowed[worst]),
+            ratio=float(diff[worst] / allowed[worst]),
+            bad=int(bad.sum()),
+            size=expected.numel(),
+        )
+        if bad.any():
+            check.note = f"expected {name} = {float(expected[worst]):.8g}, the case gives {float(got[worst]):.8g}"
+        checks.append(check)
+    return checks
+
+
+def _outcome(point: Point, checks: list[Check]) -> Outcome:
+    bad = [check for check in checks if check.verdict == MISMATCH]
+    if bad:
+        named = {check.culprit for check in bad if check.kind == "param"} or {check.culprit for check in bad}
+        culprit = named.pop() if len(named) == 1 else None
+        return Outcome(point, checks, MISMATCH, culprit)
+    if any(check.verdict == NONDIFFERENTIABLE for check in checks):
+        return Outcome(point, checks, NONDIFFERENTIABLE, None)
+    return Outcome(point, checks, OK, None)
+
+
+def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tolerance: str) -> Result:
+    """One result from the outcomes at every point: the worst point speaks for the rest."""
+    failing = [o for o in outcomes if o.verdict == MISMATCH]
+    kinked = [o for o in outcomes if o.verdict == NONDIFFERENTIABLE]
+    if failing:
+        shown = failing[0]
+        culprits = {o.culprit for o in failing}
+        culprit = culprits.pop() if len(culprits) == 1 else None
+        verdict = MISMATCH
+    elif kinked:
+        shown, culprit, verdict = kinked[0], None, NONDIFFERENTIABLE
+    else:
+        shown = max(outcomes, key=lambda o: max((c.ratio for c in o.checks), default=0.0))
+        culprit, verdict = None, OK
+    result = _result(case, device, dtype, verdict, culprit=culprit)
+    result.point, result.seed = shown.point.describe(), shown.point.seed
+    result.checks = shown.checks
+    result.points = len(outcomes)
+    result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
+    result.hints = hints_for(shown, outcomes) if verdict == MISMATCH else []
+    result.message = describe(result, shown, len(failing), len(outcomes), tolerance)
+    return result
+
+
+def first_bad_node(checks: list[Check], culprit: str | None) -> str | None:
+    """Walking from the loss toward the parameters, the first node whose gradient is wrong."""
+    for check in checks:
+        if check.kind == "node" and check.verdict == MISMATCH and (culprit is None or check.culprit == culprit):
+            return check.name
+    return None
+
+
+def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance: str) -> str:
+    """The result in one or two sentences: which source, which element, how far off."""
+    if result.verdict == OK:
+        worst = max(shown.checks, key=lambda c: c.ratio, default=None)
+        return "" if worst is None else f"all agree; closest call {worst.label} at {worst.ratio:.2g}× its tolerance ({tolerance})"
+    if result.verdict == NONDIFFERENTIABLE:
+        kinks = [c for c in shown.checks if c.kinks]
+        names = ", ".join(f"{c.label} ({c.note})" for c in kinks[:3])
+        return f"no single gradient exists at the {shown.point.describe()}: {names}; the sources agree within the subgradient interval"
+    bad = [c for c in shown.checks if c.verdict == MISMATCH]
+    params = [c for c in bad if c.kind != "node"] or bad
+    check = params[0]
+    who = f"{result.culprit} is the odd one out" if result.culprit else "the sources disagree and no single one is the odd one out"
+    if check.kind == "expect":
+        text = f"{check.note} at the given point"
+    elif check.index is None:
+        text = f"{check.name}: {check.note}"
+    else:
+        values = [f"numerical {check.numerical:.8g} ± {check.error_bar:.2g}"]
+        if check.manual is not None:
+            values.insert(0, f"manual {check.manual:.8g}")
+        values.append(f"autograd {check.autograd:.8g}")
+        text = (
+            f"dloss/d{check.label}: {', '.join(values)}; error {check.abs_err:.3g} "
+            f"(rel {check.rel_err:.3g}), {check.ratio:.3g}× the tolerance {check.allowed:.3g} ({tolerance})"
+        )
+        if check.bad > 1:
+            text += f"; {check.bad} of {check.size} elements disagree"
+    where = f" at the {shown.point.describe()}"
+    others = f"; {failing} of {total} points disagree" if total > 1 else ""
+    node = f"; the derivation first goes wrong at node {result.first_bad_node!r}" if result.first_bad_node else ""
+    return f"{who}{where}: {text}{others}{node}"
+
+
+def _result(case: Case, device: str, dtype: str, verdict: str, **fields) -> Result:  # noqa: ANN003
+    return Result(case=case.name, device=device, dtype=dtype, verdict=verdict, file=case.file, line=case.line, **fields)
+
+
+def _error(case: Case, device: str, dtype: str, reason: str, exc: BaseException | None = None) -> Result:
+    cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
+    trace = "".join(traceback.format_exception(cause)) if cause is not None else None
+    return _result(case, device, dtype, "error", message=f"{case.where}: {case.name}: {reason}", traceback=trace)

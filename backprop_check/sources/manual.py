@@ -1,0 +1,40 @@
+"""The manual source: the user's hand-derived chain rule (torch or numpy code)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..case import Case
+from ..errors import CaseError
+from ..forward import call_user
+from ..points import Point
+from . import Gradients
+
+
+def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:
+    """Call the case's `.manual` with detached values in `dtype` on `device`."""
+    if case.manual_fn is None:
+        raise CaseError("the case has no manual gradient")
+    at = point.cast(dtype, device)
+    with torch.no_grad():
+        returned = call_user(case, "manual gradient", case.manual_fn, {**at.params, **at.data})
+    if not isinstance(returned, Mapping):
+        raise CaseError(f"the manual gradient must return a dict, got {type(returned).__name__}")
+    values = {str(name): _as_tensor(name, value, device) for name, value in returned.items()}
+    return Gradients("manual", values)
+
+
+def _as_tensor(name: object, value: Any, device: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise CaseError(f"manual gradient for {name!r} is not a number or array: {exc}") from None
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32)):
+        raise CaseError(f"manual gradient for {name!r} has dtype {tensor.dtype}")
+    return tensor.to(device=device, dtype=torch.float64 if not tensor.is_floating_point() else tensor.dtype)
