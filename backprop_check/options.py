@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .runner import DEVICES, DTYPES, POINTS, Plan
+from .runner import DEVICES, DTYPES, POINTS, TIMEOUT, Plan
 
 
 def _names(text: str) -> list[str]:
@@ -34,6 +34,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", f"dtype to check in, repeatable or comma-separated (default: {','.join(DTYPES)})", None, metavar="DTYPE", repeat=True),
     Option("points", f"random points besides the given one (default: {POINTS})", POINTS, int, "N"),
     Option("seed", "seed of the random points (default: 0)", 0, int, "S"),
+    Option("timeout", f"seconds one case may take before it is reported as an error (default: {TIMEOUT:g})", TIMEOUT, float, "SECONDS"),
 )
 
 
@@ -60,6 +61,7 @@ def plan_from(values: Callable[[str], Any], select: str | None = None) -> Plan:
         points=values("points"),
         seed=values("seed"),
         select=select,
+        timeout=values("timeout"),
     )
 
 

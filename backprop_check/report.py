@@ -31,6 +31,8 @@ class Result:
     points: int = 0
     seconds: float = 0.0
     traceback: str | None = None
+    # The loss and autograd gradients at the given point: what a baseline stores.
+    reference: dict[str, Any] | None = None
 
     @property
     def id(self) -> str:
@@ -55,6 +57,7 @@ class Result:
             "notes": list(self.notes),
             "checks": [check.to_dict() for check in self.checks],
             "seconds": round(self.seconds, 6),
+            "reference": self.reference,
         }
 
 

@@ -1,9 +1,12 @@
 """The run: load → plan (case × device × dtype × point) → three gradients → compare → Report."""
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import torch
 
 from .case import Case
 from .compare import MISMATCH, NONDIFFERENTIABLE, OK, Check, compare
-from .errors import CaseError, UsageError
+from .errors import CaseError, CaseTimeout, UsageError
 from .forward import call_forward
 from .hints import hints_for
 from .loader import LoadFailure, load
@@ -25,6 +28,7 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float64", "float32")
 POINTS = 3
 REDRAWS = 5
+TIMEOUT = 300.0  # seconds per case: generous, so that only a hanging case meets it
 # `expect` holds published numbers, often rounded to a few digits.
 EXPECT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 
@@ -38,6 +42,7 @@ class Plan:
     points: int = POINTS
     seed: int = 0
     select: str | None = None
+    timeout: float | None = TIMEOUT
 
     def __post_init__(self) -> None:
         for dtype in self.dtypes:
@@ -46,6 +51,8 @@ class Plan:
         for device in self.devices:
             if device.split(":")[0] not in ("cpu", "cuda", "mps"):
                 raise UsageError(f"unknown device {device!r} (use cpu or cuda)")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"--timeout must be positive, got {self.timeout}")
         if self.points < 0:
             raise UsageError(f"--points must be 0 or more, got {self.points}")
 
@@ -58,6 +65,7 @@ def run(
     points: int | None = None,
     seed: int = 0,
     select: str | None = None,
+    timeout: float | None = TIMEOUT,
 ) -> Report:
     """Check every case in `targets` (case files, folders or `Case` objects) and return a Report."""
     if isinstance(targets, (str, Path, Case)):
@@ -68,6 +76,7 @@ def run(
         points=POINTS if points is None else points,
         seed=seed,
         select=select,
+        timeout=timeout,
     )
     return run_plan(list(targets), plan)
 
@@ -99,27 +108,48 @@ def load_error(failure: LoadFailure) -> Result:
 def check_case(case: Case, plan: Plan) -> list[Result]:
     """Every device × dtype result for one case."""
     started = time.perf_counter()
-    try:
-        problem = case.problem()
-        if problem:
-            raise CaseError(problem)
-        points, numerical_cache, notes = prepare_points(case, plan)
-    except CaseError as exc:
-        return [_error(case, device, dtype, str(exc), exc) for device in plan.devices for dtype in plan.dtypes]
-    results = []
-    for device in plan.devices:
-        unavailable = device_unavailable(device)
-        for dtype_name in plan.dtypes:
-            if unavailable:
-                results.append(_result(case, device, dtype_name, "skipped", message=unavailable))
-                continue
-            result = check_combination(case, points, device, dtype_name, numerical_cache)
-            result.notes.extend(notes)
-            results.append(result)
+    combinations = [(device, dtype) for device in plan.devices for dtype in plan.dtypes]
+    results: list[Result] = []
+    with time_limit(plan.timeout):
+        try:
+            problem = case.problem()
+            if problem:
+                raise CaseError(problem)
+            points, numerical_cache, notes = prepare_points(case, plan)
+            for device, dtype_name in combinations:
+                unavailable = device_unavailable(device)
+                if unavailable:
+                    results.append(_result(case, device, dtype_name, "skipped", message=unavailable))
+                    continue
+                result = check_combination(case, points, device, dtype_name, numerical_cache)
+                result.notes.extend(notes)
+                results.append(result)
+        except CaseError as exc:  # the case is broken (or out of time) for what is left to check
+            results.extend(_error(case, d, t, str(exc), exc) for d, t in combinations[len(results) :])
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return results
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise CaseTimeout in the block after `seconds` (main thread, where SIGALRM exists)."""
+    usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise CaseTimeout(f"the case ran past its time limit of {seconds:g}s (--timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def device_unavailable(device: str) -> str | None:
@@ -198,6 +228,7 @@ def check_combination(
     tol = tolerance_for(dtype, case.rtol, case.atol)
     outcomes: list[Outcome] = []
     notes: list[str] = []
+    reference = None
     try:
         for point in points:
             key = (point.label, dtype_name)
@@ -214,14 +245,21 @@ def check_combination(
             checks = compare(numerical, autograd, manual, list(point.params), tol)
             if point.seed is None:
                 checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
+                reference = {
+                    "loss": float(autograd.loss),
+                    "gradients": {k: autograd.values[k].cpu().double().tolist() for k in point.params},
+                }
             if numerical.note and numerical.note not in notes:
                 notes.append(numerical.note)
             outcomes.append(_outcome(point, checks))
+    except CaseTimeout:
+        raise
     except CaseError as exc:
         at = f" at the {point.describe()}" if "point" not in str(exc) else ""
         return _error(case, device, dtype_name, f"{exc}{at}", exc)
     result = summarize(case, device, dtype_name, outcomes, tol.describe())
     result.notes.extend(notes)
+    result.reference = reference
     return result
 
 
