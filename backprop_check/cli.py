@@ -32,7 +32,10 @@ def command_run(args: argparse.Namespace) -> int:
     report = run_plan(args.paths or DEFAULT_PATHS, plan)
     rendered = FORMATS[args.format](report)
     if args.output:
-        write_atomic(args.output, rendered)
+        try:
+            write_atomic(args.output, rendered)
+        except OSError as exc:
+            raise UsageError(f"cannot write the report to {args.output}: {exc.strerror or exc}") from None
         print(f"{report.summary['total']} results written to {args.output} (exit {report.exit_code})")
     else:
         sys.stdout.write(rendered)
@@ -53,7 +56,7 @@ def command_list(args: argparse.Namespace) -> int:
     for case in cases:
         if args.select and not matches(args.select, case.name):
             continue
-        shapes = ", ".join(case.params) or "(module)"
+        shapes = ", ".join(case.params) or ("(module)" if case.module else "(no parameters)")
         way = "three-way" if case.manual_fn else "two-way"
         print(f"{case.name:<24} {case.where:<36} {way:<9} {shapes}")
     for failure in failures:

@@ -8,6 +8,7 @@ subgradient. NaN and Inf never compare equal to anything.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -103,13 +104,19 @@ def compare_tensor(
     tol: Tolerance,
 ) -> Check:
     """Compare one tensor's gradients element by element."""
-    n = numerical.values[name].reshape(-1)
-    e = numerical.error[name].reshape(-1)
-    kink = numerical.kink[name].reshape(-1)
-    lo = torch.minimum(numerical.left[name].reshape(-1), numerical.right[name].reshape(-1))
-    hi = torch.maximum(numerical.left[name].reshape(-1), numerical.right[name].reshape(-1))
-    a = autograd.detach().to("cpu", torch.float64).reshape(-1)
-    m = None if manual is None else manual.detach().to("cpu", torch.float64).reshape(-1)
+    shape = tuple(numerical.values[name].shape)
+    mask = numerical.checked.get(name)
+    flat = torch.arange(numerical.values[name].numel()) if mask is None else mask.reshape(-1).nonzero().reshape(-1)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64).reshape(-1)[flat]
+
+    n, e = pick(numerical.values[name]), pick(numerical.error[name])
+    kink = numerical.kink[name].reshape(-1)[flat]
+    lo = torch.minimum(pick(numerical.left[name]), pick(numerical.right[name]))
+    hi = torch.maximum(pick(numerical.left[name]), pick(numerical.right[name]))
+    a = pick(autograd)
+    m = None if manual is None else pick(manual)
     finite_n = n[torch.isfinite(n)]
     scale = float(finite_n.abs().max()) if finite_n.numel() else 0.0
 
@@ -145,16 +152,18 @@ def compare_tensor(
     check = Check(
         name=name,
         kind=kind,
-        shape=tuple(numerical.values[name].shape),
+        shape=shape,
         verdict=MISMATCH if bool(bad.any()) else (NONDIFFERENTIABLE if bool(kink.any()) else OK),
-        size=n.numel(),
+        size=numerical.values[name].numel(),
         bad=int(bad.sum()),
         kinks=int(kink.sum()),
         culprits=counts,
     )
     if n.numel() == 0:
         return check
-    check.index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), check.shape)) if check.shape else ()
+    check.index = tuple(int(i) for i in torch.unravel_index(flat[worst], shape)) if shape else ()
+    if mask is not None:
+        check.note = f"{n.numel()} of {check.size} elements sampled"
     check.numerical = float(n[worst])
     check.error_bar = float(e[worst])
     check.autograd = float(a[worst])
@@ -171,6 +180,28 @@ def compare_tensor(
     if bool(kink[worst]):
         check.note = f"kink: left derivative {float(numerical.left[name].reshape(-1)[worst]):.6g}, right {float(numerical.right[name].reshape(-1)[worst]):.6g}"
     return check
+
+
+def directions_agree(
+    numerical: Gradients, name: str, sources: list[torch.Tensor], tol: Tolerance
+) -> bool:
+    """Whether every source's directional derivatives of `name` match the numerical ones
+    (a kink along a direction proves nothing, so it counts as a disagreement to look into)."""
+    for direction in numerical.directions.get(name, []):
+        if direction.kink or not math.isfinite(direction.value):
+            return False
+        weights = direction.vector.abs()
+        for gradient in sources:
+            g = gradient.detach().to("cpu", torch.float64).reshape(direction.vector.shape)
+            scale = float(g.abs().max()) if g.numel() else 0.0
+            allowed = (
+                ERROR_BARS * direction.error
+                + tol.rtol * float((g.abs() * weights).sum())
+                + (tol.atol * scale + tol.absolute) * float(weights.sum())
+            )
+            if not abs(direction.of(g) - direction.value) <= allowed:
+                return False
+    return True
 
 
 _CODES = {"none": 0, "manual": 1, "autograd": 2, "numerical": 3, "unknown": 4}

@@ -1,7 +1,8 @@
 """Running a case's forward pass: user code in, a checked scalar loss and its nodes out."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -17,9 +18,25 @@ def call_forward(
     offsets: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Tape]:
     """Run the forward pass; return the scalar loss (shape ()) and the nodes it marked."""
-    with recording(offsets) as tape:
-        loss = call_user(case, "forward", case.forward, {**params, **data})
+    with recording(offsets) as tape, arguments(case, params, data) as kwargs:
+        loss = call_user(case, "forward", case.forward, kwargs)
     return as_loss(loss), tape
+
+
+@contextmanager
+def arguments(
+    case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]
+) -> Iterator[dict[str, object]]:
+    """The keyword arguments of the forward (and manual) function: every parameter and datum,
+    or for a module case the module as `model` (its parameters bound to `params`) and the data."""
+    if case.module is None:
+        yield {**params, **data}
+        return
+    from .modules import bound, placed
+
+    module = placed(case, case.__dict__.get("_module_seed", 0), next(iter(params.values())))
+    with bound(module, params):
+        yield {"model": module, **data}
 
 
 def call_user(case: Case, what: str, fn, kwargs: Mapping[str, object]):  # noqa: ANN001, ANN201
@@ -28,7 +45,7 @@ def call_user(case: Case, what: str, fn, kwargs: Mapping[str, object]):  # noqa:
         return fn(**kwargs)
     except CaseError:
         raise
-    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything, even exit()
         line = line_in(case.file, exc)
         at = f" (line {line})" if line else ""
         raise CaseError(f"{what} raised {one_line(exc)}{at}") from exc

@@ -23,6 +23,7 @@ class Option:
     type: Callable[[str], Any] = str
     metavar: str | None = None
     repeat: bool = False  # may be given several times or comma-separated
+    flag: bool = False  # takes no value
 
     @property
     def dest(self) -> str:
@@ -34,12 +35,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", f"dtype to check in, repeatable or comma-separated (default: {','.join(DTYPES)})", None, metavar="DTYPE", repeat=True),
     Option("points", f"random points besides the given one (default: {POINTS})", POINTS, int, "N"),
     Option("seed", "seed of the random points (default: 0)", 0, int, "S"),
+    Option("full", "check every element of every tensor (default: large tensors are checked along random directions and a sample of elements, in full where those disagree)", False, type=None, flag=True),
     Option("timeout", f"seconds one case may take before it is reported as an error (default: {TIMEOUT:g})", TIMEOUT, float, "SECONDS"),
 )
 
 
 def add_to_argparse(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
+        if option.flag:
+            parser.add_argument(f"--{option.name}", dest=option.dest, action="store_true", help=option.help)
+            continue
         parser.add_argument(
             f"--{option.name}",
             dest=option.dest,
@@ -62,6 +67,7 @@ def plan_from(values: Callable[[str], Any], select: str | None = None) -> Plan:
         seed=values("seed"),
         select=select,
         timeout=values("timeout"),
+        full=bool(values("full")),
     )
 
 

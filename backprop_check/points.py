@@ -7,6 +7,7 @@ Values are kept in float64 on the CPU and cast for each run.
 """
 from __future__ import annotations
 
+import reprlib
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .case import Case
-from .errors import CaseError
+from .errors import CaseError, line_in, one_line
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ def derive_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
+def module_seed(case: Case, seed: int) -> int:
+    """The seed a module case's module is built from; remembered on the case for the forward."""
+    case.__dict__["_module_seed"] = derive_seed(seed, case.name, "module")
+    return case.__dict__["_module_seed"]
+
+
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -57,8 +64,13 @@ def generator(seed: int) -> torch.Generator:
 def given_point(case: Case, seed: int) -> Point:
     """The point the case file gives; callable parameters are drawn from a seeded generator."""
     gen = generator(derive_seed(seed, case.name, "given"))
-    params = {name: as_float(name, _resolve(spec, gen)) for name, spec in case.params.items()}
-    data = {name: as_value(name, _resolve(spec, gen)) for name, spec in case.data.items()}
+    if case.module is not None:
+        from .modules import initial_params
+
+        params = initial_params(case, module_seed(case, seed))
+    else:
+        params = {name: as_float(name, _resolve(case, name, spec, gen)) for name, spec in case.params.items()}
+    data = {name: as_value(name, _resolve(case, name, spec, gen)) for name, spec in case.data.items()}
     return Point("given point", None, params, data)
 
 
@@ -72,17 +84,33 @@ def random_point(case: Case, given: Point, index: int, seed: int, attempt: int =
         for k, v in given.data.items()
     }
     if case.sample is not None:
-        overrides = case.sample(gen)
+        try:
+            overrides = case.sample(gen)
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            line = line_in(case.file, exc)
+            raise CaseError(f"sample= raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
         if not isinstance(overrides, Mapping):
             raise CaseError(f"sample= must return a dict, got {type(overrides).__name__}")
         for name, value in overrides.items():
             if name in params:
-                params[name] = as_float(name, value)
+                params[name] = _sampled(as_float, name, value)
+                if params[name].shape != given.params[name].shape:
+                    raise CaseError(
+                        f"sample= returns {name!r} with shape {tuple(params[name].shape)}, "
+                        f"but the parameter has shape {tuple(given.params[name].shape)}"
+                    )
             elif name in data:
-                data[name] = as_value(name, value)
+                data[name] = _sampled(as_value, name, value)
             else:
                 raise CaseError(f"sample= returns {name!r}, which is neither a parameter nor a datum")
     return Point(f"random point {index}", point_seed, params, data)
+
+
+def _sampled(convert: Any, name: str, value: Any) -> torch.Tensor:
+    try:
+        return convert(name, value)
+    except CaseError as exc:
+        raise CaseError(f"sample= for {name!r}: {exc}") from None
 
 
 def as_value(name: str, value: Any) -> torch.Tensor:
@@ -93,7 +121,7 @@ def as_value(name: str, value: Any) -> torch.Tensor:
         try:
             tensor = torch.as_tensor(np.asarray(value))
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise CaseError(f"{name!r} is not a number, array or tensor: {exc}") from None
+            raise CaseError(f"{name!r} is not a number, array or tensor: got {reprlib.repr(value)}") from None
     if tensor.is_floating_point() or tensor.is_complex():
         return tensor.to(torch.float64).clone()
     if tensor.dtype == torch.bool:
@@ -109,8 +137,14 @@ def as_float(name: str, value: Any) -> torch.Tensor:
     return tensor.to(torch.float64)
 
 
-def _resolve(spec: Any, gen: torch.Generator) -> Any:
-    return spec(gen) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
+def _resolve(case: Case, name: str, spec: Any, gen: torch.Generator) -> Any:
+    if not callable(spec) or isinstance(spec, torch.Tensor):
+        return spec
+    try:
+        return spec(gen)
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        line = line_in(case.file, exc)
+        raise CaseError(f"the initial value of {name!r} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
 
 
 def _cast_float(value: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:

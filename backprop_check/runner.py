@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .case import Case
-from .compare import MISMATCH, NONDIFFERENTIABLE, OK, Check, compare
-from .errors import CaseError, CaseTimeout, UsageError
+from .compare import MISMATCH, NONDIFFERENTIABLE, OK, Check, compare, directions_agree
+from .errors import CaseError, CaseTimeout, UsageError, one_line
 from .forward import call_forward
 from .hints import hints_for
 from .loader import LoadFailure, load
@@ -28,6 +28,9 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float64", "float32")
 POINTS = 3
 REDRAWS = 5
+# Tensors larger than this are checked along random directions plus a sample of elements,
+# and element by element only where those disagree (unless Plan.full).
+SAMPLE_ABOVE = 2048
 TIMEOUT = 300.0  # seconds per case: generous, so that only a hanging case meets it
 # `expect` holds published numbers, often rounded to a few digits.
 EXPECT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -43,6 +46,7 @@ class Plan:
     seed: int = 0
     select: str | None = None
     timeout: float | None = TIMEOUT
+    full: bool = False  # check every element of every tensor, however large
 
     def __post_init__(self) -> None:
         for dtype in self.dtypes:
@@ -66,6 +70,7 @@ def run(
     seed: int = 0,
     select: str | None = None,
     timeout: float | None = TIMEOUT,
+    full: bool = False,
 ) -> Report:
     """Check every case in `targets` (case files, folders or `Case` objects) and return a Report."""
     if isinstance(targets, (str, Path, Case)):
@@ -77,6 +82,7 @@ def run(
         seed=seed,
         select=select,
         timeout=timeout,
+        full=full,
     )
     return run_plan(list(targets), plan)
 
@@ -121,15 +127,38 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
                 if unavailable:
                     results.append(_result(case, device, dtype_name, "skipped", message=unavailable))
                     continue
-                result = check_combination(case, points, device, dtype_name, numerical_cache)
+                result = check_combination(case, points, device, dtype_name, numerical_cache, plan)
                 result.notes.extend(notes)
                 results.append(result)
         except CaseError as exc:  # the case is broken (or out of time) for what is left to check
             results.extend(_error(case, d, t, str(exc), exc) for d, t in combinations[len(results) :])
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
+            reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
+            results.extend(_error(case, d, t, reason, exc) for d, t in combinations[len(results) :])
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return results
+
+
+def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Gradients:
+    sample_above = None if plan.full else SAMPLE_ABOVE
+    return SOURCES["numerical"](case, point, "cpu", dtype, sample_above=sample_above, seed=plan.seed)
+
+
+def sampled_suspects(
+    checks: list[Check], numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol
+) -> list[str]:  # noqa: ANN001
+    """Sampled tensors whose sample or directional derivatives disagree."""
+    suspects = []
+    for name in numerical.checked:
+        check = next((c for c in checks if c.name == name), None)
+        sources = [autograd.values[name]]
+        if manual is not None and name in manual.values and manual.values[name].shape == autograd.values[name].shape:
+            sources.append(manual.values[name])
+        if (check is not None and check.verdict != OK) or not directions_agree(numerical, name, sources, tol):
+            suspects.append(name)
+    return suspects
 
 
 @contextmanager
@@ -164,15 +193,21 @@ def device_unavailable(device: str) -> str | None:
 def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str, str], Gradients], list[str]]:
     """The given point and the random ones; a random point on a kink is redrawn."""
     given = given_point(case, plan.seed)
+    notes = _empty_parameters(given)
     check_forward_is_pure(case, given)
     points = [given]
     cache: dict[tuple[str, str], Gradients] = {}
-    notes: list[str] = []
     for index in range(1, plan.points + 1):
         for attempt in range(REDRAWS):
-            point = random_point(case, given, index, plan.seed, attempt)
-            numerical = SOURCES["numerical"](case, point, "cpu", torch.float64)
+            try:
+                point = random_point(case, given, index, plan.seed, attempt)
+                numerical = numerical_for(case, point, torch.float64, plan)
+            except CaseTimeout:
+                raise
+            except CaseError as exc:
+                raise CaseError(f"{exc} (at the random point {index})" if "point" not in str(exc) else str(exc)) from exc
             _require_finite_loss(numerical.loss, point)
+            _require_finite_gradient(numerical, point)
             if not any(bool(mask.any()) for mask in numerical.kink.values()):
                 break
         else:
@@ -180,6 +215,15 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
         points.append(point)
         cache[(point.label, "float64")] = numerical
     return points, cache, notes
+
+
+def _empty_parameters(given: Point) -> list[str]:
+    """Notes on parameters with no elements; a case whose every parameter is empty checks
+    nothing, and an `ok` for it would be a lie."""
+    empty = [f"{name!r} has shape {tuple(value.shape)}" for name, value in given.params.items() if value.numel() == 0]
+    if empty and len(empty) == len(given.params):
+        raise CaseError(f"every parameter is empty ({', '.join(empty)}): there is no gradient to check")
+    return [f"parameter {text}: it has no elements to check" for text in empty]
 
 
 def check_forward_is_pure(case: Case, point: Point) -> None:
@@ -207,6 +251,24 @@ def _require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
         raise CaseError(f"the loss is {float(loss)} at the {point.describe()}{hint}")
 
 
+def _require_finite_gradient(numerical: Gradients, point: Point) -> None:
+    """The float64 referee must be finite wherever it was estimated; a NaN or Inf there means
+    the loss is not finite a finite-difference step away (the edge of its domain), and no
+    gradient at this point can be checked."""
+    for name, value in numerical.values.items():
+        bad = ~torch.isfinite(value)
+        if name in numerical.checked:
+            bad &= numerical.checked[name]
+        if bool(bad.any()):
+            index = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).nonzero()[0, 0], bad.shape))
+            label = f"{name}[{', '.join(map(str, index))}]" if index else name
+            hint = "move the given point" if point.seed is None else "constrain random points with sample="
+            raise CaseError(
+                f"the numerical gradient of {label} is {float(value[index])} at the {point.describe()}: "
+                f"the loss is not finite a small step away from it (the edge of its domain, like sqrt or log at 0?); {hint}"
+            )
+
+
 @dataclass
 class Outcome:
     point: Point
@@ -222,6 +284,7 @@ def check_combination(
     device: str,
     dtype_name: str,
     cache: dict[tuple[str, str], Gradients],
+    plan: Plan,
 ) -> Result:
     """Check one case on one device in one dtype at every point."""
     dtype = getattr(torch, dtype_name)
@@ -233,9 +296,10 @@ def check_combination(
         for point in points:
             key = (point.label, dtype_name)
             if key not in cache:
-                cache[key] = SOURCES["numerical"](case, point, "cpu", dtype)
+                cache[key] = numerical_for(case, point, dtype, plan)
             numerical = cache[key]
             _require_finite_loss(numerical.loss, point)
+            _require_finite_gradient(numerical, point)
             autograd = SOURCES["autograd"](case, point, device, dtype)
             _require_finite_loss(autograd.loss, point)
             manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
@@ -243,6 +307,10 @@ def check_combination(
             if clash:
                 raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
             checks = compare(numerical, autograd, manual, list(point.params), tol)
+            suspects = sampled_suspects(checks, numerical, autograd, manual, tol)
+            if suspects:  # look at every element of the tensors where the sample disagreed
+                numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, only=suspects))
+                checks = compare(numerical, autograd, manual, list(point.params), tol)
             if point.seed is None:
                 checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
                 reference = {
@@ -255,7 +323,7 @@ def check_combination(
     except CaseTimeout:
         raise
     except CaseError as exc:
-        at = f" at the {point.describe()}" if "point" not in str(exc) else ""
+        at = f" (at the {point.describe()})" if "point" not in str(exc) else ""
         return _error(case, device, dtype_name, f"{exc}{at}", exc)
     result = summarize(case, device, dtype_name, outcomes, tol.describe())
     result.notes.extend(notes)
@@ -272,7 +340,10 @@ def expect_checks(
     checks = []
     rtol = EXPECT_RTOL.get(dtype, 1e-3)
     for name, value in case.expect.items():
-        expected = as_float(name, value)
+        try:
+            expected = as_float(name, value)
+        except CaseError as exc:
+            raise CaseError(f"expect= for {name!r}: {exc}") from None
         if name == "loss":
             got, bar = autograd.loss.to(torch.float64).reshape(1), torch.zeros(1, dtype=torch.float64)
         elif name in numerical.values:
@@ -280,7 +351,8 @@ def expect_checks(
         else:
             continue
         if expected.numel() != got.numel():
-            raise CaseError(f"expect[{name!r}] has {expected.numel()} values, the {name} has {got.numel()}")
+            what = "the loss" if name == "loss" else f"the gradient of {name!r}"
+            raise CaseError(f"expect[{name!r}] has {expected.numel()} values, {what} has {got.numel()}")
         expected = expected.reshape(-1)
         allowed = ERROR_BARS * bar + rtol * expected.abs() + tol.allowed(expected, float(expected.abs().max())) + 1e-12
         diff = (got - expected).abs()

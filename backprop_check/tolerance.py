@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import CaseError
+
 # The numerical error bar is an estimate; this many of them is still agreement.
 ERROR_BARS = 4.0
 
@@ -60,4 +62,9 @@ def tolerance_for(dtype: torch.dtype, rtol: object = None, atol: object = None) 
 def _pick(value: object, dtype: torch.dtype) -> float | None:
     if isinstance(value, Mapping):
         value = value.get(str(dtype).removeprefix("torch."))
-    return None if value is None else float(value)  # type: ignore[arg-type]
+    if value is None:
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise CaseError(f"rtol= and atol= take a number or a dict by dtype name, got {value!r}") from None

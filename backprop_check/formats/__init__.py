@@ -7,11 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..report import Report
-from . import json, text
+from . import json, junit, markdown, text
 
 FORMATS: dict[str, Callable[[Report], str]] = {
     "text": text.render,
     "json": json.render,
+    "junit": junit.render,
+    "markdown": markdown.render,
 }
 
 

@@ -11,8 +11,8 @@ from collections import defaultdict
 from ..report import Report, Result
 
 WIDTH = 100
-COLUMNS = (("case", 14), ("run", 7), ("param", 11), ("manual", 9), ("numerical", 9), ("autograd", 9),
-           ("abs err", 8), ("rel err", 7), ("verdict", 8), ("culprit", 9))
+COLUMNS = (("case", 13), ("run", 7), ("param", 13), ("manual", 9), ("numerical", 9), ("autograd", 9),
+           ("abs err", 8), ("rel err", 7), ("verdict", 8), ("culprit", 8))
 MAX_ROWS = 6
 SHORT_VERDICT = {"nondifferentiable": "nondiff"}
 SHORT_DTYPE = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
@@ -54,12 +54,12 @@ def _rows(result: Result) -> list[list[str] | str]:
         rows.append(_row([
             result.case if i == 0 else "",
             run if i == 0 else "",
-            check.label,
-            _num(check.manual),
-            _num(check.numerical),
-            _num(check.autograd),
-            _num(check.abs_err),
-            _num(check.rel_err, 2),
+            check.label.replace(", ", ","),
+            _num(check.manual, 9),
+            _num(check.numerical, 9),
+            _num(check.autograd, 9),
+            _num(check.abs_err, 8),
+            _num(check.rel_err, 7),
             SHORT_VERDICT.get(result.verdict, result.verdict) if i == 0 else "",
             (check.culprit or "") if check.verdict == "mismatch" else "",
         ]))
@@ -95,12 +95,14 @@ def _row(cells: list[str]) -> str:
     return " ".join(parts).rstrip()
 
 
-def _num(value: float | None, digits: int = 5) -> str:
+def _num(value: float | None, width: int) -> str:
+    """The most significant digits of `value` that fit in `width` characters."""
     if value is None:
         return ""
     if value != value or value in (float("inf"), float("-inf")):
         return str(value)
-    text = f"{value:.{digits}g}"
-    return text if len(text) <= 9 else f"{value:.{max(1, digits - 3)}g}"
-
-
+    for digits in range(6, 0, -1):
+        text = f"{value:.{digits}g}".replace("e-0", "e-").replace("e+0", "e+")
+        if len(text) <= width:
+            return text
+    return text

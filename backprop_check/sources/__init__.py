@@ -11,13 +11,36 @@ from ..case import Case
 from ..points import Point
 
 
+@dataclass(frozen=True)
+class Direction:
+    """A numerical directional derivative: dloss along `vector`, with its error bar."""
+
+    vector: torch.Tensor
+    value: float
+    error: float
+    kink: bool
+
+    def of(self, gradient: torch.Tensor) -> float:
+        """The same directional derivative from a source's gradient."""
+        return float((gradient.detach().to("cpu", torch.float64).reshape(self.vector.shape) * self.vector).sum())
+
+
 @dataclass
 class Gradients:
     """dloss/dname for every parameter (and named node) from one source.
 
     The numerical source also gives, per element, an error bar and the one-sided derivatives
-    (`left`, `right`) with a mask of the elements that sit on a kink.
+    (`left`, `right`) with a mask of the elements that sit on a kink; for a large tensor it may
+    estimate only the elements in `checked`, plus `directions`.
     """
+
+    def merge(self, other: Gradients) -> None:
+        """Take `other`'s estimates for the names it has (a full check replacing a sampled one)."""
+        for name in other.values:
+            for part in ("values", "error", "left", "right", "kink"):
+                getattr(self, part)[name] = getattr(other, part)[name]
+            self.checked.pop(name, None)
+            self.directions.pop(name, None)
 
     source: str
     values: dict[str, torch.Tensor]
@@ -26,6 +49,9 @@ class Gradients:
     left: dict[str, torch.Tensor] = field(default_factory=dict)
     right: dict[str, torch.Tensor] = field(default_factory=dict)
     kink: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Sampled tensors: which elements were estimated, and directional derivatives.
+    checked: dict[str, torch.Tensor] = field(default_factory=dict)
+    directions: dict[str, list[Direction]] = field(default_factory=dict)
     nodes: tuple[str, ...] = ()
     note: str | None = None
 

@@ -9,7 +9,7 @@ import torch
 
 from ..case import Case
 from ..errors import CaseError
-from ..forward import call_user
+from ..forward import arguments, call_user
 from ..points import Point
 from . import Gradients
 
@@ -19,8 +19,8 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
     if case.manual_fn is None:
         raise CaseError("the case has no manual gradient")
     at = point.cast(dtype, device)
-    with torch.no_grad():
-        returned = call_user(case, "manual gradient", case.manual_fn, {**at.params, **at.data})
+    with torch.no_grad(), arguments(case, at.params, at.data) as kwargs:
+        returned = call_user(case, "manual gradient", case.manual_fn, kwargs)
     if not isinstance(returned, Mapping):
         raise CaseError(f"the manual gradient must return a dict, got {type(returned).__name__}")
     values = {str(name): _as_tensor(name, value, device) for name, value in returned.items()}

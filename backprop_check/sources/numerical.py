@@ -16,19 +16,24 @@ Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power
 Perturbations of one tensor are evaluated in batches with `torch.func.vmap`, in chunks that
 bound memory; a forward pass that cannot be batched falls back to a loop, and says so.
 Nodes are perturbed by injecting an offset where `node()` marks them.
+
+A tensor with more than `sample_above` elements is estimated at a random sample of its elements
+plus random directional derivatives (the derivative along d = v∘h for a random sign vector v,
+which weighs every element). The runner checks such a tensor element by element in full as
+soon as either disagrees, so a report still names the element.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
 from ..case import Case
-from ..errors import CaseError
+from ..errors import CaseTimeout
 from ..forward import call_forward
-from ..points import Point
-from . import Gradients
+from ..points import Point, derive_seed
+from . import Direction, Gradients
 
 RELATIVE_STEP = 1e-4
 # Rounding of one float64 forward pass, relative to |loss|: summing n terms costs up to ~√n eps.
@@ -38,13 +43,27 @@ KINK_RELATIVE = 1e-7
 MAX_BATCH = 512
 MAX_BATCH_ELEMENTS = 1 << 23
 OFFSETS = (1.0, 0.5, -0.5, -1.0)
+SAMPLES = 48
+DIRECTIONS = 2
 
 Loss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
-def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:
+def gradient(
+    case: Case,
+    point: Point,
+    device: str,
+    dtype: torch.dtype,
+    *,
+    only: Collection[str] | None = None,
+    sample_above: int | None = None,
+    seed: int = 0,
+) -> Gradients:
     """dloss/dparam and dloss/dnode by finite differences, in float64 on the CPU, at the point
-    as a `dtype` run sees it (its values rounded to `dtype`)."""
+    as a `dtype` run sees it (its values rounded to `dtype`).
+
+    `only` limits the work to some names; tensors larger than `sample_above` elements are
+    sampled (see the module's docstring)."""
     at = point.rounded(dtype)
     with torch.no_grad():
         loss0, tape = call_forward(case, at.params, at.data)
@@ -60,12 +79,43 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
     batched = Batched(loss)
     result = Gradients("numerical", {}, loss=loss0.detach(), nodes=tuple(nodes))
     for name, base in targets.items():
-        estimate = differentiate(batched, targets, name, base, scales[name], float(loss0))
+        if only is not None and name not in only:
+            continue
+        index = None
+        if sample_above is not None and base.numel() > sample_above:
+            gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name))
+            index = torch.randperm(base.numel(), generator=gen)[:SAMPLES].sort().values
+            result.directions[name] = [
+                directional(batched, targets, name, base, scales[name], float(loss0), gen)
+                for _ in range(DIRECTIONS)
+            ]
+            result.checked[name] = torch.zeros(base.shape, dtype=torch.bool).reshape(-1)
+            result.checked[name][index] = True
+            result.checked[name] = result.checked[name].reshape(base.shape)
+        estimate = differentiate(batched, targets, name, base, scales[name], float(loss0), index)
         result.values[name], result.error[name] = estimate["value"], estimate["error"]
         result.left[name], result.right[name] = estimate["left"], estimate["right"]
         result.kink[name] = estimate["kink"]
     result.note = batched.note
     return result
+
+
+def directional(
+    batched: Batched,
+    targets: Mapping[str, torch.Tensor],
+    name: str,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    loss0: float,
+    gen: torch.Generator,
+) -> Direction:
+    """The derivative of the loss along d = v∘h (v random signs, h the elementwise steps)."""
+    h = steps_for(scale)
+    d = (torch.randint(0, 2, base.shape, generator=gen, dtype=torch.float64) * 2 - 1) * h
+    rows = torch.stack([base + t * d for t in OFFSETS])
+    f = batched(targets, name, rows).reshape(len(OFFSETS), 1)
+    estimate = _estimates(f, torch.ones(1, dtype=torch.float64), loss0, torch.Size([]))
+    return Direction(d, float(estimate["value"]), float(estimate["error"]), bool(estimate["kink"]))
 
 
 def steps_for(scale: torch.Tensor) -> torch.Tensor:
@@ -81,23 +131,26 @@ def differentiate(
     base: torch.Tensor,
     scale: torch.Tensor,
     loss0: float,
+    index: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Estimate dloss/d`name` element by element (value, error bar, one-sided, kink mask)."""
+    """Estimate dloss/d`name` element by element (value, error bar, one-sided, kink mask), at
+    every element or at the flat `index` only (the others are NaN)."""
     flat = base.reshape(-1)
-    h = steps_for(scale.reshape(-1))
     n = flat.numel()
-    f = torch.empty(len(OFFSETS), n, dtype=torch.float64)
+    index = torch.arange(n) if index is None else index
+    h_all = steps_for(scale.reshape(-1))
+    f = torch.full((len(OFFSETS), n), torch.nan, dtype=torch.float64)
     per_chunk = max(1, min(MAX_BATCH // len(OFFSETS), MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * n)))
-    for start in range(0, n, per_chunk):
-        idx = torch.arange(start, min(n, start + per_chunk))
+    for start in range(0, len(index), per_chunk):
+        idx = index[start : start + per_chunk]
         rows = flat.repeat(len(OFFSETS) * len(idx), 1)
         row = torch.arange(rows.shape[0])
         which = idx.repeat_interleave(len(OFFSETS))
         offsets = torch.tensor(OFFSETS, dtype=torch.float64).repeat(len(idx))
-        rows[row, which] += offsets * h[which]
+        rows[row, which] += offsets * h_all[which]
         values = batched(targets, name, rows.reshape(-1, *base.shape))
         f[:, idx] = values.reshape(len(idx), len(OFFSETS)).T
-    return _estimates(f, h, loss0, base.shape)
+    return _estimates(f, h_all, loss0, base.shape)
 
 
 def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float, shape: torch.Size) -> dict[str, torch.Tensor]:
@@ -114,7 +167,8 @@ def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float, shape: torch.Size) -
     left = 2 * backward_half - backward_h
     jump = ((forward_h - backward_h) - 2 * (forward_half - backward_half)).abs()
     spread = torch.maximum(left.abs(), right.abs())
-    floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, float(spread.max()) if spread.numel() else 0.0) * 1e-3)
+    largest = float(spread.nan_to_num(0.0).max()) if spread.numel() else 0.0
+    floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, largest * 1e-3))
     kink = (jump > KINK_NOISE_FACTOR * 20 * rounding) & (jump > floor)
     error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
     return {
@@ -142,12 +196,13 @@ class Batched:
             if self.vmap_works:
                 try:
                     return torch.func.vmap(one, randomness="error")(batch)
-                except CaseError:
+                except CaseTimeout:
                     raise
-                except Exception as exc:  # noqa: BLE001 - any op vmap cannot batch lands here
+                except Exception as exc:  # noqa: BLE001 - an op vmap cannot batch; the loop shows real errors
                     self.vmap_works = False
+                    cause = exc.__cause__ or exc
                     self.note = (
                         "the forward pass could not be batched with torch.func.vmap "
-                        f"({type(exc).__name__}); finite differences ran one by one"
+                        f"({type(cause).__name__}); finite differences ran one by one"
                     )
             return torch.stack([one(value) for value in batch])

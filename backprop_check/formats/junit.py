@@ -1,0 +1,70 @@
+"""The JUnit XML report, as CI systems display it: one `<testcase>` per result.
+
+`classname` is the case file's stem and `name` the result's id (`linear[cpu-float64]`), so a CI
+test view groups results by file. A mismatch is a `<failure type="mismatch">` carrying the text
+report's table, message, hints and notes; a broken case an `<error>`; an unavailable device a
+`<skipped>`. ElementTree does the escaping.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from ..report import Report, Result
+from . import text
+
+SUITE = "backprop-check"
+# XML 1.0 cannot carry these characters, even escaped; a case's message might contain them.
+_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def render(report: Report) -> str:
+    summary = report.summary
+    counts = {
+        "tests": str(summary["total"]),
+        "failures": str(summary["mismatch"]),
+        "errors": str(summary["error"]),
+        "skipped": str(summary["skipped"]),
+        "time": f"{report.seconds:.3f}",
+    }
+    root = ET.Element("testsuites", {"name": SUITE, **counts})
+    suite = ET.SubElement(root, "testsuite", {"name": SUITE, **counts})
+    for result in report.results:
+        suite.append(testcase(result))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def testcase(result: Result) -> ET.Element:
+    """One result as a `<testcase>`, with its failure, error or skip reason."""
+    attributes = {"classname": _classname(result), "name": result.id, "time": f"{result.seconds:.3f}"}
+    if result.file:
+        attributes["file"] = result.file
+    if result.line:
+        attributes["line"] = str(result.line)
+    element = ET.Element("testcase", attributes)
+    message = _clean(result.message)
+    if result.verdict == "mismatch":
+        failure = ET.SubElement(element, "failure", {"message": message, "type": "mismatch"})
+        failure.text = _clean(_explain(result))
+    elif result.verdict == "error":
+        error = ET.SubElement(element, "error", {"message": message, "type": "error"})
+        error.text = _clean(_explain(result) + (f"\n{result.traceback}" if result.traceback else ""))
+    elif result.verdict == "skipped":
+        ET.SubElement(element, "skipped", {"message": message})
+    elif message:  # ok or nondifferentiable: the closest call or the kink, for the curious
+        ET.SubElement(element, "system-out").text = message
+    return element
+
+
+def _explain(result: Result) -> str:
+    return text.render(Report(results=[result], seconds=result.seconds))
+
+
+def _classname(result: Result) -> str:
+    return Path(result.file).stem if result.file else SUITE
+
+
+def _clean(value: str) -> str:
+    return _ILLEGAL.sub("\ufffd", value)

@@ -1,0 +1,90 @@
+"""The Markdown report, for a CI job summary (`$GITHUB_STEP_SUMMARY`) or a pull-request comment.
+
+The counts come first, then one table row per result that needs a look (mismatch, error,
+nondifferentiable) with its culprit, worst element, the three values and the message; skipped
+results are grouped by reason and the ok results fold into a `<details>` block.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ..compare import Check
+from ..report import VERDICTS, Report, Result
+
+ICONS = {"ok": "✅", "mismatch": "❌", "nondifferentiable": "〰️", "error": "💥", "skipped": "⏭️"}
+LOOK_AT = ("mismatch", "error", "nondifferentiable")
+
+
+def render(report: Report) -> str:
+    return "\n".join(lines(report)) + "\n"
+
+
+def lines(report: Report) -> list[str]:
+    summary = report.summary
+    status = "passed" if report.exit_code == 0 else "failed"
+    out = [f"### {ICONS['ok'] if report.exit_code == 0 else ICONS['mismatch']} backprop-check {status}", ""]
+    out.append("| " + " | ".join(VERDICTS) + " | total | exit |")
+    out.append("|" + "---:|" * (len(VERDICTS) + 2))
+    out.append("| " + " | ".join(str(summary[v]) for v in VERDICTS) + f" | {summary['total']} | {report.exit_code} |")
+    flagged = [r for r in report.results if r.verdict in LOOK_AT]
+    flagged.sort(key=lambda r: LOOK_AT.index(r.verdict))
+    if flagged:
+        out += ["", "| case | run | verdict | culprit | worst element | manual | numerical | autograd | message |"]
+        out.append("|---|---|---|---|---|---:|---:|---:|---|")
+        out += [_row(result) for result in flagged]
+    out += _skipped(report.results)
+    out += _collapsed([r for r in report.results if r.verdict == "ok"])
+    out += ["", f"<sub>{report.seconds:.2f}s</sub>"]
+    return out
+
+
+def _row(result: Result) -> str:
+    check = worst(result)
+    run = f"{result.device} {result.dtype}" if result.device != "-" else "-"
+    cells = [
+        f"`{result.case}`",
+        run,
+        f"{ICONS[result.verdict]} {result.verdict}",
+        result.culprit or "",
+        f"`{check.label}`" if check else "",
+        _num(check.manual) if check else "",
+        _num(check.numerical) if check else "",
+        _num(check.autograd) if check else "",
+        _cell(result.message),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def worst(result: Result) -> Check | None:
+    """The element the message is about: the first failing parameter (nodes after), or None."""
+    failing = [c for c in result.checks if c.verdict == result.verdict]
+    params = [c for c in failing if c.kind != "node"]
+    return (params or failing or [None])[0]
+
+
+def _skipped(results: list[Result]) -> list[str]:
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for result in results:
+        if result.verdict == "skipped":
+            reasons[result.message].append(result.id)
+    if not reasons:
+        return []
+    return [""] + [f"{ICONS['skipped']} {len(ids)} skipped: {_cell(reason)}" for reason, ids in reasons.items()]
+
+
+def _collapsed(results: list[Result]) -> list[str]:
+    if not results:
+        return []
+    out = ["", f"<details><summary>{len(results)} ok</summary>", "", "| case | run | closest call |", "|---|---|---|"]
+    out += [f"| `{r.case}` | {r.device} {r.dtype} | {_cell(r.message)} |" for r in results]
+    return out + ["", "</details>"]
+
+
+def _cell(value: str) -> str:
+    """Text safe inside a table cell: no pipes, no line breaks, no HTML."""
+    escaped = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return " ".join(escaped.split())
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"

@@ -1,0 +1,132 @@
+"""The numerical referee: its error bar bounds the true error, kinks are found, paths agree."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backprop_check import case
+from backprop_check.points import given_point
+from backprop_check.sources import numerical
+
+KNOWN = [
+    pytest.param(lambda t: (torch.sin(t) * torch.exp(t / 3)).sum(),
+                 lambda t: torch.cos(t) * torch.exp(t / 3) + torch.sin(t) * torch.exp(t / 3) / 3, id="sin-times-exp"),
+    pytest.param(lambda t: torch.log1p(t * t).sum(), lambda t: 2 * t / (1 + t * t), id="log1p-of-square"),
+    pytest.param(lambda t: (t ** 3).sum() * 1e3, lambda t: 3e3 * t ** 2, id="large-cubic"),
+    pytest.param(lambda t: torch.exp(5 * t).sum(), lambda t: 5 * torch.exp(5 * t), id="steep-exponential"),
+    pytest.param(lambda t: torch.tanh(t).prod(), None, id="product-of-tanh"),
+]
+
+
+def _case(loss, values):
+    @case(params={"t": values})
+    def known(t):
+        return loss(t)
+
+    return known
+
+
+@pytest.mark.parametrize("loss, derivative", KNOWN)
+def test_error_bar_bounds_the_true_error(loss, derivative):
+    values = torch.linspace(-2.0, 2.0, 17, dtype=torch.float64) * 1.37
+    c = _case(loss, values)
+    grads = numerical.gradient(c, given_point(c, 0), "cpu", torch.float64)
+    if derivative is None:
+        t = values.clone().requires_grad_(True)
+        (true,) = torch.autograd.grad(loss(t), t)
+    else:
+        true = derivative(values)
+    actual = (grads.values["t"] - true).abs()
+    assert torch.all(actual <= grads.error["t"]), (actual / grads.error["t"]).max()
+    # ... and the bar is tight enough to be worth having: far better than gradcheck's 1e-3.
+    scale = true.abs().max()
+    assert torch.all(grads.error["t"] <= 1e-7 * scale)
+
+
+def test_reference_is_far_more_precise_than_a_plain_central_difference():
+    values = torch.tensor([0.3, -1.1, 2.5], dtype=torch.float64)
+    c = _case(lambda t: torch.exp(t).sum(), values)
+    grads = numerical.gradient(c, given_point(c, 0), "cpu", torch.float64)
+    error = (grads.values["t"] - torch.exp(values)).abs().max()
+    eps = 1e-6  # gradcheck's step
+    plain = ((torch.exp(values + eps) - torch.exp(values - eps)) / (2 * eps) - torch.exp(values)).abs().max()
+    assert error < plain / 100
+
+
+@pytest.mark.parametrize(
+    "loss, at",
+    [
+        pytest.param(lambda t: torch.relu(t).sum(), 0.0, id="relu-at-zero"),
+        pytest.param(lambda t: t.abs().sum(), 0.0, id="abs-at-zero"),
+        pytest.param(lambda t: torch.maximum(t, torch.zeros_like(t)).sum() * 3, 0.0, id="max-at-a-tie"),
+        pytest.param(lambda t: torch.relu(t - 1e-5).sum(), 0.0, id="relu-kink-within-a-step"),
+    ],
+)
+def test_kinks_are_detected_with_their_one_sided_derivatives(loss, at):
+    values = torch.tensor([at, 1.5, -0.7], dtype=torch.float64)
+    c = _case(loss, values)
+    grads = numerical.gradient(c, given_point(c, 0), "cpu", torch.float64)
+    assert grads.kink["t"].tolist() == [True, False, False]
+    assert float(grads.left["t"][0]) != pytest.approx(float(grads.right["t"][0]), abs=0.1)
+
+
+def test_smooth_functions_show_no_kink_even_when_steep():
+    values = torch.linspace(-3, 3, 41, dtype=torch.float64)
+    c = _case(lambda t: (torch.exp(3 * t) + torch.sin(7 * t) + t ** 4).sum(), values)
+    grads = numerical.gradient(c, given_point(c, 0), "cpu", torch.float64)
+    assert not grads.kink["t"].any()
+
+
+def test_batched_and_one_by_one_evaluation_give_the_same_numbers(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    X = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+
+    @case(params={"W": W}, data={"X": X})
+    def net(W, X):
+        return torch.tanh(X @ W).pow(2).mean()
+
+    point = given_point(net, 0)
+    batched = numerical.gradient(net, point, "cpu", torch.float64)
+    assert batched.note is None
+    monkeypatch.setattr(numerical.Batched, "__init__", _loop_only)
+    looped = numerical.gradient(net, point, "cpu", torch.float64)
+    torch.testing.assert_close(batched.values["W"], looped.values["W"], rtol=1e-12, atol=1e-14)
+
+
+def _loop_only(self, loss):
+    self.loss, self.vmap_works, self.note = loss, False, None
+
+
+def test_a_forward_pass_vmap_cannot_batch_falls_back_and_says_so():
+    @case(params={"w": [0.5, -1.0]})
+    def uses_item(w):
+        if float(w.sum().item()) > 100:  # data-dependent Python control flow
+            return w.sum()
+        return (w ** 2).sum()
+
+    grads = numerical.gradient(uses_item, given_point(uses_item, 0), "cpu", torch.float64)
+    torch.testing.assert_close(grads.values["w"], torch.tensor([1.0, -2.0], dtype=torch.float64))
+    assert "vmap" in grads.note
+
+
+def test_steps_are_powers_of_two_so_that_theta_plus_h_is_exact():
+    theta = torch.tensor([0.0, 1e-3, 3.7, -250.0, 1e6], dtype=torch.float64)
+    h = numerical.steps_for(theta)
+    assert torch.all(torch.log2(h) == torch.round(torch.log2(h)))
+    assert torch.all((theta + h) - theta == h)
+    assert torch.all(h <= 2e-4 * theta.abs().clamp(min=1))
+
+
+def test_sampled_tensors_carry_directions_and_a_sample_only():
+    values = torch.linspace(-1, 1, 3000, dtype=torch.float64)
+    c = _case(lambda t: (t ** 3).sum(), values)
+    grads = numerical.gradient(c, given_point(c, 0), "cpu", torch.float64, sample_above=100)
+    checked = grads.checked["t"]
+    assert int(checked.sum()) == numerical.SAMPLES
+    assert torch.isnan(grads.values["t"][~checked]).all()
+    for direction in grads.directions["t"]:
+        assert direction.of(3 * values ** 2) == pytest.approx(direction.value, rel=1e-9)
+    assert math.isfinite(grads.directions["t"][0].error)
