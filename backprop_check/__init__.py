@@ -1,6 +1,7 @@
 """backprop_check: cross-check hand-derived, numerical and autograd gradients against PyTorch."""
 from __future__ import annotations
 
+from .assertions import assert_gradients
 from .case import Case, case
 from .errors import CaseError, CaseLoadError, CaseTimeout, UsageError
 from .nodes import node
@@ -18,6 +19,7 @@ __all__ = sorted(
         "Report",
         "Result",
         "UsageError",
+        "assert_gradients",
         "case",
         "node",
         "run",

@@ -67,7 +67,7 @@ class Drift:
 
     def __str__(self) -> str:
         what = "the loss" if self.name == "loss" else f"dloss/d{self.label}"
-        text = f"{what} was {self.stored:.17g} in the baseline, now {self.now:.17g}; differs by {self.diff:.3g}, allowed {self.allowed:.3g} ({self.limits})"
+        text = f"{what} was {self.stored!r} in the baseline, now {self.now!r}; differs by {self.diff:.3g}, allowed {self.allowed:.3g} ({self.limits})"
         return text + (f"; {self.bad} of {self.size} elements drifted" if self.size > 1 else "")
 
 
@@ -195,7 +195,7 @@ class Baseline:
         result.checks.extend(_check(reason, culprit) for reason in found if isinstance(reason, Drift))
         agreed = result.verdict in ("ok", "nondifferentiable")
         text = (
-            f"{result.id} drifted from the baseline {self.path}: {first}"
+            f"{result.case} drifted from the baseline {self.path}: {first}"
             + (f"; {len(found) - 1} more values drifted" if len(found) > 1 else "")
             + ("; the three sources still agree with each other" if agreed else "")
             + f"; update the baseline with: {self.command}"
@@ -209,7 +209,7 @@ class Baseline:
         return 1
 
     def _missing(self, result: Result) -> None:
-        text = f"{result.id} is not in the baseline {self.path}; add it with: {self.command}"
+        text = f"{result.case} is not in the baseline {self.path}; add it with: {self.command}"
         if self.strict and result.verdict in ("ok", "nondifferentiable"):
             if result.message:
                 result.notes.append(result.message)
@@ -234,7 +234,7 @@ class Baseline:
         entries: dict[str, Any] = {}
         for result in report.results:
             if result.reference is not None:
-                entries[result.id] = {"loss": result.reference["loss"], "gradients": result.reference["gradients"]}
+                entries[result.id] = _jsonable({"loss": result.reference["loss"], "gradients": result.reference["gradients"]})
             elif result.id in stored:
                 entries[result.id] = stored[result.id]
         return entries
@@ -302,7 +302,7 @@ def _check(drift: Drift, culprit: str | None) -> Check:
         ratio=drift.diff / drift.allowed if drift.allowed else math.inf,
         bad=drift.bad,
         size=drift.size,
-        note=f"baseline {drift.stored:.17g}, now {drift.now:.17g}",
+        note=f"baseline {drift.stored!r}, now {drift.now!r}",
     )
 
 

@@ -9,6 +9,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from . import baseline
+from . import explain, trace
 from .errors import UsageError
 from .formats import FORMATS, write_atomic
 from .loader import load
@@ -25,11 +27,15 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=sorted(FORMATS), default="text", help="report format (default: text)")
     parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of a broken case")
+    baseline.add_to_argparse(parser)
 
 
 def command_run(args: argparse.Namespace) -> int:
     plan = plan_from(lambda name: getattr(args, name), select=args.select)
+    gate = baseline.from_args(args)
     report = run_plan(args.paths or DEFAULT_PATHS, plan)
+    for line in gate.apply(report) if gate else []:
+        print(line, file=sys.stderr)
     rendered = FORMATS[args.format](report)
     if args.output:
         try:
@@ -68,6 +74,8 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 COMMANDS: list[Command] = [
     ("run", add_run, command_run),
     ("list", add_list, command_list),
+    ("explain", explain.add_arguments, explain.command),
+    ("trace", trace.add_arguments, trace.command),
 ]
 
 

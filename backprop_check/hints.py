@@ -1,9 +1,215 @@
-"""Hints: when a wrong manual gradient follows a pattern, say which."""
+"""Hints: when a wrong gradient follows a pattern, say which slip of a derivation makes it.
+
+The patterns, tried on the whole tensors of the odd source and a reference (autograd when the
+manual gradient is the culprit, the numerical one when autograd is):
+
+- a constant factor over the whole tensor: ×2, ×½, ×−1, ×N or ×1/N, N being a size of the
+  data (the samples a mean runs over), or any other factor shared by every element;
+- a transposed matrix: of the wrong shape, or square and equal to the reference's transpose;
+- a missing sum over the batch: an extra leading dimension that, summed, gives the reference;
+- right at the given point, wrong at random points: a missing factor that equals 1 there
+  (the tutorials' x = 1 hides a forgotten dŷ/dw = x).
+"""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from .compare import MISMATCH, Check
+
+if TYPE_CHECKING:
+    from .runner import Outcome
+
+# How close a ratio must be to a named factor, by the dtype the gradients were computed in.
+RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def hints_for(shown: Any, outcomes: list[Any]) -> list[str]:
-    """Patterns in the shown outcome's mismatches (shape slips for now)."""
-    return []
+def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
+    """Hints for the shown (failing) outcome; `outcomes` are all the points of the result."""
+    hints: list[str] = []
+    factors: dict[str, list[str]] = {}
+    for check, odd, reference in _suspects(shown):
+        shaped = _shape_hint(check, odd, reference, shown)
+        if shaped:
+            hints.append(shaped)
+            continue
+        odd = odd.reshape(reference.shape)
+        transposed = _transpose_hint(check, odd, reference, _rtol(shown))
+        if transposed:
+            hints.append(transposed)
+            continue
+        reason = _factor_reason(odd, reference, shown)
+        if reason:
+            factors.setdefault(reason, []).append(check.name)
+    for reason, names in factors.items():
+        hints.append(f"{_source(shown, names[0])} {_grads(names)} {'is' if len(names) == 1 else 'are each'} {reason}")
+    hints.extend(_given_point_hints(shown, outcomes))
+    return hints
+
+
+def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tensor]]:
+    """(check, odd tensor, reference tensor) for each wrong name whose culprit is known:
+    nodes from the loss back first (where the slip starts), then parameters."""
+    checks = [c for c in shown.checks if c.kind == "node"] + [c for c in shown.checks if c.kind == "param"]
+    for check in checks:
+        if check.verdict != MISMATCH or check.culprit not in ("manual", "autograd"):
+            continue
+        odd = shown.gradients.get(check.culprit)
+        reference = shown.gradients.get("autograd" if check.culprit == "manual" else "numerical")
+        if odd is None or reference is None or check.name not in odd.values or check.name not in reference.values:
+            continue
+        ref = reference.values[check.name].detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(ref).all()):  # a sampled numerical estimate: not whole
+            continue
+        yield check, odd.values[check.name].detach().to("cpu", torch.float64), ref
+
+
+def _shape_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, shown: Outcome) -> str | None:
+    """A wrong shape that a derivation explains: a transpose or a missing sum over the batch."""
+    got, want = tuple(odd.shape), tuple(reference.shape)
+    if odd.numel() == reference.numel() and _squeezed(got) == _squeezed(want):
+        return None
+    grad = f"the {check.culprit} dloss/d{check.name}"
+    if len(got) == 2 and got == want[::-1] and _close(odd.T, reference, _rtol(shown)):
+        return (
+            f"{grad} has the shape of {check.name}ᵀ and, transposed, it matches: a gradient has the "
+            f"shape of its parameter, so multiply the chain in the other order (for h = W·x, dloss/dW = δ·xᵀ)"
+        )
+    extra = len(got) - len(want)
+    if extra > 0 and got[extra:] == want:
+        batch = "×".join(map(str, got[:extra]))
+        summed = odd.sum(dim=tuple(range(extra)))
+        if _close(summed, reference, _rtol(shown)):
+            return (
+                f"{grad} keeps the batch dimension ({batch} per-sample gradients): {check.name} is shared "
+                f"by every sample, so sum their shares over the batch"
+            )
+        if _close(summed / _size(got[:extra]), reference, _rtol(shown)):
+            return (
+                f"{grad} keeps the batch dimension ({batch} per-sample gradients): average them over "
+                f"the batch (the loss is a mean)"
+            )
+    return None
+
+
+def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rtol: float) -> str | None:
+    """A square matrix equal to the reference's transpose: the shapes cannot tell."""
+    if odd.dim() != 2 or odd.shape[0] != odd.shape[1] or odd.shape[0] < 2:
+        return None
+    if _close(reference, reference.T, rtol) or not _close(odd, reference.T, rtol):
+        return None
+    return (
+        f"the {check.culprit} dloss/d{check.name} is the transpose of the true gradient ({check.name} is "
+        f"square, so its shape could not tell): multiply the chain in the other order (for h = W·x, "
+        f"dloss/dW = δ·xᵀ)"
+    )
+
+
+def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome) -> str | None:
+    """Why `odd` is a constant multiple of `reference`, or None when it is not one."""
+    norm = float((reference * reference).sum())
+    if norm == 0.0:
+        return None
+    factor = float((odd * reference).sum()) / norm
+    rtol = _rtol(shown)
+    scale = float((factor * reference).abs().max())
+    if not bool(((odd - factor * reference).abs() <= rtol * (factor * reference).abs() + rtol * scale).all()):
+        return None
+    named = [reason for value, reason in _named_factors(shown) if abs(factor - value) <= 10 * rtol * abs(value)]
+    if named:
+        return " or ".join(named)
+    if int((reference != 0).sum()) < 2:  # one number is always some multiple of another
+        return None
+    return f"{factor:.6g}× the true gradient in every element: a constant factor is wrong"
+
+
+def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
+    factors = [(n, f"{n}× the true gradient, with N = {n} = {label}: the 1/N of a mean over the batch is "
+                   "missing (a .mean() of a number that is already a sum does nothing)")
+               for n, label in _batch_sizes(shown)]
+    factors += [(1 / n, f"1/{n} of the true gradient, with N = {n} = {label}: divided by N once too often")
+                for n, label in _batch_sizes(shown)]
+    factors += [
+        (2.0, "twice the true gradient: a factor 2 too many (d(s²)/ds is 2s, and only once)"),
+        (0.5, "half the true gradient: a missing factor 2 (d(s²)/ds = 2s)"),
+        (-1.0, "the true gradient with the sign flipped: ŷ − y and y − ŷ swapped, or a minus lost"),
+        (-2.0, "−2× the true gradient: the sign flipped and a factor 2 too many"),
+        (-0.5, "−½× the true gradient: the sign flipped and a factor 2 missing"),
+    ]
+    return factors
+
+
+def _batch_sizes(shown: Outcome) -> list[tuple[int, str]]:
+    """Sizes of the data a mean may run over, leading dimensions first, each with its name."""
+    sizes: dict[int, str] = {}
+    data = shown.point.data
+    for dim in range(max((v.dim() for v in data.values()), default=0)):
+        for name, value in data.items():
+            if value.dim() > dim and value.shape[dim] > 1:
+                sizes.setdefault(int(value.shape[dim]), f"{name}.shape[{dim}]")
+    for name, value in data.items():
+        if value.dim() > 1:
+            sizes.setdefault(value.numel(), f"{name}.numel()")
+    return sorted(sizes.items(), key=lambda item: item[0] == 2)  # 2 is also the square's factor
+
+
+def _given_point_hints(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
+    """Right at the given point, wrong at a random one: a factor that equals 1 there."""
+    given = next((o for o in outcomes if o.point.seed is None), None)
+    if given is None or shown is given:
+        return []
+    right_there = {c.name for c in given.checks if c.verdict != MISMATCH}
+    ones = [name for name, value in {**given.point.params, **given.point.data}.items()
+            if value.numel() and value.is_floating_point() and bool((value == 1).all())]
+    hints = []
+    for check, odd, reference in _suspects(shown):
+        if check.name not in right_there or odd.shape != reference.shape:
+            continue
+        fits = [name for name in ones if _missing_factor(odd, reference, shown, name)]
+        at = ", ".join(f"{name} = 1" for name in ones) or "nothing is 1"
+        text = (f"the {check.culprit} dloss/d{check.name} is right at the given point ({at}) but wrong at "
+                f"the {shown.point.describe()}: a missing factor that equals 1 at the given point")
+        if fits:
+            text += f" — multiplied by {' or '.join(fits)} it matches (a forgotten local gradient d…/d… = {fits[0]}?)"
+        hints.append(text)
+    return hints
+
+
+def _missing_factor(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, name: str) -> bool:
+    value = {**shown.point.params, **shown.point.data}[name].to(torch.float64)
+    if value.numel() != 1 and value.shape != reference.shape:
+        return False
+    return _close(odd * value, reference, _rtol(shown))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and bool(((a - b).abs() <= rtol * b.abs() + rtol * scale + 1e-300).all())
+
+
+def _rtol(shown: Outcome) -> float:
+    autograd = shown.gradients.get("autograd")
+    dtype = next(iter(autograd.values.values())).dtype if autograd is not None and autograd.values else torch.float64
+    return RTOL.get(dtype, 1e-3)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for s in shape:
+        size *= s
+    return size
+
+
+def _source(shown: Outcome, name: str) -> str:
+    check = next(c for c in shown.checks if c.name == name)
+    return f"the {check.culprit}"
+
+
+def _grads(names: list[str]) -> str:
+    return ", ".join(f"dloss/d{name}" for name in names)
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(s for s in shape if s != 1)

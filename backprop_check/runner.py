@@ -16,13 +16,14 @@ from .case import Case
 from .compare import MISMATCH, NONDIFFERENTIABLE, OK, Check, compare, directions_agree
 from .errors import CaseError, CaseTimeout, UsageError, one_line
 from .forward import call_forward
+from .graph import Graph, graph_of
 from .hints import hints_for
 from .loader import LoadFailure, load
 from .points import Point, given_point, random_point
 from .report import Report, Result
 from .select import matches
 from .sources import SOURCES, Gradients
-from .tolerance import ERROR_BARS, tolerance_for
+from .tolerance import ERROR_BARS, Tolerance, tolerance_for
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float64", "float32")
@@ -50,7 +51,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         for dtype in self.dtypes:
-            if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            if dtype not in ("float64", "float32", "float16", "bfloat16"):
                 raise UsageError(f"unknown dtype {dtype!r} (use float64, float32, float16 or bfloat16)")
         for device in self.devices:
             if device.split(":")[0] not in ("cpu", "cuda", "mps"):
@@ -59,6 +60,8 @@ class Plan:
             raise UsageError(f"--timeout must be positive, got {self.timeout}")
         if self.points < 0:
             raise UsageError(f"--points must be 0 or more, got {self.points}")
+        if self.select is not None:
+            matches(self.select, "")  # a -k expression that cannot be parsed fails before the run
 
 
 def run(
@@ -276,6 +279,10 @@ class Outcome:
     verdict: str
     culprit: str | None
     notes: list[str] = field(default_factory=list)
+    # For a mismatch: the three sources' whole tensors (hints look for patterns in them) and
+    # the graph between the named nodes (where in the chain rule the derivation slipped).
+    gradients: dict[str, Gradients | None] = field(default_factory=dict)
+    graph: Graph | None = None
 
 
 def check_combination(
@@ -311,6 +318,9 @@ def check_combination(
             if suspects:  # look at every element of the tensors where the sample disagreed
                 numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, only=suspects))
                 checks = compare(numerical, autograd, manual, list(point.params), tol)
+            if device != "cpu":
+                on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
+                checks.extend(device_checks(autograd, on_cpu, list(point.params), device, tol))
             if point.seed is None:
                 checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
                 reference = {
@@ -319,7 +329,7 @@ def check_combination(
                 }
             if numerical.note and numerical.note not in notes:
                 notes.append(numerical.note)
-            outcomes.append(_outcome(point, checks))
+            outcomes.append(_outcome(point, checks, {"manual": manual, "numerical": numerical, "autograd": autograd}, case))
     except CaseTimeout:
         raise
     except CaseError as exc:
@@ -329,6 +339,32 @@ def check_combination(
     result.notes.extend(notes)
     result.reference = reference
     return result
+
+
+def device_checks(
+    autograd: Gradients, on_cpu: Gradients, params: list[str], device: str, tol: Tolerance
+) -> list[Check]:
+    """Cross-device agreement: autograd on `device` against autograd on the CPU."""
+    checks = []
+    for name in params:
+        here = autograd.values[name].detach().to("cpu", torch.float64).reshape(-1)
+        there = on_cpu.values[name].detach().to(torch.float64).reshape(-1)
+        scale = float(there.abs().max()) if there.numel() else 0.0
+        allowed = 2 * tol.allowed(torch.maximum(here.abs(), there.abs()), scale) + torch.finfo(torch.float64).tiny
+        diff = (here - there).abs()
+        bad = ~(diff <= allowed)
+        worst = int(torch.argmax(torch.nan_to_num(diff / allowed, nan=torch.inf))) if diff.numel() else 0
+        check = Check(name=f"{name} ({device} vs cpu)", kind="device", shape=tuple(autograd.values[name].shape),
+                      verdict=MISMATCH if bool(bad.any()) else OK, size=diff.numel(), bad=int(bad.sum()))
+        if diff.numel():
+            check.autograd, check.numerical = float(here[worst]), float(there[worst])
+            check.abs_err, check.allowed = float(diff[worst]), float(allowed[worst])
+            check.ratio = float(diff[worst] / allowed[worst]) if bool(torch.isfinite(diff[worst])) else float("inf")
+        if bad.any():
+            check.culprit, check.culprits = "autograd", {"autograd": int(bad.sum())}
+            check.note = f"autograd on {device} gives {check.autograd:.8g}, on the cpu {check.numerical:.8g}"
+        checks.append(check)
+    return checks
 
 
 def expect_checks(
@@ -377,7 +413,22 @@ def expect_checks(
     return checks
 
 
-def _outcome(point: Point, checks: list[Check]) -> Outcome:
+def _outcome(
+    point: Point, checks: list[Check], gradients: dict[str, Gradients | None] | None = None, case: Case | None = None
+) -> Outcome:
+    outcome = _verdict_of(point, checks)
+    if outcome.verdict == MISMATCH:
+        outcome.gradients = dict(gradients or {})
+        try:
+            outcome.graph = graph_of(case, point) if case is not None else None
+        except CaseTimeout:
+            raise
+        except CaseError:  # the graph only sharpens the message; the mismatch stands without it
+            outcome.graph = None
+    return outcome
+
+
+def _verdict_of(point: Point, checks: list[Check]) -> Outcome:
     bad = [check for check in checks if check.verdict == MISMATCH]
     if bad:
         named = {check.culprit for check in bad if check.kind == "param"} or {check.culprit for check in bad}
@@ -420,6 +471,38 @@ def first_bad_node(checks: list[Check], culprit: str | None) -> str | None:
     return None
 
 
+def where_it_slips(result: Result, shown: Outcome) -> str:
+    """The step of the chain rule that went wrong: between the first wrong node (or a wrong
+    parameter) and the nearest node after it, toward the loss, whose gradient agrees."""
+    graph, culprit = shown.graph, result.culprit
+    if culprit not in ("manual", "autograd") or graph is None:
+        return f"; the derivation first goes wrong at node {result.first_bad_node!r}" if result.first_bad_node else ""
+    given = [c for c in shown.checks if c.kind == "node" and (culprit == "autograd" or c.manual is not None)]
+    good = [c.name for c in given if c.verdict != MISMATCH]
+    if result.first_bad_node:
+        bad = result.first_bad_node
+        after = graph.nearest(bad, good)
+        text = f"; the derivation first goes wrong at node {bad!r}"
+        if after:
+            step = " or ".join(f"d{name}/d{bad}" for name in after)
+            return f"{text}: dloss/d{after[0]} agrees, dloss/d{bad} does not, so the slip is in the step {step}"
+        if graph.consumers(bad) == [graph.root]:
+            return f"{text}, in the first step back from the loss (d{graph.root}/d{bad})"
+        return text
+    wrong = [c.name for c in shown.checks if c.kind == "param" and c.verdict == MISMATCH and c.culprit == culprit]
+    steps = [
+        f"between node {name!r} and parameter {param!r} (d{name}/d{param})"
+        for param in wrong
+        for name in graph.nearest(param, good)
+    ]
+    if not given or not steps:
+        return ""
+    return (
+        f"; every node the {culprit} gradient gives agrees ({', '.join(c.name for c in given)}), "
+        f"so the slip is in the last step, {' and '.join(steps)}"
+    )
+
+
 def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance: str) -> str:
     """The result in one or two sentences: which source, which element, how far off."""
     if result.verdict == OK:
@@ -433,8 +516,8 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
     params = [c for c in bad if c.kind != "node"] or bad
     check = params[0]
     who = f"{result.culprit} is the odd one out" if result.culprit else "the sources disagree and no single one is the odd one out"
-    if check.kind == "expect":
-        text = f"{check.note} at the given point"
+    if check.kind in ("expect", "device"):
+        text = f"{check.note}" + (" at the given point" if check.kind == "expect" else "")
     elif check.index is None:
         text = f"{check.name}: {check.note}"
     else:
@@ -450,8 +533,7 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
             text += f"; {check.bad} of {check.size} elements disagree"
     where = f" at the {shown.point.describe()}"
     others = f"; {failing} of {total} points disagree" if total > 1 else ""
-    node = f"; the derivation first goes wrong at node {result.first_bad_node!r}" if result.first_bad_node else ""
-    return f"{who}{where}: {text}{others}{node}"
+    return f"{who}{where}: {text}{others}{where_it_slips(result, shown)}"
 
 
 def _result(case: Case, device: str, dtype: str, verdict: str, **fields) -> Result:  # noqa: ANN003

@@ -245,3 +245,29 @@ def test_module_parameters_come_from_the_seeded_generator():
     again = only(run([seeded], seed=1, **CPU64)).reference
     other = only(run([seeded], seed=2, **CPU64)).reference
     assert first == again and first != other
+
+
+def test_autograd_on_another_device_is_compared_with_the_cpu(monkeypatch):
+    """Simulates a CUDA device whose autograd is off by 1% (a wrong device kernel)."""
+    from backprop_check import runner
+    from backprop_check.sources import SOURCES
+
+    real_autograd, real_manual = SOURCES["autograd"], SOURCES["manual"]
+
+    def fake_device_autograd(case, point, device, dtype):
+        grads = real_autograd(case, point, "cpu", dtype)
+        if device == "cuda":
+            grads.values = {k: v * 1.01 for k, v in grads.values.items()}
+        return grads
+
+    monkeypatch.setitem(SOURCES, "autograd", fake_device_autograd)
+    monkeypatch.setitem(SOURCES, "manual", lambda case, point, device, dtype: real_manual(case, point, "cpu", dtype))
+    monkeypatch.setattr(runner, "device_unavailable", lambda device: None)
+    c = linear_case(lambda w, x, y: {"w": 2 * (w * x - y) * x})
+    report = run([c], devices=["cpu", "cuda"], dtypes=["float32"], points=1)
+    on = {r.device: r for r in report.results}
+    assert on["cpu"].verdict == "ok"
+    assert (on["cuda"].verdict, on["cuda"].culprit) == ("mismatch", "autograd")
+    (device,) = [c for c in on["cuda"].checks if c.kind == "device"]
+    assert device.verdict == "mismatch" and device.culprit == "autograd"
+    assert "autograd on cuda gives -2.02" in device.note and "on the cpu -2" in device.note

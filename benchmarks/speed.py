@@ -1,0 +1,146 @@
+"""Benchmark 1: the harness against `torch.autograd.gradcheck` on the same tanh MLPs, float64,
+CPU, in one process.
+
+gradcheck's slow mode builds the whole numerical Jacobian one element at a time (two forward
+passes per parameter element) and compares it with autograd's: two-way, no hand-derived
+gradient. Its fast mode checks one random projection and cannot name an element. The harness
+checks three ways (manual, numerical, autograd) per element in its full mode, and in its
+default mode checks random directional derivatives of each tensor plus a sample of its
+elements, falling back to the full check of a tensor that disagrees.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+import backprop_check
+from measure import interleaved, seconds, table, verdict
+from models import Bug, Mlp, gradcheck_target, make_case
+
+SMALL = Mlp(16, 32, 16)  # 1,089 parameters
+LARGE = Mlp(64, 128, 104)  # 21,841 parameters
+# One element of the middle weight, 1 % off: the kind of slip a sampled check could miss.
+PLANTED = Bug("W2", (37, 51), 1.01)
+
+TARGET_FULL_SMALL = 5.0
+TARGET_DEFAULT_LARGE = 50.0
+
+HAS_FULL = "full" in inspect.signature(backprop_check.run).parameters
+
+
+@dataclass
+class Outcome:
+    """What one check said: its verdict and, for a mismatch, culprit and the worst element."""
+
+    verdict: str
+    culprit: str | None = None
+    where: str | None = None
+
+    def __str__(self) -> str:
+        text = self.verdict if self.culprit is None else f"{self.verdict} ({self.culprit})"
+        return text if self.where is None else f"{text} at {self.where}"
+
+
+def harness(case: backprop_check.Case, full: bool | None) -> Outcome:
+    """One run of the Python API on the given point, CPU, float64."""
+    options = {} if full is None or not HAS_FULL else {"full": full}
+    report = backprop_check.run([case], devices=["cpu"], dtypes=["float64"], points=0, **options)
+    (result,) = report.results
+    bad = [check for check in result.checks if check.verdict == "mismatch"]
+    return Outcome(result.verdict, result.culprit, bad[0].label if bad else None)
+
+
+def gradcheck(mlp: Mlp, fast: bool) -> Outcome:
+    fn, params = gradcheck_target(mlp)
+    passed = torch.autograd.gradcheck(fn, params, fast_mode=fast, raise_exception=False)
+    return Outcome("ok" if passed else "mismatch")
+
+
+def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, bool]]]:
+    """Time everything; return the printed section and (target, passed) pairs."""
+    small, large, buggy = make_case(SMALL), make_case(LARGE), make_case(LARGE, PLANTED)
+    warnings.filterwarnings("ignore", module="torch.autograd.gradcheck")
+    # Warm-up, untimed: first calls pay for lazy imports and vmap's set-up in both tools.
+    harness(small, full=True), harness(small, full=False), gradcheck(SMALL, fast=False), gradcheck(SMALL, fast=True)
+
+    at_small = interleaved(
+        {
+            "gradcheck slow": lambda: gradcheck(SMALL, fast=False),
+            "gradcheck fast": lambda: gradcheck(SMALL, fast=True),
+            "harness full (three-way)": lambda: harness(small, full=True),
+            "harness default": lambda: harness(small, full=False),
+        },
+        repeats,
+    )
+    at_large = interleaved(
+        {
+            "gradcheck slow": lambda: gradcheck(LARGE, fast=False),
+            "gradcheck fast": lambda: gradcheck(LARGE, fast=True),
+            "harness full (three-way)": lambda: harness(large, full=True),
+            "harness default": lambda: harness(large, full=False),
+            "harness default, planted bug": lambda: harness(buggy, full=False),
+        },
+        {
+            "gradcheck slow": large_repeats,
+            "gradcheck fast": repeats,
+            "harness full (three-way)": large_repeats,
+            "harness default": repeats,
+            "harness default, planted bug": repeats,
+        },
+    )
+
+    rows = []
+    for mlp, timings in ((SMALL, at_small), (LARGE, at_large)):
+        slow = timings["gradcheck slow"].median
+        for name, timing in timings.items():
+            rows.append(
+                [
+                    f"{mlp.size:,}",
+                    name,
+                    len(timing.seconds),
+                    seconds(timing.median),
+                    timing.spread + " s",
+                    f"{slow / timing.median:.1f}×",
+                    str(timing.last),
+                ]
+            )
+    lines = [
+        f"MLPs {SMALL.label} ({SMALL.size:,} parameters) and {LARGE.label} ({LARGE.size:,} parameters), "
+        f"tanh, MSE on {make_case(SMALL).data['X'].shape[0]} samples; float64, CPU, given point only; "
+        f"torch threads {torch.get_num_threads()}",
+        f"planted bug: {PLANTED.describe()} (relative error 1e-2 in one of {LARGE.params()['W2'].numel():,} elements)",
+    ]
+    if not HAS_FULL:
+        lines.append(
+            "NOTE: backprop_check.run has no full= keyword yet: 'full' and 'default' are the same "
+            "elementwise check in this build"
+        )
+    lines.append("")
+    lines.append(
+        table(["params", "check", "n", "median", "range", "vs gradcheck slow", "verdict"], rows)
+    )
+
+    full_speedup = at_small["gradcheck slow"].median / at_small["harness full (three-way)"].median
+    default_speedup = at_large["gradcheck slow"].median / at_large["harness default"].median
+    same_verdict = str(at_large["gradcheck slow"].last) == "ok" and at_large["harness default"].last.verdict == "ok"
+    found: Outcome = at_large["harness default, planted bug"].last
+    expected_where = f"{PLANTED.param}[{', '.join(map(str, PLANTED.index))}]"
+    located = found.verdict == "mismatch" and found.culprit == "manual" and found.where == expected_where
+    bug_time = at_large["harness default, planted bug"].median
+    targets = [
+        (f"full three-way ≥ {TARGET_FULL_SMALL:g}× faster than gradcheck slow at {SMALL.size:,}: {full_speedup:.1f}×",
+         full_speedup >= TARGET_FULL_SMALL),
+        (f"default mode ≥ {TARGET_DEFAULT_LARGE:g}× faster than gradcheck slow at {LARGE.size:,}: {default_speedup:.1f}×",
+         default_speedup >= TARGET_DEFAULT_LARGE),
+        ("default mode and gradcheck slow both say ok at "
+         f"{LARGE.size:,}: gradcheck {at_large['gradcheck slow'].last}, harness {at_large['harness default'].last}",
+         same_verdict),
+        (f"planted bug found and located in default mode: {found} (want mismatch (manual) at {expected_where}), "
+         f"in {seconds(bug_time)}", located),
+    ]
+    lines.append("")
+    lines.extend(f"  {verdict(ok)}  {text}" for text, ok in targets)
+    return "\n".join(lines), targets

@@ -1,0 +1,146 @@
+"""The pytest plugin, run for real in a temporary folder (pytester): collection and ids, failure
+text, skip reasons, broken case files, shared options, one run per case, and xdist."""
+from __future__ import annotations
+
+import pytest
+
+import backprop_check.session
+
+pytest_plugins = ["pytester"]
+
+CASES = '''
+from backprop_check import case
+
+
+@case(params={"w": 1.0}, data={"x": 3.0, "y": 2.0})
+def linear(w, x, y):
+    return (w * x - y) ** 2
+
+
+@linear.manual
+def linear_manual(w, x, y):
+    return {"w": 2 * (w * x - y) * x}
+
+
+@case(params={"w": 1.0}, data={"x": 3.0, "y": 2.0})
+def forgot_x(w, x, y):
+    return (w * x - y) ** 2
+
+
+@forgot_x.manual
+def forgot_x_manual(w, x, y):
+    return {"w": 2 * (w * x - y)}  # the chain rule's last factor, dŷ/dw = x, is missing
+'''
+
+FAST = ("--bc-points", "0", "-p", "no:cacheprovider")
+CPU64 = ("--bc-device", "cpu", "--bc-dtype", "float64")
+
+
+@pytest.fixture
+def cases(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(**{"cases/models": CASES})
+    return pytester
+
+
+def test_each_case_device_and_dtype_is_an_item_with_a_readable_id(cases: pytest.Pytester) -> None:
+    result = cases.runpytest("cases", "--collect-only", "-q", *FAST)
+    ids = [line for line in result.outlines if "::" in line]
+    assert ids == [
+        f"cases/models.py::{name}[{device}-{dtype}]"
+        for name in ("linear", "forgot_x")
+        for device in ("cpu", "cuda")
+        for dtype in ("float64", "float32")
+    ]
+
+
+def test_shared_options_limit_the_items(cases: pytest.Pytester) -> None:
+    result = cases.runpytest("cases", "--collect-only", "-q", "--bc-dtype", "float64", "--bc-device", "cpu", *FAST)
+    assert [line for line in result.outlines if "::" in line] == [
+        "cases/models.py::linear[cpu-float64]",
+        "cases/models.py::forgot_x[cpu-float64]",
+    ]
+
+
+def test_a_bad_shared_option_is_a_usage_error(cases: pytest.Pytester) -> None:
+    result = cases.runpytest("cases", "--bc-dtype", "float8", *FAST)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*backprop-check: unknown dtype 'float8'*"])
+
+
+def test_a_failure_shows_the_table_and_the_culprit_not_a_traceback(cases: pytest.Pytester) -> None:
+    result = cases.runpytest("cases", *CPU64, *FAST)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ forgot_x[[]cpu-float64[]] _*",
+            "mismatch: manual is the odd one out",
+            "case*run*param*manual*numerical*autograd*culprit",
+            "forgot_x*cpu f64*w*-2*-6*-6*mismatch manual",
+            "*forgot_x[[]cpu-float64[]]: manual is the odd one out at the given point*",
+            "*FAILED cases/models.py::forgot_x[[]cpu-float64[]] - mismatch: manual is the odd one out",
+        ]
+    )
+    assert "Traceback" not in result.stdout.str()
+    assert "session.py" not in result.stdout.str()
+
+
+def test_an_unavailable_device_is_skipped_with_its_reason(cases: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backprop_check.session, "device_unavailable", lambda device: "no GPU here" if device == "cuda" else None)
+    result = cases.runpytest("cases", "-k", "linear", "--bc-dtype", "float64", "-rs", *FAST)
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] cases/models.py:5: no GPU here"])
+
+
+def test_a_broken_case_file_is_a_one_line_collection_error(cases: pytest.Pytester) -> None:
+    cases.makepyfile(**{"cases/broken": "from backprop_check import case\nraise RuntimeError('boom')\n"})
+    result = cases.runpytest("cases", "--continue-on-collection-errors", *CPU64, *FAST)
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.stdout.fnmatch_lines(["*_ ERROR collecting cases/broken.py _*", "cases/broken.py:2: import failed: RuntimeError: boom", "*short test summary*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_ordinary_files_are_left_to_pytest(cases: pytest.Pytester) -> None:
+    # A helper outside the case folders is never imported, even when it defines a case.
+    cases.makepyfile(**{"tests/helper": "from backprop_check import case\nraise RuntimeError('not a case file')\n"})
+    cases.makepyfile(**{"tests/test_plain": "def test_plain():\n    assert True\n"})
+    cases.makepyfile(**{"cases/test_inside": "def test_inside():\n    assert True\n"})
+    result = cases.runpytest("tests", "cases/test_inside.py", *FAST)
+    result.assert_outcomes(passed=2)
+
+
+def test_an_ini_option_names_other_case_folders(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(**{"gradients/models": CASES})
+    pytester.makeini("[pytest]\nbackprop_check_paths = gradients\n")
+    result = pytester.runpytest("gradients", "--collect-only", "-q", *CPU64, *FAST)
+    assert "gradients/models.py::linear[cpu-float64]" in result.outlines
+
+
+def test_a_case_file_named_on_the_command_line_is_collected(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(**{"elsewhere/models": CASES})
+    result = pytester.runpytest("elsewhere/models.py", "--collect-only", "-q", *CPU64, *FAST)
+    assert "elsewhere/models.py::forgot_x[cpu-float64]" in result.outlines
+
+
+def test_each_case_runs_once_for_its_selected_runs(cases: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+    check_case = backprop_check.session.check_case
+
+    def counting(case, plan):  # noqa: ANN001, ANN202
+        calls.append((case.name, plan.devices, plan.dtypes))
+        return check_case(case, plan)
+
+    monkeypatch.setattr(backprop_check.session, "check_case", counting)
+    result = cases.runpytest("cases", "--bc-device", "cpu", "-k", "not float32", *FAST)
+    result.assert_outcomes(passed=1, failed=1, deselected=2)
+    assert calls == [("linear", ("cpu",), ("float64",)), ("forgot_x", ("cpu",), ("float64",))]
+
+
+def test_the_header_says_what_is_checked(cases: pytest.Pytester) -> None:
+    result = cases.runpytest("cases", "--collect-only", *CPU64, *FAST)
+    result.stdout.fnmatch_lines(["backprop-check: cpu × float64, 0 random points, seed 0; case files under cases"])
+
+
+def test_it_runs_under_xdist(cases: pytest.Pytester) -> None:
+    result = cases.runpytest_subprocess("cases", "-n", "2", "--bc-device", "cpu", *FAST)
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(["*FAILED cases/models.py::forgot_x[[]cpu-float*[]] - mismatch: manual is the odd one out"])

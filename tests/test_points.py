@@ -1,0 +1,64 @@
+"""Points: the given one as written, random ones seeded, integer data untouched."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backprop_check import case
+from backprop_check.points import given_point, random_point
+
+
+@case(
+    params={"w": 1, "W": [[1.0, 2.0], [3.0, 4.0]], "v": np.array([0.5, 0.25]), "g": lambda gen: torch.randn(3, generator=gen)},
+    data={"x": 2.0, "labels": [1, 0, 1], "t": torch.tensor([1.5], dtype=torch.float32)},
+)
+def many(w, W, v, g, x, labels, t):
+    return (w * W).sum() + v.sum() + g.sum() * x + t.sum() + labels.sum()
+
+
+def test_the_given_point_keeps_values_and_makes_floats_float64():
+    point = given_point(many, 0)
+    assert point.params["w"].dtype == torch.float64 and float(point.params["w"]) == 1.0
+    assert point.params["W"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert point.params["v"].tolist() == [0.5, 0.25]
+    assert point.data["labels"].dtype == torch.int64
+    assert point.data["t"].dtype == torch.float64 and point.data["t"].tolist() == [1.5]
+
+
+def test_generator_params_are_seeded():
+    assert torch.equal(given_point(many, 3).params["g"], given_point(many, 3).params["g"])
+    assert not torch.equal(given_point(many, 3).params["g"], given_point(many, 4).params["g"])
+
+
+def test_random_points_redraw_floats_keep_shapes_and_integer_data():
+    given = given_point(many, 0)
+    first = random_point(many, given, 1, seed=0)
+    assert {k: v.shape for k, v in first.params.items()} == {k: v.shape for k, v in given.params.items()}
+    assert not torch.equal(first.params["W"], given.params["W"])
+    assert torch.equal(first.data["labels"], given.data["labels"])
+    again = random_point(many, given, 1, seed=0)
+    assert torch.equal(first.params["W"], again.params["W"]) and first.seed == again.seed
+    assert random_point(many, given, 2, seed=0).seed != first.seed
+    assert random_point(many, given, 1, seed=0, attempt=1).seed != first.seed
+
+
+def test_a_float32_run_sees_the_rounded_point():
+    @case(params={"w": 0.1})
+    def tiny(w):
+        return w
+
+    point = given_point(tiny, 0)
+    rounded = point.rounded(torch.float32)
+    assert rounded.params["w"].dtype == torch.float64
+    assert float(rounded.params["w"]) == float(torch.tensor(0.1, dtype=torch.float32))
+    assert float(rounded.params["w"]) != 0.1
+
+
+def test_sample_overrides_random_points():
+    @case(params={"w": [1.0, 2.0]}, data={"x": 3.0}, sample=lambda g: {"x": torch.rand(1, generator=g).abs() + 1})
+    def positive(w, x):
+        return (w * torch.log(x)).sum()
+
+    given = given_point(positive, 0)
+    for index in range(1, 6):
+        assert float(random_point(positive, given, index, seed=0).data["x"]) >= 1
