@@ -18,6 +18,9 @@ from .sources import Gradients
 from .tolerance import ERROR_BARS, Tolerance
 
 OK, MISMATCH, NONDIFFERENTIABLE = "ok", "mismatch", "nondifferentiable"
+# Rounding at a point is estimated by one-ulp nudges of every input at once, which already
+# over-counts the roundings a computation really makes: the estimate itself is the allowance.
+ROUNDING_MARGIN = 1.0
 
 
 @dataclass
@@ -80,8 +83,12 @@ def compare(
     manual: Gradients | None,
     params: list[str],
     tol: Tolerance,
+    noise: dict[str, torch.Tensor] | None = None,
 ) -> list[Check]:
-    """Checks for every parameter, then every node from the loss back toward the parameters."""
+    """Checks for every parameter, then every node from the loss back toward the parameters.
+
+    `noise` is, per name and element, how far the run's dtype may move the gradient at this
+    point by rounding alone (see runner.rounding_noise); it widens every tolerance."""
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
     manual_values = _manual_values(manual, params, nodes, numerical.values)
     checks: list[Check] = []
@@ -91,7 +98,7 @@ def compare(
         if isinstance(given, Check):
             checks.append(given)
             continue
-        checks.append(compare_tensor(name, kind, numerical, autograd.values[name], given, tol))
+        checks.append(compare_tensor(name, kind, numerical, autograd.values[name], given, tol, (noise or {}).get(name)))
     return checks
 
 
@@ -102,6 +109,7 @@ def compare_tensor(
     autograd: torch.Tensor,
     manual: torch.Tensor | None,
     tol: Tolerance,
+    noise: torch.Tensor | None = None,
 ) -> Check:
     """Compare one tensor's gradients element by element."""
     shape = tuple(numerical.values[name].shape)
@@ -117,12 +125,13 @@ def compare_tensor(
     hi = torch.maximum(pick(numerical.left[name]), pick(numerical.right[name]))
     a = pick(autograd)
     m = None if manual is None else pick(manual)
+    rounding = torch.zeros_like(n) if noise is None else ROUNDING_MARGIN * pick(noise)
     finite_n = n[torch.isfinite(n)]
     scale = float(finite_n.abs().max()) if finite_n.numel() else 0.0
 
     def against_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(agrees, |x − n| / allowed) for each element; a kink accepts its interval."""
-        allowed = ERROR_BARS * e + tol.allowed(n, scale)
+        allowed = ERROR_BARS * e + tol.allowed(n, scale) + rounding
         diff = (x - n).abs()
         outside = torch.clamp(lo - x, min=0) + torch.clamp(x - hi, min=0)
         diff = torch.where(kink, outside, diff)
@@ -135,7 +144,7 @@ def compare_tensor(
         ma_ok, ma_ratio = m_ok, m_ratio
     else:
         m_ok, m_ratio = against_reference(m)
-        ma_allowed = 2 * tol.allowed(torch.maximum(m.abs(), a.abs()), scale)
+        ma_allowed = 2 * tol.allowed(torch.maximum(m.abs(), a.abs()), scale) + 2 * rounding
         ma_diff = (m - a).abs()
         ma_ok = ma_diff <= ma_allowed
         ma_ratio = torch.nan_to_num(ma_diff / ma_allowed.clamp(min=torch.finfo(torch.float64).tiny), nan=torch.inf)
@@ -143,7 +152,10 @@ def compare_tensor(
     bad = ~(a_ok & m_ok & ma_ok)
     culprit = _culprits(m_ok, a_ok, ma_ok, has_manual=m is not None)
     ratio = torch.maximum(torch.maximum(a_ratio, m_ratio), ma_ratio)
-    worst = int(torch.argmax(torch.where(bad, ratio + 1e300, ratio))) if ratio.numel() else 0
+    # The element shown: a disagreeing one first, else one on a kink (what a nondifferentiable
+    # verdict is about), else the closest call.
+    rank = torch.where(bad, ratio + 1e300, torch.where(kink, ratio + 1e200, ratio))
+    worst = int(torch.argmax(rank)) if ratio.numel() else 0
     counts: dict[str, int] = {}
     for who in ("manual", "autograd", "numerical", "unknown"):
         count = int((bad & (culprit == _CODES[who])).sum())
@@ -176,7 +188,7 @@ def compare_tensor(
         shown = check.autograd if m is None or float(a_ratio[worst]) >= float(m_ratio[worst]) else check.manual
     check.abs_err = abs(shown - check.numerical) if shown is not None else 0.0
     check.rel_err = check.abs_err / abs(check.numerical) if check.numerical else (float("inf") if check.abs_err else 0.0)
-    check.allowed = float(ERROR_BARS * e[worst] + tol.allowed(n[worst : worst + 1], scale)[0])
+    check.allowed = float(ERROR_BARS * e[worst] + tol.allowed(n[worst : worst + 1], scale)[0] + rounding[worst])
     if bool(kink[worst]):
         check.note = f"kink: left derivative {float(numerical.left[name].reshape(-1)[worst]):.6g}, right {float(numerical.right[name].reshape(-1)[worst]):.6g}"
     return check

@@ -57,6 +57,18 @@ class Graph:
         fed = [name for name in among if param in self.upstream(name)]
         return [name for name in fed if not any(other in self.upstream(name) for other in fed if other != name)]
 
+    def bypasses(self, name: str, nodes: Iterable[str]) -> bool:
+        """Whether `name` reaches the loss along a path that passes none of `nodes`."""
+        blocked, seen, stack = set(nodes), set(), [name]
+        while stack:
+            item = stack.pop()
+            if item == self.root:
+                return True
+            if item not in seen:
+                seen.add(item)
+                stack.extend(c for c in self.consumers(item) if c not in blocked)
+        return False
+
     def local_gradient(self, consumer: str, name: str) -> float | None:
         """d`consumer`/d`name` when both are scalars and `name` reaches `consumer` only directly
         (a second path through another node would make autograd's total derivative differ

@@ -12,6 +12,7 @@ manual gradient is the culprit, the numerical one when autograd is):
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -29,11 +30,12 @@ RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfl
 def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
     """Hints for the shown (failing) outcome; `outcomes` are all the points of the result."""
     hints: list[str] = []
-    factors: dict[str, list[str]] = {}
+    factors: dict[tuple[str, str], list[str]] = {}
     for check, odd, reference in _suspects(shown):
         shaped = _shape_hint(check, odd, reference, shown)
         if shaped:
             hints.append(shaped)
+        if _squeezed(tuple(odd.shape)) != _squeezed(tuple(reference.shape)):
             continue
         odd = odd.reshape(reference.shape)
         transposed = _transpose_hint(check, odd, reference, _rtol(shown))
@@ -42,9 +44,10 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
             continue
         reason = _factor_reason(odd, reference, shown)
         if reason:
-            factors.setdefault(reason, []).append(check.name)
-    for reason, names in factors.items():
-        hints.append(f"{_source(shown, names[0])} {_grads(names)} {'is' if len(names) == 1 else 'are each'} {reason}")
+            factors.setdefault((str(check.culprit), reason), []).append(check.name)
+    for (source, reason), names in factors.items():
+        grads = ", ".join(f"dloss/d{name}" for name in names)
+        hints.append(f"the {source} {grads} {'is' if len(names) == 1 else 'are each'} {reason}")
     hints.extend(_given_point_hints(shown, outcomes))
     return hints
 
@@ -86,7 +89,7 @@ def _shape_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, shown:
                 f"{grad} keeps the batch dimension ({batch} per-sample gradients): {check.name} is shared "
                 f"by every sample, so sum their shares over the batch"
             )
-        if _close(summed / _size(got[:extra]), reference, _rtol(shown)):
+        if _close(summed / math.prod(got[:extra]), reference, _rtol(shown)):
             return (
                 f"{grad} keeps the batch dimension ({batch} per-sample gradients): average them over "
                 f"the batch (the loss is a mean)"
@@ -134,7 +137,7 @@ def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
     factors += [
         (2.0, "twice the true gradient: a factor 2 too many (d(s²)/ds is 2s, and only once)"),
         (0.5, "half the true gradient: a missing factor 2 (d(s²)/ds = 2s)"),
-        (-1.0, "the true gradient with the sign flipped: ŷ − y and y − ŷ swapped, or a minus lost"),
+        (-1.0, "the true gradient with the sign flipped: a minus lost, or ŷ − y and y − ŷ swapped"),
         (-2.0, "−2× the true gradient: the sign flipped and a factor 2 too many"),
         (-0.5, "−½× the true gradient: the sign flipped and a factor 2 missing"),
     ]
@@ -152,7 +155,7 @@ def _batch_sizes(shown: Outcome) -> list[tuple[int, str]]:
     for name, value in data.items():
         if value.dim() > 1:
             sizes.setdefault(value.numel(), f"{name}.numel()")
-    return sorted(sizes.items(), key=lambda item: item[0] == 2)  # 2 is also the square's factor
+    return list(sizes.items())
 
 
 def _given_point_hints(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
@@ -172,14 +175,16 @@ def _given_point_hints(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
         text = (f"the {check.culprit} dloss/d{check.name} is right at the given point ({at}) but wrong at "
                 f"the {shown.point.describe()}: a missing factor that equals 1 at the given point")
         if fits:
-            text += f" — multiplied by {' or '.join(fits)} it matches (a forgotten local gradient d…/d… = {fits[0]}?)"
+            text += f" — multiplied by {' or '.join(fits)} it matches: a local gradient equal to {fits[0]} is missing"
         hints.append(text)
     return hints
 
 
 def _missing_factor(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, name: str) -> bool:
     value = {**shown.point.params, **shown.point.data}[name].to(torch.float64)
-    if value.numel() != 1 and value.shape != reference.shape:
+    if value.numel() == 1:
+        value = value.reshape(())
+    elif value.shape != reference.shape:
         return False
     return _close(odd * value, reference, _rtol(shown))
 
@@ -193,22 +198,6 @@ def _rtol(shown: Outcome) -> float:
     autograd = shown.gradients.get("autograd")
     dtype = next(iter(autograd.values.values())).dtype if autograd is not None and autograd.values else torch.float64
     return RTOL.get(dtype, 1e-3)
-
-
-def _size(shape: tuple[int, ...]) -> int:
-    size = 1
-    for s in shape:
-        size *= s
-    return size
-
-
-def _source(shown: Outcome, name: str) -> str:
-    check = next(c for c in shown.checks if c.name == name)
-    return f"the {check.culprit}"
-
-
-def _grads(names: list[str]) -> str:
-    return ", ".join(f"dloss/d{name}" for name in names)
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:

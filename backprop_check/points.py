@@ -34,7 +34,8 @@ class Point:
         return Point(
             self.label,
             self.seed,
-            {k: v.to(device=device, dtype=dtype) for k, v in self.params.items()},
+            # copy=True: user code receives these, and must not be able to change the point
+            {k: v.to(device=device, dtype=dtype, copy=True) for k, v in self.params.items()},
             {k: _cast_float(v, dtype, device) for k, v in self.data.items()},
         )
 
@@ -148,4 +149,6 @@ def _resolve(case: Case, name: str, spec: Any, gen: torch.Generator) -> Any:
 
 
 def _cast_float(value: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
-    return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    if value.is_floating_point():
+        return value.to(device=device, dtype=dtype, copy=True)
+    return value.to(device, copy=True)

@@ -19,7 +19,7 @@ from .forward import call_forward
 from .graph import Graph, graph_of
 from .hints import hints_for
 from .loader import LoadFailure, load
-from .points import Point, given_point, random_point
+from .points import Point, derive_seed, given_point, random_point
 from .report import Report, Result
 from .select import matches
 from .sources import SOURCES, Gradients
@@ -248,10 +248,14 @@ def check_forward_is_pure(case: Case, point: Point) -> None:
         )
 
 
+class NonFiniteLoss(CaseError):
+    """The loss is NaN or infinite at a point."""
+
+
 def _require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
     if loss is not None and not bool(torch.isfinite(loss)):
         hint = "" if point.seed is None else "; constrain random points with sample="
-        raise CaseError(f"the loss is {float(loss)} at the {point.describe()}{hint}")
+        raise NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}")
 
 
 def _require_finite_gradient(numerical: Gradients, point: Point) -> None:
@@ -307,20 +311,8 @@ def check_combination(
             numerical = cache[key]
             _require_finite_loss(numerical.loss, point)
             _require_finite_gradient(numerical, point)
-            autograd = SOURCES["autograd"](case, point, device, dtype)
-            _require_finite_loss(autograd.loss, point)
-            manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
-            clash = set(numerical.nodes) & set(point.params)
-            if clash:
-                raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
-            checks = compare(numerical, autograd, manual, list(point.params), tol)
-            suspects = sampled_suspects(checks, numerical, autograd, manual, tol)
-            if suspects:  # look at every element of the tensors where the sample disagreed
-                numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, only=suspects))
-                checks = compare(numerical, autograd, manual, list(point.params), tol)
-            if device != "cpu":
-                on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
-                checks.extend(device_checks(autograd, on_cpu, list(point.params), device, tol))
+            checked = check_point(case, point, device, dtype, numerical, tol)
+            checks, autograd = checked.checks, checked.gradients["autograd"]
             if point.seed is None:
                 checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
                 reference = {
@@ -329,7 +321,7 @@ def check_combination(
                 }
             if numerical.note and numerical.note not in notes:
                 notes.append(numerical.note)
-            outcomes.append(_outcome(point, checks, {"manual": manual, "numerical": numerical, "autograd": autograd}, case))
+            outcomes.append(outcome_of(point, checks, checked.gradients, case))
     except CaseTimeout:
         raise
     except CaseError as exc:
@@ -339,6 +331,85 @@ def check_combination(
     result.notes.extend(notes)
     result.reference = reference
     return result
+
+
+@dataclass
+class PointCheck:
+    """The checks at one point and the gradients they came from."""
+
+    checks: list[Check]
+    gradients: dict[str, Gradients | None]
+
+
+def check_point(
+    case: Case, point: Point, device: str, dtype: torch.dtype, numerical: Gradients, tol: Tolerance
+) -> PointCheck:
+    """Compute manual and autograd at `point` and compare them with the numerical reference.
+
+    A sampled tensor that disagrees is estimated again in full, so the report names its element.
+    Below float64, the tolerance also allows for the dtype's rounding at this very point.
+    """
+    autograd = SOURCES["autograd"](case, point, device, dtype)
+    _require_finite_loss(autograd.loss, point)
+    manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
+    clash = set(numerical.nodes) & set(point.params)
+    if clash:
+        raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
+    params = list(point.params)
+    noise = rounding_noise(case, point, dtype) if dtype != torch.float64 else None
+    checks = compare(numerical, autograd, manual, params, tol, noise)
+    suspects = sampled_suspects(checks, numerical, autograd, manual, tol)
+    if suspects:
+        numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, only=suspects))
+        checks = compare(numerical, autograd, manual, params, tol, noise)
+    if device != "cpu":
+        on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
+        checks.extend(device_checks(autograd, on_cpu, params, device, tol))
+    return PointCheck(checks, {"manual": manual, "numerical": numerical, "autograd": autograd})
+
+
+def rounding_noise(case: Case, point: Point, dtype: torch.dtype, pairs: int = 2) -> dict[str, torch.Tensor]:
+    """How much rounding to `dtype` can move each gradient element at this point.
+
+    Every float input is nudged by one `dtype` ulp, with random signs, both ways (+δ and −δ),
+    and the float64 autograd gradient taken again: half the difference is the gradient's
+    sensitivity to `dtype` rounding. Near a minimum, where a gradient is a small difference of
+    large terms (s = 3w − 6 at w ≈ 2), it is large, and a fixed rtol would call honest float32
+    arithmetic a mismatch. Real sensitivity is smooth, so the two nudges move the gradient by
+    opposite amounts; an element whose moves are not opposite jumps (a bug that depends on
+    rounding, such as an argmax among ties) and earns no allowance."""
+    at = point.rounded(dtype)
+    base = SOURCES["autograd"](case, at, "cpu", torch.float64).values
+    gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
+    spread = {name: torch.zeros_like(value) for name, value in base.items()}
+    for _ in range(pairs):
+        steps = {name: _ulp_step(value, dtype, gen) for name, value in {**at.params, **at.data}.items()}
+        moved = []
+        for sign in (1.0, -1.0):
+            nudged = Point(
+                at.label,
+                at.seed,
+                {k: v + sign * steps[k] for k, v in at.params.items()},
+                {k: v + sign * steps[k] if v.is_floating_point() else v for k, v in at.data.items()},
+            )
+            moved.append(SOURCES["autograd"](case, nudged, "cpu", torch.float64).values)
+        for name, g0 in base.items():
+            up, down = moved[0].get(name), moved[1].get(name)
+            if up is None or down is None or up.shape != g0.shape or down.shape != g0.shape:
+                continue
+            odd, even = (up - down).abs() / 2, (up + down - 2 * g0).abs()
+            smooth = even <= odd / 2
+            spread[name] = torch.maximum(spread[name], torch.where(smooth, odd, torch.zeros_like(odd)))
+    return spread
+
+
+def _ulp_step(value: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """One `dtype` ulp per float element, with a random sign (zero for integer data)."""
+    if not value.is_floating_point():
+        return torch.zeros(())
+    low = value.to(dtype)
+    ulp = (torch.nextafter(low, torch.full_like(low, torch.inf)) - low).to(torch.float64)
+    return ulp * (torch.randint(0, 2, value.shape, generator=gen, dtype=torch.float64) * 2 - 1)
 
 
 def device_checks(
@@ -413,9 +484,10 @@ def expect_checks(
     return checks
 
 
-def _outcome(
+def outcome_of(
     point: Point, checks: list[Check], gradients: dict[str, Gradients | None] | None = None, case: Case | None = None
 ) -> Outcome:
+    """The verdict at one point; a mismatch keeps the gradients and the graph for the hints."""
     outcome = _verdict_of(point, checks)
     if outcome.verdict == MISMATCH:
         outcome.gradients = dict(gradients or {})
@@ -490,12 +562,13 @@ def where_it_slips(result: Result, shown: Outcome) -> str:
             return f"{text}, in the first step back from the loss (d{graph.root}/d{bad})"
         return text
     wrong = [c.name for c in shown.checks if c.kind == "param" and c.verdict == MISMATCH and c.culprit == culprit]
-    steps = [
-        f"between node {name!r} and parameter {param!r} (d{name}/d{param})"
-        for param in wrong
-        for name in graph.nearest(param, good)
-    ]
-    if not given or not steps:
+    steps = []
+    for param in wrong:
+        parts = [f"between node {name!r} and parameter {param!r} (d{name}/d{param})" for name in graph.nearest(param, good)]
+        if parts and graph.bypasses(param, good):  # e.g. a penalty term: w reaches the loss directly
+            parts.append(f"on a path from {param!r} to the loss that passes none of these nodes")
+        steps.append(" or ".join(parts))
+    if not given or not steps or not all(steps) or len(good) < len(given):
         return ""
     return (
         f"; every node the {culprit} gradient gives agrees ({', '.join(c.name for c in given)}), "

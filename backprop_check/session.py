@@ -6,6 +6,10 @@ option, default `cases`, relative to the rootdir), or one named on the command l
 `conftest.py`, a file or folder whose name starts with `_` or `.`, or a file that matches
 `python_files` (`test_*.py`: those are pytest's own). So `pytest cases/` checks the cases while
 `pytest tests/` never imports a helper or a deliberately broken case file kept under tests/.
+
+Under pytest-xdist a worker that is sent any of a case's items runs the case once, for all its
+selected runs; with `--dist loadfile` all of a case's items go to one worker, so each case runs
+exactly once in the whole session.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class CheckSession:
         self.results: dict[Case, dict[str, Result]] = {}
 
     def header(self) -> str:
+        """The report header's line: what each case is checked on, and where case files live."""
         plan = self.plan
         roots = ", ".join(str(r.relative_to(self.config.rootpath)) if r.is_relative_to(self.config.rootpath) else str(r) for r in self.roots)
         return (

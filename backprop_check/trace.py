@@ -27,14 +27,15 @@ from typing import Any
 import torch
 
 from .case import Case
-from .compare import MISMATCH, compare
+from .compare import MISMATCH
 from .errors import CaseError, CaseTimeout, UsageError
 from .explain import pick
 from .formats import write_atomic
+from .formats.json import finite
 from .forward import call_forward
 from .points import Point, given_point
 from .report import Result
-from .runner import _outcome, device_unavailable, summarize
+from .runner import NonFiniteLoss, check_point, device_unavailable, outcome_of, summarize
 from .sources import SOURCES, Gradients
 from .tolerance import tolerance_for
 
@@ -68,7 +69,7 @@ def command(args: argparse.Namespace) -> int:
     trace = Trace(cases[0], settings)
     trace.run()
     if args.json:
-        write_atomic(args.json, json.dumps(_finite(trace.to_dict()), indent=2, ensure_ascii=False) + "\n")
+        write_atomic(args.json, json.dumps(finite(trace.to_dict()), indent=2, ensure_ascii=False) + "\n")
     return max(code, trace.exit_code)
 
 
@@ -134,7 +135,7 @@ class Trace:
             raise
         except CaseError as exc:
             self.error = f"{self.case.where}: {self.case.name}: {exc}"
-            print(f"error: {self.error}", file=out)
+            print(f"error: {self.error}", file=sys.stderr)
 
     def _replay(self, out: Any) -> None:
         s = self.settings
@@ -156,8 +157,8 @@ class Trace:
                     self._print_stop(out)
                     return
                 if shown:
-                    inputs = [value_of(v) for v in data.values()] if index is not None else []
-                    print("\tgrad:", *inputs, *(value_of(g) for g in grads.values()), file=out)
+                    inputs = [printed(k, v) for k, v in data.items()] if index is not None else []
+                    print("\tgrad:", *inputs, *(printed(k, g) for k, g in grads.items()), file=out)
                 # The seed's update, `w.data = w.data - 0.01 * w.grad.data`, in the run's dtype.
                 params = {k: v - s.lr * grads[k].to(v.device, v.dtype) for k, v in params.items()}
             self.progress.append({"epoch": epoch, "loss": loss})
@@ -174,19 +175,26 @@ class Trace:
         s, dtype = self.settings, getattr(torch, self.settings.dtype)
         where = f"epoch {epoch}" + (f", sample {index}" if index is not None else "")
         point = Point(f"point of step {step} ({where})", None, {k: v.to(torch.float64) for k, v in params.items()}, data)
-        numerical = SOURCES["numerical"](self.case, point, "cpu", dtype)
-        autograd = SOURCES["autograd"](self.case, point, s.device, dtype)
-        manual = SOURCES["manual"](self.case, point, s.device, dtype) if self.case.manual_fn else None
-        loss = float(autograd.loss)
-        if not math.isfinite(loss):
-            raise CaseError(f"the loss is {loss} at step {step} ({where}): gradient descent diverged (a smaller --lr?)")
         tol = tolerance_for(dtype, self.case.rtol, self.case.atol)
-        checks = compare(numerical, autograd, manual, list(point.params), tol)
-        outcome = _outcome(point, checks, {"manual": manual, "numerical": numerical, "autograd": autograd}, self.case)
+        try:
+            numerical = SOURCES["numerical"](self.case, point, "cpu", dtype)
+            if not math.isfinite(float(numerical.loss)):
+                raise NonFiniteLoss(f"the loss is {float(numerical.loss)}")
+            checked = check_point(self.case, point, s.device, dtype, numerical, tol)
+        except CaseTimeout:
+            raise
+        except NonFiniteLoss as exc:
+            loss = str(exc).split(" at ")[0]
+            raise CaseError(f"{loss} at step {step} ({where}): gradient descent diverged (a smaller --lr?)") from exc
+        except CaseError as exc:
+            raise CaseError(f"{exc} (at step {step}, {where})") from exc
+        autograd, manual = checked.gradients["autograd"], checked.gradients["manual"]
+        loss = float(autograd.loss)
+        outcome = outcome_of(point, checked.checks, checked.gradients, self.case)
         self.steps.append(_step_record(step, epoch, index, loss, params, numerical, autograd, manual, outcome.verdict))
         if outcome.verdict == MISMATCH:
             self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol.describe())
-            self.steps[-1]["checks"] = [check.to_dict() for check in checks]
+            self.steps[-1]["checks"] = [check.to_dict() for check in checked.checks]
         return {k: autograd.values[k] for k in point.params}, loss
 
     def predict(self, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]) -> Any:
@@ -265,6 +273,14 @@ def value_of(tensor: torch.Tensor) -> Any:
     return tensor.item() if tensor.numel() == 1 else tensor.tolist()
 
 
+def printed(name: str, tensor: torch.Tensor) -> Any:
+    """A number as `.item()` prints it (as the seed does); a tensor as its name, shape and norm."""
+    if tensor.numel() == 1:
+        return tensor.detach().cpu().item()
+    shape = "×".join(map(str, tensor.shape))
+    return f"{name}[{shape}, norm {float(tensor.detach().double().norm()):.8g}]"
+
+
 def _step_record(
     step: int,
     epoch: int,
@@ -290,14 +306,3 @@ def _step_record(
         },
         "verdict": verdict,
     }
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or Infinity: write them as strings, as the JSON report does."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value

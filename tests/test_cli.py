@@ -42,12 +42,22 @@ def broken(u):
     return u.no_such_method()
 """
 
+NAN = """
+@case(params={"n": [1.0, 2.0]})
+def nan_manual(n):
+    return (n ** 2).sum()
+
+@nan_manual.manual
+def nan_manual_manual(n):
+    return {"n": 2 * n * float("nan")}
+"""
+
 HANGS = """
 import time
 
 @case(params={"t": 1.0})
 def hangs(t):
-    while True:
+    for _ in range(2000):  # 20 s at most: a test must fail, not hang, if the limit breaks
         time.sleep(0.01)
 """
 
@@ -124,10 +134,10 @@ def test_a_file_that_cannot_be_imported_is_one_line_naming_file_and_line(folder,
 
 
 def test_json_report_has_the_contract_keys_and_counts(folder, capsys):
-    folder("cases.py", GOOD, WRONG, BROKEN)
+    folder("cases.py", GOOD, WRONG, BROKEN, NAN)
     code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--format", "json")
     assert code == 2
-    report = json.loads(out)
+    report = json.loads(out, parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
     assert set(report) == {"results", "summary"}
     for result in report["results"]:
         assert {"case", "device", "dtype", "verdict", "culprit", "message", "first_bad_node"} <= set(result)
@@ -140,9 +150,11 @@ def test_json_report_has_the_contract_keys_and_counts(folder, capsys):
         ("wrong", "float32"): ("mismatch", "manual"),
         ("broken", "float64"): ("error", None),
         ("broken", "float32"): ("error", None),
+        ("nan_manual", "float64"): ("mismatch", "manual"),
+        ("nan_manual", "float32"): ("mismatch", "manual"),
     }
     summary = report["summary"]
-    assert (summary["ok"], summary["mismatch"], summary["error"], summary["total"]) == (2, 2, 2, 6)
+    assert (summary["ok"], summary["mismatch"], summary["error"], summary["total"]) == (2, 4, 2, 8)
     assert summary["exit_code"] == 2
 
 

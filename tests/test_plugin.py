@@ -75,9 +75,9 @@ def test_a_failure_shows_the_table_and_the_culprit_not_a_traceback(cases: pytest
             "*_ forgot_x[[]cpu-float64[]] _*",
             "mismatch: manual is the odd one out",
             "case*run*param*manual*numerical*autograd*culprit",
-            "forgot_x*cpu f64*w*-2*-6*-6*mismatch manual",
+            "forgot_x*cpu f64*w*2*6*6*mismatch manual",
             "*forgot_x[[]cpu-float64[]]: manual is the odd one out at the given point*",
-            "*FAILED cases/models.py::forgot_x[[]cpu-float64[]] - mismatch: manual is the odd one out",
+            "FAILED cases/models.py::forgot_x[[]cpu-float64[]] - mismatch: manual*",
         ]
     )
     assert "Traceback" not in result.stdout.str()
@@ -88,7 +88,7 @@ def test_an_unavailable_device_is_skipped_with_its_reason(cases: pytest.Pytester
     monkeypatch.setattr(backprop_check.session, "device_unavailable", lambda device: "no GPU here" if device == "cuda" else None)
     result = cases.runpytest("cases", "-k", "linear", "--bc-dtype", "float64", "-rs", *FAST)
     result.assert_outcomes(passed=1, skipped=1)
-    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] cases/models.py:5: no GPU here"])
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] cases/models.py:4: no GPU here"])
 
 
 def test_a_broken_case_file_is_a_one_line_collection_error(cases: pytest.Pytester) -> None:
@@ -143,4 +143,4 @@ def test_the_header_says_what_is_checked(cases: pytest.Pytester) -> None:
 def test_it_runs_under_xdist(cases: pytest.Pytester) -> None:
     result = cases.runpytest_subprocess("cases", "-n", "2", "--bc-device", "cpu", *FAST)
     result.assert_outcomes(passed=2, failed=2)
-    result.stdout.fnmatch_lines(["*FAILED cases/models.py::forgot_x[[]cpu-float*[]] - mismatch: manual is the odd one out"])
+    result.stdout.fnmatch_lines(["FAILED cases/models.py::forgot_x[[]cpu-float*[]] - mismatch: manual*"])

@@ -62,3 +62,15 @@ def test_sample_overrides_random_points():
     given = given_point(positive, 0)
     for index in range(1, 6):
         assert float(random_point(positive, given, index, seed=0).data["x"]) >= 1
+
+
+def test_user_code_cannot_change_the_point_through_the_tensors_it_receives():
+    @case(params={"w": [1.0, 2.0]}, data={"x": [3.0, 4.0]})
+    def dot(w, x):
+        return (w * x).sum()
+
+    point = given_point(dot, 0)
+    received = point.cast(torch.float64)
+    received.params["w"].mul_(10)
+    received.data["x"].zero_()
+    assert point.params["w"].tolist() == [1.0, 2.0] and point.data["x"].tolist() == [3.0, 4.0]

@@ -9,14 +9,15 @@ from ..report import Report
 
 
 def render(report: Report) -> str:
-    return json.dumps(_finite(report.to_dict()), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(finite(report.to_dict()), indent=2, ensure_ascii=False) + "\n"
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """`value` with NaN and ±Inf as strings: JSON has no such numbers."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: finite(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_finite(item) for item in value]
+        return [finite(item) for item in value]
     return value

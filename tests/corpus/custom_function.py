@@ -166,7 +166,7 @@ class CubeWrongFactor(torch.autograd.Function):
 
 
 class Cube(torch.autograd.Function):
-    generate_vmap_rule = True  # the newer style: forward without ctx, then setup_context
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(z: Tensor) -> Tensor:

@@ -1,0 +1,152 @@
+"""Hints: a wrong manual gradient that follows a pattern is named by its pattern."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from backprop_check import case, node, run
+from backprop_check.formats import FORMATS
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU64 = dict(devices=["cpu"], dtypes=["float64"], points=1)
+
+
+def linear_case(manual: Callable[..., dict[str, Any]]) -> Any:
+    @case(params={"w": 1.0}, data={"x": 1.0, "y": 2.0})
+    def linear(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y_hat = node("y_hat", w * x)
+        s = node("s", y_hat - y)
+        return s**2
+
+    linear.manual(manual)
+    return linear
+
+
+def mse_case(manual: Callable[..., dict[str, Any]]) -> Any:
+    @case(params={"w": 0.0}, data={"X": [1.0, 2.0, 3.0, 4.0], "Y": [2.0, 4.0, 6.0, 8.0]})
+    def mse(w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return ((w * X - Y) ** 2).mean()
+
+    mse.manual(manual)
+    return mse
+
+
+def matrix_case(manual: Callable[..., dict[str, Any]], rows: int = 3) -> Any:
+    """loss = Σ (x·Wᵀ − y)² with W rows×3: square for rows = 3."""
+
+    @case(
+        params={"W": lambda g: torch.randn(rows, 3, generator=g, dtype=torch.float64)},
+        data={"x": [[1.0, 2.0, -1.0], [0.5, 0.0, 2.0]], "y": lambda g: torch.randn(2, rows, generator=g, dtype=torch.float64)},
+    )
+    def matrix(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((x @ W.T - y) ** 2).sum()
+
+    matrix.manual(manual)
+    return matrix
+
+
+def true_matrix_gradient(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (2 * (x @ W.T - y)).T @ x
+
+
+def hints_of(target: Any) -> list[str]:
+    (result,) = run(target, **CPU64).results
+    return result.hints
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param(linear_case(lambda w, x, y: {"w": 4 * (w * x - y) * x}), "twice the true gradient", id="times-2"),
+        pytest.param(linear_case(lambda w, x, y: {"w": (w * x - y) * x}), "half the true gradient: a missing factor 2", id="times-half"),
+        pytest.param(linear_case(lambda w, x, y: {"w": 2 * (y - w * x) * x}), "the sign flipped", id="times-minus-1"),
+        pytest.param(
+            mse_case(lambda w, X, Y: {"w": (2 * X * (w * X - Y)).mean() / 4}),
+            "1/4 of the true gradient, with N = 4 = X.shape[0]",
+            id="times-1-over-N",
+        ),
+        pytest.param(
+            str(ROOT / "examples" / "tutorial_bug.py"),
+            "4× the true gradient, with N = 4 = X.shape[0]: the 1/N of a mean over the batch is missing",
+            id="tutorial-mean-of-a-dot-product-is-N-times-too-big",
+        ),
+        pytest.param(
+            matrix_case(lambda W, x, y: {"W": 3.7 * true_matrix_gradient(W, x, y)}),
+            "3.7× the true gradient in every element",
+            id="any-constant-factor-over-a-tensor",
+        ),
+        pytest.param(
+            matrix_case(lambda W, x, y: {"W": true_matrix_gradient(W, x, y).T}),
+            "is the transpose of the true gradient (W is square",
+            id="square-matrix-transposed",
+        ),
+        pytest.param(
+            matrix_case(lambda W, x, y: {"W": true_matrix_gradient(W, x, y).T}, rows=2),
+            "has the shape of Wᵀ and, transposed, it matches",
+            id="wrong-shape-transposed",
+        ),
+        pytest.param(
+            mse_case(lambda w, X, Y: {"w": 2 * X * (w * X - Y) / 4}),
+            "keeps the batch dimension (4 per-sample gradients): w is shared by every sample, so sum",
+            id="missing-sum-over-the-batch",
+        ),
+        pytest.param(
+            linear_case(lambda w, x, y: {"w": 2 * (w * x - y)}),
+            "right at the given point (w = 1, x = 1) but wrong at the random point 1",
+            id="forgot-x-which-is-1-at-the-given-point",
+        ),
+    ],
+)
+def test_a_pattern_gets_its_hint(target: Any, expected: str) -> None:
+    hints = hints_of(target)
+    assert any(expected in hint for hint in hints), hints
+
+
+def test_the_forgotten_factor_is_named() -> None:
+    (hint,) = hints_of(linear_case(lambda w, x, y: {"w": 2 * (w * x - y)}))
+    assert "multiplied by x it matches" in hint
+
+
+def test_one_factor_through_several_nodes_is_one_hint() -> None:
+    def manual(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = w * x - y
+        return {"w": s * x, "y_hat": s, "s": s}  # d(s²)/ds written as s
+
+    (hint,) = hints_of(linear_case(manual))
+    assert hint.startswith("the manual dloss/ds, dloss/dy_hat, dloss/dw are each half the true gradient")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(linear_case(lambda w, x, y: {"w": 2 * (w * x - y) * x}), id="correct-linear"),
+        pytest.param(str(ROOT / "cases" / "two_layer.py"), id="correct-two-layer"),
+    ],
+)
+def test_a_correct_case_gets_no_hint(target: Any) -> None:
+    report = run(target, **CPU64)
+    assert [r.verdict for r in report.results] == ["ok"] * len(report.results)
+    assert all(r.hints == [] for r in report.results)
+
+
+def test_a_wrong_scalar_with_no_pattern_gets_no_hint() -> None:
+    # One number is always some multiple of another: only named factors are worth a hint.
+    assert hints_of(linear_case(lambda w, x, y: {"w": 2.6 * (w * x - y) * x})) == []
+
+
+def test_hints_appear_in_the_text_and_json_reports() -> None:
+    report = run(str(ROOT / "examples" / "tutorial_bug.py"), devices=["cpu"], dtypes=["float32"], points=1)
+    text = FORMATS["text"](report)
+    document = json.loads(FORMATS["json"](report))
+    assert "    hint: the manual dloss/dw is 4× the true gradient" in text
+    assert document["results"][0]["hints"][0].startswith("the manual dloss/dw is 4× the true gradient, with N = 4")
+
+
+def test_a_batch_dimension_that_does_not_sum_to_the_gradient_gets_no_batch_hint() -> None:
+    hints = hints_of(mse_case(lambda w, X, Y: {"w": 3 * X}))
+    assert not any("batch dimension" in hint for hint in hints)
