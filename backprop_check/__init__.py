@@ -10,18 +10,16 @@ from .runner import run
 
 __version__ = "0.1.0"
 
-__all__ = sorted(
-    [
-        "Case",
-        "CaseError",
-        "CaseLoadError",
-        "CaseTimeout",
-        "Report",
-        "Result",
-        "UsageError",
-        "assert_gradients",
-        "case",
-        "node",
-        "run",
-    ]
-)
+__all__ = [
+    "Case",
+    "CaseError",
+    "CaseLoadError",
+    "CaseTimeout",
+    "Report",
+    "Result",
+    "UsageError",
+    "assert_gradients",
+    "case",
+    "node",
+    "run",
+]

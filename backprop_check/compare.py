@@ -291,16 +291,23 @@ def shape_note(value: torch.Tensor, reference: torch.Tensor) -> str | None:
     got, want = tuple(value.shape), tuple(reference.shape)
     ref = reference.to(torch.float64).cpu()
     val = value.to(torch.float64).cpu()
+    atol = 1e-6 * (float(ref.abs().max()) if ref.numel() else 0.0) or 1e-6
     if len(got) == 2 and got == want[::-1]:
-        fits = torch.allclose(val.T, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max() or 1))
+        fits = torch.allclose(val.T, ref, rtol=1e-3, atol=atol)
         return (
             f"manual gradient has shape {got}, the transpose of {want}"
             + ("; transposed, it matches the reference" if fits else "")
         )
     extra = len(got) - len(want)
-    if extra > 0 and got[extra:] == want:
+    kept = [i for i, (g, w) in enumerate(zip(got, want)) if w == 1 and g > 1]
+    if extra == 0 and kept and all(g == w or i in kept for i, (g, w) in enumerate(zip(got, want))):
+        summed = val.sum(dim=tuple(kept), keepdim=True)  # a batch dimension the parameter keeps as 1
+    elif extra > 0 and got[extra:] == want:
         summed = val.sum(dim=tuple(range(extra)))
-        fits = torch.allclose(summed, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max() or 1))
+    else:
+        summed = None
+    if summed is not None:
+        fits = torch.allclose(summed, ref, rtol=1e-3, atol=atol)
         return (
             f"manual gradient has shape {got}, expected {want}: a missing sum over the batch dimension"
             + ("; summed over it, it matches the reference" if fits else "")

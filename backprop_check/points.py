@@ -121,7 +121,7 @@ def as_value(name: str, value: Any) -> torch.Tensor:
     else:
         try:
             tensor = torch.as_tensor(np.asarray(value))
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError):
             raise CaseError(f"{name!r} is not a number, array or tensor: got {reprlib.repr(value)}") from None
     if tensor.is_floating_point() or tensor.is_complex():
         return tensor.to(torch.float64).clone()

@@ -158,13 +158,13 @@ def test_json_report_has_the_contract_keys_and_counts(folder, capsys):
     assert summary["exit_code"] == 2
 
 
-def test_output_writes_the_report_to_a_file_and_says_so_in_one_line(folder, capsys):
-    folder("cases.py", GOOD, WRONG)
+def test_output_writes_the_whole_report_even_with_broken_cases_and_says_so_in_one_line(folder, capsys):
+    folder("cases.py", GOOD, WRONG, BROKEN)
     code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--format", "json", "--output", "reports/run.json")
-    assert code == 1
-    assert out == "4 results written to reports/run.json (exit 1)\n"
+    assert code == 2
+    assert out == "6 results written to reports/run.json (exit 2)\n"
     report = json.loads((folder.path / "reports" / "run.json").read_text())
-    assert report["summary"]["mismatch"] == 2
+    assert (report["summary"]["ok"], report["summary"]["mismatch"], report["summary"]["error"]) == (2, 2, 2)
     assert [p.name for p in (folder.path / "reports").iterdir()] == ["run.json"]  # no temporary left
 
 

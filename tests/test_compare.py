@@ -47,3 +47,10 @@ def test_a_missing_sum_over_the_batch_is_recognised():
 
 def test_an_unexplainable_shape_gets_no_note():
     assert shape_note(torch.zeros(5), torch.zeros(2, 3)) is None
+
+
+def test_a_missing_sum_over_a_kept_batch_dimension_is_recognised():
+    reference = torch.tensor([[4.0], [8.0]])  # a column bias b1 of shape (6, 1), smaller
+    per_column = torch.tensor([[1.0, 3.0], [2.0, 6.0]])
+    assert "missing sum over the batch" in shape_note(per_column, reference)
+    assert "summed over it, it matches" in shape_note(per_column, reference)
