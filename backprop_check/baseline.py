@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .compare import MISMATCH, Check
+from .compare import MISMATCH, Check, unravel
 from .errors import UsageError
 from .formats import write_atomic
 from .report import Report, Result
@@ -98,7 +98,7 @@ class Threshold:
         if not bool(bad.any()):
             return None
         flat = int(torch.argmax(torch.where(bad, torch.nan_to_num(diff / allowed, nan=math.inf), -1.0).reshape(-1)))
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), old.shape)) if old.dim() else None
+        index = unravel(int(flat), tuple(old.shape)) if old.dim() else None
         label = f"{name}[{', '.join(map(str, index))}]" if index else name
         return Drift(
             name=name,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .case import Case
-from .compare import MISMATCH, NONDIFFERENTIABLE, OK, Check, compare, directions_agree
+from .compare import MISMATCH, NONDIFFERENTIABLE, OK, Check, compare, directions_agree, unravel
 from .errors import CaseError, CaseTimeout, UsageError, one_line
 from .forward import call_forward
 from .graph import Graph, graph_of
@@ -267,7 +267,7 @@ def _require_finite_gradient(numerical: Gradients, point: Point) -> None:
         if name in numerical.checked:
             bad &= numerical.checked[name]
         if bool(bad.any()):
-            index = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).nonzero()[0, 0], bad.shape))
+            index = unravel(int(bad.reshape(-1).nonzero()[0, 0]), tuple(bad.shape))
             label = f"{name}[{', '.join(map(str, index))}]" if index else name
             hint = "move the given point" if point.seed is None else "constrain random points with sample="
             raise CaseError(
@@ -511,13 +511,22 @@ def _verdict_of(point: Point, checks: list[Check]) -> Outcome:
     return Outcome(point, checks, OK, None)
 
 
+def _undecided(outcome: Outcome) -> bool:
+    """Whether every disagreement at this point is one the float64 referee cannot decide."""
+    bad = [check for check in outcome.checks if check.verdict == MISMATCH]
+    return bool(bad) and all(check.culprits and set(check.culprits) == {"undecided"} for check in bad)
+
+
 def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tolerance: str) -> Result:
     """One result from the outcomes at every point: the worst point speaks for the rest."""
     failing = [o for o in outcomes if o.verdict == MISMATCH]
     kinked = [o for o in outcomes if o.verdict == NONDIFFERENTIABLE]
     if failing:
-        shown = failing[0]
-        culprits = {o.culprit for o in failing}
+        # A point where the referee could not tell manual from autograd blames no one: it must
+        # not veto the culprit that the other points name.
+        decided = [o for o in failing if not _undecided(o)] or failing
+        shown = decided[0]
+        culprits = {o.culprit for o in decided}
         culprit = culprits.pop() if len(culprits) == 1 else None
         verdict = MISMATCH
     elif kinked:

@@ -47,7 +47,7 @@ def time_command(argv: list[str]) -> tuple[float, int]:
     return time.perf_counter() - started, done.returncode
 
 
-def run(repeats: int = 7) -> tuple[str, list[tuple[str, bool]]]:
+def run(repeats: int = 5) -> tuple[str, list[tuple[str, bool]]]:
     """Time each command `repeats` times, interleaved; return the section and its target."""
     commands = dict(COMMANDS)
     if uses_torch_unravel():

@@ -17,7 +17,7 @@ T, F = True, False
         pytest.param(T, F, F, "autograd", id="autograd-alone-disagrees"),
         pytest.param(F, F, T, "numerical", id="numerical-alone-disagrees"),
         pytest.param(F, F, F, "unknown", id="all-three-disagree"),
-        pytest.param(T, T, F, "unknown", id="referee-too-coarse-to-tell"),
+        pytest.param(T, T, F, "undecided", id="referee-too-coarse-to-tell"),
     ],
 )
 def test_culprit_table(manual_ok, autograd_ok, manual_autograd_ok, expected):

@@ -25,7 +25,7 @@ soon as either disagrees, so a report still names the element.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -78,42 +78,70 @@ def gradient(
 
     batched = Batched(loss)
     result = Gradients("numerical", {}, loss=loss0.detach(), nodes=tuple(nodes))
-    for name, base in targets.items():
-        if only is not None and name not in only:
-            continue
-        index = None
-        if sample_above is not None and base.numel() > sample_above:
-            gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name))
-            index = torch.randperm(base.numel(), generator=gen)[:SAMPLES].sort().values
-            result.directions[name] = [
-                directional(batched, targets, name, base, scales[name], float(loss0), gen)
-                for _ in range(DIRECTIONS)
-            ]
-            result.checked[name] = torch.zeros(base.shape, dtype=torch.bool).reshape(-1)
-            result.checked[name][index] = True
-            result.checked[name] = result.checked[name].reshape(base.shape)
-        estimate = differentiate(batched, targets, name, base, scales[name], float(loss0), index)
-        result.values[name], result.error[name] = estimate["value"], estimate["error"]
-        result.left[name], result.right[name] = estimate["left"], estimate["right"]
-        result.kink[name] = estimate["kink"]
+    names = [name for name in targets if only is None or name in only]
+    sampled = [n for n in names if sample_above is not None and targets[n].numel() > sample_above]
+    whole = Flat({n: targets[n] for n in names if n not in sampled})
+    if whole.size:  # every small tensor in one batched evaluation: one vmap call per chunk
+        f = evaluate(batched, targets, whole, whole.join(scales), range(whole.size))
+        h = steps_for(whole.join(scales))
+        for name, part in whole.slices.items():
+            _store(result, name, _estimates(f[:, part], h[part], float(loss0), targets[name].shape))
+    for name in sampled:
+        one = Flat({name: targets[name]})
+        gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name))
+        index = torch.randperm(one.size, generator=gen)[:SAMPLES].sort().values
+        result.directions[name] = [
+            directional(batched, targets, one, scales[name], float(loss0), gen) for _ in range(DIRECTIONS)
+        ]
+        checked = torch.zeros(one.size, dtype=torch.bool)
+        checked[index] = True
+        result.checked[name] = checked.reshape(targets[name].shape)
+        f = evaluate(batched, targets, one, one.join(scales), index)
+        _store(result, name, _estimates(f, steps_for(one.join(scales)), float(loss0), targets[name].shape))
     result.note = batched.note
     return result
+
+
+def _store(result: Gradients, name: str, estimate: dict[str, torch.Tensor]) -> None:
+    result.values[name], result.error[name] = estimate["value"], estimate["error"]
+    result.left[name], result.right[name] = estimate["left"], estimate["right"]
+    result.kink[name] = estimate["kink"]
+
+
+class Flat:
+    """Some named tensors seen as one flat vector, so that one batch perturbs any of them."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.shapes = {name: t.shape for name, t in tensors.items()}
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for name, t in tensors.items():
+            self.slices[name] = slice(start, start + t.numel())
+            start += t.numel()
+        self.size = start
+
+    def join(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[name].reshape(-1).to(torch.float64) for name in self.shapes]) if self.shapes else torch.zeros(0, dtype=torch.float64)
+
+    def split(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: vector[part].reshape(self.shapes[name]) for name, part in self.slices.items()}
 
 
 def directional(
     batched: Batched,
     targets: Mapping[str, torch.Tensor],
-    name: str,
-    base: torch.Tensor,
+    flat: Flat,
     scale: torch.Tensor,
     loss0: float,
     gen: torch.Generator,
 ) -> Direction:
     """The derivative of the loss along d = v∘h (v random signs, h the elementwise steps)."""
+    (shape,) = flat.shapes.values()
     h = steps_for(scale)
-    d = (torch.randint(0, 2, base.shape, generator=gen, dtype=torch.float64) * 2 - 1) * h
-    rows = torch.stack([base + t * d for t in OFFSETS])
-    f = batched(targets, name, rows).reshape(len(OFFSETS), 1)
+    d = (torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1) * h
+    base = flat.join(targets)
+    rows = torch.stack([base + t * d.reshape(-1) for t in OFFSETS])
+    f = batched(targets, flat, rows).reshape(len(OFFSETS), 1)
     estimate = _estimates(f, torch.ones(1, dtype=torch.float64), loss0, torch.Size([]))
     return Direction(d, float(estimate["value"]), float(estimate["error"]), bool(estimate["kink"]))
 
@@ -124,33 +152,28 @@ def steps_for(scale: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.round(torch.log2(target)))
 
 
-def differentiate(
+def evaluate(
     batched: Batched,
     targets: Mapping[str, torch.Tensor],
-    name: str,
-    base: torch.Tensor,
+    flat: Flat,
     scale: torch.Tensor,
-    loss0: float,
-    index: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Estimate dloss/d`name` element by element (value, error bar, one-sided, kink mask), at
-    every element or at the flat `index` only (the others are NaN)."""
-    flat = base.reshape(-1)
-    n = flat.numel()
-    index = torch.arange(n) if index is None else index
-    h_all = steps_for(scale.reshape(-1))
-    f = torch.full((len(OFFSETS), n), torch.nan, dtype=torch.float64)
-    per_chunk = max(1, min(MAX_BATCH // len(OFFSETS), MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * n)))
+    index: Sequence[int] | torch.Tensor,
+) -> torch.Tensor:
+    """The loss at θ ± h and θ ± h/2 for each element in `index` of the flat vector, as a
+    (4, size) matrix (NaN for elements not in `index`)."""
+    base = flat.join(targets)
+    index = torch.as_tensor(index, dtype=torch.int64)
+    h = steps_for(scale)
+    f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
+    per_chunk = max(1, min(MAX_BATCH // len(OFFSETS), MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * flat.size)))
+    offsets = torch.tensor(OFFSETS, dtype=torch.float64)
     for start in range(0, len(index), per_chunk):
         idx = index[start : start + per_chunk]
-        rows = flat.repeat(len(OFFSETS) * len(idx), 1)
-        row = torch.arange(rows.shape[0])
+        rows = base.repeat(len(OFFSETS) * len(idx), 1)
         which = idx.repeat_interleave(len(OFFSETS))
-        offsets = torch.tensor(OFFSETS, dtype=torch.float64).repeat(len(idx))
-        rows[row, which] += offsets * h_all[which]
-        values = batched(targets, name, rows.reshape(-1, *base.shape))
-        f[:, idx] = values.reshape(len(idx), len(OFFSETS)).T
-    return _estimates(f, h_all, loss0, base.shape)
+        rows[torch.arange(rows.shape[0]), which] += offsets.repeat(len(idx)) * h[which]
+        f[:, idx] = batched(targets, flat, rows).reshape(len(idx), len(OFFSETS)).T
+    return f
 
 
 def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float, shape: torch.Size) -> dict[str, torch.Tensor]:
@@ -181,16 +204,18 @@ def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float, shape: torch.Size) -
 
 
 class Batched:
-    """Evaluates the loss for a batch of values of one tensor, with `vmap` where it works."""
+    """Evaluates the loss for a batch of values of some tensors, with `vmap` where it works."""
 
     def __init__(self, loss: Loss) -> None:
         self.loss = loss
         self.vmap_works = True
         self.note: str | None = None
 
-    def __call__(self, targets: Mapping[str, torch.Tensor], name: str, batch: torch.Tensor) -> torch.Tensor:
-        def one(value: torch.Tensor) -> torch.Tensor:
-            return self.loss({**targets, name: value})
+    def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
+        """The loss for each row of `batch`, a flat vector of the tensors in `flat`."""
+
+        def one(vector: torch.Tensor) -> torch.Tensor:
+            return self.loss({**targets, **flat.split(vector)})
 
         with torch.no_grad():
             if self.vmap_works:
