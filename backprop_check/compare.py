@@ -18,9 +18,6 @@ from .sources import Gradients
 from .tolerance import ERROR_BARS, Tolerance
 
 OK, MISMATCH, NONDIFFERENTIABLE = "ok", "mismatch", "nondifferentiable"
-# Rounding at a point is estimated by one-ulp nudges of every input at once, which already
-# over-counts the roundings a computation really makes: the estimate itself is the allowance.
-ROUNDING_MARGIN = 1.0
 
 
 @dataclass
@@ -41,6 +38,7 @@ class Check:
     rel_err: float = 0.0
     allowed: float = 0.0
     ratio: float = 0.0  # worst |difference| / allowed: below 1 is inside the tolerance
+    rounding: float = 0.0  # the part of `allowed` that is the run dtype's rounding at this point
     bad: int = 0
     kinks: int = 0
     size: int = 1
@@ -70,6 +68,7 @@ class Check:
             "rel_err": self.rel_err,
             "tolerance": self.allowed,
             "tolerance_ratio": self.ratio,
+            "rounding_allowance": self.rounding,
             "bad_elements": self.bad,
             "kink_elements": self.kinks,
             "elements": self.size,
@@ -83,12 +82,13 @@ def compare(
     manual: Gradients | None,
     params: list[str],
     tol: Tolerance,
-    noise: dict[str, torch.Tensor] | None = None,
+    noise: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> list[Check]:
     """Checks for every parameter, then every node from the loss back toward the parameters.
 
-    `noise` is, per name and element, how far the run's dtype may move the gradient at this
-    point by rounding alone (see runner.rounding_noise); it widens every tolerance."""
+    `noise[source][name]` is, per element, how far the run's dtype may move that source's
+    gradient at this point by rounding alone (see rounding.py); it widens that source's
+    tolerances."""
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
     manual_values = _manual_values(manual, params, nodes, numerical.values)
     checks: list[Check] = []
@@ -98,7 +98,8 @@ def compare(
         if isinstance(given, Check):
             checks.append(given)
             continue
-        checks.append(compare_tensor(name, kind, numerical, autograd.values[name], given, tol, (noise or {}).get(name)))
+        rounding = {source: values.get(name) for source, values in (noise or {}).items()}
+        checks.append(compare_tensor(name, kind, numerical, autograd.values[name], given, tol, rounding))
     return checks
 
 
@@ -109,9 +110,9 @@ def compare_tensor(
     autograd: torch.Tensor,
     manual: torch.Tensor | None,
     tol: Tolerance,
-    noise: torch.Tensor | None = None,
+    noise: dict[str, torch.Tensor | None] | None = None,
 ) -> Check:
-    """Compare one tensor's gradients element by element."""
+    """Compare one tensor's gradients element by element (`noise`: rounding allowance by source)."""
     shape = tuple(numerical.values[name].shape)
     mask = numerical.checked.get(name)
     flat = torch.arange(numerical.values[name].numel()) if mask is None else mask.reshape(-1).nonzero().reshape(-1)
@@ -125,7 +126,12 @@ def compare_tensor(
     hi = torch.maximum(pick(numerical.left[name]), pick(numerical.right[name]))
     a = pick(autograd)
     m = None if manual is None else pick(manual)
-    rounding = torch.zeros_like(n) if noise is None else ROUNDING_MARGIN * pick(noise)
+    def allowance(source: str) -> torch.Tensor:
+        given = (noise or {}).get(source)
+        return torch.zeros_like(n) if given is None or given.numel() != numerical.values[name].numel() else pick(given)
+
+    rounding_a, rounding_m = allowance("autograd"), allowance("manual")
+    rounding = torch.maximum(rounding_a, rounding_m)
     finite_n = n[torch.isfinite(n)]
     scale = float(finite_n.abs().max()) if finite_n.numel() else 0.0
     # Five function values cannot tell a kink from a smooth function's curvature within a step
@@ -134,7 +140,7 @@ def compare_tensor(
     # whose one-sided derivatives agree within the tolerance changes no comparison: it is none.
     kink = kink & ((hi - lo) > ERROR_BARS * e + tol.allowed(n, scale) + rounding)
 
-    def against_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def against_reference(x: torch.Tensor, rounding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(agrees, |x − n| / allowed) for each element; a kink accepts its interval."""
         allowed = ERROR_BARS * e + tol.allowed(n, scale) + rounding
         diff = (x - n).abs()
@@ -143,13 +149,13 @@ def compare_tensor(
         ratio = diff / allowed.clamp(min=torch.finfo(torch.float64).tiny)
         return diff <= allowed, torch.nan_to_num(ratio, nan=torch.inf)
 
-    a_ok, a_ratio = against_reference(a)
+    a_ok, a_ratio = against_reference(a, rounding_a)
     if m is None:
         m_ok, m_ratio = torch.ones_like(a_ok), torch.zeros_like(a_ratio)
         ma_ok, ma_ratio = m_ok, m_ratio
     else:
-        m_ok, m_ratio = against_reference(m)
-        ma_allowed = 2 * tol.allowed(torch.maximum(m.abs(), a.abs()), scale) + 2 * rounding
+        m_ok, m_ratio = against_reference(m, rounding_m)
+        ma_allowed = 2 * tol.allowed(torch.maximum(m.abs(), a.abs()), scale) + rounding_a + rounding_m
         ma_diff = (m - a).abs()
         ma_ok = ma_diff <= ma_allowed
         ma_ratio = torch.nan_to_num(ma_diff / ma_allowed.clamp(min=torch.finfo(torch.float64).tiny), nan=torch.inf)
@@ -194,6 +200,7 @@ def compare_tensor(
     check.abs_err = abs(shown - check.numerical) if shown is not None else 0.0
     check.rel_err = check.abs_err / abs(check.numerical) if check.numerical else (float("inf") if check.abs_err else 0.0)
     check.allowed = float(ERROR_BARS * e[worst] + tol.allowed(n[worst : worst + 1], scale)[0] + rounding[worst])
+    check.rounding = float(rounding[worst])
     if bool(kink[worst]):
         check.note = f"kink: left derivative {float(numerical.left[name].reshape(-1)[worst]):.6g}, right {float(numerical.right[name].reshape(-1)[worst]):.6g}"
     return check

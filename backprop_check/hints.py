@@ -21,7 +21,7 @@ import torch
 from .compare import MISMATCH, Check
 
 if TYPE_CHECKING:
-    from .runner import Outcome
+    from .verdict import Outcome
 
 # How close a ratio must be to a named factor, by the dtype the gradients were computed in.
 RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}

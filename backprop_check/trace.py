@@ -35,7 +35,9 @@ from .formats.json import finite
 from .forward import call_forward
 from .points import Point, given_point
 from .report import Result
-from .runner import NonFiniteLoss, check_point, device_unavailable, outcome_of, summarize
+from .guards import NonFiniteLoss
+from .runner import check_point, device_unavailable
+from .verdict import outcome_of, summarize
 from .sources import SOURCES, Gradients
 from .tolerance import tolerance_for
 

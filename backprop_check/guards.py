@@ -1,0 +1,72 @@
+"""Guards: what makes a case unusable at a point, said in one line.
+
+A forward pass that changes its inputs or gives a different loss twice at the same point
+(dropout, unseeded randomness), a loss or a reference gradient that is not finite, a case with
+nothing to differentiate: each is a broken case (`error`), not a noisy mismatch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import CaseError
+from .case import Case
+from .forward import call_forward
+from .points import Point
+from .sources import Gradients
+from .compare import unravel
+
+
+class NonFiniteLoss(CaseError):
+    """The loss is NaN or infinite at a point."""
+
+
+def require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
+    if loss is not None and not bool(torch.isfinite(loss)):
+        hint = "" if point.seed is None else "; constrain random points with sample="
+        raise NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}")
+
+
+def require_finite_gradient(numerical: Gradients, point: Point) -> None:
+    """The float64 referee must be finite wherever it was estimated; a NaN or Inf there means
+    the loss is not finite a finite-difference step away (the edge of its domain), and no
+    gradient at this point can be checked."""
+    for name, value in numerical.values.items():
+        bad = ~torch.isfinite(value)
+        if name in numerical.checked:
+            bad &= numerical.checked[name]
+        if bool(bad.any()):
+            index = unravel(int(bad.reshape(-1).nonzero()[0, 0]), tuple(bad.shape))
+            label = f"{name}[{', '.join(map(str, index))}]" if index else name
+            hint = "move the given point" if point.seed is None else "constrain random points with sample="
+            raise CaseError(
+                f"the numerical gradient of {label} is {float(value[index])} at the {point.describe()}: "
+                f"the loss is not finite a small step away from it (the edge of its domain, like sqrt or log at 0?); {hint}"
+            )
+
+
+def empty_parameters(given: Point) -> list[str]:
+    """Notes on parameters with no elements; a case whose every parameter is empty checks
+    nothing, and an `ok` for it would be a lie."""
+    empty = [f"{name!r} has shape {tuple(value.shape)}" for name, value in given.params.items() if value.numel() == 0]
+    if empty and len(empty) == len(given.params):
+        raise CaseError(f"every parameter is empty ({', '.join(empty)}): there is no gradient to check")
+    return [f"parameter {text}: it has no elements to check" for text in empty]
+
+
+def check_forward_is_pure(case: Case, point: Point) -> None:
+    """The forward pass must be deterministic and leave its inputs alone."""
+    params = {k: v.clone() for k, v in point.params.items()}
+    data = {k: v.clone() for k, v in point.data.items()}
+    with torch.no_grad():
+        first, _ = call_forward(case, params, data)
+        second, _ = call_forward(case, {k: v.clone() for k, v in point.params.items()}, data)
+    for name, value in {**params, **data}.items():
+        original = point.params.get(name, point.data.get(name))
+        if not torch.equal(value, original):
+            raise CaseError(f"the forward pass changes {name!r} in place; it must not modify its inputs")
+    require_finite_loss(first, point)
+    if not torch.equal(first, second):
+        raise CaseError(
+            f"the forward pass is not deterministic: two runs at the same point gave {float(first):.17g} "
+            f"and {float(second):.17g} (dropout or unseeded randomness?)"
+        )
