@@ -53,20 +53,30 @@ def empty_parameters(given: Point) -> list[str]:
     return [f"parameter {text}: it has no elements to check" for text in empty]
 
 
-def check_forward_is_pure(case: Case, point: Point) -> None:
-    """The forward pass must be deterministic and leave its inputs alone."""
+def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
+    """The forward pass must be deterministic and leave its inputs alone: it is run `runs`
+    times at the same point, and the loss and every node must come out the same each time
+    (dropout can give an equal loss twice by chance; rarely three times, never at every node)."""
     params = {k: v.clone() for k, v in point.params.items()}
     data = {k: v.clone() for k, v in point.data.items()}
     with torch.no_grad():
-        first, _ = call_forward(case, params, data)
-        second, _ = call_forward(case, {k: v.clone() for k, v in point.params.items()}, data)
+        outputs = [call_forward(case, params, data)]
+        outputs += [call_forward(case, {k: v.clone() for k, v in point.params.items()}, data) for _ in range(runs - 1)]
     for name, value in {**params, **data}.items():
         original = point.params.get(name, point.data.get(name))
         if not torch.equal(value, original):
             raise CaseError(f"the forward pass changes {name!r} in place; it must not modify its inputs")
+    first, tape = outputs[0]
     require_finite_loss(first, point)
-    if not torch.equal(first, second):
-        raise CaseError(
-            f"the forward pass is not deterministic: two runs at the same point gave {float(first):.17g} "
-            f"and {float(second):.17g} (dropout or unseeded randomness?)"
-        )
+    for loss, other in outputs[1:]:
+        differs = [k for k, v in tape.values.items() if k in other.values and not _same(v, other.values[k])]
+        if not torch.equal(first, loss) or differs:
+            where = f"node {differs[0]!r}" if differs and torch.equal(first, loss) else "the loss"
+            raise CaseError(
+                f"the forward pass is not deterministic: {where} differs between two runs at the same point "
+                f"(loss {float(first):.17g} and {float(loss):.17g}; dropout or unseeded randomness?)"
+            )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .case import Case, collecting, stop_collecting
-from .errors import line_in, one_line
+from .errors import CaseTimeout, line_in, one_line
+from .limits import time_limit
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class LoadFailure:
     line: int | None
     reason: str
     case: str | None = None
+    traceback: str | None = None
 
     @property
     def where(self) -> str:
@@ -38,7 +41,7 @@ def case_files(path: Path) -> Iterator[Path]:
         yield path
 
 
-def load_file(path: Path) -> list[Case] | LoadFailure:
+def load_file(path: Path, timeout: float | None = None) -> list[Case] | LoadFailure:
     """Import one case file under a private module name and return the cases it defines."""
     shown = _shown(path)
     if not path.exists():
@@ -55,13 +58,15 @@ def load_file(path: Path) -> list[Case] | LoadFailure:
     token = collecting(cases)
     sys.path.insert(0, str(path.parent.resolve()))  # so a case file can import its neighbours
     try:
-        spec.loader.exec_module(module)
+        with time_limit(timeout, "importing the file"):
+            spec.loader.exec_module(module)
     except SyntaxError as exc:
-        return LoadFailure(shown, exc.lineno, f"SyntaxError: {exc.msg}")
+        return LoadFailure(shown, exc.lineno, f"SyntaxError: {exc.msg}", traceback=_trace(exc))
     except BaseException as exc:  # noqa: BLE001 - a case file may raise anything, even SystemExit
         if isinstance(exc, KeyboardInterrupt):
             raise
-        return LoadFailure(shown, line_in(str(path), exc), f"import failed: {one_line(exc)}")
+        reason = str(exc) if isinstance(exc, CaseTimeout) else f"import failed: {one_line(exc)}"
+        return LoadFailure(shown, line_in(str(path), exc), reason, traceback=_trace(exc))
     finally:
         stop_collecting(token)
         sys.path.remove(str(path.parent.resolve()))
@@ -70,7 +75,9 @@ def load_file(path: Path) -> list[Case] | LoadFailure:
     return cases
 
 
-def load(targets: Iterable[str | Path | Case]) -> tuple[list[Case], list[LoadFailure]]:
+def load(
+    targets: Iterable[str | Path | Case], timeout: float | None = None
+) -> tuple[list[Case], list[LoadFailure]]:
     """Load every target (case files, folders or `Case` objects); duplicates become failures."""
     cases: list[Case] = []
     failures: list[LoadFailure] = []
@@ -83,7 +90,7 @@ def load(targets: Iterable[str | Path | Case]) -> tuple[list[Case], list[LoadFai
             failures.append(LoadFailure(_shown(path), None, "no such file or folder"))
             continue
         for file in case_files(path):
-            loaded = load_file(file)
+            loaded = load_file(file, timeout)
             if isinstance(loaded, LoadFailure):
                 failures.append(loaded)
             else:
@@ -118,3 +125,6 @@ def _shown(path: Path) -> str:
     except ValueError:
         return str(path)
 
+
+def _trace(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

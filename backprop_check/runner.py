@@ -1,11 +1,8 @@
 """The run: load → plan (case × device × dtype × point) → three gradients → compare → Report."""
 from __future__ import annotations
 
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from .case import Case
 from .compare import OK, Check, compare, directions_agree
 from .errors import CaseError, CaseTimeout, UsageError, one_line
 from . import rounding
+from .limits import time_limit
 from .loader import LoadFailure, load
 from .points import Point, given_point, random_point
 from .guards import check_forward_is_pure, empty_parameters, require_finite_gradient, require_finite_loss
@@ -90,7 +88,7 @@ def run(
 
 def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
     started = time.perf_counter()
-    cases, failures = load(targets)
+    cases, failures = load(targets, timeout=plan.timeout)
     report = Report()
     report.results.extend(load_error(failure) for failure in failures)
     for case in cases:
@@ -109,6 +107,7 @@ def load_error(failure: LoadFailure) -> Result:
         message=f"{failure.where}: {failure.reason}",
         file=failure.file,
         line=failure.line,
+        traceback=failure.traceback,
     )
 
 
@@ -160,26 +159,6 @@ def sampled_suspects(
         if (check is not None and check.verdict != OK) or not directions_agree(numerical, name, sources, tol):
             suspects.append(name)
     return suspects
-
-
-@contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise CaseTimeout in the block after `seconds` (main thread, where SIGALRM exists)."""
-    usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise CaseTimeout(f"the case ran past its time limit of {seconds:g}s (--timeout)")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def device_unavailable(device: str) -> str | None:
