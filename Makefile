@@ -23,7 +23,6 @@ check: install
 	$(BIN)/backprop-check run cases/
 
 bench: install
-	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
 
 clean:

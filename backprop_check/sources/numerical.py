@@ -44,6 +44,7 @@ MAX_BATCH = 512
 MAX_BATCH_ELEMENTS = 1 << 23
 OFFSETS = (1.0, 0.5, -0.5, -1.0)
 SAMPLES = 48
+FUSE_UP_TO = 1024
 DIRECTIONS = 2
 
 Loss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
@@ -80,8 +81,8 @@ def gradient(
     result = Gradients("numerical", {}, loss=loss0.detach(), nodes=tuple(nodes))
     names = [name for name in targets if only is None or name in only]
     sampled = [n for n in names if sample_above is not None and targets[n].numel() > sample_above]
-    whole = Flat({n: targets[n] for n in names if n not in sampled})
-    if whole.size:  # every small tensor in one batched evaluation: one vmap call per chunk
+    for group in _groups([n for n in names if n not in sampled], targets):
+        whole = Flat({n: targets[n] for n in group})  # small tensors share their batches
         f = evaluate(batched, targets, whole, whole.join(scales), range(whole.size))
         h = steps_for(whole.join(scales))
         for name, part in whole.slices.items():
@@ -100,6 +101,21 @@ def gradient(
         _store(result, name, _estimates(f, steps_for(one.join(scales)), float(loss0), targets[name].shape))
     result.note = batched.note
     return result
+
+
+def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Names in groups of at most FUSE_UP_TO elements (a larger tensor alone): every perturbed
+    row copies its whole group, so one group of everything would cost O(size²)."""
+    groups: list[list[str]] = []
+    size = FUSE_UP_TO + 1
+    for name in names:
+        numel = targets[name].numel()
+        if size + numel > FUSE_UP_TO:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += numel
+    return groups
 
 
 def _store(result: Gradients, name: str, estimate: dict[str, torch.Tensor]) -> None:
