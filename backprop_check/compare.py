@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import CaseError
-from .sources import Gradients
+from .sources import Direction, Gradients
 from .tolerance import ERROR_BARS, Tolerance
 
 OK, MISMATCH, NONDIFFERENTIABLE = "ok", "mismatch", "nondifferentiable"
@@ -186,7 +186,7 @@ def compare_tensor(
         return check
     check.index = unravel(int(flat[worst]), shape)
     if mask is not None:
-        check.note = f"{n.numel()} of {check.size} elements sampled"
+        check.note = f"{n.numel()} of {check.size} elements checked one by one (the rest along random directions)"
     check.numerical = float(n[worst])
     check.error_bar = float(e[worst])
     check.autograd = float(a[worst])
@@ -209,27 +209,29 @@ def compare_tensor(
 def directions_agree(
     numerical: Gradients, name: str, sources: list[torch.Tensor], tol: Tolerance
 ) -> bool:
-    """Whether every source's directional derivatives of `name` match the numerical ones
-    (a kink along a direction proves nothing, so it counts as a disagreement to look into)."""
-    for direction in numerical.directions.get(name, []):
-        if direction.kink or not math.isfinite(direction.value):
+    """Whether every source's directional derivatives of `name` match the numerical ones."""
+    return all(direction_agrees(d, sources, tol) for d in numerical.directions.get(name, []))
+
+
+def direction_agrees(direction: Direction, sources: list[torch.Tensor], tol: Tolerance) -> bool:
+    """Whether each source's derivative along `direction` matches the numerical one (a kink
+    along it proves nothing, so it counts as a disagreement to look into)."""
+    if direction.kink or not math.isfinite(direction.value):
+        return False
+    weights = direction.vector.abs()
+    for gradient in sources:
+        g = gradient.detach().to("cpu", torch.float64).reshape(direction.vector.shape)
+        scale = float(g.abs().max()) if g.numel() else 0.0
+        allowed = (
+            ERROR_BARS * direction.error
+            + tol.rtol * float((g.abs() * weights).sum())
+            + (tol.atol * scale + tol.absolute) * float(weights.sum())
+        )
+        if not abs(direction.of(g) - direction.value) <= allowed:
             return False
-        weights = direction.vector.abs()
-        for gradient in sources:
-            g = gradient.detach().to("cpu", torch.float64).reshape(direction.vector.shape)
-            scale = float(g.abs().max()) if g.numel() else 0.0
-            allowed = (
-                ERROR_BARS * direction.error
-                + tol.rtol * float((g.abs() * weights).sum())
-                + (tol.atol * scale + tol.absolute) * float(weights.sum())
-            )
-            if not abs(direction.of(g) - direction.value) <= allowed:
-                return False
     return True
 
 
-# "unknown": all three disagree. "undecided": manual and autograd disagree with each other but
-# both sit within the reference's error bar, so the referee cannot say which one is off.
 _CODES = {"none": 0, "manual": 1, "autograd": 2, "numerical": 3, "unknown": 4, "undecided": 5}
 
 

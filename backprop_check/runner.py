@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .case import Case
-from .compare import OK, Check, compare, directions_agree
+from .compare import OK, Check, compare, direction_agrees, directions_agree
 from .errors import CaseError, CaseTimeout, UsageError, one_line
 from . import rounding
 from .limits import time_limit
@@ -21,6 +21,7 @@ from .report import Report, Result
 from .verdict import Outcome, error_result, outcome_of, result_for, summarize
 from .select import matches
 from .sources import SOURCES, Gradients
+from .sources.numerical import blocks
 from .tolerance import Tolerance, tolerance_for
 
 DEVICES = ("cpu", "cuda")
@@ -153,12 +154,36 @@ def sampled_suspects(
     suspects = []
     for name in numerical.checked:
         check = next((c for c in checks if c.name == name), None)
-        sources = [autograd.values[name]]
-        if manual is not None and name in manual.values and manual.values[name].shape == autograd.values[name].shape:
-            sources.append(manual.values[name])
+        sources = _comparable(name, autograd, manual)
         if (check is not None and check.verdict != OK) or not directions_agree(numerical, name, sources, tol):
             suspects.append(name)
     return suspects
+
+
+def localize(
+    case: Case,
+    point: Point,
+    dtype: torch.dtype,
+    name: str,
+    autograd: Gradients,
+    manual: Gradients | None,
+    tol: Tolerance,
+) -> torch.Tensor:
+    """The flat indices of a sampled tensor to check one by one: the blocks whose directional
+    derivatives disagree, or every element when no block does (the whole-tensor direction saw
+    something the blocks did not)."""
+    sources = _comparable(name, autograd, manual)
+    bad = [index for index, direction in blocks(case, point, dtype, name) if not direction_agrees(direction, sources, tol)]
+    size = autograd.values[name].numel()
+    return torch.cat(bad) if bad else torch.arange(size)
+
+
+def _comparable(name: str, autograd: Gradients, manual: Gradients | None) -> list[torch.Tensor]:
+    """The sources' gradients of `name` that have its shape."""
+    sources = [autograd.values[name]]
+    if manual is not None and name in manual.values and manual.values[name].shape == autograd.values[name].shape:
+        sources.append(manual.values[name])
+    return sources
 
 
 def device_unavailable(device: str) -> str | None:
@@ -271,7 +296,8 @@ def check_point(
     checks = compare(numerical, autograd, manual, params, tol, noise)
     suspects = sampled_suspects(checks, numerical, autograd, manual, tol)
     if suspects:
-        numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, only=suspects))
+        elements = {name: localize(case, point, dtype, name, autograd, manual, tol) for name in suspects}
+        numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, elements=elements))
         checks = compare(numerical, autograd, manual, params, tol, noise)
     if device != "cpu":
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)

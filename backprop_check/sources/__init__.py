@@ -35,8 +35,16 @@ class Gradients:
     """
 
     def merge(self, other: Gradients) -> None:
-        """Take `other`'s estimates for the names it has (a full check replacing a sampled one)."""
+        """Take `other`'s estimates for the names it has: in full, or for the elements it
+        checked (more elements of a sampled tensor)."""
         for name in other.values:
+            more, have = other.checked.get(name), self.checked.get(name)
+            if more is not None and have is not None:
+                for part in ("values", "error", "left", "right", "kink"):
+                    mine = getattr(self, part)
+                    mine[name] = torch.where(more, getattr(other, part)[name], mine[name])
+                self.checked[name] = have | more
+                continue
             for part in ("values", "error", "left", "right", "kink"):
                 getattr(self, part)[name] = getattr(other, part)[name]
             self.checked.pop(name, None)

@@ -59,26 +59,26 @@ def gradient(
     only: Collection[str] | None = None,
     sample_above: int | None = None,
     seed: int = 0,
+    elements: Mapping[str, torch.Tensor] | None = None,
 ) -> Gradients:
     """dloss/dparam and dloss/dnode by finite differences, in float64 on the CPU, at the point
     as a `dtype` run sees it (its values rounded to `dtype`).
 
     `only` limits the work to some names; tensors larger than `sample_above` elements are
-    sampled (see the module's docstring)."""
-    at = point.rounded(dtype)
-    with torch.no_grad():
-        loss0, tape = call_forward(case, at.params, at.data)
-    nodes = {name: value.detach().to(torch.float64) for name, value in tape.values.items()}
-    targets = {**at.params, **{name: torch.zeros_like(v) for name, v in nodes.items()}}
-    scales = {**at.params, **nodes}
-
-    def loss(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        params = {k: values[k] for k in at.params}
-        offsets = {k: values[k] for k in nodes}
-        return call_forward(case, params, at.data, offsets)[0].to(torch.float64)
-
-    batched = Batched(loss)
-    result = Gradients("numerical", {}, loss=loss0.detach(), nodes=tuple(nodes))
+    sampled (see the module's docstring); `elements` asks for given flat indices of a name."""
+    problem = Problem(case, point, dtype)
+    batched, targets, scales, loss0 = problem.batched, problem.targets, problem.scales, problem.loss0
+    result = Gradients("numerical", {}, loss=loss0.detach(), nodes=problem.nodes)
+    if elements:
+        for name, index in elements.items():
+            one = Flat({name: targets[name]})
+            checked = torch.zeros(one.size, dtype=torch.bool)
+            checked[index] = True
+            result.checked[name] = checked.reshape(targets[name].shape)
+            f = evaluate(batched, targets, one, one.join(scales), index)
+            _store(result, name, _estimates(f, steps_for(one.join(scales)), float(loss0), targets[name].shape))
+        result.note = batched.note
+        return result
     names = [name for name in targets if only is None or name in only]
     sampled = [n for n in names if sample_above is not None and targets[n].numel() > sample_above]
     for group in _groups([n for n in names if n not in sampled], targets):
@@ -101,6 +101,58 @@ def gradient(
         _store(result, name, _estimates(f, steps_for(one.join(scales)), float(loss0), targets[name].shape))
     result.note = batched.note
     return result
+
+
+class Problem:
+    """The loss as a function of every parameter and node offset, at a point as `dtype` sees it."""
+
+    def __init__(self, case: Case, point: Point, dtype: torch.dtype) -> None:
+        at = point.rounded(dtype)
+        with torch.no_grad():
+            loss0, tape = call_forward(case, at.params, at.data)
+        nodes = {name: value.detach().to(torch.float64) for name, value in tape.values.items()}
+        self.loss0 = loss0
+        self.nodes = tuple(nodes)
+        self.targets = {**at.params, **{name: torch.zeros_like(v) for name, v in nodes.items()}}
+        self.scales = {**at.params, **nodes}
+
+        def loss(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            params = {k: values[k] for k in at.params}
+            offsets = {k: values[k] for k in nodes}
+            return call_forward(case, params, at.data, offsets)[0].to(torch.float64)
+
+        self.batched = Batched(loss)
+
+
+def blocks(case: Case, point: Point, dtype: torch.dtype, name: str, seed: int = 0) -> list[tuple[torch.Tensor, Direction]]:
+    """The tensor `name` cut into about √n blocks of consecutive elements, each with the loss's
+    derivative along a random sign direction inside the block: which blocks hold a wrong
+    element can be told with O(√n) evaluations instead of O(n)."""
+    problem = Problem(case, point, dtype)
+    base = problem.targets[name]
+    n = base.numel()
+    size = max(1, math.isqrt(n - 1) + 1)
+    gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name, "blocks"))
+    h = steps_for(problem.scales[name].reshape(-1))
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+    found = []
+    starts = list(range(0, n, size))
+    per_chunk = max(1, MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * n))
+    one = Flat({name: base})
+    flat = base.reshape(-1)
+    for chunk in range(0, len(starts), per_chunk):
+        vectors = []
+        for start in starts[chunk : chunk + per_chunk]:
+            d = torch.zeros(n, dtype=torch.float64)
+            d[start : start + size] = signs[start : start + size] * h[start : start + size]
+            vectors.append(d)
+        rows = torch.stack([flat + t * d for d in vectors for t in OFFSETS])
+        f = problem.batched(problem.targets, one, rows).reshape(len(vectors), len(OFFSETS)).T
+        estimate = _estimates(f, torch.ones(len(vectors), dtype=torch.float64), float(problem.loss0), torch.Size([len(vectors)]))
+        for i, (start, d) in enumerate(zip(starts[chunk : chunk + per_chunk], vectors)):
+            direction = Direction(d.reshape(base.shape), float(estimate["value"][i]), float(estimate["error"][i]), bool(estimate["kink"][i]))
+            found.append((torch.arange(start, min(n, start + size)), direction))
+    return found
 
 
 def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
