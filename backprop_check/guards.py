@@ -17,13 +17,17 @@ from .compare import unravel
 
 
 class NonFiniteLoss(CaseError):
-    """The loss is NaN or infinite at a point."""
+    """The loss is NaN or infinite at a point; `value` is that loss."""
+
+    def __init__(self, message: str, value: float) -> None:
+        super().__init__(message)
+        self.value = value
 
 
 def require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
     if loss is not None and not bool(torch.isfinite(loss)):
         hint = "" if point.seed is None else "; constrain random points with sample="
-        raise NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}")
+        raise NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}", float(loss))
 
 
 def require_finite_gradient(numerical: Gradients, point: Point) -> None:

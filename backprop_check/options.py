@@ -35,7 +35,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", f"dtype to check in, repeatable or comma-separated (default: {','.join(DTYPES)})", None, metavar="DTYPE", repeat=True),
     Option("points", f"random points besides the given one (default: {POINTS})", POINTS, int, "N"),
     Option("seed", "seed of the random points (default: 0)", 0, int, "S"),
-    Option("full", "check every element of every tensor (default: large tensors are checked along random directions and a sample of elements, in full where those disagree)", False, type=None, flag=True),
+    Option("full", "check every element of every tensor (default: a tensor of over 2048 elements is checked along random directions and at a sample of elements; where those disagree, element by element inside the blocks that disagree)", False, type=None, flag=True),
     Option("timeout", f"seconds one case may take before it is reported as an error (default: {TIMEOUT:g})", TIMEOUT, float, "SECONDS"),
 )
 

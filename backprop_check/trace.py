@@ -181,13 +181,13 @@ class Trace:
         try:
             numerical = SOURCES["numerical"](self.case, point, "cpu", dtype)
             if not math.isfinite(float(numerical.loss)):
-                raise NonFiniteLoss(f"the loss is {float(numerical.loss)}")
+                raise NonFiniteLoss("the float64 loss is not finite", float(numerical.loss))
             checked = check_point(self.case, point, s.device, dtype, numerical, tol)
         except CaseTimeout:
             raise
         except NonFiniteLoss as exc:
-            loss = str(exc).split(" at ")[0]
-            raise CaseError(f"{loss} at step {step} ({where}): gradient descent diverged (a smaller --lr?)") from exc
+            message = f"the loss is {exc.value} at step {step} ({where}): gradient descent diverged (a smaller --lr?)"
+            raise CaseError(message) from exc
         except CaseError as exc:
             raise CaseError(f"{exc} (at step {step}, {where})") from exc
         autograd, manual = checked.gradients["autograd"], checked.gradients["manual"]

@@ -71,12 +71,7 @@ def gradient(
     result = Gradients("numerical", {}, loss=loss0.detach(), nodes=problem.nodes)
     if elements:
         for name, index in elements.items():
-            one = Flat({name: targets[name]})
-            checked = torch.zeros(one.size, dtype=torch.bool)
-            checked[index] = True
-            result.checked[name] = checked.reshape(targets[name].shape)
-            f = evaluate(batched, targets, one, one.join(scales), index)
-            _store(result, name, _estimates(f, steps_for(one.join(scales)), float(loss0), targets[name].shape))
+            _at_elements(result, problem, name, index)
         result.note = batched.note
         return result
     names = [name for name in targets if only is None or name in only]
@@ -88,19 +83,26 @@ def gradient(
         for name, part in whole.slices.items():
             _store(result, name, _estimates(f[:, part], h[part], float(loss0), targets[name].shape))
     for name in sampled:
-        one = Flat({name: targets[name]})
         gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name))
-        index = torch.randperm(one.size, generator=gen)[:SAMPLES].sort().values
+        one = Flat({name: targets[name]})
         result.directions[name] = [
             directional(batched, targets, one, scales[name], float(loss0), gen) for _ in range(DIRECTIONS)
         ]
-        checked = torch.zeros(one.size, dtype=torch.bool)
-        checked[index] = True
-        result.checked[name] = checked.reshape(targets[name].shape)
-        f = evaluate(batched, targets, one, one.join(scales), index)
-        _store(result, name, _estimates(f, steps_for(one.join(scales)), float(loss0), targets[name].shape))
+        _at_elements(result, problem, name, torch.randperm(one.size, generator=gen)[:SAMPLES].sort().values)
     result.note = batched.note
     return result
+
+
+def _at_elements(result: Gradients, problem: Problem, name: str, index: torch.Tensor) -> None:
+    """Estimate the flat elements `index` of `name` only, and mark them as the ones checked."""
+    target = problem.targets[name]
+    one = Flat({name: target})
+    checked = torch.zeros(one.size, dtype=torch.bool)
+    checked[index] = True
+    result.checked[name] = checked.reshape(target.shape)
+    scale = one.join(problem.scales)
+    f = evaluate(problem.batched, problem.targets, one, scale, index)
+    _store(result, name, _estimates(f, steps_for(scale), float(problem.loss0), target.shape))
 
 
 class Problem:
