@@ -85,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
         description="Check hand-derived (manual), numerical and autograd gradients against each other.",
         epilog="exit status: 0 all ok, 1 a gradient mismatch, 2 a usage error or a broken case",
     )
+    top.add_argument("--version", action="version", version=_version())
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, add, handler in COMMANDS:
         doc = (handler.__doc__ or "").strip().splitlines()
@@ -92,6 +93,14 @@ def parser() -> argparse.ArgumentParser:
         add(child)
         child.set_defaults(handler=handler)
     return top
+
+
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"backprop-check {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
