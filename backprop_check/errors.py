@@ -18,7 +18,10 @@ class UsageError(ValueError):
 
 
 class CaseTimeout(CaseError):
-    """A case ran past its time limit."""
+    """A case ran past its time limit; `partial` is the result found before it, if any (a
+    mismatch already seen stays a mismatch)."""
+
+    partial: object | None = None
 
 
 def one_line(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .case import Case
-from .compare import OK, Check, compare, direction_agrees, directions_agree
+from .compare import Check, compare, disputed, failing_directions
 from .errors import CaseError, CaseTimeout, UsageError, one_line
 from . import rounding
 from .limits import time_limit
@@ -21,16 +21,13 @@ from .report import Report, Result
 from .verdict import Outcome, error_result, outcome_of, result_for, summarize
 from .select import matches
 from .sources import SOURCES, Gradients
-from .sources.numerical import blocks
+from .sources.numerical import Reference, reference
 from .tolerance import Tolerance, tolerance_for
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float64", "float32")
 POINTS = 3
 REDRAWS = 5
-# Tensors larger than this are checked along random directions plus a sample of elements,
-# and element by element only where those disagree (unless Plan.full).
-SAMPLE_ABOVE = 2048
 TIMEOUT = 300.0  # seconds per case: generous, so that only a hanging case meets it
 
 
@@ -132,6 +129,9 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
                 result.notes.extend(notes)
                 results.append(result)
         except CaseError as exc:  # the case is broken (or out of time) for what is left to check
+            partial = getattr(exc, "partial", None)
+            if partial is not None:
+                results.append(partial)
             results.extend(error_result(case, d, t, str(exc), exc) for d, t in combinations[len(results) :])
         except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
             reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
@@ -142,48 +142,10 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
     return results
 
 
-def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Gradients:
-    sample_above = None if plan.full else SAMPLE_ABOVE
-    return SOURCES["numerical"](case, point, "cpu", dtype, sample_above=sample_above, seed=plan.seed)
-
-
-def sampled_suspects(
-    checks: list[Check], numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol
-) -> list[str]:  # noqa: ANN001
-    """Sampled tensors whose sample or directional derivatives disagree."""
-    suspects = []
-    for name in numerical.checked:
-        check = next((c for c in checks if c.name == name), None)
-        sources = _comparable(name, autograd, manual)
-        if (check is not None and check.verdict != OK) or not directions_agree(numerical, name, sources, tol):
-            suspects.append(name)
-    return suspects
-
-
-def localize(
-    case: Case,
-    point: Point,
-    dtype: torch.dtype,
-    name: str,
-    autograd: Gradients,
-    manual: Gradients | None,
-    tol: Tolerance,
-) -> torch.Tensor:
-    """The flat indices of a sampled tensor to check one by one: the blocks whose directional
-    derivatives disagree, or every element when no block does (the whole-tensor direction saw
-    something the blocks did not)."""
-    sources = _comparable(name, autograd, manual)
-    bad = [index for index, direction in blocks(case, point, dtype, name) if not direction_agrees(direction, sources, tol)]
-    size = autograd.values[name].numel()
-    return torch.cat(bad) if bad else torch.arange(size)
-
-
-def _comparable(name: str, autograd: Gradients, manual: Gradients | None) -> list[torch.Tensor]:
-    """The sources' gradients of `name` that have its shape."""
-    sources = [autograd.values[name]]
-    if manual is not None and name in manual.values and manual.values[name].shape == autograd.values[name].shape:
-        sources.append(manual.values[name])
-    return sources
+def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
+    """The numerical reference at `point`: elementwise where that is cheap (everywhere with
+    --full), samples and random directions elsewhere."""
+    return reference(case, point, dtype, full=plan.full, seed=plan.seed)
 
 
 def device_unavailable(device: str) -> str | None:
@@ -195,13 +157,13 @@ def device_unavailable(device: str) -> str | None:
     return None
 
 
-def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str, str], Gradients], list[str]]:
+def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str, str], Reference], list[str]]:
     """The given point and the random ones; a random point on a kink is redrawn."""
     given = given_point(case, plan.seed)
     notes = empty_parameters(given)
     check_forward_is_pure(case, given)
     points = [given]
-    cache: dict[tuple[str, str], Gradients] = {}
+    cache: dict[tuple[str, str], Reference] = {}
     for index in range(1, plan.points + 1):
         for attempt in range(REDRAWS):
             try:
@@ -211,9 +173,9 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
                 raise
             except CaseError as exc:
                 raise CaseError(f"{exc} (at the random point {index})" if "point" not in str(exc) else str(exc)) from exc
-            require_finite_loss(numerical.loss, point)
-            require_finite_gradient(numerical, point)
-            if not any(bool(mask.any()) for mask in numerical.kink.values()):
+            require_finite_loss(numerical.gradients.loss, point)
+            require_finite_gradient(numerical.gradients, point)
+            if not any(bool(mask.any()) for mask in numerical.gradients.kink.values()):
                 break
         else:
             notes.append(f"{point.describe()} still sits on a kink after {REDRAWS} draws")
@@ -227,7 +189,7 @@ def check_combination(
     points: list[Point],
     device: str,
     dtype_name: str,
-    cache: dict[tuple[str, str], Gradients],
+    cache: dict[tuple[str, str], Reference],
     plan: Plan,
 ) -> Result:
     """Check one case on one device in one dtype at every point."""
@@ -241,21 +203,29 @@ def check_combination(
             key = (point.label, dtype_name)
             if key not in cache:
                 cache[key] = numerical_for(case, point, dtype, plan)
-            numerical = cache[key]
+            numerical = cache[key].gradients
             require_finite_loss(numerical.loss, point)
             require_finite_gradient(numerical, point)
-            checked = check_point(case, point, device, dtype, numerical, tol)
+            checked = check_point(case, point, device, dtype, cache[key], tol)
             checks, autograd = checked.checks, checked.gradients["autograd"]
             if point.seed is None:
-                checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
+                checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol))
                 reference = {
                     "loss": float(autograd.loss),
                     "gradients": {k: autograd.values[k].cpu().double().tolist() for k in point.params},
                 }
-            if numerical.note and numerical.note not in notes:
-                notes.append(numerical.note)
+            for note in (numerical.note, checked.note):
+                if note and note not in notes:
+                    notes.append(note)
             outcomes.append(outcome_of(point, checks, checked.gradients, case))
-    except CaseTimeout:
+            if checked.timed_out is not None:
+                raise checked.timed_out
+    except CaseTimeout as exc:
+        if any(o.verdict == "mismatch" for o in outcomes):  # what was found stands
+            result = summarize(case, device, dtype_name, outcomes, tol.describe())
+            result.notes.extend(notes + [f"{exc}: the check stopped there; the mismatch found before stands"])
+            result.reference = reference
+            exc.partial = result
         raise
     except CaseError as exc:
         at = f" (at the {point.describe()})" if "point" not in str(exc) else ""
@@ -268,40 +238,64 @@ def check_combination(
 
 @dataclass
 class PointCheck:
-    """The checks at one point and the gradients they came from."""
+    """The checks at one point, the gradients they came from, and what stopped them early."""
 
     checks: list[Check]
     gradients: dict[str, Gradients | None]
+    note: str | None = None
+    timed_out: CaseTimeout | None = None
 
 
 def check_point(
-    case: Case, point: Point, device: str, dtype: torch.dtype, numerical: Gradients, tol: Tolerance
+    case: Case, point: Point, device: str, dtype: torch.dtype, numerical: Reference, tol: Tolerance
 ) -> PointCheck:
     """Compute manual and autograd at `point` and compare them with the numerical reference.
 
-    A sampled tensor that disagrees is estimated again in full, so the report names its element.
-    Below float64, the tolerance also allows for the dtype's rounding at this very point.
+    Manual and autograd are compared at every element; where they disagree and the reference
+    has no estimate, the referee estimates exactly those elements. A sampled tensor whose
+    random directions disagree is bisected down to the elements behind it. Below float64, the
+    tolerance also allows for the dtype's rounding at this very point.
     """
     autograd = SOURCES["autograd"](case, point, device, dtype)
     require_finite_loss(autograd.loss, point)
     manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
-    clash = set(numerical.nodes) & set(point.params)
+    clash = set(numerical.gradients.nodes) & set(point.params)
     if clash:
         raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
     params = list(point.params)
-    gradients = {"manual": manual, "numerical": numerical, "autograd": autograd}
     noise = None
     if dtype != torch.float64:
         noise = rounding.allowances(case, point, dtype, {"autograd": autograd, "manual": manual})
-    checks = compare(numerical, autograd, manual, params, tol, noise)
-    suspects = sampled_suspects(checks, numerical, autograd, manual, tol)
-    if suspects:
-        elements = {name: localize(case, point, dtype, name, autograd, manual, tol) for name in suspects}
-        numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, elements=elements))
-        checks = compare(numerical, autograd, manual, params, tol, noise)
-    if device != "cpu":
+    note, timed_out = None, None
+    try:
+        numerical = refereed(numerical, autograd, manual, params, tol, noise)
+    except CaseTimeout as exc:  # the directions that disagree still make a mismatch below
+        timed_out, note = exc, f"{exc} while locating the wrong elements"
+    checks = compare(numerical.gradients, autograd, manual, params, tol, noise)
+    if device != "cpu" and timed_out is None:
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
         checks.extend(device_checks(autograd, on_cpu, params, device, tol))
-    return PointCheck(checks, gradients)
+    gradients = {"manual": manual, "numerical": numerical.gradients, "autograd": autograd}
+    return PointCheck(checks, gradients, note, timed_out)
 
 
+def refereed(
+    numerical: Reference,
+    autograd: Gradients,
+    manual: Gradients | None,
+    params: list[str],
+    tol: Tolerance,
+    noise: dict[str, dict[str, torch.Tensor]] | None,
+) -> Reference:
+    """The reference with every element estimated that a verdict hangs on: where manual and
+    autograd disagree, and where a disagreeing direction's bisection leads."""
+    wanted = disputed(numerical.gradients, autograd, manual, params, tol, noise)
+    located: set[str] = set()
+    for name, direction, agrees in failing_directions(numerical.gradients, autograd, manual, tol, noise):
+        if name in located:  # one bisection per tensor: it finds what any direction shows
+            continue
+        located.add(name)
+        found = numerical.locate(name, direction, agrees)
+        if found.numel():
+            wanted[name] = torch.cat([wanted[name], found]).unique() if name in wanted else found
+    return numerical.refine(wanted)

@@ -16,6 +16,14 @@ from .errors import CaseError
 
 # The numerical error bar is an estimate; this many of them is still agreement.
 ERROR_BARS = 4.0
+# Two exact computations of one gradient (manual, autograd) differ by rounding of the sums
+# they make: this many ulps of the dtype, times the point's largest gradient, is agreement.
+# It is what keeps a gradient that is exactly zero (a bias cancelled by batch normalization:
+# 1e-18 against 3e-19) from a false alarm.
+FLOOR_ULPS = 64.0
+# A random-sign sum of n independent roundings grows like √n: this many times its root-mean-
+# square bound is agreement for a directional derivative.
+SIGMAS = 4.0
 
 
 @dataclass(frozen=True)
@@ -25,9 +33,36 @@ class Tolerance:
     rtol: float
     atol: float
     absolute: float = 0.0
+    eps: float = torch.finfo(torch.float64).eps  # the run dtype's machine epsilon
+    rtol_given: float = 0.0  # the rtol a case sets (0 for the dtype's default)
 
     def allowed(self, reference: torch.Tensor, scale: float) -> torch.Tensor:
         return self.rtol * reference.abs() + self.atol * scale + self.absolute
+
+    def between(
+        self, first: torch.Tensor, second: torch.Tensor, rounding: torch.Tensor, largest: float
+    ) -> torch.Tensor:
+        """How far two exact gradients (manual and autograd) may differ at each element: the
+        rtol of both, their rounding allowances at this point, and the floor of FLOOR_ULPS
+        ulps of the point's `largest` gradient. No atol scaled by the tensor: a wrong element
+        a thousand times smaller than its neighbours still fails."""
+        both = torch.maximum(first.abs(), second.abs())
+        return 2 * self.rtol * both + rounding + self.floor(largest) + self.absolute
+
+    def floor(self, largest: float) -> float:
+        return FLOOR_ULPS * self.eps * largest
+
+    def along(self, gradient: torch.Tensor, vector: torch.Tensor, rounding: torch.Tensor | None) -> float:
+        """How far a source's derivative along `vector` may be off by its own rounding: the
+        per-element allowances (measured at this point below float64, else FLOOR_ULPS ulps of
+        each element) projected on random signs add like √n, not like n. The dtype's default
+        rtol is left out (√n of it would hide a wrong element of a large tensor); an rtol the
+        case sets is kept."""
+        ulps = FLOOR_ULPS if rounding is None else 4.0
+        per_element = (ulps * self.eps + self.rtol_given) * gradient.abs() + self.absolute
+        if rounding is not None:
+            per_element = per_element + rounding
+        return SIGMAS * float(torch.linalg.vector_norm(per_element * vector))
 
     def describe(self) -> str:
         parts = [f"rtol {self.rtol:g}"]
@@ -56,6 +91,8 @@ def tolerance_for(dtype: torch.dtype, rtol: object = None, atol: object = None) 
         rtol=default.rtol if chosen_rtol is None else chosen_rtol,
         atol=default.atol if chosen_atol is None else 0.0,
         absolute=0.0 if chosen_atol is None else chosen_atol,
+        eps=torch.finfo(dtype).eps,
+        rtol_given=0.0 if chosen_rtol is None else chosen_rtol,
     )
 
 

@@ -39,6 +39,7 @@ from .guards import NonFiniteLoss
 from .runner import check_point, device_unavailable
 from .verdict import outcome_of, summarize
 from .sources import SOURCES, Gradients
+from .sources.numerical import reference
 from .tolerance import tolerance_for
 
 WIDTH = 100
@@ -179,9 +180,9 @@ class Trace:
         point = Point(f"point of step {step} ({where})", None, {k: v.to(torch.float64) for k, v in params.items()}, data)
         tol = tolerance_for(dtype, self.case.rtol, self.case.atol)
         try:
-            numerical = SOURCES["numerical"](self.case, point, "cpu", dtype)
-            if not math.isfinite(float(numerical.loss)):
-                raise NonFiniteLoss("the float64 loss is not finite", float(numerical.loss))
+            numerical = reference(self.case, point, dtype, full=True)
+            if not math.isfinite(float(numerical.gradients.loss)):
+                raise NonFiniteLoss("the float64 loss is not finite", float(numerical.gradients.loss))
             checked = check_point(self.case, point, s.device, dtype, numerical, tol)
         except CaseTimeout:
             raise
@@ -191,6 +192,7 @@ class Trace:
         except CaseError as exc:
             raise CaseError(f"{exc} (at step {step}, {where})") from exc
         autograd, manual = checked.gradients["autograd"], checked.gradients["manual"]
+        numerical = checked.gradients["numerical"]
         loss = float(autograd.loss)
         outcome = outcome_of(point, checked.checks, checked.gradients, self.case)
         self.steps.append(_step_record(step, epoch, index, loss, params, numerical, autograd, manual, outcome.verdict))

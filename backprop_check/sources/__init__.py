@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,21 +34,18 @@ class Gradients:
     estimate only the elements in `checked`, plus `directions`.
     """
 
-    def merge(self, other: Gradients) -> None:
-        """Take `other`'s estimates for the names it has: in full, or for the elements it
-        checked (more elements of a sampled tensor)."""
-        for name in other.values:
-            more, have = other.checked.get(name), self.checked.get(name)
-            if more is not None and have is not None:
-                for part in ("values", "error", "left", "right", "kink"):
-                    mine = getattr(self, part)
-                    mine[name] = torch.where(more, getattr(other, part)[name], mine[name])
-                self.checked[name] = have | more
-                continue
-            for part in ("values", "error", "left", "right", "kink"):
-                getattr(self, part)[name] = getattr(other, part)[name]
-            self.checked.pop(name, None)
-            self.directions.pop(name, None)
+    def copy(self) -> Gradients:
+        """A copy whose dicts can be changed without changing this one (tensors are shared)."""
+        return replace(
+            self,
+            values=dict(self.values),
+            error=dict(self.error),
+            left=dict(self.left),
+            right=dict(self.right),
+            kink=dict(self.kink),
+            checked=dict(self.checked),
+            directions=dict(self.directions),
+        )
 
     source: str
     values: dict[str, torch.Tensor]

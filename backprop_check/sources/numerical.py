@@ -13,19 +13,28 @@ Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power
   An element whose |J(h) − 2·J(h/2)| stands clear of rounding is on (or within a step of) a
   kink: the comparison then accepts any value between the left and right derivatives.
 
-Perturbations of one tensor are evaluated in batches with `torch.func.vmap`, in chunks that
-bound memory; a forward pass that cannot be batched falls back to a loop, and says so.
-Nodes are perturbed by injecting an offset where `node()` marks them.
+Perturbations are evaluated in batches with `torch.func.vmap`, in chunks that bound memory; a
+forward pass that cannot be batched falls back to a loop, and says so. Nodes are perturbed by
+injecting an offset where `node()` marks them.
 
-A tensor with more than `sample_above` elements is estimated at a random sample of its elements
-plus random directional derivatives (the derivative along d = v∘h for a random sign vector v,
-which weighs every element). The runner checks such a tensor element by element in full as
-soon as either disagrees, so a report still names the element.
+`gradient` is the source (every element, the signature all sources share). The runner asks for
+more through one entry, `reference()`, which returns a `Reference`:
+
+- a tensor whose elementwise estimate costs more forward passes than its sampled check
+  (`sampled()`) gets SAMPLES random elements and DIRECTIONS random directional derivatives
+  (the derivative along d = v∘h for random signs v, which weighs every element);
+- `refine(elements)` returns a new Reference with more elements estimated, each at the step
+  (of three) whose error bar is smallest: where a verdict hangs on a few elements, they get
+  the most precise estimate there is;
+- `locate(name, direction, agrees)` finds the elements behind a disagreeing direction by
+  bisection: the two halves of the direction are estimated, the halves that disagree are split
+  again. One wrong element of n is found with about 2·log2(n) directional derivatives.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,68 +53,91 @@ MAX_BATCH = 512
 MAX_BATCH_ELEMENTS = 1 << 23
 OFFSETS = (1.0, 0.5, -0.5, -1.0)
 SAMPLES = 48
-FUSE_UP_TO = 1024
 DIRECTIONS = 2
+FUSE_UP_TO = 1024
+# Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
+REFINE_STEPS = (1.0, 8.0, 0.125)
+# Bisection stops at groups this small (checked element by element) or this many groups.
+LEAF = 32
+MAX_GROUPS = 8
 
 Loss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
-def gradient(
-    case: Case,
-    point: Point,
-    device: str,
-    dtype: torch.dtype,
-    *,
-    only: Collection[str] | None = None,
-    sample_above: int | None = None,
-    seed: int = 0,
-    elements: Mapping[str, torch.Tensor] | None = None,
-) -> Gradients:
-    """dloss/dparam and dloss/dnode by finite differences, in float64 on the CPU, at the point
-    as a `dtype` run sees it (its values rounded to `dtype`).
+def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:
+    """dloss/dparam and dloss/dnode at every element by finite differences, in float64 on the
+    CPU, at the point as a `dtype` run sees it (its values rounded to `dtype`)."""
+    return reference(case, point, dtype, full=True).gradients
 
-    `only` limits the work to some names; tensors larger than `sample_above` elements are
-    sampled (see the module's docstring); `elements` asks for given flat indices of a name."""
-    problem = Problem(case, point, dtype)
-    batched, targets, scales, loss0 = problem.batched, problem.targets, problem.scales, problem.loss0
-    result = Gradients("numerical", {}, loss=loss0.detach(), nodes=problem.nodes)
-    if elements:
-        for name, index in elements.items():
-            _at_elements(result, problem, name, index)
-        result.note = batched.note
-        return result
-    names = [name for name in targets if only is None or name in only]
-    sampled = [n for n in names if sample_above is not None and targets[n].numel() > sample_above]
-    for group in _groups([n for n in names if n not in sampled], targets):
-        whole = Flat({n: targets[n] for n in group})  # small tensors share their batches
-        f = evaluate(batched, targets, whole, whole.join(scales), range(whole.size))
-        h = steps_for(whole.join(scales))
-        for name, part in whole.slices.items():
-            _store(result, name, _estimates(f[:, part], h[part], float(loss0), targets[name].shape))
+
+def reference(case: Case, point: Point, dtype: torch.dtype, *, full: bool = False, seed: int = 0) -> Reference:
+    """The numerical reference at a point: every element of the tensors cheap to estimate that
+    way (all of them when `full`), samples and directions for the others."""
+    differences = FiniteDifferences(case, point, dtype)
+    sampled = set() if full else {name for name, t in differences.targets.items() if is_sampled(t.numel())}
+    result = Gradients("numerical", {}, loss=differences.loss0.detach(), nodes=differences.nodes)
+    whole = [name for name in differences.targets if name not in sampled]
+    for group in _groups(whole, differences.targets):
+        _store(result, differences.estimate(group), differences.targets, mask=None)
     for name in sampled:
         gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name))
-        one = Flat({name: targets[name]})
-        result.directions[name] = [
-            directional(batched, targets, one, scales[name], float(loss0), gen) for _ in range(DIRECTIONS)
-        ]
-        _at_elements(result, problem, name, torch.randperm(one.size, generator=gen)[:SAMPLES].sort().values)
-    result.note = batched.note
-    return result
+        size = differences.targets[name].numel()
+        vectors = [differences.random_direction(name, gen) for _ in range(DIRECTIONS)]
+        result.directions[name] = differences.along(name, vectors)
+        index = torch.randperm(size, generator=gen)[:SAMPLES].sort().values
+        _store(result, differences.estimate([name], {name: index}), differences.targets, mask={name: index})
+    result.note = differences.batched.note
+    return Reference(differences, result)
 
 
-def _at_elements(result: Gradients, problem: Problem, name: str, index: torch.Tensor) -> None:
-    """Estimate the flat elements `index` of `name` only, and mark them as the ones checked."""
-    target = problem.targets[name]
-    one = Flat({name: target})
-    checked = torch.zeros(one.size, dtype=torch.bool)
-    checked[index] = True
-    result.checked[name] = checked.reshape(target.shape)
-    scale = one.join(problem.scales)
-    f = evaluate(problem.batched, problem.targets, one, scale, index)
-    _store(result, name, _estimates(f, steps_for(scale), float(problem.loss0), target.shape))
+def is_sampled(size: int) -> bool:
+    """Whether a tensor of `size` elements is checked by samples and directions: when that
+    costs fewer forward passes than estimating every element (4 each)."""
+    return size > SAMPLES + DIRECTIONS * len(REFINE_STEPS)
 
 
-class Problem:
+@dataclass(frozen=True)
+class Reference:
+    """The numerical gradients at one point and the means to estimate more there."""
+
+    differences: FiniteDifferences
+    gradients: Gradients
+
+    def refine(self, elements: Mapping[str, torch.Tensor]) -> Reference:
+        """A new Reference with the flat `elements` of each name estimated (at their best step)."""
+        wanted = {name: index for name, index in elements.items() if index.numel()}
+        if not wanted:
+            return self
+        merged = self.gradients.copy()
+        for name, index in wanted.items():
+            estimate = self.differences.estimate([name], {name: index}, steps=REFINE_STEPS)
+            _store(merged, estimate, self.differences.targets, mask={name: index})
+        return Reference(self.differences, merged)
+
+    def locate(self, name: str, direction: Direction, agrees: Callable[[Direction], bool]) -> torch.Tensor:
+        """The flat indices of `name` behind a disagreeing `direction`: halves are estimated along
+        the same signs and the disagreeing ones split again (at most MAX_GROUPS at a time),
+        down to LEAF elements. Empty when no half disagrees (errors spread so thinly that no
+        part of the direction shows them)."""
+        vector = direction.vector.reshape(-1)
+        groups = [torch.arange(vector.numel())]
+        while any(g.numel() > LEAF for g in groups):
+            small = [g for g in groups if g.numel() <= LEAF]
+            halves = [h for g in groups if g.numel() > LEAF for h in (g[: g.numel() // 2], g[g.numel() // 2 :])]
+            masked = []
+            for half in halves:
+                part = torch.zeros_like(vector)
+                part[half] = vector[half]
+                masked.append(part.reshape(direction.vector.shape))
+            found = self.differences.along(name, masked)
+            bad = [half for half, d in zip(halves, found) if not agrees(d)]
+            if not bad and not small:
+                return torch.zeros(0, dtype=torch.int64)
+            groups = small + bad[: max(0, MAX_GROUPS - len(small))]
+        return torch.cat(groups).sort().values
+
+
+class FiniteDifferences:
     """The loss as a function of every parameter and node offset, at a point as `dtype` sees it."""
 
     def __init__(self, case: Case, point: Point, dtype: torch.dtype) -> None:
@@ -117,6 +149,7 @@ class Problem:
         self.nodes = tuple(nodes)
         self.targets = {**at.params, **{name: torch.zeros_like(v) for name, v in nodes.items()}}
         self.scales = {**at.params, **nodes}
+        self.point_seed = point.seed
 
         def loss(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
             params = {k: values[k] for k in at.params}
@@ -125,36 +158,71 @@ class Problem:
 
         self.batched = Batched(loss)
 
+    def estimate(
+        self,
+        names: Sequence[str],
+        index: Mapping[str, torch.Tensor] | None = None,
+        steps: Sequence[float] = (1.0,),
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per name, the estimates (value, error, left, right, kink) at the flat elements `index`
+        (every element without one), fused into shared batches. With several step multipliers,
+        each element keeps the estimate with the smallest error bar off a kink."""
+        whole = Flat({n: self.targets[n] for n in names})
+        scale = whole.join(self.scales)
+        if index is None:
+            chosen = torch.arange(whole.size)
+        else:
+            chosen = torch.cat([index[n].to(torch.int64) + whole.slices[n].start for n in names])
+        best: dict[str, torch.Tensor] | None = None
+        for multiplier in steps:
+            h = steps_for(scale) * multiplier
+            f = evaluate(self.batched, self.targets, whole, h, chosen)
+            estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0))
+            best = estimate if best is None else _better(best, estimate)
+        assert best is not None
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        offset = 0
+        for name in names:
+            count = whole.slices[name].stop - whole.slices[name].start if index is None else index[name].numel()
+            out[name] = {part: values[offset : offset + count] for part, values in best.items()}
+            offset += count
+        return out
 
-def blocks(case: Case, point: Point, dtype: torch.dtype, name: str, seed: int = 0) -> list[tuple[torch.Tensor, Direction]]:
-    """The tensor `name` cut into about √n blocks of consecutive elements, each with the loss's
-    derivative along a random sign direction inside the block: which blocks hold a wrong
-    element can be told with O(√n) evaluations instead of O(n)."""
-    problem = Problem(case, point, dtype)
-    base = problem.targets[name]
-    n = base.numel()
-    size = max(1, math.isqrt(n - 1) + 1)
-    gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name, "blocks"))
-    h = steps_for(problem.scales[name].reshape(-1))
-    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
-    found = []
-    starts = list(range(0, n, size))
-    per_chunk = max(1, MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * n))
-    one = Flat({name: base})
-    flat = base.reshape(-1)
-    for chunk in range(0, len(starts), per_chunk):
-        vectors = []
-        for start in starts[chunk : chunk + per_chunk]:
-            d = torch.zeros(n, dtype=torch.float64)
-            d[start : start + size] = signs[start : start + size] * h[start : start + size]
-            vectors.append(d)
-        rows = torch.stack([flat + t * d for d in vectors for t in OFFSETS])
-        f = problem.batched(problem.targets, one, rows).reshape(len(vectors), len(OFFSETS)).T
-        estimate = _estimates(f, torch.ones(len(vectors), dtype=torch.float64), float(problem.loss0), torch.Size([len(vectors)]))
-        for i, (start, d) in enumerate(zip(starts[chunk : chunk + per_chunk], vectors)):
-            direction = Direction(d.reshape(base.shape), float(estimate["value"][i]), float(estimate["error"][i]), bool(estimate["kink"][i]))
-            found.append((torch.arange(start, min(n, start + size)), direction))
-    return found
+    def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
+        """d = v∘h: random signs v, the elementwise steps h."""
+        shape = self.targets[name].shape
+        signs = torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1
+        return signs * steps_for(self.scales[name].reshape(shape).to(torch.float64))
+
+    def along(self, name: str, vectors: Sequence[torch.Tensor]) -> list[Direction]:
+        """The loss's derivative along each vector (in the units of the vector), at the step
+        multiplier of REFINE_STEPS whose error bar is smallest."""
+        one = Flat({name: self.targets[name]})
+        base = one.join(self.targets)
+        best: dict[str, torch.Tensor] | None = None
+        for multiplier in REFINE_STEPS:
+            # Along s ↦ loss(base + s·v) at s = ±m, ±m/2: the derivative in the units of v.
+            f = _along(self.batched, self.targets, one, base, [v.reshape(-1) * multiplier for v in vectors])
+            estimate = _estimates(f, torch.full((len(vectors),), multiplier, dtype=torch.float64), float(self.loss0))
+            best = estimate if best is None else _better(best, estimate)
+        assert best is not None
+        return [
+            Direction(v, float(best["value"][i]), float(best["error"][i]), bool(best["kink"][i]))
+            for i, v in enumerate(vectors)
+        ]
+
+
+def _along(
+    batched: Batched, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, vectors: list[torch.Tensor]
+) -> torch.Tensor:
+    """The loss at base + t·v for t in OFFSETS, for each vector: a (4, len(vectors)) matrix."""
+    per_chunk = max(1, MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * flat.size))
+    columns = []
+    for start in range(0, len(vectors), per_chunk):
+        chunk = vectors[start : start + per_chunk]
+        rows = torch.stack([base + t * v for v in chunk for t in OFFSETS])
+        columns.append(batched(targets, flat, rows).reshape(len(chunk), len(OFFSETS)).T)
+    return torch.cat(columns, dim=1)
 
 
 def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
@@ -172,10 +240,43 @@ def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[
     return groups
 
 
-def _store(result: Gradients, name: str, estimate: dict[str, torch.Tensor]) -> None:
-    result.values[name], result.error[name] = estimate["value"], estimate["error"]
-    result.left[name], result.right[name] = estimate["left"], estimate["right"]
-    result.kink[name] = estimate["kink"]
+PARTS = ("values", "error", "left", "right", "kink")
+
+
+def _store(
+    result: Gradients,
+    estimates: dict[str, dict[str, torch.Tensor]],
+    targets: Mapping[str, torch.Tensor],
+    mask: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Put `estimates` into `result`: whole tensors, or (with `mask`) the flat elements given,
+    NaN elsewhere, the estimated ones marked in `result.checked` (dropped once all are)."""
+    for name, estimate in estimates.items():
+        shape = targets[name].shape
+        index = None if mask is None else mask[name]
+        for part, key in zip(PARTS, ("value", "error", "left", "right", "kink")):
+            store: dict[str, torch.Tensor] = getattr(result, part)
+            if index is None:
+                store[name] = estimate[key].reshape(shape)
+                continue
+            have = store.get(name)
+            if have is None:
+                kink = key == "kink"
+                have = torch.full(shape, False if kink else math.nan, dtype=torch.bool if kink else torch.float64)
+            flat = have.reshape(-1).clone()
+            flat[index] = estimate[key]
+            store[name] = flat.reshape(shape)
+        if index is None:
+            result.checked.pop(name, None)
+            continue
+        checked = result.checked.get(name)
+        flat = torch.zeros(shape.numel(), dtype=torch.bool) if checked is None else checked.reshape(-1).clone()
+        flat[index] = True
+        if bool(flat.all()):
+            result.checked.pop(name, None)
+            result.directions.pop(name, None)
+        else:
+            result.checked[name] = flat.reshape(shape)
 
 
 class Flat:
@@ -191,29 +292,12 @@ class Flat:
         self.size = start
 
     def join(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([tensors[name].reshape(-1).to(torch.float64) for name in self.shapes]) if self.shapes else torch.zeros(0, dtype=torch.float64)
+        if not self.shapes:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.cat([tensors[name].reshape(-1).to(torch.float64) for name in self.shapes])
 
     def split(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: vector[part].reshape(self.shapes[name]) for name, part in self.slices.items()}
-
-
-def directional(
-    batched: Batched,
-    targets: Mapping[str, torch.Tensor],
-    flat: Flat,
-    scale: torch.Tensor,
-    loss0: float,
-    gen: torch.Generator,
-) -> Direction:
-    """The derivative of the loss along d = v∘h (v random signs, h the elementwise steps)."""
-    (shape,) = flat.shapes.values()
-    h = steps_for(scale)
-    d = (torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1) * h
-    base = flat.join(targets)
-    rows = torch.stack([base + t * d.reshape(-1) for t in OFFSETS])
-    f = batched(targets, flat, rows).reshape(len(OFFSETS), 1)
-    estimate = _estimates(f, torch.ones(1, dtype=torch.float64), loss0, torch.Size([]))
-    return Direction(d, float(estimate["value"]), float(estimate["error"]), bool(estimate["kink"]))
 
 
 def steps_for(scale: torch.Tensor) -> torch.Tensor:
@@ -226,14 +310,13 @@ def evaluate(
     batched: Batched,
     targets: Mapping[str, torch.Tensor],
     flat: Flat,
-    scale: torch.Tensor,
+    h: torch.Tensor,
     index: Sequence[int] | torch.Tensor,
 ) -> torch.Tensor:
     """The loss at θ ± h and θ ± h/2 for each element in `index` of the flat vector, as a
     (4, size) matrix (NaN for elements not in `index`)."""
     base = flat.join(targets)
     index = torch.as_tensor(index, dtype=torch.int64)
-    h = steps_for(scale)
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
     per_chunk = max(1, min(MAX_BATCH // len(OFFSETS), MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * flat.size)))
     offsets = torch.tensor(OFFSETS, dtype=torch.float64)
@@ -246,7 +329,8 @@ def evaluate(
     return f
 
 
-def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float, shape: torch.Size) -> dict[str, torch.Tensor]:
+def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float) -> dict[str, torch.Tensor]:
+    """Value, error bar, one-sided derivatives and kink flag from the four values per column."""
     f_pp, f_p, f_m, f_mm = f
     d_h = (f_pp - f_mm) / (2 * h)
     d_half = (f_p - f_m) / h
@@ -264,13 +348,19 @@ def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float, shape: torch.Size) -
     floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, largest * 1e-3))
     kink = (jump > KINK_NOISE_FACTOR * 20 * rounding) & (jump > floor)
     error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
-    return {
-        "value": value.reshape(shape),
-        "error": error.reshape(shape),
-        "left": left.reshape(shape),
-        "right": right.reshape(shape),
-        "kink": kink.reshape(shape),
-    }
+    return {"value": value, "error": error, "left": left, "right": right, "kink": kink}
+
+
+def _improves(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per column, whether `other` is the better estimate: off a kink where `best` is on one
+    (a kink seen at one step only is a smooth bend), else a smaller finite error bar."""
+    smaller = other["error"] < best["error"]
+    return (~other["kink"] & best["kink"]) | ((other["kink"] == best["kink"]) & smaller)
+
+
+def _better(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    better = _improves(best, other)
+    return {k: torch.where(better, other[k], best[k]) for k in best}
 
 
 class Batched:
