@@ -15,6 +15,8 @@ element is the larger of
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .case import Case
@@ -24,15 +26,24 @@ from .sources import SOURCES, Gradients
 DEVIATION_CAP = 0.05
 
 
-def allowances(
-    case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Per source ("autograd", "manual") and name, the rounding allowance of each element."""
+@dataclass(frozen=True)
+class Rounding:
+    """Per source ("autograd", "manual") and name: the rounding allowance of each element, and
+    the source's float64 twin at the same point (a derivation bug is in the twin too, with
+    float64's tiny rounding: directional checks of a large tensor see it there)."""
+
+    allowance: dict[str, dict[str, torch.Tensor]]
+    twin: dict[str, dict[str, torch.Tensor]]
+
+
+def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None]) -> Rounding:
+    """The rounding allowances and float64 twins of the sources in `gradients`."""
     at = point.rounded(dtype)
     gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
     steps = {name: _ulp_step(value, dtype, gen) for name, value in {**at.params, **at.data}.items()}
     nudged = [_moved(at, steps, sign) for sign in (1.0, -1.0)]
     result: dict[str, dict[str, torch.Tensor]] = {}
+    twins: dict[str, dict[str, torch.Tensor]] = {}
     for source, grads in gradients.items():
         if grads is None:
             continue
@@ -40,6 +51,7 @@ def allowances(
         base = compute(case, at, "cpu", torch.float64).values
         up, down = (compute(case, p, "cpu", torch.float64).values for p in nudged)
         result[source] = {}
+        twins[source] = {name: g.to(torch.float64) for name, g in base.items()}
         for name, value in grads.values.items():
             g = base.get(name)
             if g is None or any(v.get(name) is None or v[name].shape != value.shape for v in (base, up, down)):
@@ -51,7 +63,7 @@ def allowances(
             sensitivity = torch.where(smooth, odd, torch.zeros_like(odd))
             deviation = torch.minimum((here - g).abs(), DEVIATION_CAP * g.abs())
             result[source][name] = torch.nan_to_num(torch.maximum(sensitivity, deviation), nan=0.0)
-    return result
+    return Rounding(result, twins)
 
 
 def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:

@@ -285,14 +285,16 @@ def refereed(
     manual: Gradients | None,
     params: list[str],
     tol: Tolerance,
-    noise: dict[str, dict[str, torch.Tensor]] | None,
+    noise: rounding.Rounding | None,
 ) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
     autograd disagree, and where a disagreeing direction's bisection leads."""
     wanted = disputed(numerical.gradients, autograd, manual, params, tol, noise)
     located: set[str] = set()
     for name, direction, agrees in failing_directions(numerical.gradients, autograd, manual, tol, noise):
-        if name in located:  # one bisection per tensor: it finds what any direction shows
+        # One bisection per tensor (it finds what any direction shows), and none where manual
+        # and autograd already disagree element by element: those elements are estimated.
+        if name in located or name in wanted:
             continue
         located.add(name)
         found = numerical.locate(name, direction, agrees)

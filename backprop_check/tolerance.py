@@ -35,6 +35,8 @@ class Tolerance:
     absolute: float = 0.0
     eps: float = torch.finfo(torch.float64).eps  # the run dtype's machine epsilon
     rtol_given: float = 0.0  # the rtol a case sets (0 for the dtype's default)
+    # Below float64: the tolerance of the sources' float64 twins at the same point.
+    twin: Tolerance | None = None
 
     def allowed(self, reference: torch.Tensor, scale: float) -> torch.Tensor:
         return self.rtol * reference.abs() + self.atol * scale + self.absolute
@@ -52,14 +54,17 @@ class Tolerance:
     def floor(self, largest: float) -> float:
         return FLOOR_ULPS * self.eps * largest
 
-    def along(self, gradient: torch.Tensor, vector: torch.Tensor, rounding: torch.Tensor | None) -> float:
+    def along(
+        self, gradient: torch.Tensor, vector: torch.Tensor, rounding: torch.Tensor | None, exact: bool = False
+    ) -> float:
         """How far a source's derivative along `vector` may be off by its own rounding: the
         per-element allowances (measured at this point below float64, else FLOOR_ULPS ulps of
         each element) projected on random signs add like √n, not like n. The dtype's default
         rtol is left out (√n of it would hide a wrong element of a large tensor); an rtol the
-        case sets is kept."""
+        case sets is kept. `exact`: a float64 twin of the gradient, judged by float64's eps."""
         ulps = FLOOR_ULPS if rounding is None else 4.0
-        per_element = (ulps * self.eps + self.rtol_given) * gradient.abs() + self.absolute
+        eps = torch.finfo(torch.float64).eps if exact else self.eps
+        per_element = (ulps * eps + self.rtol_given) * gradient.abs() + self.absolute
         if rounding is not None:
             per_element = per_element + rounding
         return SIGMAS * float(torch.linalg.vector_norm(per_element * vector))
@@ -88,6 +93,7 @@ def tolerance_for(dtype: torch.dtype, rtol: object = None, atol: object = None) 
     chosen_rtol = _pick(rtol, dtype)
     chosen_atol = _pick(atol, dtype)
     return Tolerance(
+        twin=None if dtype == torch.float64 else tolerance_for(torch.float64, rtol, atol),
         rtol=default.rtol if chosen_rtol is None else chosen_rtol,
         atol=default.atol if chosen_atol is None else 0.0,
         absolute=0.0 if chosen_atol is None else chosen_atol,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from backprop_check import case, node, run
+from backprop_check.sources import numerical
 
 CPU64 = dict(devices=["cpu"], dtypes=["float64"])
 
@@ -210,7 +211,7 @@ def test_a_planted_bug_in_a_large_tensor_is_found_and_located_in_the_default_mod
     report = run([good, bad], points=1, **CPU64)
     assert [r.verdict for r in report.results] == ["ok", "mismatch"]
     assert report.results[1].checks[0].label == "W[17, 23]"
-    assert "48 of 3000 elements estimated numerically, the rest along 2 random directions; manual against autograd at every element" in (report.results[0].checks[0].note or "")
+    assert f"{numerical.SAMPLES} of 3000 elements estimated numerically, the rest along 2 random directions; manual against autograd at every element" in (report.results[0].checks[0].note or "")
 
 
 def test_module_cases_check_the_named_parameters():

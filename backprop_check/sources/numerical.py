@@ -52,13 +52,13 @@ KINK_RELATIVE = 1e-7
 MAX_BATCH = 512
 MAX_BATCH_ELEMENTS = 1 << 23
 OFFSETS = (1.0, 0.5, -0.5, -1.0)
-SAMPLES = 48
+SAMPLES = 24
 DIRECTIONS = 2
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
 REFINE_STEPS = (1.0, 8.0, 0.125)
 # Bisection stops at groups this small (checked element by element) or this many groups.
-LEAF = 32
+LEAF = 8
 MAX_GROUPS = 8
 
 Loss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
@@ -195,34 +195,63 @@ class FiniteDifferences:
         return signs * steps_for(self.scales[name].reshape(shape).to(torch.float64))
 
     def along(self, name: str, vectors: Sequence[torch.Tensor]) -> list[Direction]:
-        """The loss's derivative along each vector (in the units of the vector), at the step
-        multiplier of REFINE_STEPS whose error bar is smallest."""
+        """The loss's derivative along each vector (in the units of the vector), by two rounds
+        of Richardson extrapolation over three steps (error O(h⁶); the error bar is the
+        last round's correction plus rounding), at the step multiplier (1, ⅛ or 8) whose
+        error bar is smallest off a kink. One direction costs 18 forward passes: cheap next
+        to the precision it buys, which is what a single wrong element among millions needs."""
         one = Flat({name: self.targets[name]})
         base = one.join(self.targets)
-        best: dict[str, torch.Tensor] | None = None
-        for multiplier in REFINE_STEPS:
-            # Along s ↦ loss(base + s·v) at s = ±m, ±m/2: the derivative in the units of v.
-            f = _along(self.batched, self.targets, one, base, [v.reshape(-1) * multiplier for v in vectors])
-            estimate = _estimates(f, torch.full((len(vectors),), multiplier, dtype=torch.float64), float(self.loss0))
-            best = estimate if best is None else _better(best, estimate)
-        assert best is not None
+
+        def at(multiplier: float, chosen: list[int]) -> dict[str, torch.Tensor]:
+            # Along s ↦ loss(base + s·v) at s = ±m, ±m/2, ±m/4: the derivative in units of v.
+            f = _along(self.batched, self.targets, one, base, [vectors[i].reshape(-1) * multiplier for i in chosen])
+            return _line_estimates(f, multiplier, float(self.loss0))
+
+        everyone = list(range(len(vectors)))
+        best = at(1.0, everyone)
+        for multiplier in (0.125, 8.0):
+            other = at(multiplier, everyone)
+            best = _better(best, other)
         return [
             Direction(v, float(best["value"][i]), float(best["error"][i]), bool(best["kink"][i]))
             for i, v in enumerate(vectors)
         ]
 
 
+LINE_OFFSETS = (1.0, 0.5, 0.25, -0.25, -0.5, -1.0)
+
+
 def _along(
     batched: Batched, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, vectors: list[torch.Tensor]
 ) -> torch.Tensor:
-    """The loss at base + t·v for t in OFFSETS, for each vector: a (4, len(vectors)) matrix."""
-    per_chunk = max(1, MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * flat.size))
+    """The loss at base + t·v for t in LINE_OFFSETS, for each vector: a (6, len(vectors)) matrix."""
+    per_chunk = max(1, MAX_BATCH_ELEMENTS // max(1, len(LINE_OFFSETS) * flat.size))
     columns = []
     for start in range(0, len(vectors), per_chunk):
         chunk = vectors[start : start + per_chunk]
-        rows = torch.stack([base + t * v for v in chunk for t in OFFSETS])
-        columns.append(batched(targets, flat, rows).reshape(len(chunk), len(OFFSETS)).T)
+        rows = torch.stack([base + t * v for v in chunk for t in LINE_OFFSETS])
+        columns.append(batched(targets, flat, rows).reshape(len(chunk), len(LINE_OFFSETS)).T)
     return torch.cat(columns, dim=1)
+
+
+def _line_estimates(f: torch.Tensor, h: float, f0: float) -> dict[str, torch.Tensor]:
+    """The derivative at 0 from the values at ±h, ±h/2, ±h/4 (rows of `f`, LINE_OFFSETS order):
+    central differences D(h), D(h/2), D(h/4), Richardson R1, R2 (error O(h⁴)), then once more
+    (O(h⁶)). The error bar is |R2 − R1|/15, the size of the last correction, plus rounding (the
+    weights of the extrapolation sum to about 8/h). Kinks and one-sided derivatives come from
+    the ±h, ±h/2 values as for an element."""
+    f_h, f_half, f_quarter, m_quarter, m_half, m_h = f
+    d1 = (f_h - m_h) / (2 * h)
+    d2 = (f_half - m_half) / h
+    d4 = (f_quarter - m_quarter) / (h / 2)
+    r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
+    value = r2 + (r2 - r1) / 15
+    level = torch.maximum(f.abs().amax(dim=0), torch.full_like(value, abs(f0)))
+    error = (r2 - r1).abs() / 15 + 8 * FORWARD_ROUNDING * level / h
+    four = _estimates(torch.stack([f_h, f_half, m_half, m_h]), torch.full_like(value, h), f0)
+    error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
+    return {"value": value, "error": error, "left": four["left"], "right": four["right"], "kink": four["kink"]}
 
 
 def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
