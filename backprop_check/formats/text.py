@@ -130,13 +130,13 @@ def _details(result: Result, style: Style) -> list[str]:
     head = f"{mark} {result.id}: " if result.device != "-" else f"{mark} "
     # Wrapped without the colour codes (they take no columns), which are put back after.
     plain = MARKS.get(result.verdict, "·")
-    out = textwrap.wrap(plain + head[len(mark):] + result.message, style.width, subsequent_indent="    ")
+    out = textwrap.wrap(plain + head[len(mark):] + result.message, style.width, subsequent_indent="    ", break_on_hyphens=False)
     if out:
         out[0] = mark + out[0][len(plain):]
     for hint in result.hints:
-        out.extend(textwrap.wrap(f"hint: {hint}", style.width, initial_indent="    ", subsequent_indent="      "))
+        out.extend(textwrap.wrap(f"hint: {hint}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     for note in result.notes:
-        out.extend(textwrap.wrap(f"note: {note}", style.width, initial_indent="    ", subsequent_indent="      "))
+        out.extend(textwrap.wrap(f"note: {note}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     return out
 
 
