@@ -16,6 +16,7 @@ from typing import IO
 
 WIDTH = 100  # columns when the stream is not a terminal (a file, a pipe, CI's log)
 MIN_WIDTH = 40
+REDRAW = 0.1  # seconds between two progress lines of one case
 
 # ANSI SGR codes per verdict (and culprit marks): red for what fails, yellow for a kink.
 COLOURS = {
@@ -76,11 +77,17 @@ class Progress:
         self.clock = clock
         self.started = clock()
         self.shown = ""
+        self.case: str | None = None
+        self.drawn = float("-inf")
 
     def __call__(self, case: str, device: str, dtype: str, point: int, points: int) -> None:
         if not self.enabled:
             return
-        elapsed = self.clock() - self.started
+        now = self.clock()
+        if case == self.case and now - self.drawn < REDRAW:  # a terminal need not flicker through quick points
+            return
+        self.case, self.drawn = case, now
+        elapsed = now - self.started
         line = f"checking {case} on {device} {dtype}: point {point} of {points} ({elapsed:.1f}s)"
         width = shutil.get_terminal_size((WIDTH, 24)).columns - 1
         if len(line) > width:

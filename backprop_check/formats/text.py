@@ -18,8 +18,9 @@ from ..terminal import Style
 HEADER = ("case", "run", "param", "manual", "numerical", "autograd", "abs err", "rel err", "verdict", "culprit")
 # Columns that tell rows apart or say the verdict: always whole.
 WHOLE = {"case", "run", "param", "verdict", "culprit"}
-# The numbers' widths: preferred, and the least that still shows two significant digits.
-NUMBERS = {"manual": (9, 7), "numerical": (9, 7), "autograd": (9, 7), "abs err": (8, 6), "rel err": (7, 6)}
+# The numbers' widths: preferred, and the least that still shows two significant digits (and the header).
+NUMBERS = {"manual": (9, 7), "numerical": (9, 7), "autograd": (9, 8), "abs err": (8, 7), "rel err": (7, 7)}
+SHORT_HEADER = {"numerical": "numeric"}  # when its column is narrowed below the full word
 DROPPED_FIRST = ("rel err", "abs err")  # when even the narrowest numbers do not fit
 MAX_ROWS = 6
 SHORT_VERDICT = {"nondifferentiable": "nondiff"}
@@ -105,7 +106,8 @@ def _table(rows: list[Row], style: Style) -> list[str]:
         if total() <= style.width:
             break
         columns.remove(name)
-    header = _line({name: name for name in columns}, columns, widths, style)
+    labels = {name: name if len(name) <= widths[name] else SHORT_HEADER[name] for name in columns}
+    header = _line(labels, columns, widths, style)
     out = [header, "-" * min(len(header), style.width)]
     out += [_line(row, columns, widths, style) for row in rows]
     return out
