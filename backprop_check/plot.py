@@ -119,7 +119,7 @@ def steps_figure(scan: StepScan) -> Figure:
     axes.loglog(scan.steps, [max(e, floor) for e in scan.central], marker=".", label="central difference D(h)")
     axes.loglog(scan.steps, [max(e, floor) for e in scan.richardson], marker=".", label="Richardson (4·D(h/2) − D(h))/3")
     axes.axvline(scan.chosen, color="black", linestyle=":", label=f"chosen step h = {scan.chosen:.3g}")
-    axes.axhline(max(scan.error_bar, floor), color="green", linestyle="--", label=f"error bar {scan.error_bar:.2g}")
+    axes.axhline(max(scan.error_bar, floor), color="green", linestyle="--", label=f"error bar of the estimate at the chosen step: {scan.error_bar:.2g}")
     for source, distance in scan.others.items():
         if distance > 0:
             axes.axhline(distance, color="red" if distance > scan.error_bar else "grey", linestyle="-.",
