@@ -87,7 +87,8 @@ def test_verdicts_are_coloured_only_when_the_style_says_so(report: Report) -> No
     plain = text.render(report, Style(width=100, colour=False))
     coloured = text.render(report, Style(width=100, colour=True))
     assert "\x1b[" not in plain
-    assert "\x1b[32mok\x1b[0m" in coloured and "\x1b[1;31mmismatch\x1b[0m" in coloured
+    assert "\x1b[32mok\x1b[0m" in coloured and "\x1b[1;31mmismatch\x1b[0m \x1b[1;31mmanual\x1b[0m" in coloured
+    assert "\x1b" not in coloured.splitlines()[0]  # the header stays plain
     # Colour takes no columns: without its codes the coloured report is the plain one.
     import re
 

@@ -121,7 +121,7 @@ def _line(row: Row, columns: list[str], widths: dict[str, int], style: Style) ->
         padded = cell.ljust(widths[name])
         if name == "verdict" and "_verdict" in row:
             padded = style.paint(cell, str(row["_verdict"])) + " " * (widths[name] - len(cell))
-        elif name == "culprit" and cell:
+        elif name == "culprit" and cell and "_verdict" in row:  # a result's row, not the header
             padded = style.paint(cell, "mismatch") + " " * (widths[name] - len(cell))
         parts.append(padded)
     return " ".join(parts).rstrip()
