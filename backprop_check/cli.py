@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from . import baseline
 from . import explain, trace
 from .errors import UsageError
-from .formats import FORMATS, write_atomic
+from .formats import FORMATS, text, write_atomic
 from .loader import load
 from .options import add_to_argparse, plan_from
 from .runner import run_plan
+from .terminal import Progress, style_for
 
 DEFAULT_PATHS = ["cases/"]
 
@@ -31,12 +33,19 @@ def add_run(parser: argparse.ArgumentParser) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    plan = plan_from(lambda name: getattr(args, name), select=args.select)
+    progress = Progress(sys.stderr)  # does nothing unless stderr is a terminal
+    plan = replace(plan_from(lambda name: getattr(args, name), select=args.select), progress=progress)
     gate = baseline.from_args(args)
-    report = run_plan(args.paths or DEFAULT_PATHS, plan)
+    try:
+        report = run_plan(args.paths or DEFAULT_PATHS, plan)
+    finally:
+        progress.close()
     for line in gate.apply(report) if gate else []:
         print(line, file=sys.stderr)
-    rendered = FORMATS[args.format](report)
+    if args.format == "text" and not args.output:  # the terminal's width and colour, if stdout is one
+        rendered = text.render(report, style_for(sys.stdout))
+    else:
+        rendered = FORMATS[args.format](report)
     if args.output:
         try:
             write_atomic(args.output, rendered)

@@ -549,9 +549,10 @@ def _manual_values(
         return {}
     values = manual.values
     missing = [name for name in params if name not in values]
-    if missing:
-        raise CaseError(f"the manual gradient misses parameter {missing[0]!r}")
     unknown = sorted(set(values) - set(params) - set(nodes))
+    if missing:
+        besides = f" and returns {', '.join(map(repr, unknown))}, which is neither a parameter nor a node (a typo?)"
+        raise CaseError(f"the manual gradient misses parameter {missing[0]!r}" + (besides if unknown else ""))
     if unknown:
         raise CaseError(f"the manual gradient returns {unknown[0]!r}, which is neither a parameter nor a node")
     aligned: dict[str, torch.Tensor | Check] = {}

@@ -18,9 +18,14 @@ def call_forward(
     offsets: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Tape]:
     """Run the forward pass; return the scalar loss (shape ()) and the nodes it marked."""
-    with recording(offsets) as tape, arguments(case, params, data) as kwargs:
+    # Gradients stay on inside the forward, whoever calls it (the numerical source runs under
+    # no_grad): a gradient penalty differentiates inside it. Nothing records unless the forward
+    # itself makes a tensor that requires grad, so this costs the other cases nothing.
+    wanted = torch.is_grad_enabled()
+    with recording(offsets) as tape, arguments(case, params, data) as kwargs, torch.enable_grad():
         loss = call_user(case, "forward", case.forward, kwargs)
-    return as_loss(loss), tape
+    loss = as_loss(loss)
+    return (loss if wanted else loss.detach()), tape
 
 
 @contextmanager

@@ -29,6 +29,9 @@ class Graph:
     params: list[str]
     inputs: dict[str, set[str]]  # name → the named things it is computed from directly
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # live tensors, if kept
+    # name → the custom torch.autograd.Functions autograd runs between it and its direct inputs
+    # (their backward is what autograd uses for that step; finite differences never run it).
+    functions: dict[str, list[type]] = field(default_factory=dict)
 
     @property
     def order(self) -> list[str]:
@@ -101,7 +104,26 @@ def graph_of(case: Case, point: Point, *, keep_values: bool = False) -> Graph:
     values = {**params, **tape.values, LOSS: loss} if keep_values else {}
     if keep_values and root != LOSS:
         values.pop(LOSS)
-    return Graph(root, list(tape.values), list(params), inputs, values)
+    functions = {name: _custom_functions(t, named_fns) for name, t in {**tape.values, LOSS: loss}.items()}
+    functions = {name: found for name, found in functions.items() if found}
+    return Graph(root, list(tape.values), list(params), inputs, values, functions)
+
+
+def _custom_functions(tensor: torch.Tensor, named_fns: dict[object, str]) -> list[type]:
+    """The user's `torch.autograd.Function` classes on the way from `tensor` back to the named
+    things it is computed from (autograd's node for one is `<Class>Backward`, with `_forward_cls`)."""
+    found: list[type] = []
+    stack, seen = [tensor.grad_fn] if tensor.grad_fn is not None else [], set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        cls = getattr(type(fn), "_forward_cls", None)
+        if cls is not None and cls not in found:
+            found.append(cls)
+        stack.extend(f for f, _ in fn.next_functions if f is not None and f not in named_fns)
+    return found
 
 
 def _direct_inputs(

@@ -8,11 +8,15 @@ manual gradient is the culprit, the numerical one when autograd is):
 - a transposed matrix: of the wrong shape, or square and equal to the reference's transpose;
 - a missing sum over the batch: an extra leading dimension that, summed, gives the reference;
 - right at the given point, wrong at random points: a missing factor that equals 1 there
-  (the tutorials' x = 1 hides a forgotten dŷ/dw = x).
+  (the tutorials' x = 1 hides a forgotten dŷ/dw = x), or a gradient that is the same at every
+  point (a number worked out at the given point and written in);
+- zero in every element: nothing flows back (a detached tensor, a missing create_graph=True);
+- autograd the culprit and a custom `torch.autograd.Function` in its graph: that class's backward.
 """
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -42,13 +46,14 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
         if transposed:
             hints.append(transposed)
             continue
-        reason = _factor_reason(odd, reference, shown)
+        reason = _factor_reason(odd, reference, shown, str(check.culprit))
         if reason:
             factors.setdefault((str(check.culprit), reason), []).append(check.name)
     for (source, reason), names in factors.items():
         grads = ", ".join(f"dloss/d{name}" for name in names)
         hints.append(f"the {source} {grads} {'is' if len(names) == 1 else 'are each'} {reason}")
     hints.extend(_given_point_hints(shown, outcomes))
+    hints.extend(_function_hints(shown))
     return hints
 
 
@@ -110,11 +115,16 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
     )
 
 
-def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome) -> str | None:
+def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, culprit: str) -> str | None:
     """Why `odd` is a constant multiple of `reference`, or None when it is not one."""
     norm = float((reference * reference).sum())
     if norm == 0.0:
         return None
+    if not bool(odd.any()):  # 0× is no constant factor: nothing reaches this tensor at all
+        return (
+            "zero in every element while the true gradient is not: no gradient flows back to it. "
+            + _ZERO.get(culprit, "")
+        ).strip()
     factor = float((odd * reference).sum()) / norm
     rtol = _rtol(shown)
     scale = float((factor * reference).abs().max())
@@ -126,6 +136,15 @@ def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome) -
     if int((reference != 0).sum()) < 2:  # one number is always some multiple of another
         return None
     return f"{factor:.6g}× the true gradient in every element: a constant factor is wrong"
+
+
+_ZERO = {
+    "autograd": (
+        "autograd's graph is cut on the way: a tensor detached (.detach(), .data, .item(), numpy, "
+        "torch.no_grad()), or a torch.autograd.grad inside the forward without create_graph=True"
+    ),
+    "manual": "The manual gradient returns zeros: a term never added, or an accumulator left at its start value",
+}
 
 
 def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
@@ -170,14 +189,79 @@ def _given_point_hints(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
     for check, odd, reference in _suspects(shown):
         if check.name not in right_there or odd.shape != reference.shape:
             continue
+        grad = f"the {check.culprit} dloss/d{check.name}"
+        wrong_here = f"right at the given point but wrong at the {shown.point.describe()}"
+        if _hard_coded(check, odd, given, outcomes):
+            hints.append(
+                f"{grad} is {wrong_here}, and has the same value at every point: it does not depend on the "
+                f"point, like a number worked out at the given point and written in; compute it from the arguments"
+            )
+            continue
+        if not ones:
+            hints.append(f"{grad} is {wrong_here}: whatever the slip is, the given point's values hide it")
+            continue
         fits = [name for name in ones if _missing_factor(odd, reference, shown, name)]
-        at = ", ".join(f"{name} = 1" for name in ones) or "nothing is 1"
-        text = (f"the {check.culprit} dloss/d{check.name} is right at the given point ({at}) but wrong at "
-                f"the {shown.point.describe()}: a missing factor that equals 1 at the given point")
+        at = ", ".join(f"{name} = 1" for name in ones)
+        text = (f"{grad} is right at the given point ({at}) but wrong at the {shown.point.describe()}: "
+                "a missing factor that equals 1 at the given point")
         if fits:
             text += f" — multiplied by {' or '.join(fits)} it matches: a local gradient equal to {fits[0]} is missing"
         hints.append(text)
     return hints
+
+
+def _hard_coded(check: Check, odd: torch.Tensor, given: Outcome, outcomes: list[Outcome]) -> bool:
+    """Whether the odd source gives the same gradient at every point it was computed at: at the
+    other failing points, and at the given point (where only the shown element is kept)."""
+    same: list[bool] = []
+    for outcome in outcomes:
+        source = outcome.gradients.get(str(check.culprit)) if outcome.gradients else None
+        if outcome is not given and source is not None and check.name in source.values:
+            other = source.values[check.name].detach().to("cpu", torch.float64)
+            same.append(other.shape == odd.shape and bool(torch.equal(other, odd)))
+    there = next((c for c in given.checks if c.name == check.name), None)
+    value = None if there is None else {"manual": there.manual, "autograd": there.autograd}.get(str(check.culprit))
+    if value is not None and there is not None and there.index is not None and len(there.index) == odd.dim():
+        same.append(abs(float(odd[there.index]) - value) <= 1e-12 * max(1.0, abs(value)))
+    return bool(same) and all(same)
+
+
+def _function_hints(shown: Outcome) -> list[str]:
+    """Autograd is the culprit and runs the user's custom Functions: name the one whose backward
+    takes the step where the derivation slips (or every one, when the step is not known)."""
+    bad = [c for c in shown.checks if c.verdict == MISMATCH and c.culprit == "autograd"]
+    graph = shown.graph
+    if not bad or graph is None or not graph.functions:
+        return []
+    good = [c.name for c in shown.checks if c.kind == "node" and c.verdict != MISMATCH]
+    first = next((c.name for c in bad if c.kind == "node"), None)
+    wrong = [first] if first else [c.name for c in bad if c.kind == "param"]
+    suspects: list[type] = []
+    for name in wrong:
+        for after in graph.nearest(name, good) or [graph.root]:
+            suspects += [f for f in graph.functions.get(after, []) if f not in suspects]
+    where = "in the step where autograd goes wrong"
+    if not suspects:  # the step runs none of them: they stay suspects, the step less sure
+        suspects = list(dict.fromkeys(f for found in graph.functions.values() for f in found))
+        where = "in its graph"
+    named = " and ".join(_function_name(f) for f in suspects)
+    return [
+        f"autograd runs your custom torch.autograd.Function {named} {where}: autograd uses its backward, "
+        f"while the finite differences run only its forward, so check {suspects[0].__qualname__}.backward"
+    ]
+
+
+def _function_name(cls: type) -> str:
+    """`MyFunction (backward at path.py:42)`, or the class name alone when its code is not at hand."""
+    code = getattr(getattr(cls, "backward", None), "__code__", None)
+    if code is None:
+        return cls.__qualname__
+    try:
+        path = os.path.relpath(code.co_filename)
+    except ValueError:  # another drive (Windows)
+        path = code.co_filename
+    shown = code.co_filename if path.startswith("..") else path
+    return f"{cls.__qualname__} (backward at {shown}:{code.co_firstlineno})"
 
 
 def _missing_factor(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, name: str) -> bool:

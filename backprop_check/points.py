@@ -28,6 +28,8 @@ class Point:
     seed: int | None
     params: dict[str, torch.Tensor]
     data: dict[str, torch.Tensor]
+    # With a `sample=`: the float values it leaves out, drawn from a standard normal (None: no sample=).
+    redrawn: tuple[str, ...] | None = None
 
     def cast(self, dtype: torch.dtype, device: str = "cpu") -> Point:
         """The point in `dtype` on `device`: float values are rounded, integer data stay."""
@@ -37,6 +39,7 @@ class Point:
             # copy=True: user code receives these, and must not be able to change the point
             {k: v.to(device=device, dtype=dtype, copy=True) for k, v in self.params.items()},
             {k: _cast_float(v, dtype, device) for k, v in self.data.items()},
+            self.redrawn,
         )
 
     def rounded(self, dtype: torch.dtype) -> Point:
@@ -45,6 +48,18 @@ class Point:
 
     def describe(self) -> str:
         return self.label if self.seed is None else f"{self.label} (seed {self.seed})"
+
+    def constrain_hint(self) -> str:
+        """What to change when the loss is not finite at (or a step away from) this point."""
+        if self.seed is None:
+            return "move the given point"
+        if self.redrawn is None:
+            return "constrain random points with sample="
+        if self.redrawn:
+            names = ", ".join(map(repr, self.redrawn))
+            them = "it" if len(self.redrawn) == 1 else "them"
+            return f"sample= leaves out {names}, so every random point draws {them} from a standard normal: return {them} from sample= too"
+        return "the values sample= returns are outside the loss's domain: constrain them further"
 
 
 def derive_seed(*parts: Any) -> int:
@@ -104,7 +119,10 @@ def random_point(case: Case, given: Point, index: int, seed: int, attempt: int =
                 data[name] = _sampled(as_value, name, value)
             else:
                 raise CaseError(f"sample= returns {name!r}, which is neither a parameter nor a datum")
-    return Point(f"random point {index}", point_seed, params, data)
+    redrawn = None
+    if case.sample is not None:
+        redrawn = tuple(k for k, v in {**given.params, **given.data}.items() if v.is_floating_point() and k not in overrides)
+    return Point(f"random point {index}", point_seed, params, data, redrawn)
 
 
 def _sampled(convert: Any, name: str, value: Any) -> torch.Tensor:

@@ -87,6 +87,12 @@ class Report:
     def ok(self) -> bool:
         return self.exit_code == 0
 
+    def _repr_html_(self) -> str:
+        """The report as an HTML table with coloured verdicts: what a notebook shows."""
+        from .formats import html
+
+        return html.render(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "results": [result.to_dict() for result in self.results],

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,8 @@ class Plan:
     select: str | None = None
     timeout: float | None = TIMEOUT
     full: bool = False  # check every element of every tensor, however large
+    # Called as progress(case, device, dtype, point, points) before each point (see terminal.Progress).
+    progress: Callable[[str, str, str, int, int], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for dtype in self.dtypes:
@@ -165,6 +167,8 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
     points = [given]
     cache: dict[tuple[str, str], Reference] = {}
     for index in range(1, plan.points + 1):
+        if plan.progress:
+            plan.progress(case.name, "cpu", "float64 reference", index, plan.points)
         for attempt in range(REDRAWS):
             try:
                 point = random_point(case, given, index, plan.seed, attempt)
@@ -199,7 +203,9 @@ def check_combination(
     notes: list[str] = []
     reference = None
     try:
-        for point in points:
+        for k, point in enumerate(points, 1):
+            if plan.progress:
+                plan.progress(case.name, device, dtype_name, k, len(points))
             key = (point.label, dtype_name)
             if key not in cache:
                 cache[key] = numerical_for(case, point, dtype, plan)

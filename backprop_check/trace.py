@@ -6,13 +6,19 @@ compares them, and — when they agree — updates every parameter the way the s
     p ← p − lr · dloss/dp        (autograd's gradient, in the run's dtype: float32 by default)
 
 It stops at the first step where the gradients disagree, names it and exits 1. `--per-sample`
-feeds one sample per step (index i of every datum's leading dimension), as seed 003's loop does;
-without it every step sees all the data. The output copies the seed's prints:
+feeds one sample per step, as seed 003's loop does: sample i of every datum, keeping the leading
+dimension (a batch of one, so a forward and a manual gradient written for batches work as they
+are); without it every step sees all the data. The output copies the seed's prints, under a line
+that names the columns and over one that closes the replay:
 
     predict (before training) 4 4.0          (with --predict X: node 'y_hat' when the
-        grad: 1.0 2.0 -2.0                    first datum is X)
+    columns: grad: x y dloss/dw; ...          first datum is X)
+        grad: 1.0 2.0 -2.0
     progress: 0 7.315943717956543            (the epoch's last step's loss)
     predict (after training) 4 7.999998569488525
+    checked 300 steps (100 epochs × 3 samples): manual, numerical and autograd agree at every step
+
+`--plot FILE.png` draws the loss per step and the three gradients' agreement per step.
 """
 from __future__ import annotations
 
@@ -40,9 +46,9 @@ from .runner import check_point, device_unavailable
 from .verdict import outcome_of, summarize
 from .sources import SOURCES, Gradients
 from .sources.numerical import reference
+from .terminal import style_for
 from .tolerance import tolerance_for
 
-WIDTH = 100
 PREDICT_NODE = "y_hat"
 
 
@@ -57,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=1, metavar="K", help="print every K-th epoch only (and the last)")
     parser.add_argument("--predict", metavar="X", help="print node 'y_hat' for the first datum = X, before and after")
     parser.add_argument("--json", metavar="FILE", help="write the whole trace as JSON to FILE")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the loss and the gradients' agreement per step (needs matplotlib)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random initial values (default: 0)")
 
 
@@ -69,10 +76,16 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"trace replays one case; {len(cases)} match ({names}): choose one with -k NAME")
     if not cases:
         return code
+    if args.plot:
+        from . import plot
+
+        plot.require()  # before the replay: a missing matplotlib is a one-line usage error
     trace = Trace(cases[0], settings)
     trace.run()
     if args.json:
         write_atomic(args.json, json.dumps(finite(trace.to_dict()), indent=2, ensure_ascii=False) + "\n")
+    if args.plot:
+        plot.save(plot.trace_figure(trace.to_dict()), args.plot)
     return max(code, trace.exit_code)
 
 
@@ -150,6 +163,7 @@ class Trace:
             self.predictions = {"x": s.predict, "before": self.predict(params, given.data)}
             print("predict (before training)", s.predict, self.predictions["before"], file=out)
         step = 0
+        labelled = False
         for epoch in range(s.epochs):
             shown = epoch % s.every == 0 or epoch == s.epochs - 1
             for index in range(samples) if samples is not None else [None]:
@@ -159,6 +173,9 @@ class Trace:
                 if self.stopped is not None:
                     self._print_stop(out)
                     return
+                if shown and not labelled:
+                    print(self.columns(data if index is not None else {}, grads), file=out)
+                    labelled = True
                 if shown:
                     inputs = [printed(k, v) for k, v in data.items()] if index is not None else []
                     print("\tgrad:", *inputs, *(printed(k, g) for k, g in grads.items()), file=out)
@@ -170,6 +187,18 @@ class Trace:
         if s.predict is not None:
             self.predictions["after"] = self.predict(params, given.data)
             print("predict (after training)", s.predict, self.predictions["after"], file=out)
+        print(self.closing(step, samples), file=out)
+
+    def columns(self, data: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> str:
+        """The line that names what the `grad:` and `progress:` lines print."""
+        names = [*data, *(f"dloss/d{k}" for k in grads)]
+        return f"columns: grad: {' '.join(names)}; progress: epoch loss"
+
+    def closing(self, steps: int, samples: int | None) -> str:
+        """The last line of a replay that ran through."""
+        sources = "manual, numerical and autograd" if self.case.manual_fn else "numerical and autograd"
+        per = f" ({self.settings.epochs} epochs × {samples} samples)" if samples is not None else ""
+        return f"checked {steps} step{'s' if steps != 1 else ''}{per}: {sources} agree at every step"
 
     def check(
         self, step: int, epoch: int, index: int | None, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]
@@ -196,6 +225,7 @@ class Trace:
         loss = float(autograd.loss)
         outcome = outcome_of(point, checked.checks, checked.gradients, self.case)
         self.steps.append(_step_record(step, epoch, index, loss, params, numerical, autograd, manual, outcome.verdict))
+        self.steps[-1]["tolerance_ratio"] = max((c.ratio for c in checked.checks), default=0.0)
         if outcome.verdict == MISMATCH:
             self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol.describe())
             self.steps[-1]["checks"] = [check.to_dict() for check in checked.checks]
@@ -223,9 +253,10 @@ class Trace:
         result = self.stopped
         assert result is not None
         step = self.steps[-1]
-        lines = textwrap.wrap(f"✗ {result.message}", WIDTH, subsequent_indent="    ")
+        width = style_for(out).width
+        lines = textwrap.wrap(f"✗ {result.message}", width, subsequent_indent="    ", break_on_hyphens=False)
         for hint in result.hints:
-            lines += textwrap.wrap(f"hint: {hint}", WIDTH, initial_indent="    ", subsequent_indent="      ")
+            lines += textwrap.wrap(f"hint: {hint}", width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False)
         lines.append(f"stopped at step {step['step']} (epoch {step['epoch']}): the {result.culprit or 'three'} gradient"
                      f"{'' if result.culprit else 's'} {'is the odd one out' if result.culprit else 'disagree'}")
         print("\n".join(lines), file=out)
@@ -267,8 +298,9 @@ def batch_size(data: dict[str, torch.Tensor]) -> int:
 
 
 def at(value: torch.Tensor, index: int) -> torch.Tensor:
-    """Sample `index` of a datum; a scalar datum is shared by every sample."""
-    return value[index] if value.dim() > 0 else value
+    """Sample `index` of a datum as a batch of one (the leading dimension kept, so code written
+    for a batch takes it); a scalar datum is shared by every sample."""
+    return value[index : index + 1] if value.dim() > 0 else value
 
 
 def value_of(tensor: torch.Tensor) -> Any:

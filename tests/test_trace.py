@@ -51,9 +51,12 @@ def test_the_seeds_training_loop_is_reproduced_to_the_printed_digits(capsys: pyt
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert code == 0
-    assert lines[: len(PUBLISHED.splitlines())] == PUBLISHED.splitlines()
-    assert lines[-1].startswith("predict (after training) 4 ")
-    assert f"{float(lines[-1].split()[-1]):.8g}" == "7.9999986"  # DESIGN: predict(4) = 7.9999986
+    # The seed's prints, with one line naming the columns after the first and one closing line.
+    assert lines[1] == "columns: grad: x y dloss/dw; progress: epoch loss"
+    assert [lines[0], *lines[2 : len(PUBLISHED.splitlines()) + 1]] == PUBLISHED.splitlines()
+    assert lines[-1] == "checked 300 steps (100 epochs × 3 samples): manual, numerical and autograd agree at every step"
+    assert lines[-2].startswith("predict (after training) 4 ")
+    assert f"{float(lines[-2].split()[-1]):.8g}" == "7.9999986"  # DESIGN: predict(4) = 7.9999986
     # Near the minimum a float32 gradient is a small difference of large terms: the tolerance
     # allows for that rounding, so the 300 steps run through without a false stop.
     assert captured.err == ""
@@ -97,7 +100,42 @@ def test_every_k_thins_the_printed_epochs(capsys: pytest.CaptureFixture[str]) ->
 
 def test_a_full_batch_step_sees_all_the_data(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trace", SGD, "--epochs", "1", "--lr", "0.01"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["\tgrad: -28.0", "progress: 0 14.0"]  # Σ over 3 samples
+    assert capsys.readouterr().out.splitlines() == [  # Σ over 3 samples
+        "columns: grad: dloss/dw; progress: epoch loss",
+        "\tgrad: -28.0",
+        "progress: 0 14.0",
+        "checked 1 step: manual, numerical and autograd agree at every step",
+    ]
+
+
+BATCHED = """
+import torch
+from backprop_check import case
+
+
+@case(params={"W": [[1.0, -0.5], [0.25, 2.0]]}, data={"X": [[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]], "y": [1.0, 0.0, 2.0]})
+def batched_regression(W, X, y):
+    return ((X @ W).sum(dim=1) - y).pow(2).mean()
+
+
+@batched_regression.manual
+def batched_regression_manual(W, X, y):
+    residual = (X @ W).sum(dim=1) - y          # one per row of the batch
+    dloss_dout = 2 * residual[:, None] / X.shape[0]
+    return {"W": X.T @ dloss_dout.expand(-1, W.shape[1])}
+"""
+
+
+def test_per_sample_keeps_the_batch_dimension_so_a_batch_manual_works(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "batched.py"
+    path.write_text(BATCHED)
+    record = tmp_path / "trace.json"
+    assert main(["trace", str(path), "--epochs", "2", "--lr", "0.1", "--per-sample", "--json", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "columns: grad: X y dloss/dW; progress: epoch loss"
+    assert "\tgrad: X[1×2, norm" in out  # sample i arrives as a batch of one row
+    assert out.rstrip().endswith("checked 6 steps (2 epochs × 3 samples): manual, numerical and autograd agree at every step")
+    assert len(json.loads(record.read_text())["steps"]) == 6
 
 
 @pytest.mark.parametrize(

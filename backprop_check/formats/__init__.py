@@ -7,10 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..report import Report
-from . import json, junit, markdown, text
+from . import html, json, junit, markdown, text
 
 FORMATS: dict[str, Callable[[Report], str]] = {
     "text": text.render,
+    "html": html.render,
     "json": json.render,
     "junit": junit.render,
     "markdown": markdown.render,

@@ -1,7 +1,11 @@
 """The text report: a table of the worst element per result, then what went wrong, in words.
 
-Fits in 100 columns: one row per result that agrees (its closest call), one row per wrong
-parameter or node for a mismatch, and below the table a paragraph per failing result.
+One row per result that agrees (its closest call), one row per wrong parameter or node for a
+mismatch, and below the table a paragraph per failing result, wrapped to the width.
+
+The table fits the width it is given (the terminal's, or 100 columns in a file): the columns that
+tell rows apart — the case, the run and the located element — are never cut; the numbers give up
+digits first, then the error columns go. On a terminal the verdicts are coloured.
 """
 from __future__ import annotations
 
@@ -9,71 +13,132 @@ import textwrap
 from collections import defaultdict
 
 from ..report import Report, Result
+from ..terminal import Style
 
-WIDTH = 100
-COLUMNS = (("case", 13), ("run", 7), ("param", 13), ("manual", 9), ("numerical", 9), ("autograd", 9),
-           ("abs err", 8), ("rel err", 7), ("verdict", 8), ("culprit", 8))
+HEADER = ("case", "run", "param", "manual", "numerical", "autograd", "abs err", "rel err", "verdict", "culprit")
+# Columns that tell rows apart or say the verdict: always whole.
+WHOLE = {"case", "run", "param", "verdict", "culprit"}
+# The numbers' widths: preferred, and the least that still shows two significant digits (and the header).
+NUMBERS = {"manual": (9, 7), "numerical": (9, 7), "autograd": (9, 8), "abs err": (8, 7), "rel err": (7, 7)}
+SHORT_HEADER = {"numerical": "numeric"}  # when its column is narrowed below the full word
+DROPPED_FIRST = ("rel err", "abs err")  # when even the narrowest numbers do not fit
 MAX_ROWS = 6
 SHORT_VERDICT = {"nondifferentiable": "nondiff"}
 SHORT_DTYPE = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+MARKS = {"mismatch": "✗", "error": "!", "nondifferentiable": "~"}
 
 
-def render(report: Report) -> str:
-    return "\n".join(lines(report)) + "\n"
+def render(report: Report, style: Style | None = None) -> str:
+    """The report as text laid out for `style` (default: 100 columns, no colour)."""
+    return "\n".join(lines(report, style or Style())) + "\n"
 
 
-def lines(report: Report) -> list[str]:
+def lines(report: Report, style: Style | None = None) -> list[str]:
+    style = style or Style()
     shown = [r for r in report.results if r.verdict != "skipped"]
-    out = [_row([name for name, _ in COLUMNS]), "-" * len(_row([name for name, _ in COLUMNS]))]
-    for result in shown:
-        out.extend(_rows(result))
+    rows = [row for result in shown for row in _rows(result)]
+    out = _table(rows, style)
     details = [r for r in shown if r.verdict != "ok"]
     if details:
         out.append("")
     for result in details:
-        out.extend(_details(result))
+        out.extend(_details(result, style))
     out.extend(_skipped(report.results))
     out.append("")
     summary = report.summary
-    counted = ", ".join(f"{summary[v]} {v}" for v in ("ok", "mismatch", "nondifferentiable", "error", "skipped") if summary[v])
+    counted = ", ".join(
+        style.paint(f"{summary[v]} {v}", v) for v in ("ok", "mismatch", "nondifferentiable", "error", "skipped") if summary[v]
+    )
     out.append(f"{counted or 'no results'} in {report.seconds:.2f}s (exit {report.exit_code})")
     return out
 
 
-def _rows(result: Result) -> list[list[str] | str]:
+Row = dict[str, object]  # column → a string, or a float for the number columns (rendered to fit)
+
+
+def _rows(result: Result) -> list[Row]:
     run = f"{result.device} {SHORT_DTYPE.get(result.dtype, result.dtype)}" if result.device != "-" else "-"
+    verdict = SHORT_VERDICT.get(result.verdict, result.verdict)
     if result.verdict == "error" or not result.checks:
-        return [_row([result.case, run, "-", "", "", "", "", "", SHORT_VERDICT.get(result.verdict, result.verdict), ""])]
+        return [{"case": result.case, "run": run, "param": "-", "verdict": verdict, "_verdict": result.verdict}]
     if result.verdict == "ok":
         checks = [max(result.checks, key=lambda c: c.ratio)]
     else:
         wanted = "mismatch" if result.verdict == "mismatch" else "nondifferentiable"
         checks = [c for c in result.checks if c.verdict == wanted][:MAX_ROWS]
-    rows = []
+    rows: list[Row] = []
     for i, check in enumerate(checks):
-        rows.append(_row([
-            result.case if i == 0 else "",
-            run if i == 0 else "",
-            check.label.replace(", ", ","),
-            _num(check.manual, 9),
-            _num(check.numerical, 9),
-            _num(check.autograd, 9),
-            _num(check.abs_err, 8),
-            _num(check.rel_err, 7),
-            SHORT_VERDICT.get(result.verdict, result.verdict) if i == 0 else "",
-            (check.culprit or "") if check.verdict == "mismatch" else "",
-        ]))
+        culprit = ""
+        if check.verdict == "mismatch":
+            culprit = check.culprit or ("expect" if check.kind == "expect" else "")
+        rows.append({
+            "case": result.case if i == 0 else "",
+            "run": run if i == 0 else "",
+            "param": check.label.replace(", ", ","),
+            "manual": check.manual,
+            "numerical": check.numerical,
+            "autograd": check.autograd,
+            "abs err": check.abs_err,
+            "rel err": check.rel_err,
+            "verdict": verdict if i == 0 else "",
+            "culprit": culprit,
+            "_verdict": result.verdict,
+        })
     return rows
 
 
-def _details(result: Result) -> list[str]:
-    mark = {"mismatch": "✗", "error": "!", "nondifferentiable": "~"}.get(result.verdict, "·")
+def _table(rows: list[Row], style: Style) -> list[str]:
+    columns = list(HEADER)
+    widths = {name: max([len(name)] + [len(str(row.get(name) or "")) for row in rows]) for name in WHOLE}
+    widths.update({name: preferred for name, (preferred, _) in NUMBERS.items()})
+
+    def total() -> int:
+        return sum(widths[name] for name in columns) + len(columns) - 1
+
+    # Narrow the numbers one character at a time, widest first, down to their least widths.
+    while total() > style.width:
+        narrowable = [n for n in columns if n in NUMBERS and widths[n] > NUMBERS[n][1]]
+        if not narrowable:
+            break
+        widest = max(narrowable, key=lambda n: widths[n] - NUMBERS[n][1])
+        widths[widest] -= 1
+    for name in DROPPED_FIRST:
+        if total() <= style.width:
+            break
+        columns.remove(name)
+    labels = {name: name if len(name) <= widths[name] else SHORT_HEADER[name] for name in columns}
+    header = _line(labels, columns, widths, style)
+    out = [header, "-" * min(len(header), style.width)]
+    out += [_line(row, columns, widths, style) for row in rows]
+    return out
+
+
+def _line(row: Row, columns: list[str], widths: dict[str, int], style: Style) -> str:
+    parts = []
+    for name in columns:
+        value = row.get(name)
+        cell = _num(value, widths[name]) if name in NUMBERS and not isinstance(value, str) else str(value or "")
+        padded = cell.ljust(widths[name])
+        if name == "verdict" and "_verdict" in row:
+            padded = style.paint(cell, str(row["_verdict"])) + " " * (widths[name] - len(cell))
+        elif name == "culprit" and cell and "_verdict" in row:  # a result's row, not the header
+            padded = style.paint(cell, "mismatch") + " " * (widths[name] - len(cell))
+        parts.append(padded)
+    return " ".join(parts).rstrip()
+
+
+def _details(result: Result, style: Style) -> list[str]:
+    mark = style.paint(MARKS.get(result.verdict, "·"), result.verdict)
     head = f"{mark} {result.id}: " if result.device != "-" else f"{mark} "
-    out = textwrap.wrap(head + result.message, WIDTH, subsequent_indent="    ")
+    # Wrapped without the colour codes (they take no columns), which are put back after.
+    plain = MARKS.get(result.verdict, "·")
+    out = textwrap.wrap(plain + head[len(mark):] + result.message, style.width, subsequent_indent="    ", break_on_hyphens=False)
+    if out:
+        out[0] = mark + out[0][len(plain):]
     for hint in result.hints:
-        out.extend(textwrap.wrap(f"hint: {hint}", WIDTH, initial_indent="    ", subsequent_indent="      "))
+        out.extend(textwrap.wrap(f"hint: {hint}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     for note in result.notes:
-        out.extend(textwrap.wrap(f"note: {note}", WIDTH, initial_indent="    ", subsequent_indent="      "))
+        out.extend(textwrap.wrap(f"note: {note}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     return out
 
 
@@ -85,22 +150,14 @@ def _skipped(results: list[Result]) -> list[str]:
     return [f"skipped {len(ids)}: {reason}" for reason, ids in reasons.items()]
 
 
-def _row(cells: list[str]) -> str:
-    parts = []
-    for (name, width), cell in zip(COLUMNS, cells):
-        text = str(cell)
-        if len(text) > width:
-            text = text[: width - 1] + "…"
-        parts.append(text.ljust(width))
-    return " ".join(parts).rstrip()
-
-
-def _num(value: float | None, width: int) -> str:
+def _num(value: object, width: int) -> str:
     """The most significant digits of `value` that fit in `width` characters."""
     if value is None:
         return ""
+    value = float(value)  # type: ignore[arg-type]
     if value != value or value in (float("inf"), float("-inf")):
         return str(value)
+    text = str(value)
     for digits in range(6, 0, -1):
         text = f"{value:.{digits}g}".replace("e-0", "e-").replace("e+0", "e+")
         if len(text) <= width:

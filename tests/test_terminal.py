@@ -1,0 +1,66 @@
+"""Progress on a terminal while a run goes, and nothing of it anywhere else."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from backprop_check import case
+from backprop_check.cli import main
+from backprop_check.runner import Plan, check_case
+from backprop_check.terminal import Progress
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def linear():
+    @case(params={"w": 1.0}, data={"x": 3.0, "y": 2.0})
+    def linear(w, x, y):
+        return (w * x - y) ** 2
+
+    return linear
+
+
+def test_the_runner_reports_every_point_of_every_run_to_the_progress_hook() -> None:
+    calls: list[tuple[str, str, str, int, int]] = []
+    plan = Plan(devices=("cpu",), dtypes=("float64", "float32"), points=2, progress=lambda *call: calls.append(call))
+    results = check_case(linear(), plan)
+    assert [r.verdict for r in results] == ["ok", "ok"]
+    assert calls == [
+        ("linear", "cpu", "float64 reference", 1, 2),
+        ("linear", "cpu", "float64 reference", 2, 2),
+        *[("linear", "cpu", dtype, k, 3) for dtype in ("float64", "float32") for k in (1, 2, 3)],
+    ]
+
+
+def test_a_terminal_sees_the_case_run_point_and_elapsed_time_then_a_cleared_line() -> None:
+    stream, ticks = Terminal(), iter([0.0, 0.5, 0.55, 2.0])
+    progress = Progress(stream, clock=lambda: next(ticks))
+    progress("linear", "cpu", "float32", 1, 4)
+    progress("linear", "cpu", "float32", 2, 4)  # 0.05 s later: not redrawn
+    progress("linear", "cpu", "float32", 3, 4)
+    progress.close()
+    written = stream.getvalue()
+    assert written == (
+        "\r\x1b[Kchecking linear on cpu float32: point 1 of 4 (0.5s)"
+        "\r\x1b[Kchecking linear on cpu float32: point 3 of 4 (2.0s)"
+        "\r\x1b[K"
+    )
+
+
+def test_a_stream_that_is_not_a_terminal_gets_no_progress() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream)
+    progress("linear", "cpu", "float64", 1, 4)
+    progress.close()
+    assert stream.getvalue() == ""
+
+
+def test_the_cli_writes_no_progress_into_captured_stderr(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "cases.py"
+    path.write_text("from backprop_check import case\n\n@case(params={'w': 1.0})\ndef square(w):\n    return w ** 2\n")
+    assert main(["run", str(path), "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == ""
