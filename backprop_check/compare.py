@@ -78,7 +78,7 @@ class Check:
 
 def compare(
     numerical: Gradients,
-    autograd: Gradients,
+    autograd: Gradients | None,
     manual: Gradients | None,
     params: list[str],
     tol: Tolerance,
@@ -88,7 +88,8 @@ def compare(
 
     `noise[source][name]` is, per element, how far the run's dtype may move that source's
     gradient at this point by rounding alone (see rounding.py); it widens that source's
-    tolerances."""
+    tolerances. `autograd` is None for a numpy case: manual is then checked against the
+    numerical gradient alone."""
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
     manual_values = _manual_values(manual, params, nodes, numerical.values)
     checks: list[Check] = []
@@ -99,7 +100,8 @@ def compare(
             checks.append(given)
             continue
         rounding = {source: values.get(name) for source, values in (noise or {}).items()}
-        checks.append(compare_tensor(name, kind, numerical, autograd.values[name], given, tol, rounding))
+        a = None if autograd is None else autograd.values[name]
+        checks.append(compare_tensor(name, kind, numerical, a, given, tol, rounding))
     return checks
 
 
@@ -107,7 +109,7 @@ def compare_tensor(
     name: str,
     kind: str,
     numerical: Gradients,
-    autograd: torch.Tensor,
+    autograd: torch.Tensor | None,
     manual: torch.Tensor | None,
     tol: Tolerance,
     noise: dict[str, torch.Tensor | None] | None = None,
@@ -124,7 +126,7 @@ def compare_tensor(
     kink = numerical.kink[name].reshape(-1)[flat]
     lo = torch.minimum(pick(numerical.left[name]), pick(numerical.right[name]))
     hi = torch.maximum(pick(numerical.left[name]), pick(numerical.right[name]))
-    a = pick(autograd)
+    a = None if autograd is None else pick(autograd)
     m = None if manual is None else pick(manual)
     def allowance(source: str) -> torch.Tensor:
         given = (noise or {}).get(source)
@@ -149,10 +151,16 @@ def compare_tensor(
         ratio = diff / allowed.clamp(min=torch.finfo(torch.float64).tiny)
         return diff <= allowed, torch.nan_to_num(ratio, nan=torch.inf)
 
-    a_ok, a_ratio = against_reference(a, rounding_a)
+    if a is None:  # numpy case: no autograd, so nothing of it to disagree
+        a_ok, a_ratio = torch.ones_like(n, dtype=torch.bool), torch.zeros_like(n)
+    else:
+        a_ok, a_ratio = against_reference(a, rounding_a)
     if m is None:
         m_ok, m_ratio = torch.ones_like(a_ok), torch.zeros_like(a_ratio)
         ma_ok, ma_ratio = m_ok, m_ratio
+    elif a is None:
+        m_ok, m_ratio = against_reference(m, rounding_m)
+        ma_ok, ma_ratio = torch.ones_like(m_ok), torch.zeros_like(m_ratio)
     else:
         m_ok, m_ratio = against_reference(m, rounding_m)
         ma_allowed = 2 * tol.allowed(torch.maximum(m.abs(), a.abs()), scale) + rounding_a + rounding_m
@@ -189,14 +197,14 @@ def compare_tensor(
         check.note = f"{n.numel()} of {check.size} elements checked one by one (the rest along random directions)"
     check.numerical = float(n[worst])
     check.error_bar = float(e[worst])
-    check.autograd = float(a[worst])
+    check.autograd = None if a is None else float(a[worst])
     check.manual = None if m is None else float(m[worst])
     check.ratio = float(ratio[worst])
     odd = _name_of(int(culprit[worst])) if bad.any() else None
     check.culprit = _single(counts) if bad.any() else None
     shown = {"manual": check.manual, "autograd": check.autograd}.get(odd or "", None)
     if shown is None:  # ok, numerical or unknown: show the larger of the two deviations
-        shown = check.autograd if m is None or float(a_ratio[worst]) >= float(m_ratio[worst]) else check.manual
+        shown = check.autograd if m is None or (a is not None and float(a_ratio[worst]) >= float(m_ratio[worst])) else check.manual
     check.abs_err = abs(shown - check.numerical) if shown is not None else 0.0
     check.rel_err = check.abs_err / abs(check.numerical) if check.numerical else (float("inf") if check.abs_err else 0.0)
     check.allowed = float(ERROR_BARS * e[worst] + tol.allowed(n[worst : worst + 1], scale)[0] + rounding[worst])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .arrays import NUMPY_NOTE, NUMPY_ON_CPU
 from .case import Case
 from .compare import OK, Check, compare, direction_agrees, directions_agree
 from .errors import CaseError, CaseTimeout, UsageError, one_line
@@ -115,7 +116,10 @@ def load_error(failure: LoadFailure) -> Result:
 def check_case(case: Case, plan: Plan) -> list[Result]:
     """Every device × dtype result for one case."""
     started = time.perf_counter()
-    combinations = [(device, dtype) for device in plan.devices for dtype in plan.dtypes]
+    devices = plan.devices
+    if case.numpy:  # numpy case: a CPU case (no other device's results), autograd absent
+        devices = ("cpu",) if "cpu" in devices else devices[:1]
+    combinations = [(device, dtype) for device in devices for dtype in plan.dtypes]
     results: list[Result] = []
     with time_limit(plan.timeout):
         try:
@@ -123,8 +127,10 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
             if problem:
                 raise CaseError(problem)
             points, numerical_cache, notes = prepare_points(case, plan)
+            if case.numpy:
+                notes.append(NUMPY_NOTE)
             for device, dtype_name in combinations:
-                unavailable = device_unavailable(device)
+                unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
                 if unavailable:
                     results.append(result_for(case, device, dtype_name, "skipped", message=unavailable))
                     continue
@@ -148,13 +154,13 @@ def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> G
 
 
 def sampled_suspects(
-    checks: list[Check], numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol
+    checks: list[Check], numerical: Gradients, autograd: Gradients | None, manual: Gradients | None, tol
 ) -> list[str]:  # noqa: ANN001
     """Sampled tensors whose sample or directional derivatives disagree."""
     suspects = []
     for name in numerical.checked:
         check = next((c for c in checks if c.name == name), None)
-        sources = _comparable(name, autograd, manual)
+        sources = _comparable(name, autograd, manual, numerical.values[name].shape)
         if (check is not None and check.verdict != OK) or not directions_agree(numerical, name, sources, tol):
             suspects.append(name)
     return suspects
@@ -165,23 +171,24 @@ def localize(
     point: Point,
     dtype: torch.dtype,
     name: str,
-    autograd: Gradients,
+    autograd: Gradients | None,
     manual: Gradients | None,
     tol: Tolerance,
 ) -> torch.Tensor:
     """The flat indices of a sampled tensor to check one by one: the blocks whose directional
     derivatives disagree, or every element when no block does (the whole-tensor direction saw
     something the blocks did not)."""
-    sources = _comparable(name, autograd, manual)
-    bad = [index for index, direction in blocks(case, point, dtype, name) if not direction_agrees(direction, sources, tol)]
-    size = autograd.values[name].numel()
-    return torch.cat(bad) if bad else torch.arange(size)
+    found = blocks(case, point, dtype, name)
+    shape = found[0][1].vector.shape
+    sources = _comparable(name, autograd, manual, shape)
+    bad = [index for index, direction in found if not direction_agrees(direction, sources, tol)]
+    return torch.cat(bad) if bad else torch.arange(shape.numel())
 
 
-def _comparable(name: str, autograd: Gradients, manual: Gradients | None) -> list[torch.Tensor]:
-    """The sources' gradients of `name` that have its shape."""
-    sources = [autograd.values[name]]
-    if manual is not None and name in manual.values and manual.values[name].shape == autograd.values[name].shape:
+def _comparable(name: str, autograd: Gradients | None, manual: Gradients | None, shape: torch.Size) -> list[torch.Tensor]:
+    """The sources' gradients of `name` that have its shape (a numpy case has no autograd)."""
+    sources = [] if autograd is None else [autograd.values[name]]
+    if manual is not None and name in manual.values and manual.values[name].shape == shape:
         sources.append(manual.values[name])
     return sources
 
@@ -248,10 +255,14 @@ def check_combination(
             checks, autograd = checked.checks, checked.gradients["autograd"]
             if point.seed is None:
                 checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
+                # numpy case: no autograd; the baseline keeps the manual gradient instead
+                stored = autograd if autograd is not None else checked.gradients["manual"]
                 reference = {
-                    "loss": float(autograd.loss),
-                    "gradients": {k: autograd.values[k].cpu().double().tolist() for k in point.params},
+                    "loss": float(autograd.loss if autograd is not None else numerical.loss),
+                    "gradients": {k: stored.values[k].cpu().double().tolist() for k in point.params},
                 }
+                if autograd is None:
+                    reference["source"] = "manual"
             if numerical.note and numerical.note not in notes:
                 notes.append(numerical.note)
             outcomes.append(outcome_of(point, checks, checked.gradients, case))
@@ -282,8 +293,9 @@ def check_point(
     A sampled tensor that disagrees is estimated again in full, so the report names its element.
     Below float64, the tolerance also allows for the dtype's rounding at this very point.
     """
-    autograd = SOURCES["autograd"](case, point, device, dtype)
-    require_finite_loss(autograd.loss, point)
+    autograd = None if case.numpy else SOURCES["autograd"](case, point, device, dtype)  # numpy: absent
+    if autograd is not None:
+        require_finite_loss(autograd.loss, point)
     manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
     clash = set(numerical.nodes) & set(point.params)
     if clash:
@@ -299,7 +311,7 @@ def check_point(
         elements = {name: localize(case, point, dtype, name, autograd, manual, tol) for name in suspects}
         numerical.merge(SOURCES["numerical"](case, point, "cpu", dtype, elements=elements))
         checks = compare(numerical, autograd, manual, params, tol, noise)
-    if device != "cpu":
+    if device != "cpu" and autograd is not None:
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
         checks.extend(device_checks(autograd, on_cpu, params, device, tol))
     return PointCheck(checks, gradients)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import textwrap
 from collections import defaultdict
 
+from ..arrays import NUMPY_NOTE
 from ..report import Report, Result
 
 WIDTH = 100
@@ -33,6 +34,7 @@ def lines(report: Report) -> list[str]:
     for result in details:
         out.extend(_details(result))
     out.extend(_skipped(report.results))
+    out.extend(_numpy(report.results))
     out.append("")
     summary = report.summary
     counted = ", ".join(f"{summary[v]} {v}" for v in ("ok", "mismatch", "nondifferentiable", "error", "skipped") if summary[v])
@@ -73,6 +75,8 @@ def _details(result: Result) -> list[str]:
     for hint in result.hints:
         out.extend(textwrap.wrap(f"hint: {hint}", WIDTH, initial_indent="    ", subsequent_indent="      "))
     for note in result.notes:
+        if note == NUMPY_NOTE:  # said once for every numpy case, below the table
+            continue
         out.extend(textwrap.wrap(f"note: {note}", WIDTH, initial_indent="    ", subsequent_indent="      "))
     return out
 
@@ -83,6 +87,11 @@ def _skipped(results: list[Result]) -> list[str]:
         if result.verdict == "skipped":
             reasons[result.message].append(result.id)
     return [f"skipped {len(ids)}: {reason}" for reason, ids in reasons.items()]
+
+
+def _numpy(results: list[Result]) -> list[str]:
+    names = sorted({result.case for result in results if NUMPY_NOTE in result.notes})
+    return textwrap.wrap(f"note: {', '.join(names)}: {NUMPY_NOTE}", WIDTH, subsequent_indent="    ") if names else []
 
 
 def _row(cells: list[str]) -> str:
