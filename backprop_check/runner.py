@@ -12,6 +12,7 @@ from .arrays import NUMPY_NOTE, NUMPY_ON_CPU
 from .case import Case
 from .compare import OK, Check, compare, direction_agrees, directions_agree
 from .errors import CaseError, CaseTimeout, UsageError, one_line
+from .forward import call_forward
 from . import rounding
 from .limits import time_limit
 from .loader import LoadFailure, load
@@ -116,10 +117,7 @@ def load_error(failure: LoadFailure) -> Result:
 def check_case(case: Case, plan: Plan) -> list[Result]:
     """Every device × dtype result for one case."""
     started = time.perf_counter()
-    devices = plan.devices
-    if case.numpy:  # numpy case: a CPU case (no other device's results), autograd absent
-        devices = ("cpu",) if "cpu" in devices else devices[:1]
-    combinations = [(device, dtype) for device in devices for dtype in plan.dtypes]
+    combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
     results: list[Result] = []
     with time_limit(plan.timeout):
         try:
@@ -146,6 +144,14 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return results
+
+
+def devices_for(case: Case, devices: tuple[str, ...]) -> tuple[str, ...]:
+    """The devices `case` is checked on: a numpy case is a CPU case, with no other device's
+    results (asked for none but other devices, it has one, skipped with the reason)."""
+    if not case.numpy:
+        return devices
+    return ("cpu",) if "cpu" in devices else devices[:1]
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Gradients:
@@ -293,8 +299,12 @@ def check_point(
     A sampled tensor that disagrees is estimated again in full, so the report names its element.
     Below float64, the tolerance also allows for the dtype's rounding at this very point.
     """
-    autograd = None if case.numpy else SOURCES["autograd"](case, point, device, dtype)  # numpy: absent
-    if autograd is not None:
+    if case.numpy:  # no autograd for numpy code; its forward still runs in the run's dtype
+        autograd = None
+        at = point.cast(dtype)
+        require_finite_loss(call_forward(case, at.params, at.data)[0], point)
+    else:
+        autograd = SOURCES["autograd"](case, point, device, dtype)
         require_finite_loss(autograd.loss, point)
     manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
     clash = set(numerical.nodes) & set(point.params)
