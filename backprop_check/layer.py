@@ -286,7 +286,7 @@ def _snapshot(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, (tuple, list)):
-        return type(value)(_snapshot(v) for v in value) if isinstance(value, list) else tuple(_snapshot(v) for v in value)
+        return [_snapshot(v) for v in value]  # compared element by element, tuple or list alike
     if isinstance(value, dict):
         return {k: _snapshot(v) for k, v in value.items()}
     try:

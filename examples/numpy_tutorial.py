@@ -21,6 +21,8 @@ odd one out, −120 against the numerical −30, 4× the true gradient with N = 
 1/N of the mean missing. `tutorial_fixed` is the same derivation, one local gradient a line,
 dividing by N where the mean is: it agrees.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from backprop_check import case, node
