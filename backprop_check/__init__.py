@@ -4,6 +4,7 @@ from __future__ import annotations
 from .assertions import assert_gradients
 from .case import Case, case
 from .errors import CaseError, CaseLoadError, CaseTimeout, UsageError
+from .layer import check_layer, layer
 from .nodes import node
 from .report import Report, Result
 from .runner import run
@@ -20,6 +21,8 @@ __all__ = [
     "UsageError",
     "assert_gradients",
     "case",
+    "check_layer",
+    "layer",
     "node",
     "run",
 ]

@@ -191,13 +191,14 @@ class Baseline:
         if not found:
             return 0
         first = found[0]
-        culprit = "autograd" if not (isinstance(first, Drift) and first.name == "loss") else None
+        source = result.reference.get("source", "autograd")  # "manual" for a numpy case (no autograd)
+        culprit = source if not (isinstance(first, Drift) and first.name == "loss") else None
         result.checks.extend(_check(reason, culprit) for reason in found if isinstance(reason, Drift))
         agreed = result.verdict in ("ok", "nondifferentiable")
         text = (
             f"{result.case} drifted from the baseline {self.path}: {first}"
             + (f"; {len(found) - 1} more values drifted" if len(found) > 1 else "")
-            + ("; the three sources still agree with each other" if agreed else "")
+            + (f"; the {'three sources' if source == 'autograd' else 'manual and numerical gradients'} still agree with each other" if agreed else "")
             + f"; update the baseline with: {self.command}"
         )
         if agreed:
@@ -295,7 +296,7 @@ def _check(drift: Drift, culprit: str | None) -> Check:
         verdict=MISMATCH,
         culprit=culprit,
         index=drift.index,
-        autograd=drift.now if drift.name != "loss" else None,
+        **{"manual" if culprit == "manual" else "autograd": drift.now if drift.name != "loss" else None},
         abs_err=drift.diff,
         rel_err=drift.diff / abs(drift.stored) if drift.stored else math.inf,
         allowed=drift.allowed,

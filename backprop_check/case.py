@@ -7,6 +7,7 @@ file down with it. Problems are kept on the case and reported as its `error` ver
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class Case:
     rtol: Tolerance = None
     atol: Tolerance = None
     module: Callable[[], Any] | None = None
+    # numpy=True: the forward and manual receive numpy arrays and return numpy values; autograd
+    # does not apply, so the case is checked manual against numerical, on the CPU.
+    numpy: bool = False
     manual_fn: Callable[..., Mapping[str, Any]] | None = None
     file: str | None = None
     line: int | None = None
@@ -53,6 +57,10 @@ class Case:
         """Why this case cannot be checked, or None when it is well formed."""
         if self.module is None and not self.params:
             return "the case has no parameters to differentiate (params= is empty)"
+        if self.numpy:
+            problem = self._numpy_problem()
+            if problem:
+                return problem
         names = set(self.params) | set(self.data)
         both = sorted(set(self.params) & set(self.data))
         if both:
@@ -80,6 +88,29 @@ class Case:
                 return f"{missing[0]!r} is not an argument of the forward function"
         return None
 
+    def _numpy_problem(self) -> str | None:
+        """What a numpy=True case cannot have: a module, torch tensors, no manual gradient."""
+        if self.module is not None:
+            return "module= builds a torch module, which a numpy=True case cannot run"
+        for kind, values in (("parameter", self.params), ("datum", self.data)):
+            for name, value in values.items():
+                if _is_tensor(value):
+                    return (
+                        f"{kind} {name!r} is a torch tensor, but the case is numpy=True: give a number "
+                        "or a numpy array (or drop numpy=True to check torch code)"
+                    )
+        if self.manual_fn is None:
+            return (
+                "a numpy=True case needs a .manual gradient: autograd cannot differentiate numpy "
+                "code, so the numerical gradient has nothing to be checked against"
+            )
+        return None
+
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")  # never import torch for this: a tensor implies it is loaded
+    return torch is not None and isinstance(value, torch.Tensor)
+
 
 def case(
     fn: Callable[..., Any] | None = None,
@@ -92,6 +123,7 @@ def case(
     atol: Tolerance = None,
     name: str | None = None,
     module: Callable[[], Any] | None = None,
+    numpy: bool = False,
 ) -> Any:
     """Turn a forward function into a `Case`.
 
@@ -100,7 +132,10 @@ def case(
     integer); `expect` holds published values at the given point (param → gradient, "loss" →
     loss); `sample(generator)` returns overrides for random points; `rtol`/`atol` override the
     tolerance (a number, or a dict by dtype name); `module` builds a `torch.nn.Module` whose
-    named parameters become the case's parameters and which the forward receives as `model`.
+    named parameters become the case's parameters and which the forward receives as `model`;
+    `numpy=True` hands the forward and the manual gradient numpy arrays in the run's dtype (the
+    forward returns the loss as a number) and checks the manual gradient against finite
+    differences on the CPU, autograd not applying to numpy code.
     """
 
     def build(forward: Callable[..., Any]) -> Case:
@@ -115,6 +150,7 @@ def case(
             rtol=rtol,
             atol=atol,
             module=module,
+            numpy=bool(numpy),
             file=code.co_filename if code else None,
             line=code.co_firstlineno if code else None,
         )

@@ -86,7 +86,7 @@ class Check:
 
 def compare(
     numerical: Gradients,
-    autograd: Gradients,
+    autograd: Gradients | None,
     manual: Gradients | None,
     params: list[str],
     tol: Tolerance,
@@ -96,10 +96,11 @@ def compare(
 
     `noise[source][name]` is, per element, how far the run's dtype may move that source's
     gradient at this point by rounding alone (see rounding.py); it widens that source's
-    tolerances."""
+    tolerances. `autograd` is None for a numpy case: manual is then checked against the
+    numerical gradient alone."""
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
     manual_values = _manual_values(manual, params, nodes, numerical.values)
-    largest = largest_gradient(autograd, params)
+    largest = largest_gradient(autograd or manual, params)
     checks: list[Check] = []
     for name in params + nodes:
         kind = "param" if name in params else "node"
@@ -107,7 +108,7 @@ def compare(
         if isinstance(given, Check):
             checks.append(given)
             continue
-        sides = Sides.of(name, numerical, autograd.values[name], given, noise)
+        sides = Sides.of(name, numerical, None if autograd is None else autograd.values[name], given, noise)
         checks.append(compare_tensor(name, kind, sides, numerical, tol, largest))
     return checks
 
@@ -115,11 +116,13 @@ def compare(
 TINY = torch.finfo(torch.float64).tiny
 
 
-def largest_gradient(autograd: Gradients, params: list[str]) -> float:
+def largest_gradient(source: Gradients | None, params: list[str]) -> float:
     """The largest finite |dloss/dparam| at the point: the scale of its rounding floor."""
     largest = 0.0
     for name in params:
-        value = autograd.values[name].detach()
+        if source is None or name not in source.values:
+            continue
+        value = source.values[name].detach()
         finite = value[torch.isfinite(value)]
         if finite.numel():
             largest = max(largest, float(finite.abs().max()))
@@ -133,10 +136,10 @@ def _ratio(diff: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Sides:
     """One tensor's gradients from autograd and manual (flat, float64, CPU), with their
-    rounding allowances at this point."""
+    rounding allowances at this point. A numpy case has no autograd gradient."""
 
     shape: tuple[int, ...]
-    autograd: torch.Tensor
+    autograd: torch.Tensor | None
     manual: torch.Tensor | None
     rounding_a: torch.Tensor
     rounding_m: torch.Tensor
@@ -146,7 +149,7 @@ class Sides:
 
     @classmethod
     def of(
-        cls, name: str, numerical: Gradients, autograd: torch.Tensor, manual: torch.Tensor | None, noise: Noise | None
+        cls, name: str, numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None, noise: Noise | None
     ) -> Sides:
         size = numerical.values[name].numel()
 
@@ -163,18 +166,29 @@ class Sides:
 
         return cls(
             tuple(numerical.values[name].shape),
-            flat(autograd),
+            None if autograd is None else flat(autograd),
             None if manual is None else flat(manual),
             allowance("autograd"),
             allowance("manual"),
-            twin("autograd"),
+            None if autograd is None else twin("autograd"),
             None if manual is None else twin("manual"),
         )
 
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def subject(self) -> torch.Tensor:
+        """The gradient the tensor's scale is read from: autograd's, else manual's."""
+        chosen = self.autograd if self.autograd is not None else self.manual
+        assert chosen is not None
+        return chosen
+
     def between(self, tol: Tolerance, largest: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(|manual − autograd|, allowed) at every element; zeros without a manual gradient."""
-        if self.manual is None:
-            zeros = torch.zeros_like(self.autograd)
+        """(|manual − autograd|, allowed) at every element; zeros without both gradients."""
+        if self.manual is None or self.autograd is None:
+            zeros = torch.zeros(self.size, dtype=torch.float64)
             return zeros, torch.ones_like(zeros)
         allowed = tol.between(self.manual, self.autograd, self.rounding_a + self.rounding_m, largest)
         return (self.manual - self.autograd).abs(), allowed
@@ -191,7 +205,7 @@ def disputed(
 ) -> dict[str, torch.Tensor]:
     """Per name, the flat elements where manual and autograd disagree and the numerical
     reference has no estimate yet: the `limit` worst of them, for the referee to estimate."""
-    if manual is None:
+    if manual is None or autograd is None:
         return {}
     largest = largest_gradient(autograd, params)
     found: dict[str, torch.Tensor] = {}
@@ -214,7 +228,9 @@ def agreement(
 ) -> Callable[[Direction], bool]:
     """Whether every source's derivative of `name` along a direction matches the numerical one."""
     given = None if manual is None else manual.values.get(name)
-    sides = Sides.of(name, numerical, autograd.values[name], given if given is not None and given.numel() == numerical.values[name].numel() else None, noise)
+    if given is not None and given.numel() != numerical.values[name].numel():
+        given = None
+    sides = Sides.of(name, numerical, None if autograd is None else autograd.values[name], given, noise)
 
     def agrees(direction: Direction) -> bool:
         return all(direction_verdict(direction, g, r, tol, exact)[0] for g, r, exact in sides_along(sides).values())
@@ -237,7 +253,9 @@ def failing_directions(
 def sides_along(sides: Sides) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, bool]]:
     """The gradients to project on a direction: (gradient, rounding allowance, exact) per
     source, where `exact` marks a float64 twin judged with float64's rounding alone."""
-    out = {"autograd": (sides.autograd, sides.rounding_a if bool(sides.rounding_a.any()) else None, False)}
+    out = {}
+    if sides.autograd is not None:
+        out["autograd"] = (sides.autograd, sides.rounding_a if bool(sides.rounding_a.any()) else None, False)
     if sides.manual is not None:
         out["manual"] = (sides.manual, sides.rounding_m if bool(sides.rounding_m.any()) else None, False)
     if sides.twin_a is not None:
@@ -274,7 +292,7 @@ class Referee:
     @classmethod
     def at(cls, name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -> Referee:
         mask = numerical.checked.get(name)
-        size = sides.autograd.numel()
+        size = sides.size
         estimated = torch.arange(size) if mask is None else mask.reshape(-1).nonzero().reshape(-1)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
@@ -286,7 +304,7 @@ class Referee:
         finite = n[torch.isfinite(n)]
         scale = float(finite.abs().max()) if finite.numel() else 0.0
         if mask is not None:  # a sample's largest value is not the tensor's
-            known = sides.autograd[torch.isfinite(sides.autograd)]
+            known = sides.subject[torch.isfinite(sides.subject)]
             scale = max(scale, float(known.abs().max()) if known.numel() else 0.0)
         base = ERROR_BARS * e + tol.allowed(n, scale)
         rounding = torch.maximum(sides.rounding_a[estimated], sides.rounding_m[estimated])
@@ -326,12 +344,13 @@ def compare_tensor(
 ) -> Check:
     """Compare one tensor's gradients: manual against autograd at every element, each against
     the numerical reference where it was estimated, and along its random directions."""
-    size = sides.autograd.numel()
+    size = sides.size
     referee = Referee.at(name, numerical, sides, tol)
     ma_diff, ma_allowed = sides.between(tol, largest)
     ma_ratio = _ratio(ma_diff, ma_allowed)
-    a_ratio = referee.ratio(sides.autograd, sides.rounding_a)
-    m_ratio = torch.zeros_like(a_ratio) if sides.manual is None else referee.ratio(sides.manual, sides.rounding_m)
+    none = torch.zeros(size, dtype=torch.float64)
+    a_ratio = none if sides.autograd is None else referee.ratio(sides.autograd, sides.rounding_a)
+    m_ratio = none if sides.manual is None else referee.ratio(sides.manual, sides.rounding_m)
     pairs = _pairs(sides, referee, (ma_diff, ma_allowed))
     if tol.twin is not None and sides.twin_a is not None:
         # Below float64 the float64 twins are judged too, by float64's tolerance: a derivation
@@ -363,7 +382,7 @@ def compare_tensor(
         culprits=counts,
         coverage={
             "elements": size,
-            "manual_vs_autograd": size if sides.manual is not None else 0,
+            "manual_vs_autograd": size if sides.manual is not None and sides.autograd is not None else 0,
             "numerical": int(referee.estimated.numel()),
             "directions": directions,
         },
@@ -378,7 +397,7 @@ def compare_tensor(
     rank = torch.where(bad, ratio + 1e300, torch.where(kink, ratio + 1e200, ratio))
     worst = int(torch.argmax(rank))
     check.index = unravel(worst, sides.shape)
-    check.autograd = float(sides.autograd[worst])
+    check.autograd = None if sides.autograd is None else float(sides.autograd[worst])
     check.manual = None if sides.manual is None else float(sides.manual[worst])
     at = referee.position(worst)
     if at is not None:
@@ -386,7 +405,8 @@ def compare_tensor(
     if referee.estimated.numel() < size:
         check.note = (
             f"{referee.estimated.numel()} of {size} elements estimated numerically, the rest along "
-            f"{directions} random directions" + ("; manual against autograd at every element" if sides.manual is not None else "")
+            f"{directions} random directions"
+            + ("; manual against autograd at every element" if sides.manual is not None and sides.autograd is not None else "")
         )
     odd = _name_of(int(culprit[worst])) if bool(bad[worst]) else None
     check.culprit = _single(counts) if bool(bad.any()) else None
@@ -405,7 +425,7 @@ def _pairs(sides: Sides, referee: Referee, between: tuple[torch.Tensor, torch.Te
     ma_diff, ma_allowed = between
 
     def manual_autograd(i: int) -> tuple[float, float, float] | None:
-        if sides.manual is None:
+        if sides.manual is None or sides.autograd is None:
             return None
         return float(ma_diff[i]), float(ma_allowed[i]), float(sides.rounding_a[i] + sides.rounding_m[i])
 
@@ -485,6 +505,8 @@ def _directions(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -
         result.numerical, result.error = direction.value, direction.error
         if direction.kink or not math.isfinite(direction.value):
             result.culprit = None
+        elif "autograd" not in sources:
+            result.culprit = "manual"
         elif "manual" not in sources or not any(s.startswith("manual") for s in failed):
             result.culprit = "autograd"
         elif not any(s.startswith("autograd") for s in failed):

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from .arrays import NUMPY_NOTE, NUMPY_ON_CPU
 from .case import Case
 from .compare import Check, compare, disputed, failing_directions
 from .errors import CaseError, CaseTimeout, UsageError, one_line
+from .forward import call_forward
 from . import rounding
 from .limits import time_limit
 from .loader import LoadFailure, load
@@ -114,7 +116,7 @@ def load_error(failure: LoadFailure) -> Result:
 def check_case(case: Case, plan: Plan) -> list[Result]:
     """Every device × dtype result for one case."""
     started = time.perf_counter()
-    combinations = [(device, dtype) for device in plan.devices for dtype in plan.dtypes]
+    combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
     results: list[Result] = []
     with time_limit(plan.timeout):
         try:
@@ -122,8 +124,10 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
             if problem:
                 raise CaseError(problem)
             points, numerical_cache, notes = prepare_points(case, plan)
+            if case.numpy:
+                notes.append(NUMPY_NOTE)
             for device, dtype_name in combinations:
-                unavailable = device_unavailable(device)
+                unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
                 if unavailable:
                     results.append(result_for(case, device, dtype_name, "skipped", message=unavailable))
                     continue
@@ -142,6 +146,14 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return results
+
+
+def devices_for(case: Case, devices: tuple[str, ...]) -> tuple[str, ...]:
+    """The devices `case` is checked on: a numpy case is a CPU case, with no other device's
+    results (asked for none but other devices, it has one, skipped with the reason)."""
+    if not case.numpy:
+        return devices
+    return ("cpu",) if "cpu" in devices else devices[:1]
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
@@ -216,10 +228,14 @@ def check_combination(
             checks, autograd = checked.checks, checked.gradients["autograd"]
             if point.seed is None:
                 checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol))
+                # numpy case: no autograd; the baseline keeps the manual gradient instead
+                stored = autograd if autograd is not None else checked.gradients["manual"]
                 reference = {
-                    "loss": float(autograd.loss),
-                    "gradients": {k: autograd.values[k].cpu().double().tolist() for k in point.params},
+                    "loss": float(autograd.loss if autograd is not None else numerical.loss),
+                    "gradients": {k: stored.values[k].cpu().double().tolist() for k in point.params},
                 }
+                if autograd is None:
+                    reference["source"] = "manual"
             for note in (numerical.note, checked.note):
                 if note and note not in notes:
                     notes.append(note)
@@ -262,8 +278,13 @@ def check_point(
     random directions disagree is bisected down to the elements behind it. Below float64, the
     tolerance also allows for the dtype's rounding at this very point.
     """
-    autograd = SOURCES["autograd"](case, point, device, dtype)
-    require_finite_loss(autograd.loss, point)
+    if case.numpy:  # no autograd for numpy code; its forward still runs in the run's dtype
+        autograd = None
+        at = point.cast(dtype)
+        require_finite_loss(call_forward(case, at.params, at.data)[0], point)
+    else:
+        autograd = SOURCES["autograd"](case, point, device, dtype)
+        require_finite_loss(autograd.loss, point)
     manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
     clash = set(numerical.gradients.nodes) & set(point.params)
     if clash:
@@ -278,7 +299,7 @@ def check_point(
     except CaseTimeout as exc:  # the directions that disagree still make a mismatch below
         timed_out, note = exc, f"{exc} while locating the wrong elements"
     checks = compare(numerical.gradients, autograd, manual, params, tol, noise)
-    if device != "cpu" and timed_out is None:
+    if device != "cpu" and timed_out is None and autograd is not None:
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
         checks.extend(device_checks(autograd, on_cpu, params, device, tol))
     gradients = {"manual": manual, "numerical": numerical.gradients, "autograd": autograd}

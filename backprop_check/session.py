@@ -28,7 +28,7 @@ from .formats import text
 from .loader import load
 from .options import plan_from
 from .report import Report, Result
-from .runner import Plan, check_case, device_unavailable
+from .runner import Plan, check_case, device_unavailable, devices_for
 
 DEFAULT_PATHS = ("cases",)
 FAILING = ("mismatch", "error")
@@ -82,7 +82,7 @@ class CheckSession:
 
     def items(self, parent: CaseFile, cases: list[Case]) -> Iterator[CaseItem]:
         for case in cases:
-            for device in self.plan.devices:
+            for device in devices_for(case, self.plan.devices):  # a numpy case: the CPU only
                 for dtype in self.plan.dtypes:
                     name = f"{case.name}[{device}-{dtype}]"
                     yield CaseItem.from_parent(parent, name=name, case=case, device=device, dtype=dtype)

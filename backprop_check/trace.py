@@ -222,14 +222,16 @@ class Trace:
             raise CaseError(f"{exc} (at step {step}, {where})") from exc
         autograd, manual = checked.gradients["autograd"], checked.gradients["manual"]
         numerical = checked.gradients["numerical"]
-        loss = float(autograd.loss)
+        # A numpy case has no autograd: its loop steps with the manual gradient, as the tutorial's does.
+        stepper = autograd if autograd is not None else manual
+        loss = float(autograd.loss if autograd is not None else numerical.loss)
         outcome = outcome_of(point, checked.checks, checked.gradients, self.case)
         self.steps.append(_step_record(step, epoch, index, loss, params, numerical, autograd, manual, outcome.verdict))
         self.steps[-1]["tolerance_ratio"] = max((c.ratio for c in checked.checks), default=0.0)
         if outcome.verdict == MISMATCH:
             self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol.describe())
             self.steps[-1]["checks"] = [check.to_dict() for check in checked.checks]
-        return {k: autograd.values[k] for k in point.params}, loss
+        return {k: stepper.values[k] for k in point.params}, loss
 
     def predict(self, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]) -> Any:
         """Node 'y_hat' with the first datum set to --predict (the other data: the first sample)."""

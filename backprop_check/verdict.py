@@ -162,7 +162,8 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         values = [f"numerical {check.numerical:.8g} ± {check.error_bar:.2g}"]
         if check.manual is not None:
             values.insert(0, f"manual {check.manual:.8g}")
-        values.append(f"autograd {check.autograd:.8g}")
+        if check.autograd is not None:  # None for a numpy case
+            values.append(f"autograd {check.autograd:.8g}")
         text = (
             f"dloss/d{check.label}: {', '.join(values)}; error {check.abs_err:.3g} "
             f"(rel {check.rel_err:.3g}), {check.ratio:.3g}× the tolerance {check.allowed:.3g} ({tolerance}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ..arrays import NUMPY_NOTE
 from ..compare import Check
 from ..report import VERDICTS, Report, Result
 
@@ -33,6 +34,9 @@ def lines(report: Report) -> list[str]:
         out.append("|---|---|---|---|---|---:|---:|---:|---|")
         out += [_row(result) for result in flagged]
     out += _skipped(report.results)
+    numpy_cases = sorted({r.case for r in report.results if NUMPY_NOTE in r.notes})
+    if numpy_cases:
+        out += ["", f"ℹ️ {', '.join(f'`{name}`' for name in numpy_cases)}: {NUMPY_NOTE}"]
     out += _collapsed([r for r in report.results if r.verdict == "ok"])
     out += ["", f"<sub>{report.seconds:.2f}s</sub>"]
     return out

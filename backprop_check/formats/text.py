@@ -12,6 +12,7 @@ from __future__ import annotations
 import textwrap
 from collections import defaultdict
 
+from ..arrays import NUMPY_NOTE
 from ..report import Report, Result
 from ..terminal import Style
 
@@ -44,6 +45,7 @@ def lines(report: Report, style: Style | None = None) -> list[str]:
     for result in details:
         out.extend(_details(result, style))
     out.extend(_skipped(report.results))
+    out.extend(_numpy(report.results, style.width))
     out.append("")
     summary = report.summary
     counted = ", ".join(
@@ -138,6 +140,8 @@ def _details(result: Result, style: Style) -> list[str]:
     for hint in result.hints:
         out.extend(textwrap.wrap(f"hint: {hint}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     for note in result.notes:
+        if note == NUMPY_NOTE:  # said once for every numpy case, below the table
+            continue
         out.extend(textwrap.wrap(f"note: {note}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     return out
 
@@ -148,6 +152,11 @@ def _skipped(results: list[Result]) -> list[str]:
         if result.verdict == "skipped":
             reasons[result.message].append(result.id)
     return [f"skipped {len(ids)}: {reason}" for reason, ids in reasons.items()]
+
+
+def _numpy(results: list[Result], width: int) -> list[str]:
+    names = sorted({result.case for result in results if NUMPY_NOTE in result.notes})
+    return textwrap.wrap(f"note: {', '.join(names)}: {NUMPY_NOTE}", width, subsequent_indent="    ") if names else []
 
 
 def _num(value: object, width: int) -> str:

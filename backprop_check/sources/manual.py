@@ -1,4 +1,5 @@
-"""The manual source: the user's hand-derived chain rule (torch or numpy code)."""
+"""The manual source: the user's hand-derived chain rule (torch or numpy code; a numpy case's
+`.manual` receives numpy arrays, see arrays.py)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -7,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..arrays import gradient_value
 from ..case import Case
 from ..errors import CaseError
 from ..forward import arguments, call_user
@@ -23,7 +25,10 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
         returned = call_user(case, "manual gradient", case.manual_fn, kwargs)
     if not isinstance(returned, Mapping):
         raise CaseError(f"the manual gradient must return a dict, got {type(returned).__name__}")
-    values = {str(name): _as_tensor(name, value, device) for name, value in returned.items()}
+    if case.numpy:
+        values = {str(name): gradient_value(name, value) for name, value in returned.items()}
+    else:
+        values = {str(name): _as_tensor(name, value, device) for name, value in returned.items()}
     return Gradients("manual", values)
 
 

@@ -43,6 +43,7 @@ from ..errors import CaseTimeout
 from ..forward import call_forward
 from ..points import Point, derive_seed
 from . import Direction, Gradients
+from .inplace import InPlace
 
 RELATIVE_STEP = 1e-4
 # Rounding of one float64 forward pass, relative to |loss|: summing n terms costs up to ~√n eps.
@@ -156,7 +157,8 @@ class FiniteDifferences:
             offsets = {k: values[k] for k in nodes}
             return call_forward(case, params, at.data, offsets)[0].to(torch.float64)
 
-        self.batched = Batched(loss)
+        # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
+        self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
 
     def estimate(
         self,
@@ -346,6 +348,8 @@ def evaluate(
     (4, size) matrix (NaN for elements not in `index`)."""
     base = flat.join(targets)
     index = torch.as_tensor(index, dtype=torch.int64)
+    if isinstance(batched, InPlace):  # a numpy forward (inplace.py)
+        return batched.elements(flat, h, index, OFFSETS)
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
     per_chunk = max(1, min(MAX_BATCH // len(OFFSETS), MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * flat.size)))
     offsets = torch.tensor(OFFSETS, dtype=torch.float64)
