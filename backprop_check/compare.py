@@ -290,7 +290,7 @@ class Referee:
     base: torch.Tensor  # error bars plus the dtype's tolerance, before rounding allowances
 
     @classmethod
-    def at(cls, name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -> Referee:
+    def at(cls, name: str, numerical: Gradients, sides: Sides, tol: Tolerance, largest: float = 0.0) -> Referee:
         mask = numerical.checked.get(name)
         size = sides.size
         estimated = torch.arange(size) if mask is None else mask.reshape(-1).nonzero().reshape(-1)
@@ -306,7 +306,10 @@ class Referee:
         if mask is not None:  # a sample's largest value is not the tensor's
             known = sides.subject[torch.isfinite(sides.subject)]
             scale = max(scale, float(known.abs().max()) if known.numel() else 0.0)
-        base = ERROR_BARS * e + tol.allowed(n, scale)
+        # The floor: a source's gradient of an element that is exactly zero is its rounding
+        # (a bias cancelled by batch normalization: 4.7e-9 in float32), which the allowances
+        # measured from that element's own float64 value (1e-18) cannot see.
+        base = ERROR_BARS * e + tol.allowed(n, scale) + tol.floor(largest)
         rounding = torch.maximum(sides.rounding_a[estimated], sides.rounding_m[estimated])
         kink = numerical.kink[name].reshape(-1)[estimated]
         # Five function values cannot tell a kink from a smooth function's curvature within a
@@ -345,7 +348,7 @@ def compare_tensor(
     """Compare one tensor's gradients: manual against autograd at every element, each against
     the numerical reference where it was estimated, and along its random directions."""
     size = sides.size
-    referee = Referee.at(name, numerical, sides, tol)
+    referee = Referee.at(name, numerical, sides, tol, largest)
     ma_diff, ma_allowed = sides.between(tol, largest)
     ma_ratio = _ratio(ma_diff, ma_allowed)
     none = torch.zeros(size, dtype=torch.float64)
@@ -356,7 +359,7 @@ def compare_tensor(
         # Below float64 the float64 twins are judged too, by float64's tolerance: a derivation
         # bug is in them as well, without the dtype's rounding to hide in.
         exact = Sides(sides.shape, sides.twin_a, sides.twin_m, torch.zeros_like(sides.rounding_a), torch.zeros_like(sides.rounding_m))
-        twin_referee = Referee.at(name, numerical, exact, tol.twin)
+        twin_referee = Referee.at(name, numerical, exact, tol.twin, largest)
         twin_ma = exact.between(tol.twin, largest)
         a_ratio = torch.maximum(a_ratio, twin_referee.ratio(exact.autograd, exact.rounding_a))
         if exact.manual is not None:

@@ -6,12 +6,14 @@ nothing to differentiate: each is a broken case (`error`), not a noisy mismatch.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import CaseError
 from .case import Case
 from .forward import call_forward
-from .points import Point
+from .points import Point, with_data
 from .sources import Gradients
 from .compare import unravel
 
@@ -84,3 +86,37 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+
+
+def numbers_among_integers(case: Case, given: Point) -> tuple[Point, list[str]]:
+    """Integer data are labels or indices, held fixed at every point, unless they are numbers
+    written without a decimal point (`x=1` for `x=1.0`): a datum that the forward accepts as a
+    float, giving the same loss, is one. Those become float data, rounded to the run's dtype
+    and redrawn at random points like any other, so that a manual gradient that forgets a
+    factor x is not hidden by x = 1 at every point. The ones still held fixed are named in a
+    note, with what that cannot see."""
+    integers = [name for name, value in given.data.items() if not value.is_floating_point() and value.dtype != torch.bool]
+    if not integers:
+        return given, []
+    with torch.no_grad():
+        loss, _ = call_forward(case, given.params, given.data)
+    numbers = {}
+    for name in integers:
+        as_float = given.data[name].to(torch.float64)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                other, _ = call_forward(case, given.params, {**given.data, name: as_float})
+        except CaseError:  # an index, a label, a size: it must stay an integer
+            continue
+        if torch.equal(other.to(loss.dtype), loss):
+            numbers[name] = as_float
+    fixed = [name for name in integers if name not in numbers]
+    notes = []
+    if fixed:
+        names = ", ".join(repr(name) for name in fixed)
+        notes.append(
+            f"integer data {names} are held fixed at every point (labels or indices): a gradient's "
+            "dependence on them is not varied; give them as floats (1.0) if they are numbers"
+        )
+    return with_data(given, numbers), notes

@@ -141,7 +141,14 @@ def as_value(name: str, value: Any) -> torch.Tensor:
             tensor = torch.as_tensor(np.asarray(value))
         except (TypeError, ValueError, RuntimeError):
             raise CaseError(f"{name!r} is not a number, array or tensor: got {reprlib.repr(value)}") from None
-    if tensor.is_floating_point() or tensor.is_complex():
+    if tensor.is_complex():
+        # Cast to float64, torch keeps only the real part (with a warning): a check of what is
+        # left would pass a gradient that forgets a conjugate. Say so instead.
+        raise CaseError(
+            f"{name!r} is complex ({tensor.dtype}): complex values are not supported yet; "
+            "split them into real and imaginary parts (two real tensors) to check them"
+        )
+    if tensor.is_floating_point():
         return tensor.to(torch.float64).clone()
     if tensor.dtype == torch.bool:
         return tensor.clone()
@@ -150,10 +157,12 @@ def as_value(name: str, value: Any) -> torch.Tensor:
 
 def as_float(name: str, value: Any) -> torch.Tensor:
     """A parameter as a float64 CPU tensor (an integer initial value becomes a float)."""
-    tensor = as_value(name, value)
-    if tensor.is_complex():
-        raise CaseError(f"parameter {name!r} is complex; only real parameters are supported")
-    return tensor.to(torch.float64)
+    return as_value(name, value).to(torch.float64)
+
+
+def with_data(point: Point, data: Mapping[str, torch.Tensor]) -> Point:
+    """`point` with some of its data replaced."""
+    return Point(point.label, point.seed, point.params, {**point.data, **data})
 
 
 def _resolve(case: Case, name: str, spec: Any, gen: torch.Generator) -> Any:

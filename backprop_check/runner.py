@@ -17,7 +17,7 @@ from . import rounding
 from .limits import time_limit
 from .loader import LoadFailure, load
 from .points import Point, given_point, random_point
-from .guards import check_forward_is_pure, empty_parameters, require_finite_gradient, require_finite_loss
+from .guards import check_forward_is_pure, empty_parameters, numbers_among_integers, require_finite_gradient, require_finite_loss
 from .references import device_checks, expect_checks
 from .report import Report, Result
 from .verdict import Outcome, error_result, outcome_of, result_for, summarize
@@ -176,6 +176,8 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
     given = given_point(case, plan.seed)
     notes = empty_parameters(given)
     check_forward_is_pure(case, given)
+    given, fixed = numbers_among_integers(case, given)
+    notes.extend(fixed)
     points = [given]
     cache: dict[tuple[str, str], Reference] = {}
     for index in range(1, plan.points + 1):

@@ -1,0 +1,168 @@
+"""The default mode's guarantee, as the README states it, checked on planted bugs.
+
+One element of one weight matrix of a softmax cross-entropy layer (integer labels) is wrong by
+a relative 1e-3 in float64 or 5e-2 in float32: in the hand-written gradient (three-way, the
+culprit is manual) or in a custom backward that autograd runs (two-way, the culprit is
+autograd). Whatever the element (a small one, a median one, the largest) and whatever the size
+(10k to 1M elements), the default mode reports a mismatch, names the culprit and the element.
+The same models without the bug are ok at several random points in both dtypes.
+"""
+from __future__ import annotations
+
+import torch
+import pytest
+
+from backprop_check import case, run
+
+RELATIVE = {"float64": 1e-3, "float32": 5e-2}
+
+
+def layer(inputs: int, outputs: int, batch: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "W": torch.randn(inputs, outputs, generator=gen, dtype=torch.float64) / inputs**0.5,
+        "X": torch.randn(batch, inputs, generator=gen, dtype=torch.float64),
+        "y": torch.randint(0, outputs, (batch,), generator=gen),
+    }
+
+
+def true_gradient(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d cross_entropy(X·W, y) / dW, by hand: Xᵀ (softmax − onehot) / N."""
+    p = torch.softmax(X @ W, dim=1)
+    p[torch.arange(len(y)), y] -= 1
+    return X.T @ p / len(y)
+
+
+def three_way(model: dict[str, torch.Tensor], element: int | None, factor: float):
+    def cross_entropy(W, X, y):
+        return torch.nn.functional.cross_entropy(X @ W, y)
+
+    checked = case(params={"W": model["W"]}, data={"X": model["X"], "y": model["y"]}, name="three_way")(cross_entropy)
+
+    @checked.manual
+    def by_hand(W, X, y):
+        g = true_gradient(W, X, y)
+        if element is not None:
+            g.view(-1)[element] *= factor
+        return {"W": g}
+
+    return checked
+
+
+def two_way(model: dict[str, torch.Tensor], element: int | None, factor: float):
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, X, W):
+            ctx.save_for_backward(X, W)
+            return X @ W
+
+        @staticmethod
+        def backward(ctx, grad):
+            X, W = ctx.saved_tensors
+            grad_W = X.T @ grad
+            if element is not None:
+                grad_W.view(-1)[element] *= factor
+            return grad @ W.T, grad_W
+
+    def cross_entropy(W, X, y):
+        return torch.nn.functional.cross_entropy(Linear.apply(X, W), y)
+
+    return case(params={"W": model["W"]}, data={"X": model["X"], "y": model["y"]}, name="two_way")(cross_entropy)
+
+
+def planted(model: dict[str, torch.Tensor], where: str) -> int:
+    """The flat element at a magnitude quantile of the true gradient: 'small' (the 10th
+    percentile), 'median' or 'largest'."""
+    magnitude = true_gradient(model["W"], model["X"], model["y"]).abs().reshape(-1)
+    order = torch.argsort(magnitude)
+    return int(order[{"small": len(order) // 10, "median": len(order) // 2, "largest": -1}[where]])
+
+
+SIZES = {"10k": (100, 100), "100k": (320, 320), "1M": (1000, 1000)}
+CASES = [
+    pytest.param(size, where, dtype, id=f"{size}-{where}-{dtype}")
+    for size, wheres in (("10k", ("small", "median", "largest")), ("100k", ("small", "median")), ("1M", ("small",)))
+    for where in wheres
+    for dtype in ("float64", "float32")
+]
+
+
+@pytest.mark.parametrize("build, culprit", [(three_way, "manual"), (two_way, "autograd")], ids=["three-way", "two-way"])
+@pytest.mark.parametrize("size, where, dtype", CASES)
+def test_one_wrong_element_is_caught_named_and_blamed(build, culprit, size, where, dtype):
+    model = layer(*SIZES[size])
+    element = planted(model, where)
+    checked = build(model, element, 1 + RELATIVE[dtype])
+    result = run([checked], devices=["cpu"], dtypes=[dtype], points=1).results[0]
+    assert (result.verdict, result.culprit) == ("mismatch", culprit), result.message
+    rows, columns = divmod(element, model["W"].shape[1])
+    assert result.checks[0].label == f"W[{rows}, {columns}]"
+
+
+@pytest.mark.parametrize("build", [three_way, two_way], ids=["three-way", "two-way"])
+@pytest.mark.parametrize("size", ["10k", "100k"])
+def test_the_same_models_without_the_bug_agree_at_random_points_in_both_dtypes(build, size):
+    report = run([build(layer(*SIZES[size], seed=1), None, 1.0)], devices=["cpu"], points=3)
+    assert [r.verdict for r in report.results] == ["ok", "ok"], [r.message for r in report.results]
+
+
+def test_each_result_says_how_each_tensor_was_checked():
+    model = layer(100, 100)
+    result = run([three_way(model, None, 1.0)], devices=["cpu"], dtypes=["float64"], points=0).results[0]
+    coverage = result.to_dict()["checks"][0]["coverage"]
+    assert coverage["elements"] == coverage["manual_vs_autograd"] == 10_000
+    assert 0 < coverage["numerical"] < 10_000 and coverage["directions"] >= 2
+
+
+def test_a_gradient_that_is_exactly_zero_is_no_false_alarm():
+    """A bias cancelled by batch normalization: dloss/db1 = 0, the sources give ±1e-18."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
+
+    def normalized(W1, b1, W2, X, y):
+        h = X @ W1 + b1
+        h = (h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt()
+        return ((torch.tanh(h) @ W2 - y) ** 2).mean()
+
+    params = {"W1": torch.randn(4, 8, generator=gen, dtype=torch.float64), "b1": torch.randn(8, generator=gen, dtype=torch.float64),
+              "W2": torch.randn(8, 1, generator=gen, dtype=torch.float64)}
+    checked = case(params=params, data={"X": X, "y": y}, name="batch_norm_bias")(normalized)
+
+    @checked.manual
+    def by_autograd_twice(W1, b1, W2, X, y):  # an exact gradient computed another way: by a second graph
+        values = {k: v.clone().requires_grad_(True) for k, v in {"W1": W1, "b1": b1, "W2": W2}.items()}
+        with torch.enable_grad():
+            loss = normalized(values["W1"], values["b1"], values["W2"], X, y)
+            grads = torch.autograd.grad(loss * 1.0, list(values.values()))
+        return dict(zip(values, grads))
+
+    report = run([checked], devices=["cpu"], points=2)
+    assert [r.verdict for r in report.results] == ["ok", "ok"], [r.message for r in report.results]
+
+
+def test_integer_numbers_are_redrawn_like_floats_so_a_forgotten_factor_shows():
+    @case(params={"w": 1}, data={"x": 1, "y": 2})
+    def linear(w, x, y):
+        return (w * x - y) ** 2
+
+    linear.manual(lambda w, x, y: {"w": 2 * (w * x - y)})  # forgets the factor x
+    result = run([linear], devices=["cpu"], dtypes=["float64"]).results[0]
+    assert (result.verdict, result.culprit) == ("mismatch", "manual")
+
+
+def test_integer_labels_stay_fixed_and_the_result_says_so():
+    model = layer(6, 3)
+    result = run([three_way(model, None, 1.0)], devices=["cpu"], dtypes=["float64"], points=1).results[0]
+    assert result.verdict == "ok"
+    assert any("'y'" in note and "held fixed" in note for note in result.notes)
+
+
+def test_a_complex_value_is_an_error_not_its_real_part():
+    @case(params={"z": [0.3 + 1.2j, -0.5 + 0.1j]})
+    def power(z):
+        return (z.abs() ** 2).sum()
+
+    result = run([power], devices=["cpu"], dtypes=["float64"]).results[0]
+    assert result.verdict == "error"
+    assert "'z' is complex" in result.message
