@@ -237,7 +237,8 @@ class Baseline:
         added = sorted(set(entries) - set(stored))
         changed = [key for key in entries if key in stored and _values(entries[key]) != _values(stored[key])]
         dropped = self.stale(report, stored)
-        kept = len(entries) - len(added) - len(changed)
+        ran = {result.id for result in report.results if result.reference is not None}
+        kept = sum(1 for key in entries if key not in ran)  # left as they were: not in this run
         report.baseline = self._found(missing=[], stale=dropped, drifted=changed, updated=True)
         line = f"baseline {self.path}: wrote {len(entries)} entries ({len(changed)} changed, {len(added)} added, {len(dropped)} dropped, {kept} kept)"
         return [line + (f"; dropped: {_some(dropped)}" if dropped else "")]

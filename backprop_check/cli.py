@@ -59,7 +59,8 @@ def command_run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(rendered)
     if report.not_checked:
-        accept = "--allow-skip skips it instead" if report.strict_devices else "--allow-empty accepts that"
+        missing_device = report.strict_devices and report.summary["skipped"]
+        accept = "--allow-skip skips it instead" if missing_device else "--allow-empty accepts that"
         print(f"backprop-check: {report.not_checked}; {accept}", file=sys.stderr)
     if args.traceback:
         _print_tracebacks(report)
