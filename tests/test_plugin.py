@@ -216,8 +216,9 @@ def test_under_xdist_each_case_is_checked_once_and_the_controller_never_imports_
     cases.makepyfile(**{"cases/more": CASES.replace("def linear", "def other").replace("@linear", "@other").replace("def forgot_x", "def forgot_y").replace("@forgot_x", "@forgot_y")})
     monkeypatch.setenv("CHECKED", str(cases.path / "checked.log"))
     monkeypatch.setenv("CONTROLLER", str(cases.path / "controller.log"))
-    result = cases.runpytest_subprocess("cases", "-n", "2", "--bc-device", "cpu", *FAST)
-    result.assert_outcomes(passed=4, failed=4)
+    # Three runs a case, so that xdist's `load` batches (4 items) would cut through cases.
+    result = cases.runpytest_subprocess("cases", "-n", "2", "--bc-device", "cpu", "--bc-dtype", "float64,float32,bfloat16", *FAST)
+    assert result.parseoutcomes()["passed"] + result.parseoutcomes()["failed"] == 12
     checked = (cases.path / "checked.log").read_text().splitlines()
-    assert sorted(checked) == sorted(f"{name} float64,float32" for name in ("linear", "forgot_x", "other", "forgot_y"))
+    assert sorted(checked) == sorted(f"{name} float64,float32,bfloat16" for name in ("linear", "forgot_x", "other", "forgot_y"))
     assert (cases.path / "controller.log").read_text() == "False"
