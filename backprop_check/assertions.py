@@ -45,5 +45,6 @@ def assert_gradients(
     report = run(checked, devices=devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout)
     if report.exit_code:
         verdicts = ", ".join(f"{count} {verdict}" for verdict, count in report.summary.items() if count and verdict in ("mismatch", "error"))
+        verdicts = verdicts or str(report.not_checked)
         raise AssertionError(f"gradients of {checked.name!r}: {verdicts}\n\n{text.render(report).rstrip()}")
     return report

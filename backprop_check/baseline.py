@@ -9,14 +9,21 @@ gradient). The run's values then go to `FILE.obtained.json` beside the baseline,
 message names the command that accepts them (`--update-baseline`).
 
 The file is JSON with sorted keys and one number per line, so a baseline update reads as a
-diff. A result the baseline does not know is a note (a failure with `--baseline-strict`); an
-entry that no result of the run has is listed as stale, and `--update-baseline` drops it.
+diff. Each entry also names its case file (relative to the baseline's folder).
+
+`--update-baseline` touches only the results the run has: entries of cases, devices or dtypes
+that `-k`, `--device`, `--dtype` or the paths left out stay as they are. A result the baseline
+does not know is a note (a failure with `--baseline-strict`). An entry is stale only when its
+case is gone: its file no longer exists, or no file the run read defines the case any more;
+stale entries are listed (also in the JSON, JUnit and Markdown reports) and an update drops
+them. An entry written before entries named their file is judged by its case name alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +34,7 @@ import torch
 
 from .compare import MISMATCH, Check, unravel
 from .errors import UsageError
-from .formats import write_atomic
+from .formats import STDOUT, check_writable, write
 from .report import Report, Result
 
 FORMAT = 1
@@ -144,14 +151,15 @@ class Baseline:
         return entries
 
     def apply(self, report: Report) -> list[str]:
-        """Compare (or, with --update-baseline, rewrite) and return lines for the user."""
+        """Compare (or, with --update-baseline, rewrite) and return lines for the user; what was
+        found also goes to `report.baseline`, for the JSON, JUnit and Markdown reports."""
         stored = self.read()
         return self._write(report, stored) if self.update else self._compare(report, stored)
 
     def _compare(self, report: Report, stored: dict[str, Any]) -> list[str]:
         lines: list[str] = []
         missing: list[str] = []
-        drifted = 0
+        drifted: list[str] = []
         for result in report.results:
             if result.reference is None:
                 continue
@@ -159,19 +167,21 @@ class Baseline:
                 missing.append(result.id)
                 self._missing(result)
                 continue
-            drifted += self._drift(result, stored[result.id])
+            if self._drift(result, stored[result.id]):
+                drifted.append(result.id)
         if not self.path.exists():
             lines.append(f"baseline {self.path} does not exist yet; create it with: {self.command}")
         elif missing:
             lines.append(f"baseline {self.path}: {len(missing)} results not in it ({_some(missing)}); add them with: {self.command}")
         stale = self.stale(report, stored)
         if stale:
-            lines.append(f"baseline {self.path}: {len(stale)} stale entries, in the baseline but not in this run ({_some(stale)}); --update-baseline drops them")
+            lines.append(f"baseline {self.path}: {len(stale)} stale entries, whose case is gone ({_some(stale)}); --update-baseline drops them")
         if drifted or (self.strict and missing):
-            write_atomic(self.obtained, self.render(self.entries(report, stored)))
-            lines.append(f"baseline {self.path}: {drifted} results drifted; this run's values are in {self.obtained}; accept them with: {self.command}")
-        else:
+            write(self.obtained, self.render(self.entries(report, stored)))
+            lines.append(f"baseline {self.path}: {len(drifted)} results drifted; this run's values are in {self.obtained}; accept them with: {self.command}")
+        elif not report.partial:
             self.obtained.unlink(missing_ok=True)  # an old one would describe a drift that is gone
+        report.baseline = self._found(missing=missing, stale=stale, drifted=drifted, updated=False)
         return lines
 
     def _drift(self, result: Result, entry: Mapping[str, Any]) -> int:
@@ -219,33 +229,63 @@ class Baseline:
             result.notes.append(text)
 
     def _write(self, report: Report, stored: dict[str, Any]) -> list[str]:
+        if report.partial:
+            report.baseline = self._found(missing=[], stale=[], drifted=[], updated=False)
+            return [f"baseline {self.path}: not updated, the run was interrupted"]
         entries = self.entries(report, stored)
-        write_atomic(self.path, self.render(entries))
+        write(self.path, self.render(entries))
         self.obtained.unlink(missing_ok=True)
         added = sorted(set(entries) - set(stored))
-        changed = [key for key in entries if key in stored and entries[key] != stored[key]]
+        changed = [key for key in entries if key in stored and _values(entries[key]) != _values(stored[key])]
         dropped = self.stale(report, stored)
-        line = f"baseline {self.path}: wrote {len(entries)} entries ({len(changed)} changed, {len(added)} added, {len(dropped)} dropped)"
+        ran = {result.id for result in report.results if result.reference is not None}
+        kept = sum(1 for key in entries if key not in ran)  # left as they were: not in this run
+        report.baseline = self._found(missing=[], stale=dropped, drifted=changed, updated=True)
+        line = f"baseline {self.path}: wrote {len(entries)} entries ({len(changed)} changed, {len(added)} added, {len(dropped)} dropped, {kept} kept)"
         return [line + (f"; dropped: {_some(dropped)}" if dropped else "")]
 
-    @staticmethod
-    def entries(report: Report, stored: Mapping[str, Any]) -> dict[str, Any]:
-        """The baseline after this run: its results' values; a result without values (skipped,
-        broken) keeps its stored entry; an entry no result has is dropped."""
-        entries: dict[str, Any] = {}
+    def _found(self, *, missing: list[str], stale: list[str], drifted: list[str], updated: bool) -> dict[str, Any]:
+        """What the reports show of this baseline (`Report.baseline`)."""
+        return {"file": str(self.path), "missing": missing, "stale": stale, "drifted": drifted, "updated": updated, "command": self.command}
+
+    def entries(self, report: Report, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """The baseline after this run: every stored entry but the stale ones, with this run's
+        values where it has them (a result without values, skipped or broken, keeps its entry)."""
+        stale = set(self.stale(report, stored))
+        entries = {key: entry for key, entry in stored.items() if key not in stale}
         for result in report.results:
             if result.reference is not None:
-                entries[result.id] = _jsonable({"loss": result.reference["loss"], "gradients": result.reference["gradients"]})
-            elif result.id in stored:
-                entries[result.id] = stored[result.id]
+                entry = {"loss": result.reference["loss"], "gradients": result.reference["gradients"]}
+                if result.file:
+                    entry["file"] = self._relative(result.file)
+                entries[result.id] = _jsonable(entry)
         return entries
 
-    @staticmethod
-    def stale(report: Report, stored: Mapping[str, Any]) -> list[str]:
-        """Entries in the baseline that no result of this run has: a renamed or removed case,
-        or one this run did not select."""
-        ids = {result.id for result in report.results}
-        return sorted(key for key in stored if key not in ids)
+    def stale(self, report: Report, stored: Mapping[str, Any]) -> list[str]:
+        """Entries whose case is gone: their file no longer exists, or no file this run read
+        defines the case. An entry of a file this run did not read (or could not import), or
+        of a case it did not select, is not stale."""
+        read = {Path(file).resolve(): set(names) for file, names in report.files.items()}
+        defined = set().union(*read.values()) | {result.case for result in report.results if result.device != "-"}
+        # An old entry names no file: judged by its case name, and only when every file loaded.
+        judge_old = bool(read) and not any(result.device == "-" for result in report.results)
+        gone = []
+        for key, entry in stored.items():
+            name = key.rsplit("[", 1)[0]
+            if name in defined:
+                continue
+            file = entry.get("file") if isinstance(entry, Mapping) else None
+            if file is None:
+                if judge_old:
+                    gone.append(key)
+                continue
+            where = (self.path.parent / file).resolve()
+            if where in read or not where.exists():
+                gone.append(key)
+        return sorted(gone)
+
+    def _relative(self, file: str) -> str:
+        return Path(os.path.relpath(Path(file).resolve(), self.path.parent.resolve())).as_posix()
 
     @staticmethod
     def render(entries: Mapping[str, Any]) -> str:
@@ -263,6 +303,8 @@ def from_args(args: argparse.Namespace) -> Baseline | None:
         return None
     if args.baseline_rtol is not None and not args.baseline_rtol >= 0:
         raise UsageError(f"--baseline-rtol must be 0 or more, got {args.baseline_rtol}")
+    if args.baseline == STDOUT:
+        raise UsageError("--baseline needs a file: it is read and written")
     baseline = Baseline(
         Path(args.baseline),
         Threshold(args.baseline_rtol),
@@ -271,6 +313,10 @@ def from_args(args: argparse.Namespace) -> Baseline | None:
         command=update_command(args),
     )
     baseline.read()  # a corrupt file is a usage error now, not after a long run
+    if baseline.update:
+        check_writable(baseline.path, "--baseline")
+    else:
+        check_writable(baseline.obtained, "--baseline writes a drift's values to")
     return baseline
 
 
@@ -326,6 +372,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(item) for item in value]
     return value
+
+
+def _values(entry: Any) -> Any:
+    """An entry without its file: what `changed` compares."""
+    return {key: value for key, value in entry.items() if key != "file"} if isinstance(entry, Mapping) else entry
 
 
 def _some(ids: list[str], shown: int = 5) -> str:

@@ -1,6 +1,8 @@
 """`backprop-check`: run, list (and the commands registered in COMMANDS).
 
-Exit status: 0 all ok; 1 at least one mismatch; 2 a usage error or a broken case (2 wins).
+Exit status: 0 all ok; 1 at least one mismatch; 2 a usage error or a broken case (2 wins);
+5 nothing was checked, or a device asked for by name is not available (1 and 2 win);
+130 interrupted (Ctrl-C), after writing the partial report.
 A user's mistake is one line naming the file, case and reason; `--traceback` shows the rest.
 """
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dataclasses import replace
 from . import baseline
 from . import explain, trace
 from .errors import UsageError
-from .formats import FORMATS, text, write_atomic
+from .formats import FORMATS, STDOUT, check_writable, text, write
 from .loader import load
 from .options import add_to_argparse, plan_from
+from .report import EXIT_INTERRUPTED, Interrupted, Report
 from .runner import run_plan
 from .terminal import Progress, style_for
 
@@ -27,7 +30,8 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", dest="select", metavar="EXPR", help="select cases by name: 'linear and not mse'")
     add_to_argparse(parser)
     parser.add_argument("--format", choices=sorted(FORMATS), default="text", help="report format (default: text)")
-    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout ('-' is stdout; a regular file is replaced atomically)")
+    parser.add_argument("--allow-empty", action="store_true", help="exit 0 when nothing was checked (no case defined or selected, every result skipped) instead of 5")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of a broken case")
     baseline.add_to_argparse(parser)
 
@@ -36,27 +40,50 @@ def command_run(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr)  # does nothing unless stderr is a terminal
     plan = replace(plan_from(lambda name: getattr(args, name), select=args.select), progress=progress)
     gate = baseline.from_args(args)
+    if args.output:
+        check_writable(args.output, "--output")  # now, not after a long run
     try:
         report = run_plan(args.paths or DEFAULT_PATHS, plan)
+    except Interrupted as interrupted:
+        report = interrupted.report
+        print(f"backprop-check: interrupted; the report holds the {len(report.results)} results computed so far", file=sys.stderr)
     finally:
         progress.close()
+    report.allow_empty = args.allow_empty
     for line in gate.apply(report) if gate else []:
         print(line, file=sys.stderr)
-    if args.format == "text" and not args.output:  # the terminal's width and colour, if stdout is one
+    if args.format == "text" and (not args.output or args.output == STDOUT):  # the terminal's width and colour
         rendered = text.render(report, style_for(sys.stdout))
     else:
         rendered = FORMATS[args.format](report)
-    if args.output:
+    if args.output and args.output != STDOUT:
         try:
-            write_atomic(args.output, rendered)
+            write(args.output, rendered)
         except OSError as exc:
             raise UsageError(f"cannot write the report to {args.output}: {exc.strerror or exc}") from None
         print(f"{report.summary['total']} results written to {args.output} (exit {report.exit_code})")
+        for line in failing(report):  # so that the CI log says what failed
+            print(line)
     else:
         sys.stdout.write(rendered)
+    if report.not_checked:
+        missing_device = report.strict_devices and report.summary["skipped"]
+        accept = "--allow-skip skips it instead" if missing_device else "--allow-empty accepts that"
+        print(f"backprop-check: {report.not_checked}; {accept}", file=sys.stderr)
     if args.traceback:
         _print_tracebacks(report)
     return report.exit_code
+
+
+def failing(report: Report) -> list[str]:
+    """One line per mismatch or error: its run, where it is defined, and its message."""
+    lines = []
+    for result in report.results:
+        if result.verdict in ("mismatch", "error"):
+            where = f" ({result.file}:{result.line})" if result.file and result.line and result.device != "-" else ""
+            name = result.id if result.device != "-" else result.case
+            lines.append(f"{result.verdict}: {name}{where}: {' '.join(result.message.split())}")
+    return lines
 
 
 def add_list(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="backprop-check",
         description="Check hand-derived (manual), numerical and autograd gradients against each other.",
-        epilog="exit status: 0 all ok, 1 a gradient mismatch, 2 a usage error or a broken case",
+        epilog="exit status: 0 all ok, 1 a gradient mismatch, 2 a usage error or a broken case, "
+        "5 nothing was checked (or a device named with --device is missing), 130 interrupted",
     )
     top.add_argument("--version", action="version", version=_version())
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -122,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("backprop-check: interrupted", file=sys.stderr)
-        return 2
+        return EXIT_INTERRUPTED
 
 
 def _print_tracebacks(report) -> None:  # noqa: ANN001

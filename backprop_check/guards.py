@@ -90,18 +90,19 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def numbers_among_integers(case: Case, given: Point) -> tuple[Point, list[str]]:
     """Integer data are labels or indices, held fixed at every point, unless they are numbers
-    written without a decimal point (`x=1` for `x=1.0`): a datum that the forward accepts as a
-    float, giving the same loss, is one. Those become float data, rounded to the run's dtype
+    written without a decimal point (`x=1` for `x=1.0`): an integer scalar that the forward
+    accepts as a float, giving the same loss, is one (labels come as arrays). Those become float data, rounded to the run's dtype
     and redrawn at random points like any other, so that a manual gradient that forgets a
     factor x is not hidden by x = 1 at every point. The ones still held fixed are named in a
     note, with what that cannot see."""
     integers = [name for name, value in given.data.items() if not value.is_floating_point() and value.dtype != torch.bool]
+    scalars = [name for name in integers if given.data[name].dim() == 0]
     if not integers:
         return given, []
     with torch.no_grad():
         loss, _ = call_forward(case, given.params, given.data)
     numbers = {}
-    for name in integers:
+    for name in scalars:
         as_float = given.data[name].to(torch.float64)
         try:
             with torch.no_grad(), warnings.catch_warnings():

@@ -98,6 +98,31 @@ def load(
     return _without_duplicates(cases, failures)
 
 
+def inventory(
+    targets: Iterable[str | Path | Case], cases: list[Case], failures: list[LoadFailure]
+) -> dict[str, list[str]]:
+    """Every case file that `load(targets)` read, with the names of the cases it defines (none
+    for a file whose `@case` was lost); a file that could not be imported is left out, since
+    what it defines is unknown. A baseline uses this to tell a case that is gone from one that
+    was not selected."""
+    broken = {failure.file for failure in failures if failure.case is None}
+    files: dict[str, list[str]] = {}
+    for target in targets:
+        if isinstance(target, Case) or not Path(target).exists():
+            continue
+        for file in case_files(Path(target)):
+            shown = _shown(file)
+            if shown not in broken:
+                files.setdefault(shown, [])
+    for found in cases:
+        if found.file in files:
+            files[found.file].append(found.name)
+    for failure in failures:  # a second case of the same name is defined too, if not checked
+        if failure.case is not None and failure.file in files:
+            files[failure.file].append(failure.case)
+    return files
+
+
 def _without_duplicates(
     cases: list[Case], failures: list[LoadFailure]
 ) -> tuple[list[Case], list[LoadFailure]]:

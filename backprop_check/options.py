@@ -1,12 +1,55 @@
-"""The run options, defined once and shared by the CLI and the pytest plugin."""
+"""The run options, defined once and shared by the CLI, the pytest plugin and the Python API:
+their defaults, the `Plan` they make, and how each surface registers them.
+
+This module imports no torch: the pytest plugin registers the options and checks them in every
+pytest process, also in xdist's controller, which never checks a case and so never needs torch.
+"""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .runner import DEVICES, DTYPES, POINTS, TIMEOUT, Plan
+from .errors import UsageError
+from .select import matches
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float64", "float32")
+POINTS = 3
+TIMEOUT = 300.0  # seconds per case: generous, so that only a hanging case meets it
+
+
+@dataclass
+class Plan:
+    """What to check: the options shared by the CLI, the pytest plugin and the Python API."""
+
+    devices: tuple[str, ...] = DEVICES
+    dtypes: tuple[str, ...] = DTYPES
+    points: int = POINTS
+    seed: int = 0
+    select: str | None = None
+    timeout: float | None = TIMEOUT
+    full: bool = False  # check every element of every tensor, however large
+    # The devices were asked for by name (--device): one that is unavailable fails the run
+    # instead of being skipped, as the default "cuda when present" is.
+    strict_devices: bool = False
+    # Called as progress(case, device, dtype, point, points) before each point (see terminal.Progress).
+    progress: Callable[[str, str, str, int, int], None] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for dtype in self.dtypes:
+            if dtype not in ("float64", "float32", "float16", "bfloat16"):
+                raise UsageError(f"unknown dtype {dtype!r} (use float64, float32, float16 or bfloat16)")
+        for device in self.devices:
+            if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+                raise UsageError(f"unknown device {device!r} (use cpu or cuda)")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"--timeout must be positive, got {self.timeout}")
+        if self.points < 0:
+            raise UsageError(f"--points must be 0 or more, got {self.points}")
+        if self.select is not None:
+            matches(self.select, "")  # a -k expression that cannot be parsed fails before the run
 
 
 def _names(text: str) -> list[str]:
@@ -37,6 +80,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "seed of the random points (default: 0)", 0, int, "S"),
     Option("full", "check every element of every tensor (default: a tensor of over 2048 elements is checked along random directions and at a sample of elements; where those disagree, element by element inside the blocks that disagree)", False, type=None, flag=True),
     Option("timeout", f"seconds one case may take before it is reported as an error (default: {TIMEOUT:g})", TIMEOUT, float, "SECONDS"),
+    Option("allow-skip", "a device named with --device that is not available is skipped, as the default cuda is, instead of failing the run", False, type=None, flag=True),
 )
 
 
@@ -68,6 +112,7 @@ def plan_from(values: Callable[[str], Any], select: str | None = None) -> Plan:
         select=select,
         timeout=values("timeout"),
         full=bool(values("full")),
+        strict_devices=bool(devices) and not values("allow_skip"),
     )
 
 
@@ -77,3 +122,11 @@ def _flatten(given: Sequence[str] | str | None) -> list[str]:
     if isinstance(given, str):
         given = [given]
     return [name for item in given for name in _names(item)]
+
+
+def devices_for(case: Any, devices: tuple[str, ...]) -> tuple[str, ...]:
+    """The devices `case` is checked on: a numpy case is a CPU case, with no other device's
+    results (asked for none but other devices, it has one, skipped with the reason)."""
+    if not case.numpy:
+        return devices
+    return ("cpu",) if "cpu" in devices else devices[:1]

@@ -61,12 +61,28 @@ class Result:
         }
 
 
+EXIT_OK = 0
+EXIT_MISMATCH = 1  # a gradient mismatch, or a drift from the baseline
+EXIT_ERROR = 2  # a usage error or a broken case (wins over 1)
+EXIT_NOT_CHECKED = 5  # nothing was checked, or a device asked for by name is not available (as pytest's 5)
+EXIT_INTERRUPTED = 130  # Ctrl-C: the report holds what was computed so far (as shells expect)
+
+
 @dataclass
 class Report:
-    """Every result of a run. `exit_code`: 0 all ok, 1 a mismatch, 2 an error (2 wins)."""
+    """Every result of a run. `exit_code`: 0 all ok, 1 a mismatch, 2 an error (2 wins), 5 when
+    nothing was checked or a device asked for by name is missing (`not_checked` says why; an
+    error or a mismatch wins), 130 when the run was interrupted (`partial`)."""
 
     results: list[Result] = field(default_factory=list)
     seconds: float = 0.0
+    partial: bool = False  # interrupted (Ctrl-C): the results computed so far
+    strict_devices: bool = False  # the devices were asked for by name: a skip fails the run
+    allow_empty: bool = False  # a run that checks nothing exits 0 (the old behaviour)
+    # Every case file the run read → the names of the cases it defines, selected or not.
+    files: dict[str, list[str]] = field(default_factory=dict)
+    # What a --baseline found: its file, the results missing from it, its stale entries...
+    baseline: dict[str, Any] | None = None
 
     @property
     def summary(self) -> dict[str, int]:
@@ -74,14 +90,39 @@ class Report:
         return {verdict: counts.get(verdict, 0) for verdict in VERDICTS} | {"total": len(self.results)}
 
     @property
+    def not_checked(self) -> str | None:
+        """Why this run fails for what it did not check (exit 5), or None."""
+        skipped = [result for result in self.results if result.verdict == "skipped"]
+        if self.strict_devices and skipped:
+            devices = sorted({result.device for result in skipped})
+            why = "; ".join(dict.fromkeys(result.message for result in skipped))
+            return f"--device {','.join(devices)} was asked for, but {why}: {len(skipped)} of {len(self.results)} results not checked"
+        if self.allow_empty or len(skipped) < len(self.results):
+            return None
+        if skipped:
+            why = "; ".join(dict.fromkeys(result.message for result in skipped))
+            return f"nothing was checked: all {len(skipped)} results were skipped ({why})"
+        defined = sum(len(names) for names in self.files.values())
+        if defined:
+            return f"nothing was checked: the selection (-k) matches none of the {defined} cases"
+        if self.files:
+            empty = ", ".join(list(self.files)[:3]) + (" and more" if len(self.files) > 3 else "")
+            return f"nothing was checked: no case is defined in {empty} (is @case missing?)"
+        return "nothing was checked: no case file was found"
+
+    @property
     def exit_code(self) -> int:
+        if self.partial:
+            return EXIT_INTERRUPTED
         code = 0
         for result in self.results:
             if result.verdict == "error":
-                code |= 2
+                code |= EXIT_ERROR
             elif result.verdict == "mismatch":
-                code |= 1
-        return 2 if code & 2 else code
+                code |= EXIT_MISMATCH
+        if code:
+            return EXIT_ERROR if code & EXIT_ERROR else code
+        return EXIT_NOT_CHECKED if self.not_checked else EXIT_OK
 
     @property
     def ok(self) -> bool:
@@ -94,7 +135,17 @@ class Report:
         return html.render(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "results": [result.to_dict() for result in self.results],
-            "summary": self.summary | {"exit_code": self.exit_code, "seconds": round(self.seconds, 3)},
-        }
+        summary = {"exit_code": self.exit_code, "seconds": round(self.seconds, 3), "partial": self.partial, "not_checked": self.not_checked}
+        content: dict[str, Any] = {"results": [result.to_dict() for result in self.results], "summary": self.summary | summary}
+        if self.baseline is not None:
+            content["baseline"] = self.baseline
+        return content
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: still a KeyboardInterrupt, carrying the `report` of the results
+    computed so far (marked partial), so that the CLI writes it before it exits 130."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__()
+        self.report = report

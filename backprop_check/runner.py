@@ -11,55 +11,23 @@ import torch
 from .arrays import NUMPY_NOTE, NUMPY_ON_CPU
 from .case import Case
 from .compare import Check, compare, disputed, failing_directions
-from .errors import CaseError, CaseTimeout, UsageError, one_line
+from .errors import CaseError, CaseTimeout, one_line
 from .forward import call_forward
 from . import rounding
 from .limits import time_limit
-from .loader import LoadFailure, load
+from .loader import LoadFailure, inventory, load
+from .options import DEVICES, DTYPES, POINTS, TIMEOUT, Plan, devices_for  # noqa: F401 - Plan lives with the options
 from .points import Point, given_point, random_point
 from .guards import check_forward_is_pure, empty_parameters, numbers_among_integers, require_finite_gradient, require_finite_loss
 from .references import device_checks, expect_checks
-from .report import Report, Result
+from .report import Interrupted, Report, Result
 from .verdict import Outcome, error_result, outcome_of, result_for, summarize
 from .select import matches
 from .sources import SOURCES, Gradients
 from .sources.numerical import Reference, reference
 from .tolerance import Tolerance, tolerance_for
 
-DEVICES = ("cpu", "cuda")
-DTYPES = ("float64", "float32")
-POINTS = 3
 REDRAWS = 5
-TIMEOUT = 300.0  # seconds per case: generous, so that only a hanging case meets it
-
-
-@dataclass
-class Plan:
-    """What to check: the options shared by the CLI, the pytest plugin and the Python API."""
-
-    devices: tuple[str, ...] = DEVICES
-    dtypes: tuple[str, ...] = DTYPES
-    points: int = POINTS
-    seed: int = 0
-    select: str | None = None
-    timeout: float | None = TIMEOUT
-    full: bool = False  # check every element of every tensor, however large
-    # Called as progress(case, device, dtype, point, points) before each point (see terminal.Progress).
-    progress: Callable[[str, str, str, int, int], None] | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        for dtype in self.dtypes:
-            if dtype not in ("float64", "float32", "float16", "bfloat16"):
-                raise UsageError(f"unknown dtype {dtype!r} (use float64, float32, float16 or bfloat16)")
-        for device in self.devices:
-            if device.split(":")[0] not in ("cpu", "cuda", "mps"):
-                raise UsageError(f"unknown device {device!r} (use cpu or cuda)")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UsageError(f"--timeout must be positive, got {self.timeout}")
-        if self.points < 0:
-            raise UsageError(f"--points must be 0 or more, got {self.points}")
-        if self.select is not None:
-            matches(self.select, "")  # a -k expression that cannot be parsed fails before the run
 
 
 def run(
@@ -72,8 +40,14 @@ def run(
     select: str | None = None,
     timeout: float | None = TIMEOUT,
     full: bool = False,
+    allow_skip: bool = False,
+    allow_empty: bool = False,
 ) -> Report:
-    """Check every case in `targets` (case files, folders or `Case` objects) and return a Report."""
+    """Check every case in `targets` (case files, folders or `Case` objects) and return a Report.
+
+    Devices given by name must be available (else `exit_code` is 5) unless `allow_skip`; a run
+    that checks nothing has `exit_code` 5 unless `allow_empty`. Ctrl-C raises `Interrupted`, a
+    KeyboardInterrupt whose `report` holds the results computed so far."""
     if isinstance(targets, (str, Path, Case)):
         targets = [targets]
     plan = Plan(
@@ -84,18 +58,28 @@ def run(
         select=select,
         timeout=timeout,
         full=full,
+        strict_devices=bool(devices) and not allow_skip,
     )
-    return run_plan(list(targets), plan)
+    report = run_plan(list(targets), plan)
+    report.allow_empty = allow_empty
+    return report
 
 
 def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
+    """Run `plan` over `targets`; on Ctrl-C raise `Interrupted` with the results so far."""
     started = time.perf_counter()
-    cases, failures = load(targets, timeout=plan.timeout)
-    report = Report()
-    report.results.extend(load_error(failure) for failure in failures)
-    for case in cases:
-        if plan.select is None or matches(plan.select, case.name):
-            report.results.extend(check_case(case, plan))
+    report = Report(strict_devices=plan.strict_devices)
+    try:
+        cases, failures = load(targets, timeout=plan.timeout)
+        report.files = inventory(targets, cases, failures)
+        report.results.extend(load_error(failure) for failure in failures)
+        for case in cases:
+            if plan.select is None or matches(plan.select, case.name):
+                report.results.extend(check_case(case, plan))
+    except KeyboardInterrupt:
+        report.partial = True
+        report.seconds = time.perf_counter() - started
+        raise Interrupted(report) from None
     report.seconds = time.perf_counter() - started
     return report
 
@@ -146,14 +130,6 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return results
-
-
-def devices_for(case: Case, devices: tuple[str, ...]) -> tuple[str, ...]:
-    """The devices `case` is checked on: a numpy case is a CPU case, with no other device's
-    results (asked for none but other devices, it has one, skipped with the reason)."""
-    if not case.numpy:
-        return devices
-    return ("cpu",) if "cpu" in devices else devices[:1]
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:

@@ -1,37 +1,59 @@
 """The pytest plugin's state: one `CheckSession` per pytest process owns the plan, tells case
 files from other files, and runs each case once, serving its results to the case's items.
 
-Which files are case files: a `.py` file under one of the `backprop_check_paths` folders (ini
-option, default `cases`, relative to the rootdir), or one named on the command line; never
-`conftest.py`, a file or folder whose name starts with `_` or `.`, or a file that matches
-`python_files` (`test_*.py`: those are pytest's own). So `pytest cases/` checks the cases while
-`pytest tests/` never imports a helper or a deliberately broken case file kept under tests/.
+Which files are case files, never counting `conftest.py`, a file or folder whose name starts
+with `_` or `.`, or a file that matches `python_files` (`test_*.py`: those are pytest's own):
+- every `.py` file under one of the `backprop_check_paths` folders (ini option, default `cases`,
+  relative to the rootdir): what a plain `pytest` or `pytest cases/` checks;
+- a `.py` file named on the command line;
+- a `.py` file that imports backprop_check, under a folder named on the command line
+  (`pytest mycases/`). The import is read from the text, not run: a helper that does not use
+  the package is never imported, and `pytest tests/` leaves the tests' helpers alone.
 
-Under pytest-xdist a worker that is sent any of a case's items runs the case once, for all its
-selected runs; with `--dist loadfile` all of a case's items go to one worker, so each case runs
-exactly once in the whole session.
+A file that cannot be imported, or a second case of a name that another file already defines
+(the CLI's rule), is one error item; the other files still run.
+
+Nothing here imports torch until a case file is collected: xdist's controller never needs it.
+Under pytest-xdist (`-n`, plugin.py's scheduler) all of a case's items go to one worker, which
+runs the case once for all its selected runs.
 """
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .case import Case
 from .errors import UsageError
-from .formats import text
-from .loader import load
-from .options import plan_from
-from .report import Report, Result
-from .runner import Plan, check_case, device_unavailable, devices_for
+from .loader import LoadFailure, load
+from .options import Plan, devices_for, plan_from
+
+if TYPE_CHECKING:
+    from .report import Result
 
 DEFAULT_PATHS = ("cases",)
 FAILING = ("mismatch", "error")
+USES_PACKAGE = re.compile(r"^\s*(?:from|import)\s+backprop_check\b", re.MULTILINE)
+
+
+def check_case(case: Case, plan: Plan) -> list[Result]:
+    """The runner's check_case, imported (with torch) when the first case runs."""
+    from .runner import check_case as run_case
+
+    return run_case(case, plan)
+
+
+def device_unavailable(device: str) -> str | None:
+    """Why `device` cannot be used here, or None (the runner's answer)."""
+    from .runner import device_unavailable as why
+
+    return why(device)
 
 
 class CheckSession:
@@ -45,8 +67,10 @@ class CheckSession:
             raise pytest.UsageError(f"backprop-check: {exc}") from None
         roots = config.getini("backprop_check_paths") or [config.rootpath / p for p in DEFAULT_PATHS]
         self.roots = [Path(root).resolve() for root in roots]
+        self.named = named_folders(config)
         self.wanted: dict[Case, set[tuple[str, str]]] = defaultdict(set)
         self.results: dict[Case, dict[str, Result]] = {}
+        self.first: dict[str, Case] = {}  # the first case of each name, across files
 
     def header(self) -> str:
         """The report header's line: what each case is checked on, and where case files live."""
@@ -66,19 +90,29 @@ class CheckSession:
         path = path.resolve()
         for root in self.roots:
             if path.is_relative_to(root):
-                return not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+                return not _hidden(path, root)
+        for folder in self.named:
+            if path.is_relative_to(folder):
+                return not _hidden(path, folder) and _uses_package(path)
         return False
 
     def _is_test_module(self, path: Path) -> bool:
         patterns = self.config.getini("python_files")
         return any(fnmatch.fnmatch(path.name, p) if "/" not in p else path.match(p) for p in patterns)
 
-    def cases(self, path: Path) -> list[Case]:
-        """The cases a file defines; a file that cannot be loaded is one line of collection error."""
+    def cases(self, path: Path) -> tuple[list[Case], list[LoadFailure]]:
+        """The cases a file defines, and what cannot run: the file itself, when it cannot be
+        imported, or a case whose name another file already took (as the CLI flags it)."""
         cases, failures = load([path])
-        if failures:
-            raise CaseFile.CollectError("; ".join(f"{f.where}: {f.reason}" for f in failures))
-        return cases
+        unique = []
+        for case in cases:
+            first = self.first.setdefault(case.name, case)
+            if first is case:
+                unique.append(case)
+            else:
+                reason = f"two cases are named {case.name!r} (the other is at {first.where})"
+                failures.append(LoadFailure(case.file or str(path), case.line, reason, case=case.name))
+        return unique, failures
 
     def items(self, parent: CaseFile, cases: list[Case]) -> Iterator[CaseItem]:
         for case in cases:
@@ -96,6 +130,8 @@ class CheckSession:
     def check(self, item: CaseItem) -> None:
         """Skip, pass or fail one item from its case's results."""
         unavailable = device_unavailable(item.device)
+        if unavailable and self.plan.strict_devices:
+            pytest.fail(f"--bc-device {item.device} was asked for, but {unavailable} (--bc-allow-skip skips it instead)", pytrace=False)
         if unavailable:
             skip(unavailable)
         result = self.result(item)
@@ -119,6 +155,9 @@ class CheckSession:
     def explain(self, result: Result) -> str:
         """A failure as the text report shows it, under a headline that pytest's short summary
         quotes: the table, then the message, hints and notes."""
+        from .formats import text
+        from .report import Report
+
         if result.verdict == "error":
             headline = f"error: {result.message}"
         else:
@@ -138,11 +177,42 @@ class GradientFailure(Exception):
 
 
 class CaseFile(pytest.File):
-    """A case file: one item per case × device × dtype."""
+    """A case file: one item per case × device × dtype, and one error item per failure."""
 
-    def collect(self) -> Iterator[CaseItem]:
+    def collect(self) -> Iterator[pytest.Item]:
         state = session_of(self.config)
-        yield from state.items(self, state.cases(self.path))
+        cases, failures = state.cases(self.path)
+        yield from state.items(self, cases)
+        for failure in failures:
+            yield BrokenCase.from_parent(self, name=failure.case or "import", failure=failure)
+
+
+class Broken(Exception):
+    """What a BrokenCase raises at setup: the failure's one line, shown as it is."""
+
+
+class BrokenCase(pytest.Item):
+    """A case file that cannot be imported, or a case that cannot run: one error (raised at
+    setup, so pytest counts an error, not a failed check), while the other files still run."""
+
+    def __init__(self, *, failure: LoadFailure, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failure = failure
+
+    def setup(self) -> None:
+        raise Broken(f"{self.failure.where}: {self.failure.reason}")
+
+    def runtest(self) -> None:
+        """Never reached: setup raises."""
+
+    def _repr_failure_py(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        # pytest shows a setup error through this method, not repr_failure: the line alone.
+        if isinstance(excinfo.value, Broken):
+            return str(excinfo.value)
+        return super()._repr_failure_py(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, (self.failure.line - 1 if self.failure.line else None), self.name
 
 
 class CaseItem(pytest.Item):
@@ -174,3 +244,23 @@ def skip(reason: str) -> None:
 
 def session_of(config: pytest.Config) -> CheckSession:
     return config.stash[KEY]
+
+
+def named_folders(config: pytest.Config) -> list[Path]:
+    """The folders given on the command line (not those pytest found in `testpaths`)."""
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        return []
+    base = config.invocation_params.dir
+    folders = [(base / arg.split("::")[0]).resolve() for arg in config.args]
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def _hidden(path: Path, folder: Path) -> bool:
+    return any(part.startswith((".", "_")) for part in path.relative_to(folder).parts)
+
+
+def _uses_package(path: Path) -> bool:
+    try:
+        return bool(USES_PACKAGE.search(path.read_text(encoding="utf-8", errors="replace")))
+    except OSError:
+        return False

@@ -36,7 +36,7 @@ from .case import Case
 from .compare import MISMATCH
 from .errors import CaseError, CaseTimeout, UsageError
 from .explain import pick
-from .formats import write_atomic
+from .formats import check_writable, write
 from .formats.json import finite
 from .forward import call_forward
 from .points import Point, given_point
@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     """replay gradient descent from the given point, checking all three gradients at every step"""
     settings = Settings.from_args(args)
+    if args.json:
+        check_writable(args.json, "--json")  # before the replay, not after it
     cases, code = pick(args.paths, args.select)
     if len(cases) > 1:
         names = ", ".join(case.name for case in cases)
@@ -83,7 +85,7 @@ def command(args: argparse.Namespace) -> int:
     trace = Trace(cases[0], settings)
     trace.run()
     if args.json:
-        write_atomic(args.json, json.dumps(finite(trace.to_dict()), indent=2, ensure_ascii=False) + "\n")
+        write(args.json, json.dumps(finite(trace.to_dict()), indent=2, ensure_ascii=False) + "\n")
     if args.plot:
         plot.save(plot.trace_figure(trace.to_dict()), args.plot)
     return max(code, trace.exit_code)

@@ -54,9 +54,9 @@ def stored(path: Path) -> dict:
 
 def test_the_baseline_round_trips(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert check("--baseline", "gradients.json", "--update-baseline") == 0
-    assert "wrote 2 entries (0 changed, 2 added, 0 dropped)" in capsys.readouterr().err
+    assert "wrote 2 entries (0 changed, 2 added, 0 dropped, 0 kept)" in capsys.readouterr().err
     text = (where / "gradients.json").read_text()
-    assert json.loads(text)["cases"]["affine[cpu-float64]"] == {"loss": 2.5, "gradients": {"b": [3.0, 1.0], "w": 12.0}}
+    assert json.loads(text)["cases"]["affine[cpu-float64]"] == {"file": "models.py", "loss": 2.5, "gradients": {"b": [3.0, 1.0], "w": 12.0}}
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"  # diffable: sorted, one number a line
     assert check("--baseline", "gradients.json") == 0
     captured = capsys.readouterr()
@@ -163,7 +163,9 @@ def test_a_stale_entry_is_listed_and_dropped_by_an_update(where: Path, capsys: p
     capsys.readouterr()
 
     assert check("--baseline", "gradients.json") == 0
-    assert "1 stale entries, in the baseline but not in this run (renamed[cpu-float64])" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "1 stale entries, whose case is gone (renamed[cpu-float64]); --update-baseline drops them" in captured.err
+    assert json.loads(captured.out)["baseline"]["stale"] == ["renamed[cpu-float64]"]
     assert check("--baseline", "gradients.json", "--update-baseline") == 0
     assert "dropped: renamed[cpu-float64]" in capsys.readouterr().err
     assert sorted(stored(where / "gradients.json")) == ["affine[cpu-float64]", "linear[cpu-float64]"]
@@ -173,8 +175,64 @@ def test_an_update_keeps_the_entries_of_runs_without_values() -> None:
     skipped = Result(case="linear", device="cuda", dtype="float64", verdict="skipped")
     checked = Result(case="linear", device="cpu", dtype="float64", verdict="ok", reference={"loss": 1.0, "gradients": {"w": 6.0}})
     old = {"linear[cuda-float64]": {"loss": 1.0, "gradients": {"w": 6.0}}, "gone[cpu-float64]": {}}
-    entries = Baseline.entries(Report(results=[checked, skipped]), old)
+    report = Report(results=[checked, skipped], files={"models.py": ["linear"]})
+    entries = Baseline(Path("gradients.json"), Threshold()).entries(report, old)
     assert entries == {"linear[cpu-float64]": {"loss": 1.0, "gradients": {"w": 6.0}}, "linear[cuda-float64]": old["linear[cuda-float64]"]}
+
+
+def test_an_update_after_k_touches_only_the_results_it_ran(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check("--baseline", "gradients.json", "--update-baseline")
+    baseline = json.loads((where / "gradients.json").read_text())
+    baseline["cases"]["linear[cpu-float64]"]["loss"] = 99.0  # so that a rewrite would show
+    baseline["cases"]["linear[cuda-float32]"] = {"file": "models.py", "loss": 1.0, "gradients": {"w": 6.0}}
+    (where / "gradients.json").write_text(json.dumps(baseline))
+    capsys.readouterr()
+    assert check("--baseline", "gradients.json", "--update-baseline", "-k", "affine") == 0
+    assert "wrote 3 entries (0 changed, 0 added, 0 dropped, 2 kept)" in capsys.readouterr().err
+    after = stored(where / "gradients.json")
+    assert after["linear[cpu-float64]"]["loss"] == 99.0
+    assert after["linear[cuda-float32]"] == baseline["cases"]["linear[cuda-float32]"]
+    # Entries that -k, --device or --dtype left out are not stale: their cases are still there.
+    assert check("--baseline", "gradients.json", "-k", "affine") == 0
+    captured = capsys.readouterr()
+    assert "stale" not in captured.err
+    assert json.loads(captured.out)["baseline"]["stale"] == []
+
+
+def test_an_entry_is_stale_when_its_case_is_gone_from_its_file(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check("--baseline", "gradients.json", "--update-baseline")
+    (where / "models.py").write_text(CASES.replace("def linear(", "def renamed("))
+    capsys.readouterr()
+    assert check("--baseline", "gradients.json", "-k", "affine") == 0
+    assert "1 stale entries, whose case is gone (linear[cpu-float64])" in capsys.readouterr().err
+
+
+def test_entries_of_files_the_run_did_not_read_are_kept(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (where / "other.py").write_text(CASES.replace("def affine", "def other").replace("@affine", "@other").replace("def linear", "def lonely"))
+    assert main(["run", "models.py", "other.py", "--points", "0", "--device", "cpu", "--dtype", "float64", "--baseline", "gradients.json", "--update-baseline"]) == 0
+    capsys.readouterr()
+    assert check("--baseline", "gradients.json", "--update-baseline") == 0  # models.py only
+    assert "wrote 4 entries (0 changed, 0 added, 0 dropped, 2 kept)" in capsys.readouterr().err
+    assert sorted(stored(where / "gradients.json")) == ["affine[cpu-float64]", "linear[cpu-float64]", "lonely[cpu-float64]", "other[cpu-float64]"]
+    (where / "other.py").unlink()
+    assert check("--baseline", "gradients.json", "--update-baseline") == 0
+    assert "dropped: lonely[cpu-float64], other[cpu-float64]" in capsys.readouterr().err
+
+
+def test_a_file_that_fails_to_import_keeps_its_entries(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check("--baseline", "gradients.json", "--update-baseline")
+    (where / "models.py").write_text(CASES + "\nraise RuntimeError('broken for now')\n")
+    capsys.readouterr()
+    assert check("--baseline", "gradients.json", "--update-baseline") == 2
+    assert sorted(stored(where / "gradients.json")) == ["affine[cpu-float64]", "linear[cpu-float64]"]
+
+
+def test_missing_entries_reach_the_junit_and_markdown_reports(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["run", "models.py", "--points", "0", "--device", "cpu", "--dtype", "float64", "--baseline", "gradients.json"]
+    assert main([*base, "--format", "junit"]) == 0
+    assert '<property name="baseline.missing" value="affine[cpu-float64] linear[cpu-float64]" />' in capsys.readouterr().out
+    assert main([*base, "--format", "markdown"]) == 0
+    assert "**baseline gradients.json: 2 results not in it: affine[cpu-float64], linear[cpu-float64]**" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

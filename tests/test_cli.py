@@ -158,23 +158,212 @@ def test_json_report_has_the_contract_keys_and_counts(folder, capsys):
     assert summary["exit_code"] == 2
 
 
-def test_output_writes_the_whole_report_even_with_broken_cases_and_says_so_in_one_line(folder, capsys):
+def test_output_writes_the_whole_report_and_the_console_names_each_failure_in_one_line(folder, capsys):
     folder("cases.py", GOOD, WRONG, BROKEN)
     code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--format", "json", "--output", "reports/run.json")
     assert code == 2
-    assert out == "6 results written to reports/run.json (exit 2)\n"
+    lines = out.splitlines()
+    assert lines[0] == "6 results written to reports/run.json (exit 2)"
+    assert [line.split(":")[0:2] for line in lines[1:]] == [
+        ["mismatch", " wrong[cpu-float64] (cases.py"],
+        ["mismatch", " wrong[cpu-float32] (cases.py"],
+        ["error", " broken[cpu-float64] (cases.py"],
+        ["error", " broken[cpu-float32] (cases.py"],
+    ]
+    assert lines[1].startswith("mismatch: wrong[cpu-float64] (cases.py:12): manual is the odd one out at the given point: dloss/dv[0]")
     report = json.loads((folder.path / "reports" / "run.json").read_text())
     assert (report["summary"]["ok"], report["summary"]["mismatch"], report["summary"]["error"]) == (2, 2, 2)
     assert [p.name for p in (folder.path / "reports").iterdir()] == ["run.json"]  # no temporary left
 
 
-def test_a_report_that_cannot_be_written_is_a_usage_error(folder, capsys):
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        pytest.param(["--output", "taken/run.json"], "--output taken/run.json: cannot write there: Not a directory", id="output-below-a-file"),
+        pytest.param(["--output", "reports"], "--output reports: cannot write there: it is a folder", id="output-is-a-folder"),
+        pytest.param(["--baseline", "taken/gradients.json", "--update-baseline"], "--baseline taken/gradients.json: cannot write there", id="baseline-update"),
+        pytest.param(["--baseline", "-"], "--baseline needs a file", id="baseline-is-stdout"),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_a_usage_error_before_the_run(folder, capsys, monkeypatch, argv, says):
     folder("cases.py", GOOD)
     (folder.path / "taken").write_text("a file, not a folder")
-    code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--output", "taken/run.json")
+    (folder.path / "reports").mkdir()
+    monkeypatch.setattr("backprop_check.cli.run_plan", lambda *args: pytest.fail("the run started"))
+    code, out, err = run_cli(capsys, "run", "cases.py", *CPU, *argv)
     assert code == 2
-    assert err.startswith("backprop-check: error: cannot write the report to taken/run.json:")
+    assert err.startswith(f"backprop-check: error: {says}")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_baseline_whose_obtained_file_cannot_be_written_is_a_usage_error(folder, capsys):
+    folder("cases.py", GOOD)
+    (folder.path / "taken").write_text("a file, not a folder")
+    code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--baseline", "taken/gradients.json")
+    assert code == 2
+    assert err == "backprop-check: error: --baseline writes a drift's values to taken/gradients.obtained.json: cannot write there: Not a directory\n"
+
+
+def test_trace_json_that_cannot_be_written_is_a_usage_error_before_the_replay(folder, capsys, monkeypatch):
+    folder("cases.py", GOOD)
+    (folder.path / "taken").write_text("a file, not a folder")
+    monkeypatch.setattr("backprop_check.trace.pick", lambda *args: pytest.fail("the replay started"))
+    code, out, err = run_cli(capsys, "trace", "cases.py", "--epochs", "1", "--lr", "0.1", "--json", "taken/trace.json")
+    assert code == 2
+    assert err == "backprop-check: error: --json taken/trace.json: cannot write there: Not a directory\n"
+
+
+def test_output_dash_is_standard_output(folder, capsys):
+    folder("cases.py", GOOD)
+    code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--format", "json", "--output", "-")
+    assert code == 0
+    assert json.loads(out)["summary"]["ok"] == 2
+    assert not (folder.path / "-").exists()
+
+
+NOTHING = [
+    pytest.param({"cases.py": [GOOD]}, ["-k", "godo"], "nothing was checked: the selection (-k) matches none of the 1 cases", id="a-k-typo"),
+    pytest.param({"cases.py": ["x = 1\n"]}, [], "nothing was checked: no case is defined in cases.py (is @case missing?)", id="a-file-whose-case-was-lost"),
+    pytest.param({}, [], "nothing was checked: no case file was found", id="an-empty-folder"),
+]
+
+
+@pytest.mark.parametrize(("files", "argv", "says"), NOTHING)
+def test_nothing_checked_is_exit_5_with_one_line_saying_why(folder, capsys, files, argv, says):
+    for name, bodies in files.items():
+        folder(name, *bodies)
+    code, out, err = run_cli(capsys, "run", ".", *CPU, *argv)
+    assert code == 5
+    assert err == f"backprop-check: {says}; --allow-empty accepts that\n"
+    assert out.rstrip().endswith("(exit 5)")
+
+
+@pytest.mark.parametrize(("files", "argv", "says"), NOTHING)
+def test_allow_empty_restores_exit_0_when_nothing_was_checked(folder, capsys, files, argv, says):
+    for name, bodies in files.items():
+        folder(name, *bodies)
+    code, out, err = run_cli(capsys, "run", ".", *CPU, *argv, "--allow-empty", "--format", "json")
+    assert code == 0
+    assert json.loads(out)["summary"]["not_checked"] is None
+
+
+def test_nothing_checked_does_not_hide_a_broken_file(folder, capsys):
+    folder("cases.py", "def f(:\n")
+    code, out, err = run_cli(capsys, "run", ".", *CPU)
+    assert code == 2
+
+
+def no_cuda(monkeypatch):
+    """A machine without the GPU that the user asked for."""
+    unavailable = lambda device: "CUDA is not available (no driver)" if device.startswith("cuda") else None  # noqa: E731
+    monkeypatch.setattr("backprop_check.runner.device_unavailable", unavailable)
+
+
+def test_a_device_asked_for_by_name_that_is_missing_fails_with_exit_5(folder, capsys, monkeypatch):
+    no_cuda(monkeypatch)
+    folder("cases.py", GOOD)
+    code, out, err = run_cli(capsys, "run", "cases.py", "--device", "cuda", "--points", "0", "--format", "json")
+    assert code == 5
+    assert err == (
+        "backprop-check: --device cuda was asked for, but CUDA is not available (no driver): 2 of 2 results not checked; "
+        "--allow-skip skips it instead\n"
+    )
+    summary = json.loads(out)["summary"]
+    assert (summary["skipped"], summary["exit_code"]) == (2, 5)
+    # Also when another device was checked: the gate did not check all it was asked to.
+    code, out, err = run_cli(capsys, "run", "cases.py", "--device", "cpu,cuda", "--points", "0")
+    assert code == 5
+    assert "2 of 4 results not checked" in err
+
+
+def test_the_default_devices_still_skip_a_missing_cuda(folder, capsys, monkeypatch):
+    no_cuda(monkeypatch)
+    folder("cases.py", GOOD)
+    code, out, err = run_cli(capsys, "run", "cases.py", "--points", "0")
+    assert code == 0
+    assert "2 ok, 2 skipped" in out and err == ""
+
+
+def test_allow_skip_skips_a_missing_device_but_all_skipped_is_still_nothing_checked(folder, capsys, monkeypatch):
+    no_cuda(monkeypatch)
+    folder("cases.py", GOOD)
+    assert run_cli(capsys, "run", "cases.py", "--device", "cpu,cuda", "--points", "0", "--allow-skip")[0] == 0
+    code, out, err = run_cli(capsys, "run", "cases.py", "--device", "cuda", "--points", "0", "--allow-skip")
+    assert code == 5
+    assert err.startswith("backprop-check: nothing was checked: all 2 results were skipped (CUDA is not available (no driver))")
+    assert run_cli(capsys, "run", "cases.py", "--device", "cuda", "--points", "0", "--allow-skip", "--allow-empty")[0] == 0
+
+
+def test_a_mismatch_wins_over_nothing_checked_on_a_missing_device(folder, capsys, monkeypatch):
+    no_cuda(monkeypatch)
+    folder("cases.py", WRONG)
+    code, out, err = run_cli(capsys, "run", "cases.py", "--device", "cpu,cuda", "--points", "0")
+    assert code == 1
+    assert "--device cuda was asked for" in err
+
+
+def test_the_python_api_follows_the_same_exit_rule(folder, monkeypatch):
+    no_cuda(monkeypatch)
+    folder("cases.py", GOOD)
+    assert backprop_check.run("cases.py", devices=["cuda"], points=0).exit_code == 5
+    assert backprop_check.run("cases.py", devices=["cuda"], points=0, allow_skip=True, allow_empty=True).exit_code == 0
+    assert backprop_check.run("cases.py", points=0).exit_code == 0
+    assert backprop_check.run("cases.py", select="nothing", points=0).exit_code == 5
+
+
+def interrupt_after(monkeypatch, checked: int) -> None:
+    """Ctrl-C while the case after the first `checked` ones runs."""
+    import backprop_check.runner as runner
+
+    real, calls = runner.check_case, []
+
+    def check_case(case, plan):
+        calls.append(case.name)
+        if len(calls) > checked:
+            raise KeyboardInterrupt
+        return real(case, plan)
+
+    monkeypatch.setattr(runner, "check_case", check_case)
+
+
+@pytest.mark.parametrize(
+    ("format", "partial"),
+    [
+        pytest.param("json", lambda text: json.loads(text)["summary"]["partial"] is True, id="json"),
+        pytest.param("junit", lambda text: 'name="partial" value="true"' in text and "interrupted: a partial report" in text, id="junit"),
+        pytest.param("markdown", lambda text: text.startswith("### ⏹️ backprop-check interrupted: partial report (2 results)"), id="markdown"),
+        pytest.param("text", lambda text: text.rstrip().endswith("(exit 130, interrupted: partial report)"), id="text"),
+    ],
+)
+def test_ctrl_c_writes_the_partial_report_and_exits_130(folder, capsys, monkeypatch, format, partial):
+    folder("cases.py", GOOD, WRONG)
+    interrupt_after(monkeypatch, 1)
+    code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--format", format, "--output", "report.out")
+    assert code == 130
+    text = (folder.path / "report.out").read_text()
+    assert partial(text)
+    assert "good" in text and "wrong" not in text
+    assert "interrupted; the report holds the 2 results computed so far" in err
+
+
+def test_ctrl_c_during_an_update_leaves_the_baseline_as_it_was(folder, capsys, monkeypatch):
+    folder("cases.py", GOOD, WRONG)
+    assert run_cli(capsys, "run", "cases.py", *CPU, "--baseline", "gradients.json", "--update-baseline")[0] == 1
+    before = (folder.path / "gradients.json").read_text()
+    interrupt_after(monkeypatch, 1)
+    code, out, err = run_cli(capsys, "run", "cases.py", *CPU, "--baseline", "gradients.json", "--update-baseline", "--points", "2")
+    assert code == 130
+    assert "baseline gradients.json: not updated, the run was interrupted" in err
+    assert (folder.path / "gradients.json").read_text() == before
+
+
+def test_the_python_api_raises_a_keyboard_interrupt_that_carries_the_partial_report(folder, monkeypatch):
+    folder("cases.py", GOOD, WRONG)
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        backprop_check.run("cases.py", devices=["cpu"], points=0)
+    report = interrupted.value.report
+    assert (report.partial, report.exit_code, [r.case for r in report.results]) == (True, 130, ["good", "good"])
 
 
 def test_k_selects_cases_by_name(folder, capsys):

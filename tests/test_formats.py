@@ -11,7 +11,7 @@ import pytest
 
 from backprop_check import Report, Result, case, run
 from backprop_check.cli import main
-from backprop_check.formats import FORMATS, write_atomic
+from backprop_check.formats import FORMATS, write
 
 CASE_FILE = '''
 from backprop_check import case
@@ -113,8 +113,8 @@ def test_the_cli_writes_junit_and_markdown(tmp_path: Path, capsys: pytest.Captur
     assert capsys.readouterr().out.startswith("### ✅ backprop-check passed")
 
 
-def test_write_atomic_leaves_only_the_file(tmp_path: Path) -> None:
-    write_atomic(tmp_path / "report.xml", "<new/>")
+def test_a_regular_file_is_written_through_a_rename_that_leaves_only_the_file(tmp_path: Path) -> None:
+    write(tmp_path / "report.xml", "<new/>")
     assert os.listdir(tmp_path) == ["report.xml"]
     assert (tmp_path / "report.xml").read_text() == "<new/>"
 
@@ -122,7 +122,7 @@ def test_write_atomic_leaves_only_the_file(tmp_path: Path) -> None:
 def test_an_interrupted_write_keeps_the_old_file(tmp_path: Path) -> None:
     (tmp_path / "report.xml").write_text("<old/>")
     with pytest.raises(TypeError):
-        write_atomic(tmp_path / "report.xml", object())  # type: ignore[arg-type]  # fails mid-write
+        write(tmp_path / "report.xml", object())  # type: ignore[arg-type]  # fails mid-write
     assert os.listdir(tmp_path) == ["report.xml"]
     assert (tmp_path / "report.xml").read_text() == "<old/>"
 
@@ -140,3 +140,103 @@ def test_a_failing_render_keeps_the_old_report(tmp_path: Path, monkeypatch: pyte
               "--format", "junit", "--output", str(tmp_path / "report.xml")])
     assert (tmp_path / "report.xml").read_text() == "<old/>"
     assert sorted(os.listdir(tmp_path)) == ["linear.py", "report.xml"]
+
+
+def test_a_new_report_gets_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write(tmp_path / "new" / "report.xml", "<new/>")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new" / "report.xml").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_existing_report_keeps_its_mode(tmp_path: Path) -> None:
+    (tmp_path / "report.xml").write_text("<old/>")
+    (tmp_path / "report.xml").chmod(0o640)
+    write(tmp_path / "report.xml", "<new/>")
+    assert (tmp_path / "report.xml").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "report.xml").read_text() == "<new/>"
+
+
+def test_a_symlink_stays_a_symlink_and_its_target_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "real.xml").write_text("<old/>")
+    (tmp_path / "latest.xml").symlink_to("reports/real.xml")
+    write(tmp_path / "latest.xml", "<new/>")
+    assert (tmp_path / "latest.xml").is_symlink()
+    assert (tmp_path / "reports" / "real.xml").read_text() == "<new/>"
+    assert sorted(os.listdir(tmp_path / "reports")) == ["real.xml"]
+
+
+def test_a_fifo_is_written_straight_and_stays_a_fifo(tmp_path: Path) -> None:
+    import stat
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
+    reader.start()
+    write(fifo, "<streamed/>")
+    reader.join(timeout=10)
+    assert read == ["<streamed/>"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["pipe"]
+
+
+def test_a_device_is_written_straight_not_replaced(tmp_path: Path) -> None:
+    import stat
+
+    write("/dev/null", "<discarded/>")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_pipe_from_process_substitution_is_written(tmp_path: Path) -> None:
+    # `--output >(cmd)` hands the tool /dev/fd/N, the write end of a pipe.
+    readable, writable = os.pipe()
+    try:
+        write(f"/dev/fd/{writable}", "<piped/>")
+    finally:
+        os.close(writable)
+    with os.fdopen(readable) as stream:
+        assert stream.read() == "<piped/>"
+
+
+def test_dash_is_standard_output(capsys: pytest.CaptureFixture[str]) -> None:
+    write("-", "<out/>")
+    assert capsys.readouterr().out == "<out/>"
+
+
+def test_the_cli_reports_through_a_symlink_and_a_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    (tmp_path / "linear.py").write_text(CASE_FILE)
+    base = ["run", str(tmp_path / "linear.py"), "--points", "0", "--device", "cpu", "--dtype", "float64", "--format", "json"]
+    (tmp_path / "real.json").write_text("")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    assert main([*base, "--output", str(tmp_path / "link.json")]) == 0
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "real.json").read_text())["summary"]["ok"] == 1
+    os.mkfifo(tmp_path / "pipe")
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append((tmp_path / "pipe").read_text()))
+    reader.start()
+    assert main([*base, "--output", str(tmp_path / "pipe")]) == 0
+    reader.join(timeout=10)
+    assert json.loads(read[0])["summary"]["ok"] == 1
+
+
+def test_a_report_shows_why_nothing_was_checked_and_the_baselines_stale_entries() -> None:
+    report = Report(results=[Result(case="linear", device="cuda", dtype="float64", verdict="skipped", message="CUDA is not available")])
+    report.baseline = {"file": "gradients.json", "missing": ["new[cpu-float64]"], "stale": ["gone[cpu-float64]"], "drifted": [], "updated": False, "command": "…"}
+    assert report.exit_code == 5
+    content = json.loads(FORMATS["json"](report))
+    assert content["summary"]["not_checked"] == "nothing was checked: all 1 results were skipped (CUDA is not available)"
+    assert content["baseline"]["stale"] == ["gone[cpu-float64]"]
+    suite = ET.fromstring(FORMATS["junit"](report)).find("testsuite")
+    properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert (properties["exit_code"], properties["baseline.stale"], properties["baseline.missing"]) == ("5", "gone[cpu-float64]", "new[cpu-float64]")
+    assert "baseline gradients.json: 1 entries stale, their case is gone: gone[cpu-float64]" in suite.find("system-out").text
+    markdown = FORMATS["markdown"](report)
+    assert markdown.startswith("### ❌ backprop-check failed\n\n**nothing was checked: all 1 results were skipped")
+    assert "**baseline gradients.json: 1 results not in it: new[cpu-float64]**" in markdown

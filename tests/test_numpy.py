@@ -209,7 +209,7 @@ def test_a_numpy_case_keeps_its_manual_gradient_in_a_baseline_and_a_drift_blames
     options = ["run", "tut.py", "-k", "tutorial_fixed", "--points", "0", "--dtype", "float64", "--format", "json", "--baseline", "b.json"]
     assert main([*options, "--update-baseline"]) == 0
     stored = json.loads((tmp_path / "b.json").read_text())["cases"]["tutorial_fixed[cpu-float64]"]
-    assert stored == {"loss": 30.0, "gradients": {"w": -30.0}}
+    assert stored == {"loss": 30.0, "gradients": {"w": -30.0}, "file": "tut.py"}
     (tmp_path / "tut.py").write_text(source.replace("dJ_dw = np.dot(dJ_dy_pred, dy_pred_dw)", "dJ_dw = np.dot(dJ_dy_pred, dy_pred_dw) * (1 + 1e-9)"))
     capsys.readouterr()
     assert main(options) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import backprop_check.runner  # noqa: F401 - torch loads once, here: pytester's inline runs unload the modules they import
 import backprop_check.session
 
 pytest_plugins = ["pytester"]
@@ -91,21 +92,58 @@ def test_an_unavailable_device_is_skipped_with_its_reason(cases: pytest.Pytester
     result.stdout.fnmatch_lines(["SKIPPED [[]1[]] cases/models.py:4: no GPU here"])
 
 
-def test_a_broken_case_file_is_a_one_line_collection_error(cases: pytest.Pytester) -> None:
+def test_a_broken_case_file_is_one_error_and_the_other_files_still_run(cases: pytest.Pytester) -> None:
     cases.makepyfile(**{"cases/broken": "from backprop_check import case\nraise RuntimeError('boom')\n"})
-    result = cases.runpytest("cases", "--continue-on-collection-errors", *CPU64, *FAST)
+    result = cases.runpytest("cases", *CPU64, *FAST)
     result.assert_outcomes(passed=1, failed=1, errors=1)
-    result.stdout.fnmatch_lines(["*_ ERROR collecting cases/broken.py _*", "cases/broken.py:2: import failed: RuntimeError: boom", "*short test summary*"])
+    result.stdout.fnmatch_lines(["*_ ERROR at setup of import _*", "cases/broken.py:2: import failed: RuntimeError: boom", "*short test summary*"])
+    result.stdout.fnmatch_lines(["ERROR cases/broken.py::import - cases/broken.py:2: import failed: Runtime*"])
     assert "Traceback" not in result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_two_cases_of_one_name_in_two_files_are_flagged_as_the_cli_does(cases: pytest.Pytester) -> None:
+    cases.makepyfile(**{"cases/more": CASES.split("@case(params={\"w\": 1.0}, data={\"x\": 3.0, \"y\": 2.0})\ndef forgot_x")[0]})
+    result = cases.runpytest("cases", *CPU64, *FAST)
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.stdout.fnmatch_lines(["*_ ERROR at setup of linear _*", "cases/more.py:*: two cases are named 'linear' (the other is at cases/models.py:*)"])
 
 
 def test_ordinary_files_are_left_to_pytest(cases: pytest.Pytester) -> None:
-    # A helper outside the case folders is never imported, even when it defines a case.
-    cases.makepyfile(**{"tests/helper": "from backprop_check import case\nraise RuntimeError('not a case file')\n"})
+    # A helper that does not use the package is never imported, even in a folder named on the
+    # command line; nor is a test module inside a case folder taken for a case file.
+    cases.makepyfile(**{"tests/helper": "raise RuntimeError('not a case file')\n"})
     cases.makepyfile(**{"tests/test_plain": "def test_plain():\n    assert True\n"})
     cases.makepyfile(**{"cases/test_inside": "def test_inside():\n    assert True\n"})
     result = cases.runpytest("tests", "cases/test_inside.py", *FAST)
     result.assert_outcomes(passed=2)
+
+
+def test_case_files_in_any_folder_named_on_the_command_line_are_collected(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(**{"mycases/models": CASES, "mycases/deeper/more": CASES.replace("def linear", "def other").replace("@linear", "@other").replace("def forgot_x", "def forgot_y").replace("@forgot_x", "@forgot_y")})
+    result = pytester.runpytest("mycases", "--collect-only", "-q", *CPU64, *FAST)
+    assert [line for line in result.outlines if "::" in line] == [
+        "mycases/deeper/more.py::other[cpu-float64]",
+        "mycases/deeper/more.py::forgot_y[cpu-float64]",
+        "mycases/models.py::linear[cpu-float64]",
+        "mycases/models.py::forgot_x[cpu-float64]",
+    ]
+
+
+def test_a_plain_pytest_collects_only_the_ini_folders(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(**{"mycases/models": CASES, "cases/models": CASES})
+    pytester.makeini("[pytest]\ntestpaths = mycases cases\n")
+    result = pytester.runpytest("--collect-only", "-q", *CPU64, *FAST)
+    assert [line for line in result.outlines if "::" in line] == ["cases/models.py::linear[cpu-float64]", "cases/models.py::forgot_x[cpu-float64]"]
+
+
+def test_a_device_asked_for_by_name_that_is_missing_fails(cases: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backprop_check.session, "device_unavailable", lambda device: "no GPU here" if device == "cuda" else None)
+    result = cases.runpytest("cases", "-k", "linear", "--bc-device", "cpu,cuda", "--bc-dtype", "float64", *FAST)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*_ linear[[]cuda-float64[]] _*", "--bc-device cuda was asked for, but no GPU here (--bc-allow-skip skips it instead)"])
+    result = cases.runpytest("cases", "-k", "linear", "--bc-device", "cpu,cuda", "--bc-dtype", "float64", "--bc-allow-skip", *FAST)
+    result.assert_outcomes(passed=1, skipped=1)
 
 
 def test_an_ini_option_names_other_case_folders(pytester: pytest.Pytester) -> None:
@@ -144,3 +182,43 @@ def test_it_runs_under_xdist(cases: pytest.Pytester) -> None:
     result = cases.runpytest_subprocess("cases", "-n", "2", "--bc-device", "cpu", *FAST)
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines(["FAILED cases/models.py::forgot_x[[]cpu-float*[]] - mismatch: manual*"])
+
+
+COUNTING = '''
+import os
+import sys
+
+import backprop_check.session
+
+real = backprop_check.session.check_case
+
+
+def counting(case, plan):
+    with open(os.environ["CHECKED"], "a") as log:
+        log.write(f"{case.name} {','.join(plan.dtypes)}\\n")
+    return real(case, plan)
+
+
+backprop_check.session.check_case = counting
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # xdist's controller
+        with open(os.environ["CONTROLLER"], "w") as log:
+            log.write(str("torch" in sys.modules))
+'''
+
+
+def test_under_xdist_each_case_is_checked_once_and_the_controller_never_imports_torch(
+    cases: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases.makeconftest(COUNTING)
+    cases.makepyfile(**{"cases/more": CASES.replace("def linear", "def other").replace("@linear", "@other").replace("def forgot_x", "def forgot_y").replace("@forgot_x", "@forgot_y")})
+    monkeypatch.setenv("CHECKED", str(cases.path / "checked.log"))
+    monkeypatch.setenv("CONTROLLER", str(cases.path / "controller.log"))
+    # Three runs a case, so that xdist's `load` batches (4 items) would cut through cases.
+    result = cases.runpytest_subprocess("cases", "-n", "2", "--bc-device", "cpu", "--bc-dtype", "float64,float32,bfloat16", *FAST)
+    assert result.parseoutcomes()["passed"] + result.parseoutcomes()["failed"] == 12
+    checked = (cases.path / "checked.log").read_text().splitlines()
+    assert sorted(checked) == sorted(f"{name} float64,float32,bfloat16" for name in ("linear", "forgot_x", "other", "forgot_y"))
+    assert (cases.path / "controller.log").read_text() == "False"

@@ -183,11 +183,13 @@ def test_integer_data_stay_integer_and_are_not_redrawn():
 def test_cuda_is_skipped_with_its_reason_when_absent():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    report = run([linear_case(None)], devices=["cpu", "cuda"], dtypes=["float64"])
+    report = run([linear_case(None)], devices=["cpu", "cuda"], dtypes=["float64"], allow_skip=True)
     verdicts = {r.device: r for r in report.results}
     assert verdicts["cpu"].verdict == "ok"
     assert verdicts["cuda"].verdict == "skipped" and "CUDA is not available" in verdicts["cuda"].message
     assert report.exit_code == 0
+    # Named without allow_skip, the missing device fails the run: it was asked for.
+    assert run([linear_case(None)], devices=["cpu", "cuda"], dtypes=["float64"]).exit_code == 5
 
 
 def test_a_planted_bug_in_a_large_tensor_is_found_and_located_in_the_default_mode():

@@ -4,6 +4,10 @@
 test view groups results by file. A mismatch is a `<failure type="mismatch">` carrying the text
 report's table, message, hints and notes; a broken case an `<error>`; an unavailable device a
 `<skipped>`. ElementTree does the escaping.
+
+What is not one result goes into the suite's `<properties>` and `<system-out>`: an interrupted
+run (`partial`), why nothing (or not every device asked for) was checked, and a baseline's
+missing and stale entries.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 from ..report import Report, Result
 from . import text
+from .notices import notices
 
 SUITE = "backprop-check"
 # XML 1.0 cannot carry these characters, even escaped; a case's message might contain them.
@@ -30,10 +35,27 @@ def render(report: Report) -> str:
     }
     root = ET.Element("testsuites", {"name": SUITE, **counts})
     suite = ET.SubElement(root, "testsuite", {"name": SUITE, **counts})
+    properties = ET.SubElement(suite, "properties")
+    for name, value in _properties(report).items():
+        ET.SubElement(properties, "property", {"name": name, "value": _clean(value)})
     for result in report.results:
         suite.append(testcase(result))
+    lines = notices(report)
+    if lines:
+        ET.SubElement(suite, "system-out").text = _clean("\n".join(lines))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _properties(report: Report) -> dict[str, str]:
+    properties = {"exit_code": str(report.exit_code), "partial": str(report.partial).lower()}
+    if report.not_checked:
+        properties["not_checked"] = report.not_checked
+    if report.baseline:
+        properties["baseline"] = report.baseline["file"]
+        properties["baseline.missing"] = " ".join(report.baseline["missing"])
+        properties["baseline.stale"] = " ".join(report.baseline["stale"])
+    return properties
 
 
 def testcase(result: Result) -> ET.Element:

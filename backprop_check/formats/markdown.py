@@ -11,6 +11,7 @@ from collections import defaultdict
 from ..arrays import NUMPY_NOTE
 from ..compare import Check
 from ..report import VERDICTS, Report, Result
+from .notices import notices
 
 ICONS = {"ok": "✅", "mismatch": "❌", "nondifferentiable": "〰️", "error": "💥", "skipped": "⏭️"}
 LOOK_AT = ("mismatch", "error", "nondifferentiable")
@@ -22,8 +23,13 @@ def render(report: Report) -> str:
 
 def lines(report: Report) -> list[str]:
     summary = report.summary
-    status = "passed" if report.exit_code == 0 else "failed"
-    out = [f"### {ICONS['ok'] if report.exit_code == 0 else ICONS['mismatch']} backprop-check {status}", ""]
+    if report.partial:
+        out = [f"### ⏹️ backprop-check interrupted: partial report ({summary['total']} results)", ""]
+    else:
+        status = "passed" if report.exit_code == 0 else "failed"
+        out = [f"### {ICONS['ok'] if report.exit_code == 0 else ICONS['mismatch']} backprop-check {status}", ""]
+    notes = notices(report)
+    out += [f"**{_cell(line)}**" for line in notes] + ([""] if notes else [])
     out.append("| " + " | ".join(VERDICTS) + " | total | exit |")
     out.append("|" + "---:|" * (len(VERDICTS) + 2))
     out.append("| " + " | ".join(str(summary[v]) for v in VERDICTS) + f" | {summary['total']} | {report.exit_code} |")

@@ -51,7 +51,8 @@ def lines(report: Report, style: Style | None = None) -> list[str]:
     counted = ", ".join(
         style.paint(f"{summary[v]} {v}", v) for v in ("ok", "mismatch", "nondifferentiable", "error", "skipped") if summary[v]
     )
-    out.append(f"{counted or 'no results'} in {report.seconds:.2f}s (exit {report.exit_code})")
+    partial = ", interrupted: partial report" if report.partial else ""
+    out.append(f"{counted or 'no results'} in {report.seconds:.2f}s (exit {report.exit_code}{partial})")
     return out
 
 
