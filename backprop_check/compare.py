@@ -268,13 +268,19 @@ def sides_along(sides: Sides) -> dict[str, tuple[torch.Tensor, torch.Tensor | No
 def direction_verdict(
     direction: Direction, gradient: torch.Tensor, rounding: torch.Tensor | None, tol: Tolerance, exact: bool = False
 ) -> tuple[bool, float, float]:
-    """(agrees, the source's derivative along `direction`, allowed difference). A kink along
-    it, or a non-finite estimate, proves nothing and counts as a disagreement to look into."""
+    """(agrees, the source's derivative along `direction`, allowed difference). On a kink
+    along it, any value between the one-sided derivatives agrees (a subgradient); a
+    non-finite estimate proves nothing and counts as a disagreement to look into."""
     vector = direction.vector.reshape(-1).to(torch.float64)
     value = float((gradient * vector).sum())
     allowed = ERROR_BARS * direction.error + tol.along(gradient, vector, rounding, exact=exact)
-    ok = not direction.kink and math.isfinite(direction.value) and abs(value - direction.value) <= allowed
-    return ok, value, allowed
+    if not math.isfinite(direction.value):
+        return False, value, allowed
+    if direction.kink and math.isfinite(direction.left) and math.isfinite(direction.right):
+        low, high = min(direction.left, direction.right), max(direction.left, direction.right)
+        outside = max(low - value, value - high, 0.0)
+        return outside <= allowed, value, allowed
+    return abs(value - direction.value) <= allowed, value, allowed
 
 
 @dataclass
@@ -506,7 +512,7 @@ def _directions(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -
         result.diff, result.allowed = off[worst], verdicts[worst][2]
         result.sources = {source: value for source, (_, value, _) in verdicts.items()}
         result.numerical, result.error = direction.value, direction.error
-        if direction.kink or not math.isfinite(direction.value):
+        if not math.isfinite(direction.value):
             result.culprit = None
         elif "autograd" not in sources:
             result.culprit = "manual"

@@ -13,12 +13,15 @@ from ..points import Point
 
 @dataclass(frozen=True)
 class Direction:
-    """A numerical directional derivative: dloss along `vector`, with its error bar."""
+    """A numerical directional derivative: dloss along `vector`, with its error bar; on a kink
+    along it, the one-sided derivatives `left` and `right` bound every subgradient's."""
 
     vector: torch.Tensor
     value: float
     error: float
     kink: bool
+    left: float = float("nan")
+    right: float = float("nan")
 
     def of(self, gradient: torch.Tensor) -> float:
         """The same directional derivative from a source's gradient."""

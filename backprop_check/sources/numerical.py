@@ -216,7 +216,14 @@ class FiniteDifferences:
             other = at(multiplier, everyone)
             best = _better(best, other)
         return [
-            Direction(v, float(best["value"][i]), float(best["error"][i]), bool(best["kink"][i]))
+            Direction(
+                v,
+                float(best["value"][i]),
+                float(best["error"][i]),
+                bool(best["kink"][i]),
+                float(best["left"][i]),
+                float(best["right"][i]),
+            )
             for i, v in enumerate(vectors)
         ]
 
