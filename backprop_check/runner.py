@@ -246,6 +246,7 @@ def check_combination(
             require_finite_gradient(numerical, point)
             checked = check_point(case, point, device, dtype, numerical, tol)
             checks, autograd = checked.checks, checked.gradients["autograd"]
+            checks[:0] = case.extra_checks(point, device, dtype, checks, tol)
             if point.seed is None:
                 checks.extend(expect_checks(case, numerical, autograd, dtype, tol))
                 reference = {
