@@ -85,7 +85,8 @@ class Probe:
         batched: bool = False,
     ) -> Grads:
         """Σ_k ⟨cotangents[k], output k⟩ differentiated by autograd (zero where unused)."""
-        pairs = [(outputs[k], v) for k, v in cotangents.items() if outputs[k].requires_grad]
+        # Copies: a backward that writes into its grad_output must not change the probe's.
+        pairs = [(outputs[k], v.clone()) for k, v in cotangents.items() if outputs[k].requires_grad]
         found: tuple[torch.Tensor | None, ...] = (None,) * len(leaves)
         if pairs:
             found = torch.autograd.grad(
@@ -334,8 +335,10 @@ def grad_meta(p: Probe) -> Check:
 def in_place(p: Probe) -> Check:
     outputs, leaves = p.forward()
     given = {k: v.clone() for k, v in p.v.items()}
+    pairs = [(outputs[k], v) for k, v in given.items() if outputs[k].requires_grad]
     with _watched(outputs) as calls:
-        p.grad(outputs, leaves, given)
+        if pairs:
+            torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs], allow_unused=True)
     for k, v in p.v.items():
         if not _same(given[k], v):
             return _result("in_place", f"{p.owner} modifies grad_output of output {k} in place", "")
@@ -414,24 +417,58 @@ def _first_difference(
 
 
 def vmap(p: Probe) -> Check:
+    """Per-sample gradients under vmap against a loop: torch.func.vmap of the VJP (the
+    Function's own vmap rule, where it has one), then autograd's is_grads_batched."""
     outputs, leaves = p.forward()
     batch = {k: torch.randn((BATCH, *v.shape), generator=p.gen, dtype=torch.float64).to(v) for k, v in p.v.items()}
-    try:
-        got = p.grad(outputs, leaves, batch, batched=True)
-    except Exception as exc:  # noqa: BLE001 - a backward vmap cannot batch: nothing to compare
-        return _result("vmap", None, f"skipped: the backward cannot run under vmap ({one_line(exc)})")
     looped = [p.grad(outputs, leaves, {k: v[b] for k, v in batch.items()}) for b in range(BATCH)]
     want = {n: torch.stack([g[n] for g in looped]) for n in leaves}
-    found = p.differs(got, want)
-    if found:
-        name, index, a, b = found
-        return _result(
-            "vmap",
-            f"{p.owner} gives a different gradient under vmap: input `{name}`, batch element {index[0]}, "
-            f"{a:.6g} batched but {b:.6g} looped",
-            "",
-        )
-    return _result("vmap", None, f"a vmap-batched backward ({BATCH} grad_outputs) equals the looped one")
+    # Under torch.func.vmap the forward runs batched too (through the Function's vmap rule).
+    values = {f"output {k}": torch.stack([outputs[k].detach()] * BATCH) for k in batch}
+    ran, skipped = [], []
+    for how, batched, expected in (("torch.func.vmap", _func_vmap, {**values, **want}), ("is_grads_batched", _grads_batched, want)):
+        try:
+            got = batched(p, batch)
+        except Exception as exc:  # noqa: BLE001 - what vmap cannot batch has nothing to compare
+            skipped.append(f"{how}: {one_line(exc)[:120]}")
+            continue
+        ran.append(how)
+        found = p.differs(got, expected)
+        if found:
+            name, index, a, b = found
+            what = name if name.startswith("output") else f"gradient of input `{name}`"
+            who = " and ".join(p.classes) or p.case.label
+            return _result(
+                "vmap",
+                f"{who} gives a different {what} under {how} (a wrong vmap rule?): batch element {index[0]}"
+                f"{', element ' + _at(index[1:]) if index[1:] else ''}: {a:.6g} batched, {b:.6g} looped",
+                "",
+            )
+    note = f"vmap-batched gradients ({' and '.join(ran)}, {BATCH} grad_outputs) equal the looped ones" if ran else "skipped"
+    if skipped:
+        note += f"; skipped {'; '.join(skipped)}"
+    return _result("vmap", None, note)
+
+
+def _func_vmap(p: Probe, batch: Mapping[int, torch.Tensor]) -> Grads:
+    names = p.case.wrt
+
+    def single(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = p.case._call({**p.values, **dict(zip(names, xs))})
+        return tuple(outputs[k] for k in batch)
+
+    def pullback(vs: tuple[torch.Tensor, ...], *xs: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        outputs, vjp = torch.func.vjp(single, *xs)
+        return outputs, vjp(vs)
+
+    xs = [p.values[n].detach().unsqueeze(0).expand(BATCH, *p.values[n].shape).clone() for n in names]
+    outputs, grads = torch.func.vmap(pullback)(tuple(batch.values()), *xs)
+    return {**{f"output {k}": o for k, o in zip(batch, outputs)}, **dict(zip(names, grads))}
+
+
+def _grads_batched(p: Probe, batch: Mapping[int, torch.Tensor]) -> Grads:
+    outputs, leaves = p.forward()
+    return p.grad(outputs, leaves, batch, batched=True)
 
 
 ITEM_CHECKS: dict[str, Callable[[Probe], Check]] = {
