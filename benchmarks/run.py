@@ -1,14 +1,15 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [speed] [startup] [corpus]
+    .venv/bin/python benchmarks/run.py [speed] [startup] [corpus] [function]
 
-Prints three sections (all of them when none is named) and writes nothing: the numbers are
+Prints four sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians.
 
 1. speed   — the harness (Python API) and gradcheck on tanh MLPs of ~1.1k and ~22k parameters.
 2. startup — `backprop-check run cases/` against a bare `python -c "import torch"`.
 3. corpus  — detection and false-alarm rates on the planted-bug corpus in tests/corpus/.
+4. function — function mode against gradcheck on a two-output custom Function; planted Function bugs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import corpus
+import function
 import speed
 import startup
 
@@ -30,6 +32,7 @@ SECTIONS: dict[str, tuple[str, Callable[[], tuple[str, list[tuple[str, bool]]]]]
     "speed": ("1. harness vs torch.autograd.gradcheck (in one process, float64, CPU)", speed.run),
     "startup": ("2. start-up: backprop-check run cases/ vs import torch", startup.run),
     "corpus": ("3. planted-bug corpus: detection and false alarms", corpus.run),
+    "function": ("4. function mode: a two-output custom Function vs gradcheck; the planted Function bugs", function.run),
 }
 
 
