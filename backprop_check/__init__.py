@@ -15,9 +15,14 @@ __version__ = "0.1.0"
 # pytest process in an environment that has the package, xdist's controller included, and only
 # a process that checks a case needs torch.
 _LAZY = {
+    "FunctionCase": "function",
+    "GradcheckError": "dropin",
     "Report": "report",
     "Result": "report",
     "assert_gradients": "assertions",
+    "check": "function",
+    "function_case": "function",
+    "gradcheck": "dropin",
     "check_layer": "layers",
     "layer": "layers",
     "node": "nodes",
@@ -26,6 +31,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .assertions import assert_gradients
+    from .dropin import GradcheckError, gradcheck
+    from .function import FunctionCase, check, function_case
     from .layers import check_layer, layer
     from .nodes import node
     from .report import Report, Result
@@ -45,12 +52,17 @@ __all__ = [
     "CaseError",
     "CaseLoadError",
     "CaseTimeout",
+    "FunctionCase",
+    "GradcheckError",
     "Report",
     "Result",
     "UsageError",
     "assert_gradients",
     "case",
+    "check",
     "check_layer",
+    "function_case",
+    "gradcheck",
     "layer",
     "node",
     "run",

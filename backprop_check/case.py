@@ -11,7 +11,14 @@ import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .compare import Check
+    from .points import Point
+    from .tolerance import Tolerance as Allowed
 
 Tolerance = float | Mapping[str, float] | None
 
@@ -45,6 +52,14 @@ class Case:
 
     def __call__(self, **kwargs: Any) -> Any:
         return self.forward(**kwargs)
+
+    def extra_checks(
+        self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Allowed
+    ) -> list[Check]:
+        """Checks of this kind of case beyond the three gradients, shown before `checks` (the
+        value checks at `point`); a plain case has none. Function mode (function.py) names the
+        output at fault and checks the custom-Function contract here."""
+        return []
 
     @property
     def where(self) -> str:
@@ -154,14 +169,19 @@ def case(
             file=code.co_filename if code else None,
             line=code.co_firstlineno if code else None,
         )
-        collected = _collector.get()
-        if collected is not None:
-            collected.append(new)
+        register(new)
         return new
 
     if fn is not None:
         return build(fn)
     return build
+
+
+def register(new: Case) -> None:
+    """Hand a newly defined case to the loader, when a case file is being loaded."""
+    collected = _collector.get()
+    if collected is not None:
+        collected.append(new)
 
 
 def collecting(cases: list[Case]) -> Any:

@@ -204,6 +204,7 @@ def check_combination(
             require_finite_gradient(numerical, point)
             checked = check_point(case, point, device, dtype, cache[key], tol)
             checks, autograd = checked.checks, checked.gradients["autograd"]
+            checks[:0] = case.extra_checks(point, device, dtype, checks, tol)
             if point.seed is None:
                 checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol))
                 # numpy case: no autograd; the baseline keeps the manual gradient instead

@@ -1,8 +1,8 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [speed] [startup] [corpus] [parallel]
+    .venv/bin/python benchmarks/run.py [speed] [startup] [corpus] [parallel] [function]
 
-Prints three sections (all of them when none is named) and writes nothing: the numbers are
+Prints four sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians.
 
@@ -10,6 +10,7 @@ section reports medians of interleaved repeats and the ratio of medians.
 2. startup — `backprop-check run cases/` against a bare `python -c "import torch"`.
 3. corpus  — detection and false-alarm rates on the planted-bug corpus in tests/corpus/.
 4. parallel — `pytest cases/` serial against `pytest -n 2 cases/` (benchmarks/parallel.py).
+5. function — function mode against gradcheck on a two-output custom Function; planted Function bugs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 
 import corpus
 import parallel
+import function
 import speed
 import startup
 
@@ -33,6 +35,7 @@ SECTIONS: dict[str, tuple[str, Callable[[], tuple[str, list[tuple[str, bool]]]]]
     "startup": ("2. start-up: backprop-check run cases/ vs import torch", startup.run),
     "corpus": ("3. planted-bug corpus: detection and false alarms", corpus.run),
     "parallel": ("4. pytest serial vs pytest -n 2 (xdist) on the built-in cases", parallel.run),
+    "function": ("5. function mode: a two-output custom Function vs gradcheck; the planted Function bugs", function.run),
 }
 
 

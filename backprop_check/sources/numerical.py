@@ -420,7 +420,11 @@ class Batched:
         with torch.no_grad():
             if self.vmap_works:
                 try:
-                    return torch.func.vmap(one, randomness="error")(batch)
+                    values = torch.func.vmap(one, randomness="error")(batch)
+                    # A wrong vmap rule (a custom Function's own) must not corrupt the referee.
+                    if _same(values[0], one(batch[0])):
+                        return values
+                    raise RuntimeError("vmap gives other values than a plain call (a wrong vmap rule?)")
                 except CaseTimeout:
                     raise
                 except Exception as exc:  # noqa: BLE001 - an op vmap cannot batch; the loop shows real errors
@@ -428,6 +432,14 @@ class Batched:
                     cause = exc.__cause__ or exc
                     self.note = (
                         "the forward pass could not be batched with torch.func.vmap "
-                        f"({type(cause).__name__}); finite differences ran one by one"
+                        f"({type(cause).__name__}{': ' + str(cause) if 'vmap rule' in str(cause) else ''}); "
+                        "finite differences ran one by one"
                     )
             return torch.stack([one(value) for value in batch])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of a differently ordered float64 sum."""
+    return bool(torch.isclose(a, b, rtol=1e-12, atol=0.0, equal_nan=True).all()) or bool(
+        ((a - b).abs() <= 1e-12 * b.abs().clamp(min=1.0)).all()
+    )

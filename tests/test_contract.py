@@ -1,0 +1,110 @@
+"""The custom-Function contract: each planted bug in tests/corpus/functions.py is found by its
+own contract item, said in culprit language and naming the Function class; no twin fails."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import backprop_check as bc
+from backprop_check import contract
+
+CORPUS = Path(__file__).resolve().parent / "corpus" / "functions.py"
+
+
+def _corpus() -> Any:
+    spec = importlib.util.spec_from_file_location("_contract_corpus", CORPUS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FUNCTIONS = _corpus()
+CONTRACT_BUGS = {name: names[1] for name, names in FUNCTIONS.NAMES.items() if names[0] == "contract"}
+
+
+def x64(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def contract_checks(report: bc.Report) -> dict[str, bc.report.Check]:
+    (result,) = [r for r in report.results if r.point == "given point" or r.verdict == "mismatch"][:1]
+    return {c.name: c for c in result.checks if c.kind == "contract"}
+
+
+@pytest.fixture(scope="module")
+def corpus_report() -> bc.Report:
+    return bc.run([str(CORPUS)], devices=["cpu"], dtypes=["float64"], points=0)
+
+
+@pytest.mark.parametrize(("name", "item"), sorted(CONTRACT_BUGS.items()), ids=sorted(CONTRACT_BUGS))
+def test_each_planted_bug_is_found_by_its_contract_item(corpus_report: bc.Report, name: str, item: str) -> None:
+    (result,) = [r for r in corpus_report.results if r.case == name]
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message
+    found = {c.name: c for c in result.checks if c.kind == "contract"}
+    assert found[item].verdict == "mismatch", found[item].note
+    assert found[item].culprit == "autograd"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (v, _) in FUNCTIONS.EXPECTED.items() if v == "ok"))
+def test_no_twin_breaks_the_contract(corpus_report: bc.Report, name: str) -> None:
+    (result,) = [r for r in corpus_report.results if r.case == name]
+    bad = [f"{c.name}: {c.note}" for c in result.checks if c.kind == "contract" and c.verdict != "ok"]
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        pytest.param("ignores_grad_output", "the backward of SquareIgnoresGrad ignores grad_output of output 0", id="ignores-grad-output"),
+        pytest.param("undefined_grad_unhandled", "the backward of TwoProducts fails when", id="undefined-grad"),
+        pytest.param("backward_not_repeatable", "the backward of Drifting is not repeatable", id="not-repeatable"),
+        pytest.param("gradient_of_wrong_dtype", "returns a bfloat16 gradient for input `x`, which is float64", id="wrong-dtype"),
+        pytest.param("gradient_of_wrong_shape", "returns a gradient of shape (1, 4) for input `w`, of shape (4,)", id="wrong-shape"),
+        pytest.param("assumes_contiguous_input", "for non-contiguous inputs", id="non-contiguous"),
+        pytest.param("wrong_vmap_rule", "Normalized gives a different output 0 under torch.func.vmap", id="vmap-rule"),
+        pytest.param("modifies_grad_output", "the backward of ScalesGradInPlace modifies grad_output of output 0 in place", id="in-place"),
+    ],
+)
+def test_the_finding_names_the_function_class_in_culprit_language(corpus_report: bc.Report, name: str, words: str) -> None:
+    (result,) = [r for r in corpus_report.results if r.case == name]
+    notes = " | ".join(c.note or "" for c in result.checks if c.kind == "contract" and c.verdict == "mismatch")
+    assert words in notes
+
+
+def test_the_repeatable_check_reports_its_measured_spread_and_honours_nondet_tol() -> None:
+    args = (x64(3, 4),)
+    strict = bc.check(FUNCTIONS.Drifting.apply, args, dtypes=["float64"], points=0, contract=("repeatable",))
+    check = contract_checks(strict)["repeatable"]
+    assert check.verdict == "mismatch" and 0 < check.abs_err < 1e-14 and "nondet_tol 0" in check.note
+    loose = bc.check(FUNCTIONS.Drifting.apply, args, dtypes=["float64"], points=0, contract=("repeatable",), nondet_tol=1e-9)
+    assert loose.exit_code == 0
+    assert "spread" in contract_checks(loose)["repeatable"].note
+
+
+def test_a_message_shows_the_contract_finding_when_the_values_agree(corpus_report: bc.Report) -> None:
+    (result,) = [r for r in corpus_report.results if r.case == "modifies_grad_output"]
+    assert result.message.startswith("autograd is the odd one out at the given point: in_place: the backward of")
+
+
+def test_contract_items_can_be_chosen() -> None:
+    report = bc.check(FUNCTIONS.SquareIgnoresGrad.apply, (x64(3),), dtypes=["float64"], points=0, contract=("repeatable",))
+    assert set(contract_checks(report)) == {"repeatable"}
+    unknown = bc.check(torch.sin, (x64(3),), contract=("speed",))
+    assert unknown.exit_code == 2 and "contract= names 'speed'" in unknown.results[0].message
+
+
+def test_plain_functions_are_held_to_the_contract_too() -> None:
+    report = bc.check(lambda x, w: (x @ w).relu(), (x64(4, 3), x64(3, 2, seed=1)), dtypes=["float64"], points=0)
+    assert report.exit_code == 0
+    assert set(contract_checks(report)) == set(contract.ITEMS)
+
+
+def test_custom_functions_are_found_in_autograds_graph() -> None:
+    x = x64(3).requires_grad_()
+    y = FUNCTIONS.Square.apply(FUNCTIONS.ScaleTanh.apply(x * 2, x)[1])
+    assert contract.custom_functions((y,)) == ["Square", "ScaleTanh"]

@@ -1,0 +1,137 @@
+"""`backprop_check.gradcheck`: a drop-in for `torch.autograd.gradcheck`."""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import backprop_check as bc
+
+CORPUS = Path(__file__).resolve().parent / "corpus" / "functions.py"
+_spec = importlib.util.spec_from_file_location("_gradcheck_corpus", CORPUS)
+assert _spec is not None and _spec.loader is not None
+FUNCTIONS = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(FUNCTIONS)
+torch_gradcheck = importlib.import_module("torch.autograd.gradcheck")
+
+
+def x64(*shape: int, seed: int = 0, grad: bool = True) -> torch.Tensor:
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return t.requires_grad_(grad)
+
+
+def test_true_where_torchs_gradcheck_is_true() -> None:
+    args = (x64(3, 4), x64(4, seed=1))
+    assert torch.autograd.gradcheck(FUNCTIONS.ScaleTanh.apply, args)
+    assert bc.gradcheck(FUNCTIONS.ScaleTanh.apply, args) is True
+
+
+def test_a_wrong_gradient_raises_a_runtime_error_with_the_harness_message() -> None:
+    args = (x64(3, 4), x64(4, seed=1))
+    with pytest.raises(RuntimeError) as raised:
+        bc.gradcheck(FUNCTIONS.WrongOutput.apply, args)
+    error = raised.value
+    assert isinstance(error, bc.GradcheckError) and isinstance(error, torch_gradcheck.GradcheckError)
+    text = str(error)
+    for words in ("autograd is the odd one out", "output 1 → x", "numerical", "autograd ", "× the tolerance", "at x["):
+        assert words in text
+    assert error.result.culprit == "autograd"
+
+
+def test_raise_exception_false_returns_false() -> None:
+    assert bc.gradcheck(FUNCTIONS.WrongInput.apply, (x64(3, 4), x64(4, seed=1)), raise_exception=False) is False
+
+
+def test_a_broken_function_raises_one_line_whatever_raise_exception_says() -> None:
+    with pytest.raises(bc.CaseError, match="returned str, not a tensor"):
+        bc.gradcheck(lambda x: "no", (x64(3),), raise_exception=False)
+
+
+def test_float32_inputs_are_judged_fairly_where_torch_fails() -> None:
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    w = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not torch.autograd.gradcheck(lambda x, w: torch.tanh(x @ w), (x, w), raise_exception=False)
+    assert bc.gradcheck(lambda x, w: torch.tanh(x @ w), (x, w))
+
+
+def test_it_checks_the_inputs_own_dtype_only() -> None:
+    seen = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.dtype)
+        return x.sin()
+
+    bc.gradcheck(fn, (x64(3),))
+    assert set(seen) == {torch.float64}
+
+
+def test_ignored_options_are_named_in_one_warning() -> None:
+    with pytest.warns(UserWarning) as caught:
+        bc.gradcheck(torch.sin, (x64(3),), eps=1e-3, check_forward_ad=True)
+    (warning,) = caught
+    assert str(warning.message) == (
+        "backprop_check.gradcheck ignores eps= (the step is chosen per element), "
+        "check_forward_ad= (forward-mode AD is not checked yet)"
+    )
+
+
+def test_options_at_torchs_defaults_do_not_warn() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bc.gradcheck(torch.sin, (x64(3),), check_forward_ad=False, check_backward_ad=True, fast_mode=True)
+
+
+def test_an_unknown_keyword_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epsilon'"):
+        bc.gradcheck(torch.sin, (x64(3),), epsilon=1e-3)
+
+
+def test_atol_and_rtol_loosen_the_tolerance_when_given() -> None:
+    class Off(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            return grad * 2 * (1 + 1e-5)
+
+    assert not bc.gradcheck(Off.apply, (x64(3),), raise_exception=False)
+    assert bc.gradcheck(Off.apply, (x64(3),), rtol=1e-3)
+
+
+def test_nondet_tol_is_honoured() -> None:
+    assert not bc.gradcheck(FUNCTIONS.Drifting.apply, (x64(3, 4),), raise_exception=False)
+    assert bc.gradcheck(FUNCTIONS.Drifting.apply, (x64(3, 4),), nondet_tol=1e-9)
+
+
+def test_check_undefined_grad_and_check_batched_grad_switch_their_checks() -> None:
+    args = (x64(3, 4), x64(4, seed=1))
+    assert not bc.gradcheck(FUNCTIONS.NoneUnsafe.apply, args, raise_exception=False)
+    assert bc.gradcheck(FUNCTIONS.NoneUnsafe.apply, args, check_undefined_grad=False)
+    assert bc.gradcheck(FUNCTIONS.WrongRule.apply, (x64(4),))  # vmap is off by default, as in torch
+    assert not bc.gradcheck(FUNCTIONS.WrongRule.apply, (x64(4),), check_batched_grad=True, raise_exception=False)
+
+
+def test_fast_mode_still_finds_a_wrong_element_of_a_large_input() -> None:
+    class OneWrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return torch.sin(x)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            g = grad * torch.cos(x)
+            g.view(-1)[777] *= 1.001
+            return g
+
+    with pytest.raises(bc.GradcheckError, match=r"x\[12, 57\]"):  # 777 = 12·60 + 57
+        bc.gradcheck(OneWrong.apply, (x64(50, 60),), fast_mode=True)
