@@ -4,10 +4,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-# Imported now, since they import no torch. `case` is also the name of a submodule: binding the
-# decorator here keeps `from backprop_check import case` the decorator, whatever imports later.
-from .case import Case, case
-from .errors import CaseError, CaseLoadError, CaseTimeout, UsageError
+# Imported now, since they import no torch.
+from backprop_check.errors import CaseError, CaseLoadError, CaseTimeout, UsageError
+from backprop_check.model.case import Case, case
 
 __version__ = "0.1.0"
 
@@ -15,28 +14,28 @@ __version__ = "0.1.0"
 # pytest process in an environment that has the package, xdist's controller included, and only
 # a process that checks a case needs torch.
 _LAZY = {
-    "FunctionCase": "function",
-    "GradcheckError": "dropin",
-    "Report": "report",
-    "Result": "report",
+    "FunctionCase": "model.function",
+    "GradcheckError": "gate.dropin",
+    "Report": "records",
+    "Result": "records",
     "assert_gradients": "assertions",
-    "check": "function",
-    "function_case": "function",
-    "gradcheck": "dropin",
-    "check_layer": "layers",
-    "layer": "layers",
-    "node": "nodes",
-    "run": "runner",
+    "check": "model.function",
+    "function_case": "model.function",
+    "gradcheck": "gate.dropin",
+    "check_layer": "model.layers",
+    "layer": "model.layers",
+    "node": "model.nodes",
+    "run": "engine.runner",
 }
 
 if TYPE_CHECKING:
-    from .assertions import assert_gradients
-    from .dropin import GradcheckError, gradcheck
-    from .function import FunctionCase, check, function_case
-    from .layers import check_layer, layer
-    from .nodes import node
-    from .report import Report, Result
-    from .runner import run
+    from backprop_check.assertions import assert_gradients
+    from backprop_check.gate.dropin import GradcheckError, gradcheck
+    from backprop_check.model.function import FunctionCase, check, function_case
+    from backprop_check.model.layers import check_layer, layer
+    from backprop_check.model.nodes import node
+    from backprop_check.records import Report, Result
+    from backprop_check.engine.runner import run
 
 
 def __getattr__(name: str) -> Any:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .case import case
-from .formats import text
-from .report import Report
-from .runner import TIMEOUT, run
+from backprop_check.model.case import case
+from backprop_check.formats import text
+from backprop_check.records import Report
+from backprop_check.engine.runner import TIMEOUT, run
 
 
 def assert_gradients(

@@ -12,15 +12,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from . import baseline
-from . import explain, trace
-from .errors import UsageError
-from .formats import FORMATS, STDOUT, check_writable, text, write
-from .loader import load
-from .options import add_to_argparse, plan_from
-from .report import EXIT_INTERRUPTED, Interrupted, Report
-from .runner import run_plan
-from .terminal import Progress, style_for
+from backprop_check.gate import baseline
+from backprop_check.diagnosis import explain
+from backprop_check.diagnosis import trace
+from backprop_check.errors import UsageError
+from backprop_check.formats import FORMATS, STDOUT, check_writable, text, write
+from backprop_check.loading.loader import load
+from backprop_check.options import add_to_argparse, plan_from
+from backprop_check.records import EXIT_INTERRUPTED, Interrupted, Report
+from backprop_check.engine.runner import run_plan
+from backprop_check.formats.terminal import Progress, style_for
 
 DEFAULT_PATHS = ["cases/"]
 
@@ -92,7 +93,7 @@ def add_list(parser: argparse.ArgumentParser) -> None:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from .select import matches
+    from backprop_check.loading.selection import matches
 
     cases, failures = load(args.paths or DEFAULT_PATHS)
     for case in cases:
@@ -135,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
 def _version() -> str:
     import torch
 
-    from . import __version__
+    from backprop_check import __version__
 
     return f"backprop-check {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})"
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
-from .select import matches
+from backprop_check.errors import UsageError
+from backprop_check.loading.selection import matches
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float64", "float32")

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from .options import OPTIONS
-from .session import KEY, CaseFile, CheckSession, session_of
+from backprop_check.options import OPTIONS
+from backprop_check.gate.session import KEY, CaseFile, CheckSession, session_of
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from backprop_check import Report, Result
-from backprop_check.baseline import Baseline, Drift, Threshold
+from backprop_check.gate.baseline import Baseline, Drift, Threshold
 from backprop_check.cli import main
 
 CASES = '''

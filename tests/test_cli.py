@@ -207,7 +207,7 @@ def test_a_baseline_whose_obtained_file_cannot_be_written_is_a_usage_error(folde
 def test_trace_json_that_cannot_be_written_is_a_usage_error_before_the_replay(folder, capsys, monkeypatch):
     folder("cases.py", GOOD)
     (folder.path / "taken").write_text("a file, not a folder")
-    monkeypatch.setattr("backprop_check.trace.pick", lambda *args: pytest.fail("the replay started"))
+    monkeypatch.setattr("backprop_check.diagnosis.trace.pick", lambda *args: pytest.fail("the replay started"))
     code, out, err = run_cli(capsys, "trace", "cases.py", "--epochs", "1", "--lr", "0.1", "--json", "taken/trace.json")
     assert code == 2
     assert err == "backprop-check: error: --json taken/trace.json: cannot write there: Not a directory\n"
@@ -256,7 +256,7 @@ def test_nothing_checked_does_not_hide_a_broken_file(folder, capsys):
 def no_cuda(monkeypatch):
     """A machine without the GPU that the user asked for."""
     unavailable = lambda device: "CUDA is not available (no driver)" if device.startswith("cuda") else None  # noqa: E731
-    monkeypatch.setattr("backprop_check.runner.device_unavailable", unavailable)
+    monkeypatch.setattr("backprop_check.engine.runner.device_unavailable", unavailable)
 
 
 def test_a_device_asked_for_by_name_that_is_missing_fails_with_exit_5(folder, capsys, monkeypatch):
@@ -313,7 +313,7 @@ def test_the_python_api_follows_the_same_exit_rule(folder, monkeypatch):
 
 def interrupt_after(monkeypatch, checked: int) -> None:
     """Ctrl-C while the case after the first `checked` ones runs."""
-    import backprop_check.runner as runner
+    import backprop_check.engine.runner as runner
 
     real, calls = runner.check_case, []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backprop_check.compare import _culprits, _name_of, shape_note
+from backprop_check.engine.compare import _culprits, _name_of, shape_note
 
 T, F = True, False
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import backprop_check.runner
+import backprop_check.engine.runner
 from backprop_check import case, run
 
 CPU64 = dict(devices=["cpu"], dtypes=["float64"], points=1)
@@ -532,14 +532,14 @@ def test_the_time_limit_does_not_outlive_the_case():
 
 
 def test_an_internal_error_on_one_case_is_an_error_and_the_others_still_run(monkeypatch):
-    real = backprop_check.runner.compare
+    real = backprop_check.engine.runner.compare
 
     def flaky(numerical, autograd, manual, params, tol, noise=None):
         if "boom" in params:
             raise RuntimeError("a bug in the harness")
         return real(numerical, autograd, manual, params, tol, noise)
 
-    monkeypatch.setattr(backprop_check.runner, "compare", flaky)
+    monkeypatch.setattr(backprop_check.engine.runner, "compare", flaky)
     unlucky = case(lambda boom: boom ** 2, params={"boom": 1.0}, name="unlucky")
     fine = case(lambda w: w ** 2, params={"w": 1.0}, name="fine")
     report = run([unlucky, fine], **CPU64)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import backprop_check as bc
+import backprop_check.model.function  # noqa: F401 - bc.model.function below
 from backprop_check.cli import main
 from backprop_check.formats import FORMATS
 
@@ -71,8 +72,8 @@ def test_inputs_without_names_are_input0_input1() -> None:
 
 
 def test_a_custom_functions_inputs_are_named_by_its_forward() -> None:
-    assert bc.function.input_names(FUNCTIONS.ScaleTanh.apply, 2) == ("x", "w")
-    assert bc.function.input_names(FUNCTIONS.RightRule.apply, 1) == ("x",)  # setup_context: no ctx
+    assert bc.model.function.input_names(FUNCTIONS.ScaleTanh.apply, 2) == ("x", "w")
+    assert bc.model.function.input_names(FUNCTIONS.RightRule.apply, 1) == ("x",)  # setup_context: no ctx
 
 
 def test_only_inputs_that_require_grad_are_differentiated() -> None:

@@ -252,7 +252,7 @@ def test_module_parameters_come_from_the_seeded_generator():
 
 def test_autograd_on_another_device_is_compared_with_the_cpu(monkeypatch):
     """Simulates a CUDA device whose autograd is off by 1% (a wrong device kernel)."""
-    from backprop_check import runner
+    from backprop_check.engine import runner
     from backprop_check.sources import SOURCES
 
     real_autograd, real_manual = SOURCES["autograd"], SOURCES["manual"]

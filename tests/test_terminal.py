@@ -7,8 +7,8 @@ import pytest
 
 from backprop_check import case
 from backprop_check.cli import main
-from backprop_check.runner import Plan, check_case
-from backprop_check.terminal import Progress
+from backprop_check.engine.runner import Plan, check_case
+from backprop_check.formats.terminal import Progress
 
 
 class Terminal(io.StringIO):

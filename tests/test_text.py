@@ -9,7 +9,7 @@ import pytest
 from backprop_check import Report, case, run
 from backprop_check.cli import main
 from backprop_check.formats import text
-from backprop_check.terminal import WIDTH, Style, style_for
+from backprop_check.formats.terminal import WIDTH, Style, style_for
 
 
 class Terminal(io.StringIO):

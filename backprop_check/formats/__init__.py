@@ -9,9 +9,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import UsageError
-from ..report import Report
-from . import html, json, junit, markdown, text
+from backprop_check.errors import UsageError
+from backprop_check.records import Report
+from backprop_check.formats import html
+from backprop_check.formats import json
+from backprop_check.formats import junit
+from backprop_check.formats import markdown
+from backprop_check.formats import text
 
 FORMATS: dict[str, Callable[[Report], str]] = {
     "text": text.render,

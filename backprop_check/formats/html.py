@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from html import escape
 
-from ..report import Report, Result
+from backprop_check.records import Report, Result
 
 COLOURS = {"ok": "#1a7f37", "mismatch": "#cf222e", "nondifferentiable": "#9a6700", "error": "#8250df", "skipped": "#6e7781"}
 HEADER = ("case", "run", "element", "manual", "numerical", "autograd", "abs err", "verdict", "culprit", "message")

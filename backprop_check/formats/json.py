@@ -5,7 +5,7 @@ import json
 import math
 from typing import Any
 
-from ..report import Report
+from backprop_check.records import Report
 
 
 def render(report: Report) -> str:

@@ -15,9 +15,9 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from ..report import Report, Result
-from . import text
-from .notices import notices
+from backprop_check.records import Report, Result
+from backprop_check.formats import text
+from backprop_check.formats.notices import notices
 
 SUITE = "backprop-check"
 # XML 1.0 cannot carry these characters, even escaped; a case's message might contain them.

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..arrays import NUMPY_NOTE
-from ..compare import Check
-from ..report import VERDICTS, Report, Result
-from .notices import notices
+from backprop_check.model.arrays import NUMPY_NOTE
+from backprop_check.records import Check
+from backprop_check.records import VERDICTS, Report, Result
+from backprop_check.formats.notices import notices
 
 ICONS = {"ok": "✅", "mismatch": "❌", "nondifferentiable": "〰️", "error": "💥", "skipped": "⏭️"}
 LOOK_AT = ("mismatch", "error", "nondifferentiable")

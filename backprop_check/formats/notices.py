@@ -3,7 +3,7 @@ not every device asked for) was checked, a baseline's missing and stale entries.
 them in the suite's `<system-out>`, Markdown under its headline; JSON has them as fields."""
 from __future__ import annotations
 
-from ..report import Report
+from backprop_check.records import Report
 
 
 def notices(report: Report) -> list[str]:

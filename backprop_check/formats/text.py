@@ -12,9 +12,9 @@ from __future__ import annotations
 import textwrap
 from collections import defaultdict
 
-from ..arrays import NUMPY_NOTE
-from ..report import Report, Result
-from ..terminal import Style
+from backprop_check.model.arrays import NUMPY_NOTE
+from backprop_check.records import Report, Result
+from backprop_check.formats.terminal import Style
 
 HEADER = ("case", "run", "param", "manual", "numerical", "autograd", "abs err", "rel err", "verdict", "culprit")
 # Columns that tell rows apart or say the verdict: always whole.

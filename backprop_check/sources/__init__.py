@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..case import Case
-from ..points import Point
+from backprop_check.model.case import Case
+from backprop_check.loading.points import Point
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ class Gradients:
 
 Source = Callable[[Case, Point, str, torch.dtype], Gradients]
 
-from . import autograd, manual, numerical  # noqa: E402 - they import Gradients from here
+from backprop_check.sources import autograd  # noqa: E402 - they import Gradients from here
+from backprop_check.sources import manual
+from backprop_check.sources import numerical
 
 SOURCES: dict[str, Source] = {
     "manual": manual.gradient,

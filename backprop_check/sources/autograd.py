@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..case import Case
-from ..errors import CaseError, one_line
-from ..forward import call_forward
-from ..points import Point
-from . import Gradients
+from backprop_check.model.case import Case
+from backprop_check.errors import CaseError, one_line
+from backprop_check.loading.forward import call_forward
+from backprop_check.loading.points import Point
+from backprop_check.sources import Gradients
 
 
 def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..arrays import as_array, loss_value
-from ..case import Case
-from ..errors import CaseError
-from ..forward import user_error
-from ..nodes import Tape, using
-from ..points import Point
+from backprop_check.model.arrays import as_array, loss_value
+from backprop_check.model.case import Case
+from backprop_check.errors import CaseError
+from backprop_check.loading.forward import user_error
+from backprop_check.model.nodes import Tape, using
+from backprop_check.loading.points import Point
 
 if TYPE_CHECKING:
-    from .numerical import Flat
+    from backprop_check.sources.numerical import Flat
 
 
 class _Offsets(Tape):

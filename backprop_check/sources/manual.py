@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..arrays import gradient_value
-from ..case import Case
-from ..errors import CaseError
-from ..forward import arguments, call_user
-from ..points import Point
-from . import Gradients
+from backprop_check.model.arrays import gradient_value
+from backprop_check.model.case import Case
+from backprop_check.errors import CaseError
+from backprop_check.loading.forward import arguments, call_user
+from backprop_check.loading.points import Point
+from backprop_check.sources import Gradients
 
 
 def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..case import Case
-from ..errors import CaseTimeout
-from ..forward import call_forward
-from ..points import Point, derive_seed
-from . import Direction, Gradients
-from .inplace import InPlace
+from backprop_check.model.case import Case
+from backprop_check.errors import CaseTimeout
+from backprop_check.loading.forward import call_forward
+from backprop_check.loading.points import Point, derive_seed
+from backprop_check.sources import Direction, Gradients
+from backprop_check.sources.inplace import InPlace
 
 RELATIVE_STEP = 1e-4
 # Rounding of one float64 forward pass, relative to |loss|: summing n terms costs up to ~√n eps.

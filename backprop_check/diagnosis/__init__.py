@@ -1,0 +1,1 @@
+"""Where a derivation breaks: verdicts and messages, hints, the graph between nodes, explain, trace, the Function contract."""

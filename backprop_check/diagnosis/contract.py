@@ -1,0 +1,484 @@
+"""The custom-Function contract: what a backward must do beyond giving the right values.
+
+Checked at the given point of a function check, on every device and dtype, each as one `Check`
+(kind "contract") whose mismatch blames autograd and names the user's Function class as
+autograd's graph shows it (a `MyFnBackward` node is `MyFn`'s backward):
+
+- grad_output:    the backward is linear in grad_output: zero cotangents give zero gradients,
+                  a doubled cotangent a doubled gradient (one output at a time);
+- undefined_grad: an output's gradient may be undefined (None under set_materialize_grads(False)):
+                  one output at a time, then all of them;
+- repeatable:     two backward passes on one graph agree within `nondet_tol`, the spread measured;
+- grad_meta:      the gradients the Function's backward returns have its inputs' dtype, device
+                  and shape (autograd casts a wrong dtype and sums a broadcast shape silently);
+- layout:         non-contiguous inputs, and an input expanded from one slice (stride 0), give
+                  the same outputs and gradients as contiguous ones;
+- vmap:           a vmap-batched backward (is_grads_batched) equals the looped one, where the
+                  backward can run under vmap;
+- in_place:       the backward leaves grad_output as it found it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from backprop_check.engine.compare import unravel
+
+from backprop_check.records import Check, MISMATCH, OK
+from backprop_check.errors import CaseError, one_line
+from backprop_check.loading.points import Point, derive_seed
+from backprop_check.engine.tolerance import Tolerance
+
+if TYPE_CHECKING:
+    from backprop_check.model.function import FunctionCase
+
+ITEMS = ("grad_output", "undefined_grad", "repeatable", "grad_meta", "layout", "vmap", "in_place")
+BATCH = 3  # cotangents in the vmap check
+
+Grads = dict[str, torch.Tensor]
+
+
+def checks(case: FunctionCase, point: Point, device: str, dtype: torch.dtype, tol: Tolerance) -> list[Check]:
+    """One Check per contract item the case asks for."""
+    probe = Probe(case, point, device, dtype, tol)
+    found = []
+    for item in ITEMS:
+        if item in case.contract:
+            try:
+                found.append(ITEM_CHECKS[item](probe))
+            except CaseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's backward may raise anything
+                raise CaseError(f"the contract check {item!r} could not run {probe.owner}: {one_line(exc)}") from exc
+    return found
+
+
+class Probe:
+    """The function at one point in one dtype on one device: forward and backward passes."""
+
+    def __init__(self, case: FunctionCase, point: Point, device: str, dtype: torch.dtype, tol: Tolerance) -> None:
+        at = point.cast(dtype, device)
+        self.case, self.tol, self.dtype, self.device = case, tol, dtype, device
+        self.values = {**at.params, **at.data}
+        self.v = {k: self.values[label] for k, label in case.cotangents.items()}
+        self.gen = torch.Generator().manual_seed(derive_seed("contract", case.name, point.label))
+        outputs, _ = self.forward()
+        self.classes = custom_functions(outputs)
+        self.owner = f"the backward of {' and '.join(self.classes)}" if self.classes else f"the backward of {case.label}"
+
+    def forward(self, replace: Mapping[str, torch.Tensor] | None = None) -> tuple[tuple[torch.Tensor, ...], Grads]:
+        """fn at the point (with some inputs replaced), the differentiated inputs as fresh leaves."""
+        given = {**self.values, **(replace or {})}
+        leaves = {n: given[n].detach().requires_grad_(True) for n in self.case.wrt}
+        with torch.enable_grad():
+            outputs = self.case._call({**given, **leaves})
+        return outputs, leaves
+
+    def grad(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        leaves: Grads,
+        cotangents: Mapping[int, torch.Tensor],
+        *,
+        retain: bool = True,
+        batched: bool = False,
+    ) -> Grads:
+        """Σ_k ⟨cotangents[k], output k⟩ differentiated by autograd (zero where unused)."""
+        # Copies: a backward that writes into its grad_output must not change the probe's.
+        pairs = [(outputs[k], v.clone()) for k, v in cotangents.items() if outputs[k].requires_grad]
+        found: tuple[torch.Tensor | None, ...] = (None,) * len(leaves)
+        if pairs:
+            found = torch.autograd.grad(
+                [o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs],
+                allow_unused=True, retain_graph=retain, is_grads_batched=batched,
+            )
+        out = {}
+        for (name, leaf), g in zip(leaves.items(), found):
+            if g is None:
+                g = torch.zeros((BATCH, *leaf.shape) if batched else leaf.shape, dtype=leaf.dtype, device=leaf.device)
+            out[name] = g.detach()
+        return out
+
+    def only(self, k: int, scale: float = 1.0) -> dict[int, torch.Tensor]:
+        """Cotangents: `scale`·v_k for output k, zero for the others."""
+        return {j: v * scale if j == k else torch.zeros_like(v) for j, v in self.v.items()}
+
+    def differs(self, got: Grads, want: Grads, factor: float = 1.0) -> tuple[str, tuple[int, ...], float, float] | None:
+        """The first input where `got` and `factor`·`want` disagree beyond the tolerance:
+        (name, element, got, want), or None."""
+        for name in want:
+            a = got[name].detach().to("cpu", torch.float64).reshape(want[name].shape)
+            b = factor * want[name].detach().to("cpu", torch.float64)
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            allowed = 2 * self.tol.allowed(torch.maximum(a.abs(), b.abs()), scale) + torch.finfo(torch.float64).tiny
+            same = (a - b).abs() <= allowed
+            same |= torch.isnan(a) & torch.isnan(b)
+            same |= (a == b)  # equal infinities
+            if not bool(same.all()):
+                flat = int((~same).reshape(-1).nonzero()[0, 0])
+                return name, unravel(flat, tuple(b.shape)), float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat])
+        return None
+
+
+def custom_functions(outputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """The custom Function classes in the graph of `outputs`, nearest the outputs first."""
+    return list(dict.fromkeys(type_name(node) for node in _nodes(outputs) if _is_custom(node)))
+
+
+def type_name(node: Any) -> str:
+    cls = getattr(node, "_forward_cls", None)
+    return cls.__name__ if cls is not None else type(node).__name__.removesuffix("Backward")
+
+
+def _is_custom(node: Any) -> bool:
+    return isinstance(node, torch.autograd.function.BackwardCFunction)
+
+
+def _nodes(outputs: tuple[torch.Tensor, ...]) -> Iterator[Any]:
+    seen: set[int] = set()
+    queue = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while queue:
+        node = queue.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        queue.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def _result(item: str, failure: str | None, ok: str, spread: float = 0.0, allowed: float = 0.0) -> Check:
+    bad = failure is not None
+    return Check(
+        name=item,
+        kind="contract",
+        shape=(),
+        verdict=MISMATCH if bad else OK,
+        culprit="autograd" if bad else None,
+        abs_err=spread,
+        allowed=allowed,
+        ratio=float("inf") if bad else 0.0,
+        bad=int(bad),
+        size=1,
+        note=failure if bad else ok,
+        culprits={"autograd": 1} if bad else {},
+    )
+
+
+def _at(index: tuple[int, ...]) -> str:
+    return f"[{', '.join(map(str, index))}]" if index else ""
+
+
+# --- the items ---------------------------------------------------------------------------------
+
+
+def grad_output(p: Probe) -> Check:
+    outputs, leaves = p.forward()
+    zero = p.grad(outputs, leaves, {k: torch.zeros_like(v) for k, v in p.v.items()})
+    ones = {k: p.grad(outputs, leaves, p.only(k)) for k in p.v}
+    twos = {k: p.grad(outputs, leaves, p.only(k, 2.0)) for k in p.v}
+    nothing = {n: torch.zeros_like(g) for n, g in zero.items()}
+    if p.differs(zero, nothing) is not None:
+        name, index, got, _ = p.differs(zero, nothing)  # type: ignore[misc]
+        ignored = [k for k in p.v if p.differs(ones[k], zero) is None]
+        which = f"grad_output of output {', '.join(map(str, ignored))}" if ignored else "grad_output (a term does not depend on it)"
+        return _result(
+            "grad_output",
+            f"{p.owner} ignores {which}: with every grad_output zero it still returns {got:.6g} for "
+            f"input `{name}`{_at(index)} instead of 0 (a .sum() loss, grad_output = 1, hides this)",
+            "",
+        )
+    for k in p.v:
+        d1 = {n: ones[k][n] - zero[n] for n in zero}
+        d2 = {n: twos[k][n] - zero[n] for n in zero}
+        found = p.differs(d2, d1, 2.0)
+        if found is not None:
+            name, index, got, want = found
+            return _result(
+                "grad_output",
+                f"{p.owner} does not scale with grad_output of output {k}: doubling it gives {got:.6g} for "
+                f"input `{name}`{_at(index)}, not {want:.6g} (twice the gradient); a backward must multiply by grad_output",
+                "",
+            )
+    return _result("grad_output", None, "zero grad_outputs give zero gradients, doubled ones double them")
+
+
+def undefined_grad(p: Probe) -> Check:
+    outputs, leaves = p.forward()
+    live = [k for k in p.v if outputs[k].requires_grad]
+    if not live:
+        return _result("undefined_grad", None, "no output requires grad")
+    cases = [(None, "every output's gradient")] + ([(k, f"the gradient of output {k}") for k in live] if len(live) > 1 else [])
+    for undefined, what in cases:
+        outputs, leaves = p.forward()
+        marked = [torch._C._functions.UndefinedGrad()(o) if undefined is None or k == undefined else o for k, o in enumerate(outputs)]
+        try:
+            got = p.grad(tuple(marked), leaves, p.v, retain=False)
+        except Exception as exc:  # noqa: BLE001 - the failure is the finding
+            return _result(
+                "undefined_grad",
+                f"{p.owner} fails when {what} is undefined (None, as under ctx.set_materialize_grads(False)): "
+                f"{one_line(exc)}",
+                "",
+            )
+        kept = {j: (torch.zeros_like(v) if undefined is None or j == undefined else v) for j, v in p.v.items()}
+        outputs, leaves = p.forward()
+        want = p.grad(outputs, leaves, kept, retain=False)
+        found = p.differs(got, want)
+        if found is not None:
+            name, index, a, b = found
+            return _result(
+                "undefined_grad",
+                f"{p.owner} returns {a:.6g} for input `{name}`{_at(index)} when {what} is undefined (None), "
+                f"but {b:.6g} when it is zero: an undefined gradient must count as zero",
+                "",
+            )
+    return _result("undefined_grad", None, "undefined output gradients count as zero")
+
+
+def repeatable(p: Probe) -> Check:
+    outputs, leaves = p.forward()
+    first = p.grad(outputs, leaves, p.v)
+    second = p.grad(outputs, leaves, p.v, retain=False)
+    spread, where = 0.0, ("", ())
+    for name in first:
+        diff = (first[name].to(torch.float64) - second[name].to(torch.float64)).abs()
+        diff = torch.where(torch.isnan(first[name]) & torch.isnan(second[name]), torch.zeros_like(diff), diff)
+        diff = torch.nan_to_num(diff, nan=torch.inf)
+        if diff.numel() and float(diff.max()) > spread:
+            spread = float(diff.max())
+            where = (name, unravel(int(diff.reshape(-1).argmax()), tuple(diff.shape)))
+    tol = p.case.nondet_tol
+    failure = None
+    if not spread <= tol:
+        failure = (
+            f"{p.owner} is not repeatable: two backward passes with the same grad_output differ by up to "
+            f"{spread:.3g} for input `{where[0]}`{_at(where[1])} (nondet_tol {tol:g}; raise nondet_tol if this "
+            "nondeterminism is expected, e.g. atomic adds on a GPU)"
+        )
+    return _result("repeatable", failure, f"two backward passes agree: spread {spread:.3g} (nondet_tol {tol:g})", spread, tol)
+
+
+@contextmanager
+def _watched(outputs: tuple[torch.Tensor, ...]) -> Iterator[list[tuple[Any, list[torch.Tensor | None], list[int]]]]:
+    """Hooks on every custom Function's backward node: per call, (node, a copy of the
+    grad_outputs it received, the indices of those it changed in place)."""
+    calls: list[tuple[Any, list[torch.Tensor | None], list[int]]] = []
+    handles = []
+    for node in (n for n in _nodes(outputs) if _is_custom(n)):
+
+        def before(grad_outputs: tuple[torch.Tensor | None, ...], node: Any = node) -> None:
+            calls.append((node, [g.detach().clone() if g is not None else None for g in grad_outputs], []))
+
+        def after(grad_inputs: Any, grad_outputs: tuple[torch.Tensor | None, ...], node: Any = node) -> None:
+            for seen, copies, changed in reversed(calls):
+                if seen is node:
+                    for i, (now, then) in enumerate(zip(grad_outputs, copies)):
+                        if now is not None and then is not None and not _same(now, then):
+                            changed.append(i)
+                    break
+
+        handles += [node.register_prehook(before), node.register_hook(after)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def grad_meta(p: Probe) -> Check:
+    outputs, leaves = p.forward()
+    with _watched(outputs) as calls:
+        p.grad(outputs, leaves, p.v)
+    names = {id(leaf): name for name, leaf in leaves.items()}
+    for node, grads, _ in calls:
+        try:
+            with torch.no_grad():
+                raw = node._forward_cls.backward(node, *grads)
+        except Exception:  # noqa: BLE001 - a second call is not guaranteed; repeatable covers it
+            continue
+        raw = raw if isinstance(raw, tuple) else (raw,)
+        for i, ((next_node, slot), gradient) in enumerate(zip(node.next_functions, raw)):
+            if next_node is None or not isinstance(gradient, torch.Tensor):
+                continue
+            meta = next_node._input_metadata[slot]
+            leaf = getattr(next_node, "variable", None)
+            what = f"input `{names[id(leaf)]}`" if leaf is not None and id(leaf) in names else f"its input {i}"
+            cls = type_name(node)
+            if gradient.dtype != meta.dtype:
+                return _result(
+                    "grad_meta",
+                    f"the backward of {cls} returns a {str(gradient.dtype).removeprefix('torch.')} gradient for {what}, "
+                    f"which is {str(meta.dtype).removeprefix('torch.')}: autograd casts it silently (precision is lost)",
+                    "",
+                )
+            if tuple(gradient.shape) != tuple(meta.shape):
+                return _result(
+                    "grad_meta",
+                    f"the backward of {cls} returns a gradient of shape {tuple(gradient.shape)} for {what}, of shape "
+                    f"{tuple(meta.shape)}: autograd reshapes or sums it silently",
+                    "",
+                )
+            if gradient.device != meta.device:
+                return _result(
+                    "grad_meta",
+                    f"the backward of {cls} returns a gradient on {gradient.device} for {what}, on {meta.device}",
+                    "",
+                )
+    return _result("grad_meta", None, "gradients have their inputs' dtype, device and shape")
+
+
+def in_place(p: Probe) -> Check:
+    outputs, leaves = p.forward()
+    given = {k: v.clone() for k, v in p.v.items()}
+    pairs = [(outputs[k], v) for k, v in given.items() if outputs[k].requires_grad]
+    with _watched(outputs) as calls:
+        if pairs:
+            torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs], allow_unused=True)
+    for k, v in p.v.items():
+        if not _same(given[k], v):
+            return _result("in_place", f"{p.owner} modifies grad_output of output {k} in place", "")
+    for node, _, changed in calls:
+        if changed:
+            mine = [k for k, o in enumerate(outputs) if o.grad_fn is node and o.output_nr in changed]
+            what = f"grad_output of output {mine[0]}" if mine else f"its grad_output {changed[0]}"
+            return _result("in_place", f"the backward of {type_name(node)} modifies {what} in place", "")
+    return _result("in_place", None, "grad_output is left unchanged")
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in memory with every other element skipped: non-contiguous."""
+    return torch.stack([t, t], dim=-1).select(-1, 0)
+
+
+def layout(p: Probe) -> Check:
+    outputs, leaves = p.forward()
+    want = p.grad(outputs, leaves, p.v, retain=False)
+    tensors = {n: t for n, t in p.values.items() if n not in p.case.cotangents.values() and t.dim() and t.numel() > 1}
+    if tensors:
+        strided = {n: _strided(t) for n, t in tensors.items()}
+        try:
+            outputs2, leaves2 = p.forward(strided)
+            got = p.grad(outputs2, leaves2, p.v, retain=False)
+        except Exception as exc:  # noqa: BLE001 - the failure is the finding
+            return _result("layout", f"{p.owner} fails for non-contiguous inputs: {one_line(exc)}", "")
+        wrong = _first_difference(p, outputs2, outputs, got, want)
+        if wrong:
+            return _result("layout", f"{p.owner} gives {wrong} for non-contiguous inputs ({', '.join(f'`{n}`' for n in strided)})", "")
+    skipped = []
+    for name in p.case.wrt:
+        value = p.values[name]
+        if value.dim() == 0 or value.shape[0] < 2:
+            continue
+        expanded = value[:1].expand(value.shape)
+        try:
+            outputs, leaves = p.forward({name: expanded.contiguous()})
+            want = p.grad(outputs, leaves, p.v, retain=False)
+        except Exception:  # noqa: BLE001 - the repeated slice may leave fn's domain (a singular matrix)
+            skipped.append(name)
+            continue
+        if not all(bool(torch.isfinite(g).all()) for g in want.values()):
+            skipped.append(name)
+            continue
+        try:
+            outputs2, leaves2 = p.forward({name: expanded})
+            got = p.grad(outputs2, leaves2, p.v, retain=False)
+        except Exception as exc:  # noqa: BLE001 - the failure is the finding
+            return _result("layout", f"{p.owner} fails for an expanded input `{name}` (stride 0): {one_line(exc)}", "")
+        wrong = _first_difference(p, outputs2, outputs, got, want)
+        if wrong:
+            return _result(
+                "layout",
+                f"{p.owner} gives {wrong} when input `{name}` is expanded (stride 0) instead of contiguous",
+                "",
+            )
+    note = "non-contiguous and expanded inputs give the same outputs and gradients"
+    if skipped:
+        note += f" (expanded {', '.join(f'`{n}`' for n in skipped)} skipped: fn fails where its first slice is repeated)"
+    return _result("layout", None, note)
+
+
+def _first_difference(
+    p: Probe, got_out: tuple[torch.Tensor, ...], want_out: tuple[torch.Tensor, ...], got: Grads, want: Grads
+) -> str | None:
+    for k in p.v:
+        found = p.differs({"y": got_out[k].detach()}, {"y": want_out[k].detach()})
+        if found:
+            return f"a different output {k} ({found[2]:.6g} instead of {found[3]:.6g} at {_at(found[1]) or 'its value'})"
+    found = p.differs(got, want)
+    if found:
+        name, index, a, b = found
+        return f"a different gradient for input `{name}` ({a:.6g} instead of {b:.6g} at {_at(index) or 'its value'})"
+    return None
+
+
+def vmap(p: Probe) -> Check:
+    """Per-sample gradients under vmap against a loop: torch.func.vmap of the VJP (the
+    Function's own vmap rule, where it has one), then autograd's is_grads_batched."""
+    outputs, leaves = p.forward()
+    batch = {k: torch.randn((BATCH, *v.shape), generator=p.gen, dtype=torch.float64).to(v) for k, v in p.v.items()}
+    looped = [p.grad(outputs, leaves, {k: v[b] for k, v in batch.items()}) for b in range(BATCH)]
+    want = {n: torch.stack([g[n] for g in looped]) for n in leaves}
+    # Under torch.func.vmap the forward runs batched too (through the Function's vmap rule).
+    values = {f"output {k}": torch.stack([outputs[k].detach()] * BATCH) for k in batch}
+    ran, skipped = [], []
+    for how, batched, expected in (("torch.func.vmap", _func_vmap, {**values, **want}), ("is_grads_batched", _grads_batched, want)):
+        try:
+            got = batched(p, batch)
+        except Exception as exc:  # noqa: BLE001 - what vmap cannot batch has nothing to compare
+            skipped.append(f"{how}: {one_line(exc)[:120]}")
+            continue
+        ran.append(how)
+        found = p.differs(got, expected)
+        if found:
+            name, index, a, b = found
+            what = name if name.startswith("output") else f"gradient of input `{name}`"
+            who = " and ".join(p.classes) or p.case.label
+            return _result(
+                "vmap",
+                f"{who} gives a different {what} under {how} (a wrong vmap rule?): batch element {index[0]}"
+                f"{', element ' + _at(index[1:]) if index[1:] else ''}: {a:.6g} batched, {b:.6g} looped",
+                "",
+            )
+    note = f"vmap-batched gradients ({' and '.join(ran)}, {BATCH} grad_outputs) equal the looped ones" if ran else "skipped"
+    if skipped:
+        note += f"; skipped {'; '.join(skipped)}"
+    return _result("vmap", None, note)
+
+
+def _func_vmap(p: Probe, batch: Mapping[int, torch.Tensor]) -> Grads:
+    names = p.case.wrt
+
+    def single(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = p.case._call({**p.values, **dict(zip(names, xs))})
+        return tuple(outputs[k] for k in batch)
+
+    def pullback(vs: tuple[torch.Tensor, ...], *xs: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        outputs, vjp = torch.func.vjp(single, *xs)
+        return outputs, vjp(vs)
+
+    xs = [p.values[n].detach().unsqueeze(0).expand(BATCH, *p.values[n].shape).clone() for n in names]
+    outputs, grads = torch.func.vmap(pullback)(tuple(batch.values()), *xs)
+    return {**{f"output {k}": o for k, o in zip(batch, outputs)}, **dict(zip(names, grads))}
+
+
+def _grads_batched(p: Probe, batch: Mapping[int, torch.Tensor]) -> Grads:
+    outputs, leaves = p.forward()
+    return p.grad(outputs, leaves, batch, batched=True)
+
+
+ITEM_CHECKS: dict[str, Callable[[Probe], Check]] = {
+    "grad_output": grad_output,
+    "undefined_grad": undefined_grad,
+    "repeatable": repeatable,
+    "grad_meta": grad_meta,
+    "layout": layout,
+    "vmap": vmap,
+    "in_place": in_place,
+}

@@ -1,0 +1,292 @@
+"""Hints: when a wrong gradient follows a pattern, say which slip of a derivation makes it.
+
+The patterns, tried on the whole tensors of the odd source and a reference (autograd when the
+manual gradient is the culprit, the numerical one when autograd is):
+
+- a constant factor over the whole tensor: ×2, ×½, ×−1, ×N or ×1/N, N being a size of the
+  data (the samples a mean runs over), or any other factor shared by every element;
+- a transposed matrix: of the wrong shape, or square and equal to the reference's transpose;
+- a missing sum over the batch: an extra leading dimension that, summed, gives the reference;
+- right at the given point, wrong at random points: a missing factor that equals 1 there
+  (the tutorials' x = 1 hides a forgotten dŷ/dw = x), or a gradient that is the same at every
+  point (a number worked out at the given point and written in);
+- zero in every element: nothing flows back (a detached tensor, a missing create_graph=True);
+- autograd the culprit and a custom `torch.autograd.Function` in its graph: that class's backward.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from backprop_check.records import Check, MISMATCH
+
+if TYPE_CHECKING:
+    from backprop_check.records import Outcome
+
+# How close a ratio must be to a named factor, by the dtype the gradients were computed in.
+RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
+    """Hints for the shown (failing) outcome; `outcomes` are all the points of the result."""
+    hints: list[str] = []
+    factors: dict[tuple[str, str], list[str]] = {}
+    for check, odd, reference in _suspects(shown):
+        shaped = _shape_hint(check, odd, reference, shown)
+        if shaped:
+            hints.append(shaped)
+        if _squeezed(tuple(odd.shape)) != _squeezed(tuple(reference.shape)):
+            continue
+        odd = odd.reshape(reference.shape)
+        transposed = _transpose_hint(check, odd, reference, _rtol(shown))
+        if transposed:
+            hints.append(transposed)
+            continue
+        reason = _factor_reason(odd, reference, shown, str(check.culprit))
+        if reason:
+            factors.setdefault((str(check.culprit), reason), []).append(check.name)
+    for (source, reason), names in factors.items():
+        grads = ", ".join(f"dloss/d{name}" for name in names)
+        hints.append(f"the {source} {grads} {'is' if len(names) == 1 else 'are each'} {reason}")
+    hints.extend(_given_point_hints(shown, outcomes))
+    hints.extend(_function_hints(shown))
+    return hints
+
+
+def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tensor]]:
+    """(check, odd tensor, reference tensor) for each wrong name whose culprit is known:
+    nodes from the loss back first (where the slip starts), then parameters."""
+    checks = [c for c in shown.checks if c.kind == "node"] + [c for c in shown.checks if c.kind == "param"]
+    for check in checks:
+        if check.verdict != MISMATCH or check.culprit not in ("manual", "autograd"):
+            continue
+        odd = shown.gradients.get(check.culprit)
+        reference = shown.gradients.get("autograd" if check.culprit == "manual" else "numerical")
+        if reference is None:  # a numpy case has no autograd: the numerical gradient is the reference
+            reference = shown.gradients.get("numerical")
+        if odd is None or reference is None or check.name not in odd.values or check.name not in reference.values:
+            continue
+        ref = reference.values[check.name].detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(ref).all()):  # a sampled numerical estimate: not whole
+            continue
+        yield check, odd.values[check.name].detach().to("cpu", torch.float64), ref
+
+
+def _shape_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, shown: Outcome) -> str | None:
+    """A wrong shape that a derivation explains: a transpose or a missing sum over the batch."""
+    got, want = tuple(odd.shape), tuple(reference.shape)
+    if odd.numel() == reference.numel() and _squeezed(got) == _squeezed(want):
+        return None
+    grad = f"the {check.culprit} dloss/d{check.name}"
+    if len(got) == 2 and got == want[::-1] and _close(odd.T, reference, _rtol(shown)):
+        return (
+            f"{grad} has the shape of {check.name}ᵀ and, transposed, it matches: a gradient has the "
+            f"shape of its parameter, so multiply the chain in the other order (for h = W·x, dloss/dW = δ·xᵀ)"
+        )
+    extra = len(got) - len(want)
+    if extra > 0 and got[extra:] == want:
+        batch = "×".join(map(str, got[:extra]))
+        summed = odd.sum(dim=tuple(range(extra)))
+        if _close(summed, reference, _rtol(shown)):
+            return (
+                f"{grad} keeps the batch dimension ({batch} per-sample gradients): {check.name} is shared "
+                f"by every sample, so sum their shares over the batch"
+            )
+        if _close(summed / math.prod(got[:extra]), reference, _rtol(shown)):
+            return (
+                f"{grad} keeps the batch dimension ({batch} per-sample gradients): average them over "
+                f"the batch (the loss is a mean)"
+            )
+    return None
+
+
+def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rtol: float) -> str | None:
+    """A square matrix equal to the reference's transpose: the shapes cannot tell."""
+    if odd.dim() != 2 or odd.shape[0] != odd.shape[1] or odd.shape[0] < 2:
+        return None
+    if _close(reference, reference.T, rtol) or not _close(odd, reference.T, rtol):
+        return None
+    return (
+        f"the {check.culprit} dloss/d{check.name} is the transpose of the true gradient ({check.name} is "
+        f"square, so its shape could not tell): multiply the chain in the other order (for h = W·x, "
+        f"dloss/dW = δ·xᵀ)"
+    )
+
+
+def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, culprit: str) -> str | None:
+    """Why `odd` is a constant multiple of `reference`, or None when it is not one."""
+    norm = float((reference * reference).sum())
+    if norm == 0.0:
+        return None
+    if not bool(odd.any()):  # 0× is no constant factor: nothing reaches this tensor at all
+        return (
+            "zero in every element while the true gradient is not: no gradient flows back to it. "
+            + _ZERO.get(culprit, "")
+        ).strip()
+    factor = float((odd * reference).sum()) / norm
+    rtol = _rtol(shown)
+    scale = float((factor * reference).abs().max())
+    if not bool(((odd - factor * reference).abs() <= rtol * (factor * reference).abs() + rtol * scale).all()):
+        return None
+    named = [reason for value, reason in _named_factors(shown) if abs(factor - value) <= 10 * rtol * abs(value)]
+    if named:
+        return " or ".join(named)
+    if int((reference != 0).sum()) < 2:  # one number is always some multiple of another
+        return None
+    if abs(factor - 1) <= 10 * rtol:  # a factor the dtype's noise could make is no finding
+        return None
+    return f"{factor:.6g}× the true gradient in every element: a constant factor is wrong"
+
+
+_ZERO = {
+    "autograd": (
+        "autograd's graph is cut on the way: a tensor detached (.detach(), .data, .item(), numpy, "
+        "torch.no_grad()), or a torch.autograd.grad inside the forward without create_graph=True"
+    ),
+    "manual": "The manual gradient returns zeros: a term never added, or an accumulator left at its start value",
+}
+
+
+def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
+    factors = [(n, f"{n}× the true gradient, with N = {n} = {label}: the 1/N of a mean over the batch is "
+                   "missing (a .mean() of a number that is already a sum does nothing)")
+               for n, label in _batch_sizes(shown)]
+    factors += [(1 / n, f"1/{n} of the true gradient, with N = {n} = {label}: divided by N once too often")
+                for n, label in _batch_sizes(shown)]
+    factors += [
+        (2.0, "twice the true gradient: a factor 2 too many (d(s²)/ds is 2s, and only once)"),
+        (0.5, "half the true gradient: a missing factor 2 (d(s²)/ds = 2s)"),
+        (-1.0, "the true gradient with the sign flipped: a minus lost, or ŷ − y and y − ŷ swapped"),
+        (-2.0, "−2× the true gradient: the sign flipped and a factor 2 too many"),
+        (-0.5, "−½× the true gradient: the sign flipped and a factor 2 missing"),
+    ]
+    return factors
+
+
+def _batch_sizes(shown: Outcome) -> list[tuple[int, str]]:
+    """Sizes of the data a mean may run over, leading dimensions first, each with its name."""
+    sizes: dict[int, str] = {}
+    data = shown.point.data
+    for dim in range(max((v.dim() for v in data.values()), default=0)):
+        for name, value in data.items():
+            if value.dim() > dim and value.shape[dim] > 1:
+                sizes.setdefault(int(value.shape[dim]), f"{name}.shape[{dim}]")
+    for name, value in data.items():
+        if value.dim() > 1:
+            sizes.setdefault(value.numel(), f"{name}.numel()")
+    return list(sizes.items())
+
+
+def _given_point_hints(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
+    """Right at the given point, wrong at a random one: a factor that equals 1 there."""
+    given = next((o for o in outcomes if o.point.seed is None), None)
+    if given is None or shown is given:
+        return []
+    right_there = {c.name for c in given.checks if c.verdict != MISMATCH}
+    ones = [name for name, value in {**given.point.params, **given.point.data}.items()
+            if value.numel() and value.is_floating_point() and bool((value == 1).all())]
+    hints = []
+    for check, odd, reference in _suspects(shown):
+        if check.name not in right_there or odd.shape != reference.shape:
+            continue
+        grad = f"the {check.culprit} dloss/d{check.name}"
+        wrong_here = f"right at the given point but wrong at the {shown.point.describe()}"
+        if _hard_coded(check, odd, given, outcomes):
+            hints.append(
+                f"{grad} is {wrong_here}, and has the same value at every point: it does not depend on the "
+                f"point, like a number worked out at the given point and written in; compute it from the arguments"
+            )
+            continue
+        if not ones:
+            hints.append(f"{grad} is {wrong_here}: whatever the slip is, the given point's values hide it")
+            continue
+        fits = [name for name in ones if _missing_factor(odd, reference, shown, name)]
+        at = ", ".join(f"{name} = 1" for name in ones)
+        text = (f"{grad} is right at the given point ({at}) but wrong at the {shown.point.describe()}: "
+                "a missing factor that equals 1 at the given point")
+        if fits:
+            text += f" — multiplied by {' or '.join(fits)} it matches: a local gradient equal to {fits[0]} is missing"
+        hints.append(text)
+    return hints
+
+
+def _hard_coded(check: Check, odd: torch.Tensor, given: Outcome, outcomes: list[Outcome]) -> bool:
+    """Whether the odd source gives the same gradient at every point it was computed at: at the
+    other failing points, and at the given point (where only the shown element is kept)."""
+    same: list[bool] = []
+    for outcome in outcomes:
+        source = outcome.gradients.get(str(check.culprit)) if outcome.gradients else None
+        if outcome is not given and source is not None and check.name in source.values:
+            other = source.values[check.name].detach().to("cpu", torch.float64)
+            same.append(other.shape == odd.shape and bool(torch.equal(other, odd)))
+    there = next((c for c in given.checks if c.name == check.name), None)
+    value = None if there is None else {"manual": there.manual, "autograd": there.autograd}.get(str(check.culprit))
+    if value is not None and there is not None and there.index is not None and len(there.index) == odd.dim():
+        same.append(abs(float(odd[there.index]) - value) <= 1e-12 * max(1.0, abs(value)))
+    return bool(same) and all(same)
+
+
+def _function_hints(shown: Outcome) -> list[str]:
+    """Autograd is the culprit and runs the user's custom Functions: name the one whose backward
+    takes the step where the derivation slips (or every one, when the step is not known)."""
+    bad = [c for c in shown.checks if c.verdict == MISMATCH and c.culprit == "autograd"]
+    graph = shown.graph
+    if not bad or graph is None or not graph.functions:
+        return []
+    good = [c.name for c in shown.checks if c.kind == "node" and c.verdict != MISMATCH]
+    first = next((c.name for c in bad if c.kind == "node"), None)
+    wrong = [first] if first else [c.name for c in bad if c.kind == "param"]
+    suspects: list[type] = []
+    for name in wrong:
+        for after in graph.nearest(name, good) or [graph.root]:
+            suspects += [f for f in graph.functions.get(after, []) if f not in suspects]
+    where = "in the step where autograd goes wrong"
+    if not suspects:  # the step runs none of them: they stay suspects, the step less sure
+        suspects = list(dict.fromkeys(f for found in graph.functions.values() for f in found))
+        where = "in its graph"
+    named = " and ".join(_function_name(f) for f in suspects)
+    return [
+        f"autograd runs your custom torch.autograd.Function {named} {where}: autograd uses its backward, "
+        f"while the finite differences run only its forward, so check {suspects[0].__qualname__}.backward"
+    ]
+
+
+def _function_name(cls: type) -> str:
+    """`MyFunction (backward at path.py:42)`, or the class name alone when its code is not at hand."""
+    code = getattr(getattr(cls, "backward", None), "__code__", None)
+    if code is None:
+        return cls.__qualname__
+    try:
+        path = os.path.relpath(code.co_filename)
+    except ValueError:  # another drive (Windows)
+        path = code.co_filename
+    shown = code.co_filename if path.startswith("..") else path
+    return f"{cls.__qualname__} (backward at {shown}:{code.co_firstlineno})"
+
+
+def _missing_factor(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, name: str) -> bool:
+    value = {**shown.point.params, **shown.point.data}[name].to(torch.float64)
+    if value.numel() == 1:
+        value = value.reshape(())
+    elif value.shape != reference.shape:
+        return False
+    return _close(odd * value, reference, _rtol(shown))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and bool(((a - b).abs() <= rtol * b.abs() + rtol * scale + 1e-300).all())
+
+
+def _rtol(shown: Outcome) -> float:
+    autograd = shown.gradients.get("autograd") or shown.gradients.get("manual")  # numpy: no autograd
+    dtype = next(iter(autograd.values.values())).dtype if autograd is not None and autograd.values else torch.float64
+    return RTOL.get(dtype, 1e-3)
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(s for s in shape if s != 1)

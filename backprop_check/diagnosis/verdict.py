@@ -1,0 +1,173 @@
+"""From the checks at every point to one Result: verdict, culprit, first bad node, message."""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+
+from backprop_check.model.case import Case
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, Outcome, Result
+from backprop_check.errors import CaseError, CaseTimeout
+from backprop_check.diagnosis.graph import Graph, graph_of
+from backprop_check.diagnosis.hints import hints_for
+from backprop_check.loading.points import Point
+from backprop_check.sources import Gradients
+
+
+def outcome_of(
+    point: Point, checks: list[Check], gradients: dict[str, Gradients | None] | None = None, case: Case | None = None
+) -> Outcome:
+    """The verdict at one point; a mismatch keeps the gradients and the graph for the hints."""
+    outcome = _verdict_of(point, checks)
+    if outcome.verdict == MISMATCH:
+        outcome.gradients = dict(gradients or {})
+        try:
+            outcome.graph = graph_of(case, point) if case is not None else None
+        except CaseTimeout:
+            raise
+        except CaseError:  # the graph only sharpens the message; the mismatch stands without it
+            outcome.graph = None
+    return outcome
+
+
+def _verdict_of(point: Point, checks: list[Check]) -> Outcome:
+    bad = [check for check in checks if check.verdict == MISMATCH]
+    if bad:
+        named = {check.culprit for check in bad if check.kind == "param"} or {check.culprit for check in bad}
+        culprit = named.pop() if len(named) == 1 else None
+        return Outcome(point, checks, MISMATCH, culprit)
+    if any(check.verdict == NONDIFFERENTIABLE for check in checks):
+        return Outcome(point, checks, NONDIFFERENTIABLE, None)
+    return Outcome(point, checks, OK, None)
+
+
+def _undecided(outcome: Outcome) -> bool:
+    """Whether every disagreement at this point is one the float64 referee cannot decide."""
+    bad = [check for check in outcome.checks if check.verdict == MISMATCH]
+    return bool(bad) and all(check.culprits and set(check.culprits) == {"undecided"} for check in bad)
+
+
+def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tolerance: str) -> Result:
+    """One result from the outcomes at every point: the worst point speaks for the rest."""
+    failing = [o for o in outcomes if o.verdict == MISMATCH]
+    kinked = [o for o in outcomes if o.verdict == NONDIFFERENTIABLE]
+    if failing:
+        # A point where the referee could not tell manual from autograd blames no one: it must
+        # not veto the culprit that the other points name.
+        decided = [o for o in failing if not _undecided(o)] or failing
+        shown = decided[0]
+        culprits = {o.culprit for o in decided}
+        culprit = culprits.pop() if len(culprits) == 1 else None
+        verdict = MISMATCH
+    elif kinked:
+        shown, culprit, verdict = kinked[0], None, NONDIFFERENTIABLE
+    else:
+        shown = max(outcomes, key=lambda o: max((c.ratio for c in o.checks), default=0.0))
+        culprit, verdict = None, OK
+    result = result_for(case, device, dtype, verdict, culprit=culprit)
+    result.point, result.seed = shown.point.describe(), shown.point.seed
+    result.checks = shown.checks
+    result.points = len(outcomes)
+    result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
+    result.hints = hints_for(shown, outcomes) if verdict == MISMATCH else []
+    result.message = describe(result, shown, len(failing), len(outcomes), tolerance)
+    return result
+
+
+def first_bad_node(checks: list[Check], culprit: str | None) -> str | None:
+    """Walking from the loss toward the parameters, the first node whose gradient is wrong."""
+    for check in checks:
+        if check.kind == "node" and check.verdict == MISMATCH and (culprit is None or check.culprit == culprit):
+            return check.name
+    return None
+
+
+def where_it_slips(result: Result, shown: Outcome) -> str:
+    """The step of the chain rule that went wrong: between the first wrong node (or a wrong
+    parameter) and the nearest node after it, toward the loss, whose gradient agrees."""
+    graph, culprit = shown.graph, result.culprit
+    if culprit not in ("manual", "autograd") or graph is None:
+        return f"; the derivation first goes wrong at node {result.first_bad_node!r}" if result.first_bad_node else ""
+    given = [c for c in shown.checks if c.kind == "node" and (culprit == "autograd" or c.manual is not None)]
+    good = [c.name for c in given if c.verdict != MISMATCH]
+    if result.first_bad_node:
+        bad = result.first_bad_node
+        after = graph.nearest(bad, good)
+        text = f"; the derivation first goes wrong at node {bad!r}"
+        if after:
+            step = " or ".join(f"d{name}/d{bad}" for name in after)
+            return f"{text}: dloss/d{after[0]} agrees, dloss/d{bad} does not, so the slip is in the step {step}"
+        if graph.consumers(bad) == [graph.root]:
+            return f"{text}, in the first step back from the loss (d{graph.root}/d{bad})"
+        return text
+    wrong = [c.name for c in shown.checks if c.kind == "param" and c.verdict == MISMATCH and c.culprit == culprit]
+    steps = []
+    for param in wrong:
+        parts = [f"between node {name!r} and parameter {param!r} (d{name}/d{param})" for name in graph.nearest(param, good)]
+        if parts and graph.bypasses(param, good):  # e.g. a penalty term: w reaches the loss directly
+            parts.append(f"on a path from {param!r} to the loss that passes none of these nodes")
+        steps.append(" or ".join(parts))
+    if not given or not steps or not all(steps) or len(good) < len(given):
+        return ""
+    return (
+        f"; every node the {culprit} gradient gives agrees ({', '.join(c.name for c in given)}), "
+        f"so the slip is in the last step, {' and '.join(steps)}"
+    )
+
+
+def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance: str) -> str:
+    """The result in one or two sentences: which source, which element, how far off."""
+    if result.verdict == OK:
+        worst = max(shown.checks, key=lambda c: c.ratio, default=None)
+        return "" if worst is None else f"all agree; closest call {worst.label} at {worst.ratio:.2g}× its tolerance ({tolerance})"
+    if result.verdict == NONDIFFERENTIABLE:
+        kinks = [c for c in shown.checks if c.kinks]
+        names = ", ".join(f"{c.label} ({c.note})" for c in kinks[:3])
+        far = "move the given point" if shown.point.seed is None else "constrain random points with sample= to lie"
+        far += " farther than a step from the kink"
+        # Five function values cannot tell a kink at the point from one less than a step away
+        # (abs at 1e-7 is differentiable there): say both, and what makes the check possible.
+        return (
+            f"the {shown.point.describe()} is on a kink or within a finite-difference step of one: {names}; "
+            "no single gradient can be checked there, and the sources agree within the interval between the "
+            f"left and right derivatives; to check the gradient, {far} (a step is about 1e-4·max(1, |value|))"
+        )
+    bad = [c for c in shown.checks if c.verdict == MISMATCH]
+    params = [c for c in bad if c.kind != "node"] or bad
+    check = params[0]
+    if result.culprit:
+        who = f"{result.culprit} is the odd one out"
+    elif all(c.kind == "expect" for c in bad):  # manual, numerical and autograd agree with each other
+        who = "the published value (expect=) is the odd one out: the three sources agree with each other"
+    else:
+        who = "the sources disagree and no single one is the odd one out"
+    if check.kind in ("expect", "device"):
+        text = f"{check.note}"
+    elif check.index is None:
+        text = f"{check.name}: {check.note}"
+    else:
+        values = [f"numerical {check.numerical:.8g} ± {check.error_bar:.2g}"]
+        if check.manual is not None:
+            values.insert(0, f"manual {check.manual:.8g}")
+        if check.autograd is not None:  # None for a numpy case
+            values.append(f"autograd {check.autograd:.8g}")
+        text = (
+            f"dloss/d{check.label}: {', '.join(values)}; error {check.abs_err:.3g} "
+            f"(rel {check.rel_err:.3g}), {check.ratio:.3g}× the tolerance {check.allowed:.3g} ({tolerance}"
+            + (f", + {check.rounding:.2g} for {result.dtype} rounding at this point)" if check.rounding else ")")
+        )
+        if check.bad > 1:
+            text += f"; {check.bad} of {check.size} elements disagree"
+    where = f" at the {shown.point.describe()}"
+    expect_only = all(c.kind == "expect" for c in bad)  # published values hold at the given point only
+    others = f"; {failing} of {total} points disagree" if total > 1 and not expect_only else ""
+    return f"{who}{where}: {text}{others}{where_it_slips(result, shown)}"
+
+
+def result_for(case: Case, device: str, dtype: str, verdict: str, **fields) -> Result:  # noqa: ANN003
+    return Result(case=case.name, device=device, dtype=dtype, verdict=verdict, file=case.file, line=case.line, **fields)
+
+
+def error_result(case: Case, device: str, dtype: str, reason: str, exc: BaseException | None = None) -> Result:
+    cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
+    trace = "".join(traceback.format_exception(cause)) if cause is not None else None
+    return result_for(case, device, dtype, "error", message=f"{case.where}: {case.name}: {reason}", traceback=trace)

@@ -1,0 +1,1 @@
+"""The check: the run plan, tolerances, the elementwise and directional comparison, other references."""

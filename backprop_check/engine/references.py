@@ -1,0 +1,87 @@
+"""Checks against references other than the numerical gradient: the case's published values
+(`expect`) and, on another device, autograd on the CPU."""
+from __future__ import annotations
+
+import torch
+
+from backprop_check.model.case import Case
+from backprop_check.records import Check, MISMATCH, OK
+from backprop_check.errors import CaseError
+from backprop_check.sources import Gradients
+from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
+
+# `expect` holds published numbers, often rounded to a few digits.
+EXPECT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def expect_checks(
+    case: Case, numerical: Gradients, autograd: Gradients | None, dtype: torch.dtype, tol
+) -> list[Check]:  # noqa: ANN001
+    """The case's published values against the loss and the numerical gradient."""
+    from backprop_check.loading.points import as_float
+
+    checks = []
+    rtol = EXPECT_RTOL.get(dtype, 1e-3)
+    for name, value in case.expect.items():
+        try:
+            expected = as_float(name, value)
+        except CaseError as exc:
+            raise CaseError(f"expect= for {name!r}: {exc}") from None
+        if name == "loss":
+            loss = numerical.loss if autograd is None else autograd.loss  # numpy case: no autograd
+            got, bar = loss.to(torch.float64).reshape(1), torch.zeros(1, dtype=torch.float64)
+        elif name in numerical.values:
+            got, bar = numerical.values[name].reshape(-1), numerical.error[name].reshape(-1)
+        else:
+            continue
+        if expected.numel() != got.numel():
+            what = "the loss" if name == "loss" else f"the gradient of {name!r}"
+            raise CaseError(f"expect[{name!r}] has {expected.numel()} values, {what} has {got.numel()}")
+        expected = expected.reshape(-1)
+        allowed = ERROR_BARS * bar + rtol * expected.abs() + tol.allowed(expected, float(expected.abs().max())) + 1e-12
+        diff = (got - expected).abs()
+        worst = int(torch.argmax(diff / allowed))
+        bad = ~(diff <= allowed)
+        check = Check(
+            name=f"expect {name}",
+            kind="expect",
+            shape=tuple(numerical.values[name].shape) if name in numerical.values else (),
+            verdict=MISMATCH if bool(bad.any()) else OK,
+            numerical=float(got[worst]),
+            abs_err=float(diff[worst]),
+            rel_err=float(diff[worst] / expected[worst].abs()) if float(expected[worst]) else float(diff[worst]),
+            allowed=float(allowed[worst]),
+            ratio=float(diff[worst] / allowed[worst]),
+            bad=int(bad.sum()),
+            size=expected.numel(),
+        )
+        if bad.any():
+            check.note = f"expected {name} = {float(expected[worst]):.8g}, the case gives {float(got[worst]):.8g}"
+        checks.append(check)
+    return checks
+
+
+def device_checks(
+    autograd: Gradients, on_cpu: Gradients, params: list[str], device: str, tol: Tolerance
+) -> list[Check]:
+    """Cross-device agreement: autograd on `device` against autograd on the CPU."""
+    checks = []
+    for name in params:
+        here = autograd.values[name].detach().to("cpu", torch.float64).reshape(-1)
+        there = on_cpu.values[name].detach().to(torch.float64).reshape(-1)
+        scale = float(there.abs().max()) if there.numel() else 0.0
+        allowed = 2 * tol.allowed(torch.maximum(here.abs(), there.abs()), scale) + torch.finfo(torch.float64).tiny
+        diff = (here - there).abs()
+        bad = ~(diff <= allowed)
+        worst = int(torch.argmax(torch.nan_to_num(diff / allowed, nan=torch.inf))) if diff.numel() else 0
+        check = Check(name=f"{name} ({device} vs cpu)", kind="device", shape=tuple(autograd.values[name].shape),
+                      verdict=MISMATCH if bool(bad.any()) else OK, size=diff.numel(), bad=int(bad.sum()))
+        if diff.numel():
+            check.autograd, check.numerical = float(here[worst]), float(there[worst])
+            check.abs_err, check.allowed = float(diff[worst]), float(allowed[worst])
+            check.ratio = float(diff[worst] / allowed[worst]) if bool(torch.isfinite(diff[worst])) else float("inf")
+        if bad.any():
+            check.culprit, check.culprits = "autograd", {"autograd": int(bad.sum())}
+            check.note = f"autograd on {device} gives {check.autograd:.8g}, on the cpu {check.numerical:.8g}"
+        checks.append(check)
+    return checks

@@ -1,0 +1,311 @@
+"""The run: load → plan (case × device × dtype × point) → three gradients → compare → Report."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from backprop_check.model.arrays import NUMPY_NOTE, NUMPY_ON_CPU
+from backprop_check.model.case import Case
+from backprop_check.engine.compare import compare, disputed, failing_directions
+from backprop_check.records import Check
+from backprop_check.errors import CaseError, CaseTimeout, one_line
+from backprop_check.loading.forward import call_forward
+from backprop_check.sources import rounding
+from backprop_check.engine.limits import time_limit
+from backprop_check.loading.loader import LoadFailure, inventory, load
+from backprop_check.options import DEVICES, DTYPES, POINTS, TIMEOUT, Plan, devices_for  # noqa: F401 - Plan lives with the options
+from backprop_check.loading.points import Point, given_point, random_point
+from backprop_check.loading.guards import check_forward_is_pure, empty_parameters, numbers_among_integers, require_finite_gradient, require_finite_loss
+from backprop_check.engine.references import device_checks, expect_checks
+from backprop_check.records import Interrupted, Report, Result
+from backprop_check.diagnosis.verdict import error_result, outcome_of, result_for, summarize
+from backprop_check.records import Outcome
+from backprop_check.loading.selection import matches
+from backprop_check.sources import SOURCES, Gradients
+from backprop_check.sources.numerical import Reference, reference
+from backprop_check.engine.tolerance import Tolerance, tolerance_for
+
+REDRAWS = 5
+
+
+def run(
+    targets: str | Path | Case | Iterable[str | Path | Case],
+    *,
+    devices: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    points: int | None = None,
+    seed: int = 0,
+    select: str | None = None,
+    timeout: float | None = TIMEOUT,
+    full: bool = False,
+    allow_skip: bool = False,
+    allow_empty: bool = False,
+) -> Report:
+    """Check every case in `targets` (case files, folders or `Case` objects) and return a Report.
+
+    Devices given by name must be available (else `exit_code` is 5) unless `allow_skip`; a run
+    that checks nothing has `exit_code` 5 unless `allow_empty`. Ctrl-C raises `Interrupted`, a
+    KeyboardInterrupt whose `report` holds the results computed so far."""
+    if isinstance(targets, (str, Path, Case)):
+        targets = [targets]
+    plan = Plan(
+        devices=tuple(devices or DEVICES),
+        dtypes=tuple(dtypes or DTYPES),
+        points=POINTS if points is None else points,
+        seed=seed,
+        select=select,
+        timeout=timeout,
+        full=full,
+        strict_devices=bool(devices) and not allow_skip,
+    )
+    report = run_plan(list(targets), plan)
+    report.allow_empty = allow_empty
+    return report
+
+
+def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
+    """Run `plan` over `targets`; on Ctrl-C raise `Interrupted` with the results so far."""
+    started = time.perf_counter()
+    report = Report(strict_devices=plan.strict_devices)
+    try:
+        cases, failures = load(targets, timeout=plan.timeout)
+        report.files = inventory(targets, cases, failures)
+        report.results.extend(load_error(failure) for failure in failures)
+        for case in cases:
+            if plan.select is None or matches(plan.select, case.name):
+                report.results.extend(check_case(case, plan))
+    except KeyboardInterrupt:
+        report.partial = True
+        report.seconds = time.perf_counter() - started
+        raise Interrupted(report) from None
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def load_error(failure: LoadFailure) -> Result:
+    return Result(
+        case=failure.case or Path(failure.file).stem,
+        device="-",
+        dtype="-",
+        verdict="error",
+        message=f"{failure.where}: {failure.reason}",
+        file=failure.file,
+        line=failure.line,
+        traceback=failure.traceback,
+    )
+
+
+def check_case(case: Case, plan: Plan) -> list[Result]:
+    """Every device × dtype result for one case."""
+    started = time.perf_counter()
+    combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
+    results: list[Result] = []
+    with time_limit(plan.timeout):
+        try:
+            problem = case.problem()
+            if problem:
+                raise CaseError(problem)
+            points, numerical_cache, notes = prepare_points(case, plan)
+            if case.numpy:
+                notes.append(NUMPY_NOTE)
+            for device, dtype_name in combinations:
+                unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
+                if unavailable:
+                    results.append(result_for(case, device, dtype_name, "skipped", message=unavailable))
+                    continue
+                result = check_combination(case, points, device, dtype_name, numerical_cache, plan)
+                result.notes.extend(notes)
+                results.append(result)
+        except CaseError as exc:  # the case is broken (or out of time) for what is left to check
+            partial = getattr(exc, "partial", None)
+            if partial is not None:
+                results.append(partial)
+            results.extend(error_result(case, d, t, str(exc), exc) for d, t in combinations[len(results) :])
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
+            reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
+            results.extend(error_result(case, d, t, reason, exc) for d, t in combinations[len(results) :])
+    elapsed = time.perf_counter() - started
+    for result in results:
+        result.seconds = elapsed / max(1, len(results))
+    return results
+
+
+def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
+    """The numerical reference at `point`: elementwise where that is cheap (everywhere with
+    --full), samples and random directions elsewhere."""
+    return reference(case, point, dtype, full=plan.full, seed=plan.seed)
+
+
+def device_unavailable(device: str) -> str | None:
+    """Why `device` cannot be used here, or None."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    return None
+
+
+def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str, str], Reference], list[str]]:
+    """The given point and the random ones; a random point on a kink is redrawn."""
+    given = given_point(case, plan.seed)
+    notes = empty_parameters(given)
+    check_forward_is_pure(case, given)
+    given, fixed = numbers_among_integers(case, given)
+    notes.extend(fixed)
+    points = [given]
+    cache: dict[tuple[str, str], Reference] = {}
+    for index in range(1, plan.points + 1):
+        if plan.progress:
+            plan.progress(case.name, "cpu", "float64 reference", index, plan.points)
+        for attempt in range(REDRAWS):
+            try:
+                point = random_point(case, given, index, plan.seed, attempt)
+                numerical = numerical_for(case, point, torch.float64, plan)
+            except CaseTimeout:
+                raise
+            except CaseError as exc:
+                raise CaseError(f"{exc} (at the random point {index})" if "point" not in str(exc) else str(exc)) from exc
+            require_finite_loss(numerical.gradients.loss, point)
+            require_finite_gradient(numerical.gradients, point)
+            if not any(bool(mask.any()) for mask in numerical.gradients.kink.values()):
+                break
+        else:
+            notes.append(f"{point.describe()} still sits on a kink after {REDRAWS} draws")
+        points.append(point)
+        cache[(point.label, "float64")] = numerical
+    return points, cache, notes
+
+
+def check_combination(
+    case: Case,
+    points: list[Point],
+    device: str,
+    dtype_name: str,
+    cache: dict[tuple[str, str], Reference],
+    plan: Plan,
+) -> Result:
+    """Check one case on one device in one dtype at every point."""
+    dtype = getattr(torch, dtype_name)
+    tol = tolerance_for(dtype, case.rtol, case.atol)
+    outcomes: list[Outcome] = []
+    notes: list[str] = []
+    reference = None
+    try:
+        for k, point in enumerate(points, 1):
+            if plan.progress:
+                plan.progress(case.name, device, dtype_name, k, len(points))
+            key = (point.label, dtype_name)
+            if key not in cache:
+                cache[key] = numerical_for(case, point, dtype, plan)
+            numerical = cache[key].gradients
+            require_finite_loss(numerical.loss, point)
+            require_finite_gradient(numerical, point)
+            checked = check_point(case, point, device, dtype, cache[key], tol)
+            checks, autograd = checked.checks, checked.gradients["autograd"]
+            checks[:0] = case.extra_checks(point, device, dtype, checks, tol)
+            if point.seed is None:
+                checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol))
+                # numpy case: no autograd; the baseline keeps the manual gradient instead
+                stored = autograd if autograd is not None else checked.gradients["manual"]
+                reference = {
+                    "loss": float(autograd.loss if autograd is not None else numerical.loss),
+                    "gradients": {k: stored.values[k].cpu().double().tolist() for k in point.params},
+                }
+                if autograd is None:
+                    reference["source"] = "manual"
+            for note in (numerical.note, checked.note):
+                if note and note not in notes:
+                    notes.append(note)
+            outcomes.append(outcome_of(point, checks, checked.gradients, case))
+            if checked.timed_out is not None:
+                raise checked.timed_out
+    except CaseTimeout as exc:
+        if any(o.verdict == "mismatch" for o in outcomes):  # what was found stands
+            result = summarize(case, device, dtype_name, outcomes, tol.describe())
+            result.notes.extend(notes + [f"{exc}: the check stopped there; the mismatch found before stands"])
+            result.reference = reference
+            exc.partial = result
+        raise
+    except CaseError as exc:
+        at = f" (at the {point.describe()})" if "point" not in str(exc) else ""
+        return error_result(case, device, dtype_name, f"{exc}{at}", exc)
+    result = summarize(case, device, dtype_name, outcomes, tol.describe())
+    result.notes.extend(notes)
+    result.reference = reference
+    return result
+
+
+@dataclass
+class PointCheck:
+    """The checks at one point, the gradients they came from, and what stopped them early."""
+
+    checks: list[Check]
+    gradients: dict[str, Gradients | None]
+    note: str | None = None
+    timed_out: CaseTimeout | None = None
+
+
+def check_point(
+    case: Case, point: Point, device: str, dtype: torch.dtype, numerical: Reference, tol: Tolerance
+) -> PointCheck:
+    """Compute manual and autograd at `point` and compare them with the numerical reference.
+
+    Manual and autograd are compared at every element; where they disagree and the reference
+    has no estimate, the referee estimates exactly those elements. A sampled tensor whose
+    random directions disagree is bisected down to the elements behind it. Below float64, the
+    tolerance also allows for the dtype's rounding at this very point.
+    """
+    if case.numpy:  # no autograd for numpy code; its forward still runs in the run's dtype
+        autograd = None
+        at = point.cast(dtype)
+        require_finite_loss(call_forward(case, at.params, at.data)[0], point)
+    else:
+        autograd = SOURCES["autograd"](case, point, device, dtype)
+        require_finite_loss(autograd.loss, point)
+    manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
+    clash = set(numerical.gradients.nodes) & set(point.params)
+    if clash:
+        raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
+    params = list(point.params)
+    noise = None
+    if dtype != torch.float64:
+        noise = rounding.allowances(case, point, dtype, {"autograd": autograd, "manual": manual})
+    note, timed_out = None, None
+    try:
+        numerical = refereed(numerical, autograd, manual, params, tol, noise)
+    except CaseTimeout as exc:  # the directions that disagree still make a mismatch below
+        timed_out, note = exc, f"{exc} while locating the wrong elements"
+    checks = compare(numerical.gradients, autograd, manual, params, tol, noise)
+    if device != "cpu" and timed_out is None and autograd is not None:
+        on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
+        checks.extend(device_checks(autograd, on_cpu, params, device, tol))
+    gradients = {"manual": manual, "numerical": numerical.gradients, "autograd": autograd}
+    return PointCheck(checks, gradients, note, timed_out)
+
+
+def refereed(
+    numerical: Reference,
+    autograd: Gradients,
+    manual: Gradients | None,
+    params: list[str],
+    tol: Tolerance,
+    noise: rounding.Rounding | None,
+) -> Reference:
+    """The reference with every element estimated that a verdict hangs on: where manual and
+    autograd disagree, and where a disagreeing direction's bisection leads."""
+    wanted = disputed(numerical.gradients, autograd, manual, params, tol, noise)
+    located: set[str] = set()
+    for name, direction, agrees in failing_directions(numerical.gradients, autograd, manual, tol, noise):
+        # One bisection per tensor (it finds what any direction shows), and none where manual
+        # and autograd already disagree element by element: those elements are estimated.
+        if name in located or name in wanted:
+            continue
+        located.add(name)
+        found = numerical.locate(name, direction, agrees)
+        if found.numel():
+            wanted[name] = torch.cat([wanted[name], found]).unique() if name in wanted else found
+    return numerical.refine(wanted)

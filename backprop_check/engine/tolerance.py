@@ -1,0 +1,113 @@
+"""How far apart two gradients may be: the numerical error bar plus the compared dtype's rounding.
+
+Nothing here is a fixed constant that hides bugs: in float64 a gradient off by a relative 1e-6
+fails, in float32 one off by 1e-3 fails. The `atol` part scales with the tensor's own largest
+gradient (rounding in a sum is relative to its largest terms), so elements near zero in a
+tensor of large ones are not false alarms.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from backprop_check.errors import CaseError
+
+# The numerical error bar is an estimate; this many of them is still agreement.
+ERROR_BARS = 4.0
+# Two exact computations of one gradient (manual, autograd) differ by rounding of the sums
+# they make: this many ulps of the dtype, times the point's largest gradient, is agreement.
+# It is what keeps a gradient that is exactly zero (a bias cancelled by batch normalization:
+# 1e-18 against 3e-19) from a false alarm.
+FLOOR_ULPS = 64.0
+# A random-sign sum of n independent roundings grows like √n: this many times its root-mean-
+# square bound is agreement for a directional derivative.
+SIGMAS = 4.0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """`rtol`·|reference| + `atol`·(the tensor's largest gradient) + `absolute`."""
+
+    rtol: float
+    atol: float
+    absolute: float = 0.0
+    eps: float = torch.finfo(torch.float64).eps  # the run dtype's machine epsilon
+    rtol_given: float = 0.0  # the rtol a case sets (0 for the dtype's default)
+    # Below float64: the tolerance of the sources' float64 twins at the same point.
+    twin: Tolerance | None = None
+
+    def allowed(self, reference: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.rtol * reference.abs() + self.atol * scale + self.absolute
+
+    def between(
+        self, first: torch.Tensor, second: torch.Tensor, rounding: torch.Tensor, largest: float
+    ) -> torch.Tensor:
+        """How far two exact gradients (manual and autograd) may differ at each element: the
+        rtol of both, their rounding allowances at this point, and the floor of FLOOR_ULPS
+        ulps of the point's `largest` gradient. No atol scaled by the tensor: a wrong element
+        a thousand times smaller than its neighbours still fails."""
+        both = torch.maximum(first.abs(), second.abs())
+        return 2 * self.rtol * both + rounding + self.floor(largest) + self.absolute
+
+    def floor(self, largest: float) -> float:
+        return FLOOR_ULPS * self.eps * largest
+
+    def along(
+        self, gradient: torch.Tensor, vector: torch.Tensor, rounding: torch.Tensor | None, exact: bool = False
+    ) -> float:
+        """How far a source's derivative along `vector` may be off by its own rounding: the
+        per-element allowances (measured at this point below float64, else FLOOR_ULPS ulps of
+        each element) projected on random signs add like √n, not like n. The dtype's default
+        rtol is left out (√n of it would hide a wrong element of a large tensor); an rtol the
+        case sets is kept. `exact`: a float64 twin of the gradient, judged by float64's eps."""
+        ulps = FLOOR_ULPS if rounding is None else 4.0
+        eps = torch.finfo(torch.float64).eps if exact else self.eps
+        per_element = (ulps * eps + self.rtol_given) * gradient.abs() + self.absolute
+        if rounding is not None:
+            per_element = per_element + rounding
+        return SIGMAS * float(torch.linalg.vector_norm(per_element * vector))
+
+    def describe(self) -> str:
+        parts = [f"rtol {self.rtol:g}"]
+        if self.atol:
+            parts.append(f"atol {self.atol:g}·max|grad|")
+        if self.absolute:
+            parts.append(f"atol {self.absolute:g}")
+        return ", ".join(parts)
+
+
+DEFAULTS: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(rtol=1e-7, atol=1e-9),
+    torch.float32: Tolerance(rtol=1e-4, atol=2e-5),
+    torch.float16: Tolerance(rtol=5e-3, atol=1e-3),
+    torch.bfloat16: Tolerance(rtol=3e-2, atol=1e-2),
+}
+
+
+def tolerance_for(dtype: torch.dtype, rtol: object = None, atol: object = None) -> Tolerance:
+    """The tolerance for a `dtype` run; a case's `rtol`/`atol` (a number, or a dict keyed by
+    dtype name such as "float32") replace the defaults, `atol` then being absolute."""
+    default = DEFAULTS.get(dtype, DEFAULTS[torch.float32])
+    chosen_rtol = _pick(rtol, dtype)
+    chosen_atol = _pick(atol, dtype)
+    return Tolerance(
+        twin=None if dtype == torch.float64 else tolerance_for(torch.float64, rtol, atol),
+        rtol=default.rtol if chosen_rtol is None else chosen_rtol,
+        atol=default.atol if chosen_atol is None else 0.0,
+        absolute=0.0 if chosen_atol is None else chosen_atol,
+        eps=torch.finfo(dtype).eps,
+        rtol_given=0.0 if chosen_rtol is None else chosen_rtol,
+    )
+
+
+def _pick(value: object, dtype: torch.dtype) -> float | None:
+    if isinstance(value, Mapping):
+        value = value.get(str(dtype).removeprefix("torch."))
+    if value is None:
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise CaseError(f"rtol= and atol= take a number or a dict by dtype name, got {value!r}") from None

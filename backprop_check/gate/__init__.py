@@ -1,0 +1,1 @@
+"""Tools for CI: baselines, the pytest session, the gradcheck drop-in."""

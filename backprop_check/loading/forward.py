@@ -1,0 +1,92 @@
+"""Running a case's forward pass: user code in, a checked scalar loss and its nodes out.
+
+A numpy case (`numpy=True`) receives numpy arrays and returns a number (see arrays.py); the
+loss still comes out as a 0-d tensor, so the sources downstream never know the difference.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from backprop_check.model.arrays import as_arrays, numpy_loss
+from backprop_check.model.case import Case
+from backprop_check.errors import CaseError, line_in, one_line
+from backprop_check.model.nodes import Tape, recording
+
+
+def call_forward(
+    case: Case,
+    params: Mapping[str, torch.Tensor],
+    data: Mapping[str, torch.Tensor],
+    offsets: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, Tape]:
+    """Run the forward pass; return the scalar loss (shape ()) and the nodes it marked."""
+    # Gradients stay on inside the forward, whoever calls it (the numerical source runs under
+    # no_grad): a gradient penalty differentiates inside it. Nothing records unless the forward
+    # itself makes a tensor that requires grad, so this costs the other cases nothing.
+    wanted = torch.is_grad_enabled()
+    with recording(offsets, numpy=case.numpy) as tape, arguments(case, params, data) as kwargs, torch.enable_grad():
+        loss = call_user(case, "forward", case.forward, kwargs)
+    if case.numpy:
+        return numpy_loss(loss), tape
+    loss = as_loss(loss)
+    return (loss if wanted else loss.detach()), tape
+
+
+@contextmanager
+def arguments(
+    case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]
+) -> Iterator[dict[str, object]]:
+    """The keyword arguments of the forward (and manual) function: every parameter and datum,
+    or for a module case the module as `model` (its parameters bound to `params`) and the data;
+    numpy arrays for a numpy case."""
+    if case.numpy:
+        yield {**as_arrays(params), **as_arrays(data)}
+        return
+    if case.module is None:
+        yield {**params, **data}
+        return
+    from backprop_check.model.nn import bound, placed
+
+    module = placed(case, case.__dict__.get("_module_seed", 0), next(iter(params.values())))
+    with bound(module, params):
+        yield {"model": module, **data}
+
+
+def call_user(case: Case, what: str, fn, kwargs: Mapping[str, object]):  # noqa: ANN001, ANN201
+    """Call the user's `fn`; anything it raises becomes a one-line `CaseError`."""
+    try:
+        return fn(**kwargs)
+    except CaseError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything, even exit()
+        raise user_error(case, what, exc) from exc
+
+
+def user_error(case: Case, what: str, exc: BaseException) -> CaseError:
+    """What the user's code raised, as one line naming the line of the case file."""
+    line = line_in(case.file, exc)
+    at = f" (line {line})" if line else ""
+    return CaseError(f"{what} raised {one_line(exc)}{at}")
+
+
+def as_loss(loss: object) -> torch.Tensor:
+    """The loss as a 0-d tensor; a non-tensor or a non-scalar is a broken case."""
+    if isinstance(loss, (np.ndarray, np.generic)):
+        raise CaseError(
+            f"the forward pass returned a numpy {type(loss).__name__}, not a torch tensor: for a forward "
+            "written in numpy, use @case(..., numpy=True) (checked manual against numerical)"
+        )
+    if not isinstance(loss, torch.Tensor):
+        raise CaseError(
+            f"the forward pass returned {type(loss).__name__}, not a torch tensor: "
+            "autograd cannot differentiate it"
+        )
+    if loss.numel() != 1:
+        raise CaseError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+    if not loss.is_floating_point():
+        raise CaseError(f"the loss must be a float tensor, got {loss.dtype}")
+    return loss.reshape(())

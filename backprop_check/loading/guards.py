@@ -1,0 +1,123 @@
+"""Guards: what makes a case unusable at a point, said in one line.
+
+A forward pass that changes its inputs or gives a different loss twice at the same point
+(dropout, unseeded randomness), a loss or a reference gradient that is not finite, a case with
+nothing to differentiate: each is a broken case (`error`), not a noisy mismatch.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from backprop_check.errors import CaseError
+from backprop_check.model.case import Case
+from backprop_check.loading.forward import call_forward
+from backprop_check.loading.points import Point, with_data
+from backprop_check.sources import Gradients
+from backprop_check.engine.compare import unravel
+
+
+class NonFiniteLoss(CaseError):
+    """The loss is NaN or infinite at a point; `value` is that loss."""
+
+    def __init__(self, message: str, value: float) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+def require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
+    if loss is not None and not bool(torch.isfinite(loss)):
+        hint = "" if point.seed is None else f"; {point.constrain_hint()}"
+        raise NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}", float(loss))
+
+
+def require_finite_gradient(numerical: Gradients, point: Point) -> None:
+    """The float64 referee must be finite wherever it was estimated; a NaN or Inf there means
+    the loss is not finite a finite-difference step away (the edge of its domain), and no
+    gradient at this point can be checked."""
+    for name, value in numerical.values.items():
+        bad = ~torch.isfinite(value)
+        if name in numerical.checked:
+            bad &= numerical.checked[name]
+        if bool(bad.any()):
+            index = unravel(int(bad.reshape(-1).nonzero()[0, 0]), tuple(bad.shape))
+            label = f"{name}[{', '.join(map(str, index))}]" if index else name
+            hint = point.constrain_hint()
+            raise CaseError(
+                f"the numerical gradient of {label} is {float(value[index])} at the {point.describe()}: "
+                f"the loss is not finite a small step away from it (the edge of its domain, like sqrt or log at 0?); {hint}"
+            )
+
+
+def empty_parameters(given: Point) -> list[str]:
+    """Notes on parameters with no elements; a case whose every parameter is empty checks
+    nothing, and an `ok` for it would be a lie."""
+    empty = [f"{name!r} has shape {tuple(value.shape)}" for name, value in given.params.items() if value.numel() == 0]
+    if empty and len(empty) == len(given.params):
+        raise CaseError(f"every parameter is empty ({', '.join(empty)}): there is no gradient to check")
+    return [f"parameter {text}: it has no elements to check" for text in empty]
+
+
+def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
+    """The forward pass must be deterministic and leave its inputs alone: it is run `runs`
+    times at the same point, and the loss and every node must come out the same each time
+    (dropout can give an equal loss twice by chance; rarely three times, never at every node)."""
+    params = {k: v.clone() for k, v in point.params.items()}
+    data = {k: v.clone() for k, v in point.data.items()}
+    with torch.no_grad():
+        outputs = [call_forward(case, params, data)]
+        outputs += [call_forward(case, {k: v.clone() for k, v in point.params.items()}, data) for _ in range(runs - 1)]
+    for name, value in {**params, **data}.items():
+        original = point.params.get(name, point.data.get(name))
+        if not torch.equal(value, original):
+            raise CaseError(f"the forward pass changes {name!r} in place; it must not modify its inputs")
+    first, tape = outputs[0]
+    require_finite_loss(first, point)
+    for loss, other in outputs[1:]:
+        differs = [k for k, v in tape.values.items() if k in other.values and not _same(v, other.values[k])]
+        if not torch.equal(first, loss) or differs:
+            where = f"node {differs[0]!r}" if differs and torch.equal(first, loss) else "the loss"
+            raise CaseError(
+                f"the forward pass is not deterministic: {where} differs between two runs at the same point "
+                f"(loss {float(first):.17g} and {float(loss):.17g}; dropout or unseeded randomness?)"
+            )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+
+
+def numbers_among_integers(case: Case, given: Point) -> tuple[Point, list[str]]:
+    """Integer data are labels or indices, held fixed at every point, unless they are numbers
+    written without a decimal point (`x=1` for `x=1.0`): an integer scalar that the forward
+    accepts as a float, giving the same loss, is one (labels come as arrays). Those become float data, rounded to the run's dtype
+    and redrawn at random points like any other, so that a manual gradient that forgets a
+    factor x is not hidden by x = 1 at every point. The ones still held fixed are named in a
+    note, with what that cannot see."""
+    integers = [name for name, value in given.data.items() if not value.is_floating_point() and value.dtype != torch.bool]
+    scalars = [name for name in integers if given.data[name].dim() == 0]
+    if not integers:
+        return given, []
+    with torch.no_grad():
+        loss, _ = call_forward(case, given.params, given.data)
+    numbers = {}
+    for name in scalars:
+        as_float = given.data[name].to(torch.float64)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                other, _ = call_forward(case, given.params, {**given.data, name: as_float})
+        except CaseError:  # an index, a label, a size: it must stay an integer
+            continue
+        if torch.equal(other.to(loss.dtype), loss):
+            numbers[name] = as_float
+    fixed = [name for name in integers if name not in numbers]
+    notes = []
+    if fixed:
+        names = ", ".join(repr(name) for name in fixed)
+        notes.append(
+            f"integer data {names} are held fixed at every point (labels or indices): a gradient's "
+            "dependence on them is not varied; give them as floats (1.0) if they are numbers"
+        )
+    return with_data(given, numbers), notes

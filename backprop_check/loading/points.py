@@ -1,0 +1,181 @@
+"""Points: the values of every parameter and datum at which a case is checked.
+
+Every case is checked at its given point and at random points: float parameters and float data
+redrawn from a standard normal (same shapes), then the case's `sample` overrides. At the
+tutorials' x = 1 a manual gradient that forgets the factor x looks right; at a random point not.
+Values are kept in float64 on the CPU and cast for each run.
+"""
+from __future__ import annotations
+
+import reprlib
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from backprop_check.model.case import Case
+from backprop_check.errors import CaseError, line_in, one_line
+
+
+@dataclass(frozen=True)
+class Point:
+    """One assignment of every parameter and datum; `seed` repeats a random one exactly."""
+
+    label: str
+    seed: int | None
+    params: dict[str, torch.Tensor]
+    data: dict[str, torch.Tensor]
+    # With a `sample=`: the float values it leaves out, drawn from a standard normal (None: no sample=).
+    redrawn: tuple[str, ...] | None = None
+
+    def cast(self, dtype: torch.dtype, device: str = "cpu") -> Point:
+        """The point in `dtype` on `device`: float values are rounded, integer data stay."""
+        return Point(
+            self.label,
+            self.seed,
+            # copy=True: user code receives these, and must not be able to change the point
+            {k: v.to(device=device, dtype=dtype, copy=True) for k, v in self.params.items()},
+            {k: _cast_float(v, dtype, device) for k, v in self.data.items()},
+            self.redrawn,
+        )
+
+    def rounded(self, dtype: torch.dtype) -> Point:
+        """The point rounded to `dtype` and back to float64: where a `dtype` run really is."""
+        return self.cast(dtype).cast(torch.float64)
+
+    def describe(self) -> str:
+        return self.label if self.seed is None else f"{self.label} (seed {self.seed})"
+
+    def constrain_hint(self) -> str:
+        """What to change when the loss is not finite at (or a step away from) this point."""
+        if self.seed is None:
+            return "move the given point"
+        if self.redrawn is None:
+            return "constrain random points with sample="
+        if self.redrawn:
+            names = ", ".join(map(repr, self.redrawn))
+            them = "it" if len(self.redrawn) == 1 else "them"
+            return f"sample= leaves out {names}, so every random point draws {them} from a standard normal: return {them} from sample= too"
+        return "the values sample= returns are outside the loss's domain: constrain them further"
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable seed from a run seed and names, independent of which cases are selected."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def module_seed(case: Case, seed: int) -> int:
+    """The seed a module case's module is built from; remembered on the case for the forward."""
+    case.__dict__["_module_seed"] = derive_seed(seed, case.name, "module")
+    return case.__dict__["_module_seed"]
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def given_point(case: Case, seed: int) -> Point:
+    """The point the case file gives; callable parameters are drawn from a seeded generator."""
+    gen = generator(derive_seed(seed, case.name, "given"))
+    if case.module is not None:
+        from backprop_check.model.nn import initial_params
+
+        params = initial_params(case, module_seed(case, seed))
+    else:
+        params = {name: as_float(name, _resolve(case, name, spec, gen)) for name, spec in case.params.items()}
+    data = {name: as_value(name, _resolve(case, name, spec, gen)) for name, spec in case.data.items()}
+    return Point("given point", None, params, data)
+
+
+def random_point(case: Case, given: Point, index: int, seed: int, attempt: int = 0) -> Point:
+    """Random point number `index` (from 1); `attempt` > 0 redraws one that landed on a kink."""
+    point_seed = derive_seed(seed, case.name, index, attempt)
+    gen = generator(point_seed)
+    params = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in given.params.items()}
+    data = {
+        k: torch.randn(v.shape, generator=gen, dtype=torch.float64) if v.is_floating_point() else v
+        for k, v in given.data.items()
+    }
+    if case.sample is not None:
+        try:
+            overrides = case.sample(gen)
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            line = line_in(case.file, exc)
+            raise CaseError(f"sample= raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
+        if not isinstance(overrides, Mapping):
+            raise CaseError(f"sample= must return a dict, got {type(overrides).__name__}")
+        for name, value in overrides.items():
+            if name in params:
+                params[name] = _sampled(as_float, name, value)
+                if params[name].shape != given.params[name].shape:
+                    raise CaseError(
+                        f"sample= returns {name!r} with shape {tuple(params[name].shape)}, "
+                        f"but the parameter has shape {tuple(given.params[name].shape)}"
+                    )
+            elif name in data:
+                data[name] = _sampled(as_value, name, value)
+            else:
+                raise CaseError(f"sample= returns {name!r}, which is neither a parameter nor a datum")
+    redrawn = None
+    if case.sample is not None:
+        redrawn = tuple(k for k, v in {**given.params, **given.data}.items() if v.is_floating_point() and k not in overrides)
+    return Point(f"random point {index}", point_seed, params, data, redrawn)
+
+
+def _sampled(convert: Any, name: str, value: Any) -> torch.Tensor:
+    try:
+        return convert(name, value)
+    except CaseError as exc:
+        raise CaseError(f"sample= for {name!r}: {exc}") from None
+
+
+def as_value(name: str, value: Any) -> torch.Tensor:
+    """A datum as a CPU tensor: floats in float64, integers (labels) stay integer."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            raise CaseError(f"{name!r} is not a number, array or tensor: got {reprlib.repr(value)}") from None
+    if tensor.is_complex():
+        # Cast to float64, torch keeps only the real part (with a warning): a check of what is
+        # left would pass a gradient that forgets a conjugate. Say so instead.
+        raise CaseError(
+            f"{name!r} is complex ({tensor.dtype}): complex values are not supported yet; "
+            "split them into real and imaginary parts (two real tensors) to check them"
+        )
+    if tensor.is_floating_point():
+        return tensor.to(torch.float64).clone()
+    if tensor.dtype == torch.bool:
+        return tensor.clone()
+    return tensor.to(torch.long).clone()
+
+
+def as_float(name: str, value: Any) -> torch.Tensor:
+    """A parameter as a float64 CPU tensor (an integer initial value becomes a float)."""
+    return as_value(name, value).to(torch.float64)
+
+
+def with_data(point: Point, data: Mapping[str, torch.Tensor]) -> Point:
+    """`point` with some of its data replaced."""
+    return Point(point.label, point.seed, point.params, {**point.data, **data})
+
+
+def _resolve(case: Case, name: str, spec: Any, gen: torch.Generator) -> Any:
+    if not callable(spec) or isinstance(spec, torch.Tensor):
+        return spec
+    try:
+        return spec(gen)
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        line = line_in(case.file, exc)
+        raise CaseError(f"the initial value of {name!r} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
+
+
+def _cast_float(value: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
+    if value.is_floating_point():
+        return value.to(device=device, dtype=dtype, copy=True)
+    return value.to(device, copy=True)

@@ -1,0 +1,1 @@
+"""What the user writes: case files (@case, node), function checks, layer pairs, nn.Module and numpy cases."""

@@ -1,0 +1,194 @@
+"""The case-file API: `@case(...)` turns a forward function into a `Case`; `.manual` adds a
+hand-derived gradient.
+
+Nothing here raises on a badly written case: a raise at decoration time would take the whole
+file down with it. Problems are kept on the case and reported as its `error` verdict instead.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from backprop_check.records import Check
+    from backprop_check.loading.points import Point
+    from backprop_check.engine.tolerance import Tolerance as Allowed
+
+Tolerance = float | Mapping[str, float] | None
+
+# The loader collects the cases a file defines through this list, in definition order.
+_collector: ContextVar[list[Case] | None] = ContextVar("backprop_check_collector", default=None)
+
+@dataclass(eq=False)
+class Case:
+    """A model to check: a forward pass returning a scalar loss, its parameters and data."""
+
+    name: str
+    forward: Callable[..., Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    expect: dict[str, Any] = field(default_factory=dict)
+    sample: Callable[[Any], Mapping[str, Any]] | None = None
+    rtol: Tolerance = None
+    atol: Tolerance = None
+    module: Callable[[], Any] | None = None
+    # numpy=True: the forward and manual receive numpy arrays and return numpy values; autograd
+    # does not apply, so the case is checked manual against numerical, on the CPU.
+    numpy: bool = False
+    manual_fn: Callable[..., Mapping[str, Any]] | None = None
+    file: str | None = None
+    line: int | None = None
+
+    def manual(self, fn: Callable[..., Mapping[str, Any]]) -> Callable[..., Mapping[str, Any]]:
+        """Register `fn` as the hand-derived gradient: same arguments, returns name → gradient."""
+        self.manual_fn = fn
+        return fn
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.forward(**kwargs)
+
+    def extra_checks(
+        self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Allowed
+    ) -> list[Check]:
+        """Checks of this kind of case beyond the three gradients, shown before `checks` (the
+        value checks at `point`); a plain case has none. Function mode (function.py) names the
+        output at fault and checks the custom-Function contract here."""
+        return []
+
+    @property
+    def where(self) -> str:
+        """`file:line` of the definition, for messages."""
+        if self.file is None:
+            return f"<case {self.name}>"
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+    def problem(self) -> str | None:
+        """Why this case cannot be checked, or None when it is well formed."""
+        if self.module is None and not self.params:
+            return "the case has no parameters to differentiate (params= is empty)"
+        if self.numpy:
+            problem = self._numpy_problem()
+            if problem:
+                return problem
+        names = set(self.params) | set(self.data)
+        both = sorted(set(self.params) & set(self.data))
+        if both:
+            return f"{both[0]!r} is given both as a parameter and as a datum"
+        if self.expect and not isinstance(self.expect, Mapping):
+            return "expect= must be a dict of name → value"
+        if self.module is not None:
+            names.add("model")
+        unknown = sorted(set(self.expect) - set(self.params) - {"loss"})
+        if unknown and self.module is None:
+            return f"expect names {unknown[0]!r}, which is neither a parameter nor 'loss'"
+        try:
+            signature = inspect.signature(self.forward)
+        except (TypeError, ValueError):
+            return None
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        for arg in signature.parameters.values():
+            if arg.kind in (arg.VAR_KEYWORD, arg.VAR_POSITIONAL) or arg.name in names:
+                continue
+            if arg.default is arg.empty:
+                return f"forward argument {arg.name!r} is neither a parameter nor a datum"
+        if not accepts_any:
+            missing = sorted(names - set(signature.parameters))
+            if missing:
+                return f"{missing[0]!r} is not an argument of the forward function"
+        return None
+
+    def _numpy_problem(self) -> str | None:
+        """What a numpy=True case cannot have: a module, torch tensors, no manual gradient."""
+        if self.module is not None:
+            return "module= builds a torch module, which a numpy=True case cannot run"
+        for kind, values in (("parameter", self.params), ("datum", self.data)):
+            for name, value in values.items():
+                if _is_tensor(value):
+                    return (
+                        f"{kind} {name!r} is a torch tensor, but the case is numpy=True: give a number "
+                        "or a numpy array (or drop numpy=True to check torch code)"
+                    )
+        if self.manual_fn is None:
+            return (
+                "a numpy=True case needs a .manual gradient: autograd cannot differentiate numpy "
+                "code, so the numerical gradient has nothing to be checked against"
+            )
+        return None
+
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")  # never import torch for this: a tensor implies it is loaded
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def case(
+    fn: Callable[..., Any] | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+    expect: Mapping[str, Any] | None = None,
+    sample: Callable[[Any], Mapping[str, Any]] | None = None,
+    rtol: Tolerance = None,
+    atol: Tolerance = None,
+    name: str | None = None,
+    module: Callable[[], Any] | None = None,
+    numpy: bool = False,
+) -> Any:
+    """Turn a forward function into a `Case`.
+
+    `params` are differentiated (numbers, nested lists, numpy arrays, tensors, or callables of a
+    `torch.Generator`); `data` are constants (float data take the run's dtype, integer data stay
+    integer); `expect` holds published values at the given point (param → gradient, "loss" →
+    loss); `sample(generator)` returns overrides for random points; `rtol`/`atol` override the
+    tolerance (a number, or a dict by dtype name); `module` builds a `torch.nn.Module` whose
+    named parameters become the case's parameters and which the forward receives as `model`;
+    `numpy=True` hands the forward and the manual gradient numpy arrays in the run's dtype (the
+    forward returns the loss as a number) and checks the manual gradient against finite
+    differences on the CPU, autograd not applying to numpy code.
+    """
+
+    def build(forward: Callable[..., Any]) -> Case:
+        code = getattr(forward, "__code__", None)
+        new = Case(
+            name=name or getattr(forward, "__name__", "case"),
+            forward=forward,
+            params=dict(params or {}),
+            data=dict(data or {}),
+            expect=dict(expect or {}) if isinstance(expect, Mapping) or expect is None else expect,
+            sample=sample,
+            rtol=rtol,
+            atol=atol,
+            module=module,
+            numpy=bool(numpy),
+            file=code.co_filename if code else None,
+            line=code.co_firstlineno if code else None,
+        )
+        register(new)
+        return new
+
+    if fn is not None:
+        return build(fn)
+    return build
+
+
+def register(new: Case) -> None:
+    """Hand a newly defined case to the loader, when a case file is being loaded."""
+    collected = _collector.get()
+    if collected is not None:
+        collected.append(new)
+
+
+def collecting(cases: list[Case]) -> Any:
+    """Collect the cases defined while the returned token is set (used by the loader)."""
+    return _collector.set(cases)
+
+
+def stop_collecting(token: Any) -> None:
+    _collector.reset(token)
+

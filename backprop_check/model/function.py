@@ -1,0 +1,561 @@
+"""Function mode: check `fn(*inputs)` as `torch.autograd.gradcheck` users hold it.
+
+A function check is a `Case`, so everything the case path has applies to it (error bars,
+float32 judged fairly, kinks, random points, element localisation, hints, every report format,
+baselines). Its parameters are the differentiated inputs, its data the other tensor inputs and
+one random cotangent v_k per floating output, and its loss is
+
+    Σ_k ⟨v_k, fn(*inputs)_k⟩,
+
+whose gradient is the vector-Jacobian product Jᵀv that a backward computes. A `.sum()` loss is
+the cotangent v = 1, which hides a backward that ignores grad_output; a random v does not. The
+cotangents are float data, so they are redrawn at every random point; at the given point they
+are drawn from the seeded generator.
+
+A hand-written VJP `manual(grad_outputs, *inputs)` is the third source. A wrong gradient is
+named in the user's terms ("output 1 → x": the gradient of output 1 with respect to input `x`),
+and at the given point the custom-Function contract is checked too (contract.py).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from backprop_check.diagnosis import contract
+from backprop_check.model.case import Case, register
+from backprop_check.records import Check, MISMATCH
+from backprop_check.errors import CaseError, line_in, one_line
+from backprop_check.loading.points import Point, generator
+from backprop_check.records import Report
+from backprop_check.engine.runner import TIMEOUT, run
+from backprop_check.sources import SOURCES
+from backprop_check.sources.numerical import REFINE_STEPS, FiniteDifferences
+from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
+
+COTANGENT = "grad_output"
+Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+
+
+class FunctionCase(Case):
+    """`fn(*inputs)` checked through random cotangents (see the module docstring).
+
+    `wrt` names the inputs to differentiate (default: the floating inputs that require grad,
+    or all floating inputs when none does); `manual(grad_outputs, *inputs)` is a hand-written
+    VJP; `contract` lists the custom-Function checks to run (contract.ITEMS); `nondet_tol` is
+    how far two backward passes may differ.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        inputs: Inputs,
+        *,
+        name: str | None = None,
+        manual: Callable[..., Any] | None = None,
+        wrt: Iterable[str | int] | None = None,
+        rtol: Any = None,
+        atol: Any = None,
+        sample: Callable[[Any], Mapping[str, Any]] | None = None,
+        contract: Iterable[str] = contract.ITEMS,
+        nondet_tol: float = 0.0,
+    ) -> None:
+        file, line = _where(fn)
+        super().__init__(
+            name=name or _name(fn), forward=self._forward, rtol=rtol, atol=atol, sample=sample, file=file, line=line
+        )
+        self.fn = fn
+        self.label = _label(fn)
+        self.broken: str | None = None
+        self.constants: dict[str, Any] = {}
+        self.wrt: tuple[str, ...] = ()
+        self.devices: tuple[str, ...] = ("cpu",)
+        self.input_dtypes: tuple[str, ...] = ()
+        self.cotangents: dict[int, str] = {}  # floating output index → datum name of its v
+        self.output_shapes: list[tuple[int, ...]] | None = None  # learnt on first use
+        self.vjp: Callable[..., Any] | None = None
+        self.single = True  # fn returns one tensor, not a tuple
+        self.only: int | None = None  # a copy that counts one output's cotangent only
+        self.contract = tuple(item for item in contract)
+        self.nondet_tol = float(nondet_tol)
+        unknown = sorted(set(self.contract) - set(contract_items()))
+        if unknown:
+            self.broken = f"contract= names {unknown[0]!r}; choose from {', '.join(contract_items())}"
+        self.names, values = self._unpack(inputs)
+        if self.broken is None:
+            self._classify(values, wrt)
+        if manual is not None:
+            self.manual(manual)
+
+    # --- what the user gave -----------------------------------------------------------------
+
+    def _unpack(self, inputs: Inputs) -> tuple[tuple[str, ...], list[Any]]:
+        if isinstance(inputs, Mapping):
+            return tuple(str(k) for k in inputs), list(inputs.values())
+        values = [inputs] if isinstance(inputs, torch.Tensor) or callable(inputs) else inputs
+        if not isinstance(values, (tuple, list)):
+            self.broken = f"inputs must be a tensor or a tuple of them, got {type(inputs).__name__}"
+            return (), []
+        return input_names(self.fn, len(values)), list(values)
+
+    def _classify(self, specs: list[Any], wrt: Iterable[str | int] | None) -> None:
+        """Sort the inputs into differentiated (params), other tensors (data) and constants."""
+        gen = generator(0)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, spec in zip(self.names, specs):
+            value = spec
+            if callable(spec) and not isinstance(spec, torch.Tensor):
+                try:
+                    value = spec(gen)
+                except Exception as exc:  # noqa: BLE001 - user code may raise anything
+                    self.broken = f"input `{name}` raised {one_line(exc)}"
+                    return
+                if not isinstance(value, torch.Tensor):
+                    self.broken = f"input `{name}`'s generator returned {type(value).__name__}, not a tensor"
+                    return
+            problem = _not_an_input(name, value)
+            if problem:
+                self.broken = problem
+                return
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+            else:
+                self.constants[name] = value
+        chosen = self._chosen(tensors, wrt)
+        if chosen is None:
+            return
+        self.wrt = chosen
+        for name, spec in zip(self.names, specs):
+            if name in tensors:
+                kept = spec.detach() if isinstance(spec, torch.Tensor) else spec
+                (self.params if name in chosen else self.data)[name] = kept
+        self.devices = tuple(dict.fromkeys(t.device.type for t in tensors.values())) or ("cpu",)
+        floating = [tensors[n].dtype for n in chosen]
+        self.input_dtypes = tuple(dict.fromkeys(str(d).removeprefix("torch.") for d in floating))
+
+    def _chosen(self, tensors: dict[str, torch.Tensor], wrt: Iterable[str | int] | None) -> tuple[str, ...] | None:
+        if wrt is not None:
+            chosen = []
+            for item in [wrt] if isinstance(wrt, (str, int)) else wrt:
+                name = self.names[item] if isinstance(item, int) and 0 <= item < len(self.names) else item
+                if name not in self.names:
+                    self.broken = f"wrt= names {item!r}, which is not an input ({', '.join(self.names)})"
+                    return None
+                if name not in tensors:
+                    self.broken = f"input `{name}` is in wrt= but is a {type(self.constants[name]).__name__}, not a tensor"
+                    return None
+                if not tensors[name].is_floating_point():
+                    self.broken = (
+                        f"input `{name}` is an integer tensor ({tensors[name].dtype}) marked to be differentiated "
+                        "(wrt=): only floating-point inputs have gradients"
+                    )
+                    return None
+                chosen.append(name)
+            return tuple(chosen)
+        floating = [n for n, t in tensors.items() if t.is_floating_point()]
+        marked = [n for n in floating if tensors[n].requires_grad]
+        if not floating:
+            self.broken = "no input is a floating-point tensor: there is nothing to differentiate"
+            return None
+        return tuple(marked or floating)
+
+    def manual(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Register `fn(grad_outputs, *inputs)`, a hand-written VJP returning one gradient per
+        input (None for those not differentiated); `grad_outputs` is a tensor when `fn` returns
+        one tensor, else a tuple (None for a non-floating output)."""
+        self.vjp = fn
+        self.manual_fn = self._manual
+        return fn
+
+    # --- the case the engine sees -----------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """Why this function cannot be checked, or None; learns the outputs' shapes on first use."""
+        if self.broken:
+            return self.broken
+        if self.output_shapes is None:
+            try:
+                self._learn_outputs()
+            except CaseError as exc:
+                return str(exc)
+        if self.vjp is not None:
+            try:
+                inspect.signature(self.vjp).bind(None, *self.names)
+            except TypeError as exc:
+                return f"the manual VJP cannot be called as manual(grad_outputs, {', '.join(self.names)}): {exc}"
+            except ValueError:
+                pass
+        return super().problem()
+
+    def _learn_outputs(self) -> None:
+        gen = generator(0)
+        values = {}
+        for name in self.names:
+            spec = self.params.get(name, self.data.get(name))
+            if spec is not None:
+                values[name] = spec(gen) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
+        with torch.no_grad():
+            returned = self._invoke(values)
+        outputs = as_outputs(returned, self.label)
+        self.single = not isinstance(returned, (tuple, list))
+        self.output_shapes = [tuple(o.shape) for o in outputs]
+        taken = set(self.names)
+        for k, output in enumerate(outputs):
+            if output.is_floating_point():
+                label = f"{COTANGENT}{k}"
+                while label in taken:
+                    label += "_"
+                self.cotangents[k] = label
+                self.data[label] = _Cotangent(tuple(output.shape))
+        if not self.cotangents:
+            raise CaseError(f"{self.label} returns no floating-point output: there is no gradient to check")
+
+    def _call(self, values: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """fn(*inputs) as a tuple of checked outputs."""
+        return as_outputs(self._invoke(values), self.label)
+
+    def _invoke(self, values: Mapping[str, Any]) -> Any:
+        """fn(*inputs); what it raises is one line naming it."""
+        args = [values[n] if n in values else self.constants[n] for n in self.names]
+        try:
+            returned = self.fn(*args)
+        except CaseError:
+            raise
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
+            line = line_in(self.file, exc)
+            raise CaseError(f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
+        return returned
+
+    def _forward(self, **values: torch.Tensor) -> torch.Tensor:
+        outputs = self._call(values)
+        total: torch.Tensor | None = None
+        for k, label in self.cotangents.items():
+            if self.only is not None and k != self.only:
+                continue
+            v = values[label]
+            if k >= len(outputs) or outputs[k].shape != v.shape:
+                got = "no output" if k >= len(outputs) else f"shape {tuple(outputs[k].shape)}"
+                raise CaseError(f"output {k} of {self.label} has {got} here, but shape {tuple(v.shape)} at the given inputs")
+            term = (v * outputs[k]).sum()
+            total = term if total is None else total + term
+        return total if total is not None else torch.zeros((), dtype=next(iter(values.values())).dtype)
+
+    def _manual(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        args = [values[n] if n in values else self.constants[n] for n in self.names]
+        grads = []
+        for k in range(len(self.output_shapes or ())):
+            label = self.cotangents.get(k)
+            if label is None:
+                grads.append(None)
+            elif self.only is not None and k != self.only:
+                grads.append(torch.zeros_like(values[label]))
+            else:
+                grads.append(values[label])
+        grad_outputs = grads[0] if self.single else tuple(grads)
+        returned = self.vjp(grad_outputs, *args)  # type: ignore[misc]
+        if not isinstance(returned, (tuple, list)):
+            returned = (returned,)
+        if len(returned) != len(self.names):
+            raise CaseError(
+                f"the manual VJP returned {len(returned)} gradient{'s' * (len(returned) != 1)} for "
+                f"{len(self.names)} input{'s' * (len(self.names) != 1)} ({', '.join(self.names)}): "
+                "return one per input, None for those not differentiated"
+            )
+        gradients = {}
+        for name, value in zip(self.names, returned):
+            if name not in self.wrt:
+                continue
+            if value is None:
+                raise CaseError(f"the manual VJP returned None for input `{name}`, which is differentiated")
+            gradients[name] = value
+        return gradients
+
+    def for_output(self, k: int) -> FunctionCase:
+        """This case with only output `k`'s cotangent: its loss is ⟨v_k, output_k⟩."""
+        one = copy.copy(self)
+        one.only = k
+        one.forward = one._forward
+        if self.vjp is not None:
+            one.manual_fn = one._manual
+        return one
+
+    def extra_checks(
+        self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance
+    ) -> list[Check]:
+        """The wrong value checks said as "output k → input", and at the given point the
+        custom-Function contract."""
+        found = self._by_output(point, device, dtype, checks, tol)
+        if point.seed is None and self.contract:
+            found.extend(contract.checks(self, point, device, dtype, tol))
+        return found
+
+    def _by_output(self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance) -> list[Check]:
+        """For each wrong input, which output's gradient is wrong at its worst element: each
+        output's ⟨v_k, output_k⟩ estimated there by the three sources."""
+        found = []
+        for check in checks:
+            if check.kind != "param" or check.verdict != MISMATCH or check.index is None or check.numerical is None:
+                continue
+            flat = _flat_index(check.index, check.shape)
+            # What the whole tensor's tolerance allows beyond the error bar and rtol·|reference|.
+            floor = max(0.0, check.allowed - ERROR_BARS * (check.error_bar or 0.0) - tol.rtol * abs(check.numerical))
+            if len(self.cotangents) == 1:
+                (k,) = self.cotangents
+                found.append(_output_check(k, check, check.manual, check.numerical, check.error_bar or 0.0, check.autograd, check.allowed, tol))
+                continue
+            per_output = []
+            for k in self.cotangents:
+                one = self.for_output(k)
+                index = {check.name: torch.tensor([flat])}
+                estimate = FiniteDifferences(one, point, dtype).estimate([check.name], index, steps=REFINE_STEPS)[check.name]
+                n, e = float(estimate["value"][0]), float(estimate["error"][0])
+                a = float(SOURCES["autograd"](one, point, device, dtype).values[check.name].reshape(-1)[flat])
+                m = None
+                if self.vjp is not None:
+                    m = float(SOURCES["manual"](one, point, device, dtype).values[check.name].reshape(-1)[flat])
+                allowed = ERROR_BARS * e + tol.rtol * abs(n) + floor
+                per_output.append(_output_check(k, check, m, n, e, a, allowed, tol))
+            wrong = [c for c in per_output if c.ratio > 1] or [max(per_output, key=lambda c: c.ratio)]
+            found.extend(wrong)
+        return found
+
+
+def contract_items() -> tuple[str, ...]:
+    return contract.ITEMS
+
+
+class _Cotangent:
+    """A random cotangent of an output's shape, drawn from the point's generator."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __call__(self, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.shape, generator=gen, dtype=torch.float64)
+
+
+def _output_check(
+    k: int, check: Check, m: float | None, n: float, e: float, a: float, allowed: float, tol: Tolerance
+) -> Check:
+    culprit = check.culprit
+    odd = {"manual": m, "autograd": a}.get(culprit or "")
+    if odd is None:
+        odd = a if m is None or abs(a - n) >= abs(m - n) else m
+    error = abs(odd - n)
+    ratio = error / allowed if allowed > 0 else float("inf")
+    values = ([f"manual {m:.8g}"] if m is not None else []) + [f"numerical {n:.8g} ± {e:.2g}", f"autograd {a:.8g}"]
+    label = check.label
+    note = (
+        f"the gradient of output {k} with respect to input `{check.name}` at {label} (Jᵀv for a random "
+        f"grad_output v): {', '.join(values)}; error {error:.3g}, {ratio:.3g}× the tolerance {allowed:.3g} "
+        f"({tol.describe()})"
+    )
+    if check.bad > 1:
+        note += f"; {check.bad} of {check.size} elements of `{check.name}` disagree"
+    return Check(
+        name=f"output {k} → {check.name}",
+        kind="output",
+        shape=check.shape,
+        verdict=MISMATCH,
+        culprit=culprit,
+        manual=m,
+        numerical=n,
+        autograd=a,
+        error_bar=e,
+        abs_err=error,
+        rel_err=error / abs(n) if n else (float("inf") if error else 0.0),
+        allowed=allowed,
+        ratio=ratio,
+        rounding=check.rounding,
+        bad=check.bad,
+        size=check.size,
+        note=note,
+        culprits=dict(check.culprits),
+    )
+
+
+def as_outputs(returned: Any, label: str) -> tuple[torch.Tensor, ...]:
+    """The outputs of fn as a tuple of tensors; anything else is one line naming the output."""
+    outputs = returned if isinstance(returned, (tuple, list)) else (returned,)
+    if not isinstance(returned, (tuple, list, torch.Tensor)):
+        raise CaseError(f"{label} returned {type(returned).__name__}, not a tensor or a tuple of tensors")
+    if not outputs:
+        raise CaseError(f"{label} returned an empty {type(returned).__name__}: there is no output to check")
+    for k, output in enumerate(outputs):
+        if not isinstance(output, torch.Tensor):
+            raise CaseError(f"output {k} of {label} is {type(output).__name__}, not a tensor")
+        if output.is_complex():
+            raise CaseError(
+                f"output {k} of {label} is complex ({output.dtype}): function mode checks real outputs only for "
+                "now; return torch.view_as_real(...) to check its real and imaginary parts"
+            )
+    return tuple(outputs)
+
+
+def _not_an_input(name: str, value: Any) -> str | None:
+    """Why `value` cannot be an input of a function check, or None (tensors and constants)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            return (
+                f"input `{name}` is complex ({value.dtype}): function mode checks real inputs only for now; "
+                "pass torch.view_as_real(...) and rebuild the complex tensor inside fn"
+            )
+        if value.is_sparse or value.layout != torch.strided:
+            return f"input `{name}` has layout {value.layout}: only dense (strided) tensors can be checked"
+        return None
+    if isinstance(value, np.ndarray):
+        return f"input `{name}` is a numpy array, not a tensor: pass torch.from_numpy(...) to differentiate it"
+    if isinstance(value, (list, tuple)) and not _all_integers(value):
+        return (
+            f"input `{name}` is a {type(value).__name__} of numbers, not a tensor: pass torch.tensor(...) to "
+            "differentiate it (only tensors are differentiated; other inputs are passed through as they are)"
+        )
+    return None
+
+
+def _all_integers(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_all_integers(v) for v in value)
+    return isinstance(value, (int, bool, type(None)))
+
+
+def input_names(fn: Callable[..., Any], count: int) -> tuple[str, ...]:
+    """`fn`'s positional parameter names for `count` inputs; `input0`, `input1`, … where it has
+    none (a builtin, `*args`). For `MyFunction.apply`, the names of its forward's inputs."""
+    target = fn
+    owner = getattr(fn, "__self__", None)
+    if inspect.isclass(owner) and issubclass(owner, torch.autograd.Function):
+        target = owner.forward
+    names: list[str] = []
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    if target is not fn and parameters and not _has_setup_context(owner):
+        parameters = parameters[1:]  # forward(ctx, ...)
+    for parameter in parameters:
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            break
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            names.append(parameter.name)
+    names = names[:count] + [f"input{i}" for i in range(len(names), count)]
+    seen: set[str] = set()
+    unique = []
+    for i, name in enumerate(names):
+        unique.append(name if name not in seen else f"input{i}")
+        seen.add(unique[-1])
+    return tuple(unique)
+
+
+def _has_setup_context(cls: type) -> bool:
+    base = getattr(torch.autograd.Function, "setup_context", None)
+    return getattr(cls, "setup_context", base) is not base
+
+
+def _label(fn: Callable[..., Any]) -> str:
+    owner = getattr(fn, "__self__", None)
+    if inspect.isclass(owner):
+        return f"{owner.__name__}.{getattr(fn, '__name__', 'apply')}"
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    owner = getattr(fn, "__self__", None)
+    if inspect.isclass(owner):
+        return owner.__name__
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "function" if name == "<lambda>" else name
+
+
+def _where(fn: Callable[..., Any]) -> tuple[str | None, int | None]:
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return code.co_filename, code.co_firstlineno
+    owner = getattr(fn, "__self__", None)
+    try:
+        target = owner if inspect.isclass(owner) else fn
+        return inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
+    except (TypeError, OSError):
+        return None, None
+
+
+def _flat_index(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    flat = 0
+    for i, size in zip(index, shape):
+        flat = flat * size + i
+    return flat
+
+
+def function_case(
+    fn: Callable[..., Any] | None = None,
+    *,
+    inputs: Inputs,
+    manual: Callable[..., Any] | None = None,
+    name: str | None = None,
+    wrt: Iterable[str | int] | None = None,
+    rtol: Any = None,
+    atol: Any = None,
+    sample: Callable[[Any], Mapping[str, Any]] | None = None,
+    contract: Iterable[str] = contract.ITEMS,
+    nondet_tol: float = 0.0,
+) -> Any:
+    """Turn a function returning tensors into a function check, in a case file like `@case`.
+
+    `inputs` is a tuple in `fn`'s argument order (or a dict name → value): tensors, callables
+    taking a `torch.Generator` and returning a tensor, or constants passed through as they are
+    (numbers, None, shapes). `@<check>.manual` (or `manual=`) registers a hand-written VJP
+    `manual(grad_outputs, *inputs)`. The other keywords are `check`'s.
+    """
+
+    def build(f: Callable[..., Any]) -> FunctionCase:
+        new = FunctionCase(
+            f, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
+            contract=contract, nondet_tol=nondet_tol,
+        )
+        register(new)
+        return new
+
+    return build(fn) if fn is not None else build
+
+
+def check(
+    fn: Callable[..., Any],
+    inputs: Inputs,
+    *,
+    manual: Callable[..., Any] | None = None,
+    devices: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    points: int | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    wrt: Iterable[str | int] | None = None,
+    rtol: Any = None,
+    atol: Any = None,
+    sample: Callable[[Any], Mapping[str, Any]] | None = None,
+    contract: Iterable[str] = contract.ITEMS,
+    nondet_tol: float = 0.0,
+    full: bool = False,
+    timeout: float | None = TIMEOUT,
+) -> Report:
+    """Check `fn(*inputs)`: autograd (and `manual`, a hand-written VJP `manual(grad_outputs,
+    *inputs)`) against float64 finite differences of ⟨v, fn⟩ for random cotangents v, at the
+    given inputs and at `points` random ones, plus the custom-Function contract.
+
+    `inputs` is a tensor or a tuple (a dict names them); the floating inputs that require grad
+    are differentiated (all floating inputs when none does, or those `wrt` names); other inputs
+    are passed through. Inputs are named by `fn`'s parameter names, else `input0`, `input1`, …
+    `devices` defaults to the inputs' devices, `dtypes` to float64 and float32 (every floating
+    input is cast to the run's dtype). Bad input is an `error` result with one line, never a
+    raise. The other keywords are `backprop_check.run`'s and `@case`'s.
+    """
+    checked = FunctionCase(
+        fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
+        contract=contract, nondet_tol=nondet_tol,
+    )
+    return run(
+        checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
+    )

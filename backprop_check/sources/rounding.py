@@ -1,0 +1,84 @@
+"""The run dtype's rounding at one point: how far a float32 gradient may honestly be off.
+
+A fixed rtol cannot know that near a minimum a gradient is a small difference of large terms
+(s = 3w − 6 at w ≈ 2), or that once tanh saturates float32 keeps two digits of 1 − tanh². So
+each source is also run in float64 at the same (rounded) point, and its allowance at each
+element is the larger of
+
+- its **sensitivity**: every float input nudged by one ulp of the dtype, both ways; half the
+  difference of the two float64 gradients is how rounding-sized changes move it. Real
+  sensitivity is smooth, the two moves opposite; an element whose moves are not opposite jumps
+  (a bug that depends on rounding, such as an argmax among ties) and gets none;
+- its **own deviation** |g_dtype − g_float64|, capped at DEVIATION_CAP of |g_float64|: what the
+  dtype did to this very code. A derivation bug is the same in both dtypes, so this never
+  excuses one; a bug that only shows through rounding can hide at most the cap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backprop_check.model.case import Case
+from backprop_check.loading.points import Point, derive_seed
+from backprop_check.sources import SOURCES, Gradients
+
+DEVIATION_CAP = 0.05
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """Per source ("autograd", "manual") and name: the rounding allowance of each element, and
+    the source's float64 twin at the same point (a derivation bug is in the twin too, with
+    float64's tiny rounding: directional checks of a large tensor see it there)."""
+
+    allowance: dict[str, dict[str, torch.Tensor]]
+    twin: dict[str, dict[str, torch.Tensor]]
+
+
+def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None]) -> Rounding:
+    """The rounding allowances and float64 twins of the sources in `gradients`."""
+    at = point.rounded(dtype)
+    gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
+    steps = {name: _ulp_step(value, dtype, gen) for name, value in {**at.params, **at.data}.items()}
+    nudged = [_moved(at, steps, sign) for sign in (1.0, -1.0)]
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    twins: dict[str, dict[str, torch.Tensor]] = {}
+    for source, grads in gradients.items():
+        if grads is None:
+            continue
+        compute = SOURCES[source]
+        base = compute(case, at, "cpu", torch.float64).values
+        up, down = (compute(case, p, "cpu", torch.float64).values for p in nudged)
+        result[source] = {}
+        twins[source] = {name: g.to(torch.float64) for name, g in base.items()}
+        for name, value in grads.values.items():
+            g = base.get(name)
+            if g is None or any(v.get(name) is None or v[name].shape != value.shape for v in (base, up, down)):
+                continue
+            g, here = g.to(torch.float64), value.detach().to("cpu", torch.float64)
+            odd = (up[name] - down[name]).abs() / 2
+            even = (up[name] + down[name] - 2 * g).abs()
+            smooth = even <= odd / 2 + 64 * torch.finfo(torch.float64).eps * g.abs()
+            sensitivity = torch.where(smooth, odd, torch.zeros_like(odd))
+            deviation = torch.minimum((here - g).abs(), DEVIATION_CAP * g.abs())
+            result[source][name] = torch.nan_to_num(torch.maximum(sensitivity, deviation), nan=0.0)
+    return Rounding(result, twins)
+
+
+def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:
+    return Point(
+        point.label,
+        point.seed,
+        {k: v + sign * steps[k] for k, v in point.params.items()},
+        {k: v + sign * steps[k] if v.is_floating_point() else v for k, v in point.data.items()},
+    )
+
+
+def _ulp_step(value: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """One `dtype` ulp per float element, with a random sign (zero for integer data)."""
+    if not value.is_floating_point():
+        return torch.zeros(())
+    low = value.to(dtype)
+    ulp = (torch.nextafter(low, torch.full_like(low, torch.inf)) - low).to(torch.float64)
+    return ulp * (torch.randint(0, 2, value.shape, generator=gen, dtype=torch.float64) * 2 - 1)
