@@ -37,8 +37,12 @@ wheel-check: install
 check: install
 	$(BIN)/backprop-check run cases/
 
+# BENCH: arguments for benchmarks/run.py, e.g. `make bench BENCH=--quick` or `BENCH=soundness`.
+# JAX is a bench-only extra (a row of section 5), never a dependency of the package.
+BENCH ?=
 bench: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m pip install --quiet -e ".[bench]" || echo "jax not installed: section 5 skips its rows"
+	$(BIN)/python benchmarks/run.py $(BENCH)
 
 # On a machine with an NVIDIA GPU and a CUDA build of torch for GPU_PYTHON: the suite and the
 # built-in cases on cuda and cpu, float32 and float64, with cross-device agreement.

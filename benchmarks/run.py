@@ -1,16 +1,20 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [speed] [startup] [corpus] [parallel] [function]
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function]
 
-Prints four sections (all of them when none is named) and writes nothing: the numbers are
+Prints seven sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
-section reports medians of interleaved repeats and the ratio of medians.
+section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
+repeats and trials, for a short look (record figures from the full run).
 
-1. speed   — the harness (Python API) and gradcheck on tanh MLPs of ~1.1k and ~22k parameters.
-2. startup — `backprop-check run cases/` against a bare `python -c "import torch"`.
-3. corpus  — detection and false-alarm rates on the planted-bug corpus in tests/corpus/.
-4. parallel — `pytest cases/` serial against `pytest -n 2 cases/` (benchmarks/parallel.py).
-5. function — function mode against gradcheck on a two-output custom Function; planted Function bugs.
+1. speed     — the harness (Python API) and gradcheck on tanh MLPs of ~1.1k and ~22k parameters.
+2. startup   — `backprop-check run cases/` against a bare `python -c "import torch"`.
+3. corpus    — detection and false-alarm rates on the planted-bug corpus in tests/corpus/.
+4. soundness — planted single-element errors in the default mode, 10k to 1M elements (issue 11).
+5. scale     — ~1M parameters: default mode vs gradcheck fast and JAX check_grads, peak memory;
+               nn.Linear(1024, 1024) with one wrong element.
+6. parallel  — `pytest cases/` serial against `pytest -n 2 cases/` (benchmarks/parallel.py).
+7. function  — function mode against gradcheck on a two-output custom Function; planted Function bugs.
 """
 from __future__ import annotations
 
@@ -25,17 +29,26 @@ from collections.abc import Callable, Sequence
 import torch
 
 import corpus
-import parallel
 import function
+import parallel
+import scale
+import soundness
 import speed
 import startup
 
-SECTIONS: dict[str, tuple[str, Callable[[], tuple[str, list[tuple[str, bool]]]]]] = {
-    "speed": ("1. harness vs torch.autograd.gradcheck (in one process, float64, CPU)", speed.run),
-    "startup": ("2. start-up: backprop-check run cases/ vs import torch", startup.run),
-    "corpus": ("3. planted-bug corpus: detection and false alarms", corpus.run),
-    "parallel": ("4. pytest serial vs pytest -n 2 (xdist) on the built-in cases", parallel.run),
-    "function": ("5. function mode: a two-output custom Function vs gradcheck; the planted Function bugs", function.run),
+Section = Callable[[bool], tuple[str, list[tuple[str, bool]]]]  # quick → (text, targets)
+SECTIONS: dict[str, tuple[str, Section]] = {
+    "speed": ("1. harness vs torch.autograd.gradcheck (in one process, float64, CPU)",
+              lambda quick: speed.run(3, 2) if quick else speed.run()),
+    "startup": ("2. start-up: backprop-check run cases/ vs import torch",
+                lambda quick: startup.run(3 if quick else 5)),
+    "corpus": ("3. planted-bug corpus: detection and false alarms", lambda quick: corpus.run()),
+    "soundness": ("4. soundness: planted single-element errors in the default mode", soundness.run),
+    "scale": ("5. scale: ~1M parameters, gradcheck fast, JAX check_grads, nn.Linear(1024, 1024)",
+              lambda quick: scale.run(2, 60.0) if quick else scale.run()),
+    "parallel": ("6. pytest serial vs pytest -n 2 (xdist) on the built-in cases", lambda quick: parallel.run()),
+    "function": ("7. function mode: a two-output custom Function vs gradcheck; the planted Function bugs",
+                 lambda quick: function.run()),
 }
 
 
@@ -65,24 +78,26 @@ def _cpus() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"{', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and trials: a short look")
     args = parser.parse_args(argv)
     unknown = [name for name in args.sections if name not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
     chosen = args.sections or list(SECTIONS)
     started = time.perf_counter()
-    print(f"backprop_check benchmarks, {datetime.date.today()}: {machine()}")
+    print(f"backprop_check benchmarks, {datetime.date.today()}: {machine()}; load {_read('/proc/loadavg').strip()}")
     failed = 0
     for name in chosen:
         title, section = SECTIONS[name]
-        print(f"\n{title}\n{'=' * len(title)}", flush=True)
+        print(f"\n{title}\n{'=' * len(title)}\n(load {_read('/proc/loadavg').strip()})", flush=True)
         began = time.perf_counter()
-        text, targets = section()
+        text, targets = section(args.quick)
         print(text)
         print(f"({time.perf_counter() - began:.0f}s)", flush=True)
         failed += sum(not ok for _, ok in targets)
     # A missed target is a finding to record, not a failed command: the exit status stays 0.
-    print(f"\n{len(chosen)} sections in {time.perf_counter() - started:.0f}s; {failed} target(s) missed")
+    print(f"\n{len(chosen)} sections in {time.perf_counter() - started:.0f}s; {failed} target(s) missed; "
+          f"load {_read('/proc/loadavg').strip()}")
     return 0
 
 

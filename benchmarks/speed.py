@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import backprop_check
+import classifier
 from measure import interleaved, seconds, table, verdict
 from models import SAMPLES, Bug, Mlp, gradcheck_target, make_case
 
@@ -23,9 +24,14 @@ SMALL = Mlp(16, 32, 16)  # 1,089 parameters
 LARGE = Mlp(64, 128, 104)  # 21,841 parameters
 # One element of the middle weight, 1 % off: the kind of slip a sampled check could miss.
 PLANTED = Bug("W2", (37, 51), 1.01)
+# Issue 11's model at ~22k parameters: a classifier whose W2 (200×10 = 2,000 elements) sits just
+# under the 2,048-element threshold below which today's engine checks a tensor element by element.
+CLASSIFIER = classifier.Classifier((100, 200, 10), batch=64)  # 22,210 parameters
+CLASSIFIER_BUG = classifier.Bug("W2", (150, 7), 1.001)
 
 TARGET_FULL_SMALL = 5.0
 TARGET_DEFAULT_LARGE = 50.0
+TARGET_FULL_LARGE = 10.0
 
 
 @dataclass
@@ -49,8 +55,9 @@ def harness(case: backprop_check.Case, full: bool) -> Outcome:
     return Outcome(result.verdict, result.culprit, bad[0].label if bad else None)
 
 
-def gradcheck(mlp: Mlp, fast: bool) -> Outcome:
-    fn, params = gradcheck_target(mlp)
+def gradcheck(mlp: Mlp | classifier.Classifier, fast: bool) -> Outcome:
+    """torch.autograd.gradcheck (its defaults) on the loss as a function of the parameters."""
+    fn, params = classifier.gradcheck_target(mlp) if isinstance(mlp, classifier.Classifier) else gradcheck_target(mlp)
     passed = torch.autograd.gradcheck(fn, params, fast_mode=fast, raise_exception=False)
     return Outcome("ok" if passed else "mismatch")
 
@@ -58,6 +65,7 @@ def gradcheck(mlp: Mlp, fast: bool) -> Outcome:
 def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, bool]]]:
     """Time everything; return the printed section and (target, passed) pairs."""
     small, large, buggy = make_case(SMALL), make_case(LARGE), make_case(LARGE, PLANTED)
+    wide, wide_buggy = classifier.make_case(CLASSIFIER), classifier.make_case(CLASSIFIER, CLASSIFIER_BUG)
     warnings.filterwarnings("ignore", module="torch.autograd.gradcheck")
     # Warm-up, untimed: first calls pay for lazy imports and vmap's set-up in both tools.
     for mode in (True, False):
@@ -89,9 +97,25 @@ def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, 
             "harness default, planted bug": large_repeats,
         },
     )
+    at_wide = interleaved(
+        {
+            "gradcheck slow": lambda: gradcheck(CLASSIFIER, fast=False),
+            "gradcheck fast": lambda: gradcheck(CLASSIFIER, fast=True),
+            "harness full (three-way)": lambda: harness(wide, full=True),
+            "harness default": lambda: harness(wide, full=False),
+            "harness default, planted bug": lambda: harness(wide_buggy, full=False),
+        },
+        {
+            "gradcheck slow": large_repeats,
+            "gradcheck fast": repeats,
+            "harness full (three-way)": large_repeats - 1,
+            "harness default": repeats,
+            "harness default, planted bug": large_repeats,
+        },
+    )
 
     rows = []
-    for mlp, timings in ((SMALL, at_small), (LARGE, at_large)):
+    for mlp, timings in ((SMALL, at_small), (LARGE, at_large), (CLASSIFIER, at_wide)):
         slow = timings["gradcheck slow"].median
         for name, timing in timings.items():
             rows.append(
@@ -110,6 +134,9 @@ def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, 
         f"tanh, MSE on {SAMPLES} samples; float64, CPU, given point only; "
         f"torch threads {torch.get_num_threads()}",
         f"planted bug: {PLANTED.describe()} (relative error 1e-2 in one of {LARGE.params()['W2'].numel():,} elements)",
+        f"and the classifier {CLASSIFIER.label} ({CLASSIFIER.size:,} parameters; W2 has "
+        f"{CLASSIFIER.params()['W2'].numel():,} elements, just under 2,048), tanh, softmax cross-entropy on "
+        f"{CLASSIFIER.batch} samples; planted bug {CLASSIFIER_BUG.describe()} (relative error 1e-3)",
     ]
     lines.append("")
     lines.append(
@@ -123,6 +150,11 @@ def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, 
     expected_where = f"{PLANTED.param}[{', '.join(map(str, PLANTED.index))}]"
     located = found.verdict == "mismatch" and found.culprit == "manual" and found.where == expected_where
     bug_time = at_large["harness default, planted bug"].median
+    wide_default = at_wide["gradcheck slow"].median / at_wide["harness default"].median
+    full_large = at_large["gradcheck slow"].median / at_large["harness full (three-way)"].median
+    full_wide = at_wide["gradcheck slow"].median / at_wide["harness full (three-way)"].median
+    wide_found: Outcome = at_wide["harness default, planted bug"].last
+    wide_located = wide_found.verdict == "mismatch" and wide_found.culprit == "manual" and wide_found.where == CLASSIFIER_BUG.where
     targets = [
         (f"full three-way ≥ {TARGET_FULL_SMALL:g}× faster than gradcheck slow at {SMALL.size:,}: {full_speedup:.1f}×",
          full_speedup >= TARGET_FULL_SMALL),
@@ -133,6 +165,15 @@ def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, 
          same_verdict),
         (f"planted bug found and located in default mode: {found} (want mismatch (manual) at {expected_where}), "
          f"in {seconds(bug_time)}", located),
+        (f"default mode ≥ {TARGET_DEFAULT_LARGE:g}× faster than gradcheck slow at {CLASSIFIER.size:,} "
+         f"({CLASSIFIER.label}, batch {CLASSIFIER.batch}): {wide_default:.1f}×", wide_default >= TARGET_DEFAULT_LARGE),
+        (f"full ≥ {TARGET_FULL_LARGE:g}× faster than gradcheck slow at {LARGE.size:,}: {full_large:.1f}×",
+         full_large >= TARGET_FULL_LARGE),
+        (f"full ≥ {TARGET_FULL_LARGE:g}× faster than gradcheck slow at {CLASSIFIER.size:,}: {full_wide:.1f}×",
+         full_wide >= TARGET_FULL_LARGE),
+        (f"planted ×1.001 in the 2,000-element W2 found and located in default mode: {wide_found} "
+         f"(want mismatch (manual) at {CLASSIFIER_BUG.where}), in {seconds(at_wide['harness default, planted bug'].median)}",
+         wide_located),
     ]
     lines.append("")
     lines.extend(f"  {verdict(ok)}  {text}" for text, ok in targets)
