@@ -6,7 +6,18 @@ from pathlib import Path
 
 
 class CaseError(ValueError):
-    """A case is broken: it cannot be loaded, it raised, or it returned something unusable."""
+    """A case is broken: it cannot be loaded, it raised, or it returned something unusable.
+    `located` is true when the message already names the point it happened at."""
+
+    located: bool = False
+
+    def at(self, point: str) -> CaseError:
+        """This error, said to have happened at `point` (unless it says so already)."""
+        if self.located:
+            return self
+        error = CaseError(f"{self} (at the {point})")
+        error.located = True
+        return error
 
 
 class CaseLoadError(CaseError):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from backprop_check import dtypes
 from backprop_check.errors import UsageError
 from backprop_check.loading.selection import matches
 
@@ -39,8 +40,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         for dtype in self.dtypes:
-            if dtype not in ("float64", "float32", "float16", "bfloat16"):
-                raise UsageError(f"unknown dtype {dtype!r} (use float64, float32, float16 or bfloat16)")
+            dtypes.require(dtype)
         for device in self.devices:
             if device.split(":")[0] not in ("cpu", "cuda", "mps"):
                 raise UsageError(f"unknown device {device!r} (use cpu or cuda)")

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from backprop_check import dtypes
 from backprop_check.records import Check, MISMATCH
 
 if TYPE_CHECKING:
     from backprop_check.records import Outcome
 
 # How close a ratio must be to a named factor, by the dtype the gradients were computed in.
-RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
@@ -285,7 +285,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
 def _rtol(shown: Outcome) -> float:
     autograd = shown.gradients.get("autograd") or shown.gradients.get("manual")  # numpy: no autograd
     dtype = next(iter(autograd.values.values())).dtype if autograd is not None and autograd.values else torch.float64
-    return RTOL.get(dtype, 1e-3)
+    return dtypes.row(str(dtype)).hint_rtol
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:

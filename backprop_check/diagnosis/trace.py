@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from backprop_check import dtypes
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH
 from backprop_check.errors import CaseError, CaseTimeout, UsageError
@@ -111,9 +112,7 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        dtype = getattr(torch, self.dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise UsageError(f"unknown dtype {self.dtype!r} (use float64, float32, float16 or bfloat16)")
+        dtypes.require(self.dtype)
         if self.epochs < 0 or self.every < 1:
             raise UsageError("--epochs must be 0 or more and --every at least 1")
         if not math.isfinite(self.lr):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from backprop_check import dtypes
 from backprop_check.model.case import Case
 from backprop_check.records import Check, MISMATCH, OK
 from backprop_check.errors import CaseError
@@ -11,7 +12,6 @@ from backprop_check.sources import Gradients
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 
 # `expect` holds published numbers, often rounded to a few digits.
-EXPECT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
 def expect_checks(
@@ -21,7 +21,7 @@ def expect_checks(
     from backprop_check.loading.points import as_float
 
     checks = []
-    rtol = EXPECT_RTOL.get(dtype, 1e-3)
+    rtol = dtypes.row(str(dtype)).expect_rtol
     for name, value in case.expect.items():
         try:
             expected = as_float(name, value)

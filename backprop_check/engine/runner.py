@@ -168,7 +168,7 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
             except CaseTimeout:
                 raise
             except CaseError as exc:
-                raise CaseError(f"{exc} (at the random point {index})" if "point" not in str(exc) else str(exc)) from exc
+                raise exc.at(f"random point {index}") from exc
             require_finite_loss(numerical.gradients.loss, point)
             require_finite_gradient(numerical.gradients, point)
             if not any(bool(mask.any()) for mask in numerical.gradients.kink.values()):
@@ -231,8 +231,7 @@ def check_combination(
             exc.partial = result
         raise
     except CaseError as exc:
-        at = f" (at the {point.describe()})" if "point" not in str(exc) else ""
-        return error_result(case, device, dtype_name, f"{exc}{at}", exc)
+        return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc)
     result = summarize(case, device, dtype_name, outcomes, tol.describe())
     result.notes.extend(notes)
     result.reference = reference

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backprop_check import dtypes
 from backprop_check.errors import CaseError
 
 # The numerical error bar is an estimate; this many of them is still agreement.
@@ -79,10 +80,7 @@ class Tolerance:
 
 
 DEFAULTS: dict[torch.dtype, Tolerance] = {
-    torch.float64: Tolerance(rtol=1e-7, atol=1e-9),
-    torch.float32: Tolerance(rtol=1e-4, atol=2e-5),
-    torch.float16: Tolerance(rtol=5e-3, atol=1e-3),
-    torch.bfloat16: Tolerance(rtol=3e-2, atol=1e-2),
+    getattr(torch, name): Tolerance(rtol=r.rtol, atol=r.atol) for name, r in dtypes.TABLE.items()
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import textwrap
 from collections import defaultdict
 
+from backprop_check import dtypes
 from backprop_check.model.arrays import NUMPY_NOTE
 from backprop_check.records import Report, Result
 from backprop_check.formats.terminal import Style
@@ -25,7 +26,6 @@ SHORT_HEADER = {"numerical": "numeric"}  # when its column is narrowed below the
 DROPPED_FIRST = ("rel err", "abs err")  # when even the narrowest numbers do not fit
 MAX_ROWS = 6
 SHORT_VERDICT = {"nondifferentiable": "nondiff"}
-SHORT_DTYPE = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 MARKS = {"mismatch": "✗", "error": "!", "nondifferentiable": "~"}
 
 
@@ -60,7 +60,7 @@ Row = dict[str, object]  # column → a string, or a float for the number column
 
 
 def _rows(result: Result) -> list[Row]:
-    run = f"{result.device} {SHORT_DTYPE.get(result.dtype, result.dtype)}" if result.device != "-" else "-"
+    run = f"{result.device} {dtypes.TABLE[result.dtype].short if result.dtype in dtypes.TABLE else result.dtype}" if result.device != "-" else "-"
     verdict = SHORT_VERDICT.get(result.verdict, result.verdict)
     if result.verdict == "error" or not result.checks:
         return [{"case": result.case, "run": run, "param": "-", "verdict": verdict, "_verdict": result.verdict}]

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from backprop_check import dtypes
 from backprop_check.engine.compare import unravel
 
 from backprop_check.records import Check, MISMATCH
@@ -40,13 +41,6 @@ from backprop_check.formats import STDOUT, check_writable, write
 from backprop_check.records import Report, Result
 
 FORMAT = 1
-# (rtol, atol) by dtype: the atol part scales with the tensor's largest baseline value.
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-10, 1e-12),
-    "float32": (1e-5, 1e-6),
-    "float16": (1e-2, 1e-3),
-    "bfloat16": (5e-2, 1e-2),
-}
 
 
 def add_to_argparse(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +82,8 @@ class Threshold:
     rtol: float | None = None
 
     def limits(self, dtype: str) -> tuple[float, float]:
-        rtol, atol = TOLERANCES.get(dtype, TOLERANCES["float32"])
+        table = dtypes.row(dtype)  # the atol part scales with the tensor's largest baseline value
+        rtol, atol = table.baseline_rtol, table.baseline_atol
         return (rtol if self.rtol is None else self.rtol), atol
 
     def fails(self, name: str, dtype: str, stored: Any, now: Any) -> Drift | str | None:

@@ -29,7 +29,9 @@ class NonFiniteLoss(CaseError):
 def require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
     if loss is not None and not bool(torch.isfinite(loss)):
         hint = "" if point.seed is None else f"; {point.constrain_hint()}"
-        raise NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}", float(loss))
+        error = NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}", float(loss))
+        error.located = True
+        raise error
 
 
 def require_finite_gradient(numerical: Gradients, point: Point) -> None:
@@ -44,10 +46,12 @@ def require_finite_gradient(numerical: Gradients, point: Point) -> None:
             index = unravel(int(bad.reshape(-1).nonzero()[0, 0]), tuple(bad.shape))
             label = f"{name}[{', '.join(map(str, index))}]" if index else name
             hint = point.constrain_hint()
-            raise CaseError(
+            error = CaseError(
                 f"the numerical gradient of {label} is {float(value[index])} at the {point.describe()}: "
                 f"the loss is not finite a small step away from it (the edge of its domain, like sqrt or log at 0?); {hint}"
             )
+            error.located = True
+            raise error
 
 
 def empty_parameters(given: Point) -> list[str]:
