@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from backprop_check.sources import Gradients
 
 
-class Verdict(str, Enum):
+class _Word(str, Enum):
+    """A str enum that prints as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Verdict(_Word):
     """Per checked combination (contract): ok, mismatch, nondifferentiable, error, skipped."""
 
     OK = "ok"
@@ -27,11 +34,8 @@ class Verdict(str, Enum):
     ERROR = "error"
     SKIPPED = "skipped"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Culprit(str, Enum):
+class Culprit(_Word):
     """The one source that disagrees with the other two (contract: manual, autograd,
     numerical); `unknown` and `undecided` are per-element findings that name no one."""
 
@@ -41,11 +45,8 @@ class Culprit(str, Enum):
     UNKNOWN = "unknown"
     UNDECIDED = "undecided"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class CheckKind(str, Enum):
+class CheckKind(_Word):
     """What a Check compares: a parameter's or a node's gradient, a published value
     (`expect=`), autograd across devices, a stored baseline value, a Function contract item."""
 
@@ -55,9 +56,6 @@ class CheckKind(str, Enum):
     DEVICE = "device"
     OUTPUT = "output"
     CONTRACT = "contract"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 OK, MISMATCH, NONDIFFERENTIABLE = Verdict.OK, Verdict.MISMATCH, Verdict.NONDIFFERENTIABLE
