@@ -48,12 +48,14 @@ class Culprit(_Word):
 
 class CheckKind(_Word):
     """What a Check compares: a parameter's or a node's gradient, a published value
-    (`expect=`), autograd across devices, a stored baseline value, a Function contract item."""
+    (`expect=`), autograd across devices, a stored baseline value, one output of a function
+    check, a custom-Function contract item."""
 
     PARAM = "param"
     NODE = "node"
     EXPECT = "expect"
     DEVICE = "device"
+    BASELINE = "baseline"
     OUTPUT = "output"
     CONTRACT = "contract"
 
