@@ -22,6 +22,7 @@ class Direction:
     kink: bool
     left: float = float("nan")
     right: float = float("nan")
+    step: float = 1.0  # the step multiplier the estimate was taken at
 
     def of(self, gradient: torch.Tensor) -> float:
         """The same directional derivative from a source's gradient."""
