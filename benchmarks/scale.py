@@ -4,8 +4,8 @@
 
 Times: interleaved repeats in this process, medians and ratios of medians (as `speed.py`).
 Memory: each contender once more in a fresh process (`python benchmarks/scale.py --peak NAME`),
-whose resident-set high-water mark (`getrusage(RUSAGE_SELF).ru_maxrss`) is taken before and
-after the check: torch's CPU allocator is invisible to tracemalloc, RSS is not.
+whose resident-set high-water mark (VmHWM, reset just before the check) is its peak: torch's CPU
+allocator is invisible to tracemalloc, RSS is not.
 
 gradcheck fast and check_grads each check one random projection of the gradient: they name no
 element. JAX is a bench-only extra (`pip install jax`, or `pip install -e ".[bench]"`; `make bench`
@@ -139,12 +139,44 @@ def _child(name: str, limit: float) -> None:
     if isinstance(check, str):
         print(json.dumps({"error": check}))
         return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _reset_peak()
     started = time.perf_counter()
     outcome = check()
     elapsed = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = _peak()
     print(json.dumps({"seconds": elapsed, "before_mib": before, "peak_mib": after, "outcome": str(outcome)}))
+
+
+def _status(field: str) -> float | None:
+    """A `kB` field of /proc/self/status in MiB, or None off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> float:
+    """Reset the RSS high-water mark to the current RSS (Linux) and return that, in MiB.
+
+    Not `getrusage(...).ru_maxrss`: Linux carries it over fork and exec, so a child of a process
+    that once held 8 GiB reports 8 GiB. VmHWM belongs to the process's own address space.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+    current = _status("VmRSS")
+    return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak() -> float:
+    hwm = _status("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def mib(value: float) -> str:

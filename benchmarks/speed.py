@@ -7,6 +7,10 @@ gradient. Its fast mode checks one random projection and cannot name an element.
 checks three ways (manual, numerical, autograd) per element in its full mode, and in its
 default mode checks random directional derivatives of each tensor plus a sample of its
 elements, falling back to the full check of a tensor that disagrees.
+
+Three models: tanh MLPs with an MSE loss of ~1.1k and ~22k parameters (`models.py`), and issue
+11's classifier 100→200→10 on a batch of 64 (`classifier.py`), whose 2,000-element W2 sits just
+under the size at which today's engine stops checking a tensor element by element.
 """
 from __future__ import annotations
 
