@@ -104,7 +104,7 @@ def make_case(mlp: Mlp, bug: Bug | None = None) -> backprop_check.Case:
         return grads
 
     name = f"mlp_{mlp.size}" + ("_bug" if bug else "")
-    made = backprop_check.model.case(params=mlp.params(), data=mlp.data(), name=name)(forward)
+    made = backprop_check.case(params=mlp.params(), data=mlp.data(), name=name)(forward)
     made.manual(mlp_manual)
     return made
 
