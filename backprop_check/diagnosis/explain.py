@@ -24,11 +24,10 @@ from backprop_check.records import Check, MISMATCH, NONDIFFERENTIABLE
 from backprop_check.errors import CaseError, CaseTimeout, UsageError
 from backprop_check.loading.forward import call_forward
 from backprop_check.diagnosis.graph import Graph, graph_of
-from backprop_check.loading.loader import load
+from backprop_check.loading.loader import pick
 from backprop_check.loading.points import Point, given_point
 from backprop_check.records import Result
 from backprop_check.engine.runner import run
-from backprop_check.loading.selection import matches
 from backprop_check.formats.terminal import style_for
 
 if TYPE_CHECKING:
@@ -66,18 +65,6 @@ def command(args: argparse.Namespace) -> int:
             plot.save(plot.steps_figure(step_scan(case, args.seed)), args.plot_steps)
             print(f"step picture written to {args.plot_steps}")
     return code
-
-
-def pick(paths: Sequence[str], select: str | None) -> tuple[list[Case], int]:
-    """The cases under `paths` that `select` matches, and 2 when a file failed to load."""
-    cases, failures = load(paths)
-    for failure in failures:
-        print(f"error: {failure.where}: {failure.reason}", file=sys.stderr)
-    exact = [case for case in cases if case.name == select]  # `-k linear` means linear, not linear_mse
-    chosen = exact or [case for case in cases if select is None or matches(select, case.name)]
-    if not chosen and not failures:
-        raise UsageError(f"no case in {', '.join(paths)} matches -k {select!r}" if select else f"no case in {', '.join(paths)}")
-    return chosen, 2 if failures else 0
 
 
 def explain(case: Case, seed: int = 0, width: int = WIDTH) -> tuple[list[str], int]:

@@ -36,7 +36,7 @@ from backprop_check import dtypes
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH
 from backprop_check.errors import CaseError, CaseTimeout, UsageError
-from backprop_check.diagnosis.explain import pick
+from backprop_check.loading.loader import pick
 from backprop_check.formats import check_writable, write
 from backprop_check.formats.json import finite
 from backprop_check.loading.forward import call_forward

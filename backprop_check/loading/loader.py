@@ -6,13 +6,14 @@ import hashlib
 import importlib.util
 import sys
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from backprop_check.model.case import Case, collecting, stop_collecting
-from backprop_check.errors import CaseTimeout, line_in, one_line
+from backprop_check.errors import CaseTimeout, UsageError, line_in, one_line
 from backprop_check.engine.limits import time_limit
+from backprop_check.loading.selection import matches
 
 
 @dataclass(frozen=True)
@@ -153,3 +154,15 @@ def _shown(path: Path) -> str:
 
 def _trace(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
+
+
+def pick(paths: Sequence[str], select: str | None) -> tuple[list[Case], int]:
+    """The cases under `paths` that `select` matches, and 2 when a file failed to load."""
+    cases, failures = load(paths)
+    for failure in failures:
+        print(f"error: {failure.where}: {failure.reason}", file=sys.stderr)
+    exact = [case for case in cases if case.name == select]  # `-k linear` means linear, not linear_mse
+    chosen = exact or [case for case in cases if select is None or matches(select, case.name)]
+    if not chosen and not failures:
+        raise UsageError(f"no case in {', '.join(paths)} matches -k {select!r}" if select else f"no case in {', '.join(paths)}")
+    return chosen, 2 if failures else 0
