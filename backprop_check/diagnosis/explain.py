@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
