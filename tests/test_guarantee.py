@@ -166,3 +166,11 @@ def test_a_complex_value_is_an_error_not_its_real_part():
     result = run([power], devices=["cpu"], dtypes=["float64"]).results[0]
     assert result.verdict == "error"
     assert "'z' is complex" in result.message
+
+
+def test_the_text_report_says_how_a_large_tensor_was_checked():
+    from backprop_check.formats import text
+
+    report = run([three_way(layer(100, 100), None, 1.0)], devices=["cpu"], dtypes=["float64"], points=0)
+    rendered = text.render(report)
+    assert "coverage: three_way: W (10000 elements): manual against autograd at every element" in rendered

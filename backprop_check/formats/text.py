@@ -46,6 +46,7 @@ def lines(report: Report, style: Style | None = None) -> list[str]:
         out.extend(_details(result, style))
     out.extend(_skipped(report.results))
     out.extend(_numpy(report.results, style.width))
+    out.extend(_coverage(shown, style.width))
     out.append("")
     summary = report.summary
     counted = ", ".join(
@@ -153,6 +154,29 @@ def _skipped(results: list[Result]) -> list[str]:
         if result.verdict == "skipped":
             reasons[result.message].append(result.id)
     return [f"skipped {len(ids)}: {reason}" for reason, ids in reasons.items()]
+
+
+def _coverage(results: list[Result], width: int) -> list[str]:
+    """How the tensors too large to estimate element by element were checked, once per case."""
+    said: dict[tuple[str, str], str] = {}
+    for result in results:
+        for check in result.checks:
+            seen = check.coverage
+            if not seen or seen.get("numerical", 0) >= seen.get("elements", 0):
+                continue
+            both = "manual against autograd at every element, " if seen.get("manual_vs_autograd") else ""
+            said.setdefault((result.case, check.name), (
+                f"{check.name} ({seen['elements']} elements): {both}numerical at {seen['numerical']} "
+                f"elements and along {seen['directions']} random directions"
+            ))
+    by_case: dict[str, list[str]] = defaultdict(list)
+    for (case, _), text in said.items():
+        by_case[case].append(text)
+    return [
+        line
+        for case, texts in by_case.items()
+        for line in textwrap.wrap(f"coverage: {case}: {'; '.join(texts)}", width, subsequent_indent="    ")
+    ]
 
 
 def _numpy(results: list[Result], width: int) -> list[str]:
