@@ -78,7 +78,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", f"dtype to check in, repeatable or comma-separated (default: {','.join(DTYPES)})", None, metavar="DTYPE", repeat=True),
     Option("points", f"random points besides the given one (default: {POINTS})", POINTS, int, "N"),
     Option("seed", "seed of the random points (default: 0)", 0, int, "S"),
-    Option("full", "check every element of every tensor (default: a tensor of over 2048 elements is checked along random directions and at a sample of elements; where those disagree, element by element inside the blocks that disagree)", False, type=None, flag=True),
+    Option("full", "estimate every element of every tensor numerically (default: manual against autograd at every element, a tensor of over 30 elements estimated at a sample of elements and along random directions, and element by element where manual and autograd disagree or a bisected direction leads)", False, type=None, flag=True),
     Option("timeout", f"seconds one case may take before it is reported as an error (default: {TIMEOUT:g})", TIMEOUT, float, "SECONDS"),
     Option("allow-skip", "a device named with --device that is not available is skipped, as the default cuda is, instead of failing the run", False, type=None, flag=True),
 )
