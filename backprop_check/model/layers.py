@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backprop_check.model.case import Case, _collector
+from backprop_check.model.case import Case, register
 from backprop_check.errors import CaseError, line_in, one_line
 from backprop_check.records import Report
 
@@ -60,9 +60,7 @@ def layer(
     caller = sys._getframe(1)
     built = _build(forward, backward, inputs, name, sample, rtol, atol)
     built.file, built.line = caller.f_code.co_filename, caller.f_lineno
-    collected = _collector.get()
-    if collected is not None:
-        collected.append(built)
+    register(built)
     return built
 
 
