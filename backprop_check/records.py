@@ -92,6 +92,9 @@ class Check:
     # random directions), and which comparison the shown error and tolerance come from.
     coverage: dict[str, int] = field(default_factory=dict)
     compared: str | None = None
+    # A reference other than the three sources: autograd on the CPU for a device check, the
+    # stored value for a baseline check (the `numerical` field stays the numerical gradient's).
+    reference: float | None = None
 
     @property
     def label(self) -> str:
@@ -123,6 +126,7 @@ class Check:
             "note": self.note,
             "compared": self.compared,
             "coverage": dict(self.coverage),
+            "reference": self.reference,
         }
 
 

@@ -274,6 +274,8 @@ def test_autograd_on_another_device_is_compared_with_the_cpu(monkeypatch):
     (device,) = [c for c in on["cuda"].checks if c.kind == "device"]
     assert device.verdict == "mismatch" and device.culprit == "autograd"
     assert "autograd on cuda gives -2.02" in device.note and "on the cpu -2" in device.note
+    # The CPU's value is the check's own reference, not passed off as the numerical gradient.
+    assert device.reference == pytest.approx(-2.0, rel=1e-3) and device.numerical is None
 
 
 def test_float32_rounding_near_a_minimum_is_not_blamed_on_anyone():

@@ -77,11 +77,11 @@ def device_checks(
         check = Check(name=f"{name} ({device} vs cpu)", kind="device", shape=tuple(autograd.values[name].shape),
                       verdict=MISMATCH if bool(bad.any()) else OK, size=diff.numel(), bad=int(bad.sum()))
         if diff.numel():
-            check.autograd, check.numerical = float(here[worst]), float(there[worst])
+            check.autograd, check.reference = float(here[worst]), float(there[worst])
             check.abs_err, check.allowed = float(diff[worst]), float(allowed[worst])
             check.ratio = float(diff[worst] / allowed[worst]) if bool(torch.isfinite(diff[worst])) else float("inf")
         if bad.any():
             check.culprit, check.culprits = "autograd", {"autograd": int(bad.sum())}
-            check.note = f"autograd on {device} gives {check.autograd:.8g}, on the cpu {check.numerical:.8g}"
+            check.note = f"autograd on {device} gives {check.autograd:.8g}, on the cpu {check.reference:.8g}"
         checks.append(check)
     return checks

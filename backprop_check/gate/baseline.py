@@ -340,6 +340,7 @@ def _check(drift: Drift, culprit: str | None) -> Check:
         culprit=culprit,
         index=drift.index,
         **{"manual" if culprit == "manual" else "autograd": drift.now if drift.name != "loss" else None},
+        reference=drift.stored,
         abs_err=drift.diff,
         rel_err=drift.diff / abs(drift.stored) if drift.stored else math.inf,
         allowed=drift.allowed,
