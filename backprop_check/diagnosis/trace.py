@@ -45,7 +45,7 @@ from backprop_check.records import Result
 from backprop_check.loading.guards import NonFiniteLoss
 from backprop_check.engine.runner import check_point, device_unavailable
 from backprop_check.diagnosis.verdict import outcome_of, summarize
-from backprop_check.sources import SOURCES, Gradients
+from backprop_check.sources import Gradients
 from backprop_check.sources.numerical import reference
 from backprop_check.formats.terminal import style_for
 from backprop_check.engine.tolerance import tolerance_for

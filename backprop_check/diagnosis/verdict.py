@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass, field
 
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, Outcome, Result
 from backprop_check.errors import CaseError, CaseTimeout
-from backprop_check.diagnosis.graph import Graph, graph_of
+from backprop_check.diagnosis.graph import graph_of
 from backprop_check.diagnosis.hints import hints_for
 from backprop_check.loading.points import Point
 from backprop_check.sources import Gradients

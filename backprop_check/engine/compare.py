@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backprop_check.errors import CaseError
-from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, Verdict  # noqa: F401 - re-exported
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check
 from backprop_check.sources import Direction, Gradients
 from backprop_check.sources.rounding import Rounding as Noise
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance

@@ -24,10 +24,6 @@ class Direction:
     right: float = float("nan")
     step: float = 1.0  # the step multiplier the estimate was taken at
 
-    def of(self, gradient: torch.Tensor) -> float:
-        """The same directional derivative from a source's gradient."""
-        return float((gradient.detach().to("cpu", torch.float64).reshape(self.vector.shape) * self.vector).sum())
-
 
 @dataclass
 class Gradients:

@@ -151,7 +151,6 @@ class FiniteDifferences:
         self.nodes = tuple(nodes)
         self.targets = {**at.params, **{name: torch.zeros_like(v) for name, v in nodes.items()}}
         self.scales = {**at.params, **nodes}
-        self.point_seed = point.seed
 
         def loss(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
             params = {k: values[k] for k in at.params}
