@@ -49,7 +49,7 @@ class Culprit(_Word):
 class CheckKind(_Word):
     """What a Check compares: a parameter's or a node's gradient, a published value
     (`expect=`), autograd across devices, a stored baseline value, one output of a function
-    check, a custom-Function contract item."""
+    check, a custom-Function contract item, a forward-mode derivative (jvp.py)."""
 
     PARAM = "param"
     NODE = "node"
@@ -58,6 +58,7 @@ class CheckKind(_Word):
     BASELINE = "baseline"
     OUTPUT = "output"
     CONTRACT = "contract"
+    JVP = "jvp"
 
 
 OK, MISMATCH, NONDIFFERENTIABLE = Verdict.OK, Verdict.MISMATCH, Verdict.NONDIFFERENTIABLE
@@ -166,6 +167,10 @@ class Result:
     traceback: str | None = None
     # The loss and autograd gradients at the given point: what a baseline stores.
     reference: dict[str, Any] | None = None
+    # Which derivative was checked (1: the gradient; 2: the derivative of the gradient, …)
+    # and in which mode of AD ("rev": backward; "fwd": jvp).
+    order: int = 1
+    mode: str = "rev"
 
     @property
     def id(self) -> str:
@@ -191,6 +196,8 @@ class Result:
             "checks": [check.to_dict() for check in self.checks],
             "seconds": round(self.seconds, 6),
             "reference": self.reference,
+            "order": self.order,
+            "mode": self.mode,
         }
 
 

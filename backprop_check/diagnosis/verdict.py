@@ -67,9 +67,14 @@ def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tole
     result.checks = shown.checks
     result.points = len(outcomes)
     result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
-    result.hints = hints_for(shown, outcomes) if verdict == MISMATCH else []
-    result.message = describe(result, shown, len(failing), len(outcomes), tolerance)
+    result.hints = [*case.extra_hints(shown), *_said_of(case, hints_for(shown, outcomes))] if verdict == MISMATCH else []
+    result.message = describe(result, shown, len(failing), len(outcomes), tolerance, case.what)
     return result
+
+
+def _said_of(case: Case, hints: list[str]) -> list[str]:
+    """The hints in terms of what the case differentiates (at order 2: ∇loss·u, not loss)."""
+    return hints if case.what == "loss" else [hint.replace("dloss/d", f"d{case.what}/d") for hint in hints]
 
 
 def first_bad_node(checks: list[Check], culprit: str | None) -> str | None:
@@ -113,8 +118,9 @@ def where_it_slips(result: Result, shown: Outcome) -> str:
     )
 
 
-def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance: str) -> str:
-    """The result in one or two sentences: which source, which element, how far off."""
+def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance: str, what: str = "loss") -> str:
+    """The result in one or two sentences: which source, which element, how far off (the
+    gradient of `what`: the loss, or at order 2 ∇loss·u)."""
     if result.verdict == OK:
         worst = max(shown.checks, key=lambda c: c.ratio, default=None)
         return "" if worst is None else f"all agree; closest call {worst.label} at {worst.ratio:.2g}× its tolerance ({tolerance})"
@@ -139,7 +145,7 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         who = "the published value (expect=) is the odd one out: the three sources agree with each other"
     else:
         who = "the sources disagree and no single one is the odd one out"
-    if check.kind in ("expect", "device"):
+    if check.kind in ("expect", "device", "jvp"):
         text = f"{check.note}"
     elif check.index is None:
         text = f"{check.name}: {check.note}"
@@ -150,7 +156,7 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         if check.autograd is not None:  # None for a numpy case
             values.append(f"autograd {check.autograd:.8g}")
         text = (
-            f"dloss/d{check.label}: {', '.join(values)}; error {check.abs_err:.3g} "
+            f"d{what}/d{check.label}: {', '.join(values)}; error {check.abs_err:.3g} "
             f"(rel {check.rel_err:.3g}), {check.ratio:.3g}× the tolerance {check.allowed:.3g} ({tolerance}"
             + (f", + {check.rounding:.2g} for {result.dtype} rounding at this point)" if check.rounding else ")")
         )
@@ -163,6 +169,7 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
 
 
 def result_for(case: Case, device: str, dtype: str, verdict: str, **fields) -> Result:  # noqa: ANN003
+    fields.setdefault("order", case.level)
     return Result(case=case.name, device=device, dtype=dtype, verdict=verdict, file=case.file, line=case.line, **fields)
 
 

@@ -10,6 +10,8 @@ import torch
 
 from backprop_check.model.arrays import NUMPY_NOTE, NUMPY_ON_CPU
 from backprop_check.model.case import Case
+from backprop_check.model.orders import orders
+from backprop_check.engine.jvp import check_forward_mode
 from backprop_check.engine.compare import compare, disputed, failing_directions
 from backprop_check.records import Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
@@ -77,7 +79,12 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         report.results.extend(load_error(failure) for failure in failures)
         for case in cases:
             if plan.select is None or matches(plan.select, case.name):
-                report.results.extend(check_case(case, plan))
+                for checked in orders(case, plan.seed):
+                    broken = checked.problem() is not None
+                    if broken or "rev" in checked.modes:
+                        report.results.extend(check_case(checked, plan))
+                    if not broken and "fwd" in checked.modes:
+                        report.results.extend(check_forward_mode(checked, plan))
     except KeyboardInterrupt:
         report.partial = True
         report.seconds = time.perf_counter() - started

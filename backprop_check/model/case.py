@@ -44,14 +44,55 @@ class Case:
     manual_fn: Callable[..., Mapping[str, Any]] | None = None
     file: str | None = None
     line: int | None = None
+    # order=2 also checks the derivative of the gradient (orders.py); modes= adds forward mode
+    # ("fwd": jvp against directional finite differences, jvp.py) to reverse mode ("rev").
+    order: int = 1
+    modes: tuple[str, ...] = ("rev",)
+    hvp_fn: Callable[..., Mapping[str, Any]] | None = None
+    # What the checked gradients differentiate, for messages ("dloss/dw"); the derivative of
+    # order 2 says "d(∇loss·u)/dw".
+    what: str = "loss"
+    # Whether finite differences may batch the forward with torch.func.vmap.
+    batchable: bool = True
 
     def manual(self, fn: Callable[..., Mapping[str, Any]]) -> Callable[..., Mapping[str, Any]]:
         """Register `fn` as the hand-derived gradient: same arguments, returns name → gradient."""
         self.manual_fn = fn
         return fn
 
+    def hvp(self, fn: Callable[..., Mapping[str, Any]]) -> Callable[..., Mapping[str, Any]]:
+        """Register `fn(u, **values)`, a hand-written Hessian-vector product returning name →
+        (H·u) for that parameter, where `u` maps every parameter to a direction of its shape:
+        the third source of the check of order 2 (needs `order=2`)."""
+        self.hvp_fn = fn
+        return fn
+
     def __call__(self, **kwargs: Any) -> Any:
         return self.forward(**kwargs)
+
+    @property
+    def level(self) -> int:
+        """The order of the derivative this case checks: 1, the gradient (orders.py: more)."""
+        return 1
+
+    def extra_hints(self, outcome: Any) -> list[str]:
+        """Hints that this kind of case knows for a mismatch (the derivative of order 2 knows
+        the detached backward); a plain case has none."""
+        return []
+
+    def cotangent_names(self) -> tuple[str, ...]:
+        """The data through which the loss is linear (a function check's cotangents): the
+        check of the next order differentiates them too."""
+        return ()
+
+    def outputs(self, params: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[Any, ...]:
+        """What forward mode differentiates: the loss (a function check: fn's outputs)."""
+        from backprop_check.loading.forward import call_forward
+
+        return (call_forward(self, params, data)[0],)
+
+    def output_names(self) -> tuple[str, ...]:
+        return (self.what,)
 
     def extra_checks(
         self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Allowed
@@ -70,6 +111,11 @@ class Case:
 
     def problem(self) -> str | None:
         """Why this case cannot be checked, or None when it is well formed."""
+        from backprop_check.model.orders import requested
+
+        wrong = requested(self)
+        if wrong:
+            return wrong
         if self.module is None and not self.params:
             return "the case has no parameters to differentiate (params= is empty)"
         if self.numpy:
@@ -139,6 +185,8 @@ def case(
     name: str | None = None,
     module: Callable[[], Any] | None = None,
     numpy: bool = False,
+    order: int = 1,
+    modes: tuple[str, ...] = ("rev",),
 ) -> Any:
     """Turn a forward function into a `Case`.
 
@@ -150,7 +198,10 @@ def case(
     named parameters become the case's parameters and which the forward receives as `model`;
     `numpy=True` hands the forward and the manual gradient numpy arrays in the run's dtype (the
     forward returns the loss as a number) and checks the manual gradient against finite
-    differences on the CPU, autograd not applying to numpy code.
+    differences on the CPU, autograd not applying to numpy code. `order=2` also checks the
+    derivative of the gradient (Hessian-vector products: autograd's double backward, and a
+    hand-written `.hvp` if given), `order=N` up to the N-th derivative; `modes=("rev", "fwd")`
+    also checks forward-mode AD (jvp) against directional finite differences.
     """
 
     def build(forward: Callable[..., Any]) -> Case:
@@ -166,6 +217,8 @@ def case(
             atol=atol,
             module=module,
             numpy=bool(numpy),
+            order=order,
+            modes=as_modes(modes),
             file=code.co_filename if code else None,
             line=code.co_firstlineno if code else None,
         )
@@ -175,6 +228,14 @@ def case(
     if fn is not None:
         return build(fn)
     return build
+
+
+def as_modes(modes: Any) -> Any:
+    """`modes=` as a tuple: "fwd" alone reads as ("fwd",); anything else is kept for the
+    check to reject with one line."""
+    if isinstance(modes, str):
+        return (modes,)
+    return tuple(modes) if isinstance(modes, (tuple, list)) else modes
 
 
 def register(new: Case) -> None:

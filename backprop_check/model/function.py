@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from backprop_check.diagnosis import contract
-from backprop_check.model.case import Case, register
+from backprop_check.model.case import Case, as_modes, register
 from backprop_check.records import Check, MISMATCH
 from backprop_check.errors import CaseError, line_in, one_line
 from backprop_check.loading.points import Point, generator
@@ -63,10 +63,13 @@ class FunctionCase(Case):
         sample: Callable[[Any], Mapping[str, Any]] | None = None,
         contract: Iterable[str] = contract.ITEMS,
         nondet_tol: float = 0.0,
+        order: int = 1,
+        modes: Sequence[str] = ("rev",),
     ) -> None:
         file, line = _where(fn)
         super().__init__(
-            name=name or _name(fn), forward=self._forward, rtol=rtol, atol=atol, sample=sample, file=file, line=line
+            name=name or _name(fn), forward=self._forward, rtol=rtol, atol=atol, sample=sample, file=file, line=line,
+            order=order, modes=as_modes(modes),
         )
         self.fn = fn
         self.label = _label(fn)
@@ -274,6 +277,17 @@ class FunctionCase(Case):
             gradients[name] = value
         return gradients
 
+    def cotangent_names(self) -> tuple[str, ...]:
+        return tuple(self.cotangents.values())
+
+    def outputs(self, params: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """fn's floating outputs (what its jvp gives tangents of)."""
+        outputs = self._call({**params, **data})
+        return tuple(outputs[k] for k in self.cotangents if k < len(outputs))
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(f"output {k}" for k in self.cotangents)
+
     def for_output(self, k: int) -> FunctionCase:
         """This case with only output `k`'s cotangent: its loss is ⟨v_k, output_k⟩."""
         one = copy.copy(self)
@@ -472,10 +486,10 @@ def _name(fn: Callable[..., Any]) -> str:
 
 
 def _where(fn: Callable[..., Any]) -> tuple[str | None, int | None]:
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        return code.co_filename, code.co_firstlineno
     owner = getattr(fn, "__self__", None)
+    code = getattr(fn, "__code__", None)
+    if code is not None and not inspect.isclass(owner):  # `MyFunction.apply` is torch's code
+        return code.co_filename, code.co_firstlineno
     try:
         target = owner if inspect.isclass(owner) else fn
         return inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
@@ -502,6 +516,8 @@ def function_case(
     sample: Callable[[Any], Mapping[str, Any]] | None = None,
     contract: Iterable[str] = contract.ITEMS,
     nondet_tol: float = 0.0,
+    order: int = 1,
+    modes: Sequence[str] = ("rev",),
 ) -> Any:
     """Turn a function returning tensors into a function check, in a case file like `@case`.
 
@@ -514,7 +530,7 @@ def function_case(
     def build(f: Callable[..., Any]) -> FunctionCase:
         new = FunctionCase(
             f, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-            contract=contract, nondet_tol=nondet_tol,
+            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
         )
         register(new)
         return new
@@ -527,6 +543,8 @@ def check(
     inputs: Inputs,
     *,
     manual: Callable[..., Any] | None = None,
+    order: int = 1,
+    modes: Sequence[str] = ("rev",),
     devices: Sequence[str] | None = None,
     dtypes: Sequence[str] | None = None,
     points: int | None = None,
@@ -543,7 +561,11 @@ def check(
 ) -> Report:
     """Check `fn(*inputs)`: autograd (and `manual`, a hand-written VJP `manual(grad_outputs,
     *inputs)`) against float64 finite differences of ⟨v, fn⟩ for random cotangents v, at the
-    given inputs and at `points` random ones, plus the custom-Function contract.
+    given inputs and at `points` random ones, plus the custom-Function contract. `order=2`
+    also checks the derivative of the gradient (double backward, as `gradgradcheck`: with
+    respect to the inputs and to grad_output), `order=N` up to the N-th; `modes=("fwd",)`
+    checks forward-mode AD (jvp, a custom Function's `jvp`) instead of the backward, both
+    with `("rev", "fwd")`.
 
     `inputs` is a tensor or a tuple (a dict names them); the floating inputs that require grad
     are differentiated (all floating inputs when none does, or those `wrt` names); other inputs
@@ -554,7 +576,7 @@ def check(
     """
     checked = FunctionCase(
         fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-        contract=contract, nondet_tol=nondet_tol,
+        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
     )
     return run(
         checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full

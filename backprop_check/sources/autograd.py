@@ -24,7 +24,8 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
             try:
                 grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
             except RuntimeError as exc:
-                raise CaseError(f"autograd failed: {one_line(exc)}") from exc
+                failure = getattr(case, "describe_failure", None)
+                raise CaseError(failure(exc) if failure else f"autograd failed: {one_line(exc)}") from exc
     values = {
         name: (g if g is not None else torch.zeros_like(t)).detach()
         for (name, t), g in zip(inputs.items(), grads)

@@ -159,6 +159,8 @@ class FiniteDifferences:
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
+        if not case.numpy and not case.batchable:  # e.g. autograd inside the forward (orders.py)
+            self.batched.vmap_works = False
 
     def estimate(
         self,
@@ -248,7 +250,7 @@ def _along(
     return torch.cat(columns, dim=1)
 
 
-def _line_estimates(f: torch.Tensor, h: float, f0: float) -> dict[str, torch.Tensor]:
+def _line_estimates(f: torch.Tensor, h: float, f0: float | torch.Tensor) -> dict[str, torch.Tensor]:
     """The derivative at 0 from the values at ±h, ±h/2, ±h/4 (rows of `f`, LINE_OFFSETS order):
     central differences D(h), D(h/2), D(h/4), Richardson R1, R2 (error O(h⁴)), then once more
     (O(h⁶)). The error bar is |R2 − R1|/15, the size of the last correction, plus rounding (the
@@ -260,7 +262,7 @@ def _line_estimates(f: torch.Tensor, h: float, f0: float) -> dict[str, torch.Ten
     d4 = (f_quarter - m_quarter) / (h / 2)
     r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
     value = r2 + (r2 - r1) / 15
-    level = torch.maximum(f.abs().amax(dim=0), torch.full_like(value, abs(f0)))
+    level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=value.dtype).abs().expand_as(value))
     error = (r2 - r1).abs() / 15 + 8 * FORWARD_ROUNDING * level / h
     four = _estimates(torch.stack([f_h, f_half, m_half, m_h]), torch.full_like(value, h), f0)
     error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
@@ -373,13 +375,14 @@ def evaluate(
     return f
 
 
-def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float) -> dict[str, torch.Tensor]:
-    """Value, error bar, one-sided derivatives and kink flag from the four values per column."""
+def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Value, error bar, one-sided derivatives and kink flag from the four values per column
+    (`f0`: the value at the point, one for every column or one per column)."""
     f_pp, f_p, f_m, f_mm = f
     d_h = (f_pp - f_mm) / (2 * h)
     d_half = (f_p - f_m) / h
     value = (4 * d_half - d_h) / 3
-    level = torch.maximum(f.abs().amax(dim=0), torch.full_like(h, abs(f0)))
+    level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=h.dtype).abs().expand_as(h))
     rounding = FORWARD_ROUNDING * level / h
     error = (d_h - d_half).abs() / 3 + 3 * rounding
     forward_h, forward_half = (f_pp - f0) / h, (f_p - f0) / (h / 2)

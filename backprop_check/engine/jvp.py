@@ -1,0 +1,389 @@
+"""Forward mode (`modes=("fwd",)`): forward-mode AD against directional finite differences.
+
+For a direction u over the differentiated inputs, forward-mode AD (`torch.autograd.forward_ad`,
+which runs a custom Function's `jvp`) gives J·u for every output in one pass; float64 finite
+differences of the outputs along u give it too, with an error bar per output element (two
+rounds of Richardson at the best of three steps, as the directions of reverse mode). Small
+inputs (at most `ELEMENTWISE` elements in all) are checked along every basis direction, which
+names the input element (∂output[i]/∂x[j]); larger ones along `DIRECTIONS` random directions,
+and a direction that disagrees is bisected down to the input elements behind it.
+
+The referee is the float64 difference. Below float64, the jvp's float64 twin (the same code at
+the same rounded point) is held to float64's tolerance and the run dtype's jvp to its twin by the
+dtype's rounding, as in reverse mode. A jvp that disagrees is a mismatch with culprit autograd
+in a result of mode "fwd". For the derivative of order 2 (orders.py), the outputs are the
+gradient itself, so this is forward over reverse.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from backprop_check.diagnosis.verdict import error_result, outcome_of, result_for, summarize
+from backprop_check.engine.limits import time_limit
+from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
+from backprop_check.errors import CaseError, CaseTimeout, one_line
+from backprop_check.loading.guards import numbers_among_integers
+from backprop_check.loading.points import Point, derive_seed, generator, given_point, random_point
+from backprop_check.model.case import Case
+from backprop_check.options import Plan, devices_for
+from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict
+from backprop_check.sources.numerical import LINE_OFFSETS, REFINE_STEPS, _better, _line_estimates, steps_for
+
+ELEMENTWISE = 30  # inputs with at most this many elements in all: every basis direction
+DIRECTIONS = 4  # random directions otherwise
+LEAF = 8  # a bisection stops at this many input elements
+MODE = "fwd"
+
+
+@dataclass(frozen=True)
+class Tangent:
+    """A direction over the differentiated inputs, and how to name it: `element` is
+    (input, flat index) for a basis direction, whose derivative is divided by its `step`."""
+
+    vectors: dict[str, torch.Tensor]
+    element: tuple[str, int] | None = None
+    step: float = 1.0
+
+    def label(self, shapes: Mapping[str, tuple[int, ...]]) -> str:
+        if self.element is None:
+            return "along a random direction u"
+        name, flat = self.element
+        index = _unflat(flat, shapes[name])
+        return f"∂/∂{name}[{', '.join(map(str, index))}]" if index else f"∂/∂{name}"
+
+
+def check_forward_mode(case: Case, plan: Plan) -> list[Result]:
+    """Every device × dtype result of forward mode for one case."""
+    started = time.perf_counter()
+    combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
+    results: list[Result] = []
+    with time_limit(plan.timeout):
+        try:
+            points, notes = _points(case, plan)
+            for device, dtype_name in combinations:
+                from backprop_check.engine.runner import device_unavailable
+
+                unavailable = device_unavailable(device)
+                if unavailable:
+                    results.append(_named(result_for(case, device, dtype_name, Verdict.SKIPPED, message=unavailable), case))
+                    continue
+                result = _combination(case, points, device, dtype_name, plan)
+                result.notes.extend(notes)
+                results.append(_named(result, case))
+        except CaseError as exc:
+            results.extend(
+                _named(error_result(case, d, t, str(exc), exc), case) for d, t in combinations[len(results) :]
+            )
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
+            reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
+            results.extend(_named(error_result(case, d, t, reason, exc), case) for d, t in combinations[len(results) :])
+    for result in results:
+        result.seconds = (time.perf_counter() - started) / max(1, len(results))
+    return results
+
+
+def _named(result: Result, case: Case) -> Result:
+    """The result as forward mode's: `f (fwd)`, `f (order 2, fwd)`."""
+    root = getattr(case, "root", case)
+    name = f"{root.name} (order {case.level}, fwd)" if case.level > 1 else f"{case.name} (fwd)"
+    result.case, result.mode = name, MODE
+    if result.verdict == Verdict.ERROR:
+        result.message = result.message.replace(f": {case.name}: ", f": {name}: ", 1)
+    return result
+
+
+def _points(case: Case, plan: Plan) -> tuple[list[Point], list[str]]:
+    given = given_point(case, plan.seed)
+    given, notes = numbers_among_integers(case, given)
+    points = [given]
+    for index in range(1, plan.points + 1):
+        try:
+            points.append(random_point(case, given, index, plan.seed))
+        except CaseError as exc:
+            raise exc.at(f"random point {index}") from exc
+    return points, list(notes)
+
+
+def _combination(case: Case, points: list[Point], device: str, dtype_name: str, plan: Plan) -> Result:
+    dtype = getattr(torch, dtype_name)
+    tol = tolerance_for(dtype, case.rtol, case.atol)
+    outcomes: list[Outcome] = []
+    point = points[0]
+    try:
+        for k, point in enumerate(points, 1):
+            if plan.progress:
+                plan.progress(f"{case.name} (fwd)", device, dtype_name, k, len(points))
+            outcomes.append(outcome_of(point, check_point(case, point, device, dtype, tol, plan.seed)))
+    except CaseTimeout:
+        raise
+    except CaseError as exc:
+        return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc)
+    result = summarize(case, device, dtype_name, outcomes, tol.describe())
+    result.mode = MODE
+    return result
+
+
+def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: Tolerance, seed: int = 0) -> list[Check]:
+    """One check per output at `point`: the worst disagreement over every direction."""
+    rounded = point.rounded(dtype)
+    shapes = {k: tuple(v.shape) for k, v in point.params.items()}
+    tangents = _tangents(rounded, seed)
+    judge = _Judge(case, point, device, dtype, tol)
+    names = case.output_names()
+    found: list[_Finding] = []
+    for tangent in tangents:
+        found.extend(judge(tangent))
+    if any(f.bad for f in found):  # name the input elements behind a wrong random direction
+        for finding in [f for f in found if f.bad and f.tangent.element is None][:1]:
+            found.extend(judge.bisect(finding))
+    checks = []
+    for k, name in enumerate(names):
+        mine = [f for f in found if f.output == k]
+        if mine:
+            checks.append(_check(name, mine, shapes, dtype, tol))
+    return checks
+
+
+def _tangents(point: Point, seed: int) -> list[Tangent]:
+    """Every basis direction for small inputs, else random-sign directions, the elements'
+    steps (a power of two near 1e-4·max(1, |θ|)) as their lengths."""
+    steps = {k: steps_for(v.reshape(-1)) for k, v in point.params.items()}
+    total = sum(s.numel() for s in steps.values())
+    if total <= ELEMENTWISE:
+        tangents = []
+        for name, step in steps.items():
+            for j in range(step.numel()):
+                vectors = {k: torch.zeros_like(v) for k, v in point.params.items()}
+                vectors[name].view(-1)[j] = step[j]
+                tangents.append(Tangent(vectors, (name, j), float(step[j])))
+        return tangents
+    gen = generator(derive_seed(seed, point.label, "jvp"))
+    tangents = []
+    for _ in range(DIRECTIONS):
+        vectors = {}
+        for name, step in steps.items():
+            signs = torch.randint(0, 2, step.shape, generator=gen, dtype=torch.float64) * 2 - 1
+            vectors[name] = (signs * step).reshape(point.params[name].shape)
+        tangents.append(Tangent(vectors))
+    return tangents
+
+
+@dataclass
+class _Finding:
+    """One output along one tangent: the sources and how far apart they are, per element."""
+
+    output: int
+    tangent: Tangent
+    fwd: torch.Tensor  # the run dtype's jvp (a float64 copy)
+    twin: torch.Tensor  # the same jvp in float64 at the same point (fwd itself in float64)
+    numerical: torch.Tensor
+    error: torch.Tensor
+    allowed: torch.Tensor  # for the twin against the numerical referee
+    ratio: torch.Tensor
+    kink: torch.Tensor
+    shape: tuple[int, ...]
+    # Below float64: how far the run dtype's jvp is from its twin, against the dtype's rounding.
+    run_ratio: torch.Tensor | None = None
+    rounding: torch.Tensor | None = None
+
+    @property
+    def worst(self) -> torch.Tensor:
+        return self.ratio if self.run_ratio is None else torch.maximum(self.ratio, self.run_ratio)
+
+    @property
+    def bad(self) -> int:
+        return int((self.worst > 1).sum())
+
+
+class _Judge:
+    """Forward-mode AD and finite differences along tangents, at one point in one dtype."""
+
+    def __init__(self, case: Case, point: Point, device: str, dtype: torch.dtype, tol: Tolerance) -> None:
+        self.case, self.device, self.dtype, self.tol = case, device, dtype, tol
+        self.run = point.cast(dtype, device)
+        self.exact = point.rounded(dtype)  # where the run is, in float64, on the CPU
+        with torch.no_grad():
+            base = _outputs(case, self.exact.params, self.exact.data)
+        self.f0 = [o.reshape(-1) for o in base]
+        self.shapes = [tuple(o.shape) for o in base]
+
+    def __call__(self, tangent: Tangent) -> list[_Finding]:
+        fwd = jvp(self.case, self.run.params, self.run.data, tangent.vectors)
+        twin = fwd if self.dtype == torch.float64 else jvp(self.case, self.exact.params, self.exact.data, tangent.vectors)
+        estimates = self.along(tangent)
+        found = []
+        for k, (f, t, est) in enumerate(zip(fwd, twin, estimates)):
+            found.append(self._judged(k, tangent, f, t, est))
+        return found
+
+    def along(self, tangent: Tangent) -> list[dict[str, torch.Tensor]]:
+        """Per output, the float64 derivative along `tangent` (in its units), with error bars."""
+        best: list[dict[str, torch.Tensor]] | None = None
+        for multiplier in REFINE_STEPS:
+            rows = []
+            with torch.no_grad():
+                for t in LINE_OFFSETS:
+                    moved = {k: v + t * multiplier * tangent.vectors[k] for k, v in self.exact.params.items()}
+                    rows.append([o.detach().reshape(-1).to(torch.float64) for o in _outputs(self.case, moved, self.exact.data)])
+            estimates = [
+                _line_estimates(torch.stack([row[k] for row in rows]), multiplier, self.f0[k]) for k in range(len(self.f0))
+            ]
+            best = estimates if best is None else [_better(b, e) for b, e in zip(best, estimates)]
+        assert best is not None
+        return best
+
+    def _judged(self, k: int, tangent: Tangent, fwd: torch.Tensor, twin: torch.Tensor, est: dict[str, torch.Tensor]) -> _Finding:
+        fwd, twin = fwd.reshape(-1).double().cpu(), twin.reshape(-1).double().cpu()
+        n, e = est["value"], est["error"]
+        exact = self.tol.twin or self.tol
+        largest = float(n.abs().nan_to_num(0.0).max()) if n.numel() else 0.0
+        allowed = ERROR_BARS * e + exact.rtol * n.abs() + exact.atol * largest + exact.floor(largest) + exact.absolute
+        kink = est["kink"]
+        low, high = torch.minimum(est["left"], est["right"]), torch.maximum(est["left"], est["right"])
+        off = torch.where(kink, (low - twin).clamp(min=0) + (twin - high).clamp(min=0), (twin - n).abs())
+        ratio = off / allowed.clamp(min=1e-300)
+        finding = _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k])
+        if self.dtype != torch.float64:  # the run dtype's jvp against its own float64 twin
+            scale = float(twin.abs().max()) if twin.numel() else 0.0
+            rounding = (
+                2 * self.tol.rtol * torch.maximum(fwd.abs(), twin.abs())
+                + self.tol.atol * scale + self.tol.floor(scale) + self.tol.absolute
+            )
+            finding.rounding = rounding
+            finding.run_ratio = (fwd - twin).abs() / rounding.clamp(min=1e-300)
+        finite = torch.isfinite(n)  # no estimate, no verdict
+        finding.ratio = torch.where(finite, finding.ratio, torch.zeros_like(ratio))
+        return finding
+
+    def bisect(self, finding: _Finding) -> list[_Finding]:
+        """The input elements behind a random direction that disagrees: halve its support while
+        a half still disagrees at the same output, down to LEAF elements, then every basis
+        direction there."""
+        support = [(k, j) for k, v in finding.tangent.vectors.items() for j in torch.nonzero(v.reshape(-1)).flatten().tolist()]
+        while len(support) > LEAF:
+            half = support[: len(support) // 2]
+            first = self._restricted(finding.tangent, half)
+            if self(first)[finding.output].bad:
+                support = half
+            else:
+                support = support[len(support) // 2 :]
+        found = []
+        for name, j in support:
+            step = float(finding.tangent.vectors[name].reshape(-1)[j])
+            vectors = {k: torch.zeros_like(v) for k, v in finding.tangent.vectors.items()}
+            vectors[name].view(-1)[j] = abs(step)
+            found.extend(self(Tangent(vectors, (name, j), abs(step))))
+        return found
+
+    @staticmethod
+    def _restricted(tangent: Tangent, support: list[tuple[str, int]]) -> Tangent:
+        vectors = {k: torch.zeros_like(v) for k, v in tangent.vectors.items()}
+        for name, j in support:
+            vectors[name].view(-1)[j] = tangent.vectors[name].reshape(-1)[j]
+        return Tangent(vectors)
+
+
+def _outputs(case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    outputs = case.outputs(params, data)
+    return tuple(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o) for o in outputs)
+
+
+def jvp(
+    case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor], vectors: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """J·u for every output of `case` by forward-mode AD (a custom Function's `jvp`)."""
+    with fwAD.dual_level(), torch.enable_grad():
+        duals = {}
+        for name, value in params.items():
+            tangent = vectors[name].to(device=value.device, dtype=value.dtype)
+            # requires_grad: the derivative of order 2 differentiates inside (forward over reverse)
+            duals[name] = fwAD.make_dual(value.detach().requires_grad_(True), tangent)
+        try:
+            outputs = case.outputs(duals, data)
+        except CaseError as exc:
+            raise CaseError(f"forward mode: {exc}") from exc.__cause__
+        except RuntimeError as exc:
+            raise CaseError(f"forward-mode AD failed: {one_line(exc)}") from exc
+        tangents = []
+        for output in outputs:
+            tangent = fwAD.unpack_dual(output).tangent
+            tangents.append(torch.zeros_like(output) if tangent is None else tangent)
+        return tuple(t.detach() for t in tangents)
+
+
+def _check(name: str, found: list[_Finding], shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, tol: Tolerance) -> Check:
+    """One output's check: its worst element over every direction, said in the terms of the
+    comparison it fails (the float64 jvp against the referee, or the run dtype's jvp against
+    its float64 twin)."""
+    worst = max(found, key=lambda f: float(f.worst.max()) if f.worst.numel() else 0.0)
+    i = int(worst.worst.argmax()) if worst.worst.numel() else 0
+    ratio = float(worst.worst[i]) if worst.worst.numel() else 0.0
+    bad = sum(f.bad for f in found)
+    kinks = sum(int(f.kink.sum()) for f in found)
+    size = sum(int(f.worst.numel()) for f in found)
+    unit = worst.tangent.step
+    f, t = float(worst.fwd[i]) / unit, float(worst.twin[i]) / unit
+    n, e = float(worst.numerical[i]) / unit, float(worst.error[i]) / unit
+    index = _unflat(i, worst.shape)
+    where = f"{name}[{', '.join(map(str, index))}]" if index else name
+    along = worst.tangent.label(shapes)
+    dtype_name = str(dtype).removeprefix("torch.")
+    exact = tol.twin or tol
+    if worst.run_ratio is not None and float(worst.run_ratio[i]) > float(worst.ratio[i]):
+        allowed, reference = float(worst.rounding[i]) / unit, t  # type: ignore[index]
+        compared = f"autograd (fwd) in {dtype_name} against its float64 twin"
+        text = (
+            f"autograd (fwd) {f:.8g} in {dtype_name}, {t:.8g} in float64 (numerical {n:.8g} ± {e:.2g}); the "
+            f"{dtype_name} jvp is off by {abs(f - t):.3g}, {ratio:.3g}× the tolerance {allowed:.3g} ({tol.describe()})"
+        )
+    else:
+        allowed, reference = float(worst.allowed[i]) / unit, n
+        compared = "autograd (fwd) against numerical"
+        shown = f"autograd (fwd) {t:.8g}" + (f" (in {dtype_name}: {f:.8g})" if dtype != torch.float64 else "")
+        text = (
+            f"numerical {n:.8g} ± {e:.2g}, {shown}; error {abs(t - n):.3g}, {ratio:.3g}× the tolerance "
+            f"{allowed:.3g} ({exact.describe()}{', the float64 twin judged by float64' if dtype != torch.float64 else ''})"
+        )
+    verdict = Verdict.MISMATCH if bad else (Verdict.NONDIFFERENTIABLE if kinks else Verdict.OK)
+    directions = len({id(g.tangent) for g in found})
+    note = f"forward mode (jvp) {along} of {where}: {text}"
+    if bad > 1:
+        note += f"; {bad} of {size} derivatives disagree ({directions} directions × the output's elements)"
+    error = abs((f if reference == t and dtype != torch.float64 else t) - reference)
+    return Check(
+        name=f"jvp {name}",
+        kind=CheckKind.JVP,
+        shape=worst.shape,
+        verdict=verdict,
+        culprit=Culprit.AUTOGRAD if bad else None,
+        index=index,
+        numerical=n,
+        autograd=f,
+        error_bar=e,
+        abs_err=error,
+        rel_err=error / abs(reference) if reference else (math.inf if error else 0.0),
+        allowed=allowed,
+        ratio=ratio,
+        bad=bad,
+        kinks=kinks,
+        size=size,
+        note=note,
+        compared=compared,
+        # every output element, estimated numerically along each of the directions
+        coverage={"elements": int(worst.worst.numel()), "numerical": int(worst.worst.numel()), "directions": directions},
+        reference=t if dtype != torch.float64 else None,
+    )
+
+
+def _unflat(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return tuple(reversed(index))

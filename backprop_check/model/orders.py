@@ -1,0 +1,226 @@
+"""Second and higher order: the derivative of the gradient, checked as a first-order check.
+
+For a case whose loss is L(θ), the case of the next order has the loss
+
+    L'(θ, v) = Σ_p ⟨u_p, ∂L/∂p⟩
+
+for random cotangents u_p, one per parameter p of L (data, redrawn at every point). Its
+gradient with respect to θ is the Hessian-vector product H·u. Autograd computes it by
+differentiating its own backward (double backward: a custom Function's backward is itself
+differentiated); the numerical referee by float64 finite differences of autograd's first-order
+gradient, which order 1 has just checked. In a function check L = ⟨v, fn⟩ is linear in its
+cotangents v, and v is differentiated too: ∂L'/∂v = J·u, the backward's derivative with respect
+to its grad_output (what `gradgradcheck` also checks).
+
+So every first-order tool applies unchanged to the next order: error bars, float32 judged by
+its float64 twin, sampling and directions for large tensors, element localisation, hints,
+every report format. `order=N` applies the construction N − 1 times. A hand-written
+Hessian-vector product (`@case.hvp`) is the third source at order 2.
+
+A backward that detaches a saved tensor (or runs under no_grad, or in numpy) is right to first
+order and wrong to the second: its double backward is zero, or it misses a term, and the check of
+order 2 says so with culprit autograd.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from backprop_check.errors import CaseError, one_line
+from backprop_check.loading.forward import call_forward, call_user
+from backprop_check.loading.points import given_point
+from backprop_check.model.case import Case
+
+MODES = ("rev", "fwd")
+MAX_ORDER = 4  # each order multiplies the cost; beyond this the check is not worth its time
+
+
+def requested(case: Case) -> str | None:
+    """Why `order=` / `modes=` of `case` cannot be run, or None."""
+    order, modes = case.order, case.modes
+    if isinstance(order, bool) or not isinstance(order, int):
+        return f"order= must be an integer from 1 to {MAX_ORDER}, got {order!r}"
+    if not 1 <= order <= MAX_ORDER:
+        return f"order={order}: the order must be from 1 (the gradient) to {MAX_ORDER}"
+    if not isinstance(modes, tuple) or not modes:
+        return f"modes= must be a non-empty tuple of {', '.join(map(repr, MODES))}, got {modes!r}"
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        return f"modes= names {unknown[0]!r}; choose from {', '.join(map(repr, MODES))} (reverse and forward mode)"
+    if case.numpy and (order > 1 or "fwd" in modes):
+        return (
+            "order= above 1 and forward mode need autograd, which does not apply to numpy code: a numpy=True "
+            "case is checked at first order in reverse mode"
+        )
+    if case.hvp_fn is not None and order < 2:
+        return "an .hvp (a hand-written Hessian-vector product) is checked at order 2: give order=2"
+    return None
+
+
+def orders(case: Case, seed: int) -> list[Case]:
+    """The case and its derivatives up to `case.order`: [order 1, order 2, …]. A case that
+    cannot be checked at order 1 gets no derivatives (its own result says why)."""
+    cases = [case]
+    if case.problem() is not None or case.order <= 1:
+        return cases
+    try:
+        given = given_point(case, seed)
+    except CaseError:
+        return cases
+    base, values = case, {**given.params, **given.data}
+    for level in range(2, case.order + 1):
+        base = Derivative(base, values, level)
+        values = base.given_values(seed)
+        cases.append(base)
+    return cases
+
+
+class Derivative(Case):
+    """The case of order `level` whose loss is ⟨u, ∇ loss of `base`⟩ (see the module docstring)."""
+
+    def __init__(self, base: Case, given: Mapping[str, torch.Tensor], level: int) -> None:
+        root = base.root if isinstance(base, Derivative) else base
+        super().__init__(
+            name=f"{root.name} (order {level})",
+            forward=self._forward,
+            sample=base.sample,
+            rtol=base.rtol,
+            atol=base.atol,
+            file=base.file,
+            line=base.line,
+            modes=base.modes,
+            order=level,
+        )
+        self.base, self.root, self._level = base, root, level
+        self.what = f"(∇{base.what}·u)"
+        self.batchable = False  # torch.autograd.grad inside the forward: vmap cannot batch it
+        self.of = tuple(_differentiated(base, given))  # the base's parameters: ∂L/∂p for these
+        linear = tuple(base.cotangent_names())  # the base's cotangents: L is linear in them
+        taken = set(given)
+        self.directions: dict[str, str] = {}  # base parameter → the datum holding its u
+        for p in self.of:
+            label = f"u_{p}"
+            while label in taken:
+                label += "_"
+            taken.add(label)
+            self.directions[p] = label
+        for name in (*self.of, *linear):
+            self.params[name] = given[name]
+        for name, value in given.items():
+            if name not in self.params:
+                self.data[name] = value
+        for p, label in self.directions.items():
+            self.data[label] = _Direction(tuple(given[p].shape))
+        if level == 2 and root.hvp_fn is not None:
+            self.manual_fn = self._hvp
+
+    @property
+    def level(self) -> int:
+        return self._level
+
+    def cotangent_names(self) -> tuple[str, ...]:
+        return tuple(self.directions.values())
+
+    def extra_hints(self, outcome: Any) -> list[str]:
+        """A double backward that is zero where finite differences are not: the classic
+        detached backward, right to first order and wrong from the second."""
+        wrong = [c for c in outcome.checks if c.verdict == "mismatch" and c.culprit == "autograd" and c.kind == "param"]
+        autograd = outcome.gradients.get("autograd")
+        if not wrong or autograd is None:
+            return []
+        below = f"order {self.level - 1}"
+        if all(float(autograd.values[c.name].abs().max()) == 0.0 for c in wrong):
+            return [
+                f"autograd's derivative of the {below} gradient is exactly zero here, finite differences are not: the "
+                "backward does not record a graph of its own (a saved tensor .detach()ed, torch.no_grad() or "
+                "numpy inside backward, or @once_differentiable), which is invisible to first order"
+            ]
+        return [
+            f"the {below} gradient is right (its check agrees) but autograd's derivative of it is not: the backward "
+            "is differentiated wrongly, typically a saved tensor used .detach()ed or a term computed outside autograd "
+            "inside backward, so double backward misses that term"
+        ]
+
+    def given_values(self, seed: int) -> dict[str, torch.Tensor]:
+        """The values at the given point of run `seed` (its directions drawn as there)."""
+        point = given_point(self, seed)
+        return {**point.params, **point.data}
+
+    def problem(self) -> str | None:
+        return self.base.problem() or super().problem()
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """Autograd could not differentiate the base's gradient: say which order and why."""
+        return f"autograd cannot differentiate the gradient of order {self.level - 1} ({self.base.name}): {one_line(exc)}"
+
+    def _split(self, values: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        directions = set(self.directions.values())
+        params = {p: values[p] for p in self.of}
+        data = {k: v for k, v in values.items() if k not in params and k not in directions}
+        return params, data
+
+    def gradient(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The base's first-order gradient by autograd, kept differentiable (create_graph):
+        None where the gradient does not depend on the parameters at all."""
+        params, data = self._split(values)
+        leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            loss, _ = call_forward(self.base, leaves, data)
+            if not loss.requires_grad:
+                return {k: None for k in leaves}
+            try:
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+            except RuntimeError as exc:
+                raise CaseError(f"autograd failed on the gradient of order {self.level - 1}: {one_line(exc)}") from exc
+        return dict(zip(leaves, grads))
+
+    def _forward(self, **values: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=values[self.of[0]].dtype, device=values[self.of[0]].device)
+        for p, g in self.gradient(values).items():
+            if g is not None:  # a gradient that no longer depends on θ contributes a constant
+                total = total + (values[self.directions[p]] * g).sum()
+        return total
+
+    def outputs(self, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """For forward mode (forward over reverse): the base's gradient itself, one output per
+        parameter of the base."""
+        values = {**params, **data}
+        grads = self.gradient(values)
+        return tuple(g if g is not None else torch.zeros_like(values[p]) for p, g in grads.items())
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(f"d{self.base.what}/d{p}" for p in self.of)
+
+    def _hvp(self, **values: torch.Tensor) -> Mapping[str, Any]:
+        params, data = self._split(values)
+        u = {p: values[label] for p, label in self.directions.items()}
+        returned = call_user(self.root, "the .hvp", self.root.hvp_fn, {"u": u, **params, **data})
+        if not isinstance(returned, Mapping):
+            raise CaseError(f"the .hvp must return a dict of parameter name → (H·u) for it, got {type(returned).__name__}")
+        return returned
+
+
+def _differentiated(base: Case, given: Mapping[str, torch.Tensor]) -> list[str]:
+    """The base's parameters, in order (a module case's come from its module)."""
+    if isinstance(base, Derivative):
+        return list(base.params)
+    names = list(base.params) if base.module is None else []
+    if not names:  # a module case: the given point holds the module's named parameters
+        data = set(base.data)
+        names = [k for k in given if k not in data]
+    return names
+
+
+class _Direction:
+    """A random direction u of a parameter's shape, drawn from the point's generator."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __call__(self, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.shape, generator=gen, dtype=torch.float64)
+
+
+Hvp = Callable[..., Mapping[str, Any]]
