@@ -22,6 +22,7 @@ _LAZY = {
     "check": "model.function",
     "function_case": "model.function",
     "gradcheck": "gate.dropin",
+    "gradgradcheck": "gate.dropin",
     "check_layer": "model.layers",
     "layer": "model.layers",
     "node": "model.nodes",
@@ -30,7 +31,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from backprop_check.assertions import assert_gradients
-    from backprop_check.gate.dropin import GradcheckError, gradcheck
+    from backprop_check.gate.dropin import GradcheckError, gradcheck, gradgradcheck
     from backprop_check.model.function import FunctionCase, check, function_case
     from backprop_check.model.layers import check_layer, layer
     from backprop_check.model.nodes import node
@@ -62,6 +63,7 @@ __all__ = [
     "check_layer",
     "function_case",
     "gradcheck",
+    "gradgradcheck",
     "layer",
     "node",
     "run",

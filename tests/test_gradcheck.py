@@ -73,12 +73,59 @@ def test_it_checks_the_inputs_own_dtype_only() -> None:
 
 def test_ignored_options_are_named_in_one_warning() -> None:
     with pytest.warns(UserWarning) as caught:
-        bc.gradcheck(torch.sin, (x64(3),), eps=1e-3, check_forward_ad=True)
+        bc.gradcheck(torch.sin, (x64(3),), eps=1e-3, check_batched_forward_grad=True)
     (warning,) = caught
     assert str(warning.message) == (
         "backprop_check.gradcheck ignores eps= (the step is chosen per element), "
-        "check_forward_ad= (forward-mode AD is not checked yet)"
+        "check_batched_forward_grad= (the vmap rule of a jvp is not checked)"
     )
+
+
+class _WrongJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return x.exp()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return grad * x.exp()
+
+    @staticmethod
+    def jvp(ctx, tangent):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return 1.01 * x.exp() * tangent
+
+
+def test_check_forward_ad_checks_the_functions_jvp() -> None:
+    assert bc.gradcheck(_WrongJvp.apply, (x64(3),))  # the backward alone is right
+    with pytest.raises(bc.GradcheckError, match=r"_WrongJvp \(fwd\).*forward mode \(jvp\)"):
+        bc.gradcheck(_WrongJvp.apply, (x64(3),), check_forward_ad=True)
+    assert not bc.gradcheck(_WrongJvp.apply, (x64(3),), check_forward_ad=True, check_backward_ad=False, raise_exception=False)
+    with pytest.raises(ValueError, match="nothing to check"):
+        bc.gradcheck(torch.sin, (x64(3),), check_forward_ad=False, check_backward_ad=False)
+
+
+def test_gradgradcheck_is_a_drop_in_that_catches_a_detached_backward() -> None:
+    class Detached(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return 2 * x.detach() * grad
+
+    assert bc.gradgradcheck(torch.tanh, (x64(4),))
+    assert bc.gradcheck(Detached.apply, (x64(4),))
+    with pytest.raises(bc.GradcheckError, match=r"Detached \(order 2\).*autograd is the odd one out"):
+        bc.gradgradcheck(Detached.apply, (x64(4),))
+    with pytest.warns(UserWarning, match="grad_outputs="):
+        assert bc.gradgradcheck(torch.tanh, (x64(4),), grad_outputs=(x64(4, seed=1),))
 
 
 def test_options_at_torchs_defaults_do_not_warn() -> None:

@@ -79,7 +79,7 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         report.results.extend(load_error(failure) for failure in failures)
         for case in cases:
             if plan.select is None or matches(plan.select, case.name):
-                for checked in orders(case, plan.seed):
+                for checked in orders(case, plan.seed, plan.full):
                     broken = checked.problem() is not None
                     if broken or "rev" in checked.modes:
                         report.results.extend(check_case(checked, plan))

@@ -1,8 +1,10 @@
-"""`gradcheck`: a drop-in for `torch.autograd.gradcheck`, so a test suite switches with one
+"""`gradcheck` and `gradgradcheck`: drop-ins for torch's, so a test suite switches with one
 import line:
 
     from backprop_check import gradcheck        # was: from torch.autograd import gradcheck
     assert gradcheck(MyFn.apply, (x, w))
+    assert gradcheck(MyFn.apply, (x, w), check_forward_ad=True)   # the Function's jvp too
+    assert gradgradcheck(MyFn.apply, (x, w))    # double backward (order 2)
 
 Like torch's, it checks the given inputs only, in their own dtype and on their device, and
 returns True when everything agrees. Unlike torch's, its reference has an error bar (so a
@@ -30,12 +32,20 @@ _torch_gradcheck = importlib.import_module("torch.autograd.gradcheck")  # the mo
 IGNORED = {
     "eps": "the step is chosen per element",
     "masked": "sparse and masked inputs are not supported",
-    "check_forward_ad": "forward-mode AD is not checked yet",
-    "check_batched_forward_grad": "forward-mode AD is not checked yet",
-    "check_backward_ad": "the backward is always checked",
+    "check_batched_forward_grad": "the vmap rule of a jvp is not checked",
+    "grad_outputs": "random cotangents are drawn instead, at every point",
+    "gen_non_contig_grad_outputs": "the contract's layout item checks non-contiguous inputs",
+    "check_fwd_over_rev": "forward over reverse is checked with modes=('fwd',) and order=2 in check()",
+    "check_rev_over_rev": "reverse over reverse is what gradgradcheck checks",
 }
 # What torch does when a keyword is not given, for the ones that only matter when switched on.
-IGNORED_DEFAULTS = {"check_forward_ad": False, "check_batched_forward_grad": False, "check_backward_ad": True}
+IGNORED_DEFAULTS = {
+    "check_batched_forward_grad": False,
+    "grad_outputs": None,
+    "gen_non_contig_grad_outputs": False,
+    "check_fwd_over_rev": False,
+    "check_rev_over_rev": True,
+}
 
 
 class GradcheckError(_torch_gradcheck.GradcheckError):
@@ -59,6 +69,8 @@ def gradcheck(
     check_undefined_grad: bool = True,
     check_grad_dtypes: bool = True,
     check_batched_grad: bool = False,
+    check_forward_ad: bool = False,
+    check_backward_ad: bool = True,
     fast_mode: bool = False,
     points: int = 0,
     dtypes: Any = None,
@@ -76,28 +88,102 @@ def gradcheck(
     torch's keywords: `atol`/`rtol` replace the harness's tolerance when given (its own is
     tighter and has an error bar: torch's 1e-5/1e-3 defaults are not used); `nondet_tol` is the
     spread two backward passes may have; `check_undefined_grad`, `check_batched_grad` switch
-    those contract checks; `check_grad_dtypes` is always on; `fast_mode=False` (torch's
-    default) checks every element, `True` the sampled default mode (random directional
-    derivatives, elementwise where they disagree). `eps`, `masked` and forward-mode options
-    are ignored, with one warning saying why. Beyond torch: `points` random points besides the
-    given inputs (default 0, as torch), `dtypes`/`devices` (default: the inputs' own), `seed`.
+    those contract checks; `check_grad_dtypes` is always on; `check_forward_ad=True` also
+    checks forward-mode AD (the Function's `jvp`) against directional finite differences, and
+    `check_backward_ad=False` leaves the backward out; `fast_mode=False` (torch's default)
+    checks every element, `True` the sampled default mode (random directional derivatives,
+    elementwise where they disagree). `eps`, `masked` and the other options are ignored, with
+    one warning saying why. Beyond torch: `points` random points besides the given inputs
+    (default 0, as torch), `dtypes`/`devices` (default: the inputs' own), `seed`.
     """
+    __tracebackhide__ = True
+    if not (check_forward_ad or check_backward_ad):
+        raise ValueError("gradcheck: check_forward_ad and check_backward_ad are both False: nothing to check")
+    modes = ("rev",) * check_backward_ad + ("fwd",) * check_forward_ad
+    return _checked(
+        "gradcheck", fn, inputs, torch_options, raise_exception=raise_exception, atol=atol, rtol=rtol,
+        nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad, check_batched_grad=check_batched_grad,
+        fast_mode=fast_mode, points=points, dtypes=dtypes, devices=devices, seed=seed, manual=manual,
+        timeout=timeout, order=1, modes=modes,
+    )
+
+
+def gradgradcheck(
+    fn: Callable[..., Any],
+    inputs: Inputs,
+    *,
+    raise_exception: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    nondet_tol: float = 0.0,
+    check_undefined_grad: bool = True,
+    check_grad_dtypes: bool = True,
+    check_batched_grad: bool = False,
+    fast_mode: bool = False,
+    points: int = 0,
+    dtypes: Any = None,
+    devices: Any = None,
+    seed: int = 0,
+    timeout: float | None = TIMEOUT,
+    **torch_options: Any,
+) -> bool:
+    """A drop-in for `torch.autograd.gradgradcheck`: the derivative of the gradient (autograd's
+    double backward, with respect to the inputs and to grad_output) against float64 finite
+    differences of the first-order gradient, plus the first-order check itself (a wrong
+    gradient fails here too, where torch's gradgradcheck would compare the wrong backward with
+    its own derivative). The keywords are `gradcheck`'s; `grad_outputs` is ignored (random
+    cotangents are drawn), with a warning.
+    """
+    __tracebackhide__ = True
+    del check_grad_dtypes  # grad_meta always checks dtypes (and device and shape)
+    return _checked(
+        "gradgradcheck", fn, inputs, torch_options, raise_exception=raise_exception, atol=atol, rtol=rtol,
+        nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad, check_batched_grad=check_batched_grad,
+        fast_mode=fast_mode, points=points, dtypes=dtypes, devices=devices, seed=seed, manual=None,
+        timeout=timeout, order=2, modes=("rev",),
+    )
+
+
+def _checked(
+    what: str,
+    fn: Callable[..., Any],
+    inputs: Inputs,
+    torch_options: dict[str, Any],
+    *,
+    raise_exception: bool,
+    atol: float | None,
+    rtol: float | None,
+    nondet_tol: float,
+    check_undefined_grad: bool,
+    check_batched_grad: bool,
+    fast_mode: bool,
+    points: int,
+    dtypes: Any,
+    devices: Any,
+    seed: int,
+    manual: Callable[..., Any] | None,
+    timeout: float | None,
+    order: int,
+    modes: tuple[str, ...],
+) -> bool:
+    """Run the check and answer as torch's checks do (see gradcheck)."""
     __tracebackhide__ = True
     unknown = sorted(set(torch_options) - set(IGNORED))
     if unknown:
-        raise TypeError(f"gradcheck() got an unexpected keyword argument {unknown[0]!r}")
+        raise TypeError(f"{what}() got an unexpected keyword argument {unknown[0]!r}")
     ignored = [
         f"{name}= ({IGNORED[name]})"
         for name, value in torch_options.items()
-        if name not in IGNORED_DEFAULTS or value != IGNORED_DEFAULTS[name]
+        if name not in IGNORED_DEFAULTS or value is not IGNORED_DEFAULTS[name] and value != IGNORED_DEFAULTS[name]
     ]
     if ignored:
-        warnings.warn(f"backprop_check.gradcheck ignores {', '.join(ignored)}", stacklevel=2)
+        warnings.warn(f"backprop_check.{what} ignores {', '.join(ignored)}", stacklevel=3)
     items = [item for item in contract.ITEMS if item != "vmap" or check_batched_grad]
     if not check_undefined_grad:
         items.remove("undefined_grad")
-    del check_grad_dtypes  # grad_meta always checks dtypes (and device and shape)
-    checked = FunctionCase(fn, inputs, manual=manual, rtol=rtol, atol=atol, contract=items, nondet_tol=nondet_tol)
+    checked = FunctionCase(
+        fn, inputs, manual=manual, rtol=rtol, atol=atol, contract=items, nondet_tol=nondet_tol, order=order, modes=modes
+    )
     report = run(
         checked,
         devices=devices or checked.devices,

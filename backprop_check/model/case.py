@@ -52,7 +52,7 @@ class Case:
     # What the checked gradients differentiate, for messages ("dloss/dw"); the derivative of
     # order 2 says "d(∇loss·u)/dw".
     what: str = "loss"
-    # Whether finite differences may batch the forward with torch.func.vmap.
+    # Whether finite differences may try to batch the forward with torch.func.vmap.
     batchable: bool = True
 
     def manual(self, fn: Callable[..., Mapping[str, Any]]) -> Callable[..., Mapping[str, Any]]:

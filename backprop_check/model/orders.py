@@ -59,9 +59,12 @@ def requested(case: Case) -> str | None:
     return None
 
 
-def orders(case: Case, seed: int) -> list[Case]:
+def orders(case: Case, seed: int, full: bool = False) -> list[Case]:
     """The case and its derivatives up to `case.order`: [order 1, order 2, …]. A case that
-    cannot be checked at order 1 gets no derivatives (its own result says why)."""
+    cannot be checked at order 1 gets no derivatives (its own result says why). `full`: the
+    derivatives' finite differences are batched with vmap (torch.func.grad inside, whose first
+    call costs seconds of imports: worth it for thousands of elements, not for the default
+    mode's few hundred evaluations)."""
     cases = [case]
     if case.problem() is not None or case.order <= 1:
         return cases
@@ -71,7 +74,7 @@ def orders(case: Case, seed: int) -> list[Case]:
         return cases
     base, values = case, {**given.params, **given.data}
     for level in range(2, case.order + 1):
-        base = Derivative(base, values, level)
+        base = Derivative(base, values, level, functional=full)
         values = base.given_values(seed)
         cases.append(base)
     return cases
@@ -80,7 +83,7 @@ def orders(case: Case, seed: int) -> list[Case]:
 class Derivative(Case):
     """The case of order `level` whose loss is ⟨u, ∇ loss of `base`⟩ (see the module docstring)."""
 
-    def __init__(self, base: Case, given: Mapping[str, torch.Tensor], level: int) -> None:
+    def __init__(self, base: Case, given: Mapping[str, torch.Tensor], level: int, functional: bool = False) -> None:
         root = base.root if isinstance(base, Derivative) else base
         super().__init__(
             name=f"{root.name} (order {level})",
@@ -95,7 +98,8 @@ class Derivative(Case):
         )
         self.base, self.root, self._level = base, root, level
         self.what = f"(∇{base.what}·u)"
-        self.batchable = False  # torch.autograd.grad inside the forward: vmap cannot batch it
+        self.functional = functional  # whether torch.func.grad takes the base's gradient
+        self.batchable = functional  # without it autograd.grad runs inside: vmap cannot batch that
         self.of = tuple(_differentiated(base, given))  # the base's parameters: ∂L/∂p for these
         linear = tuple(base.cotangent_names())  # the base's cotangents: L is linear in them
         taken = set(given)
@@ -162,9 +166,24 @@ class Derivative(Case):
         return params, data
 
     def gradient(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        """The base's first-order gradient by autograd, kept differentiable (create_graph):
+        """The base's first-order gradient by autograd: kept differentiable (create_graph)
+        where the caller differentiates it (autograd's double backward, forward over reverse),
+        by `torch.func.grad` where finite differences only need its value, which vmap can batch.
         None where the gradient does not depend on the parameters at all."""
         params, data = self._split(values)
+        if self.functional and not any(v.requires_grad for v in params.values()):
+            try:
+                with torch.enable_grad():
+                    return dict(torch.func.grad(lambda p: call_forward(self.base, p, data)[0])(params))
+            except CaseError:
+                raise
+            except Exception:  # noqa: BLE001 - e.g. a Function without setup_context: plain autograd below
+                grads = self._graph(params, data)  # raises inside vmap: the referee then loops
+                self.functional = self.batchable = False
+                return grads
+        return self._graph(params, data)
+
+    def _graph(self, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
             loss, _ = call_forward(self.base, leaves, data)

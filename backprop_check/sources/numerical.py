@@ -159,7 +159,7 @@ class FiniteDifferences:
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
-        if not case.numpy and not case.batchable:  # e.g. autograd inside the forward (orders.py)
+        if not case.numpy and not case.batchable:  # it knows vmap cannot batch it (orders.py)
             self.batched.vmap_works = False
 
     def estimate(
