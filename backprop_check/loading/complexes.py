@@ -66,7 +66,10 @@ def as_complex(name: str, view: torch.Tensor) -> torch.Tensor:
             f"{name!r} is complex, and a {str(view.dtype).removeprefix('torch.')} run cannot hold it: torch "
             "computes with complex64 and complex128 only, so check complex values in float32 or float64"
         )
-    return torch.view_as_complex(view if view.is_contiguous() else view.contiguous())
+    try:
+        return torch.view_as_complex(view)
+    except RuntimeError:  # a slice of a larger buffer (odd offset, strides): a copy of its own
+        return torch.view_as_complex(view.clone(memory_format=torch.contiguous_format))
 
 
 def for_user(values: Mapping[str, Any], complex_names: Collection[str]) -> dict[str, Any]:
