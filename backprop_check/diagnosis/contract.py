@@ -108,7 +108,7 @@ class Probe:
         """Cotangents: `scale`·v_k for output k, zero for the others."""
         return {j: v * scale if j == k else torch.zeros_like(v) for j, v in self.v.items()}
 
-    def differs(self, got: Grads, want: Grads, factor: float = 1.0) -> tuple[str, tuple[int, ...], float, float] | None:
+    def differs(self, got: Grads, want: Grads, factor: float = 1.0) -> tuple[str, tuple[int | str, ...], float, float] | None:
         """The first input where `got` and `factor`·`want` disagree beyond the tolerance:
         (name, element, got, want), or None."""
         for name in want:
@@ -121,7 +121,10 @@ class Probe:
             same |= (a == b)  # equal infinities
             if not bool(same.all()):
                 flat = int((~same).reshape(-1).nonzero()[0, 0])
-                return name, unravel(flat, tuple(b.shape)), float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat])
+                index: tuple[int | str, ...] = unravel(flat, tuple(b.shape))
+                if want[name].is_complex():  # the real view's last index is the part: `[3].imag`
+                    index = (*index[:-1], complexes.PARTS[int(index[-1])])
+                return name, index, float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat])
         return None
 
 
@@ -175,8 +178,11 @@ def _result(item: str, failure: str | None, ok: str, spread: float = 0.0, allowe
     )
 
 
-def _at(index: tuple[int, ...]) -> str:
-    return f"[{', '.join(map(str, index))}]" if index else ""
+def _at(index: tuple[int | str, ...]) -> str:
+    """`[2, 3]`, or `[3].imag` for an element of a complex tensor (its part last)."""
+    part = index[-1] if index and isinstance(index[-1], str) else None
+    numbers = index[:-1] if part else index
+    return (f"[{', '.join(map(str, numbers))}]" if numbers else "") + (f".{part}" if part else "")
 
 
 # --- the items ---------------------------------------------------------------------------------
@@ -258,7 +264,10 @@ def repeatable(p: Probe) -> Check:
         diff = torch.nan_to_num(diff, nan=torch.inf)
         if diff.numel() and float(diff.max()) > spread:
             spread = float(diff.max())
-            where = (name, unravel(int(diff.reshape(-1).argmax()), tuple(diff.shape)))
+            index: tuple[int | str, ...] = unravel(int(diff.reshape(-1).argmax()), tuple(diff.shape))
+            if first[name].is_complex():
+                index = (*index[:-1], complexes.PARTS[int(index[-1])])
+            where = (name, index)
     tol = p.case.nondet_tol
     failure = None
     if not spread <= tol:
