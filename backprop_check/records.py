@@ -96,20 +96,38 @@ class Check:
     # A reference other than the three sources: autograd on the CPU for a device check, the
     # stored value for a baseline check (the `numerical` field stays the numerical gradient's).
     reference: float | None = None
+    # A complex tensor, checked as its real view: `shape` and `index` are the view's, whose last
+    # index is the part (0 real, 1 imaginary); it is shown as `z[3].imag` (loading/complexes.py).
+    complex: bool = False
 
     @property
     def label(self) -> str:
-        """`W1[2, 3]`: the name and the worst element's index."""
+        """`W1[2, 3]`: the name and the worst element's index (`z[3].imag` for a complex z)."""
         if self.index is None or len(self.index) == 0:
             return self.name
+        if self.complex:
+            from backprop_check.loading.complexes import label
+
+            return label(self.name, self.index)
         return f"{self.name}[{', '.join(map(str, self.index))}]"
 
+    def _shown(self) -> tuple[list[int], list[int] | None, str | None]:
+        """(shape, index, part) as the user sees the tensor: a complex one in complex terms."""
+        index = None if self.index is None else list(self.index)
+        if not self.complex:
+            return list(self.shape), index, None
+        part = None if not index else ("real", "imag")[index.pop()]
+        return list(self.shape[:-1]), index, part
+
     def to_dict(self) -> dict[str, object]:
+        shape, index, part = self._shown()
         return {
             "name": self.name,
             "kind": self.kind,
-            "shape": list(self.shape),
-            "index": None if self.index is None else list(self.index),
+            "shape": shape,
+            "index": index,
+            "complex": self.complex,
+            "part": part,
             "verdict": self.verdict,
             "culprit": self.culprit,
             "manual": self.manual,

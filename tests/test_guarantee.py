@@ -158,14 +158,25 @@ def test_integer_labels_stay_fixed_and_the_result_says_so():
     assert any("'y'" in note and "held fixed" in note for note in result.notes)
 
 
-def test_a_complex_value_is_an_error_not_its_real_part():
+def test_a_complex_value_is_checked_never_cut_to_its_real_part():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(z)
+            return z * z
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (z,) = ctx.saved_tensors
+            return g * 2 * z  # forgets .conj(): torch's convention needs g·conj(2z)
+
     @case(params={"z": [0.3 + 1.2j, -0.5 + 0.1j]})
     def power(z):
-        return (z.abs() ** 2).sum()
+        return Square.apply(z).real.sum()
 
     result = run([power], devices=["cpu"], dtypes=["float64"]).results[0]
-    assert result.verdict == "error"
-    assert "'z' is complex" in result.message
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert "dloss/dz[0].imag" in result.message
 
 
 def test_the_text_report_says_how_a_large_tensor_was_checked():

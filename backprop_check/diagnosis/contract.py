@@ -29,6 +29,7 @@ from backprop_check.engine.compare import unravel
 
 from backprop_check.records import Check, MISMATCH, OK
 from backprop_check.errors import CaseError, one_line
+from backprop_check.loading import complexes
 from backprop_check.loading.points import Point, derive_seed
 from backprop_check.engine.tolerance import Tolerance
 
@@ -62,7 +63,8 @@ class Probe:
     def __init__(self, case: FunctionCase, point: Point, device: str, dtype: torch.dtype, tol: Tolerance) -> None:
         at = point.cast(dtype, device)
         self.case, self.tol, self.dtype, self.device = case, tol, dtype, device
-        self.values = {**at.params, **at.data}
+        # complex inputs and cotangents as fn sees them (the point keeps real views)
+        self.values = complexes.for_user({**at.params, **at.data}, point.complex)
         self.v = {k: self.values[label] for k, label in case.cotangents.items()}
         self.gen = torch.Generator().manual_seed(derive_seed("contract", case.name, point.label))
         outputs, _ = self.forward()
@@ -106,12 +108,12 @@ class Probe:
         """Cotangents: `scale`·v_k for output k, zero for the others."""
         return {j: v * scale if j == k else torch.zeros_like(v) for j, v in self.v.items()}
 
-    def differs(self, got: Grads, want: Grads, factor: float = 1.0) -> tuple[str, tuple[int, ...], float, float] | None:
+    def differs(self, got: Grads, want: Grads, factor: float = 1.0) -> tuple[str, tuple[int | str, ...], float, float] | None:
         """The first input where `got` and `factor`·`want` disagree beyond the tolerance:
         (name, element, got, want), or None."""
         for name in want:
-            a = got[name].detach().to("cpu", torch.float64).reshape(want[name].shape)
-            b = factor * want[name].detach().to("cpu", torch.float64)
+            a = _real(got[name]).reshape(_real(want[name]).shape)
+            b = factor * _real(want[name])
             scale = float(b.abs().max()) if b.numel() else 0.0
             allowed = 2 * self.tol.allowed(torch.maximum(a.abs(), b.abs()), scale) + torch.finfo(torch.float64).tiny
             same = (a - b).abs() <= allowed
@@ -119,8 +121,17 @@ class Probe:
             same |= (a == b)  # equal infinities
             if not bool(same.all()):
                 flat = int((~same).reshape(-1).nonzero()[0, 0])
-                return name, unravel(flat, tuple(b.shape)), float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat])
+                index: tuple[int | str, ...] = unravel(flat, tuple(b.shape))
+                if want[name].is_complex():  # the real view's last index is the part: `[3].imag`
+                    index = (*index[:-1], complexes.PARTS[int(index[-1])])
+                return name, index, float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat])
         return None
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64 on the CPU; a complex tensor as its real view (never its real part alone)."""
+    t = t.detach().to("cpu")
+    return torch.view_as_real(t.resolve_conj()).to(torch.float64) if t.is_complex() else t.to(torch.float64)
 
 
 def custom_functions(outputs: tuple[torch.Tensor, ...]) -> list[str]:
@@ -167,8 +178,11 @@ def _result(item: str, failure: str | None, ok: str, spread: float = 0.0, allowe
     )
 
 
-def _at(index: tuple[int, ...]) -> str:
-    return f"[{', '.join(map(str, index))}]" if index else ""
+def _at(index: tuple[int | str, ...]) -> str:
+    """`[2, 3]`, or `[3].imag` for an element of a complex tensor (its part last)."""
+    part = index[-1] if index and isinstance(index[-1], str) else None
+    numbers = index[:-1] if part else index
+    return (f"[{', '.join(map(str, numbers))}]" if numbers else "") + (f".{part}" if part else "")
 
 
 # --- the items ---------------------------------------------------------------------------------
@@ -244,12 +258,16 @@ def repeatable(p: Probe) -> Check:
     second = p.grad(outputs, leaves, p.v, retain=False)
     spread, where = 0.0, ("", ())
     for name in first:
-        diff = (first[name].to(torch.float64) - second[name].to(torch.float64)).abs()
-        diff = torch.where(torch.isnan(first[name]) & torch.isnan(second[name]), torch.zeros_like(diff), diff)
+        a, b = _real(first[name]), _real(second[name])
+        diff = (a - b).abs()
+        diff = torch.where(torch.isnan(a) & torch.isnan(b), torch.zeros_like(diff), diff)
         diff = torch.nan_to_num(diff, nan=torch.inf)
         if diff.numel() and float(diff.max()) > spread:
             spread = float(diff.max())
-            where = (name, unravel(int(diff.reshape(-1).argmax()), tuple(diff.shape)))
+            index: tuple[int | str, ...] = unravel(int(diff.reshape(-1).argmax()), tuple(diff.shape))
+            if first[name].is_complex():
+                index = (*index[:-1], complexes.PARTS[int(index[-1])])
+            where = (name, index)
     tol = p.case.nondet_tol
     failure = None
     if not spread <= tol:
@@ -422,7 +440,7 @@ def vmap(p: Probe) -> Check:
     """Per-sample gradients under vmap against a loop: torch.func.vmap of the VJP (the
     Function's own vmap rule, where it has one), then autograd's is_grads_batched."""
     outputs, leaves = p.forward()
-    batch = {k: torch.randn((BATCH, *v.shape), generator=p.gen, dtype=torch.float64).to(v) for k, v in p.v.items()}
+    batch = {k: _random_like(v, p.gen) for k, v in p.v.items()}
     looped = [p.grad(outputs, leaves, {k: v[b] for k, v in batch.items()}) for b in range(BATCH)]
     want = {n: torch.stack([g[n] for g in looped]) for n in leaves}
     # Under torch.func.vmap the forward runs batched too (through the Function's vmap rule).
@@ -450,6 +468,13 @@ def vmap(p: Probe) -> Check:
     if skipped:
         note += f"; skipped {'; '.join(skipped)}"
     return _result("vmap", None, note)
+
+
+def _random_like(v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """BATCH random cotangents like `v` (complex in both parts for a complex `v`)."""
+    if v.is_complex():
+        return torch.view_as_complex(torch.randn((BATCH, *v.shape, 2), generator=gen, dtype=torch.float64)).to(v)
+    return torch.randn((BATCH, *v.shape), generator=gen, dtype=torch.float64).to(v)
 
 
 def _func_vmap(p: Probe, batch: Mapping[int, torch.Tensor]) -> Grads:

@@ -11,7 +11,9 @@ manual gradient is the culprit, the numerical one when autograd is):
   (the tutorials' x = 1 hides a forgotten dŷ/dw = x), or a gradient that is the same at every
   point (a number worked out at the given point and written in);
 - zero in every element: nothing flows back (a detached tensor, a missing create_graph=True);
-- autograd the culprit and a custom `torch.autograd.Function` in its graph: that class's backward.
+- autograd the culprit and a custom `torch.autograd.Function` in its graph: that class's backward;
+- a complex parameter's gradient that is the conjugate of the true one (∂L/∂z where torch's
+  convention is ∂L/∂x + i·∂L/∂y = 2·∂L/∂z̄), or half of it (∂L/∂z̄ without torch's factor 2).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from backprop_check import dtypes
+from backprop_check.loading.complexes import CONVENTION
 from backprop_check.records import Check, MISMATCH
 
 if TYPE_CHECKING:
@@ -42,11 +45,18 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
         if _squeezed(tuple(odd.shape)) != _squeezed(tuple(reference.shape)):
             continue
         odd = odd.reshape(reference.shape)
-        transposed = _transpose_hint(check, odd, reference, _rtol(shown))
+        if check.complex:
+            conjugated = _conjugate_hint(check, odd, reference, _rtol(shown))
+            if conjugated:
+                hints.append(conjugated)
+                continue
+        transposed = None if check.complex else _transpose_hint(check, odd, reference, _rtol(shown))
         if transposed:
             hints.append(transposed)
             continue
         reason = _factor_reason(odd, reference, shown, str(check.culprit))
+        if reason and check.complex:
+            reason = reason.replace(_HALF, f"half the true gradient: ∂L/∂z̄ without torch's factor 2 ({CONVENTION})")
         if reason:
             factors.setdefault((str(check.culprit), reason), []).append(check.name)
     for (source, reason), names in factors.items():
@@ -104,6 +114,26 @@ def _shape_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, shown:
     return None
 
 
+def _conjugate_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rtol: float) -> str | None:
+    """A complex gradient (as its real view) equal to the conjugate of the true one, or to half
+    of it: the derivative ∂L/∂z of the other Wirtinger convention."""
+    conjugate = reference * torch.tensor([1.0, -1.0], dtype=reference.dtype)
+    if _close(conjugate, reference, rtol):  # a real gradient is its own conjugate: no finding
+        return None
+    grad = f"the {check.culprit} dloss/d{check.name}"
+    if _close(odd, conjugate, rtol):
+        return (
+            f"{grad} is the complex conjugate of the true gradient: the unconjugated derivative (2·∂L/∂z, "
+            f"f'(z) for L = Re f(z)), while {CONVENTION}; conjugate it (.conj())"
+        )
+    if _close(odd, conjugate / 2, rtol):
+        return (
+            f"{grad} is half the conjugate of the true gradient: ∂L/∂z, the Wirtinger derivative of the other "
+            f"convention, while {CONVENTION}; conjugate it and multiply by 2"
+        )
+    return None
+
+
 def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rtol: float) -> str | None:
     """A square matrix equal to the reference's transpose: the shapes cannot tell."""
     if odd.dim() != 2 or odd.shape[0] != odd.shape[1] or odd.shape[0] < 2:
@@ -151,6 +181,9 @@ _ZERO = {
 }
 
 
+_HALF = "half the true gradient: a missing factor 2 (d(s²)/ds = 2s)"
+
+
 def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
     factors = [(n, f"{n}× the true gradient, with N = {n} = {label}: the 1/N of a mean over the batch is "
                    "missing (a .mean() of a number that is already a sum does nothing)")
@@ -159,7 +192,7 @@ def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
                 for n, label in _batch_sizes(shown)]
     factors += [
         (2.0, "twice the true gradient: a factor 2 too many (d(s²)/ds is 2s, and only once)"),
-        (0.5, "half the true gradient: a missing factor 2 (d(s²)/ds = 2s)"),
+        (0.5, _HALF),
         (-1.0, "the true gradient with the sign flipped: a minus lost, or ŷ − y and y − ŷ swapped"),
         (-2.0, "−2× the true gradient: the sign flipped and a factor 2 too many"),
         (-0.5, "−½× the true gradient: the sign flipped and a factor 2 missing"),
@@ -170,7 +203,8 @@ def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
 def _batch_sizes(shown: Outcome) -> list[tuple[int, str]]:
     """Sizes of the data a mean may run over, leading dimensions first, each with its name."""
     sizes: dict[int, str] = {}
-    data = shown.point.data
+    # a complex datum's real view ends in its two parts: no size a mean runs over
+    data = {k: v[..., 0] if k in shown.point.complex else v for k, v in shown.point.data.items()}
     for dim in range(max((v.dim() for v in data.values()), default=0)):
         for name, value in data.items():
             if value.dim() > dim and value.shape[dim] > 1:

@@ -18,13 +18,15 @@ def expect_checks(
     case: Case, numerical: Gradients, autograd: Gradients | None, dtype: torch.dtype, tol
 ) -> list[Check]:  # noqa: ANN001
     """The case's published values against the loss and the numerical gradient."""
+    from backprop_check.loading.complexes import names_of
     from backprop_check.loading.points import as_float
 
+    complex_names = names_of(case)
     checks = []
     rtol = dtypes.row(str(dtype)).expect_rtol
     for name, value in case.expect.items():
         try:
-            expected = as_float(name, value)
+            expected = as_float(name, value, name in complex_names)  # a real number is a complex one
         except CaseError as exc:
             raise CaseError(f"expect= for {name!r}: {exc}") from None
         if name == "loss":
@@ -56,7 +58,13 @@ def expect_checks(
             size=expected.numel(),
         )
         if bad.any():
-            check.note = f"expected {name} = {float(expected[worst]):.8g}, the case gives {float(got[worst]):.8g}"
+            shown = name
+            if name in complex_names:  # `z[1].imag`, never a bare index of the real view
+                from backprop_check.engine.compare import unravel
+                from backprop_check.loading.complexes import label
+
+                shown = label(name, unravel(worst, tuple(numerical.values[name].shape)))
+            check.note = f"expected {shown} = {float(expected[worst]):.8g}, the case gives {float(got[worst]):.8g}"
         checks.append(check)
     return checks
 

@@ -15,6 +15,7 @@ from backprop_check.engine.jvp import check_forward_mode
 from backprop_check.engine.compare import compare, disputed, failing_directions
 from backprop_check.records import Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
+from backprop_check.loading import complexes
 from backprop_check.loading.forward import call_forward
 from backprop_check.sources import rounding
 from backprop_check.engine.limits import time_limit
@@ -286,6 +287,7 @@ def check_point(
     except CaseTimeout as exc:  # the directions that disagree still make a mismatch below
         timed_out, note = exc, f"{exc} while locating the wrong elements"
     checks = compare(numerical.gradients, autograd, manual, params, tol, noise)
+    complexes.mark(checks, point.complex)
     if device != "cpu" and timed_out is None and autograd is not None:
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
         checks.extend(device_checks(autograd, on_cpu, params, device, tol))

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from backprop_check.loading import complexes
 from backprop_check.model.arrays import as_arrays, numpy_loss
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError, line_in, one_line
@@ -42,18 +43,19 @@ def arguments(
 ) -> Iterator[dict[str, object]]:
     """The keyword arguments of the forward (and manual) function: every parameter and datum,
     or for a module case the module as `model` (its parameters bound to `params`) and the data;
-    numpy arrays for a numpy case."""
+    numpy arrays for a numpy case. A complex value, kept as its real view, is handed over as the
+    complex tensor viewing it (complexes.py): what autograd finds for it reaches the real view."""
     if case.numpy:
         yield {**as_arrays(params), **as_arrays(data)}
         return
     if case.module is None:
-        yield {**params, **data}
+        yield complexes.for_user({**params, **data}, complexes.names_of(case))
         return
     from backprop_check.model.nn import bound, placed
 
     module = placed(case, case.__dict__.get("_module_seed", 0), next(iter(params.values())))
     with bound(module, params):
-        yield {"model": module, **data}
+        yield {"model": module, **complexes.for_user(data, complexes.names_of(case))}
 
 
 def call_user(case: Case, what: str, fn, kwargs: Mapping[str, object]):  # noqa: ANN001, ANN201
@@ -87,6 +89,11 @@ def as_loss(loss: object) -> torch.Tensor:
         )
     if loss.numel() != 1:
         raise CaseError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+    if loss.is_complex():
+        raise CaseError(
+            f"the loss must be real, got {loss.dtype}: a complex number has no order to minimise; "
+            "return a real loss such as z.abs()**2 or z.real"
+        )
     if not loss.is_floating_point():
         raise CaseError(f"the loss must be a float tensor, got {loss.dtype}")
     return loss.reshape(())

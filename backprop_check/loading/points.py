@@ -3,7 +3,9 @@
 Every case is checked at its given point and at random points: float parameters and float data
 redrawn from a standard normal (same shapes), then the case's `sample` overrides. At the
 tutorials' x = 1 a manual gradient that forgets the factor x looks right; at a random point not.
-Values are kept in float64 on the CPU and cast for each run.
+Values are kept in float64 on the CPU and cast for each run; a complex value is kept as its
+float64 real view (shape + (2,)) and named in `Point.complex` (see complexes.py), so random
+points redraw its real and imaginary parts alike.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backprop_check.loading import complexes
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError, line_in, one_line
 
@@ -30,6 +33,8 @@ class Point:
     data: dict[str, torch.Tensor]
     # With a `sample=`: the float values it leaves out, drawn from a standard normal (None: no sample=).
     redrawn: tuple[str, ...] | None = None
+    # The names whose values are complex, kept here as their real views (complexes.py).
+    complex: frozenset[str] = frozenset()
 
     def cast(self, dtype: torch.dtype, device: str = "cpu") -> Point:
         """The point in `dtype` on `device`: float values are rounded, integer data stay."""
@@ -40,6 +45,7 @@ class Point:
             {k: v.to(device=device, dtype=dtype, copy=True) for k, v in self.params.items()},
             {k: _cast_float(v, dtype, device) for k, v in self.data.items()},
             self.redrawn,
+            self.complex,
         )
 
     def rounded(self, dtype: torch.dtype) -> Point:
@@ -85,9 +91,19 @@ def given_point(case: Case, seed: int) -> Point:
 
         params = initial_params(case, module_seed(case, seed))
     else:
-        params = {name: as_float(name, _resolve(case, name, spec, gen)) for name, spec in case.params.items()}
-    data = {name: as_value(name, _resolve(case, name, spec, gen)) for name, spec in case.data.items()}
-    return Point("given point", None, params, data)
+        params = {name: _resolve(case, name, spec, gen) for name, spec in case.params.items()}
+    data = {name: _resolve(case, name, spec, gen) for name, spec in case.data.items()}
+    found = frozenset(name for name, value in {**params, **data}.items() if _is_complex(value))
+    if found and case.numpy:
+        raise CaseError(
+            f"{sorted(found)[0]!r} is complex, and a numpy=True case checks real values only: "
+            "drop numpy=True to check complex torch code"
+        )
+    if case.module is None:
+        params = {name: as_float(name, value) for name, value in params.items()}
+    data = {name: as_value(name, value) for name, value in data.items()}
+    complexes.remember(case, found)
+    return Point("given point", None, params, data, complex=found)
 
 
 def random_point(case: Case, given: Point, index: int, seed: int, attempt: int = 0) -> Point:
@@ -108,32 +124,61 @@ def random_point(case: Case, given: Point, index: int, seed: int, attempt: int =
         if not isinstance(overrides, Mapping):
             raise CaseError(f"sample= must return a dict, got {type(overrides).__name__}")
         for name, value in overrides.items():
+            if name in params or name in data:
+                _same_kind(name, value, name in given.complex)
             if name in params:
-                params[name] = _sampled(as_float, name, value)
+                params[name] = _sampled(as_float, name, value, name in given.complex)
                 if params[name].shape != given.params[name].shape:
+                    shape = _shown_shape(name, params[name].shape, given.complex)
                     raise CaseError(
-                        f"sample= returns {name!r} with shape {tuple(params[name].shape)}, "
-                        f"but the parameter has shape {tuple(given.params[name].shape)}"
+                        f"sample= returns {name!r} with shape {shape}, "
+                        f"but the parameter has shape {_shown_shape(name, given.params[name].shape, given.complex)}"
                     )
             elif name in data:
-                data[name] = _sampled(as_value, name, value)
+                data[name] = _sampled(as_value, name, value, name in given.complex)
             else:
                 raise CaseError(f"sample= returns {name!r}, which is neither a parameter nor a datum")
     redrawn = None
     if case.sample is not None:
         redrawn = tuple(k for k, v in {**given.params, **given.data}.items() if v.is_floating_point() and k not in overrides)
-    return Point(f"random point {index}", point_seed, params, data, redrawn)
+    return Point(f"random point {index}", point_seed, params, data, redrawn, given.complex)
 
 
-def _sampled(convert: Any, name: str, value: Any) -> torch.Tensor:
+def _sampled(convert: Any, name: str, value: Any, complex_: bool) -> torch.Tensor:
     try:
-        return convert(name, value)
+        return convert(name, value, complex_)
     except CaseError as exc:
         raise CaseError(f"sample= for {name!r}: {exc}") from None
 
 
-def as_value(name: str, value: Any) -> torch.Tensor:
-    """A datum as a CPU tensor: floats in float64, integers (labels) stay integer."""
+def _same_kind(name: str, value: Any, complex_: bool) -> None:
+    """A real value stands for a complex one (its imaginary part zero); a complex value for a
+    real one would change what the forward computes, and is said in one line."""
+    if _is_complex(value) and not complex_:
+        raise CaseError(
+            f"sample= returns a complex {name!r}, but its given value is real: give a complex value at the "
+            "given point too (e.g. 1+0j), or return a real one from sample="
+        )
+
+
+def _shown_shape(name: str, shape: torch.Size, complex_names: frozenset[str]) -> tuple[int, ...]:
+    return tuple(shape[:-1]) if name in complex_names else tuple(shape)
+
+
+def _is_complex(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_complex()
+    if isinstance(value, complex):
+        return True
+    try:
+        return bool(np.iscomplexobj(np.asarray(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def as_value(name: str, value: Any, complex_: bool = False) -> torch.Tensor:
+    """A datum as a CPU tensor: floats in float64, integers (labels) stay integer; a complex
+    value (and with `complex_`, any number, its imaginary part zero) as its float64 real view."""
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
     else:
@@ -141,13 +186,12 @@ def as_value(name: str, value: Any) -> torch.Tensor:
             tensor = torch.as_tensor(np.asarray(value))
         except (TypeError, ValueError, RuntimeError):
             raise CaseError(f"{name!r} is not a number, array or tensor: got {reprlib.repr(value)}") from None
-    if tensor.is_complex():
-        # Cast to float64, torch keeps only the real part (with a warning): a check of what is
-        # left would pass a gradient that forgets a conjugate. Say so instead.
-        raise CaseError(
-            f"{name!r} is complex ({tensor.dtype}): complex values are not supported yet; "
-            "split them into real and imaginary parts (two real tensors) to check them"
-        )
+    if tensor.is_complex() or complex_:
+        # Never cast to float64, where torch keeps only the real part (with a warning): a check
+        # of what is left would pass a gradient that forgets a conjugate.
+        if tensor.dtype == torch.bool:
+            raise CaseError(f"{name!r} is complex at the given point, but got booleans here")
+        return complexes.real_view(tensor)
     if tensor.is_floating_point():
         return tensor.to(torch.float64).clone()
     if tensor.dtype == torch.bool:
@@ -155,14 +199,15 @@ def as_value(name: str, value: Any) -> torch.Tensor:
     return tensor.to(torch.long).clone()
 
 
-def as_float(name: str, value: Any) -> torch.Tensor:
-    """A parameter as a float64 CPU tensor (an integer initial value becomes a float)."""
-    return as_value(name, value).to(torch.float64)
+def as_float(name: str, value: Any, complex_: bool = False) -> torch.Tensor:
+    """A parameter as a float64 CPU tensor (an integer initial value becomes a float; a complex
+    one, or any with `complex_`, its float64 real view)."""
+    return as_value(name, value, complex_).to(torch.float64)
 
 
 def with_data(point: Point, data: Mapping[str, torch.Tensor]) -> Point:
     """`point` with some of its data replaced."""
-    return Point(point.label, point.seed, point.params, {**point.data, **data})
+    return Point(point.label, point.seed, point.params, {**point.data, **data}, point.redrawn, point.complex)
 
 
 def _resolve(case: Case, name: str, spec: Any, gen: torch.Generator) -> Any:

@@ -3,11 +3,15 @@
 A function check is a `Case`, so everything the case path has applies to it (error bars,
 float32 judged fairly, kinks, random points, element localisation, hints, every report format,
 baselines). Its parameters are the differentiated inputs, its data the other tensor inputs and
-one random cotangent v_k per floating output, and its loss is
+one random cotangent v_k per floating or complex output, and its loss is
 
-    Σ_k ⟨v_k, fn(*inputs)_k⟩,
+    Σ_k ⟨v_k, fn(*inputs)_k⟩,   with ⟨v, y⟩ = Σ Re(conj(v)·y) for a complex output,
 
-whose gradient is the vector-Jacobian product Jᵀv that a backward computes. A `.sum()` loss is
+whose gradient is the vector-Jacobian product Jᵀv that a backward computes
+(`torch.autograd.grad(outputs, inputs, v)`: for a complex output y, Re(conj(v)·y) is the real
+loss whose gradient with respect to y, in torch's convention dL/dRe y + i·dL/dIm y, is v).
+Complex inputs are differentiated in torch's convention too, as their real views
+(loading/complexes.py); a complex cotangent is a complex datum, redrawn in both parts. A `.sum()` loss is
 the cotangent v = 1, which hides a backward that ignores grad_output; a random v does not. The
 cotangents are float data, so they are redrawn at every random point; at the given point they
 are drawn from the seeded generator.
@@ -30,6 +34,7 @@ from backprop_check.diagnosis import contract
 from backprop_check.model.case import Case, as_modes, register
 from backprop_check.records import Check, MISMATCH
 from backprop_check.errors import CaseError, line_in, one_line
+from backprop_check.loading import complexes
 from backprop_check.loading.points import Point, generator
 from backprop_check.records import Report
 from backprop_check.engine.runner import TIMEOUT, run
@@ -137,7 +142,7 @@ class FunctionCase(Case):
                 kept = spec.detach() if isinstance(spec, torch.Tensor) else spec
                 (self.params if name in chosen else self.data)[name] = kept
         self.devices = tuple(dict.fromkeys(t.device.type for t in tensors.values())) or ("cpu",)
-        floating = [tensors[n].dtype for n in chosen]
+        floating = [_real_dtype(tensors[n].dtype) for n in chosen]
         self.input_dtypes = tuple(dict.fromkeys(str(d).removeprefix("torch.") for d in floating))
 
     def _chosen(self, tensors: dict[str, torch.Tensor], wrt: Iterable[str | int] | None) -> tuple[str, ...] | None:
@@ -151,18 +156,18 @@ class FunctionCase(Case):
                 if name not in tensors:
                     self.broken = f"input `{name}` is in wrt= but is a {type(self.constants[name]).__name__}, not a tensor"
                     return None
-                if not tensors[name].is_floating_point():
+                if not _differentiable(tensors[name]):
                     self.broken = (
                         f"input `{name}` is an integer tensor ({tensors[name].dtype}) marked to be differentiated "
-                        "(wrt=): only floating-point inputs have gradients"
+                        "(wrt=): only floating-point and complex inputs have gradients"
                     )
                     return None
                 chosen.append(name)
             return tuple(chosen)
-        floating = [n for n, t in tensors.items() if t.is_floating_point()]
+        floating = [n for n, t in tensors.items() if _differentiable(t)]
         marked = [n for n in floating if tensors[n].requires_grad]
         if not floating:
-            self.broken = "no input is a floating-point tensor: there is nothing to differentiate"
+            self.broken = "no input is a floating-point or complex tensor: there is nothing to differentiate"
             return None
         return tuple(marked or floating)
 
@@ -208,14 +213,14 @@ class FunctionCase(Case):
         self.output_shapes = [tuple(o.shape) for o in outputs]
         taken = set(self.names)
         for k, output in enumerate(outputs):
-            if output.is_floating_point():
+            if _differentiable(output):
                 label = f"{COTANGENT}{k}"
                 while label in taken:
                     label += "_"
                 self.cotangents[k] = label
-                self.data[label] = _Cotangent(tuple(output.shape))
+                self.data[label] = _Cotangent(tuple(output.shape), output.is_complex())
         if not self.cotangents:
-            raise CaseError(f"{self.label} returns no floating-point output: there is no gradient to check")
+            raise CaseError(f"{self.label} returns no floating-point or complex output: there is no gradient to check")
 
     def _call(self, values: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
         """fn(*inputs) as a tuple of checked outputs."""
@@ -243,7 +248,11 @@ class FunctionCase(Case):
             if k >= len(outputs) or outputs[k].shape != v.shape:
                 got = "no output" if k >= len(outputs) else f"shape {tuple(outputs[k].shape)}"
                 raise CaseError(f"output {k} of {self.label} has {got} here, but shape {tuple(v.shape)} at the given inputs")
-            term = (v * outputs[k]).sum()
+            if outputs[k].is_complex() != v.is_complex():
+                kinds = ("complex", "real") if outputs[k].is_complex() else ("real", "complex")
+                raise CaseError(f"output {k} of {self.label} is {kinds[0]} here, but {kinds[1]} at the given inputs")
+            # Re(conj(v)·y): the real loss whose torch gradient with respect to y is v
+            term = (v.conj() * outputs[k]).real.sum() if v.is_complex() else (v * outputs[k]).sum()
             total = term if total is None else total + term
         return total if total is not None else torch.zeros((), dtype=next(iter(values.values())).dtype)
 
@@ -291,6 +300,7 @@ class FunctionCase(Case):
     def for_output(self, k: int) -> FunctionCase:
         """This case with only output `k`'s cotangent: its loss is ⟨v_k, output_k⟩."""
         one = copy.copy(self)
+        complexes.remember(one, complexes.names_of(self))  # the copy calls fn as this case does
         one.only = k
         one.forward = one._forward
         if self.vjp is not None:
@@ -343,13 +353,26 @@ def contract_items() -> tuple[str, ...]:
 
 
 class _Cotangent:
-    """A random cotangent of an output's shape, drawn from the point's generator."""
+    """A random cotangent of an output's shape, drawn from the point's generator; for a complex
+    output, complex with both parts standard normal (as random points redraw them)."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self, shape: tuple[int, ...], complex_: bool = False) -> None:
         self.shape = shape
+        self.complex = complex_
 
     def __call__(self, gen: torch.Generator) -> torch.Tensor:
+        if self.complex:
+            return torch.view_as_complex(torch.randn((*self.shape, 2), generator=gen, dtype=torch.float64))
         return torch.randn(self.shape, generator=gen, dtype=torch.float64)
+
+
+def _differentiable(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The run dtype a tensor of `dtype` is checked in: a complex one's parts' dtype."""
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def _output_check(
@@ -402,22 +425,16 @@ def as_outputs(returned: Any, label: str) -> tuple[torch.Tensor, ...]:
     for k, output in enumerate(outputs):
         if not isinstance(output, torch.Tensor):
             raise CaseError(f"output {k} of {label} is {type(output).__name__}, not a tensor")
-        if output.is_complex():
-            raise CaseError(
-                f"output {k} of {label} is complex ({output.dtype}): function mode checks real outputs only for "
-                "now; return torch.view_as_real(...) to check its real and imaginary parts"
-            )
+        if output.dtype == torch.complex32:
+            raise CaseError(f"output {k} of {label} is complex32, which torch barely computes with: return complex64 or complex128")
     return tuple(outputs)
 
 
 def _not_an_input(name: str, value: Any) -> str | None:
     """Why `value` cannot be an input of a function check, or None (tensors and constants)."""
     if isinstance(value, torch.Tensor):
-        if value.is_complex():
-            return (
-                f"input `{name}` is complex ({value.dtype}): function mode checks real inputs only for now; "
-                "pass torch.view_as_real(...) and rebuild the complex tensor inside fn"
-            )
+        if value.dtype == torch.complex32:
+            return f"input `{name}` is complex32, which torch barely computes with: pass complex64 or complex128"
         if value.is_sparse or value.layout != torch.strided:
             return f"input `{name}` has layout {value.layout}: only dense (strided) tensors can be checked"
         return None

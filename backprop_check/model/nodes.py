@@ -38,6 +38,11 @@ class Tape:
             raise CaseError(f"node {name!r} must be a torch tensor, got {type(tensor).__name__}")
         if name in self.values:
             raise CaseError(f"node {name!r} is marked twice in one forward pass")
+        if tensor.is_complex():
+            raise CaseError(
+                f"node {name!r} is complex ({tensor.dtype}): nodes are checked as real tensors; "
+                "mark a real intermediate (e.g. its .real and .imag, or |z|²) instead"
+            )
         if name in self.offsets:
             tensor = tensor + self.offsets[name]
         self.values[name] = tensor

@@ -72,6 +72,7 @@ def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:
         point.seed,
         {k: v + sign * steps[k] for k, v in point.params.items()},
         {k: v + sign * steps[k] if v.is_floating_point() else v for k, v in point.data.items()},
+        complex=point.complex,
     )
 
 
