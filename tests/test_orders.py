@@ -297,3 +297,38 @@ def test_the_json_report_says_order_and_mode(tmp_path: Path) -> None:
     assert main(["run", str(path), "--dtype", "float64", "--format", "json", "--output", str(out)]) == 0
     rows = {(r["case"], r["order"], r["mode"]) for r in json.loads(out.read_text())["results"] if r["verdict"] != "skipped"}
     assert rows == {("cubic", 1, "rev"), ("cubic (order 2)", 2, "rev")}
+
+
+class ComplexSquare(torch.autograd.Function):
+    wrong_jvp = False
+
+    @staticmethod
+    def forward(ctx, z):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(z)
+        ctx.save_for_forward(z)
+        return z * z
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (z,) = ctx.saved_tensors
+        return grad * (2 * z).conj()
+
+    @classmethod
+    def jvp(cls, ctx, tangent):  # noqa: ANN001, ANN206
+        (z,) = ctx.saved_tensors
+        return 2 * (z.conj() if cls.wrong_jvp else z) * tangent
+
+
+class ComplexWrongJvp(ComplexSquare):
+    wrong_jvp = True
+
+
+def test_complex_inputs_and_outputs_are_checked_at_order_2_and_in_forward_mode() -> None:
+    z = torch.randn(4, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    report = bc.check(ComplexSquare.apply, (z,), order=2, modes=("rev", "fwd"), points=1)
+    assert {r.verdict for r in report.results if r.verdict != "skipped"} == {"ok"}
+    assert len([r for r in report.results if r.verdict == "ok"]) == 8  # 2 orders × 2 modes × 2 dtypes
+    report = bc.check(ComplexWrongJvp.apply, (z,), modes=("fwd",), points=0, dtypes=["float64"])
+    (fwd,) = report.results
+    assert (fwd.verdict, fwd.culprit) == ("mismatch", "autograd")
+    assert ".imag of output 0[" in fwd.message or ".real of output 0[" in fwd.message

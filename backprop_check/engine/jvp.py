@@ -28,6 +28,7 @@ from backprop_check.diagnosis.verdict import error_result, outcome_of, result_fo
 from backprop_check.engine.limits import time_limit
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check.errors import CaseError, CaseTimeout, one_line
+from backprop_check.loading import complexes
 from backprop_check.loading.guards import numbers_among_integers
 from backprop_check.loading.points import Point, derive_seed, generator, given_point, random_point
 from backprop_check.model.case import Case
@@ -50,12 +51,11 @@ class Tangent:
     element: tuple[str, int] | None = None
     step: float = 1.0
 
-    def label(self, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    def label(self, shapes: Mapping[str, tuple[int, ...]], complex_names: frozenset[str] = frozenset()) -> str:
         if self.element is None:
             return "along a random direction u"
         name, flat = self.element
-        index = _unflat(flat, shapes[name])
-        return f"∂/∂{name}[{', '.join(map(str, index))}]" if index else f"∂/∂{name}"
+        return f"∂/∂{_element(name, _unflat(flat, shapes[name]), name in complex_names)}"
 
 
 def check_forward_mode(case: Case, plan: Plan) -> list[Result]:
@@ -146,7 +146,7 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
     for k, name in enumerate(names):
         mine = [f for f in found if f.output == k]
         if mine:
-            checks.append(_check(name, mine, shapes, dtype, tol))
+            checks.append(_check(name, mine, shapes, dtype, tol, point.complex, judge.complex[k]))
     return checks
 
 
@@ -209,7 +209,9 @@ class _Judge:
         self.run = point.cast(dtype, device)
         self.exact = point.rounded(dtype)  # where the run is, in float64, on the CPU
         with torch.no_grad():
-            base = _outputs(case, self.exact.params, self.exact.data)
+            raw = case.outputs(self.exact.params, self.exact.data)
+        self.complex = [isinstance(o, torch.Tensor) and o.is_complex() for o in raw]
+        base = [_real(o.detach()) for o in raw]
         self.f0 = [o.reshape(-1) for o in base]
         self.shapes = [tuple(o.shape) for o in base]
 
@@ -290,8 +292,12 @@ class _Judge:
 
 
 def _outputs(case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    outputs = case.outputs(params, data)
-    return tuple(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o) for o in outputs)
+    return tuple(_real(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o)) for o in case.outputs(params, data))
+
+
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex output (or tangent) as its real view: its real and imaginary parts."""
+    return torch.view_as_real(tensor.resolve_conj()) if tensor.is_complex() else tensor
 
 
 def jvp(
@@ -314,10 +320,18 @@ def jvp(
         for output in outputs:
             tangent = fwAD.unpack_dual(output).tangent
             tangents.append(torch.zeros_like(output) if tangent is None else tangent)
-        return tuple(t.detach() for t in tangents)
+        return tuple(_real(t.detach()) for t in tangents)
 
 
-def _check(name: str, found: list[_Finding], shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, tol: Tolerance) -> Check:
+def _check(
+    name: str,
+    found: list[_Finding],
+    shapes: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    tol: Tolerance,
+    complex_inputs: frozenset[str] = frozenset(),
+    complex_output: bool = False,
+) -> Check:
     """One output's check: its worst element over every direction, said in the terms of the
     comparison it fails (the float64 jvp against the referee, or the run dtype's jvp against
     its float64 twin)."""
@@ -331,8 +345,8 @@ def _check(name: str, found: list[_Finding], shapes: Mapping[str, tuple[int, ...
     f, t = float(worst.fwd[i]) / unit, float(worst.twin[i]) / unit
     n, e = float(worst.numerical[i]) / unit, float(worst.error[i]) / unit
     index = _unflat(i, worst.shape)
-    where = f"{name}[{', '.join(map(str, index))}]" if index else name
-    along = worst.tangent.label(shapes)
+    where = _element(name, index, complex_output)
+    along = worst.tangent.label(shapes, complex_inputs)
     dtype_name = str(dtype).removeprefix("torch.")
     exact = tol.twin or tol
     if worst.run_ratio is not None and float(worst.run_ratio[i]) > float(worst.ratio[i]):
@@ -379,6 +393,13 @@ def _check(name: str, found: list[_Finding], shapes: Mapping[str, tuple[int, ...
         coverage={"elements": int(worst.worst.numel()), "numerical": int(worst.worst.numel()), "directions": directions},
         reference=t if dtype != torch.float64 else None,
     )
+
+
+def _element(name: str, index: tuple[int, ...], complex_: bool) -> str:
+    """`x[2, 0]`, or `z[2].imag` for an element of a complex tensor's real view."""
+    if complex_:
+        return complexes.label(name, index)
+    return f"{name}[{', '.join(map(str, index))}]" if index else name
 
 
 def _unflat(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:

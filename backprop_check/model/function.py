@@ -291,7 +291,7 @@ class FunctionCase(Case):
 
     def outputs(self, params: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
         """fn's floating outputs (what its jvp gives tangents of)."""
-        outputs = self._call({**params, **data})
+        outputs = self._call(complexes.for_user({**params, **data}, complexes.names_of(self)))
         return tuple(outputs[k] for k in self.cotangents if k < len(outputs))
 
     def output_names(self) -> tuple[str, ...]:
