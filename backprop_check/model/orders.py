@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from backprop_check.errors import CaseError, one_line
+from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading.forward import call_forward, call_user
 from backprop_check.loading.points import given_point
 from backprop_check.model.case import Case
@@ -175,9 +175,10 @@ class Derivative(Case):
             try:
                 with torch.enable_grad():
                     return dict(torch.func.grad(lambda p: call_forward(self.base, p, data)[0])(params))
-            except CaseError:
+            except CaseTimeout:
                 raise
-            except Exception:  # noqa: BLE001 - e.g. a Function without setup_context: plain autograd below
+            except Exception:  # noqa: BLE001 - e.g. a Function without setup_context (a CaseError from the
+                # user's call): plain autograd below, which raises again if the code is really broken
                 grads = self._graph(params, data)  # raises inside vmap: the referee then loops
                 self.functional = self.batchable = False
                 return grads
