@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -141,7 +142,7 @@ def step_scan(case: Case, seed: int = 0) -> StepScan:
         moved = value.clone()
         moved[check.index] += offset
         with torch.no_grad():
-            loss, _ = call_forward(case, {**point.params, check.name: moved}, point.data)
+            loss, _ = call_forward(case, replace(point, params={**point.params, check.name: moved}))
         return float(loss)
 
     odd = check.culprit if check.verdict == MISMATCH else None

@@ -261,7 +261,7 @@ def check_point(
     if case.numpy:  # no autograd for numpy code; its forward still runs in the run's dtype
         autograd = None
         at = point.cast(dtype)
-        require_finite_loss(call_forward(case, at.params, at.data)[0], point)
+        require_finite_loss(call_forward(case, at)[0], point)
     else:
         autograd = SOURCES["autograd"](case, point, device, dtype)
         require_finite_loss(autograd.loss, point)
