@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from backprop_check.diagnosis.graph import Graph
+    from backprop_check.diagnosis.shapes import ShapeSlip
     from backprop_check.loading.points import Point
     from backprop_check.sources import Gradients
 
@@ -95,6 +96,9 @@ class Check:
     # A reference other than the three sources: autograd on the CPU for a device check, the
     # stored value for a baseline check (the `numerical` field stays the numerical gradient's).
     reference: float | None = None
+    # A wrong-shaped manual gradient: the slip behind its shape (`note` states it; hints say
+    # what the derivation must do instead). Not in the JSON: the note is.
+    slip: ShapeSlip | None = None
 
     @property
     def label(self) -> str:

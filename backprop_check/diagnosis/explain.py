@@ -101,7 +101,7 @@ def row(graph: Graph, name: str, check: Check | None, has_manual: bool) -> tuple
         return (name, value, local, "", "", "", "")
     manual = "" if check.manual is None else number(check.manual)
     if has_manual and check.manual is None:
-        manual = "(shape)" if check.note and check.kind == "param" else "—"
+        manual = "(shape)" if check.slip is not None else "—"
     agree = {MISMATCH: f"✗ {check.culprit or '?'}", NONDIFFERENTIABLE: "~ kink"}.get(check.verdict, "ok")
     return (check.label, value, local, manual, number(check.numerical), number(check.autograd), agree)
 

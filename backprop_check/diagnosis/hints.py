@@ -5,8 +5,9 @@ manual gradient is the culprit, the numerical one when autograd is):
 
 - a constant factor over the whole tensor: ×2, ×½, ×−1, ×N or ×1/N, N being a size of the
   data (the samples a mean runs over), or any other factor shared by every element;
-- a transposed matrix: of the wrong shape, or square and equal to the reference's transpose;
-- a missing sum over the batch: an extra leading dimension that, summed, gives the reference;
+- a wrong shape (a transposed matrix, per-sample gradients left unreduced): shapes.py finds
+  the slip, the message states it, and the hint says what the chain rule wants instead;
+- a square matrix equal to the reference's transpose (its shape could not tell);
 - right at the given point, wrong at random points: a missing factor that equals 1 there
   (the tutorials' x = 1 hides a forgotten dŷ/dw = x), or a gradient that is the same at every
   point (a number worked out at the given point and written in);
@@ -15,7 +16,6 @@ manual gradient is the culprit, the numerical one when autograd is):
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from backprop_check import dtypes
-from backprop_check.records import Check, MISMATCH
+from backprop_check.records import Check, CheckKind, Culprit, MISMATCH
 
 if TYPE_CHECKING:
     from backprop_check.records import Outcome
@@ -35,11 +35,12 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
     """Hints for the shown (failing) outcome; `outcomes` are all the points of the result."""
     hints: list[str] = []
     factors: dict[tuple[str, str], list[str]] = {}
+    for check in _wrong(shown):
+        remedy = check.slip.remedy(check.name) if check.slip is not None else None
+        if remedy:
+            hints.append(remedy)
     for check, odd, reference in _suspects(shown):
-        shaped = _shape_hint(check, odd, reference, shown)
-        if shaped:
-            hints.append(shaped)
-        if _squeezed(tuple(odd.shape)) != _squeezed(tuple(reference.shape)):
+        if check.slip is not None:  # a wrong shape: said above, and no factor pattern applies
             continue
         odd = odd.reshape(reference.shape)
         transposed = _transpose_hint(check, odd, reference, _rtol(shown))
@@ -57,13 +58,16 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
     return hints
 
 
+def _wrong(shown: Outcome) -> list[Check]:
+    """The wrong names whose culprit is manual or autograd: nodes from the loss back first
+    (where the slip starts), then parameters."""
+    checks = [c for c in shown.checks if c.kind == CheckKind.NODE] + [c for c in shown.checks if c.kind == CheckKind.PARAM]
+    return [c for c in checks if c.verdict == MISMATCH and c.culprit in (Culprit.MANUAL, Culprit.AUTOGRAD)]
+
+
 def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tensor]]:
-    """(check, odd tensor, reference tensor) for each wrong name whose culprit is known:
-    nodes from the loss back first (where the slip starts), then parameters."""
-    checks = [c for c in shown.checks if c.kind == "node"] + [c for c in shown.checks if c.kind == "param"]
-    for check in checks:
-        if check.verdict != MISMATCH or check.culprit not in ("manual", "autograd"):
-            continue
+    """(check, odd tensor, reference tensor) for each of `_wrong`'s names where both are whole."""
+    for check in _wrong(shown):
         odd = shown.gradients.get(check.culprit)
         reference = shown.gradients.get("autograd" if check.culprit == "manual" else "numerical")
         if reference is None:  # a numpy case has no autograd: the numerical gradient is the reference
@@ -74,34 +78,6 @@ def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tenso
         if not bool(torch.isfinite(ref).all()):  # a sampled numerical estimate: not whole
             continue
         yield check, odd.values[check.name].detach().to("cpu", torch.float64), ref
-
-
-def _shape_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, shown: Outcome) -> str | None:
-    """A wrong shape that a derivation explains: a transpose or a missing sum over the batch."""
-    got, want = tuple(odd.shape), tuple(reference.shape)
-    if odd.numel() == reference.numel() and _squeezed(got) == _squeezed(want):
-        return None
-    grad = f"the {check.culprit} dloss/d{check.name}"
-    if len(got) == 2 and got == want[::-1] and _close(odd.T, reference, _rtol(shown)):
-        return (
-            f"{grad} has the shape of {check.name}ᵀ and, transposed, it matches: a gradient has the "
-            f"shape of its parameter, so multiply the chain in the other order (for h = W·x, dloss/dW = δ·xᵀ)"
-        )
-    extra = len(got) - len(want)
-    if extra > 0 and got[extra:] == want:
-        batch = "×".join(map(str, got[:extra]))
-        summed = odd.sum(dim=tuple(range(extra)))
-        if _close(summed, reference, _rtol(shown)):
-            return (
-                f"{grad} keeps the batch dimension ({batch} per-sample gradients): {check.name} is shared "
-                f"by every sample, so sum their shares over the batch"
-            )
-        if _close(summed / math.prod(got[:extra]), reference, _rtol(shown)):
-            return (
-                f"{grad} keeps the batch dimension ({batch} per-sample gradients): average them over "
-                f"the batch (the loss is a mean)"
-            )
-    return None
 
 
 def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rtol: float) -> str | None:
@@ -286,7 +262,3 @@ def _rtol(shown: Outcome) -> float:
     autograd = shown.gradients.get("autograd") or shown.gradients.get("manual")  # numpy: no autograd
     dtype = next(iter(autograd.values.values())).dtype if autograd is not None and autograd.values else torch.float64
     return dtypes.row(str(dtype)).hint_rtol
-
-
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(s for s in shape if s != 1)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from backprop_check.errors import CaseError
-from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check
+from backprop_check.diagnosis.shapes import shape_slip
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
 from backprop_check.sources import Direction, Gradients
 from backprop_check.sources.rounding import Rounding as Noise
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
@@ -37,7 +38,7 @@ def compare(
     tolerances. `autograd` is None for a numpy case: manual is then checked against the
     numerical gradient alone."""
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
-    manual_values = _manual_values(manual, params, nodes, numerical.values)
+    manual_values = _manual_values(manual, params, nodes, numerical, autograd)
     largest = largest_gradient(autograd or manual, params)
     checks: list[Check] = []
     for name in params + nodes:
@@ -509,11 +510,12 @@ def _manual_values(
     manual: Gradients | None,
     params: list[str],
     nodes: list[str],
-    reference: dict[str, torch.Tensor],
+    numerical: Gradients,
+    autograd: Gradients | None,
 ) -> dict[str, torch.Tensor | Check]:
     """The manual gradient per name, reshaped to the reference's shape. A wrong shape that a
-    derivation explains (a transpose, a missing sum over the batch) becomes a mismatch; any other
-    wrong shape, a missing parameter or an unknown name is a broken case."""
+    derivation explains (a transpose, a missing sum over the batch: see shapes.py) becomes a
+    mismatch; any other wrong shape, a missing parameter or an unknown name is a broken case."""
     if manual is None:
         return {}
     values = manual.values
@@ -526,58 +528,40 @@ def _manual_values(
         raise CaseError(f"the manual gradient returns {unknown[0]!r}, which is neither a parameter nor a node")
     aligned: dict[str, torch.Tensor | Check] = {}
     for name, value in values.items():
-        want = tuple(reference[name].shape)
+        reference = _whole(name, numerical, autograd)
+        want = tuple(reference.shape)
         got = tuple(value.shape)
-        if value.numel() == reference[name].numel() and _squeezed(got) == _squeezed(want):
+        if value.numel() == reference.numel() and _squeezed(got) == _squeezed(want):
             aligned[name] = value.reshape(want)
             continue
-        note = shape_note(value, reference[name])
-        if note is None:
+        slip = shape_slip(value, reference)
+        if slip is None:
             raise CaseError(f"the manual gradient for {name!r} has shape {got}, expected {want}")
         aligned[name] = Check(
             name=name,
-            kind="param" if name in params else "node",
+            kind=CheckKind.PARAM if name in params else CheckKind.NODE,
             shape=want,
             verdict=MISMATCH,
-            culprit="manual",
-            bad=reference[name].numel(),
-            size=reference[name].numel(),
+            culprit=Culprit.MANUAL,
+            bad=reference.numel(),
+            size=reference.numel(),
             ratio=float("inf"),
             abs_err=float("inf"),
             rel_err=float("inf"),
-            note=note,
-            culprits={"manual": reference[name].numel()},
+            note=slip.fact(),
+            culprits={Culprit.MANUAL: reference.numel()},
+            slip=slip,
         )
     return aligned
 
 
-def shape_note(value: torch.Tensor, reference: torch.Tensor) -> str | None:
-    """Why a manual gradient of the wrong shape looks like a derivation slip, or None."""
-    got, want = tuple(value.shape), tuple(reference.shape)
-    ref = reference.to(torch.float64).cpu()
-    val = value.to(torch.float64).cpu()
-    atol = 1e-6 * (float(ref.abs().max()) if ref.numel() else 0.0) or 1e-6
-    if len(got) == 2 and got == want[::-1]:
-        fits = torch.allclose(val.T, ref, rtol=1e-3, atol=atol)
-        return (
-            f"manual gradient has shape {got}, the transpose of {want}"
-            + ("; transposed, it matches the reference" if fits else "")
-        )
-    extra = len(got) - len(want)
-    kept = [i for i, (g, w) in enumerate(zip(got, want)) if w == 1 and g > 1]
-    if extra == 0 and kept and all(g == w or i in kept for i, (g, w) in enumerate(zip(got, want))):
-        summed = val.sum(dim=tuple(kept), keepdim=True)  # a batch dimension the parameter keeps as 1
-    elif extra > 0 and got[extra:] == want:
-        summed = val.sum(dim=tuple(range(extra)))
-    else:
-        summed = None
-    if summed is not None:
-        fits = torch.allclose(summed, ref, rtol=1e-3, atol=atol)
-        return (
-            f"manual gradient has shape {got}, expected {want}: a missing sum over the batch dimension"
-            + ("; summed over it, it matches the reference" if fits else "")
-        )
-    return None
+def _whole(name: str, numerical: Gradients, autograd: Gradients | None) -> torch.Tensor:
+    """The reference a wrong shape is diagnosed against: the numerical gradient where every
+    element is estimated, else autograd's (exact everywhere; a numpy case has none)."""
+    value = numerical.values[name]
+    if autograd is None or name not in autograd.values or bool(torch.isfinite(value).all()):
+        return value
+    return autograd.values[name]
 
 
 def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
