@@ -70,10 +70,10 @@ class Check:
     """One parameter or node at one point: its worst element and how it compared."""
 
     name: str
-    kind: str  # "param" or "node"
+    kind: CheckKind
     shape: tuple[int, ...]
-    verdict: str
-    culprit: str | None = None
+    verdict: Verdict
+    culprit: Culprit | None = None
     index: tuple[int, ...] | None = None
     manual: float | None = None
     numerical: float | None = None
@@ -88,7 +88,7 @@ class Check:
     kinks: int = 0
     size: int = 1
     note: str | None = None
-    culprits: dict[str, int] = field(default_factory=dict)
+    culprits: dict[Culprit, int] = field(default_factory=dict)  # bad elements per culprit
     # How the tensor was checked (its elements; manual against autograd; numerical estimates;
     # random directions), and which comparison the shown error and tolerance come from.
     coverage: dict[str, int] = field(default_factory=dict)
@@ -99,6 +99,11 @@ class Check:
     # A wrong-shaped manual gradient: the slip behind its shape (`note` states it; hints say
     # what the derivation must do instead). Not in the JSON: the note is.
     slip: ShapeSlip | None = None
+
+    def __post_init__(self) -> None:
+        # A plain string ("param", "ok", "manual") becomes the member it names; any other fails here.
+        self.kind, self.verdict = CheckKind(self.kind), Verdict(self.verdict)
+        self.culprit = None if self.culprit is None else Culprit(self.culprit)
 
     @property
     def label(self) -> str:
@@ -138,8 +143,8 @@ class Check:
 class Outcome:
     point: Point
     checks: list[Check]
-    verdict: str
-    culprit: str | None
+    verdict: Verdict
+    culprit: Culprit | None
     notes: list[str] = field(default_factory=list)
     # For a mismatch: the three sources' whole tensors (hints look for patterns in them) and
     # the graph between the named nodes (where in the chain rule the derivation slipped).
@@ -154,8 +159,8 @@ class Result:
     case: str
     device: str
     dtype: str
-    verdict: str
-    culprit: str | None = None
+    verdict: Verdict
+    culprit: Culprit | None = None
     message: str = ""
     file: str | None = None
     line: int | None = None
@@ -170,6 +175,10 @@ class Result:
     traceback: str | None = None
     # The loss and autograd gradients at the given point: what a baseline stores.
     reference: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.verdict = Verdict(self.verdict)
+        self.culprit = None if self.culprit is None else Culprit(self.culprit)
 
     @property
     def id(self) -> str:
@@ -229,7 +238,7 @@ class Report:
     @property
     def not_checked(self) -> str | None:
         """Why this run fails for what it did not check (exit 5), or None."""
-        skipped = [result for result in self.results if result.verdict == "skipped"]
+        skipped = [result for result in self.results if result.verdict == Verdict.SKIPPED]
         if self.strict_devices and skipped:
             devices = sorted({result.device for result in skipped})
             why = "; ".join(dict.fromkeys(result.message for result in skipped))
@@ -253,9 +262,9 @@ class Report:
             return EXIT_INTERRUPTED
         code = 0
         for result in self.results:
-            if result.verdict == "error":
+            if result.verdict == Verdict.ERROR:
                 code |= EXIT_ERROR
-            elif result.verdict == "mismatch":
+            elif result.verdict == Verdict.MISMATCH:
                 code |= EXIT_MISMATCH
         if code:
             return EXIT_ERROR if code & EXIT_ERROR else code

@@ -69,7 +69,7 @@ def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tenso
     """(check, odd tensor, reference tensor) for each of `_wrong`'s names where both are whole."""
     for check in _wrong(shown):
         odd = shown.gradients.get(check.culprit)
-        reference = shown.gradients.get("autograd" if check.culprit == "manual" else "numerical")
+        reference = shown.gradients.get("autograd" if check.culprit == Culprit.MANUAL else "numerical")
         if reference is None:  # a numpy case has no autograd: the numerical gradient is the reference
             reference = shown.gradients.get("numerical")
         if odd is None or reference is None or check.name not in odd.values or check.name not in reference.values:
@@ -119,11 +119,11 @@ def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, c
 
 
 _ZERO = {
-    "autograd": (
+    Culprit.AUTOGRAD: (
         "autograd's graph is cut on the way: a tensor detached (.detach(), .data, .item(), numpy, "
         "torch.no_grad()), or a torch.autograd.grad inside the forward without create_graph=True"
     ),
-    "manual": "The manual gradient returns zeros: a term never added, or an accumulator left at its start value",
+    Culprit.MANUAL: "The manual gradient returns zeros: a term never added, or an accumulator left at its start value",
 }
 
 
@@ -200,7 +200,7 @@ def _hard_coded(check: Check, odd: torch.Tensor, given: Outcome, outcomes: list[
             other = source.values[check.name].detach().to("cpu", torch.float64)
             same.append(other.shape == odd.shape and bool(torch.equal(other, odd)))
     there = next((c for c in given.checks if c.name == check.name), None)
-    value = None if there is None else {"manual": there.manual, "autograd": there.autograd}.get(str(check.culprit))
+    value = None if there is None else {Culprit.MANUAL: there.manual, Culprit.AUTOGRAD: there.autograd}.get(check.culprit)
     if value is not None and there is not None and there.index is not None and len(there.index) == odd.dim():
         same.append(abs(float(odd[there.index]) - value) <= 1e-12 * max(1.0, abs(value)))
     return bool(same) and all(same)
@@ -209,13 +209,13 @@ def _hard_coded(check: Check, odd: torch.Tensor, given: Outcome, outcomes: list[
 def _function_hints(shown: Outcome) -> list[str]:
     """Autograd is the culprit and runs the user's custom Functions: name the one whose backward
     takes the step where the derivation slips (or every one, when the step is not known)."""
-    bad = [c for c in shown.checks if c.verdict == MISMATCH and c.culprit == "autograd"]
+    bad = [c for c in shown.checks if c.verdict == MISMATCH and c.culprit == Culprit.AUTOGRAD]
     graph = shown.graph
     if not bad or graph is None or not graph.functions:
         return []
-    good = [c.name for c in shown.checks if c.kind == "node" and c.verdict != MISMATCH]
-    first = next((c.name for c in bad if c.kind == "node"), None)
-    wrong = [first] if first else [c.name for c in bad if c.kind == "param"]
+    good = [c.name for c in shown.checks if c.kind == CheckKind.NODE and c.verdict != MISMATCH]
+    first = next((c.name for c in bad if c.kind == CheckKind.NODE), None)
+    wrong = [first] if first else [c.name for c in bad if c.kind == CheckKind.PARAM]
     suspects: list[type] = []
     for name in wrong:
         for after in graph.nearest(name, good) or [graph.root]:

@@ -42,7 +42,7 @@ def compare(
     largest = largest_gradient(autograd or manual, params)
     checks: list[Check] = []
     for name in params + nodes:
-        kind = "param" if name in params else "node"
+        kind = CheckKind.PARAM if name in params else CheckKind.NODE
         given = manual_values.get(name)
         if isinstance(given, Check):
             checks.append(given)
@@ -384,7 +384,7 @@ def _pairs(sides: Sides, referee: Referee, between: tuple[torch.Tensor, torch.Te
     }
 
 
-def _decisive(check: Check, worst: int, odd: str | None, pairs: dict[str, Pair]) -> None:
+def _decisive(check: Check, worst: int, odd: Culprit | None, pairs: dict[str, Pair]) -> None:
     """Fill in the error, tolerance and ratio of the comparison the verdict at the shown
     element rests on (the culprit's against the reference where it can be, else the one
     furthest outside its tolerance), so that the message printed from them agrees with itself."""
@@ -411,7 +411,7 @@ class Along:
     """The worst disagreement of one sampled tensor's gradients along its random directions."""
 
     bad: bool = False
-    culprit: str | None = None
+    culprit: Culprit | None = None
     note: str = ""
     ratio: float = 0.0
     diff: float = 0.0
@@ -423,7 +423,7 @@ class Along:
     def mismatch(self, check: Check) -> Check:
         """`check` as a mismatch seen along a direction, no single element located."""
         check.culprit = self.culprit
-        check.culprits = {self.culprit or "unknown": 1}
+        check.culprits = {self.culprit or Culprit.UNKNOWN: 1}
         check.numerical, check.error_bar = self.numerical, self.error
         check.autograd, check.manual = self.sources.get("autograd"), self.sources.get("manual")
         check.abs_err, check.allowed, check.ratio = self.diff, self.allowed, self.ratio
@@ -454,13 +454,13 @@ def _directions(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -
         if not math.isfinite(direction.value):
             result.culprit = None
         elif "autograd" not in sources:
-            result.culprit = "manual"
+            result.culprit = Culprit.MANUAL
         elif "manual" not in sources or not any(s.startswith("manual") for s in failed):
-            result.culprit = "autograd"
+            result.culprit = Culprit.AUTOGRAD
         elif not any(s.startswith("autograd") for s in failed):
-            result.culprit = "manual"
+            result.culprit = Culprit.MANUAL
         else:  # both off the reference while agreeing element by element: two against one
-            result.culprit = "numerical"
+            result.culprit = Culprit.NUMERICAL
         shown = ", ".join(f"{source} {value:.8g}" for source, value in result.sources.items())
         result.note = (
             f"along a random direction, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
@@ -472,38 +472,39 @@ def _directions(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -
 
 def _counts(bad: torch.Tensor, culprit: torch.Tensor) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for who in ("manual", "autograd", "numerical", "unknown", "undecided"):
-        count = int((bad & (culprit == _CODES[who])).sum())
+    for who, code in _CODES.items():
+        count = int((bad & (culprit == code)).sum())
         if count:
             counts[who] = count
     return counts
 
 
-_CODES = {"none": 0, "manual": 1, "autograd": 2, "numerical": 3, "unknown": 4, "undecided": 5}
+# Per-element culprit codes in a tensor; 0: no culprit (the three agree).
+_CODES = {Culprit.MANUAL: 1, Culprit.AUTOGRAD: 2, Culprit.NUMERICAL: 3, Culprit.UNKNOWN: 4, Culprit.UNDECIDED: 5}
 
 
-def _name_of(code: int) -> str | None:
+def _name_of(code: int) -> Culprit | None:
     return {v: k for k, v in _CODES.items()}[code] if code else None
 
 
 def _culprits(m_ok: torch.Tensor, a_ok: torch.Tensor, ma_ok: torch.Tensor, *, has_manual: bool) -> torch.Tensor:
     """Per element, the source that disagrees with the other two (codes of `_CODES`)."""
-    code = torch.full(m_ok.shape, _CODES["unknown"], dtype=torch.int64)
-    code[m_ok & a_ok & ma_ok] = _CODES["none"]
-    code[~m_ok & a_ok] = _CODES["manual"]
-    code[m_ok & ~a_ok] = _CODES["autograd"]
-    code[~m_ok & ~a_ok & ma_ok] = _CODES["numerical"]
-    code[m_ok & a_ok & ~ma_ok] = _CODES["undecided"]
+    code = torch.full(m_ok.shape, _CODES[Culprit.UNKNOWN], dtype=torch.int64)
+    code[m_ok & a_ok & ma_ok] = 0
+    code[~m_ok & a_ok] = _CODES[Culprit.MANUAL]
+    code[m_ok & ~a_ok] = _CODES[Culprit.AUTOGRAD]
+    code[~m_ok & ~a_ok & ma_ok] = _CODES[Culprit.NUMERICAL]
+    code[m_ok & a_ok & ~ma_ok] = _CODES[Culprit.UNDECIDED]
     if not has_manual:  # two-way: the float64 reference referees autograd alone
-        code[~a_ok] = _CODES["autograd"]
+        code[~a_ok] = _CODES[Culprit.AUTOGRAD]
     return code
 
 
-def _single(counts: dict[str, int]) -> str | None:
+def _single(counts: dict[str, int]) -> Culprit | None:
     """The culprit when every disagreeing element names the same one, else None; elements the
     referee cannot decide name no one, and so do not contradict the others."""
-    named = set(counts) - {"undecided"}
-    return named.pop() if len(named) == 1 and "unknown" not in counts else None
+    named = set(counts) - {Culprit.UNDECIDED}
+    return Culprit(named.pop()) if len(named) == 1 and Culprit.UNKNOWN not in counts else None
 
 
 def _manual_values(

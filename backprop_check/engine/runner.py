@@ -23,7 +23,7 @@ from backprop_check.loading.guards import check_forward_is_pure, empty_parameter
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
 from backprop_check.diagnosis.verdict import error_result, outcome_of, result_for, summarize
-from backprop_check.records import Outcome
+from backprop_check.records import Outcome, Verdict
 from backprop_check.loading.selection import matches
 from backprop_check.sources import SOURCES, Gradients
 from backprop_check.sources.numerical import Reference, reference
@@ -91,7 +91,7 @@ def load_error(failure: LoadFailure) -> Result:
         case=failure.case or Path(failure.file).stem,
         device="-",
         dtype="-",
-        verdict="error",
+        verdict=Verdict.ERROR,
         message=f"{failure.where}: {failure.reason}",
         file=failure.file,
         line=failure.line,
@@ -115,7 +115,7 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
             for device, dtype_name in combinations:
                 unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
                 if unavailable:
-                    results.append(result_for(case, device, dtype_name, "skipped", message=unavailable))
+                    results.append(result_for(case, device, dtype_name, Verdict.SKIPPED, message=unavailable))
                     continue
                 result = check_combination(case, points, device, dtype_name, numerical_cache, plan)
                 result.notes.extend(notes)
@@ -224,7 +224,7 @@ def check_combination(
             if checked.timed_out is not None:
                 raise checked.timed_out
     except CaseTimeout as exc:
-        if any(o.verdict == "mismatch" for o in outcomes):  # what was found stands
+        if any(o.verdict == Verdict.MISMATCH for o in outcomes):  # what was found stands
             result = summarize(case, device, dtype_name, outcomes, tol.describe())
             result.notes.extend(notes + [f"{exc}: the check stopped there; the mismatch found before stands"])
             result.reference = reference

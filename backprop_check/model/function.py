@@ -28,7 +28,7 @@ import torch
 
 from backprop_check.diagnosis import contract
 from backprop_check.model.case import Case, register
-from backprop_check.records import Check, MISMATCH
+from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError, line_in, one_line
 from backprop_check.loading.points import Point, generator
 from backprop_check.records import Report
@@ -298,7 +298,7 @@ class FunctionCase(Case):
         output's ⟨v_k, output_k⟩ estimated there by the three sources."""
         found = []
         for check in checks:
-            if check.kind != "param" or check.verdict != MISMATCH or check.index is None or check.numerical is None:
+            if check.kind != CheckKind.PARAM or check.verdict != MISMATCH or check.index is None or check.numerical is None:
                 continue
             flat = _flat_index(check.index, check.shape)
             # What the whole tensor's tolerance allows beyond the error bar and rtol·|reference|.
@@ -342,7 +342,7 @@ def _output_check(
     k: int, check: Check, m: float | None, n: float, e: float, a: float, allowed: float, tol: Tolerance
 ) -> Check:
     culprit = check.culprit
-    odd = {"manual": m, "autograd": a}.get(culprit or "")
+    odd = {Culprit.MANUAL: m, Culprit.AUTOGRAD: a}.get(culprit) if culprit else None
     if odd is None:
         odd = a if m is None or abs(a - n) >= abs(m - n) else m
     error = abs(odd - n)
@@ -358,7 +358,7 @@ def _output_check(
         note += f"; {check.bad} of {check.size} elements of `{check.name}` disagree"
     return Check(
         name=f"output {k} → {check.name}",
-        kind="output",
+        kind=CheckKind.OUTPUT,
         shape=check.shape,
         verdict=MISMATCH,
         culprit=culprit,
