@@ -159,7 +159,7 @@ def transposed_case() -> Any:
     return transposed
 
 
-def shared_words(first: str, second: str, length: int = 4) -> set[tuple[str, ...]]:
+def shared_words(first: str, second: str, length: int = 3) -> set[tuple[str, ...]]:
     """The runs of `length` words that both texts say."""
 
     def runs(text: str) -> set[tuple[str, ...]]:
