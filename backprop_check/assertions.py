@@ -15,7 +15,7 @@ from typing import Any
 
 from backprop_check.model.case import case
 from backprop_check.formats import text
-from backprop_check.records import Report
+from backprop_check.records import Report, Verdict
 from backprop_check.engine.runner import TIMEOUT, run
 
 
@@ -44,7 +44,7 @@ def assert_gradients(
         checked.manual(manual)
     report = run(checked, devices=devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout)
     if report.exit_code:
-        verdicts = ", ".join(f"{count} {verdict}" for verdict, count in report.summary.items() if count and verdict in ("mismatch", "error"))
+        verdicts = ", ".join(f"{count} {verdict}" for verdict, count in report.summary.items() if count and verdict in (Verdict.MISMATCH, Verdict.ERROR))
         verdicts = verdicts or str(report.not_checked)
         raise AssertionError(f"gradients of {checked.name!r}: {verdicts}\n\n{text.render(report).rstrip()}")
     return report

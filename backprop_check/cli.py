@@ -19,7 +19,7 @@ from backprop_check.errors import UsageError
 from backprop_check.formats import FORMATS, STDOUT, check_writable, text, write
 from backprop_check.loading.loader import load
 from backprop_check.options import add_to_argparse, plan_from
-from backprop_check.records import EXIT_INTERRUPTED, Interrupted, Report
+from backprop_check.records import EXIT_INTERRUPTED, Interrupted, Report, Verdict
 from backprop_check.engine.runner import run_plan
 from backprop_check.formats.terminal import Progress, style_for
 
@@ -80,7 +80,7 @@ def failing(report: Report) -> list[str]:
     """One line per mismatch or error: its run, where it is defined, and its message."""
     lines = []
     for result in report.results:
-        if result.verdict in ("mismatch", "error"):
+        if result.verdict in (Verdict.MISMATCH, Verdict.ERROR):
             where = f" ({result.file}:{result.line})" if result.file and result.line and result.device != "-" else ""
             name = result.id if result.device != "-" else result.case
             lines.append(f"{result.verdict}: {name}{where}: {' '.join(result.message.split())}")
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print_tracebacks(report) -> None:  # noqa: ANN001
     for result in report.results:
-        if result.verdict == "error" and result.traceback:
+        if result.verdict == Verdict.ERROR and result.traceback:
             print(f"--- {result.id}\n{result.traceback}", file=sys.stderr)
 
 

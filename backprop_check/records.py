@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from backprop_check.diagnosis.graph import Graph
+    from backprop_check.diagnosis.shapes import ShapeSlip
     from backprop_check.loading.points import Point
     from backprop_check.sources import Gradients
 
@@ -70,10 +71,10 @@ class Check:
     """One parameter or node at one point: its worst element and how it compared."""
 
     name: str
-    kind: str  # "param" or "node"
+    kind: CheckKind
     shape: tuple[int, ...]
-    verdict: str
-    culprit: str | None = None
+    verdict: Verdict
+    culprit: Culprit | None = None
     index: tuple[int, ...] | None = None
     manual: float | None = None
     numerical: float | None = None
@@ -88,7 +89,7 @@ class Check:
     kinks: int = 0
     size: int = 1
     note: str | None = None
-    culprits: dict[str, int] = field(default_factory=dict)
+    culprits: dict[Culprit, int] = field(default_factory=dict)  # bad elements per culprit
     # How the tensor was checked (its elements; manual against autograd; numerical estimates;
     # random directions), and which comparison the shown error and tolerance come from.
     coverage: dict[str, int] = field(default_factory=dict)
@@ -99,6 +100,14 @@ class Check:
     # A complex tensor, checked as its real view: `shape` and `index` are the view's, whose last
     # index is the part (0 real, 1 imaginary); it is shown as `z[3].imag` (loading/complexes.py).
     complex: bool = False
+    # A wrong-shaped manual gradient: the slip behind its shape (`note` states it; hints say
+    # what the derivation must do instead). Not in the JSON: the note is.
+    slip: ShapeSlip | None = None
+
+    def __post_init__(self) -> None:
+        # A plain string ("param", "ok", "manual") becomes the member it names; any other fails here.
+        self.kind, self.verdict = CheckKind(self.kind), Verdict(self.verdict)
+        self.culprit = None if self.culprit is None else Culprit(self.culprit)
 
     @property
     def label(self) -> str:
@@ -153,8 +162,8 @@ class Check:
 class Outcome:
     point: Point
     checks: list[Check]
-    verdict: str
-    culprit: str | None
+    verdict: Verdict
+    culprit: Culprit | None
     notes: list[str] = field(default_factory=list)
     # For a mismatch: the three sources' whole tensors (hints look for patterns in them) and
     # the graph between the named nodes (where in the chain rule the derivation slipped).
@@ -169,8 +178,8 @@ class Result:
     case: str
     device: str
     dtype: str
-    verdict: str
-    culprit: str | None = None
+    verdict: Verdict
+    culprit: Culprit | None = None
     message: str = ""
     file: str | None = None
     line: int | None = None
@@ -189,6 +198,10 @@ class Result:
     # and in which mode of AD ("rev": backward; "fwd": jvp).
     order: int = 1
     mode: str = "rev"
+
+    def __post_init__(self) -> None:
+        self.verdict = Verdict(self.verdict)
+        self.culprit = None if self.culprit is None else Culprit(self.culprit)
 
     @property
     def id(self) -> str:
@@ -250,7 +263,7 @@ class Report:
     @property
     def not_checked(self) -> str | None:
         """Why this run fails for what it did not check (exit 5), or None."""
-        skipped = [result for result in self.results if result.verdict == "skipped"]
+        skipped = [result for result in self.results if result.verdict == Verdict.SKIPPED]
         if self.strict_devices and skipped:
             devices = sorted({result.device for result in skipped})
             why = "; ".join(dict.fromkeys(result.message for result in skipped))
@@ -274,9 +287,9 @@ class Report:
             return EXIT_INTERRUPTED
         code = 0
         for result in self.results:
-            if result.verdict == "error":
+            if result.verdict == Verdict.ERROR:
                 code |= EXIT_ERROR
-            elif result.verdict == "mismatch":
+            elif result.verdict == Verdict.MISMATCH:
                 code |= EXIT_MISMATCH
         if code:
             return EXIT_ERROR if code & EXIT_ERROR else code

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ class Generic(Batched):
     def __init__(self, case: Any, at: Any, nodes: Any) -> None:
         def loss(values: Any) -> torch.Tensor:
             params, offsets = {k: values[k] for k in at.params}, {k: values[k] for k in nodes}
-            return call_forward(case, params, at.data, offsets)[0].to(torch.float64)
+            return call_forward(case, replace(at, params=params), offsets)[0].to(torch.float64)
 
         super().__init__(loss)
 

@@ -87,13 +87,18 @@ def hints_of(target: Any) -> list[str]:
         ),
         pytest.param(
             matrix_case(lambda W, x, y: {"W": true_matrix_gradient(W, x, y).T}, rows=2),
-            "has the shape of Wᵀ and, transposed, it matches",
+            "a gradient has the shape of its parameter: multiply the chain for the manual dloss/dW in the other order",
             id="wrong-shape-transposed",
         ),
         pytest.param(
             mse_case(lambda w, X, Y: {"w": 2 * X * (w * X - Y) / 4}),
-            "keeps the batch dimension (4 per-sample gradients): w is shared by every sample, so sum",
+            "w is shared by all 4 samples, so dloss/dw is the sum of their per-sample shares",
             id="missing-sum-over-the-batch",
+        ),
+        pytest.param(
+            mse_case(lambda w, X, Y: {"w": 2 * X * (w * X - Y)}),
+            "the loss is a mean over the 4 samples, so dloss/dw is the mean of their per-sample shares",
+            id="missing-mean-over-the-batch",
         ),
         pytest.param(
             linear_case(lambda w, x, y: {"w": 2 * (w * x - y)}),

@@ -4,6 +4,7 @@ line, CPU only with one note, baselines, trace, every report format and the pyte
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,7 @@ def test_the_in_place_loop_gives_the_generic_loops_values_bit_for_bit():
 
     def loss(values):  # the generic loop's loss: tensor rows in, one forward call per row
         params, offsets = {k: values[k] for k in point.params}, {k: values[k] for k in problem.nodes}
-        return call_forward(c, params, point.data, offsets)[0].to(torch.float64)
+        return call_forward(c, replace(point, params=params), offsets)[0].to(torch.float64)
 
     generic = Batched(loss)
     assert set(problem.targets) == {"w", "y_pred", "s"}

@@ -27,7 +27,7 @@ import torch
 
 from backprop_check.engine.compare import unravel
 
-from backprop_check.records import Check, MISMATCH, OK
+from backprop_check.records import MISMATCH, OK, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError, one_line
 from backprop_check.loading import complexes
 from backprop_check.loading.points import Point, derive_seed
@@ -164,17 +164,17 @@ def _result(item: str, failure: str | None, ok: str, spread: float = 0.0, allowe
     bad = failure is not None
     return Check(
         name=item,
-        kind="contract",
+        kind=CheckKind.CONTRACT,
         shape=(),
         verdict=MISMATCH if bad else OK,
-        culprit="autograd" if bad else None,
+        culprit=Culprit.AUTOGRAD if bad else None,
         abs_err=spread,
         allowed=allowed,
         ratio=float("inf") if bad else 0.0,
         bad=int(bad),
         size=1,
         note=failure if bad else ok,
-        culprits={"autograd": 1} if bad else {},
+        culprits={Culprit.AUTOGRAD: 1} if bad else {},
     )
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from backprop_check.model.case import Case
-from backprop_check.records import Check, MISMATCH, NONDIFFERENTIABLE
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Verdict
 from backprop_check.errors import CaseError, CaseTimeout, UsageError
 from backprop_check.loading.forward import call_forward
 from backprop_check.diagnosis.graph import Graph, graph_of
@@ -69,7 +70,7 @@ def command(args: argparse.Namespace) -> int:
 def explain(case: Case, seed: int = 0, width: int = WIDTH) -> tuple[list[str], int]:
     """The table's lines for `case` and the exit status of its check (0 ok, 1 mismatch, 2 error)."""
     result = run(case, devices=["cpu"], dtypes=["float64"], points=0, seed=seed).results[0]
-    if result.verdict == "error":
+    if result.verdict == Verdict.ERROR:
         return [f"error: {result.message}"], 2
     try:
         point = given_point(case, seed)
@@ -78,7 +79,7 @@ def explain(case: Case, seed: int = 0, width: int = WIDTH) -> tuple[list[str], i
         raise
     except CaseError as exc:
         return [f"error: {case.where}: {case.name}: {exc}"], 2
-    checks = {check.name: check for check in result.checks if check.kind in ("param", "node")}
+    checks = {check.name: check for check in result.checks if check.kind in (CheckKind.PARAM, CheckKind.NODE)}
     rows = [HEADER] + [row(graph, name, checks.get(name), case.manual_fn is not None) for name in graph.order]
     lines = [f"{case.name} ({case.where}) at the given point ({describe_point(point)}), float64 on cpu", ""]
     lines += table(rows)
@@ -86,7 +87,7 @@ def explain(case: Case, seed: int = 0, width: int = WIDTH) -> tuple[list[str], i
     if any(check.index for check in checks.values()):
         lines.append("a tensor's row shows the element where the sources differ most")
     lines += verdict_lines(result, width)
-    return lines, {"ok": 0, "nondifferentiable": 0, "mismatch": 1}.get(result.verdict, 2)
+    return lines, {OK: 0, NONDIFFERENTIABLE: 0, MISMATCH: 1}.get(result.verdict, 2)
 
 
 def row(graph: Graph, name: str, check: Check | None, has_manual: bool) -> tuple[str, ...]:
@@ -100,7 +101,7 @@ def row(graph: Graph, name: str, check: Check | None, has_manual: bool) -> tuple
         return (name, value, local, "", "", "", "")
     manual = "" if check.manual is None else number(check.manual)
     if has_manual and check.manual is None:
-        manual = "(shape)" if check.note and check.kind == "param" else "—"
+        manual = "(shape)" if check.slip is not None else "—"
     agree = {MISMATCH: f"✗ {check.culprit or '?'}", NONDIFFERENTIABLE: "~ kink"}.get(check.verdict, "ok")
     return (check.label, value, local, manual, number(check.numerical), number(check.autograd), agree)
 
@@ -111,9 +112,9 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def verdict_lines(result: Result, width: int = WIDTH) -> list[str]:
-    if result.verdict == "ok":
+    if result.verdict == OK:
         return ["all three agree"]
-    mark = "~" if result.verdict == "nondifferentiable" else "✗"
+    mark = "~" if result.verdict == NONDIFFERENTIABLE else "✗"
     lines = textwrap.wrap(f"{mark} {result.message}", width, subsequent_indent="    ", break_on_hyphens=False)
     for hint in result.hints:
         lines += textwrap.wrap(f"hint: {hint}", width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False)
@@ -130,7 +131,7 @@ def step_scan(case: Case, seed: int = 0) -> StepScan:
     from backprop_check.sources.numerical import steps_for
 
     result = run(case, devices=["cpu"], dtypes=["float64"], points=0, seed=seed).results[0]
-    params = [c for c in result.checks if c.kind == "param" and c.index is not None and c.numerical is not None]
+    params = [c for c in result.checks if c.kind == CheckKind.PARAM and c.index is not None and c.numerical is not None]
     if not params:
         raise UsageError(f"{case.name}: no parameter element to draw ({result.message or result.verdict})")
     check = next((c for c in params if c.verdict == MISMATCH), None) or max(params, key=lambda c: c.ratio)
@@ -141,7 +142,7 @@ def step_scan(case: Case, seed: int = 0) -> StepScan:
         moved = value.clone()
         moved[check.index] += offset
         with torch.no_grad():
-            loss, _ = call_forward(case, {**point.params, check.name: moved}, point.data)
+            loss, _ = call_forward(case, replace(point, params={**point.params, check.name: moved}))
         return float(loss)
 
     odd = check.culprit if check.verdict == MISMATCH else None

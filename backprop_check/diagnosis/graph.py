@@ -9,7 +9,7 @@ a parameter) and gives `explain` its local gradients.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -89,9 +89,8 @@ class Graph:
 def graph_of(case: Case, point: Point, *, keep_values: bool = False) -> Graph:
     """Run the forward pass at `point` (float64, CPU) with gradients on and read its graph."""
     params = {k: v.detach().to(torch.float64).clone().requires_grad_(True) for k, v in point.params.items()}
-    data = point.cast(torch.float64).data
     with torch.enable_grad():
-        loss, tape = call_forward(case, params, data)
+        loss, tape = call_forward(case, replace(point.cast(torch.float64), params=params))
     named_fns = {}
     for name, tensor in tape.values.items():
         if tensor.grad_fn is not None:

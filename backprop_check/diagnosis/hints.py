@@ -5,8 +5,9 @@ manual gradient is the culprit, the numerical one when autograd is):
 
 - a constant factor over the whole tensor: ×2, ×½, ×−1, ×N or ×1/N, N being a size of the
   data (the samples a mean runs over), or any other factor shared by every element;
-- a transposed matrix: of the wrong shape, or square and equal to the reference's transpose;
-- a missing sum over the batch: an extra leading dimension that, summed, gives the reference;
+- a wrong shape (a transposed matrix, per-sample gradients left unreduced): shapes.py finds
+  the slip, the message states it, and the hint says what the chain rule wants instead;
+- a square matrix equal to the reference's transpose (its shape could not tell);
 - right at the given point, wrong at random points: a missing factor that equals 1 there
   (the tutorials' x = 1 hides a forgotten dŷ/dw = x), or a gradient that is the same at every
   point (a number worked out at the given point and written in);
@@ -17,7 +18,6 @@ manual gradient is the culprit, the numerical one when autograd is):
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -26,7 +26,7 @@ import torch
 
 from backprop_check import dtypes
 from backprop_check.loading.complexes import CONVENTION
-from backprop_check.records import Check, MISMATCH
+from backprop_check.records import Check, CheckKind, Culprit, MISMATCH
 
 if TYPE_CHECKING:
     from backprop_check.records import Outcome
@@ -38,11 +38,12 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
     """Hints for the shown (failing) outcome; `outcomes` are all the points of the result."""
     hints: list[str] = []
     factors: dict[tuple[str, str], list[str]] = {}
+    for check in _wrong(shown):
+        remedy = check.slip.remedy(check.name) if check.slip is not None else None
+        if remedy:
+            hints.append(remedy)
     for check, odd, reference in _suspects(shown):
-        shaped = _shape_hint(check, odd, reference, shown)
-        if shaped:
-            hints.append(shaped)
-        if _squeezed(tuple(odd.shape)) != _squeezed(tuple(reference.shape)):
+        if check.slip is not None:  # a wrong shape: said above, and no factor pattern applies
             continue
         odd = odd.reshape(reference.shape)
         if check.complex:
@@ -67,15 +68,18 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
     return hints
 
 
+def _wrong(shown: Outcome) -> list[Check]:
+    """The wrong names whose culprit is manual or autograd: nodes from the loss back first
+    (where the slip starts), then parameters."""
+    checks = [c for c in shown.checks if c.kind == CheckKind.NODE] + [c for c in shown.checks if c.kind == CheckKind.PARAM]
+    return [c for c in checks if c.verdict == MISMATCH and c.culprit in (Culprit.MANUAL, Culprit.AUTOGRAD)]
+
+
 def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tensor]]:
-    """(check, odd tensor, reference tensor) for each wrong name whose culprit is known:
-    nodes from the loss back first (where the slip starts), then parameters."""
-    checks = [c for c in shown.checks if c.kind == "node"] + [c for c in shown.checks if c.kind == "param"]
-    for check in checks:
-        if check.verdict != MISMATCH or check.culprit not in ("manual", "autograd"):
-            continue
+    """(check, odd tensor, reference tensor) for each of `_wrong`'s names where both are whole."""
+    for check in _wrong(shown):
         odd = shown.gradients.get(check.culprit)
-        reference = shown.gradients.get("autograd" if check.culprit == "manual" else "numerical")
+        reference = shown.gradients.get("autograd" if check.culprit == Culprit.MANUAL else "numerical")
         if reference is None:  # a numpy case has no autograd: the numerical gradient is the reference
             reference = shown.gradients.get("numerical")
         if odd is None or reference is None or check.name not in odd.values or check.name not in reference.values:
@@ -84,34 +88,6 @@ def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tenso
         if not bool(torch.isfinite(ref).all()):  # a sampled numerical estimate: not whole
             continue
         yield check, odd.values[check.name].detach().to("cpu", torch.float64), ref
-
-
-def _shape_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, shown: Outcome) -> str | None:
-    """A wrong shape that a derivation explains: a transpose or a missing sum over the batch."""
-    got, want = tuple(odd.shape), tuple(reference.shape)
-    if odd.numel() == reference.numel() and _squeezed(got) == _squeezed(want):
-        return None
-    grad = f"the {check.culprit} dloss/d{check.name}"
-    if len(got) == 2 and got == want[::-1] and _close(odd.T, reference, _rtol(shown)):
-        return (
-            f"{grad} has the shape of {check.name}ᵀ and, transposed, it matches: a gradient has the "
-            f"shape of its parameter, so multiply the chain in the other order (for h = W·x, dloss/dW = δ·xᵀ)"
-        )
-    extra = len(got) - len(want)
-    if extra > 0 and got[extra:] == want:
-        batch = "×".join(map(str, got[:extra]))
-        summed = odd.sum(dim=tuple(range(extra)))
-        if _close(summed, reference, _rtol(shown)):
-            return (
-                f"{grad} keeps the batch dimension ({batch} per-sample gradients): {check.name} is shared "
-                f"by every sample, so sum their shares over the batch"
-            )
-        if _close(summed / math.prod(got[:extra]), reference, _rtol(shown)):
-            return (
-                f"{grad} keeps the batch dimension ({batch} per-sample gradients): average them over "
-                f"the batch (the loss is a mean)"
-            )
-    return None
 
 
 def _conjugate_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rtol: float) -> str | None:
@@ -173,11 +149,11 @@ def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, c
 
 
 _ZERO = {
-    "autograd": (
+    Culprit.AUTOGRAD: (
         "autograd's graph is cut on the way: a tensor detached (.detach(), .data, .item(), numpy, "
         "torch.no_grad()), or a torch.autograd.grad inside the forward without create_graph=True"
     ),
-    "manual": "The manual gradient returns zeros: a term never added, or an accumulator left at its start value",
+    Culprit.MANUAL: "The manual gradient returns zeros: a term never added, or an accumulator left at its start value",
 }
 
 
@@ -258,7 +234,7 @@ def _hard_coded(check: Check, odd: torch.Tensor, given: Outcome, outcomes: list[
             other = source.values[check.name].detach().to("cpu", torch.float64)
             same.append(other.shape == odd.shape and bool(torch.equal(other, odd)))
     there = next((c for c in given.checks if c.name == check.name), None)
-    value = None if there is None else {"manual": there.manual, "autograd": there.autograd}.get(str(check.culprit))
+    value = None if there is None else {Culprit.MANUAL: there.manual, Culprit.AUTOGRAD: there.autograd}.get(check.culprit)
     if value is not None and there is not None and there.index is not None and len(there.index) == odd.dim():
         same.append(abs(float(odd[there.index]) - value) <= 1e-12 * max(1.0, abs(value)))
     return bool(same) and all(same)
@@ -267,13 +243,13 @@ def _hard_coded(check: Check, odd: torch.Tensor, given: Outcome, outcomes: list[
 def _function_hints(shown: Outcome) -> list[str]:
     """Autograd is the culprit and runs the user's custom Functions: name the one whose backward
     takes the step where the derivation slips (or every one, when the step is not known)."""
-    bad = [c for c in shown.checks if c.verdict == MISMATCH and c.culprit == "autograd"]
+    bad = [c for c in shown.checks if c.verdict == MISMATCH and c.culprit == Culprit.AUTOGRAD]
     graph = shown.graph
     if not bad or graph is None or not graph.functions:
         return []
-    good = [c.name for c in shown.checks if c.kind == "node" and c.verdict != MISMATCH]
-    first = next((c.name for c in bad if c.kind == "node"), None)
-    wrong = [first] if first else [c.name for c in bad if c.kind == "param"]
+    good = [c.name for c in shown.checks if c.kind == CheckKind.NODE and c.verdict != MISMATCH]
+    first = next((c.name for c in bad if c.kind == CheckKind.NODE), None)
+    wrong = [first] if first else [c.name for c in bad if c.kind == CheckKind.PARAM]
     suspects: list[type] = []
     for name in wrong:
         for after in graph.nearest(name, good) or [graph.root]:
@@ -320,7 +296,3 @@ def _rtol(shown: Outcome) -> float:
     autograd = shown.gradients.get("autograd") or shown.gradients.get("manual")  # numpy: no autograd
     dtype = next(iter(autograd.values.values())).dtype if autograd is not None and autograd.values else torch.float64
     return dtypes.row(str(dtype)).hint_rtol
-
-
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(s for s in shape if s != 1)

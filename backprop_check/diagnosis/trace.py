@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -161,7 +161,7 @@ class Trace:
         params = {k: v.to(dtype) for k, v in given.params.items()}
         samples = batch_size(given.data) if s.per_sample else None
         if s.predict is not None:
-            self.predictions = {"x": s.predict, "before": self.predict(params, given.data)}
+            self.predictions = {"x": s.predict, "before": self.predict(given, params)}
             print("predict (before training)", s.predict, self.predictions["before"], file=out)
         step = 0
         labelled = False
@@ -170,7 +170,7 @@ class Trace:
             for index in range(samples) if samples is not None else [None]:
                 step += 1
                 data = given.data if index is None else {k: at(v, index) for k, v in given.data.items()}
-                grads, loss = self.check(step, epoch, index, params, data)
+                grads, loss = self.check(step, epoch, index, replace(given, params=params, data=data))
                 if self.stopped is not None:
                     self._print_stop(out)
                     return
@@ -186,7 +186,7 @@ class Trace:
             if shown:
                 print("progress:", epoch, loss, file=out)
         if s.predict is not None:
-            self.predictions["after"] = self.predict(params, given.data)
+            self.predictions["after"] = self.predict(given, params)
             print("predict (after training)", s.predict, self.predictions["after"], file=out)
         print(self.closing(step, samples), file=out)
 
@@ -201,13 +201,12 @@ class Trace:
         per = f" ({self.settings.epochs} epochs × {samples} samples)" if samples is not None else ""
         return f"checked {steps} step{'s' if steps != 1 else ''}{per}: {sources} agree at every step"
 
-    def check(
-        self, step: int, epoch: int, index: int | None, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], float]:
-        """The three gradients at this step's parameters; sets `stopped` when they disagree."""
+    def check(self, step: int, epoch: int, index: int | None, here: Point) -> tuple[dict[str, torch.Tensor], float]:
+        """The three gradients at this step's parameters and data (`here`, in the run's dtype);
+        sets `stopped` when they disagree."""
         s, dtype = self.settings, getattr(torch, self.settings.dtype)
         where = f"epoch {epoch}" + (f", sample {index}" if index is not None else "")
-        point = Point(f"point of step {step} ({where})", None, {k: v.to(torch.float64) for k, v in params.items()}, data)
+        point = replace(here, label=f"point of step {step} ({where})", params={k: v.to(torch.float64) for k, v in here.params.items()})
         tol = tolerance_for(dtype, self.case.rtol, self.case.atol)
         try:
             numerical = reference(self.case, point, dtype, full=True)
@@ -227,15 +226,17 @@ class Trace:
         stepper = autograd if autograd is not None else manual
         loss = float(autograd.loss if autograd is not None else numerical.loss)
         outcome = outcome_of(point, checked.checks, checked.gradients, self.case)
-        self.steps.append(_step_record(step, epoch, index, loss, params, numerical, autograd, manual, outcome.verdict))
+        self.steps.append(_step_record(step, epoch, index, loss, here.params, numerical, autograd, manual, outcome.verdict))
         self.steps[-1]["tolerance_ratio"] = max((c.ratio for c in checked.checks), default=0.0)
         if outcome.verdict == MISMATCH:
             self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol.describe())
             self.steps[-1]["checks"] = [check.to_dict() for check in checked.checks]
         return {k: stepper.values[k] for k in point.params}, loss
 
-    def predict(self, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]) -> Any:
-        """Node 'y_hat' with the first datum set to --predict (the other data: the first sample)."""
+    def predict(self, given: Point, params: dict[str, torch.Tensor]) -> Any:
+        """Node 'y_hat' at `params` with the first datum set to --predict (the other data: the
+        given point's first sample)."""
+        data = given.data
         if not data:
             raise UsageError("--predict needs a datum to set; the case has no data")
         try:
@@ -247,7 +248,7 @@ class Trace:
         sample[first] = torch.full_like(sample[first], float(self.settings.predict), dtype=torch.float64)
         sample = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sample.items()}
         with torch.no_grad():
-            _, tape = call_forward(self.case, params, sample)
+            _, tape = call_forward(self.case, replace(given, params=params, data=sample))
         if PREDICT_NODE not in tape.values:
             raise UsageError(f"--predict reads node {PREDICT_NODE!r}; {self.case.name} marks no such node (node('y_hat', …))")
         return value_of(tape.values[PREDICT_NODE])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import traceback
 
 from backprop_check.model.case import Case
-from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, Outcome, Result
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result, Verdict
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.diagnosis.graph import graph_of
 from backprop_check.diagnosis.hints import hints_for
@@ -31,7 +31,7 @@ def outcome_of(
 def _verdict_of(point: Point, checks: list[Check]) -> Outcome:
     bad = [check for check in checks if check.verdict == MISMATCH]
     if bad:
-        named = {check.culprit for check in bad if check.kind == "param"} or {check.culprit for check in bad}
+        named = {check.culprit for check in bad if check.kind == CheckKind.PARAM} or {check.culprit for check in bad}
         culprit = named.pop() if len(named) == 1 else None
         return Outcome(point, checks, MISMATCH, culprit)
     if any(check.verdict == NONDIFFERENTIABLE for check in checks):
@@ -42,7 +42,7 @@ def _verdict_of(point: Point, checks: list[Check]) -> Outcome:
 def _undecided(outcome: Outcome) -> bool:
     """Whether every disagreement at this point is one the float64 referee cannot decide."""
     bad = [check for check in outcome.checks if check.verdict == MISMATCH]
-    return bool(bad) and all(check.culprits and set(check.culprits) == {"undecided"} for check in bad)
+    return bool(bad) and all(check.culprits and set(check.culprits) == {Culprit.UNDECIDED} for check in bad)
 
 
 def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tolerance: str) -> Result:
@@ -77,10 +77,10 @@ def _said_of(case: Case, hints: list[str]) -> list[str]:
     return hints if case.what == "loss" else [hint.replace("dloss/d", f"d{case.what}/d") for hint in hints]
 
 
-def first_bad_node(checks: list[Check], culprit: str | None) -> str | None:
+def first_bad_node(checks: list[Check], culprit: Culprit | None) -> str | None:
     """Walking from the loss toward the parameters, the first node whose gradient is wrong."""
     for check in checks:
-        if check.kind == "node" and check.verdict == MISMATCH and (culprit is None or check.culprit == culprit):
+        if check.kind == CheckKind.NODE and check.verdict == MISMATCH and (culprit is None or check.culprit == culprit):
             return check.name
     return None
 
@@ -89,9 +89,9 @@ def where_it_slips(result: Result, shown: Outcome) -> str:
     """The step of the chain rule that went wrong: between the first wrong node (or a wrong
     parameter) and the nearest node after it, toward the loss, whose gradient agrees."""
     graph, culprit = shown.graph, result.culprit
-    if culprit not in ("manual", "autograd") or graph is None:
+    if culprit not in (Culprit.MANUAL, Culprit.AUTOGRAD) or graph is None:
         return f"; the derivation first goes wrong at node {result.first_bad_node!r}" if result.first_bad_node else ""
-    given = [c for c in shown.checks if c.kind == "node" and (culprit == "autograd" or c.manual is not None)]
+    given = [c for c in shown.checks if c.kind == CheckKind.NODE and (culprit == Culprit.AUTOGRAD or c.manual is not None)]
     good = [c.name for c in given if c.verdict != MISMATCH]
     if result.first_bad_node:
         bad = result.first_bad_node
@@ -103,7 +103,7 @@ def where_it_slips(result: Result, shown: Outcome) -> str:
         if graph.consumers(bad) == [graph.root]:
             return f"{text}, in the first step back from the loss (d{graph.root}/d{bad})"
         return text
-    wrong = [c.name for c in shown.checks if c.kind == "param" and c.verdict == MISMATCH and c.culprit == culprit]
+    wrong = [c.name for c in shown.checks if c.kind == CheckKind.PARAM and c.verdict == MISMATCH and c.culprit == culprit]
     steps = []
     for param in wrong:
         parts = [f"between node {name!r} and parameter {param!r} (d{name}/d{param})" for name in graph.nearest(param, good)]
@@ -137,15 +137,15 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
             f"left and right derivatives; to check the gradient, {far} (a step is about 1e-4·max(1, |value|))"
         )
     bad = [c for c in shown.checks if c.verdict == MISMATCH]
-    params = [c for c in bad if c.kind != "node"] or bad
+    params = [c for c in bad if c.kind != CheckKind.NODE] or bad
     check = params[0]
     if result.culprit:
         who = f"{result.culprit} is the odd one out"
-    elif all(c.kind == "expect" for c in bad):  # manual, numerical and autograd agree with each other
+    elif all(c.kind == CheckKind.EXPECT for c in bad):  # manual, numerical and autograd agree with each other
         who = "the published value (expect=) is the odd one out: the three sources agree with each other"
     else:
         who = "the sources disagree and no single one is the odd one out"
-    if check.kind in ("expect", "device", "jvp"):
+    if check.kind in (CheckKind.EXPECT, CheckKind.DEVICE, CheckKind.JVP):
         text = f"{check.note}"
     elif check.index is None:
         text = f"{check.name}: {check.note}"
@@ -163,12 +163,12 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         if check.bad > 1:
             text += f"; {check.bad} of {check.size} elements disagree"
     where = f" at the {shown.point.describe()}"
-    expect_only = all(c.kind == "expect" for c in bad)  # published values hold at the given point only
+    expect_only = all(c.kind == CheckKind.EXPECT for c in bad)  # published values hold at the given point only
     others = f"; {failing} of {total} points disagree" if total > 1 and not expect_only else ""
     return f"{who}{where}: {text}{others}{where_it_slips(result, shown)}"
 
 
-def result_for(case: Case, device: str, dtype: str, verdict: str, **fields) -> Result:  # noqa: ANN003
+def result_for(case: Case, device: str, dtype: str, verdict: Verdict, **fields) -> Result:  # noqa: ANN003
     fields.setdefault("order", case.level)
     return Result(case=case.name, device=device, dtype=dtype, verdict=verdict, file=case.file, line=case.line, **fields)
 
@@ -176,4 +176,4 @@ def result_for(case: Case, device: str, dtype: str, verdict: str, **fields) -> R
 def error_result(case: Case, device: str, dtype: str, reason: str, exc: BaseException | None = None) -> Result:
     cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
     trace = "".join(traceback.format_exception(cause)) if cause is not None else None
-    return result_for(case, device, dtype, "error", message=f"{case.where}: {case.name}: {reason}", traceback=trace)
+    return result_for(case, device, dtype, Verdict.ERROR, message=f"{case.where}: {case.name}: {reason}", traceback=trace)

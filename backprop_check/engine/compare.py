@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from backprop_check.errors import CaseError
-from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check
+from backprop_check.diagnosis.shapes import shape_slip
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
 from backprop_check.sources import Direction, Gradients
 from backprop_check.sources.rounding import Rounding as Noise
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
@@ -37,11 +38,11 @@ def compare(
     tolerances. `autograd` is None for a numpy case: manual is then checked against the
     numerical gradient alone."""
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
-    manual_values = _manual_values(manual, params, nodes, numerical.values)
+    manual_values = _manual_values(manual, params, nodes, numerical, autograd)
     largest = largest_gradient(autograd or manual, params)
     checks: list[Check] = []
     for name in params + nodes:
-        kind = "param" if name in params else "node"
+        kind = CheckKind.PARAM if name in params else CheckKind.NODE
         given = manual_values.get(name)
         if isinstance(given, Check):
             checks.append(given)
@@ -383,7 +384,7 @@ def _pairs(sides: Sides, referee: Referee, between: tuple[torch.Tensor, torch.Te
     }
 
 
-def _decisive(check: Check, worst: int, odd: str | None, pairs: dict[str, Pair]) -> None:
+def _decisive(check: Check, worst: int, odd: Culprit | None, pairs: dict[str, Pair]) -> None:
     """Fill in the error, tolerance and ratio of the comparison the verdict at the shown
     element rests on (the culprit's against the reference where it can be, else the one
     furthest outside its tolerance), so that the message printed from them agrees with itself."""
@@ -410,7 +411,7 @@ class Along:
     """The worst disagreement of one sampled tensor's gradients along its random directions."""
 
     bad: bool = False
-    culprit: str | None = None
+    culprit: Culprit | None = None
     note: str = ""
     ratio: float = 0.0
     diff: float = 0.0
@@ -422,7 +423,7 @@ class Along:
     def mismatch(self, check: Check) -> Check:
         """`check` as a mismatch seen along a direction, no single element located."""
         check.culprit = self.culprit
-        check.culprits = {self.culprit or "unknown": 1}
+        check.culprits = {self.culprit or Culprit.UNKNOWN: 1}
         check.numerical, check.error_bar = self.numerical, self.error
         check.autograd, check.manual = self.sources.get("autograd"), self.sources.get("manual")
         check.abs_err, check.allowed, check.ratio = self.diff, self.allowed, self.ratio
@@ -453,13 +454,13 @@ def _directions(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -
         if not math.isfinite(direction.value):
             result.culprit = None
         elif "autograd" not in sources:
-            result.culprit = "manual"
+            result.culprit = Culprit.MANUAL
         elif "manual" not in sources or not any(s.startswith("manual") for s in failed):
-            result.culprit = "autograd"
+            result.culprit = Culprit.AUTOGRAD
         elif not any(s.startswith("autograd") for s in failed):
-            result.culprit = "manual"
+            result.culprit = Culprit.MANUAL
         else:  # both off the reference while agreeing element by element: two against one
-            result.culprit = "numerical"
+            result.culprit = Culprit.NUMERICAL
         shown = ", ".join(f"{source} {value:.8g}" for source, value in result.sources.items())
         result.note = (
             f"along a random direction, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
@@ -471,49 +472,51 @@ def _directions(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -
 
 def _counts(bad: torch.Tensor, culprit: torch.Tensor) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for who in ("manual", "autograd", "numerical", "unknown", "undecided"):
-        count = int((bad & (culprit == _CODES[who])).sum())
+    for who, code in _CODES.items():
+        count = int((bad & (culprit == code)).sum())
         if count:
             counts[who] = count
     return counts
 
 
-_CODES = {"none": 0, "manual": 1, "autograd": 2, "numerical": 3, "unknown": 4, "undecided": 5}
+# Per-element culprit codes in a tensor; 0: no culprit (the three agree).
+_CODES = {Culprit.MANUAL: 1, Culprit.AUTOGRAD: 2, Culprit.NUMERICAL: 3, Culprit.UNKNOWN: 4, Culprit.UNDECIDED: 5}
 
 
-def _name_of(code: int) -> str | None:
+def _name_of(code: int) -> Culprit | None:
     return {v: k for k, v in _CODES.items()}[code] if code else None
 
 
 def _culprits(m_ok: torch.Tensor, a_ok: torch.Tensor, ma_ok: torch.Tensor, *, has_manual: bool) -> torch.Tensor:
     """Per element, the source that disagrees with the other two (codes of `_CODES`)."""
-    code = torch.full(m_ok.shape, _CODES["unknown"], dtype=torch.int64)
-    code[m_ok & a_ok & ma_ok] = _CODES["none"]
-    code[~m_ok & a_ok] = _CODES["manual"]
-    code[m_ok & ~a_ok] = _CODES["autograd"]
-    code[~m_ok & ~a_ok & ma_ok] = _CODES["numerical"]
-    code[m_ok & a_ok & ~ma_ok] = _CODES["undecided"]
+    code = torch.full(m_ok.shape, _CODES[Culprit.UNKNOWN], dtype=torch.int64)
+    code[m_ok & a_ok & ma_ok] = 0
+    code[~m_ok & a_ok] = _CODES[Culprit.MANUAL]
+    code[m_ok & ~a_ok] = _CODES[Culprit.AUTOGRAD]
+    code[~m_ok & ~a_ok & ma_ok] = _CODES[Culprit.NUMERICAL]
+    code[m_ok & a_ok & ~ma_ok] = _CODES[Culprit.UNDECIDED]
     if not has_manual:  # two-way: the float64 reference referees autograd alone
-        code[~a_ok] = _CODES["autograd"]
+        code[~a_ok] = _CODES[Culprit.AUTOGRAD]
     return code
 
 
-def _single(counts: dict[str, int]) -> str | None:
+def _single(counts: dict[str, int]) -> Culprit | None:
     """The culprit when every disagreeing element names the same one, else None; elements the
     referee cannot decide name no one, and so do not contradict the others."""
-    named = set(counts) - {"undecided"}
-    return named.pop() if len(named) == 1 and "unknown" not in counts else None
+    named = set(counts) - {Culprit.UNDECIDED}
+    return Culprit(named.pop()) if len(named) == 1 and Culprit.UNKNOWN not in counts else None
 
 
 def _manual_values(
     manual: Gradients | None,
     params: list[str],
     nodes: list[str],
-    reference: dict[str, torch.Tensor],
+    numerical: Gradients,
+    autograd: Gradients | None,
 ) -> dict[str, torch.Tensor | Check]:
     """The manual gradient per name, reshaped to the reference's shape. A wrong shape that a
-    derivation explains (a transpose, a missing sum over the batch) becomes a mismatch; any other
-    wrong shape, a missing parameter or an unknown name is a broken case."""
+    derivation explains (a transpose, a missing sum over the batch: see shapes.py) becomes a
+    mismatch; any other wrong shape, a missing parameter or an unknown name is a broken case."""
     if manual is None:
         return {}
     values = manual.values
@@ -526,58 +529,40 @@ def _manual_values(
         raise CaseError(f"the manual gradient returns {unknown[0]!r}, which is neither a parameter nor a node")
     aligned: dict[str, torch.Tensor | Check] = {}
     for name, value in values.items():
-        want = tuple(reference[name].shape)
+        reference = _whole(name, numerical, autograd)
+        want = tuple(reference.shape)
         got = tuple(value.shape)
-        if value.numel() == reference[name].numel() and _squeezed(got) == _squeezed(want):
+        if value.numel() == reference.numel() and _squeezed(got) == _squeezed(want):
             aligned[name] = value.reshape(want)
             continue
-        note = shape_note(value, reference[name])
-        if note is None:
+        slip = shape_slip(value, reference)
+        if slip is None:
             raise CaseError(f"the manual gradient for {name!r} has shape {got}, expected {want}")
         aligned[name] = Check(
             name=name,
-            kind="param" if name in params else "node",
+            kind=CheckKind.PARAM if name in params else CheckKind.NODE,
             shape=want,
             verdict=MISMATCH,
-            culprit="manual",
-            bad=reference[name].numel(),
-            size=reference[name].numel(),
+            culprit=Culprit.MANUAL,
+            bad=reference.numel(),
+            size=reference.numel(),
             ratio=float("inf"),
             abs_err=float("inf"),
             rel_err=float("inf"),
-            note=note,
-            culprits={"manual": reference[name].numel()},
+            note=slip.fact(),
+            culprits={Culprit.MANUAL: reference.numel()},
+            slip=slip,
         )
     return aligned
 
 
-def shape_note(value: torch.Tensor, reference: torch.Tensor) -> str | None:
-    """Why a manual gradient of the wrong shape looks like a derivation slip, or None."""
-    got, want = tuple(value.shape), tuple(reference.shape)
-    ref = reference.to(torch.float64).cpu()
-    val = value.to(torch.float64).cpu()
-    atol = 1e-6 * (float(ref.abs().max()) if ref.numel() else 0.0) or 1e-6
-    if len(got) == 2 and got == want[::-1]:
-        fits = torch.allclose(val.T, ref, rtol=1e-3, atol=atol)
-        return (
-            f"manual gradient has shape {got}, the transpose of {want}"
-            + ("; transposed, it matches the reference" if fits else "")
-        )
-    extra = len(got) - len(want)
-    kept = [i for i, (g, w) in enumerate(zip(got, want)) if w == 1 and g > 1]
-    if extra == 0 and kept and all(g == w or i in kept for i, (g, w) in enumerate(zip(got, want))):
-        summed = val.sum(dim=tuple(kept), keepdim=True)  # a batch dimension the parameter keeps as 1
-    elif extra > 0 and got[extra:] == want:
-        summed = val.sum(dim=tuple(range(extra)))
-    else:
-        summed = None
-    if summed is not None:
-        fits = torch.allclose(summed, ref, rtol=1e-3, atol=atol)
-        return (
-            f"manual gradient has shape {got}, expected {want}: a missing sum over the batch dimension"
-            + ("; summed over it, it matches the reference" if fits else "")
-        )
-    return None
+def _whole(name: str, numerical: Gradients, autograd: Gradients | None) -> torch.Tensor:
+    """The reference a wrong shape is diagnosed against: the numerical gradient where every
+    element is estimated, else autograd's (exact everywhere; a numpy case has none)."""
+    value = numerical.values[name]
+    if autograd is None or name not in autograd.values or bool(torch.isfinite(value).all()):
+        return value
+    return autograd.values[name]
 
 
 def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:

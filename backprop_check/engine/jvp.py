@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -209,15 +209,15 @@ class _Judge:
         self.run = point.cast(dtype, device)
         self.exact = point.rounded(dtype)  # where the run is, in float64, on the CPU
         with torch.no_grad():
-            raw = case.outputs(self.exact.params, self.exact.data)
+            raw = case.outputs(self.exact)
         self.complex = [isinstance(o, torch.Tensor) and o.is_complex() for o in raw]
         base = [_real(o.detach()) for o in raw]
         self.f0 = [o.reshape(-1) for o in base]
         self.shapes = [tuple(o.shape) for o in base]
 
     def __call__(self, tangent: Tangent) -> list[_Finding]:
-        fwd = jvp(self.case, self.run.params, self.run.data, tangent.vectors)
-        twin = fwd if self.dtype == torch.float64 else jvp(self.case, self.exact.params, self.exact.data, tangent.vectors)
+        fwd = jvp(self.case, self.run, tangent.vectors)
+        twin = fwd if self.dtype == torch.float64 else jvp(self.case, self.exact, tangent.vectors)
         estimates = self.along(tangent)
         found = []
         for k, (f, t, est) in enumerate(zip(fwd, twin, estimates)):
@@ -232,7 +232,8 @@ class _Judge:
             with torch.no_grad():
                 for t in LINE_OFFSETS:
                     moved = {k: v + t * multiplier * tangent.vectors[k] for k, v in self.exact.params.items()}
-                    rows.append([o.detach().reshape(-1).to(torch.float64) for o in _outputs(self.case, moved, self.exact.data)])
+                    outputs = _outputs(self.case, replace(self.exact, params=moved))
+                    rows.append([o.detach().reshape(-1).to(torch.float64) for o in outputs])
             estimates = [
                 _line_estimates(torch.stack([row[k] for row in rows]), multiplier, self.f0[k]) for k in range(len(self.f0))
             ]
@@ -291,8 +292,8 @@ class _Judge:
         return Tangent(vectors)
 
 
-def _outputs(case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return tuple(_real(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o)) for o in case.outputs(params, data))
+def _outputs(case: Case, at: Point) -> tuple[torch.Tensor, ...]:
+    return tuple(_real(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o)) for o in case.outputs(at))
 
 
 def _real(tensor: torch.Tensor) -> torch.Tensor:
@@ -300,18 +301,16 @@ def _real(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor.resolve_conj()) if tensor.is_complex() else tensor
 
 
-def jvp(
-    case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor], vectors: Mapping[str, torch.Tensor]
-) -> tuple[torch.Tensor, ...]:
-    """J·u for every output of `case` by forward-mode AD (a custom Function's `jvp`)."""
+def jvp(case: Case, at: Point, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """J·u at `at` for every output of `case` by forward-mode AD (a custom Function's `jvp`)."""
     with fwAD.dual_level(), torch.enable_grad():
         duals = {}
-        for name, value in params.items():
+        for name, value in at.params.items():
             tangent = vectors[name].to(device=value.device, dtype=value.dtype)
             # requires_grad: the derivative of order 2 differentiates inside (forward over reverse)
             duals[name] = fwAD.make_dual(value.detach().requires_grad_(True), tangent)
         try:
-            outputs = case.outputs(duals, data)
+            outputs = case.outputs(replace(at, params=duals))
         except CaseError as exc:
             raise CaseError(f"forward mode: {exc}") from exc.__cause__
         except RuntimeError as exc:

@@ -6,7 +6,7 @@ import torch
 
 from backprop_check import dtypes
 from backprop_check.model.case import Case
-from backprop_check.records import Check, MISMATCH, OK
+from backprop_check.records import MISMATCH, OK, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError
 from backprop_check.sources import Gradients
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
@@ -15,13 +15,17 @@ from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 
 
 def expect_checks(
-    case: Case, numerical: Gradients, autograd: Gradients | None, dtype: torch.dtype, tol
-) -> list[Check]:  # noqa: ANN001
-    """The case's published values against the loss and the numerical gradient."""
-    from backprop_check.loading.complexes import names_of
+    case: Case,
+    numerical: Gradients,
+    autograd: Gradients | None,
+    dtype: torch.dtype,
+    tol,  # noqa: ANN001
+    complex_names: frozenset[str] = frozenset(),
+) -> list[Check]:
+    """The case's published values against the loss and the numerical gradient (`complex_names`:
+    the parameters whose values are complex, given as complex numbers)."""
     from backprop_check.loading.points import as_float
 
-    complex_names = names_of(case)
     checks = []
     rtol = dtypes.row(str(dtype)).expect_rtol
     for name, value in case.expect.items():
@@ -46,7 +50,7 @@ def expect_checks(
         bad = ~(diff <= allowed)
         check = Check(
             name=f"expect {name}",
-            kind="expect",
+            kind=CheckKind.EXPECT,
             shape=tuple(numerical.values[name].shape) if name in numerical.values else (),
             verdict=MISMATCH if bool(bad.any()) else OK,
             numerical=float(got[worst]),
@@ -82,14 +86,14 @@ def device_checks(
         diff = (here - there).abs()
         bad = ~(diff <= allowed)
         worst = int(torch.argmax(torch.nan_to_num(diff / allowed, nan=torch.inf))) if diff.numel() else 0
-        check = Check(name=f"{name} ({device} vs cpu)", kind="device", shape=tuple(autograd.values[name].shape),
+        check = Check(name=f"{name} ({device} vs cpu)", kind=CheckKind.DEVICE, shape=tuple(autograd.values[name].shape),
                       verdict=MISMATCH if bool(bad.any()) else OK, size=diff.numel(), bad=int(bad.sum()))
         if diff.numel():
             check.autograd, check.reference = float(here[worst]), float(there[worst])
             check.abs_err, check.allowed = float(diff[worst]), float(allowed[worst])
             check.ratio = float(diff[worst] / allowed[worst]) if bool(torch.isfinite(diff[worst])) else float("inf")
         if bad.any():
-            check.culprit, check.culprits = "autograd", {"autograd": int(bad.sum())}
+            check.culprit, check.culprits = Culprit.AUTOGRAD, {Culprit.AUTOGRAD: int(bad.sum())}
             check.note = f"autograd on {device} gives {check.autograd:.8g}, on the cpu {check.reference:.8g}"
         checks.append(check)
     return checks

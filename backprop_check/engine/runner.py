@@ -26,7 +26,7 @@ from backprop_check.loading.guards import check_forward_is_pure, empty_parameter
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
 from backprop_check.diagnosis.verdict import error_result, outcome_of, result_for, summarize
-from backprop_check.records import Outcome
+from backprop_check.records import Outcome, Verdict
 from backprop_check.loading.selection import matches
 from backprop_check.sources import SOURCES, Gradients
 from backprop_check.sources.numerical import Reference, reference
@@ -99,7 +99,7 @@ def load_error(failure: LoadFailure) -> Result:
         case=failure.case or Path(failure.file).stem,
         device="-",
         dtype="-",
-        verdict="error",
+        verdict=Verdict.ERROR,
         message=f"{failure.where}: {failure.reason}",
         file=failure.file,
         line=failure.line,
@@ -123,7 +123,7 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
             for device, dtype_name in combinations:
                 unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
                 if unavailable:
-                    results.append(result_for(case, device, dtype_name, "skipped", message=unavailable))
+                    results.append(result_for(case, device, dtype_name, Verdict.SKIPPED, message=unavailable))
                     continue
                 result = check_combination(case, points, device, dtype_name, numerical_cache, plan)
                 result.notes.extend(notes)
@@ -216,7 +216,7 @@ def check_combination(
             checks, autograd = checked.checks, checked.gradients["autograd"]
             checks[:0] = case.extra_checks(point, device, dtype, checks, tol)
             if point.seed is None:
-                checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol))
+                checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol, point.complex))
                 # numpy case: no autograd; the baseline keeps the manual gradient instead
                 stored = autograd if autograd is not None else checked.gradients["manual"]
                 reference = {
@@ -232,7 +232,7 @@ def check_combination(
             if checked.timed_out is not None:
                 raise checked.timed_out
     except CaseTimeout as exc:
-        if any(o.verdict == "mismatch" for o in outcomes):  # what was found stands
+        if any(o.verdict == Verdict.MISMATCH for o in outcomes):  # what was found stands
             result = summarize(case, device, dtype_name, outcomes, tol.describe())
             result.notes.extend(notes + [f"{exc}: the check stopped there; the mismatch found before stands"])
             result.reference = reference
@@ -269,7 +269,7 @@ def check_point(
     if case.numpy:  # no autograd for numpy code; its forward still runs in the run's dtype
         autograd = None
         at = point.cast(dtype)
-        require_finite_loss(call_forward(case, at.params, at.data)[0], point)
+        require_finite_loss(call_forward(case, at)[0], point)
     else:
         autograd = SOURCES["autograd"](case, point, device, dtype)
         require_finite_loss(autograd.loss, point)

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from html import escape
 
-from backprop_check.records import Report, Result
+from backprop_check.records import Report, Result, Verdict
 
-COLOURS = {"ok": "#1a7f37", "mismatch": "#cf222e", "nondifferentiable": "#9a6700", "error": "#8250df", "skipped": "#6e7781"}
+COLOURS = {
+    Verdict.OK: "#1a7f37",
+    Verdict.MISMATCH: "#cf222e",
+    Verdict.NONDIFFERENTIABLE: "#9a6700",
+    Verdict.ERROR: "#8250df",
+    Verdict.SKIPPED: "#6e7781",
+}
 HEADER = ("case", "run", "element", "manual", "numerical", "autograd", "abs err", "verdict", "culprit", "message")
 
 

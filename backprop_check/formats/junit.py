@@ -15,7 +15,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from backprop_check.records import Report, Result
+from backprop_check.records import Report, Result, Verdict
 from backprop_check.formats import text
 from backprop_check.formats.notices import notices
 
@@ -67,13 +67,13 @@ def testcase(result: Result) -> ET.Element:
         attributes["line"] = str(result.line)
     element = ET.Element("testcase", attributes)
     message = _clean(result.message)
-    if result.verdict == "mismatch":
+    if result.verdict == Verdict.MISMATCH:
         failure = ET.SubElement(element, "failure", {"message": message, "type": "mismatch"})
         failure.text = _clean(_explain(result))
-    elif result.verdict == "error":
+    elif result.verdict == Verdict.ERROR:
         error = ET.SubElement(element, "error", {"message": message, "type": "error"})
         error.text = _clean(_explain(result) + (f"\n{result.traceback}" if result.traceback else ""))
-    elif result.verdict == "skipped":
+    elif result.verdict == Verdict.SKIPPED:
         ET.SubElement(element, "skipped", {"message": message})
     elif message:  # ok or nondifferentiable: the closest call or the kink, for the curious
         ET.SubElement(element, "system-out").text = message

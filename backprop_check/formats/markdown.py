@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 from backprop_check.model.arrays import NUMPY_NOTE
-from backprop_check.records import Check
-from backprop_check.records import VERDICTS, Report, Result
+from backprop_check.records import VERDICTS, Check, CheckKind, Report, Result, Verdict
 from backprop_check.formats.notices import notices
 
-ICONS = {"ok": "✅", "mismatch": "❌", "nondifferentiable": "〰️", "error": "💥", "skipped": "⏭️"}
-LOOK_AT = ("mismatch", "error", "nondifferentiable")
+ICONS = {Verdict.OK: "✅", Verdict.MISMATCH: "❌", Verdict.NONDIFFERENTIABLE: "〰️", Verdict.ERROR: "💥", Verdict.SKIPPED: "⏭️"}
+LOOK_AT = (Verdict.MISMATCH, Verdict.ERROR, Verdict.NONDIFFERENTIABLE)
 
 
 def render(report: Report) -> str:
@@ -27,7 +26,7 @@ def lines(report: Report) -> list[str]:
         out = [f"### ⏹️ backprop-check interrupted: partial report ({summary['total']} results)", ""]
     else:
         status = "passed" if report.exit_code == 0 else "failed"
-        out = [f"### {ICONS['ok'] if report.exit_code == 0 else ICONS['mismatch']} backprop-check {status}", ""]
+        out = [f"### {ICONS[Verdict.OK] if report.exit_code == 0 else ICONS[Verdict.MISMATCH]} backprop-check {status}", ""]
     notes = notices(report)
     out += [f"**{_cell(line)}**" for line in notes] + ([""] if notes else [])
     out.append("| " + " | ".join(VERDICTS) + " | total | exit |")
@@ -43,7 +42,7 @@ def lines(report: Report) -> list[str]:
     numpy_cases = sorted({r.case for r in report.results if NUMPY_NOTE in r.notes})
     if numpy_cases:
         out += ["", f"ℹ️ {', '.join(f'`{name}`' for name in numpy_cases)}: {NUMPY_NOTE}"]
-    out += _collapsed([r for r in report.results if r.verdict == "ok"])
+    out += _collapsed([r for r in report.results if r.verdict == Verdict.OK])
     out += ["", f"<sub>{report.seconds:.2f}s</sub>"]
     return out
 
@@ -68,18 +67,18 @@ def _row(result: Result) -> str:
 def worst(result: Result) -> Check | None:
     """The element the message is about: the first failing parameter (nodes after), or None."""
     failing = [c for c in result.checks if c.verdict == result.verdict]
-    params = [c for c in failing if c.kind != "node"]
+    params = [c for c in failing if c.kind != CheckKind.NODE]
     return (params or failing or [None])[0]
 
 
 def _skipped(results: list[Result]) -> list[str]:
     reasons: dict[str, list[str]] = defaultdict(list)
     for result in results:
-        if result.verdict == "skipped":
+        if result.verdict == Verdict.SKIPPED:
             reasons[result.message].append(result.id)
     if not reasons:
         return []
-    return [""] + [f"{ICONS['skipped']} {len(ids)} skipped: {_cell(reason)}" for reason, ids in reasons.items()]
+    return [""] + [f"{ICONS[Verdict.SKIPPED]} {len(ids)} skipped: {_cell(reason)}" for reason, ids in reasons.items()]
 
 
 def _collapsed(results: list[Result]) -> list[str]:

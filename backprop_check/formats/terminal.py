@@ -14,18 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from backprop_check.records import Verdict
+
 WIDTH = 100  # columns when the stream is not a terminal (a file, a pipe, CI's log)
 MIN_WIDTH = 40
 REDRAW = 0.1  # seconds between two progress lines of one case
 
 # ANSI SGR codes per verdict (and culprit marks): red for what fails, yellow for a kink.
 COLOURS = {
-    "ok": "32",
-    "mismatch": "1;31",
-    "nondifferentiable": "33",
-    "nondiff": "33",
-    "error": "1;35",
-    "skipped": "2",
+    Verdict.OK: "32",
+    Verdict.MISMATCH: "1;31",
+    Verdict.NONDIFFERENTIABLE: "33",
+    "nondiff": "33",  # the verdict's short form in a narrow table
+    Verdict.ERROR: "1;35",
+    Verdict.SKIPPED: "2",
 }
 
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from backprop_check import dtypes
 from backprop_check.model.arrays import NUMPY_NOTE
-from backprop_check.records import Report, Result
+from backprop_check.records import CheckKind, Report, Result, Verdict
 from backprop_check.formats.terminal import Style
 
 HEADER = ("case", "run", "param", "manual", "numerical", "autograd", "abs err", "rel err", "verdict", "culprit")
@@ -25,8 +25,8 @@ NUMBERS = {"manual": (9, 7), "numerical": (9, 7), "autograd": (9, 8), "abs err":
 SHORT_HEADER = {"numerical": "numeric"}  # when its column is narrowed below the full word
 DROPPED_FIRST = ("rel err", "abs err")  # when even the narrowest numbers do not fit
 MAX_ROWS = 6
-SHORT_VERDICT = {"nondifferentiable": "nondiff"}
-MARKS = {"mismatch": "✗", "error": "!", "nondifferentiable": "~"}
+SHORT_VERDICT = {Verdict.NONDIFFERENTIABLE: "nondiff"}
+MARKS = {Verdict.MISMATCH: "✗", Verdict.ERROR: "!", Verdict.NONDIFFERENTIABLE: "~"}
 
 
 def render(report: Report, style: Style | None = None) -> str:
@@ -36,10 +36,10 @@ def render(report: Report, style: Style | None = None) -> str:
 
 def lines(report: Report, style: Style | None = None) -> list[str]:
     style = style or Style()
-    shown = [r for r in report.results if r.verdict != "skipped"]
+    shown = [r for r in report.results if r.verdict != Verdict.SKIPPED]
     rows = [row for result in shown for row in _rows(result)]
     out = _table(rows, style)
-    details = [r for r in shown if r.verdict != "ok"]
+    details = [r for r in shown if r.verdict != Verdict.OK]
     if details:
         out.append("")
     for result in details:
@@ -50,7 +50,7 @@ def lines(report: Report, style: Style | None = None) -> list[str]:
     out.append("")
     summary = report.summary
     counted = ", ".join(
-        style.paint(f"{summary[v]} {v}", v) for v in ("ok", "mismatch", "nondifferentiable", "error", "skipped") if summary[v]
+        style.paint(f"{summary[v]} {v}", v) for v in Verdict if summary[v]
     )
     partial = ", interrupted: partial report" if report.partial else ""
     out.append(f"{counted or 'no results'} in {report.seconds:.2f}s (exit {report.exit_code}{partial})")
@@ -63,18 +63,18 @@ Row = dict[str, object]  # column → a string, or a float for the number column
 def _rows(result: Result) -> list[Row]:
     run = f"{result.device} {dtypes.TABLE[result.dtype].short if result.dtype in dtypes.TABLE else result.dtype}" if result.device != "-" else "-"
     verdict = SHORT_VERDICT.get(result.verdict, result.verdict)
-    if result.verdict == "error" or not result.checks:
+    if result.verdict == Verdict.ERROR or not result.checks:
         return [{"case": result.case, "run": run, "param": "-", "verdict": verdict, "_verdict": result.verdict}]
-    if result.verdict == "ok":
+    if result.verdict == Verdict.OK:
         checks = [max(result.checks, key=lambda c: c.ratio)]
     else:
-        wanted = "mismatch" if result.verdict == "mismatch" else "nondifferentiable"
+        wanted = Verdict.MISMATCH if result.verdict == Verdict.MISMATCH else Verdict.NONDIFFERENTIABLE
         checks = [c for c in result.checks if c.verdict == wanted][:MAX_ROWS]
     rows: list[Row] = []
     for i, check in enumerate(checks):
         culprit = ""
-        if check.verdict == "mismatch":
-            culprit = check.culprit or ("expect" if check.kind == "expect" else "")
+        if check.verdict == Verdict.MISMATCH:
+            culprit = check.culprit or ("expect" if check.kind == CheckKind.EXPECT else "")  # printed
         rows.append({
             "case": result.case if i == 0 else "",
             "run": run if i == 0 else "",
@@ -126,7 +126,7 @@ def _line(row: Row, columns: list[str], widths: dict[str, int], style: Style) ->
         if name == "verdict" and "_verdict" in row:
             padded = style.paint(cell, str(row["_verdict"])) + " " * (widths[name] - len(cell))
         elif name == "culprit" and cell and "_verdict" in row:  # a result's row, not the header
-            padded = style.paint(cell, "mismatch") + " " * (widths[name] - len(cell))
+            padded = style.paint(cell, Verdict.MISMATCH) + " " * (widths[name] - len(cell))
         parts.append(padded)
     return " ".join(parts).rstrip()
 
@@ -151,7 +151,7 @@ def _details(result: Result, style: Style) -> list[str]:
 def _skipped(results: list[Result]) -> list[str]:
     reasons: dict[str, list[str]] = defaultdict(list)
     for result in results:
-        if result.verdict == "skipped":
+        if result.verdict == Verdict.SKIPPED:
             reasons[result.message].append(result.id)
     return [f"skipped {len(ids)}: {reason}" for reason, ids in reasons.items()]
 

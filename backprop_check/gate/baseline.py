@@ -35,7 +35,7 @@ import torch
 from backprop_check import dtypes
 from backprop_check.engine.compare import unravel
 
-from backprop_check.records import Check, MISMATCH
+from backprop_check.records import MISMATCH, Check, CheckKind, Culprit, Verdict
 from backprop_check.errors import UsageError
 from backprop_check.formats import STDOUT, check_writable, write
 from backprop_check.records import Report, Result
@@ -199,9 +199,9 @@ class Baseline:
             return 0
         first = found[0]
         source = result.reference.get("source", "autograd")  # "manual" for a numpy case (no autograd)
-        culprit = source if not (isinstance(first, Drift) and first.name == "loss") else None
+        culprit = Culprit(source) if not (isinstance(first, Drift) and first.name == "loss") else None
         result.checks.extend(_check(reason, culprit) for reason in found if isinstance(reason, Drift))
-        agreed = result.verdict in ("ok", "nondifferentiable")
+        agreed = result.verdict in (Verdict.OK, Verdict.NONDIFFERENTIABLE)
         text = (
             f"{result.case} drifted from the baseline {self.path}: {first}"
             + (f"; {len(found) - 1} more values drifted" if len(found) > 1 else "")
@@ -218,7 +218,7 @@ class Baseline:
 
     def _missing(self, result: Result) -> None:
         text = f"{result.case} is not in the baseline {self.path}; add it with: {self.command}"
-        if self.strict and result.verdict in ("ok", "nondifferentiable"):
+        if self.strict and result.verdict in (Verdict.OK, Verdict.NONDIFFERENTIABLE):
             if result.message:
                 result.notes.append(result.message)
             result.verdict, result.culprit, result.message = MISMATCH, None, f"{text} (--baseline-strict)"
@@ -331,15 +331,15 @@ def update_command(args: argparse.Namespace) -> str:
     return shlex.join([*parts, "--baseline", args.baseline, "--update-baseline"])
 
 
-def _check(drift: Drift, culprit: str | None) -> Check:
+def _check(drift: Drift, culprit: Culprit | None) -> Check:
     return Check(
         name=f"baseline {drift.name}",
-        kind="baseline",
+        kind=CheckKind.BASELINE,
         shape=drift.shape,
         verdict=MISMATCH,
         culprit=culprit,
         index=drift.index,
-        **{"manual" if culprit == "manual" else "autograd": drift.now if drift.name != "loss" else None},
+        **{"manual" if culprit == Culprit.MANUAL else "autograd": drift.now if drift.name != "loss" else None},
         reference=drift.stored,
         abs_err=drift.diff,
         rel_err=drift.diff / abs(drift.stored) if drift.stored else math.inf,

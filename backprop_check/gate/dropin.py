@@ -23,7 +23,7 @@ from backprop_check.diagnosis import contract
 from backprop_check.errors import CaseError
 from backprop_check.formats import text
 from backprop_check.model.function import FunctionCase, Inputs
-from backprop_check.records import Report, Result
+from backprop_check.records import Report, Result, Verdict
 from backprop_check.engine.runner import TIMEOUT, run
 
 _torch_gradcheck = importlib.import_module("torch.autograd.gradcheck")  # the module, not the function
@@ -193,10 +193,10 @@ def _checked(
         timeout=timeout,
         full=not fast_mode,
     )
-    broken = [r for r in report.results if r.verdict == "error"]
+    broken = [r for r in report.results if r.verdict == Verdict.ERROR]
     if broken:
         raise CaseError(broken[0].message)
-    failed = [r for r in report.results if r.verdict == "mismatch"]
+    failed = [r for r in report.results if r.verdict == Verdict.MISMATCH]
     if not failed:
         return True
     if not raise_exception:
@@ -206,5 +206,5 @@ def _checked(
 
 def _message(result: Result, report: Report) -> str:
     """The first failure in words, then the text report's table and hints."""
-    table = text.render(Report(results=[r for r in report.results if r.verdict == "mismatch"], seconds=report.seconds))
+    table = text.render(Report(results=[r for r in report.results if r.verdict == Verdict.MISMATCH], seconds=report.seconds))
     return f"gradient check of {result.case} failed on {result.device} in {result.dtype}: {result.message}\n\n{table.rstrip()}"

@@ -33,12 +33,13 @@ from backprop_check.model.case import Case
 from backprop_check.errors import UsageError
 from backprop_check.loading.loader import LoadFailure, load
 from backprop_check.options import Plan, devices_for, plan_from
+from backprop_check.records import Verdict
 
 if TYPE_CHECKING:
     from backprop_check.records import Result
 
 DEFAULT_PATHS = ("cases",)
-FAILING = ("mismatch", "error")
+FAILING = (Verdict.MISMATCH, Verdict.ERROR)
 USES_PACKAGE = re.compile(r"^\s*(?:from|import)\s+backprop_check\b", re.MULTILINE)
 
 
@@ -135,7 +136,7 @@ class CheckSession:
         if unavailable:
             skip(unavailable)
         result = self.result(item)
-        if result.verdict == "skipped":
+        if result.verdict == Verdict.SKIPPED:
             skip(result.message)
         if result.verdict in FAILING:
             raise GradientFailure(result)
@@ -158,7 +159,7 @@ class CheckSession:
         from backprop_check.formats import text
         from backprop_check.records import Report
 
-        if result.verdict == "error":
+        if result.verdict == Verdict.ERROR:
             headline = f"error: {result.message}"
         else:
             headline = f"{result.verdict}: {result.culprit or 'no single source'} is the odd one out"

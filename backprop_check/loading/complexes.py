@@ -17,16 +17,12 @@ view of the complex gradient it returns.
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from backprop_check.errors import CaseError
-
-if TYPE_CHECKING:
-    from backprop_check.model.case import Case
 
 # The real dtypes whose pairs torch holds as a complex number; float16 pairs (complex32) have
 # almost no operators, bfloat16 pairs none.
@@ -36,22 +32,6 @@ CONVENTION = (
     "torch's convention for a real loss L of z = x + iy is dL/dx + i·dL/dy (= 2·∂L/∂z̄, the conjugate "
     "Wirtinger derivative with torch's factor 2)"
 )
-
-# The names each case's given point found complex. The user's code is called with the
-# (case, params, data) of a Point by many callers; the case is what they all pass, and the
-# user's Case object stays as they wrote it.
-_names: weakref.WeakKeyDictionary[Case, frozenset[str]] = weakref.WeakKeyDictionary()
-
-
-def remember(case: Case, names: Collection[str]) -> None:
-    """Record which of `case`'s values are complex (at its given point)."""
-    _names[case] = frozenset(names)
-
-
-def names_of(case: Case) -> frozenset[str]:
-    """The names of `case`'s complex values (empty before its given point is built)."""
-    return _names.get(case, frozenset())
-
 
 def real_view(tensor: torch.Tensor) -> torch.Tensor:
     """A complex tensor as a float64 real view of its own (shape + (2,))."""

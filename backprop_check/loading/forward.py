@@ -15,21 +15,22 @@ from backprop_check.loading import complexes
 from backprop_check.model.arrays import as_arrays, numpy_loss
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError, line_in, one_line
+from backprop_check.model.nn import bound
 from backprop_check.model.nodes import Tape, recording
+from backprop_check.loading.points import Point
 
 
 def call_forward(
-    case: Case,
-    params: Mapping[str, torch.Tensor],
-    data: Mapping[str, torch.Tensor],
-    offsets: Mapping[str, torch.Tensor] | None = None,
+    case: Case, at: Point, offsets: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, Tape]:
-    """Run the forward pass; return the scalar loss (shape ()) and the nodes it marked."""
+    """Run the forward pass at `at` (its parameters and data, as they are: a caller that feeds
+    other values passes `replace(at, params=...)`); return the scalar loss (shape ()) and the
+    nodes it marked."""
     # Gradients stay on inside the forward, whoever calls it (the numerical source runs under
     # no_grad): a gradient penalty differentiates inside it. Nothing records unless the forward
     # itself makes a tensor that requires grad, so this costs the other cases nothing.
     wanted = torch.is_grad_enabled()
-    with recording(offsets, numpy=case.numpy) as tape, arguments(case, params, data) as kwargs, torch.enable_grad():
+    with recording(offsets, numpy=case.numpy) as tape, arguments(case, at) as kwargs, torch.enable_grad():
         loss = call_user(case, "forward", case.forward, kwargs)
     if case.numpy:
         return numpy_loss(loss), tape
@@ -38,24 +39,23 @@ def call_forward(
 
 
 @contextmanager
-def arguments(
-    case: Case, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]
-) -> Iterator[dict[str, object]]:
-    """The keyword arguments of the forward (and manual) function: every parameter and datum,
-    or for a module case the module as `model` (its parameters bound to `params`) and the data;
-    numpy arrays for a numpy case. A complex value, kept as its real view, is handed over as the
-    complex tensor viewing it (complexes.py): what autograd finds for it reaches the real view."""
+def arguments(case: Case, at: Point) -> Iterator[dict[str, object]]:
+    """The keyword arguments of the forward (and manual) function at `at`: every parameter and
+    datum, or for a module case the point's module as `model` (its parameters bound to the
+    point's) and the data; numpy arrays for a numpy case. A complex value, kept as its real view,
+    is handed over as the complex tensor viewing it (complexes.py): what autograd finds for it
+    reaches the real view."""
     if case.numpy:
-        yield {**as_arrays(params), **as_arrays(data)}
+        yield {**as_arrays(at.params), **as_arrays(at.data)}
         return
     if case.module is None:
-        yield complexes.for_user({**params, **data}, complexes.names_of(case))
+        yield complexes.for_user({**at.params, **at.data}, at.complex)
         return
-    from backprop_check.model.nn import bound, placed
-
-    module = placed(case, case.__dict__.get("_module_seed", 0), next(iter(params.values())))
-    with bound(module, params):
-        yield {"model": module, **complexes.for_user(data, complexes.names_of(case))}
+    if at.module is None:  # a point made by hand without `replace`: never guess a seed
+        raise ValueError(f"{at.describe()} of module case {case.name!r} carries no module")
+    module = at.module.placed(next(iter(at.params.values())))
+    with bound(module, at.params):
+        yield {"model": module, **complexes.for_user(at.data, at.complex)}
 
 
 def call_user(case: Case, what: str, fn, kwargs: Mapping[str, object]):  # noqa: ANN001, ANN201

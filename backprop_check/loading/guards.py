@@ -7,6 +7,7 @@ nothing to differentiate: each is a broken case (`error`), not a noisy mismatch.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -70,8 +71,8 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
     params = {k: v.clone() for k, v in point.params.items()}
     data = {k: v.clone() for k, v in point.data.items()}
     with torch.no_grad():
-        outputs = [call_forward(case, params, data)]
-        outputs += [call_forward(case, {k: v.clone() for k, v in point.params.items()}, data) for _ in range(runs - 1)]
+        outputs = [call_forward(case, replace(point, params=params, data=data))]
+        outputs += [call_forward(case, replace(point, params={k: v.clone() for k, v in point.params.items()}, data=data)) for _ in range(runs - 1)]
     for name, value in {**params, **data}.items():
         original = point.params.get(name, point.data.get(name))
         if not torch.equal(value, original):
@@ -104,14 +105,14 @@ def numbers_among_integers(case: Case, given: Point) -> tuple[Point, list[str]]:
     if not integers:
         return given, []
     with torch.no_grad():
-        loss, _ = call_forward(case, given.params, given.data)
+        loss, _ = call_forward(case, given)
     numbers = {}
     for name in scalars:
         as_float = given.data[name].to(torch.float64)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                other, _ = call_forward(case, given.params, {**given.data, name: as_float})
+                other, _ = call_forward(case, with_data(given, {name: as_float}))
         except CaseError:  # an index, a label, a size: it must stay an integer
             continue
         if torch.equal(other.to(loss.dtype), loss):

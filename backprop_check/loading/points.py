@@ -12,7 +12,7 @@ from __future__ import annotations
 import reprlib
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from backprop_check.loading import complexes
 from backprop_check.model.case import Case
+from backprop_check.model.nn import Built
 from backprop_check.errors import CaseError, line_in, one_line
 
 
@@ -35,6 +36,9 @@ class Point:
     redrawn: tuple[str, ...] | None = None
     # The names whose values are complex, kept here as their real views (complexes.py).
     complex: frozenset[str] = frozenset()
+    # A module case's module, built from its seed for this check (None for other cases): the
+    # forward runs it with `params` bound. It rides on the point, not on the user's Case.
+    module: Built | None = field(default=None, compare=False)
 
     def cast(self, dtype: torch.dtype, device: str = "cpu") -> Point:
         """The point in `dtype` on `device`: float values are rounded, integer data stay."""
@@ -45,7 +49,8 @@ class Point:
             {k: v.to(device=device, dtype=dtype, copy=True) for k, v in self.params.items()},
             {k: _cast_float(v, dtype, device) for k, v in self.data.items()},
             self.redrawn,
-            self.complex,
+            complex=self.complex,
+            module=self.module,
         )
 
     def rounded(self, dtype: torch.dtype) -> Point:
@@ -73,12 +78,6 @@ def derive_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def module_seed(case: Case, seed: int) -> int:
-    """The seed a module case's module is built from; remembered on the case for the forward."""
-    case.__dict__["_module_seed"] = derive_seed(seed, case.name, "module")
-    return case.__dict__["_module_seed"]
-
-
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -86,10 +85,10 @@ def generator(seed: int) -> torch.Generator:
 def given_point(case: Case, seed: int) -> Point:
     """The point the case file gives; callable parameters are drawn from a seeded generator."""
     gen = generator(derive_seed(seed, case.name, "given"))
+    module = None
     if case.module is not None:
-        from backprop_check.model.nn import initial_params
-
-        params = initial_params(case, module_seed(case, seed))
+        module = Built(case, derive_seed(seed, case.name, "module"))
+        params = module.initial_params()
     else:
         params = {name: _resolve(case, name, spec, gen) for name, spec in case.params.items()}
     data = {name: _resolve(case, name, spec, gen) for name, spec in case.data.items()}
@@ -102,8 +101,7 @@ def given_point(case: Case, seed: int) -> Point:
     if case.module is None:
         params = {name: as_float(name, value) for name, value in params.items()}
     data = {name: as_value(name, value) for name, value in data.items()}
-    complexes.remember(case, found)
-    return Point("given point", None, params, data, complex=found)
+    return Point("given point", None, params, data, complex=found, module=module)
 
 
 def random_point(case: Case, given: Point, index: int, seed: int, attempt: int = 0) -> Point:
@@ -141,7 +139,7 @@ def random_point(case: Case, given: Point, index: int, seed: int, attempt: int =
     redrawn = None
     if case.sample is not None:
         redrawn = tuple(k for k, v in {**given.params, **given.data}.items() if v.is_floating_point() and k not in overrides)
-    return Point(f"random point {index}", point_seed, params, data, redrawn, given.complex)
+    return Point(f"random point {index}", point_seed, params, data, redrawn, complex=given.complex, module=given.module)
 
 
 def _sampled(convert: Any, name: str, value: Any, complex_: bool) -> torch.Tensor:
@@ -207,7 +205,7 @@ def as_float(name: str, value: Any, complex_: bool = False) -> torch.Tensor:
 
 def with_data(point: Point, data: Mapping[str, torch.Tensor]) -> Point:
     """`point` with some of its data replaced."""
-    return Point(point.label, point.seed, point.params, {**point.data, **data}, point.redrawn, point.complex)
+    return Point(point.label, point.seed, point.params, {**point.data, **data}, point.redrawn, complex=point.complex, module=point.module)
 
 
 def _resolve(case: Case, name: str, spec: Any, gen: torch.Generator) -> Any:

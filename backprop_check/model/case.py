@@ -85,11 +85,11 @@ class Case:
         check of the next order differentiates them too."""
         return ()
 
-    def outputs(self, params: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[Any, ...]:
-        """What forward mode differentiates: the loss (a function check: fn's outputs)."""
+    def outputs(self, at: Point) -> tuple[Any, ...]:
+        """What forward mode differentiates at `at`: the loss (a function check: fn's outputs)."""
         from backprop_check.loading.forward import call_forward
 
-        return (call_forward(self, params, data)[0],)
+        return (call_forward(self, at)[0],)
 
     def output_names(self) -> tuple[str, ...]:
         return (self.what,)

@@ -32,7 +32,7 @@ import torch
 
 from backprop_check.diagnosis import contract
 from backprop_check.model.case import Case, as_modes, register
-from backprop_check.records import Check, MISMATCH
+from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError, line_in, one_line
 from backprop_check.loading import complexes
 from backprop_check.loading.points import Point, generator
@@ -289,9 +289,9 @@ class FunctionCase(Case):
     def cotangent_names(self) -> tuple[str, ...]:
         return tuple(self.cotangents.values())
 
-    def outputs(self, params: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
-        """fn's floating outputs (what its jvp gives tangents of)."""
-        outputs = self._call(complexes.for_user({**params, **data}, complexes.names_of(self)))
+    def outputs(self, at: Point) -> tuple[torch.Tensor, ...]:
+        """fn's floating outputs at `at` (what its jvp gives tangents of)."""
+        outputs = self._call(complexes.for_user({**at.params, **at.data}, at.complex))
         return tuple(outputs[k] for k in self.cotangents if k < len(outputs))
 
     def output_names(self) -> tuple[str, ...]:
@@ -300,7 +300,6 @@ class FunctionCase(Case):
     def for_output(self, k: int) -> FunctionCase:
         """This case with only output `k`'s cotangent: its loss is ⟨v_k, output_k⟩."""
         one = copy.copy(self)
-        complexes.remember(one, complexes.names_of(self))  # the copy calls fn as this case does
         one.only = k
         one.forward = one._forward
         if self.vjp is not None:
@@ -322,7 +321,7 @@ class FunctionCase(Case):
         output's ⟨v_k, output_k⟩ estimated there by the three sources."""
         found = []
         for check in checks:
-            if check.kind != "param" or check.verdict != MISMATCH or check.index is None or check.numerical is None:
+            if check.kind != CheckKind.PARAM or check.verdict != MISMATCH or check.index is None or check.numerical is None:
                 continue
             flat = _flat_index(check.index, check.shape)
             # What the whole tensor's tolerance allows beyond the error bar and rtol·|reference|.
@@ -379,7 +378,7 @@ def _output_check(
     k: int, check: Check, m: float | None, n: float, e: float, a: float, allowed: float, tol: Tolerance
 ) -> Check:
     culprit = check.culprit
-    odd = {"manual": m, "autograd": a}.get(culprit or "")
+    odd = {Culprit.MANUAL: m, Culprit.AUTOGRAD: a}.get(culprit) if culprit else None
     if odd is None:
         odd = a if m is None or abs(a - n) >= abs(m - n) else m
     error = abs(odd - n)
@@ -395,7 +394,7 @@ def _output_check(
         note += f"; {check.bad} of {check.size} elements of `{check.name}` disagree"
     return Check(
         name=f"output {k} → {check.name}",
-        kind="output",
+        kind=CheckKind.OUTPUT,
         shape=check.shape,
         verdict=MISMATCH,
         culprit=culprit,

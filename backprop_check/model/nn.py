@@ -1,13 +1,17 @@
 """`nn.Module` cases: `@case(module=lambda: nn.Linear(3, 1), data=...)`.
 
-The module is built once per seed under a seeded global RNG (module constructors draw from it),
-its named parameters (`weight`, `bias`, `0.weight`…) become the case's parameters, and the
+The module is built once per check under a seeded global RNG (module constructors draw from
+it), its named parameters (`weight`, `bias`, `0.weight`…) become the case's parameters, and the
 forward pass receives the module as `model` with those parameters swapped for the tensors being
 checked — the same swap `torch.func.functional_call` makes, so it also works under `vmap`.
+
+The built module belongs to the check's points (a `Built` on each `Point`), never to the user's
+`Case`: a case checked twice, with two seeds or by two runs at once, builds it twice.
 """
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -16,29 +20,51 @@ import torch
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError, one_line
 
-
-def build(case: Case, seed: int) -> torch.nn.Module:
-    """The case's module, built from `seed` (cached on the case: one build per seed)."""
-    built: dict[int, torch.nn.Module] = case.__dict__.setdefault("_modules", {})
-    if seed not in built:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            try:
-                module = case.module()  # type: ignore[misc]
-            except Exception as exc:  # noqa: BLE001 - user code
-                raise CaseError(f"module= raised {one_line(exc)}") from exc
-        if not isinstance(module, torch.nn.Module):
-            raise CaseError(f"module= must return a torch.nn.Module, got {type(module).__name__}")
-        built[seed] = module.double()
-    return built[seed]
+# Module constructors draw from torch's one global RNG: two builds at once (two runs in two
+# threads) would draw from each other's seed. fork_rng restores the RNG but does not exclude.
+_GLOBAL_RNG = threading.Lock()
 
 
-def initial_params(case: Case, seed: int) -> dict[str, torch.Tensor]:
-    """The module's named parameters at the given point, in float64."""
-    params = {name: p.detach().clone() for name, p in build(case, seed).named_parameters()}
-    if not params:
-        raise CaseError("the module has no parameters to differentiate")
-    return params
+class Built:
+    """A module case's module, built from `seed`, and its copies per dtype and device.
+
+    The given point makes one; every point drawn from it shares it (the parameters differ from
+    point to point, the module's other state does not)."""
+
+    def __init__(self, case: Case, seed: int) -> None:
+        self.seed = seed
+        self.module = _build(case, seed)
+        self._copies: dict[tuple[torch.dtype, str], torch.nn.Module] = {}
+
+    def __repr__(self) -> str:
+        return f"Built({type(self.module).__name__}, seed={self.seed})"
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """The module's named parameters at the given point, in float64."""
+        params = {name: p.detach().clone() for name, p in self.module.named_parameters()}
+        if not params:
+            raise CaseError("the module has no parameters to differentiate")
+        return params
+
+    def placed(self, like: torch.Tensor) -> torch.nn.Module:
+        """The module moved to the dtype and device of `like` (buffers too), one copy per pair."""
+        key = (like.dtype, str(like.device))
+        if key not in self._copies:
+            self._copies[key] = copy.deepcopy(self.module).to(device=like.device, dtype=like.dtype)
+        return self._copies[key]
+
+
+def _build(case: Case, seed: int) -> torch.nn.Module:
+    """The case's module, built from `seed`, in float64."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            module = case.module()  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - user code
+            raise CaseError(f"module= raised {one_line(exc)}") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise CaseError(f"module= must return a torch.nn.Module, got {type(module).__name__}")
+    return module.double()
 
 
 @contextmanager
@@ -54,15 +80,6 @@ def bound(module: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Iterat
     finally:
         for owner, leaf, original in reversed(saved):
             owner._parameters[leaf] = original
-
-
-def placed(case: Case, seed: int, like: torch.Tensor) -> torch.nn.Module:
-    """The module moved to the dtype and device of `like` (buffers too), cached per pair."""
-    copies: dict[tuple[int, torch.dtype, str], torch.nn.Module] = case.__dict__.setdefault("_placed", {})
-    key = (seed, like.dtype, str(like.device))
-    if key not in copies:
-        copies[key] = copy.deepcopy(build(case, seed)).to(device=like.device, dtype=like.dtype)
-    return copies[key]
 
 
 def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:

@@ -24,13 +24,14 @@ order 2 says so with culprit autograd.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading.forward import call_forward, call_user
-from backprop_check.loading.points import given_point
+from backprop_check.loading.points import Point, given_point
 from backprop_check.model.case import Case
 
 MODES = ("rev", "fwd")
@@ -72,10 +73,10 @@ def orders(case: Case, seed: int, full: bool = False) -> list[Case]:
         given = given_point(case, seed)
     except CaseError:
         return cases
-    base, values = case, {**given.params, **given.data}
+    base = case
     for level in range(2, case.order + 1):
-        base = Derivative(base, values, level, functional=full)
-        values = base.given_values(seed)
+        base = Derivative(base, given, level, functional=full)
+        given = given_point(base, seed)
         cases.append(base)
     return cases
 
@@ -83,7 +84,7 @@ def orders(case: Case, seed: int, full: bool = False) -> list[Case]:
 class Derivative(Case):
     """The case of order `level` whose loss is ⟨u, ∇ loss of `base`⟩ (see the module docstring)."""
 
-    def __init__(self, base: Case, given: Mapping[str, torch.Tensor], level: int, functional: bool = False) -> None:
+    def __init__(self, base: Case, given: Point, level: int, functional: bool = False) -> None:
         root = base.root if isinstance(base, Derivative) else base
         super().__init__(
             name=f"{root.name} (order {level})",
@@ -97,12 +98,14 @@ class Derivative(Case):
             order=level,
         )
         self.base, self.root, self._level = base, root, level
+        self.template = given  # the base's given point: its module and complex names, for its forward
         self.what = f"(∇{base.what}·u)"
         self.functional = functional  # whether torch.func.grad takes the base's gradient
         self.batchable = functional  # without it autograd.grad runs inside: vmap cannot batch that
-        self.of = tuple(_differentiated(base, given))  # the base's parameters: ∂L/∂p for these
+        self.of = tuple(given.params)  # the base's parameters: ∂L/∂p for these
         linear = tuple(base.cotangent_names())  # the base's cotangents: L is linear in them
-        taken = set(given)
+        values = {**given.params, **given.data}
+        taken = set(values)
         self.directions: dict[str, str] = {}  # base parameter → the datum holding its u
         for p in self.of:
             label = f"u_{p}"
@@ -111,12 +114,12 @@ class Derivative(Case):
             taken.add(label)
             self.directions[p] = label
         for name in (*self.of, *linear):
-            self.params[name] = given[name]
-        for name, value in given.items():
+            self.params[name] = values[name]
+        for name, value in values.items():
             if name not in self.params:
                 self.data[name] = value
         for p, label in self.directions.items():
-            self.data[label] = _Direction(tuple(given[p].shape))
+            self.data[label] = _Direction(tuple(values[p].shape))
         if level == 2 and root.hvp_fn is not None:
             self.manual_fn = self._hvp
 
@@ -147,11 +150,6 @@ class Derivative(Case):
             "inside backward, so double backward misses that term"
         ]
 
-    def given_values(self, seed: int) -> dict[str, torch.Tensor]:
-        """The values at the given point of run `seed` (its directions drawn as there)."""
-        point = given_point(self, seed)
-        return {**point.params, **point.data}
-
     def problem(self) -> str | None:
         return self.base.problem() or super().problem()
 
@@ -174,7 +172,7 @@ class Derivative(Case):
         if self.functional and not any(v.requires_grad for v in params.values()):
             try:
                 with torch.enable_grad():
-                    return dict(torch.func.grad(lambda p: call_forward(self.base, p, data)[0])(params))
+                    return dict(torch.func.grad(lambda p: call_forward(self.base, self._at(p, data))[0])(params))
             except CaseTimeout:
                 raise
             except Exception:  # noqa: BLE001 - e.g. a Function without setup_context (a CaseError from the
@@ -187,7 +185,7 @@ class Derivative(Case):
     def _graph(self, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
-            loss, _ = call_forward(self.base, leaves, data)
+            loss, _ = call_forward(self.base, self._at(leaves, data))
             if not loss.requires_grad:
                 return {k: None for k in leaves}
             try:
@@ -203,10 +201,14 @@ class Derivative(Case):
                 total = total + (values[self.directions[p]] * g).sum()
         return total
 
-    def outputs(self, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _at(self, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> Point:
+        """The base's point with these values (its module, its complex names)."""
+        return replace(self.template, params=dict(params), data=dict(data))
+
+    def outputs(self, at: Point) -> tuple[torch.Tensor, ...]:
         """For forward mode (forward over reverse): the base's gradient itself, one output per
         parameter of the base."""
-        values = {**params, **data}
+        values = {**at.params, **at.data}
         grads = self.gradient(values)
         return tuple(g if g is not None else torch.zeros_like(values[p]) for p, g in grads.items())
 
@@ -220,17 +222,6 @@ class Derivative(Case):
         if not isinstance(returned, Mapping):
             raise CaseError(f"the .hvp must return a dict of parameter name → (H·u) for it, got {type(returned).__name__}")
         return returned
-
-
-def _differentiated(base: Case, given: Mapping[str, torch.Tensor]) -> list[str]:
-    """The base's parameters, in order (a module case's come from its module)."""
-    if isinstance(base, Derivative):
-        return list(base.params)
-    names = list(base.params) if base.module is None else []
-    if not names:  # a module case: the given point holds the module's named parameters
-        data = set(base.data)
-        names = [k for k in given if k not in data]
-    return names
 
 
 class _Direction:

@@ -2,6 +2,8 @@
 `.grad`); a parameter the loss does not use has gradient zero."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from backprop_check.model.case import Case
@@ -16,7 +18,7 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
     at = point.cast(dtype, device)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in at.params.items()}
     with torch.enable_grad():
-        loss, tape = call_forward(case, params, at.data)
+        loss, tape = call_forward(case, replace(at, params=params))
         inputs = {**params, **tape.values}
         if not loss.requires_grad:
             grads = [None] * len(inputs)

@@ -22,7 +22,7 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
     if case.manual_fn is None:
         raise CaseError("the case has no manual gradient")
     at = point.cast(dtype, device)
-    with torch.no_grad(), arguments(case, at.params, at.data) as kwargs:
+    with torch.no_grad(), arguments(case, at) as kwargs:
         returned = call_user(case, "manual gradient", case.manual_fn, kwargs)
     if not isinstance(returned, Mapping):
         raise CaseError(f"the manual gradient must return a dict, got {type(returned).__name__}")

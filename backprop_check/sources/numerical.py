@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -145,7 +145,7 @@ class FiniteDifferences:
     def __init__(self, case: Case, point: Point, dtype: torch.dtype) -> None:
         at = point.rounded(dtype)
         with torch.no_grad():
-            loss0, tape = call_forward(case, at.params, at.data)
+            loss0, tape = call_forward(case, at)
         nodes = {name: value.detach().to(torch.float64) for name, value in tape.values.items()}
         self.loss0 = loss0
         self.nodes = tuple(nodes)
@@ -155,7 +155,7 @@ class FiniteDifferences:
         def loss(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
             params = {k: values[k] for k in at.params}
             offsets = {k: values[k] for k in nodes}
-            return call_forward(case, params, at.data, offsets)[0].to(torch.float64)
+            return call_forward(case, replace(at, params=params), offsets)[0].to(torch.float64)
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)

@@ -15,7 +15,7 @@ element is the larger of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,12 +67,10 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
 
 
 def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:
-    return Point(
-        point.label,
-        point.seed,
-        {k: v + sign * steps[k] for k, v in point.params.items()},
-        {k: v + sign * steps[k] if v.is_floating_point() else v for k, v in point.data.items()},
-        complex=point.complex,
+    return replace(
+        point,
+        params={k: v + sign * steps[k] for k, v in point.params.items()},
+        data={k: v + sign * steps[k] if v.is_floating_point() else v for k, v in point.data.items()},
     )
 
 
