@@ -17,22 +17,20 @@ gradient itself, so this is forward over reverse.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from backprop_check.diagnosis.verdict import error_result, outcome_of, result_for, summarize
-from backprop_check.engine.limits import time_limit
+from backprop_check.diagnosis.verdict import error_result, outcome_of, summarize
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading import complexes
 from backprop_check.loading.guards import numbers_among_integers
 from backprop_check.loading.points import Point, derive_seed, generator, given_point, random_point
 from backprop_check.model.case import Case
-from backprop_check.options import Plan, devices_for
+from backprop_check.options import Plan
 from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict
 from backprop_check.sources.numerical import LINE_OFFSETS, REFINE_STEPS, _better, _line_estimates, steps_for
 
@@ -58,37 +56,7 @@ class Tangent:
         return f"∂/∂{_element(name, _unflat(flat, shapes[name]), name in complex_names)}"
 
 
-def check_forward_mode(case: Case, plan: Plan) -> list[Result]:
-    """Every device × dtype result of forward mode for one case."""
-    started = time.perf_counter()
-    combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
-    results: list[Result] = []
-    with time_limit(plan.timeout):
-        try:
-            points, notes = _points(case, plan)
-            for device, dtype_name in combinations:
-                from backprop_check.engine.runner import device_unavailable
-
-                unavailable = device_unavailable(device)
-                if unavailable:
-                    results.append(_named(result_for(case, device, dtype_name, Verdict.SKIPPED, message=unavailable), case))
-                    continue
-                result = _combination(case, points, device, dtype_name, plan)
-                result.notes.extend(notes)
-                results.append(_named(result, case))
-        except CaseError as exc:
-            results.extend(
-                _named(error_result(case, d, t, str(exc), exc), case) for d, t in combinations[len(results) :]
-            )
-        except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
-            reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
-            results.extend(_named(error_result(case, d, t, reason, exc), case) for d, t in combinations[len(results) :])
-    for result in results:
-        result.seconds = (time.perf_counter() - started) / max(1, len(results))
-    return results
-
-
-def _named(result: Result, case: Case) -> Result:
+def named(result: Result, case: Case) -> Result:
     """The result as forward mode's: `f (fwd)`, `f (order 2, fwd)`."""
     root = getattr(case, "root", case)
     name = f"{root.name} (order {case.level}, fwd)" if case.level > 1 else f"{case.name} (fwd)"
@@ -98,7 +66,8 @@ def _named(result: Result, case: Case) -> Result:
     return result
 
 
-def _points(case: Case, plan: Plan) -> tuple[list[Point], list[str]]:
+def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], list[str]]:
+    """The given point and `plan.points` random ones (a kink is found per direction here)."""
     given = given_point(case, plan.seed)
     given, notes = numbers_among_integers(case, given)
     points = [given]
@@ -110,7 +79,8 @@ def _points(case: Case, plan: Plan) -> tuple[list[Point], list[str]]:
     return points, list(notes)
 
 
-def _combination(case: Case, points: list[Point], device: str, dtype_name: str, plan: Plan) -> Result:
+def check_combination(case: Case, points: list[Point], device: str, dtype_name: str, *, plan: Plan) -> Result:
+    """Forward mode on one device in one dtype at every point."""
     dtype = getattr(torch, dtype_name)
     tol = tolerance_for(dtype, case.rtol, case.atol)
     outcomes: list[Outcome] = []
@@ -124,9 +94,7 @@ def _combination(case: Case, points: list[Point], device: str, dtype_name: str, 
         raise
     except CaseError as exc:
         return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc)
-    result = summarize(case, device, dtype_name, outcomes, tol.describe())
-    result.mode = MODE
-    return result
+    return summarize(case, device, dtype_name, outcomes, tol.describe())
 
 
 def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: Tolerance, seed: int = 0) -> list[Check]:

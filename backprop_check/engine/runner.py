@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from backprop_check.model.arrays import NUMPY_NOTE, NUMPY_ON_CPU
 from backprop_check.model.case import Case
 from backprop_check.model.orders import orders
-from backprop_check.engine.jvp import check_forward_mode
+from backprop_check.engine import jvp
 from backprop_check.engine.compare import compare, disputed, failing_directions
 from backprop_check.records import Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
@@ -81,11 +82,9 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         for case in cases:
             if plan.select is None or matches(plan.select, case.name):
                 for checked in orders(case, plan.seed, plan.full):
-                    broken = checked.problem() is not None
-                    if broken or "rev" in checked.modes:
-                        report.results.extend(check_case(checked, plan))
-                    if not broken and "fwd" in checked.modes:
-                        report.results.extend(check_forward_mode(checked, plan))
+                    broken = checked.problem() is not None  # said once, by the reverse mode's result
+                    for mode in ("rev",) if broken else checked.modes:
+                        report.results.extend(check_case(checked, plan, mode))
     except KeyboardInterrupt:
         report.partial = True
         report.seconds = time.perf_counter() - started
@@ -107,8 +106,9 @@ def load_error(failure: LoadFailure) -> Result:
     )
 
 
-def check_case(case: Case, plan: Plan) -> list[Result]:
-    """Every device × dtype result for one case."""
+def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
+    """Every device × dtype result for one case, in reverse mode (the gradient, with its
+    backward) or forward mode ("fwd": jvp.py)."""
     started = time.perf_counter()
     combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
     results: list[Result] = []
@@ -117,7 +117,12 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
             problem = case.problem()
             if problem:
                 raise CaseError(problem)
-            points, numerical_cache, notes = prepare_points(case, plan)
+            if mode == jvp.MODE:
+                points, notes = jvp.prepare_points(case, plan)
+                combination = partial(jvp.check_combination, case, points)
+            else:
+                points, numerical_cache, notes = prepare_points(case, plan)
+                combination = partial(check_combination, case, points, cache=numerical_cache)
             if case.numpy:
                 notes.append(NUMPY_NOTE)
             for device, dtype_name in combinations:
@@ -125,13 +130,13 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
                 if unavailable:
                     results.append(result_for(case, device, dtype_name, Verdict.SKIPPED, message=unavailable))
                     continue
-                result = check_combination(case, points, device, dtype_name, numerical_cache, plan)
+                result = combination(device, dtype_name, plan=plan)
                 result.notes.extend(notes)
                 results.append(result)
         except CaseError as exc:  # the case is broken (or out of time) for what is left to check
-            partial = getattr(exc, "partial", None)
-            if partial is not None:
-                results.append(partial)
+            found = getattr(exc, "partial", None)
+            if found is not None:
+                results.append(found)
             results.extend(error_result(case, d, t, str(exc), exc) for d, t in combinations[len(results) :])
         except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
             reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
@@ -139,7 +144,7 @@ def check_case(case: Case, plan: Plan) -> list[Result]:
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
-    return results
+    return [jvp.named(result, case) for result in results] if mode == jvp.MODE else results
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
@@ -193,6 +198,7 @@ def check_combination(
     points: list[Point],
     device: str,
     dtype_name: str,
+    *,
     cache: dict[tuple[str, str], Reference],
     plan: Plan,
 ) -> Result:
