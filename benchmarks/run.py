@@ -1,8 +1,8 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [orders]
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders]
 
-Prints eight sections (all of them when none is named) and writes nothing: the numbers are
+Prints nine sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -15,7 +15,8 @@ repeats and trials, for a short look (record figures from the full run).
                nn.Linear(1024, 1024) with one wrong element.
 6. parallel  — `pytest cases/` serial against `pytest -n 2 cases/` (benchmarks/parallel.py).
 7. function  — function mode against gradcheck on a two-output custom Function; planted Function bugs.
-8. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
+8. full      — `--full` at ~22k parameters against gradcheck slow; the floor of any black-box scheme.
+9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import corpus
+import full
 import function
 import orders
 import parallel
@@ -51,7 +53,9 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "parallel": ("6. pytest serial vs pytest -n 2 (xdist) on the built-in cases", lambda quick: parallel.run()),
     "function": ("7. function mode: a two-output custom Function vs gradcheck; the planted Function bugs",
                  lambda quick: function.run()),
-    "orders": ("8. second order vs gradgradcheck; forward mode vs gradcheck(check_forward_ad=True)",
+    "full": ("8. --full at ~22k parameters vs gradcheck slow, and the floor of any black-box scheme",
+             lambda quick: full.run(1 if quick else 2)),
+    "orders": ("9. second order vs gradgradcheck; forward mode vs gradcheck(check_forward_ad=True)",
                lambda quick: orders.run(1 if quick else 3)),
 }
 

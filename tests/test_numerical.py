@@ -130,3 +130,49 @@ def test_sampled_tensors_carry_directions_and_a_sample_only():
     for direction in grads.directions["t"]:
         assert float((3 * values ** 2 * direction.vector).sum()) == pytest.approx(direction.value, rel=1e-9)
     assert math.isfinite(grads.directions["t"][0].error)
+
+
+def _net_case():
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    X = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+
+    @case(params={"W": W}, data={"X": X})
+    def net(W, X):
+        return torch.tanh(X @ W).pow(2).mean()
+
+    return net
+
+
+def test_every_row_of_a_chunk_perturbs_exactly_one_element_even_when_the_buffer_is_reused(monkeypatch):
+    net = _net_case()
+    point = given_point(net, 0)
+    whole = numerical.gradient(net, point, "cpu", torch.float64)
+    theta = point.params["W"].reshape(-1)
+    seen: list[torch.Tensor] = []
+    call = numerical.Batched.__call__
+
+    def recording(self, targets, flat, batch):
+        seen.append(batch.clone())
+        return call(self, targets, flat, batch)
+
+    # 3 elements a chunk: 30 elements make 10 chunks through one buffer.
+    monkeypatch.setattr(numerical, "CHUNK_BYTES", 8 * theta.numel() * 12)
+    monkeypatch.setattr(numerical.Batched, "__call__", recording)
+    chunked = numerical.gradient(net, point, "cpu", torch.float64)
+    assert [b.shape[0] for b in seen] == [12] * 10
+    rows = torch.cat(seen)
+    changed = rows != theta
+    assert changed.sum(dim=1).tolist() == [1] * rows.shape[0]  # no stale perturbation left behind
+    assert changed.any(dim=0).all()  # every element perturbed
+    # the chunking changes no number
+    assert torch.equal(chunked.values["W"], whole.values["W"])
+    assert torch.equal(chunked.error["W"], whole.error["W"])
+
+
+def test_a_chunk_holds_at_most_chunk_bytes_of_rows_at_any_size():
+    for size in (1, 10, 1000, 10**6, 10**8):
+        rows = numerical.elements_per_chunk(size) * len(numerical.OFFSETS)
+        assert rows <= numerical.MAX_BATCH
+        # one element (4 rows, the least a batch needs) even where a row alone exceeds the budget
+        assert rows * size * 8 <= max(numerical.CHUNK_BYTES, len(numerical.OFFSETS) * size * 8)

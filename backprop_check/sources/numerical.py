@@ -52,6 +52,8 @@ KINK_NOISE_FACTOR = 100.0
 KINK_RELATIVE = 1e-7
 MAX_BATCH = 512
 MAX_BATCH_ELEMENTS = 1 << 23
+# The rows of one batch of elementwise perturbations (float64): bounded, whatever the size.
+CHUNK_BYTES = 1 << 26
 OFFSETS = (1.0, 0.5, -0.5, -1.0)
 SAMPLES = 24
 DIRECTIONS = 2
@@ -358,21 +360,41 @@ def evaluate(
     index: Sequence[int] | torch.Tensor,
 ) -> torch.Tensor:
     """The loss at θ ± h and θ ± h/2 for each element in `index` of the flat vector, as a
-    (4, size) matrix (NaN for elements not in `index`)."""
-    base = flat.join(targets)
+    (4, size) matrix (NaN for elements not in `index`).
+
+    The perturbed rows live in one buffer of at most CHUNK_BYTES, filled with θ once: from one
+    chunk to the next only the 4 entries a row perturbs are put back and set anew, so building
+    rows costs O(1) per evaluation, not O(size), and memory stays bounded at any size."""
     index = torch.as_tensor(index, dtype=torch.int64)
     if isinstance(batched, InPlace):  # a numpy forward (inplace.py)
         return batched.elements(flat, h, index, OFFSETS)
+    base = flat.join(targets)
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
-    per_chunk = max(1, min(MAX_BATCH // len(OFFSETS), MAX_BATCH_ELEMENTS // max(1, len(OFFSETS) * flat.size)))
-    offsets = torch.tensor(OFFSETS, dtype=torch.float64)
+    per_chunk = elements_per_chunk(flat.size)
+    count = min(per_chunk, len(index)) * len(OFFSETS)
+    if count == 0:
+        return f
+    rows = base.repeat(count, 1)
+    line = torch.arange(count)
+    offsets = torch.tensor(OFFSETS, dtype=torch.float64).repeat(count // len(OFFSETS))
+    previous: torch.Tensor | None = None
     for start in range(0, len(index), per_chunk):
         idx = index[start : start + per_chunk]
-        rows = base.repeat(len(OFFSETS) * len(idx), 1)
+        n = len(idx) * len(OFFSETS)
         which = idx.repeat_interleave(len(OFFSETS))
-        rows[torch.arange(rows.shape[0]), which] += offsets.repeat(len(idx)) * h[which]
-        f[:, idx] = batched(targets, flat, rows).reshape(len(idx), len(OFFSETS)).T
+        if previous is not None:
+            rows[line[: previous.numel()], previous] = base[previous]
+        # θ + t·h, exact (h a power of two): the same value as adding the offset to a copy of θ
+        rows[line[:n], which] = base[which] + offsets[:n] * h[which]
+        f[:, idx] = batched(targets, flat, rows[:n]).reshape(len(idx), len(OFFSETS)).T
+        previous = which
     return f
+
+
+def elements_per_chunk(size: int) -> int:
+    """How many elements one batch perturbs (4 rows each): as many as fit in CHUNK_BYTES of
+    rows, at least one, at most MAX_BATCH rows."""
+    return max(1, min(MAX_BATCH, CHUNK_BYTES // (8 * max(1, size))) // len(OFFSETS))
 
 
 def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float | torch.Tensor) -> dict[str, torch.Tensor]:
