@@ -23,7 +23,7 @@ order 2 says so with culprit autograd.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -145,9 +145,9 @@ class Derivative(Case):
                 "numpy inside backward, or @once_differentiable), which is invisible to first order"
             ]
         return [
-            f"the {below} gradient is right (its check agrees) but autograd's derivative of it is not: the backward "
-            "is differentiated wrongly, typically a saved tensor used .detach()ed or a term computed outside autograd "
-            "inside backward, so double backward misses that term"
+            f"where the check of {below} agrees, the backward is right but is differentiated wrongly: typically a "
+            "saved tensor used .detach()ed, or a term computed outside autograd, inside backward, so double backward "
+            "misses that term"
         ]
 
     def problem(self) -> str | None:
@@ -233,5 +233,3 @@ class _Direction:
     def __call__(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(self.shape, generator=gen, dtype=torch.float64)
 
-
-Hvp = Callable[..., Mapping[str, Any]]
