@@ -332,3 +332,30 @@ def test_complex_inputs_and_outputs_are_checked_at_order_2_and_in_forward_mode()
     (fwd,) = report.results
     assert (fwd.verdict, fwd.culprit) == ("mismatch", "autograd")
     assert ".imag of output 0[" in fwd.message or ".real of output 0[" in fwd.message
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_second_order_example_shows_both_slips_and_only_them() -> None:
+    results = checked(bc.run(ROOT / "examples" / "second_order.py", dtypes=["float64"]))
+    verdicts = {name: (r.verdict, r.culprit) for (name, _), r in results.items()}
+    assert verdicts == {
+        "softplus": ("ok", None),
+        "softplus (fwd)": ("mismatch", "autograd"),
+        "softplus (order 2)": ("mismatch", "autograd"),
+        "softplus (order 2, fwd)": ("mismatch", "autograd"),
+    }
+    assert "∂/∂x[" in results[("softplus (fwd)", "float64")].message
+    assert "exactly zero" in results[("softplus (order 2)", "float64")].hints[0]
+    assert len(results[("softplus (order 2)", "float64")].hints) == 1  # not also "nothing flows back"
+
+
+def test_the_newton_cases_agree_three_ways_at_both_orders() -> None:
+    report = bc.run(ROOT / "cases" / "newton.py")
+    results = checked(report)
+    assert {name for name, _ in results} == {
+        "linear_newton", "linear_newton (order 2)", "softplus_regression", "softplus_regression (order 2)"
+    }
+    assert report.exit_code == 0
+    assert all(c.manual is not None for (name, _), r in results.items() if "order 2" in name for c in r.checks)

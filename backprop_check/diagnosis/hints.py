@@ -123,16 +123,17 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
     )
 
 
+# The hint for a gradient that is zero in every element (a more specific one may replace it).
+NOTHING_FLOWS = "zero in every element while the true gradient is not: no gradient flows back to it"
+
+
 def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, culprit: str) -> str | None:
     """Why `odd` is a constant multiple of `reference`, or None when it is not one."""
     norm = float((reference * reference).sum())
     if norm == 0.0:
         return None
     if not bool(odd.any()):  # 0× is no constant factor: nothing reaches this tensor at all
-        return (
-            "zero in every element while the true gradient is not: no gradient flows back to it. "
-            + _ZERO.get(culprit, "")
-        ).strip()
+        return f"{NOTHING_FLOWS}. {_ZERO.get(culprit, '')}".strip()
     factor = float((odd * reference).sum()) / norm
     rtol = _rtol(shown)
     scale = float((factor * reference).abs().max())

@@ -67,7 +67,7 @@ def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tole
     result.checks = shown.checks
     result.points = len(outcomes)
     result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
-    result.hints = [*case.extra_hints(shown), *_said_of(case, hints_for(shown, outcomes))] if verdict == MISMATCH else []
+    result.hints = case.hints(shown, _said_of(case, hints_for(shown, outcomes))) if verdict == MISMATCH else []
     result.message = describe(result, shown, len(failing), len(outcomes), tolerance, case.what)
     return result
 

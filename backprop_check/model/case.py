@@ -75,10 +75,11 @@ class Case:
         """The order of the derivative this case checks: 1, the gradient (orders.py: more)."""
         return 1
 
-    def extra_hints(self, outcome: Any) -> list[str]:
-        """Hints that this kind of case knows for a mismatch (the derivative of order 2 knows
-        the detached backward); a plain case has none."""
-        return []
+    def hints(self, outcome: Any, found: list[str]) -> list[str]:
+        """The hints for a mismatch at `outcome`, given those the patterns `found`: a kind of
+        case that knows better says so (the derivative of order 2 knows the detached
+        backward); a plain case keeps them."""
+        return found
 
     def cotangent_names(self) -> tuple[str, ...]:
         """The data through which the loss is linear (a function check's cotangents): the

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from backprop_check.diagnosis.hints import NOTHING_FLOWS
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading.forward import call_forward, call_user
 from backprop_check.loading.points import Point, given_point
@@ -130,24 +131,27 @@ class Derivative(Case):
     def cotangent_names(self) -> tuple[str, ...]:
         return tuple(self.directions.values())
 
-    def extra_hints(self, outcome: Any) -> list[str]:
-        """A double backward that is zero where finite differences are not: the classic
-        detached backward, right to first order and wrong from the second."""
+    def hints(self, outcome: Any, found: list[str]) -> list[str]:
+        """A double backward that is zero where finite differences are not is the classic
+        detached backward, right to first order and wrong from the second: said instead of the
+        general "nothing flows back"."""
         wrong = [c for c in outcome.checks if c.verdict == "mismatch" and c.culprit == "autograd" and c.kind == "param"]
         autograd = outcome.gradients.get("autograd")
         if not wrong or autograd is None:
-            return []
+            return found
         below = f"order {self.level - 1}"
         if all(float(autograd.values[c.name].abs().max()) == 0.0 for c in wrong):
             return [
                 f"autograd's derivative of the {below} gradient is exactly zero here, finite differences are not: the "
                 "backward does not record a graph of its own (a saved tensor .detach()ed, torch.no_grad() or "
-                "numpy inside backward, or @once_differentiable), which is invisible to first order"
+                "numpy inside backward, or @once_differentiable), which is invisible to first order",
+                *(hint for hint in found if NOTHING_FLOWS not in hint),
             ]
         return [
             f"where the check of {below} agrees, the backward is right but is differentiated wrongly: typically a "
             "saved tensor used .detach()ed, or a term computed outside autograd, inside backward, so double backward "
-            "misses that term"
+            "misses that term",
+            *found,
         ]
 
     def problem(self) -> str | None:
