@@ -352,7 +352,7 @@ def test_the_second_order_example_shows_both_slips_and_only_them() -> None:
 
 
 def test_the_newton_cases_agree_three_ways_at_both_orders() -> None:
-    report = bc.run(ROOT / "cases" / "newton.py")
+    report = bc.run([ROOT / "cases" / "newton.py", ROOT / "examples" / "newton.py"])
     results = checked(report)
     assert {name for name, _ in results} == {
         "linear_newton", "linear_newton (order 2)", "softplus_regression", "softplus_regression (order 2)"
