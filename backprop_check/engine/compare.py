@@ -5,21 +5,24 @@ error bar plus the compared dtype's rounding is the culprit; when both manual an
 disagree with it but agree with each other, the numerical gradient is the odd one out. On a
 kink the referee gives an interval (left and right derivatives): any value inside it is a valid
 subgradient. NaN and Inf never compare equal to anything.
+
+What manual and autograd say of a tensor is lined up in sides.py (and compared there with each
+other at every element); the random directions of a sampled tensor are judged in directions.py.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from backprop_check.errors import CaseError
-from backprop_check.diagnosis.shapes import shape_slip
-from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
-from backprop_check.sources import Direction, Gradients
-from backprop_check.sources.rounding import Rounding as Noise
+from backprop_check.engine.directions import along_tensor
+from backprop_check.engine.sides import Sides, largest_gradient, aligned_manual, ratios
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
+from backprop_check.sources import Gradients
+from backprop_check.sources.rounding import Rounding as Noise
 
 
 
@@ -38,7 +41,7 @@ def compare(
     tolerances. `autograd` is None for a numpy case: manual is then checked against the
     numerical gradient alone."""
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
-    manual_values = _manual_values(manual, params, nodes, numerical, autograd)
+    manual_values = aligned_manual(manual, params, nodes, numerical, autograd)
     largest = largest_gradient(autograd or manual, params)
     checks: list[Check] = []
     for name in params + nodes:
@@ -50,176 +53,6 @@ def compare(
         sides = Sides.of(name, numerical, None if autograd is None else autograd.values[name], given, noise)
         checks.append(compare_tensor(name, kind, sides, numerical, tol, largest))
     return checks
-
-
-TINY = torch.finfo(torch.float64).tiny
-
-
-def largest_gradient(source: Gradients | None, params: list[str]) -> float:
-    """The largest finite |dloss/dparam| at the point: the scale of its rounding floor."""
-    largest = 0.0
-    for name in params:
-        if source is None or name not in source.values:
-            continue
-        value = source.values[name].detach()
-        finite = value[torch.isfinite(value)]
-        if finite.numel():
-            largest = max(largest, float(finite.abs().max()))
-    return largest
-
-
-def _ratio(diff: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(diff / allowed.clamp(min=TINY), nan=math.inf)
-
-
-@dataclass
-class Sides:
-    """One tensor's gradients from autograd and manual (flat, float64, CPU), with their
-    rounding allowances at this point. A numpy case has no autograd gradient."""
-
-    shape: tuple[int, ...]
-    autograd: torch.Tensor | None
-    manual: torch.Tensor | None
-    rounding_a: torch.Tensor
-    rounding_m: torch.Tensor
-    # Below float64: each source's float64 twin at the same point (None in float64).
-    twin_a: torch.Tensor | None = None
-    twin_m: torch.Tensor | None = None
-
-    @classmethod
-    def of(
-        cls, name: str, numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None, noise: Noise | None
-    ) -> Sides:
-        size = numerical.values[name].numel()
-
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to("cpu", torch.float64).reshape(-1)
-
-        def allowance(source: str) -> torch.Tensor:
-            given = None if noise is None else noise.allowance.get(source, {}).get(name)
-            return torch.zeros(size, dtype=torch.float64) if given is None or given.numel() != size else flat(given)
-
-        def twin(source: str) -> torch.Tensor | None:
-            given = None if noise is None else noise.twin.get(source, {}).get(name)
-            return None if given is None or given.numel() != size else flat(given)
-
-        return cls(
-            tuple(numerical.values[name].shape),
-            None if autograd is None else flat(autograd),
-            None if manual is None else flat(manual),
-            allowance("autograd"),
-            allowance("manual"),
-            None if autograd is None else twin("autograd"),
-            None if manual is None else twin("manual"),
-        )
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def subject(self) -> torch.Tensor:
-        """The gradient the tensor's scale is read from: autograd's, else manual's."""
-        chosen = self.autograd if self.autograd is not None else self.manual
-        assert chosen is not None
-        return chosen
-
-    def between(self, tol: Tolerance, largest: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(|manual − autograd|, allowed) at every element; zeros without both gradients."""
-        if self.manual is None or self.autograd is None:
-            zeros = torch.zeros(self.size, dtype=torch.float64)
-            return zeros, torch.ones_like(zeros)
-        allowed = tol.between(self.manual, self.autograd, self.rounding_a + self.rounding_m, largest)
-        return (self.manual - self.autograd).abs(), allowed
-
-
-def disputed(
-    numerical: Gradients,
-    autograd: Gradients,
-    manual: Gradients | None,
-    params: list[str],
-    tol: Tolerance,
-    noise: Noise | None = None,
-    limit: int = 64,
-) -> dict[str, torch.Tensor]:
-    """Per name, the flat elements where manual and autograd disagree and the numerical
-    reference has no estimate yet: the `limit` worst of them, for the referee to estimate."""
-    if manual is None or autograd is None:
-        return {}
-    largest = largest_gradient(autograd, params)
-    found: dict[str, torch.Tensor] = {}
-    for name, estimated in numerical.checked.items():
-        given = manual.values.get(name)
-        if given is None or given.numel() != estimated.numel():
-            continue
-        sides = Sides.of(name, numerical, autograd.values[name], given, noise)
-        ratio = _ratio(*sides.between(tol, largest))
-        ratio[estimated.reshape(-1)] = 0.0
-        bad = (ratio > 1).nonzero().reshape(-1)
-        if bad.numel():
-            worst = torch.argsort(ratio[bad], descending=True)[:limit]
-            found[name] = bad[worst].sort().values
-    return found
-
-
-def agreement(
-    name: str, numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Noise | None = None
-) -> Callable[[Direction], bool]:
-    """Whether every source's derivative of `name` along a direction matches the numerical one."""
-    given = None if manual is None else manual.values.get(name)
-    if given is not None and given.numel() != numerical.values[name].numel():
-        given = None
-    sides = Sides.of(name, numerical, None if autograd is None else autograd.values[name], given, noise)
-
-    def agrees(direction: Direction) -> bool:
-        return all(direction_verdict(direction, g, r, tol, exact)[0] for g, r, exact in sides_along(sides).values())
-
-    return agrees
-
-
-def failing_directions(
-    numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Noise | None = None
-) -> list[tuple[str, Direction, Callable[[Direction], bool]]]:
-    """(name, direction, agrees) for each direction of a sampled tensor that some source's
-    gradient does not match; `agrees` tells the same of any other direction in that tensor."""
-    failing = []
-    for name, directions in numerical.directions.items():
-        agrees = agreement(name, numerical, autograd, manual, tol, noise)
-        failing.extend((name, d, agrees) for d in directions if not agrees(d))
-    return failing
-
-
-def sides_along(sides: Sides) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, bool]]:
-    """The gradients to project on a direction: (gradient, rounding allowance, exact) per
-    source, where `exact` marks a float64 twin judged with float64's rounding alone."""
-    out = {}
-    if sides.autograd is not None:
-        out["autograd"] = (sides.autograd, sides.rounding_a if bool(sides.rounding_a.any()) else None, False)
-    if sides.manual is not None:
-        out["manual"] = (sides.manual, sides.rounding_m if bool(sides.rounding_m.any()) else None, False)
-    if sides.twin_a is not None:
-        out["autograd in float64"] = (sides.twin_a, None, True)
-    if sides.twin_m is not None:
-        out["manual in float64"] = (sides.twin_m, None, True)
-    return out
-
-
-def direction_verdict(
-    direction: Direction, gradient: torch.Tensor, rounding: torch.Tensor | None, tol: Tolerance, exact: bool = False
-) -> tuple[bool, float, float]:
-    """(agrees, the source's derivative along `direction`, allowed difference). On a kink
-    along it, any value between the one-sided derivatives agrees (a subgradient); a
-    non-finite estimate proves nothing and counts as a disagreement to look into."""
-    vector = direction.vector.reshape(-1).to(torch.float64)
-    value = float((gradient * vector).sum())
-    allowed = ERROR_BARS * direction.error + tol.along(gradient, vector, rounding, exact=exact)
-    if not math.isfinite(direction.value):
-        return False, value, allowed
-    if direction.kink and math.isfinite(direction.left) and math.isfinite(direction.right):
-        low, high = min(direction.left, direction.right), max(direction.left, direction.right)
-        outside = max(low - value, value - high, 0.0)
-        return outside <= allowed, value, allowed
-    return abs(value - direction.value) <= allowed, value, allowed
 
 
 @dataclass
@@ -271,7 +104,7 @@ class Referee:
         inside = (self.left - x).clamp(min=0) + (x - self.right).clamp(min=0)
         diff = torch.where(self.kink, inside, (x - self.value).abs())
         out = torch.zeros_like(source)
-        out[self.estimated] = _ratio(diff, self.base + r)
+        out[self.estimated] = ratios(diff, self.base + r)
         return out
 
     def position(self, element: int) -> int | None:
@@ -295,7 +128,7 @@ def compare_tensor(
     size = sides.size
     referee = Referee.at(name, numerical, sides, tol, largest)
     ma_diff, ma_allowed = sides.between(tol, largest)
-    ma_ratio = _ratio(ma_diff, ma_allowed)
+    ma_ratio = ratios(ma_diff, ma_allowed)
     none = torch.zeros(size, dtype=torch.float64)
     a_ratio = none if sides.autograd is None else referee.ratio(sides.autograd, sides.rounding_a)
     m_ratio = none if sides.manual is None else referee.ratio(sides.manual, sides.rounding_m)
@@ -309,7 +142,7 @@ def compare_tensor(
         a_ratio = torch.maximum(a_ratio, twin_referee.ratio(exact.autograd, exact.rounding_a))
         if exact.manual is not None:
             m_ratio = torch.maximum(m_ratio, twin_referee.ratio(exact.manual, exact.rounding_m))
-            ma_ratio = torch.maximum(ma_ratio, _ratio(*twin_ma))
+            ma_ratio = torch.maximum(ma_ratio, ratios(*twin_ma))
         pairs.update({f"{k} (float64 twins)": v for k, v in _pairs(exact, twin_referee, twin_ma).items()})
     kink = torch.zeros(size, dtype=torch.bool)
     kink[referee.estimated] = referee.kink
@@ -317,7 +150,7 @@ def compare_tensor(
     bad = ~(a_ok & m_ok & ma_ok)
     culprit = _culprits(m_ok, a_ok, ma_ok, has_manual=sides.manual is not None)
     counts = _counts(bad, culprit)
-    along = _directions(name, numerical, sides, tol)
+    along = along_tensor(name, numerical, sides, tol)
     directions = len(numerical.directions.get(name, []))
     check = Check(
         name=name,
@@ -406,70 +239,6 @@ def _decisive(check: Check, worst: int, odd: Culprit | None, pairs: dict[str, Pa
     check.rel_err = diff / abs(base) if base else (math.inf if diff else 0.0)
 
 
-@dataclass
-class Along:
-    """The worst disagreement of one sampled tensor's gradients along its random directions."""
-
-    bad: bool = False
-    culprit: Culprit | None = None
-    note: str = ""
-    ratio: float = 0.0
-    diff: float = 0.0
-    allowed: float = 0.0
-    sources: dict[str, float] = field(default_factory=dict)
-    numerical: float = 0.0
-    error: float = 0.0
-
-    def mismatch(self, check: Check) -> Check:
-        """`check` as a mismatch seen along a direction, no single element located."""
-        check.culprit = self.culprit
-        check.culprits = {self.culprit or Culprit.UNKNOWN: 1}
-        check.numerical, check.error_bar = self.numerical, self.error
-        check.autograd, check.manual = self.sources.get("autograd"), self.sources.get("manual")
-        check.abs_err, check.allowed, check.ratio = self.diff, self.allowed, self.ratio
-        check.rel_err = self.diff / abs(self.numerical) if self.numerical else math.inf
-        check.compared = "along a random direction"
-        check.note = self.note
-        return check
-
-
-def _directions(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -> Along:
-    result = Along()
-    sources = sides_along(sides)
-    for direction in numerical.directions.get(name, []):
-        verdicts = {source: direction_verdict(direction, g, r, tol, exact) for source, (g, r, exact) in sources.items()}
-        failed = {source for source, (ok, _, _) in verdicts.items() if not ok}
-        if not failed:
-            continue
-        off = {s: abs(verdicts[s][1] - direction.value) for s in failed}
-        worst = max(failed, key=lambda s: off[s] / max(verdicts[s][2], TINY))
-        ratio = off[worst] / max(verdicts[worst][2], TINY)
-        ratio = ratio if math.isfinite(ratio) else math.inf
-        if result.bad and ratio <= result.ratio:
-            continue
-        result.bad, result.ratio = True, ratio
-        result.diff, result.allowed = off[worst], verdicts[worst][2]
-        result.sources = {source: value for source, (_, value, _) in verdicts.items()}
-        result.numerical, result.error = direction.value, direction.error
-        if not math.isfinite(direction.value):
-            result.culprit = None
-        elif "autograd" not in sources:
-            result.culprit = Culprit.MANUAL
-        elif "manual" not in sources or not any(s.startswith("manual") for s in failed):
-            result.culprit = Culprit.AUTOGRAD
-        elif not any(s.startswith("autograd") for s in failed):
-            result.culprit = Culprit.MANUAL
-        else:  # both off the reference while agreeing element by element: two against one
-            result.culprit = Culprit.NUMERICAL
-        shown = ", ".join(f"{source} {value:.8g}" for source, value in result.sources.items())
-        result.note = (
-            f"along a random direction, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
-            f"(allowed {result.allowed:.3g}); no single element could be located (the error is spread "
-            "thinly over many elements, or the direction crosses a kink)"
-        )
-    return result
-
-
 def _counts(bad: torch.Tensor, culprit: torch.Tensor) -> dict[str, int]:
     counts: dict[str, int] = {}
     for who, code in _CODES.items():
@@ -507,64 +276,6 @@ def _single(counts: dict[str, int]) -> Culprit | None:
     return Culprit(named.pop()) if len(named) == 1 and Culprit.UNKNOWN not in counts else None
 
 
-def _manual_values(
-    manual: Gradients | None,
-    params: list[str],
-    nodes: list[str],
-    numerical: Gradients,
-    autograd: Gradients | None,
-) -> dict[str, torch.Tensor | Check]:
-    """The manual gradient per name, reshaped to the reference's shape. A wrong shape that a
-    derivation explains (a transpose, a missing sum over the batch: see shapes.py) becomes a
-    mismatch; any other wrong shape, a missing parameter or an unknown name is a broken case."""
-    if manual is None:
-        return {}
-    values = manual.values
-    missing = [name for name in params if name not in values]
-    unknown = sorted(set(values) - set(params) - set(nodes))
-    if missing:
-        besides = f" and returns {', '.join(map(repr, unknown))}, which is neither a parameter nor a node (a typo?)"
-        raise CaseError(f"the manual gradient misses parameter {missing[0]!r}" + (besides if unknown else ""))
-    if unknown:
-        raise CaseError(f"the manual gradient returns {unknown[0]!r}, which is neither a parameter nor a node")
-    aligned: dict[str, torch.Tensor | Check] = {}
-    for name, value in values.items():
-        reference = _whole(name, numerical, autograd)
-        want = tuple(reference.shape)
-        got = tuple(value.shape)
-        if value.numel() == reference.numel() and _squeezed(got) == _squeezed(want):
-            aligned[name] = value.reshape(want)
-            continue
-        slip = shape_slip(value, reference)
-        if slip is None:
-            raise CaseError(f"the manual gradient for {name!r} has shape {got}, expected {want}")
-        aligned[name] = Check(
-            name=name,
-            kind=CheckKind.PARAM if name in params else CheckKind.NODE,
-            shape=want,
-            verdict=MISMATCH,
-            culprit=Culprit.MANUAL,
-            bad=reference.numel(),
-            size=reference.numel(),
-            ratio=float("inf"),
-            abs_err=float("inf"),
-            rel_err=float("inf"),
-            note=slip.fact(),
-            culprits={Culprit.MANUAL: reference.numel()},
-            slip=slip,
-        )
-    return aligned
-
-
-def _whole(name: str, numerical: Gradients, autograd: Gradients | None) -> torch.Tensor:
-    """The reference a wrong shape is diagnosed against: the numerical gradient where every
-    element is estimated, else autograd's (exact everywhere; a numpy case has none)."""
-    value = numerical.values[name]
-    if autograd is None or name not in autograd.values or bool(torch.isfinite(value).all()):
-        return value
-    return autograd.values[name]
-
-
 def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The index of element `flat` of a tensor of `shape` (torch.unravel_index imports sympy on
     its first call, half a second of start-up)."""
@@ -575,5 +286,3 @@ def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(index))
 
 
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(s for s in shape if s != 1)

@@ -13,7 +13,9 @@ from backprop_check.model.arrays import NUMPY_NOTE, NUMPY_ON_CPU
 from backprop_check.model.case import Case
 from backprop_check.model.orders import orders
 from backprop_check.engine import jvp
-from backprop_check.engine.compare import compare, disputed, failing_directions
+from backprop_check.engine.compare import compare
+from backprop_check.engine.directions import failing_directions
+from backprop_check.engine.sides import disputed
 from backprop_check.records import Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading import complexes
