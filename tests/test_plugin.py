@@ -163,9 +163,9 @@ def test_each_case_runs_once_for_its_selected_runs(cases: pytest.Pytester, monke
     calls: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     check_case = backprop_check.gate.session.check_case
 
-    def counting(case, plan):  # noqa: ANN001, ANN202
+    def counting(case, plan, mode="rev"):  # noqa: ANN001, ANN202
         calls.append((case.name, plan.devices, plan.dtypes))
-        return check_case(case, plan)
+        return check_case(case, plan, mode)
 
     monkeypatch.setattr(backprop_check.gate.session, "check_case", counting)
     result = cases.runpytest("cases", "--bc-device", "cpu", "-k", "not float32", *FAST)
@@ -193,10 +193,10 @@ import backprop_check.gate.session
 real = backprop_check.gate.session.check_case
 
 
-def counting(case, plan):
+def counting(case, plan, mode="rev"):
     with open(os.environ["CHECKED"], "a") as log:
         log.write(f"{case.name} {','.join(plan.dtypes)}\\n")
-    return real(case, plan)
+    return real(case, plan, mode)
 
 
 backprop_check.gate.session.check_case = counting
@@ -222,3 +222,55 @@ def test_under_xdist_each_case_is_checked_once_and_the_controller_never_imports_
     checked = (cases.path / "checked.log").read_text().splitlines()
     assert sorted(checked) == sorted(f"{name} float64,float32,bfloat16" for name in ("linear", "forgot_x", "other", "forgot_y"))
     assert (cases.path / "controller.log").read_text() == "False"
+
+
+ORDERS = '''
+import torch
+from backprop_check import case, function_case
+
+
+class Detached(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x.detach() * grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 2 * x * tangent
+
+
+@function_case(inputs=(lambda g: torch.randn(3, generator=g, dtype=torch.float64),), order=2, modes=("rev", "fwd"))
+def square(x):
+    return Detached.apply(x)
+
+
+@case(params={"w": 1.0}, data={"x": 3.0}, modes="fwd")
+def forward_only(w, x):
+    return (w * x) ** 2
+'''
+
+
+def test_order_and_modes_are_items_of_their_own_and_a_detached_backward_fails_at_order_2(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(**{"cases/orders": ORDERS})
+    result = pytester.runpytest("-v", *FAST, *CPU64)
+    result.stdout.fnmatch_lines(
+        [
+            "*::square[[]cpu-float64[]] PASSED*",
+            "*::square (fwd)[[]cpu-float64[]] PASSED*",
+            "*::square (order 2)[[]cpu-float64[]] FAILED*",
+            "*::square (order 2, fwd)[[]cpu-float64[]] FAILED*",
+            "*::forward_only (fwd)[[]cpu-float64[]] PASSED*",
+        ]
+    )
+    result.assert_outcomes(passed=3, failed=2)
+    assert "forward_only[cpu-float64]" not in result.stdout.str()  # modes="fwd": no reverse-mode item

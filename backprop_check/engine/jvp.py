@@ -56,10 +56,15 @@ class Tangent:
         return f"∂/∂{_element(name, _unflat(flat, shapes[name]), name in complex_names)}"
 
 
-def named(result: Result, case: Case) -> Result:
-    """The result as forward mode's: `f (fwd)`, `f (order 2, fwd)`."""
+def name_of(case: Case) -> str:
+    """What forward mode's results of `case` are called: `f (fwd)`, `f (order 2, fwd)`."""
     root = getattr(case, "root", case)
-    name = f"{root.name} (order {case.level}, fwd)" if case.level > 1 else f"{case.name} (fwd)"
+    return f"{root.name} (order {case.level}, fwd)" if case.level > 1 else f"{case.name} (fwd)"
+
+
+def named(result: Result, case: Case) -> Result:
+    """The result as forward mode's (`name_of`)."""
+    name = name_of(case)
     result.case, result.mode = name, MODE
     if result.verdict == Verdict.ERROR:
         result.message = result.message.replace(f": {case.name}: ", f": {name}: ", 1)

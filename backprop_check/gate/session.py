@@ -43,11 +43,27 @@ FAILING = (Verdict.MISMATCH, Verdict.ERROR)
 USES_PACKAGE = re.compile(r"^\s*(?:from|import)\s+backprop_check\b", re.MULTILINE)
 
 
-def check_case(case: Case, plan: Plan) -> list[Result]:
+def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     """The runner's check_case, imported (with torch) when the first case runs."""
     from backprop_check.engine.runner import check_case as run_case
 
-    return run_case(case, plan)
+    return run_case(case, plan, mode)
+
+
+def variants(case: Case, plan: Plan) -> Iterator[tuple[Case, str, str]]:
+    """(case, mode, name) for every check a case asks for: the case in reverse mode, and with
+    `order=` / `modes=` its derivatives (`f (order 2)`) and forward mode (`f (fwd)`), each
+    its own items, as the CLI reports them. A plain case needs no torch here."""
+    if case.order == 1 and case.modes == ("rev",):
+        yield case, "rev", case.name
+        return
+    from backprop_check.engine.jvp import MODE, name_of
+    from backprop_check.model.orders import orders
+
+    for checked in orders(case, plan.seed, plan.full):
+        broken = checked.problem() is not None  # said once, by the reverse mode's result
+        for mode in ("rev",) if broken else checked.modes:
+            yield checked, mode, name_of(checked) if mode == MODE else checked.name
 
 
 def device_unavailable(device: str) -> str | None:
@@ -69,8 +85,8 @@ class CheckSession:
         roots = config.getini("backprop_check_paths") or [config.rootpath / p for p in DEFAULT_PATHS]
         self.roots = [Path(root).resolve() for root in roots]
         self.named = named_folders(config)
-        self.wanted: dict[Case, set[tuple[str, str]]] = defaultdict(set)
-        self.results: dict[Case, dict[str, Result]] = {}
+        self.wanted: dict[tuple[Case, str], set[tuple[str, str]]] = defaultdict(set)
+        self.results: dict[tuple[Case, str], dict[str, Result]] = {}  # (case, mode) → id → result
         self.first: dict[str, Case] = {}  # the first case of each name, across files
 
     def header(self) -> str:
@@ -117,16 +133,18 @@ class CheckSession:
 
     def items(self, parent: CaseFile, cases: list[Case]) -> Iterator[CaseItem]:
         for case in cases:
-            for device in devices_for(case, self.plan.devices):  # a numpy case: the CPU only
-                for dtype in self.plan.dtypes:
-                    name = f"{case.name}[{device}-{dtype}]"
-                    yield CaseItem.from_parent(parent, name=name, case=case, device=device, dtype=dtype)
+            for checked, mode, label in variants(case, self.plan):
+                for device in devices_for(checked, self.plan.devices):  # a numpy case: the CPU only
+                    for dtype in self.plan.dtypes:
+                        yield CaseItem.from_parent(
+                            parent, name=f"{label}[{device}-{dtype}]", case=checked, device=device, dtype=dtype, mode=mode
+                        )
 
     def selected(self, items: list[pytest.Item]) -> None:
         """Remember which runs of each case survived -k and the like: only those are checked."""
         for item in items:
             if isinstance(item, CaseItem):
-                self.wanted[item.case].add((item.device, item.dtype))
+                self.wanted[item.case, item.mode].add((item.device, item.dtype))
 
     def check(self, item: CaseItem) -> None:
         """Skip, pass or fail one item from its case's results."""
@@ -143,15 +161,16 @@ class CheckSession:
 
     def result(self, item: CaseItem) -> Result:
         """The item's result, from a run of its case over every selected device and dtype."""
-        if item.case not in self.results:
-            runs = self.wanted.get(item.case) or {(item.device, item.dtype)}
+        key = (item.case, item.mode)
+        if key not in self.results:
+            runs = self.wanted.get(key) or {(item.device, item.dtype)}
             plan = replace(
                 self.plan,
                 devices=tuple(d for d in self.plan.devices if any(d == run[0] for run in runs)),
                 dtypes=tuple(t for t in self.plan.dtypes if any(t == run[1] for run in runs)),
             )
-            self.results[item.case] = {r.id: r for r in check_case(item.case, plan)}
-        return self.results[item.case][item.name]
+            self.results[key] = {r.id: r for r in check_case(item.case, plan, item.mode)}
+        return self.results[key][item.name]
 
     def explain(self, result: Result) -> str:
         """A failure as the text report shows it, under a headline that pytest's short summary
@@ -217,11 +236,12 @@ class BrokenCase(pytest.Item):
 
 
 class CaseItem(pytest.Item):
-    """One case on one device in one dtype: `linear[cpu-float64]`."""
+    """One case on one device in one dtype: `linear[cpu-float64]`; of a case with `order=` or
+    `modes=`, one derivative or mode of it: `linear (order 2)[cpu-float64]`, `f (fwd)[…]`."""
 
-    def __init__(self, *, case: Case, device: str, dtype: str, **kwargs: Any) -> None:
+    def __init__(self, *, case: Case, device: str, dtype: str, mode: str = "rev", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.case, self.device, self.dtype = case, device, dtype
+        self.case, self.device, self.dtype, self.mode = case, device, dtype, mode
 
     def runtest(self) -> None:
         session_of(self.config).check(self)
