@@ -359,3 +359,21 @@ def test_the_newton_cases_agree_three_ways_at_both_orders() -> None:
     }
     assert report.exit_code == 0
     assert all(c.manual is not None for (name, _), r in results.items() if "order 2" in name for c in r.checks)
+
+
+class ComplexDetached(ComplexSquare):
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (z,) = ctx.saved_tensors
+        return grad * (2 * z.detach()).conj()
+
+
+def test_a_complex_backward_that_detaches_is_caught_at_order_2_with_the_element_in_complex_terms() -> None:
+    z = torch.randn(3, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
+    report = bc.check(ComplexDetached.apply, (z,), order=2, points=1)
+    results = checked(report)
+    assert results[("ComplexDetached", "float64")].verdict == "ok"
+    for dtype in ("float64", "float32"):
+        second = results[("ComplexDetached (order 2)", dtype)]
+        assert (second.verdict, second.culprit) == ("mismatch", "autograd")
+        assert ".real" in second.message or ".imag" in second.message

@@ -53,10 +53,14 @@ def as_complex(name: str, view: torch.Tensor) -> torch.Tensor:
 
 
 def for_user(values: Mapping[str, Any], complex_names: Collection[str]) -> dict[str, Any]:
-    """`values` with each complex name's real view turned back into a complex tensor."""
+    """`values` with each complex name's real view turned back into a complex tensor (one that
+    is complex already, handed on by the derivative of order 2, stays as it is)."""
     if not complex_names:
         return dict(values)
-    return {k: as_complex(k, v) if k in complex_names and isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    return {
+        k: as_complex(k, v) if k in complex_names and isinstance(v, torch.Tensor) and not v.is_complex() else v
+        for k, v in values.items()
+    }
 
 
 def gradient_view(name: str, value: torch.Tensor, source: str = "manual gradient") -> torch.Tensor:

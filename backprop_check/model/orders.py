@@ -114,13 +114,16 @@ class Derivative(Case):
                 label += "_"
             taken.add(label)
             self.directions[p] = label
+        # A complex value stays complex (its real view becomes the complex tensor again), so that
+        # this case's points name it complex too and show its elements as z[3].imag.
+        values = {k: torch.view_as_complex(v) if k in given.complex else v for k, v in values.items()}
         for name in (*self.of, *linear):
             self.params[name] = values[name]
         for name, value in values.items():
             if name not in self.params:
                 self.data[name] = value
-        for p, label in self.directions.items():
-            self.data[label] = _Direction(tuple(values[p].shape))
+        for p, label in self.directions.items():  # u in real terms: the real view's shape
+            self.data[label] = _Direction(tuple(given.params[p].shape))
         if level == 2 and root.hvp_fn is not None:
             self.manual_fn = self._hvp
 
@@ -199,10 +202,13 @@ class Derivative(Case):
         return dict(zip(leaves, grads))
 
     def _forward(self, **values: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=values[self.of[0]].dtype, device=values[self.of[0]].device)
+        first = values[self.of[0]]
+        total = torch.zeros((), dtype=first.real.dtype, device=first.device)
         for p, g in self.gradient(values).items():
             if g is not None:  # a gradient that no longer depends on θ contributes a constant
-                total = total + (values[self.directions[p]] * g).sum()
+                # ⟨u, g⟩ of the real views: Re Σ conj(u)·g for a complex parameter
+                real = torch.view_as_real(g.resolve_conj()) if g.is_complex() else g
+                total = total + (values[self.directions[p]] * real).sum()
         return total
 
     def _at(self, params: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> Point:
