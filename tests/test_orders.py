@@ -377,3 +377,35 @@ def test_a_complex_backward_that_detaches_is_caught_at_order_2_with_the_element_
         second = results[("ComplexDetached (order 2)", dtype)]
         assert (second.verdict, second.culprit) == ("mismatch", "autograd")
         assert ".real" in second.message or ".imag" in second.message
+
+
+class NanJvp(Square):
+    @staticmethod
+    def jvp(ctx, tangent):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        out = 2 * x * tangent
+        out.view(-1)[1] = float("nan")
+        return out
+
+
+def test_a_jvp_that_returns_nan_is_a_mismatch_never_ok() -> None:
+    for size in (4, 100):  # basis directions, and random directions bisected
+        report = bc.check(NanJvp.apply, (x64(size),), modes=("fwd",), points=0, dtypes=["float64"])
+        (fwd,) = report.results
+        assert (fwd.verdict, fwd.culprit) == ("mismatch", "autograd"), fwd.message
+
+
+def test_outputs_that_are_not_finite_are_one_error_line_in_forward_mode() -> None:
+    report = bc.check(torch.log, (torch.tensor([1.0, -1.0], dtype=torch.float64),), modes=("fwd",), points=0, dtypes=["float64"])
+    (fwd,) = report.results
+    assert fwd.verdict == "error" and "\n" not in fwd.message
+    assert "log (fwd)" in fwd.message and "nan at the given point" in fwd.message  # the guard reverse mode has
+
+
+def test_forward_mode_refuses_a_forward_that_is_not_deterministic() -> None:
+    def noisy(x):  # noqa: ANN001, ANN202
+        return x * (1 + 1e-3 * torch.rand(()))
+
+    report = bc.check(noisy, (x64(3),), modes=("fwd",), points=0, dtypes=["float64"])
+    (fwd,) = report.results
+    assert fwd.verdict == "error" and "not deterministic" in fwd.message

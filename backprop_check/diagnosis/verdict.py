@@ -173,7 +173,12 @@ def result_for(case: Case, device: str, dtype: str, verdict: Verdict, **fields) 
     return Result(case=case.name, device=device, dtype=dtype, verdict=verdict, file=case.file, line=case.line, **fields)
 
 
-def error_result(case: Case, device: str, dtype: str, reason: str, exc: BaseException | None = None) -> Result:
+def error_result(
+    case: Case, device: str, dtype: str, reason: str, exc: BaseException | None = None, name: str | None = None
+) -> Result:
+    """An error result; `name` is what the check is called when not the case's own name
+    (forward mode's `f (fwd)`)."""
     cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
     trace = "".join(traceback.format_exception(cause)) if cause is not None else None
-    return result_for(case, device, dtype, Verdict.ERROR, message=f"{case.where}: {case.name}: {reason}", traceback=trace)
+    message = f"{case.where}: {name or case.name}: {reason}"
+    return result_for(case, device, dtype, Verdict.ERROR, message=message, traceback=trace)

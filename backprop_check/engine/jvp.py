@@ -27,8 +27,8 @@ from backprop_check.diagnosis.verdict import error_result, outcome_of, summarize
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading import complexes
-from backprop_check.loading.guards import numbers_among_integers
-from backprop_check.loading.points import Point, derive_seed, generator, given_point, random_point
+from backprop_check.loading.guards import checked_given
+from backprop_check.loading.points import Point, derive_seed, generator, random_point
 from backprop_check.model.case import Case
 from backprop_check.options import Plan
 from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict
@@ -64,24 +64,21 @@ def name_of(case: Case) -> str:
 
 def named(result: Result, case: Case) -> Result:
     """The result as forward mode's (`name_of`)."""
-    name = name_of(case)
-    result.case, result.mode = name, MODE
-    if result.verdict == Verdict.ERROR:
-        result.message = result.message.replace(f": {case.name}: ", f": {name}: ", 1)
+    result.case, result.mode = name_of(case), MODE
     return result
 
 
 def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], list[str]]:
-    """The given point and `plan.points` random ones (a kink is found per direction here)."""
-    given = given_point(case, plan.seed)
-    given, notes = numbers_among_integers(case, given)
+    """The given point, past the same guards as reverse mode's, and `plan.points` random ones
+    (a kink is found per direction here)."""
+    given, notes = checked_given(case, plan.seed)
     points = [given]
     for index in range(1, plan.points + 1):
         try:
             points.append(random_point(case, given, index, plan.seed))
         except CaseError as exc:
             raise exc.at(f"random point {index}") from exc
-    return points, list(notes)
+    return points, notes
 
 
 def check_combination(case: Case, points: list[Point], device: str, dtype_name: str, *, plan: Plan) -> Result:
@@ -98,7 +95,7 @@ def check_combination(case: Case, points: list[Point], device: str, dtype_name: 
     except CaseTimeout:
         raise
     except CaseError as exc:
-        return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc)
+        return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc, name_of(case))
     return summarize(case, device, dtype_name, outcomes, tol.describe())
 
 
@@ -185,6 +182,12 @@ class _Judge:
             raw = case.outputs(self.exact)
         self.complex = [isinstance(o, torch.Tensor) and o.is_complex() for o in raw]
         base = [_real(o.detach()) for o in raw]
+        for name, value in zip(case.output_names(), base):
+            if not bool(torch.isfinite(value).all()):
+                hint = "" if point.seed is None else f"; {point.constrain_hint()}"
+                error = CaseError(f"{name} is not finite at the {point.describe()}: no derivative of it can be checked{hint}")
+                error.located = True  # the point is in the message already
+                raise error
         self.f0 = [o.reshape(-1) for o in base]
         self.shapes = [tuple(o.shape) for o in base]
 
@@ -223,7 +226,9 @@ class _Judge:
         kink = est["kink"]
         low, high = torch.minimum(est["left"], est["right"]), torch.maximum(est["left"], est["right"])
         off = torch.where(kink, (low - twin).clamp(min=0) + (twin - high).clamp(min=0), (twin - n).abs())
-        ratio = off / allowed.clamp(min=1e-300)
+        # NaN and Inf never agree: a non-finite jvp, or outputs not finite a step away, disagree
+        ratio = torch.nan_to_num(off / allowed.clamp(min=1e-300), nan=math.inf)
+        ratio = torch.where(torch.isfinite(n), ratio, torch.full_like(ratio, math.inf))
         finding = _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k])
         if self.dtype != torch.float64:  # the run dtype's jvp against its own float64 twin
             scale = float(twin.abs().max()) if twin.numel() else 0.0
@@ -232,9 +237,7 @@ class _Judge:
                 + self.tol.atol * scale + self.tol.floor(scale) + self.tol.absolute
             )
             finding.rounding = rounding
-            finding.run_ratio = (fwd - twin).abs() / rounding.clamp(min=1e-300)
-        finite = torch.isfinite(n)  # no estimate, no verdict
-        finding.ratio = torch.where(finite, finding.ratio, torch.zeros_like(ratio))
+            finding.run_ratio = torch.nan_to_num((fwd - twin).abs() / rounding.clamp(min=1e-300), nan=math.inf)
         return finding
 
     def bisect(self, finding: _Finding) -> list[_Finding]:

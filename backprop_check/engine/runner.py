@@ -24,8 +24,8 @@ from backprop_check.sources import rounding
 from backprop_check.engine.limits import time_limit
 from backprop_check.loading.loader import LoadFailure, inventory, load
 from backprop_check.options import DEVICES, DTYPES, POINTS, TIMEOUT, Plan, devices_for  # noqa: F401 - Plan lives with the options
-from backprop_check.loading.points import Point, given_point, random_point
-from backprop_check.loading.guards import check_forward_is_pure, empty_parameters, numbers_among_integers, require_finite_gradient, require_finite_loss
+from backprop_check.loading.points import Point, random_point
+from backprop_check.loading.guards import checked_given, require_finite_gradient, require_finite_loss
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
 from backprop_check.diagnosis.verdict import error_result, outcome_of, result_for, summarize
@@ -113,6 +113,7 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     backward) or forward mode ("fwd": jvp.py)."""
     started = time.perf_counter()
     combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
+    label = jvp.name_of(case) if mode == jvp.MODE else case.name
     results: list[Result] = []
     with time_limit(plan.timeout):
         try:
@@ -139,10 +140,10 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
             found = getattr(exc, "partial", None)
             if found is not None:
                 results.append(found)
-            results.extend(error_result(case, d, t, str(exc), exc) for d, t in combinations[len(results) :])
+            results.extend(error_result(case, d, t, str(exc), exc, label) for d, t in combinations[len(results) :])
         except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
             reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
-            results.extend(error_result(case, d, t, reason, exc) for d, t in combinations[len(results) :])
+            results.extend(error_result(case, d, t, reason, exc, label) for d, t in combinations[len(results) :])
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
@@ -166,11 +167,7 @@ def device_unavailable(device: str) -> str | None:
 
 def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str, str], Reference], list[str]]:
     """The given point and the random ones; a random point on a kink is redrawn."""
-    given = given_point(case, plan.seed)
-    notes = empty_parameters(given)
-    check_forward_is_pure(case, given)
-    given, fixed = numbers_among_integers(case, given)
-    notes.extend(fixed)
+    given, notes = checked_given(case, plan.seed)
     points = [given]
     cache: dict[tuple[str, str], Reference] = {}
     for index in range(1, plan.points + 1):

@@ -14,7 +14,7 @@ import torch
 from backprop_check.errors import CaseError
 from backprop_check.model.case import Case
 from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import Point, with_data
+from backprop_check.loading.points import Point, given_point, with_data
 from backprop_check.sources import Gradients
 from backprop_check.engine.compare import unravel
 
@@ -53,6 +53,17 @@ def require_finite_gradient(numerical: Gradients, point: Point) -> None:
             )
             error.located = True
             raise error
+
+
+def checked_given(case: Case, seed: int) -> tuple[Point, list[str]]:
+    """The given point of run `seed` once the guards every mode needs have passed (the forward
+    is pure, not every parameter is empty, integer scalars that are numbers become floats),
+    with the notes they leave."""
+    given = given_point(case, seed)
+    notes = empty_parameters(given)
+    check_forward_is_pure(case, given)
+    given, fixed = numbers_among_integers(case, given)
+    return given, notes + list(fixed)
 
 
 def empty_parameters(given: Point) -> list[str]:
