@@ -34,6 +34,7 @@ from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading.forward import call_forward, call_user
 from backprop_check.loading.points import Point, given_point
 from backprop_check.model.case import Case
+from backprop_check.records import CheckKind, Culprit, Verdict
 
 MODES = ("rev", "fwd")
 MAX_ORDER = 4  # each order multiplies the cost; beyond this the check is not worth its time
@@ -138,7 +139,10 @@ class Derivative(Case):
         """A double backward that is zero where finite differences are not is the classic
         detached backward, right to first order and wrong from the second: said instead of the
         general "nothing flows back"."""
-        wrong = [c for c in outcome.checks if c.verdict == "mismatch" and c.culprit == "autograd" and c.kind == "param"]
+        wrong = [
+            c for c in outcome.checks
+            if c.verdict == Verdict.MISMATCH and c.culprit == Culprit.AUTOGRAD and c.kind == CheckKind.PARAM
+        ]
         autograd = outcome.gradients.get("autograd")
         if not wrong or autograd is None:
             return found
