@@ -1,25 +1,25 @@
-"""Benchmark 8: `--full` at about 22k parameters against gradcheck's slow mode, and the floor of
-any black-box finite-difference scheme on this machine (issue 11, item 5).
+"""Benchmark 8: `--full` at about 22k parameters against gradcheck's slow mode (issue 11, item 5).
 
 Both ~22k models of `speed.py`, float64, CPU, given point, in one process, interleaved:
 
 - gradcheck slow (two forward passes per element, one at a time, plus its own bookkeeping);
-- harness full (three-way: every element estimated numerically, 4 forward passes each, batched);
-- "harness full, P-long rows": the same with the elementwise rows built as before (a fresh copy
-  of the whole tensor for every perturbation, `_rows_of_p` below, main at 8c95d9d), to show what
-  the reused row buffer bought.
+- harness full (three-way: every element estimated numerically, 4 loss values each; the forward
+  recorded once and replayed for one-element perturbations, `sources/incremental.py`);
+- "harness full, vmap of the whole forward": the same with the replay switched off, every
+  perturbed loss a whole forward pass batched by vmap (what `--full` did before the replay).
 
-The floor: what the forward passes alone cost, batched by hand (no vmap, no harness): for each
-weight, a batch of B perturbed copies run through the layers downstream of it (upstream layers
-once, as vmap does), timed per row; × 4 evaluations × the elements of that layer (its bias
-counted with it). No black-box scheme that evaluates the forward 4 times per element can be
-faster than this; one with 2 (a plain central difference, no error bar) at best twice as fast.
+The floor of whole forward passes: what they alone cost, batched by hand (no vmap, no harness):
+for each weight, a batch of B perturbed copies run through the layers downstream of it
+(upstream layers once, as vmap does), timed per row; × 4 evaluations × the elements of that
+layer (its bias counted with it). No scheme that runs the whole forward 4 times per element can
+be faster than this, and one with 2 (a plain central difference, no error bar) at best twice as
+fast. The replay is not such a scheme: it recomputes only the values a perturbation changes.
 """
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,37 +35,16 @@ TARGET = 10.0
 FLOOR_BATCH = 256
 
 
-def _rows_of_p(
-    batched: numerical.Batched,
-    targets: Mapping[str, Tensor],
-    flat: numerical.Flat,
-    h: Tensor,
-    index: Sequence[int] | Tensor,
-) -> Tensor:
-    """`numerical.evaluate` as it was at 8c95d9d: every chunk copies θ once per row."""
-    base = flat.join(targets)
-    index = torch.as_tensor(index, dtype=torch.int64)
-    offsets_n = len(numerical.OFFSETS)
-    f = torch.full((offsets_n, flat.size), torch.nan, dtype=torch.float64)
-    per_chunk = max(1, min(numerical.MAX_BATCH // offsets_n, numerical.MAX_BATCH_ELEMENTS // max(1, offsets_n * flat.size)))
-    offsets = torch.tensor(numerical.OFFSETS, dtype=torch.float64)
-    for start in range(0, len(index), per_chunk):
-        idx = index[start : start + per_chunk]
-        rows = base.repeat(offsets_n * len(idx), 1)
-        which = idx.repeat_interleave(offsets_n)
-        rows[torch.arange(rows.shape[0]), which] += offsets.repeat(len(idx)) * h[which]
-        f[:, idx] = batched(targets, flat, rows).reshape(len(idx), offsets_n).T
-    return f
+def without_replay(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` with every perturbed loss a whole forward pass, batched by vmap."""
 
-
-def with_p_long_rows(fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> object:
-        new = numerical.evaluate
-        numerical.evaluate = _rows_of_p  # type: ignore[assignment]
+        program = numerical.Batched.program
+        numerical.Batched.program = lambda self, targets, flat, base: None  # type: ignore[method-assign]
         try:
             return fn()
         finally:
-            numerical.evaluate = new
+            numerical.Batched.program = program  # type: ignore[method-assign]
 
     return run
 
@@ -124,7 +103,7 @@ def run(repeats: int = 2) -> tuple[str, list[tuple[str, bool]]]:
             {
                 "gradcheck slow": lambda model=model: speed.gradcheck(model, fast=False),
                 "harness full": lambda case=case: speed.harness(case, full=True),
-                "harness full, P-long rows (before)": with_p_long_rows(lambda case=case: speed.harness(case, full=True)),
+                "harness full, vmap of the whole forward": without_replay(lambda case=case: speed.harness(case, full=True)),
             },
             repeats,
         )
@@ -138,7 +117,7 @@ def run(repeats: int = 2) -> tuple[str, list[tuple[str, bool]]]:
         notes.append(f"{model.label} (batch {getattr(model, 'batch', models.SAMPLES)}): " + "; ".join(lines))
         ratio = slow / timings["harness full"].median
         targets.append((f"full ≥ {TARGET:g}× faster than gradcheck slow at {model.size:,}: {ratio:.2f}× "
-                        f"(floor of a 4-evaluation black-box scheme: {slow / bound:.2f}×, of a 2-evaluation one: "
+                        f"(floor of 4 whole forward passes an element: {slow / bound:.2f}×, of 2: "
                         f"{2 * slow / bound:.2f}×)", ratio >= TARGET))
     text = [
         f"float64, CPU, given point; torch threads {torch.get_num_threads()}; floor batch {FLOOR_BATCH} rows",

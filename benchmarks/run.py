@@ -15,7 +15,7 @@ repeats and trials, for a short look (record figures from the full run).
                nn.Linear(1024, 1024) with one wrong element.
 6. parallel  — `pytest cases/` serial against `pytest -n 2 cases/` (benchmarks/parallel.py).
 7. function  — function mode against gradcheck on a two-output custom Function; planted Function bugs.
-8. full      — `--full` at ~22k parameters against gradcheck slow; the floor of any black-box scheme.
+8. full      — `--full` at ~22k parameters against gradcheck slow, with and without the replay.
 9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "parallel": ("6. pytest serial vs pytest -n 2 (xdist) on the built-in cases", lambda quick: parallel.run()),
     "function": ("7. function mode: a two-output custom Function vs gradcheck; the planted Function bugs",
                  lambda quick: function.run()),
-    "full": ("8. --full at ~22k parameters vs gradcheck slow, and the floor of any black-box scheme",
+    "full": ("8. --full at ~22k parameters vs gradcheck slow, with and without the replay",
              lambda quick: full.run(1 if quick else 2)),
     "orders": ("9. second order vs gradgradcheck; forward mode vs gradcheck(check_forward_ad=True)",
                lambda quick: orders.run(1 if quick else 3)),

@@ -185,3 +185,24 @@ def test_the_text_report_says_how_a_large_tensor_was_checked():
     report = run([three_way(layer(100, 100), None, 1.0)], devices=["cpu"], dtypes=["float64"], points=0)
     rendered = text.render(report)
     assert "coverage: three_way: W (10000 elements): manual against autograd at every element" in rendered
+
+
+@pytest.mark.parametrize("build, culprit", [(three_way, "manual"), (two_way, "autograd")], ids=["three-way", "two-way"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_full_mode_finds_one_wrong_element_by_replaying_the_forward(build, culprit, dtype, monkeypatch):
+    """--full estimates all 10,000 elements, each from the forward replayed at its perturbed
+    points (sources/incremental.py); the replay is checked, so nothing here falls back to vmap."""
+    from backprop_check.sources import numerical
+
+    def never(self, targets, flat, batch):  # noqa: ANN001, ANN202 - vmap of the whole forward
+        raise AssertionError("the whole forward was batched by vmap, not replayed")
+
+    model = layer(*SIZES["10k"])
+    element = planted(model, "small")  # the 10th percentile of |gradient|
+    monkeypatch.setattr(numerical.Batched, "__call__", never)
+    result = run([build(model, element, 1 + RELATIVE[dtype])], devices=["cpu"], dtypes=[dtype], points=1, full=True).results[0]
+    assert (result.verdict, result.culprit) == ("mismatch", culprit), result.message
+    rows, columns = divmod(element, model["W"].shape[1])
+    assert result.checks[0].label == f"W[{rows}, {columns}]"
+    correct = run([build(layer(*SIZES["10k"], seed=1), None, 1.0)], devices=["cpu"], dtypes=[dtype], points=2, full=True)
+    assert [r.verdict for r in correct.results] == ["ok"], [r.message for r in correct.results]

@@ -14,7 +14,10 @@ Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power
   kink: the comparison then accepts any value between the left and right derivatives.
 
 Perturbations are evaluated in batches with `torch.func.vmap`, in chunks that bound memory; a
-forward pass that cannot be batched falls back to a loop, and says so. Nodes are perturbed by
+forward pass that cannot be batched falls back to a loop, and says so. From REPLAY_FROM elements
+on, the elementwise ones are instead replayed from one recording of the forward
+(incremental.py), which recomputes only the values a one-element perturbation changes; where it
+cannot, or a checked row disagrees with a plain forward pass, vmap again. Nodes are perturbed by
 injecting an offset where `node()` marks them.
 
 `gradient` is the source (every element, the signature all sources share). The runner asks for
@@ -43,6 +46,7 @@ from backprop_check.errors import CaseTimeout
 from backprop_check.loading.forward import call_forward
 from backprop_check.loading.points import Point, derive_seed
 from backprop_check.sources import Direction, Gradients
+from backprop_check.sources.incremental import Program, Unreplayable
 from backprop_check.sources.inplace import InPlace
 
 RELATIVE_STEP = 1e-4
@@ -56,6 +60,12 @@ MAX_BATCH_ELEMENTS = 1 << 23
 CHUNK_BYTES = 1 << 26
 OFFSETS = (1.0, 0.5, -0.5, -1.0)
 SAMPLES = 24
+# The replay of the recorded forward (incremental.py) costs a recording and a few plain forward
+# passes before it pays: fewer elements than this are left to vmap of the whole forward. So is a
+# replay whose chunks would hold fewer perturbations than MIN_REPLAY_ROWS (its values are that
+# large): two rows of every chunk are checked with a plain forward pass, which must stay cheap.
+REPLAY_FROM = 64
+MIN_REPLAY_ROWS = 64
 DIRECTIONS = 2
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
@@ -370,6 +380,15 @@ def evaluate(
         return batched.elements(flat, h, index, OFFSETS)
     base = flat.join(targets)
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
+    program = batched.program(targets, flat, base) if len(index) >= REPLAY_FROM else None
+    if program is not None:
+        try:
+            f[:, index] = _replayed(batched, program, targets, flat, base, h, index)
+            return f
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - Unreplayable, or an op the replay cannot batch: vmap of it all
+            batched.programs[tuple(flat.shapes)] = None
     per_chunk = elements_per_chunk(flat.size)
     count = min(per_chunk, len(index)) * len(OFFSETS)
     if count == 0:
@@ -389,6 +408,45 @@ def evaluate(
         f[:, idx] = batched(targets, flat, rows[:n]).reshape(len(idx), len(OFFSETS)).T
         previous = which
     return f
+
+
+def _replayed(
+    batched: Batched,
+    program: Program,
+    targets: Mapping[str, torch.Tensor],
+    flat: Flat,
+    base: torch.Tensor,
+    h: torch.Tensor,
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """`evaluate` by replaying the recorded forward (incremental.py): the loss at θ ± h and
+    θ ± h/2 for each element in `index`, as a (4, len(index)) matrix. Each tensor's first
+    element is replayed alone, to learn how wide its states are, and the rest in chunks that
+    hold them within the replay's memory bound. Two rows of every chunk are checked against a
+    plain forward pass. Unreplayable where one differs, or where the chunks would hold fewer
+    than MIN_REPLAY_ROWS perturbations."""
+    which = index.repeat_interleave(len(OFFSETS))
+    new = base[which] + torch.tensor(OFFSETS, dtype=torch.float64).repeat(len(index)) * h[which]
+    starts = torch.tensor([part.start for part in flat.slices.values()])
+    leaf_of = torch.searchsorted(starts, which, right=True) - 1
+    out = torch.empty(which.numel(), dtype=torch.float64)
+    for leaf in leaf_of.unique().tolist():
+        chosen = (leaf_of == leaf).nonzero().reshape(-1)
+        start = 0
+        while start < chosen.numel():
+            if start and program.rows() < MIN_REPLAY_ROWS:
+                raise Unreplayable(f"its values are too large to replay {MIN_REPLAY_ROWS} perturbations at once")
+            part = chosen[start : start + (program.rows() if start else len(OFFSETS))]
+            values = program(leaf, which[part] - starts[leaf], new[part])
+            for row in {0, part.numel() // 2}:
+                vector = base.clone()
+                vector[which[part[row]]] = new[part[row]]
+                plain = batched.one(targets, flat, vector)
+                if not _same(values[row], plain):
+                    raise Unreplayable(f"the replay gives {float(values[row])!r}, the forward {float(plain)!r}")
+            out[part] = values
+            start += part.numel()
+    return out.reshape(len(index), len(OFFSETS)).T
 
 
 def elements_per_chunk(size: int) -> int:
@@ -439,6 +497,36 @@ class Batched:
         self.loss = loss
         self.vmap_works = True
         self.note: str | None = None
+        # per group of tensors, its recorded forward for one-element perturbations (None: none)
+        self.programs: dict[tuple[str, ...], Program | None] = {}
+
+    def one(self, targets: Mapping[str, torch.Tensor], flat: Flat, vector: torch.Tensor) -> torch.Tensor:
+        """The loss at one flat vector of the tensors in `flat`."""
+        with torch.no_grad():
+            return self.loss({**targets, **flat.split(vector)})
+
+    def program(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> Program | None:
+        """The forward recorded at `base` for one-element perturbations of the tensors in `flat`
+        (incremental.py), or None where it cannot be replayed: vmap of the whole forward then."""
+        if not self.vmap_works:  # a forward vmap cannot batch is not batched op by op either
+            return None
+        key = tuple(flat.shapes)
+        if key not in self.programs:
+            self.programs[key] = None
+            names = list(flat.shapes)
+
+            def loss(traced: Sequence[torch.Tensor]) -> torch.Tensor:
+                return self.loss({**targets, **dict(zip(names, traced))})
+
+            try:
+                with torch.no_grad():
+                    plain = self.one(targets, flat, base)
+                    self.programs[key] = Program.record(loss, list(flat.split(base.clone()).values()), plain)
+            except CaseTimeout:
+                raise
+            except Exception:  # noqa: BLE001 - Unreplayable, or an error the plain forward reports
+                pass
+        return self.programs[key]
 
     def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
         """The loss for each row of `batch`, a flat vector of the tensors in `flat`."""

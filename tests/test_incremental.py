@@ -1,0 +1,214 @@
+"""The replayed forward (sources/incremental.py): for every element of every parameter, the loss
+it gives at a perturbed point is the loss the forward itself gives there; a forward it cannot
+replay says so; and the numerical referee gives the same estimates with it as without it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import backprop_check
+from backprop_check.loading.points import given_point
+from backprop_check.sources import incremental, numerical
+from backprop_check.sources.incremental import Program, Unreplayable
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def mlp(W1, b1, W2, b2, X, Y):  # noqa: ANN001, ANN201 - the shapes of the benchmark's MLP
+    a = torch.tanh(X @ W1 + b1)
+    return ((a @ W2 + b2 - Y) ** 2).mean()
+
+
+def classifier(W1, b1, W2, b2, X, labels):  # noqa: ANN001, ANN201 - F.linear: addmm of a transpose
+    a = torch.relu(F.linear(X, W1, b1))
+    return F.cross_entropy(F.linear(a, W2, b2), labels)
+
+
+def reductions(W, s, X):  # noqa: ANN001, ANN201 - sums over dims, kept dims, a 0-d parameter
+    z = torch.sigmoid(X @ W) * s
+    rows = z.sum(dim=1, keepdim=True)
+    return (z / rows).mean(dim=0).sum() + torch.softmax(z, dim=0)[0].sum() + z.mean()
+
+
+def views(W, b, X):  # noqa: ANN001, ANN201 - transposes, permutes, expands, reshapes
+    z = (W.T @ X.T).T + b.unsqueeze(0).expand(X.shape[0], -1)
+    z = z.reshape(-1, 2).permute(1, 0).contiguous().view(-1)
+    return torch.log_softmax(z.unsqueeze(0), dim=1).squeeze(0)[::3].sum()
+
+
+def shared(W, X):  # noqa: ANN001, ANN201 - a value used twice, a product of two changed values
+    z = X @ W
+    return (z * z).sum() + (W @ W.T).trace() + torch.cat([z, W[:2]], dim=0).abs().sum()
+
+
+def kinks(W, b, X):  # noqa: ANN001, ANN201 - where, clamp, max: elementwise and dense rules
+    z = X @ W + b
+    z = torch.where(z > 0, z, 0.1 * z).clamp(max=1.5)
+    return z.amax(dim=1).sum() + torch.maximum(z, -z).mean()
+
+
+def layers(W, b, g, X):  # noqa: ANN001, ANN201 - layer norm and a 1-d convolution: dense under vmap
+    z = F.layer_norm(X @ W + b, (W.shape[1],), weight=g)
+    return F.conv1d(z.unsqueeze(1), g[:3].reshape(1, 1, 3)).pow(2).sum()
+
+
+def batched_matmul(W, X):  # noqa: ANN001, ANN201 - matmul of 3-d tensors (bmm, no rule of its own)
+    return torch.tanh(X @ W).sum()
+
+
+FORWARDS = {
+    "mlp": (mlp, {"W1": (6, 5), "b1": (5,), "W2": (5, 1), "b2": (1,)}, {"X": (4, 6), "Y": (4, 1)}),
+    "classifier": (classifier, {"W1": (5, 6), "b1": (5,), "W2": (3, 5), "b2": (3,)}, {"X": (4, 6)}),
+    "reductions": (reductions, {"W": (4, 3), "s": ()}, {"X": (5, 4)}),
+    "views": (views, {"W": (4, 6), "b": (6,)}, {"X": (3, 4)}),
+    "shared": (shared, {"W": (4, 4)}, {"X": (3, 4)}),
+    "kinks": (kinks, {"W": (4, 5), "b": (5,)}, {"X": (3, 4)}),
+    "layers": (layers, {"W": (4, 6), "b": (6,), "g": (6,)}, {"X": (3, 4)}),
+    "batched_matmul": (batched_matmul, {"W": (2, 4, 3)}, {"X": (2, 5, 4)}),
+}
+
+
+def _inputs(name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    _, params, data = FORWARDS[name]
+    leaves = {k: _randn(*shape, seed=seed + i) for i, (k, shape) in enumerate(params.items())}
+    values = {k: _randn(*shape, seed=seed + 100 + i) for i, (k, shape) in enumerate(data.items())}
+    if name == "classifier":
+        values["labels"] = torch.tensor([0, 2, 1, 2])
+    return leaves, values
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_every_perturbed_loss_is_the_forwards_own(name: str, seed: int) -> None:
+    fn = FORWARDS[name][0]
+    leaves, data = _inputs(name, seed)
+    with torch.no_grad():
+        program = Program.record(lambda traced: fn(**dict(zip(leaves, traced)), **data), list(leaves.values()))
+        for number, (leaf, value) in enumerate(leaves.items()):
+            pos = torch.arange(value.numel()).repeat_interleave(4)
+            new = value.reshape(-1)[pos] + torch.tensor([1e-3, 0.5, -0.5, -1e-3]).repeat(value.numel())
+            got = program(number, pos, new)
+            want = []
+            for p, v in zip(pos.tolist(), new):
+                moved = value.clone()
+                moved.view(-1)[p] = v
+                want.append(fn(**{**leaves, leaf: moved}, **data))
+            torch.testing.assert_close(got, torch.stack(want), rtol=1e-13, atol=1e-13, msg=f"{name}: {leaf}")
+
+
+def test_a_value_read_into_python_or_changed_in_place_cannot_be_replayed() -> None:
+    W = _randn(3, 3, seed=0)
+
+    def branches(traced):  # noqa: ANN001, ANN202
+        (w,) = traced
+        return w.sum() if float(w[0, 0]) > 0 else -w.sum()
+
+    def in_place(traced):  # noqa: ANN001, ANN202
+        z = traced[0] * 2
+        z.add_(1)
+        return z.sum()
+
+    def numpy(traced):  # noqa: ANN001, ANN202 - the memory read behind torch's back
+        return torch.from_numpy(traced[0].numpy() ** 2).sum()
+
+    def raw(traced):  # noqa: ANN001, ANN202 - as a C++ loop over the data pointer would
+        memory = torch.empty(0, dtype=torch.float64).set_(traced[0].untyped_storage())
+        return (memory.reshape(3, 3) ** 2).sum()
+
+    buffer = torch.ones(3, 3, dtype=torch.float64)
+
+    def changes_what_it_read(traced):  # noqa: ANN001, ANN202
+        z = traced[0] * buffer
+        buffer.mul_(2)
+        return z.sum()
+
+    with pytest.raises(Unreplayable, match="into Python"):
+        Program.record(branches, [W])
+    with pytest.raises(Unreplayable, match="in place"):
+        Program.record(in_place, [W])
+    with pytest.raises(Unreplayable):
+        Program.record(numpy, [W])
+    with pytest.raises(Unreplayable, match="the recorded loss is nan"):
+        Program.record(raw, [W], expected=(W**2).sum())
+    with pytest.raises(Unreplayable, match="in place"):
+        Program.record(changes_what_it_read, [W])
+    program = Program.record(lambda traced: (traced[0] * buffer).sum(), [W])
+    buffer.add_(1)  # a module's buffer, updated between two forward passes
+    with pytest.raises(Unreplayable, match="since it was recorded"):
+        program(0, torch.tensor([0]), torch.tensor([1.0]))
+
+
+def _case(name: str) -> backprop_check.Case:
+    fn = FORWARDS[name][0]
+    leaves, data = _inputs(name, 3)
+    return backprop_check.case(params=leaves, data=data, name=name)(fn)
+
+
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_the_referee_is_the_same_with_and_without_the_replay(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)  # these tensors are small: replay them anyway
+    case = _case(name)
+    point = given_point(case, 0)
+    reference = numerical.reference(case, point, torch.float64, full=True)
+    programs = reference.differences.batched.programs.values()
+    assert programs and all(program is not None for program in programs)
+    replayed = reference.gradients
+    monkeypatch.setattr(numerical.Batched, "program", lambda self, targets, flat, base: None)
+    plain = numerical.reference(case, point, torch.float64, full=True).gradients
+    for leaf in plain.values:
+        # the same numbers up to the order of a sum: within either error bar, and the bars alike
+        difference = (replayed.values[leaf] - plain.values[leaf]).abs()
+        assert bool((difference <= torch.minimum(replayed.error[leaf], plain.error[leaf])).all()), leaf
+        torch.testing.assert_close(replayed.error[leaf], plain.error[leaf], rtol=0.5, atol=1e-10)
+        assert torch.equal(replayed.kink[leaf], plain.kink[leaf])
+
+
+def test_a_replay_that_disagrees_with_the_forward_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong rule (here: every product off by 1e-6) is caught by the rows each chunk checks
+    against a plain forward pass; the referee then runs the forward under vmap, and is right."""
+    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
+    case = _case("mlp")
+    point = given_point(case, 0)
+    right = numerical.reference(case, point, torch.float64, full=True).gradients
+    wrong_mm = incremental.RULES[torch.ops.aten.mm.default]
+
+    def off(program, step, states, count):  # noqa: ANN001, ANN202
+        return [state + 1e-6 if isinstance(state, torch.Tensor) else incremental.Sparse(state.pos, state.new + 1e-6)
+                for state in wrong_mm(program, step, states, count)]
+
+    monkeypatch.setitem(incremental.RULES, torch.ops.aten.mm.default, off)
+    checked = numerical.reference(case, point, torch.float64, full=True)
+    programs = checked.differences.batched.programs.values()
+    assert programs and all(program is None for program in programs)
+    for leaf in right.values:
+        torch.testing.assert_close(checked.gradients.values[leaf], right.values[leaf], rtol=1e-7, atol=1e-9)
+
+
+def test_chunks_are_bounded_by_what_a_replay_holds() -> None:
+    W = _randn(300, 200, seed=0)
+    X = _randn(64, 300, seed=1)
+    program = Program.record(lambda traced: torch.tanh(X @ traced[0]).sum(), [W])
+    before = program.rows()
+    assert before * 8 * 4 * 64 * 200 <= incremental.STATE_BYTES
+    program(0, torch.arange(8), W.reshape(-1)[:8] + 1e-3)
+    # one changed element of W changes one column of X·W: 64 values, not 12,800
+    assert program.widest is not None and program.widest <= 3 * 64 + 1
+    assert program.rows() >= before
+    assert math.isfinite(float(program(0, torch.tensor([5]), torch.tensor([0.5]))[0]))
+
+
+def test_a_few_elements_or_huge_values_are_left_to_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay pays from REPLAY_FROM elements on, and only where a chunk holds enough rows."""
+    case = _case("mlp")  # 41 elements in all
+    reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
+    assert not reference.differences.batched.programs
+    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
+    monkeypatch.setattr(incremental, "STATE_BYTES", 8 * 4 * 20 * 10)  # 10 rows of the widest value
+    reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
+    programs = reference.differences.batched.programs.values()
+    assert programs and all(program is None for program in programs)  # probed, then left to vmap
