@@ -212,3 +212,25 @@ def test_a_few_elements_or_huge_values_are_left_to_vmap(monkeypatch: pytest.Monk
     reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
     programs = reference.differences.batched.programs.values()
     assert programs and all(program is None for program in programs)  # probed, then left to vmap
+
+
+def test_a_module_case_is_replayed_through_its_bound_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nn.Linear and nn.Tanh on the parameters a point binds: the same estimates either way."""
+
+    @backprop_check.case(
+        module=lambda: torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)),
+        data={"X": _randn(6, 12, seed=0), "Y": _randn(6, 3, seed=1)},
+        name="sequential",
+    )
+    def sequential(model, X, Y):  # noqa: ANN001, ANN201
+        return F.mse_loss(model(X), Y)
+
+    point = given_point(sequential, 0)
+    reference = numerical.reference(sequential, point, torch.float64, full=True)
+    programs = reference.differences.batched.programs
+    assert programs and all(program is not None for program in programs.values())  # 120 + 30 weights
+    monkeypatch.setattr(numerical.Batched, "program", lambda self, targets, flat, base: None)
+    plain = numerical.reference(sequential, point, torch.float64, full=True).gradients
+    for leaf, values in plain.values.items():
+        difference = (reference.gradients.values[leaf] - values).abs()
+        assert bool((difference <= torch.minimum(reference.gradients.error[leaf], plain.error[leaf])).all()), leaf
