@@ -234,3 +234,58 @@ def test_a_module_case_is_replayed_through_its_bound_parameters(monkeypatch: pyt
     for leaf, values in plain.values.items():
         difference = (reference.gradients.values[leaf] - values).abs()
         assert bool((difference <= torch.minimum(reference.gradients.error[leaf], plain.error[leaf])).all()), leaf
+
+
+def _random_forward(seed: int):  # noqa: ANN202
+    """A forward of random ops the replay has rules for, on random shapes: (fn, leaves, data)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):  # noqa: ANN001, ANN202
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    n, k, m = (int(torch.randint(2, 6, (1,), generator=gen)) for _ in range(3))
+    leaves = {"W": _randn(k, m, seed=seed), "b": _randn(m, seed=seed + 1), "s": _randn(seed=seed + 2)}
+    X = _randn(n, k, seed=seed + 3)
+    ops = [pick(["tanh", "sigmoid", "relu", "square", "scale", "bias", "where", "exp"]) for _ in range(3)]
+    tail = pick(["softmax", "log_softmax0", "sum_keep", "mean_dim", "transpose_mm", "expand"])
+
+    def fn(W, b, s, X):  # noqa: ANN001, ANN202
+        z = X @ W if seed % 2 else F.linear(X, W.T)
+        for op in ops:
+            z = {
+                "tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "square": lambda v: v * v,
+                "scale": lambda v: v * s, "bias": lambda v: v + b, "where": lambda v: torch.where(v > 0.1, v, -0.5 * v),
+                "exp": lambda v: torch.exp(-v.abs()),
+            }[op](z)
+        if tail == "softmax":
+            z = torch.softmax(z, dim=1)
+        elif tail == "log_softmax0":
+            z = torch.log_softmax(z, dim=0)
+        elif tail == "sum_keep":
+            z = z / (1 + z.abs().sum(dim=1, keepdim=True))
+        elif tail == "mean_dim":
+            z = z.mean(dim=0) * b
+        elif tail == "transpose_mm":
+            z = z.T @ X
+        else:
+            z = z.unsqueeze(0).expand(2, -1, -1) * s
+        return (z * torch.arange(z.numel(), dtype=z.dtype).reshape(z.shape).cos()).sum()
+
+    return fn, leaves, {"X": X}
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_forwards_replay_to_the_forwards_own_losses(seed: int) -> None:
+    fn, leaves, data = _random_forward(seed)
+    with torch.no_grad():
+        program = Program.record(lambda traced: fn(**dict(zip(leaves, traced)), **data), list(leaves.values()))
+        for number, (leaf, value) in enumerate(leaves.items()):
+            pos = torch.arange(value.numel()).repeat_interleave(2)
+            new = value.reshape(-1)[pos] + torch.tensor([1e-4, -0.3]).repeat(value.numel())
+            got = program(number, pos, new)
+            want = []
+            for p, v in zip(pos.tolist(), new):
+                moved = value.clone()
+                moved.view(-1)[p] = v
+                want.append(fn(**{**leaves, leaf: moved}, **data))
+            torch.testing.assert_close(got, torch.stack(want), rtol=1e-13, atol=1e-13, msg=f"seed {seed}: {leaf}")
