@@ -2,8 +2,9 @@
 
 Perturbing one element θ_i changes few values of a forward pass: X·W changes in one column when
 W[i, j] does, tanh of that column in the same column, a softmax in the rows it touches. The
-forward is recorded once at the point, as the aten operations it dispatches (a
-TorchDispatchMode), and replayed for a batch of one-element perturbations. A value that differs
+forward is recorded once at the point, as the aten operations it dispatches on the perturbed
+tensors and on every value made from them (`Traced`, a tensor subclass), and replayed for a
+batch of one-element perturbations. A value that differs
 from the recorded one only at a few positions is carried as those positions and their new values
 (`Sparse`); each operation that has a rule for that (pointwise, views, mm/addmm, sum/mean,
 softmax) computes only the positions it changes; any other operation runs on the whole value,
@@ -15,11 +16,12 @@ operations on the same numbers, up to the order of a sum (a product with a chang
 recorded product plus the change's own column, X[:, i]·ΔW[i, j]). No derivative rule of autograd
 is used, so the referee stays independent of what it referees.
 
-A forward that cannot be replayed this way says so while it is recorded: it changes a tensor in
-place, or reads a value that depends on the parameters back into Python (`.item()`, `if x > 0`:
-the recorded path may not be the path at a perturbed point). Then, and whenever a replayed value
-differs from a plain forward pass at the rows checked in every chunk, the caller falls back to
-vmap of the whole forward.
+A forward that cannot be replayed this way says so while it is recorded: it changes a value in
+place (or a tensor it read, then or later), reads a value that depends on the parameters back
+into Python (`.item()`, `if x > 0`: the recorded path may not be the path at a perturbed point),
+or reads memory behind torch's back (a traced value's own memory is NaN, so the recorded loss is
+NaN, unlike the forward's). Then, and whenever a replayed value differs from a plain forward pass
+at the rows checked in every chunk, the caller falls back to vmap of the whole forward.
 """
 from __future__ import annotations
 
