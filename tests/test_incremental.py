@@ -85,20 +85,24 @@ def _inputs(name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, to
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", sorted(FORWARDS))
 def test_every_perturbed_loss_is_the_forwards_own(name: str, seed: int) -> None:
-    fn = FORWARDS[name][0]
     leaves, data = _inputs(name, seed)
+    _replays_exactly(FORWARDS[name][0], leaves, data, (1e-3, 0.5, -0.5, -1e-3), name)
+
+
+def _replays_exactly(fn, leaves, data, offsets, label):  # noqa: ANN001, ANN202
+    """Every element of every leaf, moved by each offset: the replayed loss is the forward's own."""
     with torch.no_grad():
         program = Program.record(lambda traced: fn(**dict(zip(leaves, traced)), **data), list(leaves.values()))
         for number, (leaf, value) in enumerate(leaves.items()):
-            pos = torch.arange(value.numel()).repeat_interleave(4)
-            new = value.reshape(-1)[pos] + torch.tensor([1e-3, 0.5, -0.5, -1e-3]).repeat(value.numel())
+            pos = torch.arange(value.numel()).repeat_interleave(len(offsets))
+            new = value.reshape(-1)[pos] + torch.tensor(offsets, dtype=torch.float64).repeat(value.numel())
             got = program(number, pos, new)
             want = []
             for p, v in zip(pos.tolist(), new):
                 moved = value.clone()
                 moved.view(-1)[p] = v
                 want.append(fn(**{**leaves, leaf: moved}, **data))
-            torch.testing.assert_close(got, torch.stack(want), rtol=1e-13, atol=1e-13, msg=f"{name}: {leaf}")
+            torch.testing.assert_close(got, torch.stack(want), rtol=1e-13, atol=1e-13, msg=f"{label}: {leaf}")
 
 
 def test_a_value_read_into_python_or_changed_in_place_cannot_be_replayed() -> None:
@@ -277,15 +281,4 @@ def _random_forward(seed: int):  # noqa: ANN202
 @pytest.mark.parametrize("seed", range(24))
 def test_random_forwards_replay_to_the_forwards_own_losses(seed: int) -> None:
     fn, leaves, data = _random_forward(seed)
-    with torch.no_grad():
-        program = Program.record(lambda traced: fn(**dict(zip(leaves, traced)), **data), list(leaves.values()))
-        for number, (leaf, value) in enumerate(leaves.items()):
-            pos = torch.arange(value.numel()).repeat_interleave(2)
-            new = value.reshape(-1)[pos] + torch.tensor([1e-4, -0.3]).repeat(value.numel())
-            got = program(number, pos, new)
-            want = []
-            for p, v in zip(pos.tolist(), new):
-                moved = value.clone()
-                moved.view(-1)[p] = v
-                want.append(fn(**{**leaves, leaf: moved}, **data))
-            torch.testing.assert_close(got, torch.stack(want), rtol=1e-13, atol=1e-13, msg=f"seed {seed}: {leaf}")
+    _replays_exactly(fn, leaves, data, (1e-4, -0.3), f"seed {seed}")
