@@ -372,9 +372,11 @@ def evaluate(
     """The loss at θ ± h and θ ± h/2 for each element in `index` of the flat vector, as a
     (4, size) matrix (NaN for elements not in `index`).
 
-    The perturbed rows live in one buffer of at most CHUNK_BYTES, filled with θ once: from one
-    chunk to the next only the 4 entries a row perturbs are put back and set anew, so building
-    rows costs O(1) per evaluation, not O(size), and memory stays bounded at any size."""
+    From REPLAY_FROM elements on, the recorded forward is replayed (`_replayed`); otherwise, or
+    where it cannot be, the forward runs under vmap: the perturbed rows live in one buffer of at
+    most CHUNK_BYTES, filled with θ once: from one chunk to the next only the 4 entries a row
+    perturbs are put back and set anew, so building rows costs O(1) per evaluation, not
+    O(size), and memory stays bounded at any size."""
     index = torch.as_tensor(index, dtype=torch.int64)
     if isinstance(batched, InPlace):  # a numpy forward (inplace.py)
         return batched.elements(flat, h, index, OFFSETS)
