@@ -282,3 +282,13 @@ def _random_forward(seed: int):  # noqa: ANN202
 def test_random_forwards_replay_to_the_forwards_own_losses(seed: int) -> None:
     fn, leaves, data = _random_forward(seed)
     _replays_exactly(fn, leaves, data, (1e-4, -0.3), f"seed {seed}")
+
+
+def test_a_time_limit_that_strikes_while_recording_is_not_swallowed() -> None:
+    from backprop_check.errors import CaseTimeout
+
+    def slow(traced):  # noqa: ANN001, ANN202 - as the SIGALRM of --timeout raises, mid-forward
+        raise CaseTimeout("forward ran past its time limit of 1s (--timeout)")
+
+    with pytest.raises(CaseTimeout):
+        Program.record(slow, [_randn(2, seed=0)])

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from backprop_check.errors import CaseTimeout
+
 aten = torch.ops.aten
 
 STATE_BYTES = 1 << 26
@@ -198,7 +200,7 @@ class Program:
         recorder = Recorder(leaves)
         try:
             result = loss(recorder.leaves)
-        except Unreplayable:
+        except (Unreplayable, CaseTimeout):
             raise
         except Exception as exc:  # noqa: BLE001 - the forward failed on a traced value: not replayable
             raise Unreplayable(recorder.broken or f"{type(exc).__name__}: {exc}") from exc
