@@ -432,6 +432,7 @@ def _replayed(
     starts = torch.tensor([part.start for part in flat.slices.values()])
     leaf_of = torch.searchsorted(starts, which, right=True) - 1
     out = torch.empty(which.numel(), dtype=torch.float64)
+    vector = base.clone()  # the checked rows: one element set, then put back
     for leaf in leaf_of.unique().tolist():
         chosen = (leaf_of == leaf).nonzero().reshape(-1)
         start = 0
@@ -441,9 +442,10 @@ def _replayed(
             part = chosen[start : start + (program.rows() if start else len(OFFSETS))]
             values = program(leaf, which[part] - starts[leaf], new[part])
             for row in {0, part.numel() // 2}:
-                vector = base.clone()
-                vector[which[part[row]]] = new[part[row]]
+                element = which[part[row]]
+                vector[element] = new[part[row]]
                 plain = batched.one(targets, flat, vector)
+                vector[element] = base[element]
                 if not _same(values[row], plain):
                     raise Unreplayable(f"the replay gives {float(values[row])!r}, the forward {float(plain)!r}")
             out[part] = values
