@@ -7,6 +7,7 @@ The enums are `str` enums: a record compares equal to, and serializes as, its pl
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from backprop_check.diagnosis.graph import Graph
     from backprop_check.diagnosis.shapes import ShapeSlip
     from backprop_check.loading.points import Point
+    from backprop_check.options import Plan
     from backprop_check.sources import Gradients
 
 
@@ -254,6 +256,9 @@ class Report:
     files: dict[str, list[str]] = field(default_factory=dict)
     # What a --baseline found: its file, the results missing from it, its stale entries...
     baseline: dict[str, Any] | None = None
+    # What the HTML report's summary states: the run's options and when it started (epoch s).
+    plan: Plan | None = field(default=None, compare=False)
+    started: float = field(default_factory=time.time, compare=False)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -300,10 +305,11 @@ class Report:
         return self.exit_code == 0
 
     def _repr_html_(self) -> str:
-        """The report as an HTML table with coloured verdicts: what a notebook shows."""
+        """What a notebook shows: the HTML report (summary, what needs a look, ok, skipped), its
+        styles scoped to it."""
         from backprop_check.formats import html
 
-        return html.render(self)
+        return html.fragment(self)
 
     def to_dict(self) -> dict[str, Any]:
         summary = {"exit_code": self.exit_code, "seconds": round(self.seconds, 3), "partial": self.partial, "not_checked": self.not_checked}

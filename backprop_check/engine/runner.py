@@ -76,7 +76,7 @@ def run(
 def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
     """Run `plan` over `targets`; on Ctrl-C raise `Interrupted` with the results so far."""
     started = time.perf_counter()
-    report = Report(strict_devices=plan.strict_devices)
+    report = Report(strict_devices=plan.strict_devices, plan=plan)
     try:
         cases, failures = load(targets, timeout=plan.timeout)
         report.files = inventory(targets, cases, failures)
