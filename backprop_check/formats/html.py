@@ -55,8 +55,8 @@ body[data-jp-theme-light=false] .bpc,body.vscode-dark .bpc{--fg:#e6edf3;--muted:
 .bpc .bpc-counts li{white-space:nowrap}
 .bpc .bpc-counts .bpc-zero{color:var(--muted);font-weight:400}
 .bpc .bpc-meta{display:flex;flex-wrap:wrap;gap:0 1.25rem;margin:0;color:var(--muted)}
-.bpc .bpc-meta div{display:flex;gap:.35rem}
-.bpc .bpc-meta dt{font-weight:600}.bpc .bpc-meta dd{margin:0}
+.bpc .bpc-meta div{display:flex;gap:.35rem;min-width:0}
+.bpc .bpc-meta dt{font-weight:600;white-space:nowrap}.bpc .bpc-meta dd{margin:0;min-width:0}
 .bpc .bpc-notice{margin:.2rem 0;padding:.2rem .5rem;border-left:3px solid var(--mismatch);background:var(--card)}
 .bpc .bpc-card{position:relative;margin:0 0 .4rem;padding:.3rem .6rem .35rem;background:var(--card);
 border:1px solid var(--line);border-left:4px solid var(--line);border-radius:6px}
@@ -73,9 +73,10 @@ font-size:1em;font-weight:400}
 .bpc .bpc-card details[open]{margin-top:.3rem;border-top:1px solid var(--line);padding-top:.25rem}
 .bpc .bpc-scroll{overflow-x:auto;max-width:100%}
 .bpc .bpc-table{border-collapse:collapse;margin:.2rem 0;font-size:.93em}
-.bpc .bpc-table th,.bpc .bpc-table td{padding:.1rem .6rem .1rem 0;text-align:left;vertical-align:top;
+.bpc .bpc-table th,.bpc .bpc-table td{padding:.1rem .6rem .1rem 0;text-align:left;vertical-align:baseline;
 border:0;border-bottom:1px solid var(--line);background:none;color:var(--fg)}
 .bpc .bpc-table th{font-weight:600;white-space:nowrap}
+.bpc .bpc-table td{overflow-wrap:normal}.bpc .bpc-table td.bpc-note{overflow-wrap:break-word;min-width:16rem}
 .bpc .bpc-table td.num{text-align:right}
 .bpc .bpc-traceback{font:.85em ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;margin:.2rem 0}
 .bpc .bpc-skips{margin:0;padding:0;list-style:none}
@@ -127,18 +128,18 @@ def _headline(report: Report) -> str:
 def _summary(report: Report) -> str:
     summary = report.summary
     status = "ok" if report.exit_code == 0 else "mismatch"
-    counts = "".join(
+    counts = "\n".join(
         f"<li class=\"bpc-v bpc-{v}{'' if summary[v] else ' bpc-zero'}\"><span class=\"num\">{summary[v]}</span> {v}</li>"
         for v in VERDICTS
     )
-    counts += f"<li class=\"bpc-v\">exit <span class=\"num\">{report.exit_code}</span></li>"
+    counts += f"\n<li class=\"bpc-v\">exit <span class=\"num\">{report.exit_code}</span></li>"
     lines = [
         "<header class=\"bpc-summary\">",
         f"<div class=\"bpc-top\"><h1 class=\"bpc-title bpc-{status}\">{escape(_headline(report))}</h1>",
         f"<ul class=\"bpc-counts\">{counts}</ul></div>",
         *(f"<p class=\"bpc-notice\">{_prose(line)}</p>" for line in notices(report)),
         "<dl class=\"bpc-meta\">",
-        *(f"<div><dt>{name}</dt><dd>{value}</dd></div>" for name, value in _meta(report)),
+        *(f"<div><dt>{name}</dt> <dd>{value}</dd></div>" for name, value in _meta(report)),
         "</dl>",
         "</header>",
     ]
@@ -217,7 +218,7 @@ def _card(group: list[Result]) -> str:
         facts += _values(check, first.culprit)
     if first.first_bad_node:
         facts.append(f"<span>first bad node <span class=\"bpc-code\">{escape(first.first_bad_node)}</span></span>")
-    lines = [f"<article class=\"bpc-card bpc-card-{first.verdict}\">", f"<h3 class=\"bpc-head\">{''.join(facts)}</h3>"]
+    lines = [f"<article class=\"bpc-card bpc-card-{first.verdict}\">", f"<h3 class=\"bpc-head\">{chr(10).join(facts)}</h3>"]
     lines += [f"<p class=\"bpc-hint\"><b>hint</b> {_prose(hint)}</p>" for hint in first.hints]
     if not first.hints:  # then the message is what the reviewer reads first
         lines.append(f"<p class=\"bpc-hint bpc-message\">{_prose(first.message)}</p>")
@@ -267,9 +268,11 @@ def _checks(checks: list[Check], agreeing: int) -> str:
             f"<td>{check.kind}</td>",
             f"<td class=\"bpc-v bpc-{check.verdict}\">{check.verdict}</td>",
             f"<td>{escape(check.culprit or '')}</td>",
-            *(f"<td class=\"num\">{_num(v)}</td>" for v in (check.manual, check.numerical, check.error_bar, check.autograd)),
+            *(f"<td class=\"num\">{_num(v)}</td>" for v in (check.manual, check.numerical)),
+            f"<td class=\"num\">{'' if check.error_bar is None else f'{check.error_bar:.2g}'}</td>",
+            f"<td class=\"num\">{_num(check.autograd)}</td>",
             f"<td class=\"num\">{ratio}</td>",
-            f"<td>{_prose(check.note or '')}</td>",
+            f"<td class=\"bpc-note\">{_prose(check.note or '')}</td>",
         ]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     more = f"<p class=\"bpc-p bpc-muted\">and {agreeing} more {_plural('tensor', agreeing)} that agree</p>" if agreeing else ""
@@ -313,7 +316,7 @@ def _skipped(report: Report) -> str:
     if not reasons:
         return ""
     items = [
-        f"<li><details><summary><span class=\"bpc-v bpc-skipped\">{len(ids)} skipped</span>: {_prose(reason)}</summary>"
+        f"<li><details><summary><span class=\"bpc-v bpc-skipped\">{len(ids)} skipped</span>: {_prose(reason)}</summary>\n"
         f"<p class=\"bpc-p bpc-muted\">{escape(', '.join(ids))}</p></details></li>"
         for reason, ids in reasons.items()
     ]
