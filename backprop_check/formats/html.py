@@ -39,6 +39,7 @@ body[data-jp-theme-light=false] .bpc,body.vscode-dark .bpc{--fg:#e6edf3;--muted:
 --card:#151b23;--line:#3d444d;--ok:#3fb950;--mismatch:#f85149;--nondifferentiable:#d29922;
 --error:#ab7df8;--skipped:#9198a1;--mark:#3b2e00}
 .bpc *{box-sizing:border-box}
+.bpc p,.bpc li,.bpc dt,.bpc dd,.bpc h1,.bpc h2,.bpc h3,.bpc summary,.bpc th,.bpc td{color:inherit;font-family:inherit}
 .bpc.bpc-page{max-width:90rem;margin:0 auto;padding:.75rem 1rem 2rem}
 .bpc .bpc-title{font-size:1.3rem;margin:0;line-height:1.3;font-weight:600}
 .bpc .bpc-h2{font-size:1.05rem;margin:.9rem 0 .35rem;font-weight:600}
