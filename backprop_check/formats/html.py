@@ -223,7 +223,8 @@ def _card(group: list[Result]) -> str:
     lines += [f"<p class=\"bpc-hint\"><b>hint</b> {_prose(hint)}</p>" for hint in first.hints]
     if not first.hints:  # then the message is what the reviewer reads first
         lines.append(f"<p class=\"bpc-hint bpc-message\">{_prose(first.message)}</p>")
-    lines += ["<details><summary>details</summary>", *(_details(result) for result in group), "</details>", "</article>"]
+    shown = None if first.hints else first.message
+    lines += ["<details><summary>details</summary>", *(_details(result, shown) for result in group), "</details>", "</article>"]
     return "\n".join(lines)
 
 
@@ -241,15 +242,18 @@ def _values(check: Check, culprit: str | None) -> list[str]:
     return shown
 
 
-def _details(result: Result) -> str:
-    """One run's whole story: its message, where the case is, the failing checks, its notes."""
+def _details(result: Result, shown: str | None = None) -> str:
+    """One run's whole story: its message (unless the card `shown` it already), where the case
+    is, the failing checks, its notes, an error's traceback."""
     where = f"{result.file}:{result.line}" if result.file and result.line else result.file or ""
     about = [f"<b>{escape(_run(result))}</b>" if result.device != "-" else ""]
     about += [f"<span class=\"bpc-code\">{escape(where)}</span>"] if where else []
     about += [f"at the {escape(result.point)}"] if result.point else []
     about += [f"seed {result.seed}"] if result.seed is not None else []
     about += [f"{result.points} points"] if result.points else []
-    lines = [f"<p class=\"bpc-p bpc-muted\">{' · '.join(a for a in about if a)}</p>", f"<p class=\"bpc-p bpc-message\">{_prose(result.message)}</p>"]
+    lines = [f"<p class=\"bpc-p bpc-muted\">{' · '.join(a for a in about if a)}</p>"]
+    if result.message != shown:
+        lines.append(f"<p class=\"bpc-p bpc-message\">{_prose(result.message)}</p>")
     failing = [c for c in result.checks if c.verdict != Verdict.OK]
     if failing:
         lines.append(_checks(failing, len(result.checks) - len(failing)))
