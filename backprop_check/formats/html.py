@@ -107,7 +107,7 @@ def fragment(report: Report) -> str:
 
 def _body(report: Report, classes: str, style: str = "") -> str:
     parts = [f"<div class=\"{classes}\">", style, _summary(report), _look_at(report), _ok(report), _skipped(report)]
-    parts.append(f"<p class=\"bpc-footer\">backprop-check {_version()} · {report.summary['total']} results</p>")
+    parts.append(f"<p class=\"bpc-footer\">backprop-check {_version()} · {report.summary['total']} {_plural('result', report.summary['total'])}</p>")
     return "\n".join(part for part in parts if part) + "\n</div>\n"
 
 
@@ -116,14 +116,15 @@ def _body(report: Report, classes: str, style: str = "") -> str:
 
 def _headline(report: Report) -> str:
     summary, code = report.summary, report.exit_code
+    results = f"{summary['total']} {_plural('result', summary['total'])}"
     if code == EXIT_INTERRUPTED:
-        return f"backprop-check interrupted: a partial report of {summary['total']} results"
+        return f"backprop-check interrupted: a partial report of {results}"
     if code == EXIT_NOT_CHECKED:
         return "backprop-check: not checked"
     if code == 0:
-        return f"backprop-check passed: {summary['ok']} ok of {summary['total']} results"
+        return f"backprop-check passed: {summary['ok']} ok of {results}"
     failing = [f"{summary[v]} {_plural(v, summary[v])}" for v in (Verdict.ERROR, Verdict.MISMATCH) if summary[v]]
-    return f"backprop-check failed: {' and '.join(failing)} of {summary['total']} results"
+    return f"backprop-check failed: {' and '.join(failing)} of {results}"
 
 
 def _summary(report: Report) -> str:
@@ -152,7 +153,7 @@ def _meta(report: Report) -> list[tuple[str, str]]:
     started = datetime.fromtimestamp(report.started, timezone.utc)
     when = f"<time datetime=\"{started.isoformat(timespec='seconds')}\">{started:%Y-%m-%d %H:%M:%S} UTC</time>"
     cases = sum(len(names) for names in report.files.values())
-    read = f" · {len(report.files)} case files, {cases} cases" if report.files else ""
+    read = f" · {len(report.files)} {_plural('case file', len(report.files))}, {cases} {_plural('case', cases)}" if report.files else ""
     meta = [("run", f"{when} · <span class=\"num\">{report.seconds:.2f} s</span>{read}")]
     meta.append(("versions", " · ".join(escape(v) for v in _versions())))
     plan = report.plan
