@@ -534,6 +534,7 @@ def function_case(
     nondet_tol: float = 0.0,
     order: int = 1,
     modes: Sequence[str] = ("rev",),
+    **distributed: Any,
 ) -> Any:
     """Turn a function returning tensors into a function check, in a case file like `@case`.
 
@@ -544,9 +545,10 @@ def function_case(
     """
 
     def build(f: Callable[..., Any]) -> FunctionCase:
-        new = FunctionCase(
+        kind, extra = _distributed_kind(distributed)
+        new = kind(
             f, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
+            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
         )
         register(new)
         return new
@@ -574,6 +576,7 @@ def check(
     nondet_tol: float = 0.0,
     full: bool = False,
     timeout: float | None = TIMEOUT,
+    **distributed: Any,
 ) -> Report:
     """Check `fn(*inputs)`: autograd (and `manual`, a hand-written VJP `manual(grad_outputs,
     *inputs)`) against float64 finite differences of ⟨v, fn⟩ for random cotangents v, at the
@@ -589,11 +592,38 @@ def check(
     `devices` defaults to the inputs' devices, `dtypes` to float64 and float32 (every floating
     input is cast to the run's dtype). Bad input is an `error` result with one line, never a
     raise. The other keywords are `backprop_check.run`'s and `@case`'s.
+
+    With `world_size=N, placements=..., out_placements=...` (and optionally `grad_placements`,
+    `backend`), `fn` runs on N ranks of torch.distributed, each with its shards of the global
+    `inputs` (sources/distributed.py).
     """
-    checked = FunctionCase(
+    kind, extra = _distributed_kind({**distributed, "timeout": timeout})
+    checked = kind(
         fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
+        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
     )
-    return run(
-        checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
-    )
+    try:
+        return run(
+            checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
+        )
+    finally:
+        getattr(checked, "close", lambda: None)()  # a distributed check's ranks stop with it
+
+
+DISTRIBUTED = ("world_size", "placements", "out_placements", "grad_placements", "backend", "reference", "timeout")
+
+
+def _distributed_kind(keywords: Mapping[str, Any]) -> tuple[type[FunctionCase], dict[str, Any]]:
+    """FunctionCase, or the distributed check when `world_size=` is given (sources/distributed.py),
+    with the keywords it takes."""
+    unknown = sorted(set(keywords) - set(DISTRIBUTED))
+    if unknown:
+        raise TypeError(f"check() got an unexpected keyword argument {unknown[0]!r}")
+    if keywords.get("world_size") is None:
+        given = sorted(k for k, v in keywords.items() if v is not None and k != "timeout")
+        if given:
+            raise TypeError(f"{given[0]}= is for a distributed check: give world_size= too")
+        return FunctionCase, {}
+    from backprop_check.sources.distributed import DistributedCase
+
+    return DistributedCase, dict(keywords)
