@@ -313,8 +313,15 @@ class DistributedCase(FunctionCase):
                 if check.kind == CheckKind.PARAM and check.verdict == MISMATCH and check.index is not None:
                     if check.name in self.wrt:
                         found.append(self._rank_check(check, point, device, dtype, locals_, tol))
+            # The most specific slip first: a rank-order slip also looks right under .sum() (v's
+            # chunks are all ones), so it speaks for the input that shows it.
+            found.sort(key=lambda c: "rank-order" not in (c.note or ""))
             found.extend(self._replica_checks(locals_, tol))
         return found + super().extra_checks(point, device, dtype, checks, tol)
+
+    def hints(self, outcome: Any, found: list[str]) -> list[str]:
+        """The hints, without those about `_OnRanks`: it is the harness's node, not the user's."""
+        return [hint for hint in found if "_OnRanks" not in hint]
 
     def _locals_at(self, point: Point, device: str, dtype: torch.dtype) -> list[dict[str, torch.Tensor]] | None:
         at = point.cast(dtype, device)
