@@ -610,6 +610,26 @@ def _same_value(a: Any, b: Any) -> bool:
     return a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
 
 
+def under_launcher(paths: Sequence[str], run: Callable[[], int]) -> int:
+    """`backprop-check run` on one rank of a launcher's group (torchrun): rank 0 runs the
+    checks and writes the report; every other rank loads the same case files and serves rank 0's
+    requests until it is done. The exit status is rank 0's."""
+    from backprop_check.loading.loader import load
+
+    rank = processes.join_launched_group()
+    if rank != 0:
+        load(list(paths))  # registers the same checks, under the same keys
+        processes.serve(lambda key: REGISTRY[key].serve if key in REGISTRY else None)
+        status = [0]
+    else:
+        try:
+            status = [run()]
+        finally:
+            processes.stop_launched()
+    torch.distributed.broadcast_object_list(status, src=0, group=processes._control_group())
+    return int(status[0])
+
+
 # Checks whose ranks are running: one at a time (a new one stops the others), none at exit.
 _OPEN: weakref.WeakSet[DistributedCase] = weakref.WeakSet()
 
