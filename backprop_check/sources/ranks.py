@@ -25,7 +25,6 @@ import os
 import pickle
 import socket
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from backprop_check.errors import CaseError, CaseTimeout
+from backprop_check.errors import CaseError, CaseTimeout, one_line
 
 Handler = Callable[[dict[str, Any], int, int], Any]  # (request, rank, world_size) → answer
 STOP = "stop"
@@ -41,6 +40,8 @@ STOP = "stop"
 GRACE = 0.5
 # How often the driver looks at its ranks while waiting (a rank that died says nothing).
 POLL = 0.2
+# How much longer than the driver's time limit a rank's collectives wait (gloo's timeout).
+COLLECTIVE_SLACK = 5.0
 
 
 def pack(value: Any) -> bytes:
@@ -240,8 +241,10 @@ def _rank_main(handler: Handler, rank: int, world_size: int, pipe: Connection, b
         if loopback and backend == "gloo":
             os.environ["GLOO_SOCKET_IFNAME"] = loopback
         store = torch.distributed.TCPStore("127.0.0.1", port, world_size + 1, False, timedelta(seconds=timeout))
+        # gloo's own limit a little past the driver's, so that the driver, which knows which
+        # ranks answered, is the one to say who is still waiting
         torch.distributed.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout + COLLECTIVE_SLACK)
         )
         pipe.send_bytes(pickle.dumps(("ok", None)))
     except BaseException as exc:  # noqa: BLE001 - said to the driver, then this rank ends
@@ -268,15 +271,7 @@ def answer(handler: Handler, request: dict[str, Any], rank: int, world_size: int
     try:
         return "ok", handler(request, rank, world_size)
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything; the driver says it
-        return "error", f"rank {rank}: {getattr(exc, 'rank_message', None) or _one_line(exc)}"
-
-
-def _one_line(exc: BaseException) -> str:
-    from backprop_check.errors import one_line
-
-    frames = traceback.extract_tb(exc.__traceback__)
-    text = one_line(exc)
-    return text
+        return "error", f"rank {rank}: {exc if isinstance(exc, CaseError) else one_line(exc)}"
 
 
 def _answer(pipe: Connection, message: tuple[str, Any]) -> None:
