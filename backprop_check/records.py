@@ -43,6 +43,7 @@ class Culprit(_Word):
     MANUAL = "manual"
     AUTOGRAD = "autograd"
     NUMERICAL = "numerical"
+    REFERENCE = "reference"
     UNKNOWN = "unknown"
     UNDECIDED = "undecided"
 

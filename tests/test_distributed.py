@@ -248,3 +248,42 @@ def test_the_same_case_file_passes_under_torchrun(tmp_path: Path) -> None:
     assert alone.returncode == 0, alone.stdout + alone.stderr
     assert launched.returncode == 0, launched.stdout + launched.stderr
     assert launched.stdout.count("row_parallel") == 1 and "1 ok" in launched.stdout  # rank 0 alone reports
+
+
+# --- reference=: a single-process function of the global inputs -----------------------------------
+
+
+class _DoubledBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return 2 * grad
+
+
+def _wrong_backward_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(_DoubledBackward.apply(x) @ w1) @ w2
+
+
+def _other_function(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x @ w1) @ w2
+
+
+@pytest.mark.parametrize(
+    "reference, verdict, culprit, expected",
+    [
+        pytest.param(TP.mlp, "ok", None, "all agree", id="the-reference-agrees"),
+        pytest.param(_wrong_backward_reference, "mismatch", "reference", "x vs reference", id="a-wrong-reference-backward"),
+        pytest.param(_other_function, "mismatch", None, "does not compute the reference's", id="another-function"),
+    ],
+)
+def test_a_reference_is_a_fourth_opinion_on_the_global_function(
+    reference: Any, verdict: str, culprit: str | None, expected: str
+) -> None:
+    options = dict(TP.MLP)
+    inputs = options.pop("inputs")
+    (result,) = bc.check(TP.tp_mlp.fn, inputs, reference=reference, **options, **QUICK).results
+    assert (result.verdict, result.culprit) == (verdict, culprit)
+    assert expected in result.message, result.message

@@ -98,11 +98,8 @@ class DistributedCase(FunctionCase):
         # (inputs, per-rank local gradients) of the latest backward passes, for the diagnosis
         self.recent: list[tuple[list[Any], list[dict[str, torch.Tensor]]]] = []
         REGISTRY[self.key] = self
-        if reference is not None and self.broken is None:
-            self.broken = (
-                "reference= is not checked on ranks yet: check the reference on its own, in one process "
-                "(backprop_check.check(reference, inputs))"
-            )
+        if reference is not None and not callable(reference) and self.broken is None:
+            self.broken = f"reference= must be a function with {self.label}'s signature, got {type(reference).__name__}"
 
     # --- what the user gave -----------------------------------------------------------------
 
@@ -320,7 +317,79 @@ class DistributedCase(FunctionCase):
             # chunks are all ones), so it speaks for the input that shows it.
             found.sort(key=lambda c: "rank-order" not in (c.note or ""))
             found.extend(self._replica_checks(locals_, tol))
+        if self.reference is not None:
+            found.extend(self._reference_checks(point, device, dtype, locals_, tol))
         return found + super().extra_checks(point, device, dtype, checks, tol)
+
+    # --- the reference: a single-process function of the global inputs -----------------------
+
+    def _reference_checks(
+        self, point: Point, device: str, dtype: torch.dtype, locals_: list[dict[str, torch.Tensor]] | None, tol: Tolerance
+    ) -> list[Check]:
+        """The reference's float64 outputs against the ranks' assembled ones, and its float64
+        autograd gradient (Jᵀv, the same v) against the ranks'; where the gradients disagree, the
+        numerical referee at those elements names the odd one out (a wrong distributed backward
+        is already a mismatch of autograd: only a wrong reference is added here)."""
+        at = point.cast(torch.float64)
+        values = {**at.params, **at.data}
+        args = [values[n].detach().requires_grad_(n in self.wrt) if n in values else self.constants[n] for n in self.names]
+        label = f"reference {getattr(self.reference, '__name__', 'function')}"
+        try:
+            with torch.enable_grad():
+                returned = self.reference(*args)  # type: ignore[misc]
+                outputs = list(returned) if isinstance(returned, (tuple, list)) else [returned]
+                terms = [
+                    (v * outputs[k]).sum() for k, v in ((k, values[c]) for k, c in self.cotangents.items()) if k < len(outputs)
+                ]
+                leaves = [a for n, a in zip(self.names, args) if n in self.wrt]
+                grads = torch.autograd.grad(sum(terms), leaves, allow_unused=True)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            line = line_in(self.file, exc)
+            raise CaseError(f"{label} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
+        found = []
+        with torch.no_grad():
+            ranks_out = self._call(point.cast(dtype, device).params | point.cast(dtype, device).data)
+        for k, (mine, theirs) in enumerate(zip(ranks_out, outputs)):
+            theirs = theirs.detach()
+            if tuple(mine.shape) != tuple(theirs.shape):
+                raise CaseError(f"output {k}: the ranks assemble shape {list(mine.shape)}, {label} returns {list(theirs.shape)}")
+            where = _beyond(mine.double(), theirs.double(), tol)
+            if where is not None:
+                a, r = float(mine[where]), float(theirs[where])
+                found.append(_note_check(
+                    f"output {k} vs reference", tuple(mine.shape), None,
+                    f"the ranks' output {k} (assembled by {describe_placement(self.out_placements[k])}) is {a:.8g} at "
+                    f"{list(where)}, {label}'s is {r:.8g}: the distributed function does not compute the reference's",
+                ))
+        if locals_ is None:
+            return found
+        from backprop_check.sources.numerical import FiniteDifferences
+
+        differences: FiniteDifferences | None = None
+        for name, grad in zip([n for n in self.names if n in self.wrt], grads):
+            ref = (grad if grad is not None else torch.zeros_like(values[name])).detach().double().reshape(-1)
+            ours = self._assemble_local(name, [a[name] for a in locals_]).double().reshape(-1)
+            allowed = tol.between(ours, ref, torch.zeros_like(ref), float(ref.abs().max()) if ref.numel() else 0.0)
+            disputed = ((ours - ref).abs() > allowed).nonzero().reshape(-1)[:8]
+            if not disputed.numel():
+                continue
+            differences = differences or FiniteDifferences(self, point, dtype)
+            estimate = differences.estimate([name], {name: disputed})[name]
+            n, e = estimate["value"], estimate["error"]
+            off = (ref[disputed] - n).abs() > ERROR_BARS * e + max(tol.rtol, 1e-7) * n.abs()
+            if not bool(off.any()):
+                continue  # the reference agrees with the referee: autograd's mismatch says the rest
+            j = int(off.nonzero()[0, 0])
+            flat = int(disputed[j])
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), values[name].shape))
+            found.append(_note_check(
+                f"{name} vs reference", tuple(values[name].shape), Culprit.REFERENCE,
+                f"{label}'s float64 gradient of `{name}` at {list(index)} is {float(ref[flat]):.8g}, the numerical "
+                f"{float(n[j]):.8g} ± {float(e[j]):.2g} and the ranks' autograd {float(ours[flat]):.8g}: the "
+                "reference is the odd one out",
+                reference=float(ref[flat]), numerical=float(n[j]), autograd=float(ours[flat]),
+            ))
+        return found
 
     def hints(self, outcome: Any, found: list[str]) -> list[str]:
         """The hints, without those about `_OnRanks`: it is the harness's node, not the user's."""
@@ -543,6 +612,19 @@ class _OnRanks(torch.autograd.Function):
         moved = [a.movedim(d, 0) if d is not None else a for a, d in zip(args, dims)]
         outputs = case.run_forward(moved, rows=info.batch_size, batched=[d is not None for d in dims])
         return outputs, tuple(0 for _ in outputs)
+
+
+def _note_check(name: str, shape: tuple[int, ...], culprit: Culprit | None, note: str, **values: float) -> Check:
+    return Check(name=name, kind=CheckKind.OUTPUT, shape=shape, verdict=MISMATCH, culprit=culprit, note=note, ratio=float("inf"), **values)
+
+
+def _beyond(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> tuple[int, ...] | None:
+    """The worst element where two outputs differ beyond the tolerance, or None."""
+    allowed = tol.between(a, b, torch.zeros_like(a), float(b.abs().max()) if b.numel() else 0.0)
+    gap = (a - b).abs() - allowed
+    if not gap.numel() or float(gap.max()) <= 0:
+        return None
+    return tuple(int(i) for i in torch.unravel_index(gap.argmax(), a.shape))
 
 
 def _shard_problem(name: str, role: str, placement: Any, shape: tuple[int, ...], world_size: int) -> str | None:
