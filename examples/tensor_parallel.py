@@ -1,4 +1,4 @@
-"""Tensor- and sequence-parallel layers, checked on 2 ranks of torch.distributed (gloo, CPU).
+"""Tensor-, sequence- and data-parallel layers, checked on 2 ranks of torch.distributed (gloo, CPU).
 
 Each layer is written as Megatron-LM writes it: the collectives are autograd Functions whose
 backward is the collective's adjoint (an all-reduce's is the identity, an identity's is an
@@ -169,6 +169,19 @@ def _block(tokens, gamma, beta, up, down, reduce_norm=True):
 def sequence_parallel_block(tokens, gamma, beta, up, down):
     """Sequence-parallel LayerNorm → tensor-parallel MLP (Megatron-LM's sequence parallelism)."""
     return _block(tokens, gamma, beta, up, down)
+
+
+batch = torch.randn(4, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+
+
+@function_case(
+    inputs=(batch, weight), world_size=WORLD, placements=(Shard(0), Replicate()), out_placements=(Shard(0),)
+)
+def data_parallel_linear(x, w):
+    """Data parallelism: each rank its slice of the batch, the weight's gradient summed over the
+    ranks (what DDP's all-reduce does)."""
+    return torch.tanh(x @ CopyToRanks.apply(w))
 
 
 # --- the slips ----------------------------------------------------------------------------------

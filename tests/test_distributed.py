@@ -55,6 +55,7 @@ def example_results() -> dict[str, bc.Result]:
         pytest.param("tp_mlp", id="tensor-parallel-mlp"),
         pytest.param("column_parallel", id="column-parallel-layer-with-an-all-gathered-output"),
         pytest.param("sequence_parallel_block", id="sequence-parallel-layernorm-then-mlp"),
+        pytest.param("data_parallel_linear", id="data-parallel-linear-layer"),
     ],
 )
 def test_a_correct_parallel_layer_is_ok_on_two_ranks(example_results: dict[str, bc.Result], name: str) -> None:

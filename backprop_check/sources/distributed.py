@@ -32,7 +32,7 @@ import torch
 
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.errors import CaseError, line_in, one_line
-from backprop_check.loading.points import Point
+from backprop_check.loading.points import Point, generator
 from backprop_check.model.function import FunctionCase
 from backprop_check.options import TIMEOUT
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
@@ -121,7 +121,7 @@ class DistributedCase(FunctionCase):
         backend = self.backend or "gloo"
         if backend not in ("gloo", "nccl"):
             return f"backend={backend!r}: choose 'gloo' (CPU) or 'nccl' (CUDA)"
-        if backend == "nccl" or any(d.startswith("cuda") for d in self.devices):
+        if not processes.launched() and (backend == "nccl" or any(d.startswith("cuda") for d in self.devices)):
             count = torch.cuda.device_count()
             if w > count:
                 return f"world_size={w} needs {w} CUDA devices, but {count} {'is' if count == 1 else 'are'} available"
@@ -145,6 +145,8 @@ class DistributedCase(FunctionCase):
             if isinstance(placement, Partial):
                 return f"input `{name}` is placed Partial(): inputs are Shard(d) or Replicate(); Partial() is for outputs and gradients"
             value = self.params.get(name, self.data.get(name))
+            if callable(value) and not isinstance(value, torch.Tensor):  # a generator of the input
+                value = value(generator(0))
             if value is None or not isinstance(value, torch.Tensor):
                 if isinstance(placement, Shard) or isinstance(grad, Shard):
                     return f"input `{name}` is not a tensor: only Replicate() can place it"
@@ -177,6 +179,12 @@ class DistributedCase(FunctionCase):
         _OPEN.discard(self)
 
     def _ask(self, request: dict[str, Any]) -> list[Any]:
+        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in request["args"])
+        if on_cuda and not processes.launched():
+            raise CaseError(
+                "forked ranks cannot use CUDA once this process has: to check on GPUs, run under a launcher "
+                f"(torchrun --nproc_per_node={self.world_size} -m backprop_check run FILE)"
+            )
         try:
             return self._ranks().ask(request)
         except processes.RankError as exc:
@@ -190,6 +198,8 @@ class DistributedCase(FunctionCase):
     def run_forward(self, args: Sequence[Any], rows: int | None = None, batched: Sequence[bool] = ()) -> tuple[torch.Tensor, ...]:
         """The global outputs of `fn` at `args` (with `rows`: a batch of them, stacked)."""
         answers = self._ask({"kind": "forward", "args": list(args), "rows": rows, "batched": list(batched)})
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        answers = [(single, [o.to(device) for o in outputs]) for single, outputs in answers]
         if rows is None:
             return self._assemble_outputs([a[1] for a in answers], answers[0][0])
         per_row = [self._assemble_outputs([[o[b] for o in a[1]] for a in answers], answers[0][0]) for b in range(rows)]
@@ -228,6 +238,8 @@ class DistributedCase(FunctionCase):
         """Each differentiated input's global gradient from the ranks' backward with cotangents
         v (global, sharded like the outputs), assembled by `grad_placements`."""
         answers = self._ask({"kind": "backward", "args": list(args), "cotangents": list(cotangents)})
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        answers = [{name: g.to(device) for name, g in answer.items()} for answer in answers]
         self.recent = (self.recent + [([_plain(a) for a in args], answers)])[-KEPT:]
         Shard, Replicate, Partial = _placement_classes()
         gradients = {}
@@ -244,8 +256,17 @@ class DistributedCase(FunctionCase):
         return gradients
 
     def serve(self, request: dict[str, Any], rank: int, world_size: int) -> Any:
-        """On one rank: `fn` on this rank's shards (a forward, a batch of them, or a backward)."""
-        args = request["args"]
+        """On one rank: `fn` on this rank's shards (a forward, a batch of them, or a backward);
+        what it answers is on the CPU, for the driver to place."""
+        args = _on_rank_device(request["args"], rank)
+        request = {**request, "cotangents": _on_rank_device(request.get("cotangents") or [], rank)}
+        found = self._serve(request, args, rank, world_size)
+        if isinstance(found, dict):
+            return {name: g.cpu() for name, g in found.items()}
+        single, outputs = found
+        return single, [o.cpu() for o in outputs]
+
+    def _serve(self, request: dict[str, Any], args: list[Any], rank: int, world_size: int) -> Any:
         if request["kind"] == "forward":
             with torch.no_grad():
                 if request["rows"] is None:
@@ -330,7 +351,7 @@ class DistributedCase(FunctionCase):
         autograd gradient (Jᵀv, the same v) against the ranks'; where the gradients disagree, the
         numerical referee at those elements names the odd one out (a wrong distributed backward
         is already a mismatch of autograd: only a wrong reference is added here)."""
-        at = point.cast(torch.float64)
+        at = point.rounded(dtype)  # where the run and its referee are: the point rounded to dtype
         values = {**at.params, **at.data}
         args = [values[n].detach().requires_grad_(n in self.wrt) if n in values else self.constants[n] for n in self.names]
         label = f"reference {getattr(self.reference, '__name__', 'function')}"
@@ -612,6 +633,16 @@ class _OnRanks(torch.autograd.Function):
         moved = [a.movedim(d, 0) if d is not None else a for a, d in zip(args, dims)]
         outputs = case.run_forward(moved, rows=info.batch_size, batched=[d is not None for d in dims])
         return outputs, tuple(0 for _ in outputs)
+
+
+def _on_rank_device(values: list[Any], rank: int) -> list[Any]:
+    """CUDA tensors onto this rank's own GPU (under a launcher, `LOCAL_RANK`)."""
+    if not any(isinstance(v, torch.Tensor) and v.is_cuda for v in values):
+        return list(values)
+    import os
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    return [v.to(device) if isinstance(v, torch.Tensor) and v.is_cuda else v for v in values]
 
 
 def _note_check(name: str, shape: tuple[int, ...], culprit: Culprit | None, note: str, **values: float) -> Check:
