@@ -219,7 +219,7 @@ def test_the_cli_runs_a_case_file_of_distributed_checks(capsys: pytest.CaptureFi
 
 
 @pytest.mark.skipif(os.environ.get("BACKPROP_CHECK_SKIP_TORCHRUN") == "1", reason="torchrun disabled here")
-def test_the_same_case_file_passes_under_torchrun(tmp_path: Path) -> None:
+def test_the_same_case_file_passes_alone_and_under_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import subprocess
     import sys
 
@@ -241,12 +241,11 @@ def test_the_same_case_file_passes_under_torchrun(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
     command = ["-m", "backprop_check", "run", str(cases), "--dtype", "float64", "--points", "0", "--device", "cpu"]
-    alone = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=120)
+    assert main(command[2:]) == 0, capsys.readouterr().out  # `backprop-check run FILE`, in-process
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command],
         capture_output=True, text=True, env=env, timeout=120,
     )
-    assert alone.returncode == 0, alone.stdout + alone.stderr
     assert launched.returncode == 0, launched.stdout + launched.stderr
     assert launched.stdout.count("row_parallel") == 1 and "1 ok" in launched.stdout  # rank 0 alone reports
 
