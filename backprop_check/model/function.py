@@ -534,7 +534,13 @@ def function_case(
     nondet_tol: float = 0.0,
     order: int = 1,
     modes: Sequence[str] = ("rev",),
-    **distributed: Any,
+    world_size: int | None = None,
+    placements: Sequence[Any] | None = None,
+    out_placements: Sequence[Any] | None = None,
+    grad_placements: Sequence[Any] | None = None,
+    backend: str | None = None,
+    reference: Callable[..., Any] | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Turn a function returning tensors into a function check, in a case file like `@case`.
 
@@ -543,6 +549,11 @@ def function_case(
     (numbers, None, shapes). `@<check>.manual` (or `manual=`) registers a hand-written VJP
     `manual(grad_outputs, *inputs)`. The other keywords are `check`'s.
     """
+
+    distributed = dict(
+        world_size=world_size, placements=placements, out_placements=out_placements,
+        grad_placements=grad_placements, backend=backend, reference=reference, timeout=timeout,
+    )
 
     def build(f: Callable[..., Any]) -> FunctionCase:
         kind, extra = _distributed_kind(distributed)
@@ -576,7 +587,12 @@ def check(
     nondet_tol: float = 0.0,
     full: bool = False,
     timeout: float | None = TIMEOUT,
-    **distributed: Any,
+    world_size: int | None = None,
+    placements: Sequence[Any] | None = None,
+    out_placements: Sequence[Any] | None = None,
+    grad_placements: Sequence[Any] | None = None,
+    backend: str | None = None,
+    reference: Callable[..., Any] | None = None,
 ) -> Report:
     """Check `fn(*inputs)`: autograd (and `manual`, a hand-written VJP `manual(grad_outputs,
     *inputs)`) against float64 finite differences of ⟨v, fn⟩ for random cotangents v, at the
@@ -594,10 +610,13 @@ def check(
     raise. The other keywords are `backprop_check.run`'s and `@case`'s.
 
     With `world_size=N, placements=..., out_placements=...` (and optionally `grad_placements`,
-    `backend`), `fn` runs on N ranks of torch.distributed, each with its shards of the global
-    `inputs` (sources/distributed.py).
+    `backend`, `reference`), `fn` runs on N ranks of torch.distributed, each with its shards of
+    the global `inputs` (sources/distributed.py).
     """
-    kind, extra = _distributed_kind({**distributed, "timeout": timeout})
+    kind, extra = _distributed_kind(dict(
+        world_size=world_size, placements=placements, out_placements=out_placements,
+        grad_placements=grad_placements, backend=backend, reference=reference, timeout=timeout,
+    ))
     checked = kind(
         fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
         contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
@@ -607,18 +626,12 @@ def check(
             checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
         )
     finally:
-        getattr(checked, "close", lambda: None)()  # a distributed check's ranks stop with it
-
-
-DISTRIBUTED = ("world_size", "placements", "out_placements", "grad_placements", "backend", "reference", "timeout")
+        checked.close()  # a distributed check's ranks stop with it
 
 
 def _distributed_kind(keywords: Mapping[str, Any]) -> tuple[type[FunctionCase], dict[str, Any]]:
     """FunctionCase, or the distributed check when `world_size=` is given (sources/distributed.py),
     with the keywords it takes."""
-    unknown = sorted(set(keywords) - set(DISTRIBUTED))
-    if unknown:
-        raise TypeError(f"check() got an unexpected keyword argument {unknown[0]!r}")
     if keywords.get("world_size") is None:
         given = sorted(k for k, v in keywords.items() if v is not None and k != "timeout")
         if given:
@@ -626,4 +639,4 @@ def _distributed_kind(keywords: Mapping[str, Any]) -> tuple[type[FunctionCase], 
         return FunctionCase, {}
     from backprop_check.sources.distributed import DistributedCase
 
-    return DistributedCase, dict(keywords)
+    return DistributedCase, {k: v for k, v in keywords.items() if k != "timeout" or v is not None}

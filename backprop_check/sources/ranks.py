@@ -329,7 +329,8 @@ def launched() -> bool:
 def join_launched_group() -> int:
     """Join the launcher's default group (once) and return this rank."""
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # CPU tensors through gloo and CUDA ones through NCCL: a check runs on either device
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
     _control_group()
     return torch.distributed.get_rank()
