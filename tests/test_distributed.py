@@ -100,6 +100,7 @@ def test_a_sharded_gradient_names_the_element_of_the_ranks_shard() -> None:
     assert (result.verdict, result.culprit) == ("mismatch", "autograd")
     assert "x on rank 1" in result.message and "of its shard (Shard(0))" in result.message
     assert "element [2, 0] of the global gradient" in result.message and "element [0, 0] of its shard" in result.message
+    assert "rank 1's chunk of the gradient is 2× the true one" in result.message
 
 
 class Doubled(torch.autograd.Function):

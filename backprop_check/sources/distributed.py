@@ -567,6 +567,13 @@ class DistributedCase(FunctionCase):
             mine = locals_[rank][name].double()
             own = ~torch.isnan(chunks[rank])
             holds_own = bool(own.any()) and close(mine[own], chunks[rank][own], bar_chunks[rank][own])
+            if bool(own.any()) and bool((chunks[rank][own].abs() > 0).any()):
+                for factor, said in ((w, f"{w}×"), (1 / w, f"1/{w} of")):
+                    if close(mine[own], factor * chunks[rank][own], factor * bar_chunks[rank][own]):
+                        return (
+                            f"rank {rank}'s chunk of the gradient is {said} the true one ({w} = the world size), "
+                            "while the gradient as a whole is not: this rank reduces (or averages) what it should not"
+                        )
             for other in range(w):
                 seen = ~torch.isnan(chunks[other])
                 if other == rank or holds_own or not bool(seen.any()):

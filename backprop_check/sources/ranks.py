@@ -331,7 +331,10 @@ def join_launched_group() -> int:
     if not torch.distributed.is_initialized():
         # CPU tensors through gloo and CUDA ones through NCCL: a check runs on either device
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        # bounded: a rank that raised leaves the others in a collective until this, not 30 minutes
+        from backprop_check.options import TIMEOUT
+
+        torch.distributed.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT + COLLECTIVE_SLACK))
     _control_group()
     return torch.distributed.get_rank()
 
