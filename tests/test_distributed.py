@@ -288,3 +288,23 @@ def test_a_reference_is_a_fourth_opinion_on_the_global_function(
     (result,) = bc.check(TP.tp_mlp.fn, inputs, reference=reference, **options, **QUICK).results
     assert (result.verdict, result.culprit) == (verdict, culprit)
     assert expected in result.message, result.message
+
+
+def _raises_before_a_collective_on_rank_1(x: torch.Tensor) -> torch.Tensor:
+    if dist.get_rank() == 1:
+        raise RuntimeError("out of memory, say")
+    y = x.clone()
+    dist.all_reduce(y)  # rank 0 waits here for rank 1, which never comes
+    return y
+
+
+def test_a_rank_that_raises_while_the_others_wait_in_a_collective_ends_the_check_at_once() -> None:
+    started = time.monotonic()
+    report = bc.check(
+        _raises_before_a_collective_on_rank_1, (x64(4, 4),), world_size=2, placements=(Replicate(),),
+        out_placements=(Partial(),), timeout=120, **QUICK,
+    )
+    (result,) = report.results
+    assert result.verdict == "error" and "rank 1: _raises_before_a_collective_on_rank_1 raised RuntimeError" in result.message
+    assert time.monotonic() - started < 30  # not the 120 s a collective would wait
+    assert no_ranks_left()

@@ -154,8 +154,6 @@ class Forked:
             while len(answers) < self.world_size:
                 waiting = {self.pipes[r]: r for r in range(self.world_size) if r not in answers}
                 left = deadline - time.monotonic()
-                if failed is not None:
-                    left = min(left, GRACE)
                 if left <= 0:
                     break
                 for pipe in wait(list(waiting), timeout=min(POLL, left)):
@@ -167,10 +165,12 @@ class Forked:
                     answers[rank] = body
                     if status != "ok" and failed is None:
                         failed = (rank, body)
+                        deadline = min(deadline, time.monotonic() + GRACE)  # the others may wait forever
                 dead = [r for r in waiting.values() if r not in answers and not self.processes[r].is_alive()]
                 if dead and failed is None:
                     failed = (dead[0], f"rank {dead[0]} died ({self._deaths(dead)})")
                     answers[dead[0]] = None
+                    deadline = min(deadline, time.monotonic() + GRACE)
         except CaseTimeout as exc:  # the case's own time limit (runner): say who is still waiting
             still = [r for r in range(self.world_size) if r not in answers]
             self.close()
