@@ -40,7 +40,7 @@ from backprop_check.sources import ranks as processes
 
 # Every distributed check by key (file:line:name): under a launcher, the other ranks find the
 # check rank 0 asks for here, having loaded the same case files.
-REGISTRY: dict[str, DistributedCase] = {}
+REGISTRY: weakref.WeakValueDictionary[str, DistributedCase] = weakref.WeakValueDictionary()
 # How many backward passes per check keep their ranks' local gradients for the diagnosis.
 KEPT = 8
 # How many elements of a wrong input the diagnosis estimates anew to tell the slip.
@@ -741,8 +741,9 @@ def under_launcher(paths: Sequence[str], run: Callable[[], int]) -> int:
 
     rank = processes.join_launched_group()
     if rank != 0:
-        load(list(paths))  # registers the same checks, under the same keys
+        loaded = load(list(paths))  # registers the same checks, under the same keys (kept alive here)
         processes.serve(lambda key: REGISTRY[key].serve if key in REGISTRY else None)
+        del loaded
         status = [0]
     else:
         try:
