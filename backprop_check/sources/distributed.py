@@ -15,7 +15,9 @@ assembled by `out_placements` (`Shard(d)`: concatenated; `Replicate()`: every ra
   `torch.autograd.grad` through its collectives, and each input's local gradients are assembled
   by `grad_placements` (`Shard(d)`: concatenated; `Replicate()`: rank 0's, every other rank's
   copy checked against it; `Partial()`: summed);
-- manual (a hand-written VJP of the global function) as in any function check.
+- manual (a hand-written VJP of the global function) as in any function check;
+- with `reference=` (a single-process function of the global inputs), its float64 outputs and
+  autograd gradient, checked against the ranks' and, where they differ, by the referee.
 
 A mismatch is said in the user's terms (`extra_checks`): the rank, the input, the element of the
 global tensor and of the rank's shard, and the likely slip (`_slip`).
