@@ -38,6 +38,16 @@ def add_run(parser: argparse.ArgumentParser) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from backprop_check.sources import ranks
+
+    if ranks.launched():  # started by torchrun: rank 0 runs and reports, the others serve it
+        from backprop_check.sources.distributed import under_launcher
+
+        return under_launcher(args.paths or DEFAULT_PATHS, lambda: _run(args))
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr)  # does nothing unless stderr is a terminal
     plan = replace(plan_from(lambda name: getattr(args, name), select=args.select), progress=progress)
     gate = baseline.from_args(args)

@@ -45,6 +45,7 @@ class Culprit(_Word):
     MANUAL = "manual"
     AUTOGRAD = "autograd"
     NUMERICAL = "numerical"
+    REFERENCE = "reference"
     UNKNOWN = "unknown"
     UNDECIDED = "undecided"
 

@@ -1,8 +1,8 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders]
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [distributed]
 
-Prints nine sections (all of them when none is named) and writes nothing: the numbers are
+Prints ten sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -17,6 +17,7 @@ repeats and trials, for a short look (record figures from the full run).
 7. function  — function mode against gradcheck on a two-output custom Function; planted Function bugs.
 8. full      — `--full` at ~22k parameters against gradcheck slow, with and without the replay.
 9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
+10. distributed — a tensor-parallel MLP checked on 2 and 4 gloo ranks against a one-process check.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import corpus
+import distributed
 import full
 import function
 import orders
@@ -57,6 +59,8 @@ SECTIONS: dict[str, tuple[str, Section]] = {
              lambda quick: full.run(1 if quick else 2)),
     "orders": ("9. second order vs gradgradcheck; forward mode vs gradcheck(check_forward_ad=True)",
                lambda quick: orders.run(1 if quick else 3)),
+    "distributed": ("10. distributed: a tensor-parallel MLP on 2 and 4 ranks vs a one-process check",
+                    lambda quick: distributed.run(1 if quick else 3)),
 }
 
 

@@ -83,10 +83,13 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         report.results.extend(load_error(failure) for failure in failures)
         for case in cases:
             if plan.select is None or matches(plan.select, case.name):
-                for checked in orders(case, plan.seed, plan.full):
-                    broken = checked.problem() is not None  # said once, by the reverse mode's result
-                    for mode in ("rev",) if broken else checked.modes:
-                        report.results.extend(check_case(checked, plan, mode))
+                try:
+                    for checked in orders(case, plan.seed, plan.full):
+                        broken = checked.problem() is not None  # said once, by the reverse mode's result
+                        for mode in ("rev",) if broken else checked.modes:
+                            report.results.extend(check_case(checked, plan, mode))
+                finally:
+                    case.close()
     except KeyboardInterrupt:
         report.partial = True
         report.seconds = time.perf_counter() - started

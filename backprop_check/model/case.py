@@ -81,6 +81,10 @@ class Case:
         backward); a plain case keeps them."""
         return found
 
+    def close(self) -> None:
+        """Release what checking this case held once it is checked (a distributed check's
+        ranks); most cases hold nothing."""
+
     def cotangent_names(self) -> tuple[str, ...]:
         """The data through which the loss is linear (a function check's cotangents): the
         check of the next order differentiates them too."""

@@ -534,6 +534,13 @@ def function_case(
     nondet_tol: float = 0.0,
     order: int = 1,
     modes: Sequence[str] = ("rev",),
+    world_size: int | None = None,
+    placements: Sequence[Any] | None = None,
+    out_placements: Sequence[Any] | None = None,
+    grad_placements: Sequence[Any] | None = None,
+    backend: str | None = None,
+    reference: Callable[..., Any] | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Turn a function returning tensors into a function check, in a case file like `@case`.
 
@@ -543,10 +550,16 @@ def function_case(
     `manual(grad_outputs, *inputs)`. The other keywords are `check`'s.
     """
 
+    distributed = dict(
+        world_size=world_size, placements=placements, out_placements=out_placements,
+        grad_placements=grad_placements, backend=backend, reference=reference, timeout=timeout,
+    )
+
     def build(f: Callable[..., Any]) -> FunctionCase:
-        new = FunctionCase(
+        kind, extra = _distributed_kind(distributed)
+        new = kind(
             f, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
+            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
         )
         register(new)
         return new
@@ -574,6 +587,12 @@ def check(
     nondet_tol: float = 0.0,
     full: bool = False,
     timeout: float | None = TIMEOUT,
+    world_size: int | None = None,
+    placements: Sequence[Any] | None = None,
+    out_placements: Sequence[Any] | None = None,
+    grad_placements: Sequence[Any] | None = None,
+    backend: str | None = None,
+    reference: Callable[..., Any] | None = None,
 ) -> Report:
     """Check `fn(*inputs)`: autograd (and `manual`, a hand-written VJP `manual(grad_outputs,
     *inputs)`) against float64 finite differences of ⟨v, fn⟩ for random cotangents v, at the
@@ -589,11 +608,35 @@ def check(
     `devices` defaults to the inputs' devices, `dtypes` to float64 and float32 (every floating
     input is cast to the run's dtype). Bad input is an `error` result with one line, never a
     raise. The other keywords are `backprop_check.run`'s and `@case`'s.
+
+    With `world_size=N, placements=..., out_placements=...` (and optionally `grad_placements`,
+    `backend`, `reference`), `fn` runs on N ranks of torch.distributed, each with its shards of
+    the global `inputs` (sources/distributed.py).
     """
-    checked = FunctionCase(
+    kind, extra = _distributed_kind(dict(
+        world_size=world_size, placements=placements, out_placements=out_placements,
+        grad_placements=grad_placements, backend=backend, reference=reference, timeout=timeout,
+    ))
+    checked = kind(
         fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
+        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
     )
-    return run(
-        checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
-    )
+    try:
+        return run(
+            checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
+        )
+    finally:
+        checked.close()  # a distributed check's ranks stop with it
+
+
+def _distributed_kind(keywords: Mapping[str, Any]) -> tuple[type[FunctionCase], dict[str, Any]]:
+    """FunctionCase, or the distributed check when `world_size=` is given (sources/distributed.py),
+    with the keywords it takes."""
+    if keywords.get("world_size") is None:
+        given = sorted(k for k, v in keywords.items() if v is not None and k != "timeout")
+        if given:
+            raise TypeError(f"{given[0]}= is for a distributed check: give world_size= too")
+        return FunctionCase, {}
+    from backprop_check.sources.distributed import DistributedCase
+
+    return DistributedCase, {k: v for k, v in keywords.items() if k != "timeout" or v is not None}
