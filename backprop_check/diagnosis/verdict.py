@@ -145,8 +145,8 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         who = "the published value (expect=) is the odd one out: the three sources agree with each other"
     else:
         who = "the sources disagree and no single one is the odd one out"
-    if check.kind in (CheckKind.EXPECT, CheckKind.DEVICE, CheckKind.JVP):
-        text = f"{check.note}"
+    if check.kind in (CheckKind.EXPECT, CheckKind.DEVICE, CheckKind.JVP) or check.numerical is None and check.index is not None and check.note:
+        text = f"{check.note}"  # (no numerical value: a kernel against its reference, sources/reference.py)
     elif check.index is None:
         text = f"{check.name}: {check.note}"
     else:

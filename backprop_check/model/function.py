@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from backprop_check.diagnosis import contract
+from backprop_check.dtypes import TABLE as DTYPE_TABLE
 from backprop_check.model.case import Case, as_modes, register
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError, line_in, one_line
@@ -70,6 +71,8 @@ class FunctionCase(Case):
         nondet_tol: float = 0.0,
         order: int = 1,
         modes: Sequence[str] = ("rev",),
+        reference: Callable[..., Any] | None = None,
+        dtypes: Sequence[str] | None = None,
     ) -> None:
         file, line = _where(fn)
         super().__init__(
@@ -98,6 +101,11 @@ class FunctionCase(Case):
             self._classify(values, wrt)
         if manual is not None:
             self.manual(manual)
+        # A kernel's reference implementation (sources/reference.py), and the dtypes the kernel
+        # runs in: by default, with a reference, those of its low-precision inputs.
+        self.reference = reference
+        self.run_dtypes = _run_dtypes(self, dtypes, reference)
+        self.output_dtypes: list[torch.dtype] = []
 
     # --- what the user gave -----------------------------------------------------------------
 
@@ -197,6 +205,10 @@ class FunctionCase(Case):
                 return f"the manual VJP cannot be called as manual(grad_outputs, {', '.join(self.names)}): {exc}"
             except ValueError:
                 pass
+        if self.reference is not None:
+            problem = self._reference_problem()
+            if problem:
+                return problem
         return super().problem()
 
     def _learn_outputs(self) -> None:
@@ -211,6 +223,7 @@ class FunctionCase(Case):
         outputs = as_outputs(returned, self.label)
         self.single = not isinstance(returned, (tuple, list))
         self.output_shapes = [tuple(o.shape) for o in outputs]
+        self.output_dtypes = [o.dtype for o in outputs]
         taken = set(self.names)
         for k, output in enumerate(outputs):
             if _differentiable(output):
@@ -235,8 +248,78 @@ class FunctionCase(Case):
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
             line = line_in(self.file, exc)
-            raise CaseError(f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
+            said = f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")
+            raise CaseError(said + self._refuses_float64(args)) from exc
         return returned
+
+    def _refuses_float64(self, args: list[Any]) -> str:
+        """What to do when a function given in low precision fails in float64: a kernel."""
+        wide = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
+        low = bool(self.input_dtypes) and "float64" not in self.input_dtypes
+        if not wide or not low or self.reference is not None or getattr(self, "is_reference", False):
+            return ""
+        return (
+            f"; it fails in float64, which the numerical referee needs: a kernel that runs in "
+            f"{'/'.join(self.input_dtypes)} only is checked against a reference, so give reference=, a plain "
+            "torch version of it that runs in float64"
+        )
+
+    # --- a reference implementation (sources/reference.py) ---------------------------------
+
+    def twin(self) -> FunctionCase:
+        """This check with the reference in place of the kernel: what the float64 referee
+        checks, at the same points (same name, inputs and cotangents)."""
+        twin = copy.copy(self)
+        twin.fn, twin.reference, twin.is_reference = self.reference, None, True
+        twin.label = f"the reference {_label(self.reference)}"
+        twin.forward = twin._forward
+        twin.vjp, twin.manual_fn, twin.contract = None, None, ()
+        twin.file, twin.line = _where(self.reference)
+        return twin
+
+    def _reference_problem(self) -> str | None:
+        """Why the reference cannot serve as one, or None: it must return what the kernel
+        returns (number, shapes, kinds of dtype), computed in float64 on the CPU."""
+        if not callable(self.reference):
+            return f"reference= must be a function with the kernel's signature, got {type(self.reference).__name__}"
+        if self.vjp is not None:
+            return "manual= and reference= together: a kernel is checked against its reference (give one of them)"
+        if self.modes != ("rev",):
+            return "modes= with reference=: a kernel is checked against its reference in reverse mode only"
+        if self.order != 1:
+            return "order= above 1 with reference=: a kernel's double backward against its reference is not checked yet"
+        label = f"the reference {_label(self.reference)}"
+        gen = generator(0)
+        args = []
+        for name in self.names:
+            spec = self.params.get(name, self.data.get(name, self.constants.get(name)))
+            value = spec(gen) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
+            if isinstance(value, torch.Tensor):
+                value = value.to("cpu", _wide(value.dtype) if _differentiable(value) else value.dtype)
+            args.append(value)
+        try:
+            with torch.no_grad():
+                returned = self.reference(*args)
+            outputs = as_outputs(returned, label)
+        except CaseError as exc:
+            return str(exc)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
+            return f"{label} raised {one_line(exc)} in float64 on the CPU: a reference must run there (plain torch)"
+        if len(outputs) != len(self.output_dtypes):
+            return f"{label} returns {len(outputs)} output(s), the kernel {len(self.output_dtypes)}: they must return the same"
+        for k, (theirs, dtype, shape) in enumerate(zip(outputs, self.output_dtypes, self.output_shapes or [])):
+            if tuple(theirs.shape) != shape:
+                return f"output {k} of {label} has shape {tuple(theirs.shape)}, the kernel's {shape}"
+            kinds = [_kind(theirs.dtype), _kind(dtype)]
+            if kinds[0] != kinds[1]:
+                return f"output {k} of {label} is {kinds[0]} ({theirs.dtype}), the kernel's {kinds[1]} ({dtype})"
+            if _differentiable(theirs) and theirs.dtype not in (torch.float64, torch.complex128):
+                name = str(theirs.dtype).removeprefix("torch.")
+                return (
+                    f"output {k} of {label} is {name} for float64 inputs: the reference runs in low precision only, "
+                    "and a reference must compute in float64 (its error at the kernel's precision is the tolerance)"
+                )
+        return None
 
     def _forward(self, **values: torch.Tensor) -> torch.Tensor:
         outputs = self._call(values)
@@ -349,6 +432,29 @@ class FunctionCase(Case):
 
 def contract_items() -> tuple[str, ...]:
     return contract.ITEMS
+
+
+def _run_dtypes(case: FunctionCase, dtypes: Sequence[str] | None, reference: Any) -> tuple[str, ...] | None:
+    """The dtypes a kernel with a reference runs in (None: the run's); an unknown name breaks
+    the case with one line."""
+    if dtypes is not None:
+        chosen = (dtypes,) if isinstance(dtypes, str) else tuple(str(d).removeprefix("torch.") for d in dtypes)
+        unknown = [d for d in chosen if d not in DTYPE_TABLE]
+        if unknown and case.broken is None:
+            case.broken = f"dtypes= names {unknown[0]!r}; choose from {', '.join(DTYPE_TABLE)}"
+        return chosen or None
+    if reference is None:
+        return None
+    low = tuple(d for d in case.input_dtypes if d != "float64")
+    return low or None
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "complex" if dtype.is_complex else "floating" if dtype.is_floating_point else "integer"
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
 
 
 class _Cotangent:
@@ -534,19 +640,23 @@ def function_case(
     nondet_tol: float = 0.0,
     order: int = 1,
     modes: Sequence[str] = ("rev",),
+    reference: Callable[..., Any] | None = None,
+    dtypes: Sequence[str] | None = None,
 ) -> Any:
     """Turn a function returning tensors into a function check, in a case file like `@case`.
 
     `inputs` is a tuple in `fn`'s argument order (or a dict name → value): tensors, callables
     taking a `torch.Generator` and returning a tensor, or constants passed through as they are
     (numbers, None, shapes). `@<check>.manual` (or `manual=`) registers a hand-written VJP
-    `manual(grad_outputs, *inputs)`. The other keywords are `check`'s.
+    `manual(grad_outputs, *inputs)`. `reference=` is a plain float64 version of a kernel
+    (sources/reference.py), `dtypes=` the dtypes the kernel runs in (e.g. ["bfloat16"]: it is
+    checked in those whatever the run's --dtype). The other keywords are `check`'s.
     """
 
     def build(f: Callable[..., Any]) -> FunctionCase:
         new = FunctionCase(
             f, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
+            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, reference=reference, dtypes=dtypes,
         )
         register(new)
         return new
@@ -574,6 +684,7 @@ def check(
     nondet_tol: float = 0.0,
     full: bool = False,
     timeout: float | None = TIMEOUT,
+    reference: Callable[..., Any] | None = None,
 ) -> Report:
     """Check `fn(*inputs)`: autograd (and `manual`, a hand-written VJP `manual(grad_outputs,
     *inputs)`) against float64 finite differences of ⟨v, fn⟩ for random cotangents v, at the
@@ -589,10 +700,17 @@ def check(
     `devices` defaults to the inputs' devices, `dtypes` to float64 and float32 (every floating
     input is cast to the run's dtype). Bad input is an `error` result with one line, never a
     raise. The other keywords are `backprop_check.run`'s and `@case`'s.
+
+    `reference=`: a plain function with `fn`'s signature and outputs that runs in float64 on
+    the CPU. `fn` (a kernel, in bfloat16, float16 or float32, on any device) is then judged
+    against it: its outputs and gradient against the reference's in float64, with a tolerance
+    from the reference's own error at `fn`'s dtype, and the reference itself against the
+    numerical referee (culprit `reference`). `dtypes` defaults to the inputs' low precision.
     """
     checked = FunctionCase(
         fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes,
+        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, reference=reference,
+        dtypes=dtypes if reference is not None else None,
     )
     return run(
         checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
