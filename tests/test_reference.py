@@ -257,3 +257,39 @@ def test_an_unknown_dtype_name_is_one_line() -> None:
 def test_function_case_dtypes_win_over_the_runs_dtypes() -> None:
     report = bc.run(LP.rms_norm, devices=["cpu"], dtypes=["float64", "float32"], points=0)
     assert [(r.dtype, r.verdict) for r in report.results] == [("bfloat16", "ok")]
+
+
+# --- order 2: the kernel's double backward against the reference's ------------------------------
+
+
+class RecomputingRMSNorm(torch.autograd.Function):
+    """The example's kernel with a backward that recomputes r from x (so double backward sees
+    dr/dx), where the example saves r from the forward (a constant to double backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        xf = x.float()
+        return (xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + LP.EPS) * w.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        g, xf = grad_y.float(), x.float()
+        r = torch.rsqrt((xf * xf).mean(-1, keepdim=True) + LP.EPS)
+        x_hat = xf * r
+        dx_hat = g * w.float()
+        dx = r * (dx_hat - x_hat * (dx_hat * x_hat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), (g * x_hat).sum(0).to(w.dtype)
+
+
+def test_gradgradcheck_with_a_reference_passes_a_differentiable_backward() -> None:
+    assert bc.gradgradcheck(RecomputingRMSNorm.apply, inputs(), reference=ref) is True
+
+
+def test_a_backward_that_saves_r_is_right_to_first_order_and_wrong_to_the_second() -> None:
+    report = bc.check(LP.RMSNorm.apply, inputs(), reference=ref, order=2)
+    first, second = (r for r in report.results if r.verdict != "skipped")
+    assert first.verdict == "ok"
+    assert (second.verdict, second.culprit, second.order) == ("mismatch", "autograd", 2)
+    assert "double backward" in second.message

@@ -114,7 +114,7 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     backward) or forward mode ("fwd": jvp.py)."""
     started = time.perf_counter()
     # A kernel checked against its reference runs in its own dtypes (sources/reference.py).
-    dtypes = getattr(case, "run_dtypes", None) or plan.dtypes
+    dtypes = kernels.run_dtypes(case) or plan.dtypes
     combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in dtypes]
     label = jvp.name_of(case) if mode == jvp.MODE else case.name
     results: list[Result] = []

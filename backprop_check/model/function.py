@@ -286,8 +286,6 @@ class FunctionCase(Case):
             return "manual= and reference= together: a kernel is checked against its reference (give one of them)"
         if self.modes != ("rev",):
             return "modes= with reference=: a kernel is checked against its reference in reverse mode only"
-        if self.order != 1:
-            return "order= above 1 with reference=: a kernel's double backward against its reference is not checked yet"
         label = f"the reference {_label(self.reference)}"
         gen = generator(0)
         args = []

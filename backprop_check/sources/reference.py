@@ -62,8 +62,28 @@ COMPARED = "kernel against the float64 reference"
 
 
 def applies(case: Case) -> bool:
-    """Whether `case` is a kernel checked against a reference implementation."""
-    return getattr(case, "reference", None) is not None
+    """Whether `case` is a kernel checked against a reference implementation (at order 2 and
+    above, the derivative of one: orders.py)."""
+    return getattr(getattr(case, "root", case), "reference", None) is not None
+
+
+def run_dtypes(case: Case) -> tuple[str, ...] | None:
+    """The dtypes a kernel runs in whatever the run's are (function_case's `dtypes=`), or None."""
+    return getattr(getattr(case, "root", case), "run_dtypes", None)
+
+
+def twin_of(case: Case, seed: int, full: bool) -> Case:
+    """The reference's check that mirrors `case`: the same derivative of the same inputs."""
+    from backprop_check.loading.points import given_point
+    from backprop_check.model.orders import Derivative
+
+    root = getattr(case, "root", case)
+    twin = root.twin()
+    given = given_point(twin, seed)
+    for level in range(2, case.level + 1):
+        twin = Derivative(twin, given, level, functional=full)
+        given = given_point(twin, seed)
+    return twin
 
 
 def tolerance_text(dtype: torch.dtype) -> str:
@@ -147,7 +167,8 @@ def judge(kernel: torch.Tensor, reference: torch.Tensor, own: torch.Tensor, dtyp
 
 
 def compare(
-    name: str, kind: CheckKind, judged: Judged, dtype: torch.dtype, culprit: Culprit | None, complex_: bool = False
+    name: str, kind: CheckKind, judged: Judged, dtype: torch.dtype, culprit: Culprit | None, complex_: bool = False,
+    level: int = 1,
 ) -> Check:
     """One tensor's check: its worst element, named, with both errors and their ratio."""
     error, allowed = judged.error, judged.allowed
@@ -167,23 +188,26 @@ def compare(
         complex=complex_,
         culprits={culprit: count} if count and culprit is not None else {},
     )
-    check.note = _note(check, judged, dtype)
+    check.note = _note(check, judged, dtype, level)
     return check
 
 
-def _note(check: Check, judged: Judged, dtype: torch.dtype) -> str:
+def _note(check: Check, judged: Judged, dtype: torch.dtype, level: int = 1) -> str:
     name = str(dtype).removeprefix("torch.")
-    what = f"the kernel's {check.name}" if check.kind == CheckKind.OUTPUT else f"the kernel's gradient of `{check.name}`"
+    derivative = "gradient of" if level == 1 else f"derivative of order {level} (double backward) with respect to"
+    what = f"the kernel's {check.name}" if check.kind == CheckKind.OUTPUT else f"the kernel's {derivative} `{check.name}`"
     own = check.error_bar or 0.0
-    times = f"{check.abs_err / own:.3g}×" if own else ("∞×" if check.abs_err else "0×")
+    there = f"{check.abs_err / own:.3g}× the reference's own {name} error {own:.2g} there" if own else f"where the reference is exact in {name}"
     worst_kernel = float(judged.error.max()) if judged.error.numel() else 0.0
     worst_own = float(judged.own.max()) if judged.own.numel() else 0.0
-    overall = f"{worst_kernel / worst_own:.3g}×" if worst_own else ("∞×" if worst_kernel else "0×")
+    overall = (
+        f"; over the whole tensor the kernel's largest error is {worst_kernel / worst_own:.3g}× the reference's largest own {name} error"
+        if worst_own else ""
+    )
     text = (
         f"{what} at {check.label}: kernel {check.autograd:.8g}, float64 reference {check.reference:.8g}; "
-        f"error {check.abs_err:.3g}, {times} the reference's own {name} error {own:.2g} there, "
-        f"{check.ratio:.3g}× the tolerance {check.allowed:.3g} ({tolerance_text(dtype)}); over the whole tensor "
-        f"the kernel's largest error is {overall} the reference's largest own {name} error"
+        f"error {check.abs_err:.3g}, {there}, {check.ratio:.3g}× the tolerance {check.allowed:.3g} "
+        f"({tolerance_text(dtype)}){overall}"
     )
     if check.bad > 1:
         text += f"; {check.bad} of {check.size} elements disagree"
@@ -221,7 +245,7 @@ def kernel_checks(kernel: Any, twin: Any, point: Point, device: str, dtype: torc
     culprit = None if forward_differs else Culprit.AUTOGRAD
     for name, theirs in base.gradients.items():
         judged = judge(got.gradients[name], theirs, own_gradients[name], dtype)
-        checks.append(compare(name, CheckKind.PARAM, judged, dtype, culprit, name in point.complex))
+        checks.append(compare(name, CheckKind.PARAM, judged, dtype, culprit, name in point.complex, kernel.level))
     # The kernel's gradient in its own dtype: the hints judge a factor by the dtype's noise.
     mine = {name: g.to(dtype) for name, g in got.gradients.items()}
     return checks, Gradients("autograd", mine), Gradients("numerical", base.gradients)
@@ -236,15 +260,24 @@ def _real_own(own: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return own.unsqueeze(-1).expand(*own.shape, 2) if like.is_complex() else own
 
 
-def as_reference(checks: list[Check]) -> list[Check]:
-    """The referee's checks of the reference, where `autograd` is the reference's."""
+def as_reference(checks: list[Check], tolerance: str) -> list[Check]:
+    """The referee's checks of the reference, where `autograd` is the reference's: a wrong
+    one is said in those words, with the float64 tolerance it was judged by."""
     for check in checks:
-        if check.culprit == Culprit.AUTOGRAD:
-            check.culprit = Culprit.REFERENCE
         check.culprits = {(Culprit.REFERENCE if c == Culprit.AUTOGRAD else c): n for c, n in check.culprits.items()}
-        if check.note:
-            check.note = check.note.replace("autograd", "the reference")
         check.compared = "the reference against the numerical referee"
+        if check.culprit != Culprit.AUTOGRAD:
+            continue
+        check.culprit = Culprit.REFERENCE
+        if check.index is not None and check.numerical is not None and check.autograd is not None:
+            check.note = (
+                f"the reference's float64 gradient of `{check.name}` at {check.label}: reference (autograd) "
+                f"{check.autograd:.8g}, numerical {check.numerical:.8g} ± {check.error_bar or 0.0:.2g}; error "
+                f"{check.abs_err:.3g}, {check.ratio:.3g}× the tolerance {check.allowed:.3g} ({tolerance}); a wrong "
+                "reference is no yardstick: the kernel is not judged against it there"
+            )
+            if check.bad > 1:
+                check.note += f"; {check.bad} of {check.size} elements disagree"
     return checks
 
 
@@ -254,7 +287,7 @@ def prepare(case: Case, plan: Any) -> tuple[Callable[..., Result], list[str]]:
     from backprop_check.engine import runner  # the engine runs this module, not the other way round
     from backprop_check.engine.tolerance import tolerance_for
 
-    kernel, twin = case, case.twin()
+    kernel, twin = case, twin_of(case, plan.seed, plan.full)
     points, cache, notes = runner.prepare_points(twin, plan)
     tol = tolerance_for(torch.float64, case.rtol, case.atol)
     referee: dict[str, list[Check]] = {}
@@ -264,7 +297,7 @@ def prepare(case: Case, plan: Any) -> tuple[Callable[..., Result], list[str]]:
             cache[key] = runner.numerical_for(twin, point, torch.float64, plan)
         runner.require_finite_loss(cache[key].gradients.loss, point)
         checked = runner.check_point(twin, point, "cpu", torch.float64, cache[key], tol)
-        referee[point.label] = as_reference(checked.checks)
+        referee[point.label] = as_reference(checked.checks, tol.describe())
 
     def combination(device: str, dtype_name: str, *, plan: Any) -> Result:
         return check_combination(kernel, twin, points, referee, device, dtype_name, plan)
