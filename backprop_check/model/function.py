@@ -106,6 +106,7 @@ class FunctionCase(Case):
         self.reference = reference
         self.run_dtypes = _run_dtypes(self, dtypes, reference)
         self.output_dtypes: list[torch.dtype] = []
+        self.reference_problem: tuple[str] | None = None
 
     # --- what the user gave -----------------------------------------------------------------
 
@@ -206,9 +207,10 @@ class FunctionCase(Case):
             except ValueError:
                 pass
         if self.reference is not None:
-            problem = self._reference_problem()
-            if problem:
-                return problem
+            if self.reference_problem is None:  # the reference is called once, not at every ask
+                self.reference_problem = (self._reference_problem() or "",)
+            if self.reference_problem[0]:
+                return self.reference_problem[0]
         return super().problem()
 
     def _learn_outputs(self) -> None:
