@@ -40,7 +40,8 @@ class Verdict(_Word):
 
 class Culprit(_Word):
     """The one source that disagrees with the other two (contract: manual, autograd,
-    numerical); `unknown` and `undecided` are per-element findings that name no one."""
+    numerical, reference: a kernel's reference implementation, sources/reference.py);
+    `unknown` and `undecided` are per-element findings that name no one."""
 
     MANUAL = "manual"
     AUTOGRAD = "autograd"

@@ -1,6 +1,7 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
     .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [distributed]
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [reference]
 
 Prints ten sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
@@ -18,6 +19,7 @@ repeats and trials, for a short look (record figures from the full run).
 8. full      — `--full` at ~22k parameters against gradcheck slow, with and without the replay.
 9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
 10. distributed — a tensor-parallel MLP checked on 2 and 4 gloo ranks against a one-process check.
+10. reference — a bfloat16 kernel with reference= against a float64 check; false alarms; a 1.25× slip.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import full
 import function
 import orders
 import parallel
+import reference
 import scale
 import soundness
 import speed
@@ -61,6 +64,8 @@ SECTIONS: dict[str, tuple[str, Section]] = {
                lambda quick: orders.run(1 if quick else 3)),
     "distributed": ("10. distributed: a tensor-parallel MLP on 2 and 4 ranks vs a one-process check",
                     lambda quick: distributed.run(1 if quick else 3)),
+    "reference": ("10. kernels: a bfloat16 kernel with reference= vs a float64 check; false alarms; one element 1.25× off",
+                  reference.run),
 }
 
 

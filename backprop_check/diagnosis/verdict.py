@@ -145,7 +145,10 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         who = "the published value (expect=) is the odd one out: the three sources agree with each other"
     else:
         who = "the sources disagree and no single one is the odd one out"
-    if check.kind in (CheckKind.EXPECT, CheckKind.DEVICE, CheckKind.JVP):
+    # A kernel against its reference, or the reference against the referee, says itself in its
+    # note (sources/reference.py).
+    kernel = (check.numerical is None or check.culprit == Culprit.REFERENCE) and check.index is not None and check.note
+    if check.kind in (CheckKind.EXPECT, CheckKind.DEVICE, CheckKind.JVP) or kernel:
         text = f"{check.note}"
     elif check.index is None:
         text = f"{check.name}: {check.note}"

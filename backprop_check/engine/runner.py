@@ -32,6 +32,7 @@ from backprop_check.diagnosis.verdict import error_result, outcome_of, result_fo
 from backprop_check.records import Outcome, Verdict
 from backprop_check.loading.selection import matches
 from backprop_check.sources import SOURCES, Gradients
+from backprop_check.sources import reference as kernels
 from backprop_check.sources.numerical import Reference, reference
 from backprop_check.engine.tolerance import Tolerance, tolerance_for
 
@@ -115,7 +116,9 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     """Every device × dtype result for one case, in reverse mode (the gradient, with its
     backward) or forward mode ("fwd": jvp.py)."""
     started = time.perf_counter()
-    combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
+    # A kernel checked against its reference runs in its own dtypes (sources/reference.py).
+    dtypes = kernels.run_dtypes(case) or plan.dtypes
+    combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in dtypes]
     label = jvp.name_of(case) if mode == jvp.MODE else case.name
     results: list[Result] = []
     with time_limit(plan.timeout):
@@ -126,6 +129,8 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
             if mode == jvp.MODE:
                 points, notes = jvp.prepare_points(case, plan)
                 combination = partial(jvp.check_combination, case, points)
+            elif kernels.applies(case):
+                combination, notes = kernels.prepare(case, plan)
             else:
                 points, numerical_cache, notes = prepare_points(case, plan)
                 combination = partial(check_combination, case, points, cache=numerical_cache)

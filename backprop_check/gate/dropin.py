@@ -78,6 +78,7 @@ def gradcheck(
     seed: int = 0,
     manual: Callable[..., Any] | None = None,
     timeout: float | None = TIMEOUT,
+    reference: Callable[..., Any] | None = None,
     **torch_options: Any,
 ) -> bool:
     """True when autograd (and `manual`, if given) agree with the float64 reference and the
@@ -94,7 +95,9 @@ def gradcheck(
     checks every element, `True` the sampled default mode (random directional derivatives,
     elementwise where they disagree). `eps`, `masked` and the other options are ignored, with
     one warning saying why. Beyond torch: `points` random points besides the given inputs
-    (default 0, as torch), `dtypes`/`devices` (default: the inputs' own), `seed`.
+    (default 0, as torch), `dtypes`/`devices` (default: the inputs' own), `seed`, and
+    `reference=`: a plain float64 version of a low-precision kernel to judge it against
+    (`check`'s; the kernel then runs in its inputs' dtype only).
     """
     __tracebackhide__ = True
     if not (check_forward_ad or check_backward_ad):
@@ -104,7 +107,7 @@ def gradcheck(
         "gradcheck", fn, inputs, torch_options, raise_exception=raise_exception, atol=atol, rtol=rtol,
         nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad, check_batched_grad=check_batched_grad,
         fast_mode=fast_mode, points=points, dtypes=dtypes, devices=devices, seed=seed, manual=manual,
-        timeout=timeout, order=1, modes=modes,
+        timeout=timeout, order=1, modes=modes, reference=reference,
     )
 
 
@@ -125,6 +128,7 @@ def gradgradcheck(
     devices: Any = None,
     seed: int = 0,
     timeout: float | None = TIMEOUT,
+    reference: Callable[..., Any] | None = None,
     **torch_options: Any,
 ) -> bool:
     """A drop-in for `torch.autograd.gradgradcheck`: the derivative of the gradient (autograd's
@@ -140,7 +144,7 @@ def gradgradcheck(
         "gradgradcheck", fn, inputs, torch_options, raise_exception=raise_exception, atol=atol, rtol=rtol,
         nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad, check_batched_grad=check_batched_grad,
         fast_mode=fast_mode, points=points, dtypes=dtypes, devices=devices, seed=seed, manual=None,
-        timeout=timeout, order=2, modes=("rev",),
+        timeout=timeout, order=2, modes=("rev",), reference=reference,
     )
 
 
@@ -165,6 +169,7 @@ def _checked(
     timeout: float | None,
     order: int,
     modes: tuple[str, ...],
+    reference: Callable[..., Any] | None = None,
 ) -> bool:
     """Run the check and answer as torch's checks do (see gradcheck)."""
     __tracebackhide__ = True
@@ -182,7 +187,8 @@ def _checked(
     if not check_undefined_grad:
         items.remove("undefined_grad")
     checked = FunctionCase(
-        fn, inputs, manual=manual, rtol=rtol, atol=atol, contract=items, nondet_tol=nondet_tol, order=order, modes=modes
+        fn, inputs, manual=manual, rtol=rtol, atol=atol, contract=items, nondet_tol=nondet_tol, order=order, modes=modes,
+        reference=reference,
     )
     report = run(
         checked,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from backprop_check.diagnosis import contract
+from backprop_check.dtypes import TABLE as DTYPE_TABLE
 from backprop_check.model.case import Case, as_modes, register
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError, line_in, one_line
@@ -70,6 +71,8 @@ class FunctionCase(Case):
         nondet_tol: float = 0.0,
         order: int = 1,
         modes: Sequence[str] = ("rev",),
+        reference: Callable[..., Any] | None = None,
+        dtypes: Sequence[str] | None = None,
     ) -> None:
         file, line = _where(fn)
         super().__init__(
@@ -98,6 +101,12 @@ class FunctionCase(Case):
             self._classify(values, wrt)
         if manual is not None:
             self.manual(manual)
+        # A kernel's reference implementation (sources/reference.py), and the dtypes the kernel
+        # runs in: by default, with a reference, those of its low-precision inputs.
+        self.reference = reference
+        self.run_dtypes = _run_dtypes(self, dtypes, reference)
+        self.output_dtypes: list[torch.dtype] = []
+        self.reference_problem: tuple[str] | None = None
 
     # --- what the user gave -----------------------------------------------------------------
 
@@ -197,6 +206,11 @@ class FunctionCase(Case):
                 return f"the manual VJP cannot be called as manual(grad_outputs, {', '.join(self.names)}): {exc}"
             except ValueError:
                 pass
+        if self.reference is not None:
+            if self.reference_problem is None:  # the reference is called once, not at every ask
+                self.reference_problem = (self._reference_problem() or "",)
+            if self.reference_problem[0]:
+                return self.reference_problem[0]
         return super().problem()
 
     def _learn_outputs(self) -> None:
@@ -211,6 +225,7 @@ class FunctionCase(Case):
         outputs = as_outputs(returned, self.label)
         self.single = not isinstance(returned, (tuple, list))
         self.output_shapes = [tuple(o.shape) for o in outputs]
+        self.output_dtypes = [o.dtype for o in outputs]
         taken = set(self.names)
         for k, output in enumerate(outputs):
             if _differentiable(output):
@@ -235,8 +250,76 @@ class FunctionCase(Case):
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
             line = line_in(self.file, exc)
-            raise CaseError(f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
+            said = f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")
+            raise CaseError(said + self._refuses_float64(args)) from exc
         return returned
+
+    def _refuses_float64(self, args: list[Any]) -> str:
+        """What to do when a function given in low precision fails in float64: a kernel."""
+        wide = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
+        low = bool(self.input_dtypes) and "float64" not in self.input_dtypes
+        if not wide or not low or self.reference is not None or getattr(self, "is_reference", False):
+            return ""
+        return (
+            f"; it fails in float64, which the numerical referee needs: a kernel that runs in "
+            f"{'/'.join(self.input_dtypes)} only is checked against a reference, so give reference=, a plain "
+            "torch version of it that runs in float64"
+        )
+
+    # --- a reference implementation (sources/reference.py) ---------------------------------
+
+    def twin(self) -> FunctionCase:
+        """This check with the reference in place of the kernel: what the float64 referee
+        checks, at the same points (same name, inputs and cotangents)."""
+        twin = copy.copy(self)
+        twin.fn, twin.reference, twin.is_reference = self.reference, None, True
+        twin.label = f"the reference {_label(self.reference)}"
+        twin.forward = twin._forward
+        twin.vjp, twin.manual_fn, twin.contract = None, None, ()
+        twin.file, twin.line = _where(self.reference)
+        return twin
+
+    def _reference_problem(self) -> str | None:
+        """Why the reference cannot serve as one, or None: it must return what the kernel
+        returns (number, shapes, kinds of dtype), computed in float64 on the CPU."""
+        if not callable(self.reference):
+            return f"reference= must be a function with the kernel's signature, got {type(self.reference).__name__}"
+        if self.vjp is not None:
+            return "manual= and reference= together: a kernel is checked against its reference (give one of them)"
+        if self.modes != ("rev",):
+            return "modes= with reference=: a kernel is checked against its reference in reverse mode only"
+        label = f"the reference {_label(self.reference)}"
+        gen = generator(0)
+        args = []
+        for name in self.names:
+            spec = self.params.get(name, self.data.get(name, self.constants.get(name)))
+            value = spec(gen) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
+            if isinstance(value, torch.Tensor):
+                value = value.to("cpu", _wide(value.dtype) if _differentiable(value) else value.dtype)
+            args.append(value)
+        try:
+            with torch.no_grad():
+                returned = self.reference(*args)
+            outputs = as_outputs(returned, label)
+        except CaseError as exc:
+            return str(exc)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
+            return f"{label} raised {one_line(exc)} in float64 on the CPU: a reference must run there (plain torch)"
+        if len(outputs) != len(self.output_dtypes):
+            return f"{label} returns {len(outputs)} output(s), the kernel {len(self.output_dtypes)}: they must return the same"
+        for k, (theirs, dtype, shape) in enumerate(zip(outputs, self.output_dtypes, self.output_shapes or [])):
+            if tuple(theirs.shape) != shape:
+                return f"output {k} of {label} has shape {tuple(theirs.shape)}, the kernel's {shape}"
+            kinds = [_kind(theirs.dtype), _kind(dtype)]
+            if kinds[0] != kinds[1]:
+                return f"output {k} of {label} is {kinds[0]} ({theirs.dtype}), the kernel's {kinds[1]} ({dtype})"
+            if _differentiable(theirs) and theirs.dtype not in (torch.float64, torch.complex128):
+                name = str(theirs.dtype).removeprefix("torch.")
+                return (
+                    f"output {k} of {label} is {name} for float64 inputs: the reference runs in low precision only, "
+                    "and a reference must compute in float64 (its error at the kernel's precision is the tolerance)"
+                )
+        return None
 
     def _forward(self, **values: torch.Tensor) -> torch.Tensor:
         outputs = self._call(values)
@@ -349,6 +432,29 @@ class FunctionCase(Case):
 
 def contract_items() -> tuple[str, ...]:
     return contract.ITEMS
+
+
+def _run_dtypes(case: FunctionCase, dtypes: Sequence[str] | None, reference: Any) -> tuple[str, ...] | None:
+    """The dtypes a kernel with a reference runs in (None: the run's); an unknown name breaks
+    the case with one line."""
+    if dtypes is not None:
+        chosen = (dtypes,) if isinstance(dtypes, str) else tuple(str(d).removeprefix("torch.") for d in dtypes)
+        unknown = [d for d in chosen if d not in DTYPE_TABLE]
+        if unknown and case.broken is None:
+            case.broken = f"dtypes= names {unknown[0]!r}; choose from {', '.join(DTYPE_TABLE)}"
+        return chosen or None
+    if reference is None:
+        return None
+    low = tuple(d for d in case.input_dtypes if d != "float64")
+    return low or None
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "complex" if dtype.is_complex else "floating" if dtype.is_floating_point else "integer"
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
 
 
 class _Cotangent:
@@ -541,13 +647,16 @@ def function_case(
     backend: str | None = None,
     reference: Callable[..., Any] | None = None,
     timeout: float | None = None,
+    dtypes: Sequence[str] | None = None,
 ) -> Any:
     """Turn a function returning tensors into a function check, in a case file like `@case`.
 
     `inputs` is a tuple in `fn`'s argument order (or a dict name → value): tensors, callables
     taking a `torch.Generator` and returning a tensor, or constants passed through as they are
     (numbers, None, shapes). `@<check>.manual` (or `manual=`) registers a hand-written VJP
-    `manual(grad_outputs, *inputs)`. The other keywords are `check`'s.
+    `manual(grad_outputs, *inputs)`. `reference=` is a plain float64 version of a kernel
+    (sources/reference.py), `dtypes=` the dtypes the kernel runs in (e.g. ["bfloat16"]: it is
+    checked in those whatever the run's --dtype). The other keywords are `check`'s.
     """
 
     distributed = dict(
@@ -556,7 +665,7 @@ def function_case(
     )
 
     def build(f: Callable[..., Any]) -> FunctionCase:
-        kind, extra = _distributed_kind(distributed)
+        kind, extra = _distributed_kind(distributed, dtypes)
         new = kind(
             f, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
             contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
@@ -609,6 +718,12 @@ def check(
     input is cast to the run's dtype). Bad input is an `error` result with one line, never a
     raise. The other keywords are `backprop_check.run`'s and `@case`'s.
 
+    `reference=`: a plain function with `fn`'s signature and outputs that runs in float64 on
+    the CPU. `fn` (a kernel, in bfloat16, float16 or float32, on any device) is then judged
+    against it: its outputs and gradient against the reference's in float64, with a tolerance
+    from the reference's own error at `fn`'s dtype, and the reference itself against the
+    numerical referee (culprit `reference`). `dtypes` defaults to the inputs' low precision.
+
     With `world_size=N, placements=..., out_placements=...` (and optionally `grad_placements`,
     `backend`, `reference`), `fn` runs on N ranks of torch.distributed, each with its shards of
     the global `inputs` (sources/distributed.py).
@@ -616,7 +731,7 @@ def check(
     kind, extra = _distributed_kind(dict(
         world_size=world_size, placements=placements, out_placements=out_placements,
         grad_placements=grad_placements, backend=backend, reference=reference, timeout=timeout,
-    ))
+    ), dtypes if reference is not None else None)
     checked = kind(
         fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
         contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
@@ -629,14 +744,18 @@ def check(
         checked.close()  # a distributed check's ranks stop with it
 
 
-def _distributed_kind(keywords: Mapping[str, Any]) -> tuple[type[FunctionCase], dict[str, Any]]:
-    """FunctionCase, or the distributed check when `world_size=` is given (sources/distributed.py),
-    with the keywords it takes."""
+def _distributed_kind(
+    keywords: Mapping[str, Any], kernel_dtypes: Sequence[str] | None
+) -> tuple[type[FunctionCase], dict[str, Any]]:
+    """FunctionCase (with `reference=` a kernel's float64 reference, sources/reference.py, and
+    `kernel_dtypes` the dtypes the kernel runs in), or the distributed check when `world_size=`
+    is given (sources/distributed.py), with the keywords it takes."""
     if keywords.get("world_size") is None:
-        given = sorted(k for k, v in keywords.items() if v is not None and k != "timeout")
+        only_distributed = ("placements", "out_placements", "grad_placements", "backend")
+        given = sorted(k for k in only_distributed if keywords.get(k) is not None)
         if given:
             raise TypeError(f"{given[0]}= is for a distributed check: give world_size= too")
-        return FunctionCase, {}
+        return FunctionCase, {"reference": keywords.get("reference"), "dtypes": kernel_dtypes}
     from backprop_check.sources.distributed import DistributedCase
 
     return DistributedCase, {k: v for k, v in keywords.items() if k != "timeout" or v is not None}
