@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from functools import partial
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading import complexes
 from backprop_check.loading.forward import call_forward
 from backprop_check.sources import rounding
+from backprop_check.engine import threads
 from backprop_check.engine.limits import time_limit
 from backprop_check.loading.loader import LoadFailure, inventory, load
 from backprop_check.options import DEVICES, DTYPES, POINTS, TIMEOUT, Plan, devices_for  # noqa: F401 - Plan lives with the options
-from backprop_check.loading.points import Point, random_point
+from backprop_check.loading.points import Point, given_point, random_point
 from backprop_check.loading.guards import checked_given, require_finite_gradient, require_finite_loss
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
@@ -115,11 +117,12 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in plan.dtypes]
     label = jvp.name_of(case) if mode == jvp.MODE else case.name
     results: list[Result] = []
-    with time_limit(plan.timeout):
+    with time_limit(plan.timeout), ExitStack() as stack:
         try:
             problem = case.problem()
             if problem:
                 raise CaseError(problem)
+            stack.enter_context(threads.chosen(elements(given_point(case, plan.seed))))
             if mode == jvp.MODE:
                 points, notes = jvp.prepare_points(case, plan)
                 combination = partial(jvp.check_combination, case, points)
@@ -148,6 +151,11 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return [jvp.named(result, case) for result in results] if mode == jvp.MODE else results
+
+
+def elements(point: Point) -> int:
+    """How many numbers a point holds: the size of the work that sets the check's threads."""
+    return sum(value.numel() for value in (*point.params.values(), *point.data.values()))
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
