@@ -48,7 +48,7 @@ from measure import Timing, seconds, table, verdict
 TILE = 16
 TARGET_CHECK = 1.5  # the default check() within 1.5× torch's gradcheck in float64 + float32
 TARGET_DROPIN = 1.0  # the drop-in within 1× torch's slow gradcheck
-SPIN_SECONDS = 600  # a spinner's bound, should this process die before it kills them
+SPIN_SECONDS = 300  # a spinner's bound, should this process die before it kills them
 
 
 class TiledAttention(torch.autograd.Function):
