@@ -1,8 +1,8 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders]
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [kernels] [profile]
 
-Prints nine sections (all of them when none is named) and writes nothing: the numbers are
+Prints eleven sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -17,6 +17,9 @@ repeats and trials, for a short look (record figures from the full run).
 7. function  — function mode against gradcheck on a two-output custom Function; planted Function bugs.
 8. full      — `--full` at ~22k parameters against gradcheck slow, with and without the replay.
 9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
+10. kernels  — small custom Functions and a tiled attention vmap cannot batch: check() and the drop-in
+               against gradcheck, quiet and with every core kept busy (benchmarks/kernels.py).
+11. profile  — where a default check()'s time goes, stage by stage (benchmarks/stages.py).
 """
 from __future__ import annotations
 
@@ -32,9 +35,11 @@ import torch
 
 import corpus
 import full
+import kernels
 import function
 import orders
 import parallel
+import stages
 import scale
 import soundness
 import speed
@@ -57,6 +62,9 @@ SECTIONS: dict[str, tuple[str, Section]] = {
              lambda quick: full.run(1 if quick else 2)),
     "orders": ("9. second order vs gradgradcheck; forward mode vs gradcheck(check_forward_ad=True)",
                lambda quick: orders.run(1 if quick else 3)),
+    "kernels": ("10. kernels: small custom Functions and a tiled attention, quiet and busy, vs gradcheck",
+                lambda quick: kernels.run(1 if quick else 3, busy=True)),
+    "profile": ("11. profile: where a default check()'s time goes", lambda quick: (stages.run(1 if quick else 3), [])),
 }
 
 

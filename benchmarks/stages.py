@@ -7,7 +7,7 @@ the user's forward counts that forward too); `forward calls` counts every call o
 imports (`torch._dynamo` through torch.func, `torch.distributed.tensor` on the first dispatch to
 a tensor subclass, sympy through autograd.grad with grad_outputs).
 
-    .venv/bin/python benchmarks/profile.py [--repeats N]
+    .venv/bin/python benchmarks/stages.py [--repeats N]
 """
 from __future__ import annotations
 
