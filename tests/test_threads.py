@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backprop_check import case, check, run
+from backprop_check import case, run
 from backprop_check.engine import threads
 from backprop_check.errors import CaseError
 
@@ -71,13 +71,14 @@ def test_a_check_runs_on_the_chosen_threads_and_restores_the_users(monkeypatch: 
     monkeypatch.setenv("BACKPROP_CHECK_THREADS", str(wanted))
     seen: list[int] = []
 
-    def square(x: torch.Tensor) -> torch.Tensor:
+    @case(params={"w": [1.0, 2.0]}, data={"x": [3.0, 4.0]})
+    def watched(w, x):  # noqa: ANN001, ANN202
         seen.append(torch.get_num_threads())
-        return x * x
+        return (w * x).sum()
 
-    report = check(square, torch.randn(3, dtype=torch.float64), devices=["cpu"], dtypes=["float64"], points=0)
+    report = run([watched], devices=["cpu"], dtypes=["float64"], points=1)
     assert report.exit_code == 0
-    assert set(seen) == {wanted}
+    assert seen and set(seen) == {wanted}
     assert torch.get_num_threads() == previous
 
 
