@@ -25,7 +25,7 @@ Rows, per Function (one process, interleaved repeats, medians, ratios of medians
 `--busy`: the same contenders with and without two spinning processes (one per core, bounded,
 started and killed here) in alternate rounds, and each one's slow-down busy/quiet.
 
-    .venv/bin/python benchmarks/kernels.py [--repeats N] [--busy]
+    .venv/bin/python benchmarks/kernels.py [--repeats N] [--busy] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -263,10 +263,12 @@ def spinning(count: int) -> Iterator[None]:
             spinner.wait()
 
 
-def measure(repeats: int, busy: bool) -> dict[str, dict[str, tuple[Timing, Timing | None]]]:
+def measure(repeats: int, busy: bool, only: Sequence[str] | None = None) -> dict[str, dict[str, tuple[Timing, Timing | None]]]:
     """name → contender → (quiet timing, busy timing or None), in alternating rounds."""
     found: dict[str, dict[str, tuple[Timing, Timing | None]]] = {}
     for name, (fn, inputs) in functions().items():
+        if only and name not in only:
+            continue
         ways = contenders(fn, inputs)
         for way in ways.values():  # warm-up: first calls, lazy imports
             way()
@@ -289,8 +291,8 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run(repeats: int = 5, busy: bool = False) -> tuple[str, list[tuple[str, bool]]]:
-    found = measure(repeats, busy)
+def run(repeats: int = 5, busy: bool = False, only: Sequence[str] | None = None) -> tuple[str, list[tuple[str, bool]]]:
+    found = measure(repeats, busy, only)
     rows, targets = [], []
     for name, ways in found.items():
         anchor = ways["torch gradcheck f64 + f32"][0].median
@@ -326,9 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--busy", action="store_true", help="also with every core kept busy by spinning processes")
+    parser.add_argument("--only", nargs="*", metavar="NAME", help="these Functions only (attention, soft_dice, vocab_ce)")
     args = parser.parse_args(argv)
     print(f"load {open('/proc/loadavg').read().strip()}" if os.path.exists("/proc/loadavg") else "")
-    text, _ = run(args.repeats, args.busy)
+    text, _ = run(args.repeats, args.busy, args.only)
     print(text)
     return 0
 
