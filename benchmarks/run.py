@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [reference]
 
 Prints ten sections (all of them when none is named) and writes nothing: the numbers are
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [kernels] [profile]
+
+Prints eleven sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -20,6 +23,9 @@ repeats and trials, for a short look (record figures from the full run).
 9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
 10. distributed — a tensor-parallel MLP checked on 2 and 4 gloo ranks against a one-process check.
 10. reference — a bfloat16 kernel with reference= against a float64 check; false alarms; a 1.25× slip.
+10. kernels  — small custom Functions and a tiled attention vmap cannot batch: check() and the drop-in
+               against gradcheck, quiet and with every core kept busy (benchmarks/kernels.py).
+11. profile  — where a default check()'s time goes, stage by stage (benchmarks/stages.py).
 """
 from __future__ import annotations
 
@@ -36,10 +42,12 @@ import torch
 import corpus
 import distributed
 import full
+import kernels
 import function
 import orders
 import parallel
 import reference
+import stages
 import scale
 import soundness
 import speed
@@ -66,6 +74,9 @@ SECTIONS: dict[str, tuple[str, Section]] = {
                     lambda quick: distributed.run(1 if quick else 3)),
     "reference": ("10. kernels: a bfloat16 kernel with reference= vs a float64 check; false alarms; one element 1.25× off",
                   reference.run),
+    "kernels": ("10. kernels: small custom Functions and a tiled attention, quiet and busy, vs gradcheck",
+                lambda quick: kernels.run(1 if quick else 3, busy=True)),
+    "profile": ("11. profile: where a default check()'s time goes", lambda quick: (stages.run(1 if quick else 3), [])),
 }
 
 

@@ -15,14 +15,16 @@ under the size at which today's engine stops checking a tensor element by elemen
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 import backprop_check
 import classifier
 from measure import interleaved, seconds, table, verdict
-from models import SAMPLES, Bug, Mlp, gradcheck_target, make_case
+from models import NAMES, SAMPLES, Bug, Mlp, gradcheck_target, make_case
 
 SMALL = Mlp(16, 32, 16)  # 1,089 parameters
 LARGE = Mlp(64, 128, 104)  # 21,841 parameters
@@ -66,6 +68,53 @@ def gradcheck(mlp: Mlp | classifier.Classifier, fast: bool) -> Outcome:
     return Outcome("ok" if passed else "mismatch")
 
 
+def jax_check(mlp: Mlp | classifier.Classifier) -> Callable[[], Outcome] | None:
+    """JAX's `check_grads` (reverse mode, first order, float64) on the same loss written in
+    jax.numpy, at the same parameters and data: the anchor beside gradcheck slow and fast. Like
+    gradcheck fast it checks random projections and names no element. None without jax (a
+    bench-only extra: `pip install -e ".[bench]"`)."""
+    if isinstance(mlp, classifier.Classifier):
+        import scale  # its classifier loss in jax.numpy; imported here, as scale imports this module
+
+        check = scale.jax_check(mlp)
+        return None if isinstance(check, str) else check
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jax.test_util import check_grads
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", True)
+    data = {name: jnp.asarray(value.numpy()) for name, value in mlp.data().items()}
+    params = mlp.params()
+    args = tuple(jnp.asarray(params[name].numpy()) for name in NAMES)
+
+    def loss(W1: Any, b1: Any, W2: Any, b2: Any, W3: Any, b3: Any) -> Any:
+        a1 = jnp.tanh(data["X"] @ W1 + b1)
+        a2 = jnp.tanh(a1 @ W2 + b2)
+        return jnp.mean((a2 @ W3 + b3 - data["Y"]) ** 2)
+
+    def run() -> Outcome:
+        try:
+            check_grads(loss, args, order=1, modes=("rev",))
+        except AssertionError:
+            return Outcome("mismatch")
+        return Outcome("ok")
+
+    return run
+
+
+def with_jax(contenders: dict[str, Callable[[], Outcome]], mlp: Mlp | classifier.Classifier) -> dict[str, Callable[[], Outcome]]:
+    """The contenders, with JAX's check_grads after gradcheck fast when jax is installed."""
+    check = jax_check(mlp)
+    if check is None:
+        return contenders
+    check()  # warm-up, untimed: jit compilation
+    names = list(contenders)
+    at = names.index("gradcheck fast") + 1
+    return {**{n: contenders[n] for n in names[:at]}, "JAX check_grads": check, **{n: contenders[n] for n in names[at:]}}
+
+
 def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, bool]]]:
     """Time everything; return the printed section and (target, passed) pairs."""
     small, large, buggy = make_case(SMALL), make_case(LARGE), make_case(LARGE, PLANTED)
@@ -77,41 +126,43 @@ def run(repeats: int = 5, large_repeats: int = 3) -> tuple[str, list[tuple[str, 
         gradcheck(SMALL, fast=mode)
 
     at_small = interleaved(
-        {
+        with_jax({
             "gradcheck slow": lambda: gradcheck(SMALL, fast=False),
             "gradcheck fast": lambda: gradcheck(SMALL, fast=True),
             "harness full (three-way)": lambda: harness(small, full=True),
             "harness default": lambda: harness(small, full=False),
-        },
+        }, SMALL),
         repeats,
     )
     at_large = interleaved(
-        {
+        with_jax({
             "gradcheck slow": lambda: gradcheck(LARGE, fast=False),
             "gradcheck fast": lambda: gradcheck(LARGE, fast=True),
             "harness full (three-way)": lambda: harness(large, full=True),
             "harness default": lambda: harness(large, full=False),
             "harness default, planted bug": lambda: harness(buggy, full=False),
-        },
+        }, LARGE),
         {  # the slow contenders fewer times, to keep `make bench` within about five minutes
             "gradcheck slow": large_repeats,
             "gradcheck fast": repeats,
+            "JAX check_grads": repeats,
             "harness full (three-way)": large_repeats - 1,
             "harness default": repeats,
             "harness default, planted bug": large_repeats,
         },
     )
     at_wide = interleaved(
-        {
+        with_jax({
             "gradcheck slow": lambda: gradcheck(CLASSIFIER, fast=False),
             "gradcheck fast": lambda: gradcheck(CLASSIFIER, fast=True),
             "harness full (three-way)": lambda: harness(wide, full=True),
             "harness default": lambda: harness(wide, full=False),
             "harness default, planted bug": lambda: harness(wide_buggy, full=False),
-        },
+        }, CLASSIFIER),
         {
             "gradcheck slow": large_repeats,
             "gradcheck fast": repeats,
+            "JAX check_grads": repeats,
             "harness full (three-way)": large_repeats - 1,
             "harness default": repeats,
             "harness default, planted bug": large_repeats,

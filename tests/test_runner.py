@@ -314,3 +314,28 @@ def test_a_wrong_element_is_located_by_blocks_without_checking_every_element():
     assert check.bad == 1
     checked = int(check.note.split(" of ")[0])
     assert checked < check.size // 10  # the blocks that disagreed, not all 4800 elements
+
+
+def test_a_float32_run_at_a_point_exact_in_float32_reuses_the_float64_reference(monkeypatch):
+    from backprop_check.engine import runner
+
+    computed = []
+    original = runner.numerical_for
+    monkeypatch.setattr(runner, "numerical_for", lambda case, point, dtype, plan: computed.append((point.label, dtype)) or original(case, point, dtype, plan))
+    wrong = linear_case(lambda w, x, y: {"w": 2 * (w * x - y) * x * 1.01}, w=1.5, x=3.0, y=6.0)
+    report = run([wrong], devices=["cpu"], dtypes=["float64", "float32"], points=2)
+    assert [(r.dtype, r.verdict, r.culprit) for r in report.results] == [("float64", "mismatch", "manual"), ("float32", "mismatch", "manual")]
+    assert sorted(label for label, _ in computed) == ["given point", "random point 1", "random point 2"]
+    assert {dtype for _, dtype in computed} == {torch.float64}
+
+
+def test_a_float32_run_at_a_point_float32_rounds_gets_its_own_reference(monkeypatch):
+    from backprop_check.engine import runner
+
+    computed = []
+    original = runner.numerical_for
+    monkeypatch.setattr(runner, "numerical_for", lambda case, point, dtype, plan: computed.append((point.label, dtype)) or original(case, point, dtype, plan))
+    right = linear_case(lambda w, x, y: {"w": 2 * (w * x - y) * x}, w=0.1, x=3.0, y=6.0)  # 0.1 is not a float32
+    report = run([right], devices=["cpu"], dtypes=["float64", "float32"], points=1)
+    assert [r.verdict for r in report.results] == ["ok", "ok"]
+    assert sorted(computed, key=str) == sorted([("given point", torch.float64), ("given point", torch.float32), ("random point 1", torch.float64)], key=str)

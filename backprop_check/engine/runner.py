@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from functools import partial
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.loading import complexes
 from backprop_check.loading.forward import call_forward
 from backprop_check.sources import rounding
+from backprop_check.engine import threads
 from backprop_check.engine.limits import time_limit
 from backprop_check.loading.loader import LoadFailure, inventory, load
 from backprop_check.options import DEVICES, DTYPES, POINTS, TIMEOUT, Plan, devices_for  # noqa: F401 - Plan lives with the options
-from backprop_check.loading.points import Point, random_point
+from backprop_check.loading.points import Point, given_point, random_point
 from backprop_check.loading.guards import checked_given, require_finite_gradient, require_finite_loss
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
@@ -121,11 +123,12 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in dtypes]
     label = jvp.name_of(case) if mode == jvp.MODE else case.name
     results: list[Result] = []
-    with time_limit(plan.timeout):
+    with time_limit(plan.timeout), ExitStack() as stack:
         try:
             problem = case.problem()
             if problem:
                 raise CaseError(problem)
+            stack.enter_context(threads.chosen(elements(given_point(case, plan.seed))))
             if mode == jvp.MODE:
                 points, notes = jvp.prepare_points(case, plan)
                 combination = partial(jvp.check_combination, case, points)
@@ -156,6 +159,21 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return [jvp.named(result, case) for result in results] if mode == jvp.MODE else results
+
+
+def elements(point: Point) -> int:
+    """How many numbers a point holds: the size of the work that sets the check's threads."""
+    return sum(value.numel() for value in (*point.params.values(), *point.data.values()))
+
+
+def exact_in(point: Point, dtype: torch.dtype) -> bool:
+    """Whether `point` holds only values that `dtype` represents exactly: a run in `dtype` then
+    sees the very point a float64 run sees, and the numerical reference (float64 differences at
+    the point rounded to the run's dtype) is the same computation, so it is computed once."""
+    rounded = point.rounded(dtype)
+    return all(
+        torch.equal(rounded.params[k], v) for k, v in point.params.items()
+    ) and all(torch.equal(rounded.data[k], v) for k, v in point.data.items())
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
@@ -221,7 +239,8 @@ def check_combination(
                 plan.progress(case.name, device, dtype_name, k, len(points))
             key = (point.label, dtype_name)
             if key not in cache:
-                cache[key] = numerical_for(case, point, dtype, plan)
+                shared = cache.get((point.label, "float64")) if exact_in(point, dtype) else None
+                cache[key] = shared or numerical_for(case, point, dtype, plan)
             numerical = cache[key].gradients
             require_finite_loss(numerical.loss, point)
             require_finite_gradient(numerical, point)
