@@ -67,7 +67,12 @@ def direction_verdict(
     non-finite estimate proves nothing and counts as a disagreement to look into."""
     vector = direction.vector.reshape(-1).to(torch.float64)
     value = float((gradient * vector).sum())
-    allowed = ERROR_BARS * direction.error + tol.along(gradient, vector, rounding, exact=exact)
+    # One tolerance, said once: the rtol an element gets (rtol·|reference|) is the rtol a
+    # directional derivative gets, so a gradient off by a uniform relative error within rtol
+    # (a constant rounded to float32 in a float64 backward: 1e-8) passes both ways. It does not
+    # grow with the tensor's size, so one wrong element still shows.
+    rtol = tol.twin.rtol if exact and tol.twin is not None else tol.rtol
+    allowed = ERROR_BARS * direction.error + rtol * abs(direction.value) + tol.along(gradient, vector, rounding, exact=exact)
     if not math.isfinite(direction.value):
         return False, value, allowed
     if direction.kink and math.isfinite(direction.left) and math.isfinite(direction.right):
@@ -134,9 +139,14 @@ def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) 
         else:  # both off the reference while agreeing element by element: two against one
             result.culprit = Culprit.NUMERICAL
         shown = ", ".join(f"{source} {value:.8g}" for source, value in result.sources.items())
+        relative = result.diff / abs(direction.value) if direction.value else math.inf
+        seen = (
+            f"the direction crosses a kink (one-sided derivatives {direction.left:.8g} and {direction.right:.8g})"
+            if direction.kink
+            else f"a relative difference of {relative:.2g} along it, spread over many elements: no single one could be located"
+        )
         result.note = (
             f"along a random direction, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
-            f"(allowed {result.allowed:.3g}); no single element could be located (the error is spread "
-            "thinly over many elements, or the direction crosses a kink)"
+            f"(allowed {result.allowed:.3g}); {seen}"
         )
     return result
