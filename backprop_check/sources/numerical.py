@@ -51,7 +51,8 @@ from backprop_check.sources.inplace import InPlace
 
 RELATIVE_STEP = 1e-4
 # Rounding of one float64 forward pass, relative to |loss|: summing n terms costs up to ~√n eps.
-FORWARD_ROUNDING = 64 * torch.finfo(torch.float64).eps
+FORWARD_ROUNDING_ULPS = 64
+FORWARD_ROUNDING = FORWARD_ROUNDING_ULPS * torch.finfo(torch.float64).eps
 # The forward's own rounding, measured: the loss at NOISE_PROBES points NOISE_ULPS ulps away
 # from the point (random signs); NOISE_MARGIN times the largest move is noise in any value.
 NOISE_PROBES = 4
@@ -93,6 +94,8 @@ TRUNCATION_RATIO = 32.0
 # A kink whose one-sided derivatives moved less than this fraction of its jump when the step
 # shrank 32× is a real kink (a smooth feature wider than the step moves them as the step does).
 KINK_STABLE = 0.1
+KINK_STEPS = 3
+KINK_STEP = 1e-4
 # Bisection stops at groups this small (checked element by element) or this many groups.
 LEAF = 8
 MAX_GROUPS = 8
@@ -246,7 +249,8 @@ class FiniteDifferences:
             f = evaluate(self.batched, self.targets, whole, full, chosen[where])
             return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], self.noise)
 
-        return settle(best, at, _step_floor(theta), theta.abs() > VALIDATE_FROM)
+        small = torch.full_like(theta, KINK_STEP)
+        return settle(best, at, _step_floor(theta), theta.abs() > VALIDATE_FROM, small)
 
     def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
         """d = v∘h: random signs v, the elementwise steps h."""
@@ -291,7 +295,12 @@ class FiniteDifferences:
         best = at(steps[0], everyone)
         for multiplier in steps[1:]:
             best = _better(best, at(multiplier, everyone))
-        best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate)
+        # A multiplier m moves element i by m·h_i, h_i ≈ 1e-4·max(1, |θ_i|).
+        small = torch.tensor(
+            [1.0 / max(1.0, float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 1.0) for v in vectors],
+            dtype=torch.float64,
+        )
+        best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate, small)
         return [
             Direction(
                 v,
@@ -590,8 +599,9 @@ def _estimates(
     level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=h.dtype).abs().expand_as(h))
     if theta is not None:
         # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
-        # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f that |f| alone does not show.
-        level = level + (theta.to(h.dtype).abs() * d_half.abs()).nan_to_num(0.0, posinf=math.inf)
+        # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f that |f| alone does not show. `noise`
+        # measures it for all inputs together; this is the perturbed element's own share.
+        level = level + (theta.to(h.dtype).abs() * d_half.abs() / FORWARD_ROUNDING_ULPS).nan_to_num(0.0, posinf=math.inf)
     rounding = (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
     truncation = (d_h - d_half).abs() / 3
     error = truncation + 3 * rounding
@@ -616,6 +626,7 @@ def settle(
     at: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
     floor: torch.Tensor,
     validate: torch.Tensor,
+    small: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """The step chosen from the function, not from the size of its inputs. `best` holds one
     estimate per column with its `step`; `at(columns, steps)` estimates columns again.
@@ -627,7 +638,9 @@ def settle(
     - off a kink at both steps, the two estimates agree within their bars: settled, at the
       step whose bar is smaller (a bar small by chance at a step wider than the function's
       features is caught here: the estimates disagree);
-    - a kink at both steps with the same one-sided derivatives: a real kink, settled;
+    - a kink at KINK_STEPS steps in a row with the same one-sided derivatives, the last one
+      no wider than `small` (the step today's 1e-4 would be, in each column's units): a
+      real kink;
     - otherwise (a kink seen at the wider step only, or estimates that disagree) the smaller
       step's estimate is taken and checked in the next round: a step wider than a feature
       of the function is never taken for a kink or for the derivative.
@@ -636,6 +649,7 @@ def settle(
     its bar widened by its distance to the one before: the bar stays honest."""
     pending = best["kink"] | (best["truncation"] > TRUNCATION_RATIO * best["rounding"]) | validate
     gap = torch.zeros_like(best["error"])
+    seen = torch.zeros(best["error"].shape, dtype=torch.int64)
     for _ in range(SHRINKS):
         if not bool(pending.any()):
             break
@@ -652,13 +666,25 @@ def settle(
         distance = (other["value"] - was["value"]).abs()
         agree = smooth & (distance <= was["error"] + other["error"])
         moved = torch.maximum((other["left"] - was["left"]).abs(), (other["right"] - was["right"]).abs())
-        same_kink = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
+        stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
+        seen[where] = torch.where(stable, seen[where] + 1, torch.zeros_like(seen[where]))
+        # A smooth feature narrower than two steps in a row looks like a steady kink at both
+        # (logsumexp(x/1e-3) at steps of 0.1 and 0.003 is max): a kink is real when it holds
+        # over KINK_STEPS steps, 32² times apart.
+        same_kink = (seen[where] >= KINK_STEPS - 1) & (h <= small[where])
+        # Agreeing, the two steps measure the wider one's truncation: the smaller step's is at
+        # least SHRINK⁻² times less (O(h²) at worst; Richardson's is O(h⁴)), so its bar is its
+        # rounding plus that: tight, where |D(h) − D(h/2)|/3 alone is the error of D(h/2).
+        tight = torch.minimum(other["error"], other["rounding"] + distance * SHRINK**2)
+        other["error"] = torch.where(agree, tight, other["error"])
         take = ~(agree & (was["error"] <= other["error"]))
         for key in best:
             best[key][where] = torch.where(take, other[key], was[key])
         gap[where] = torch.where(agree | same_kink, torch.zeros_like(distance), distance.nan_to_num(math.inf))
         pending = torch.zeros_like(pending)
-        pending[where] = ~(agree | same_kink)
+        # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
+        better = agree & take & (other["truncation"] > TRUNCATION_RATIO * other["rounding"])
+        pending[where] = ~(agree | same_kink) | better
     unsettled = (gap > 0) & ~best["kink"]
     best["error"] = torch.where(unsettled, torch.maximum(best["error"], gap), best["error"])
     return best
