@@ -13,6 +13,7 @@ Three parts, all float64 referee, CPU:
   points whose error bar bounds the true error (must be 100 %), and the median of bar / error.
 
     .venv/bin/python benchmarks/run.py referee
+    .venv/bin/python benchmarks/referee.py --against /work/main    # speed before/after, side by side
 """
 from __future__ import annotations
 
@@ -210,8 +211,64 @@ def run(quick: bool = False) -> tuple[str, list[tuple[str, bool]]]:
     return text, scale_targets + acc_targets
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--against" not in __import__("sys").argv:
     out, met = run()
     print(out)
     for label, ok in met:
         print(("met   " if ok else "MISSED"), label)
+
+
+# --- before/after: the speed figures of RESULTS.md, this tree against another, side by side ---
+
+TIMED = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, "benchmarks")
+import classifier, speed
+from models import make_case
+cases = {
+    "1,089 full (three-way)": (make_case(speed.SMALL), True),
+    "21,841 default": (make_case(speed.LARGE), False),
+    "21,841 default, planted x1.01": (make_case(speed.LARGE, speed.PLANTED), False),
+    "22,210 default": (classifier.make_case(speed.CLASSIFIER), False),
+    "22,210 default, planted x1.001": (classifier.make_case(speed.CLASSIFIER, speed.CLASSIFIER_BUG), False),
+    "22,210 full (replay)": (classifier.make_case(speed.CLASSIFIER), True),
+}
+speed.harness(cases["1,089 full (three-way)"][0], True)  # warm-up: lazy imports, vmap set-up
+out = {}
+for name, (case, full) in cases.items():
+    began = time.perf_counter()
+    got = speed.harness(case, full)
+    out[name] = [time.perf_counter() - began, str(got.verdict), str(got.where)]
+print(json.dumps(out))
+"""
+
+
+def against(other: str, rounds: int = 2) -> str:
+    """The harness timings of benchmarks/speed.py in fresh processes, this tree and `other`
+    (a checkout of main) alternating, `rounds` each: medians and their ratio."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent.parent)
+    runs: dict[str, list[dict[str, list]]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        for label, tree in (("before", other), ("after", here)):
+            env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run([sys.executable, "-c", TIMED], cwd=tree, env=env, capture_output=True, text=True, check=True)
+            runs[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name in runs["after"][0]:
+        before = statistics.median(r[name][0] for r in runs["before"])
+        after = statistics.median(r[name][0] for r in runs["after"])
+        verdicts = f"{runs['before'][0][name][1]} → {runs['after'][0][name][1]}"
+        rows.append([name, f"{before:.2f} s", f"{after:.2f} s", f"{after / before:.2f}×", verdicts])
+    return _table(["check (speed.py's models, float64)", "before", "after", "after/before", "verdict"], rows)
+
+
+if __name__ == "__main__" and len(__import__("sys").argv) > 2 and __import__("sys").argv[1] == "--against":
+    print(against(__import__("sys").argv[2]))

@@ -95,7 +95,8 @@ TRUNCATION_RATIO = 32.0
 # shrank 32× is a real kink (a smooth feature wider than the step moves them as the step does).
 KINK_STABLE = 0.1
 KINK_STEPS = 3
-KINK_STEP = 1e-4
+KINK_STEP = 2.0**-13  # the first step of an element of size ≤ 1
+KINK_ULPS = 2.0**16
 # Bisection stops at groups this small (checked element by element) or this many groups.
 LEAF = 8
 MAX_GROUPS = 8
@@ -249,7 +250,9 @@ class FiniteDifferences:
             f = evaluate(self.batched, self.targets, whole, full, chosen[where])
             return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], self.noise)
 
-        small = torch.full_like(theta, KINK_STEP)
+        # Where θ is large, its own rounding hides a kink at steps near 1e-4: the step must
+        # still be KINK_ULPS ulps of θ.
+        small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
         return settle(best, at, _step_floor(theta), theta.abs() > VALIDATE_FROM, small)
 
     def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
@@ -270,13 +273,6 @@ class FiniteDifferences:
 
         everyone = list(range(len(vectors)))
         theta = one.join(self.scales).abs()
-        # The forward's rounding of θ's own contribution, seen along v: ~|∂f/∂v|·max|θ/v|·√n.
-        ratios = []
-        for v in vectors:
-            flat = v.reshape(-1).abs()
-            moved = flat > 0
-            ratios.append(float((theta[moved] / flat[moved]).max()) * math.sqrt(int(moved.sum())) if bool(moved.any()) else 0.0)
-        ratio = torch.tensor(ratios, dtype=torch.float64)
         validate = torch.tensor(
             [bool((theta[v.reshape(-1) != 0] > VALIDATE_FROM).any()) for v in vectors], dtype=torch.bool
         )
@@ -284,7 +280,7 @@ class FiniteDifferences:
         def at(multiplier: float, chosen: list[int]) -> dict[str, torch.Tensor]:
             # Along s ↦ loss(base + s·v) at s = ±m, ±m/2, ±m/4: the derivative in units of v.
             f = _along(self.batched, self.targets, one, base, [vectors[i].reshape(-1) * multiplier for i in chosen])
-            estimate = _line_estimates(f, multiplier, float(self.loss0), ratio[chosen], self.noise)
+            estimate = _line_estimates(f, multiplier, float(self.loss0), noise=self.noise)
             estimate["step"] = torch.full((len(chosen),), multiplier, dtype=torch.float64)
             return estimate
 
@@ -335,7 +331,6 @@ def _line_estimates(
     f: torch.Tensor,
     h: float | torch.Tensor,
     f0: float | torch.Tensor,
-    ratio: torch.Tensor | None = None,
     noise: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The derivative at 0 from the values at ±h, ±h/2, ±h/4 (rows of `f`, LINE_OFFSETS order):
@@ -350,8 +345,6 @@ def _line_estimates(
     r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
     value = r2 + (r2 - r1) / 15
     level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=value.dtype).abs().expand_as(value))
-    if ratio is not None:  # θ's own rounding inside the forward (see _estimates)
-        level = level + (ratio * d4.abs()).nan_to_num(0.0, posinf=math.inf)
     truncation = (r2 - r1).abs() / 15
     rounding = 8 * (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
     error = truncation + rounding
@@ -474,7 +467,9 @@ def evaluate(
         return batched.elements(flat, h, index, OFFSETS)
     base = flat.join(targets)
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
-    program = batched.program(targets, flat, base) if len(index) >= REPLAY_FROM else None
+    # A group already recorded is replayed for a few elements too (the steps chosen again).
+    recorded = getattr(batched, "programs", {}).get(tuple(flat.shapes)) is not None
+    program = batched.program(targets, flat, base) if len(index) >= REPLAY_FROM or recorded else None
     if program is not None:
         try:
             f[:, index] = _replayed(batched, program, targets, flat, base, h, index)
@@ -631,8 +626,8 @@ def settle(
     """The step chosen from the function, not from the size of its inputs. `best` holds one
     estimate per column with its `step`; `at(columns, steps)` estimates columns again.
 
-    A column is unsettled when its estimate is on a kink, when its error bar is mostly
-    truncation (a smaller step buys a smaller bar), or when `validate` asks. Each round
+    A column is unsettled when its estimate is on a kink or when `validate` asks (and, once
+    checked, while its bar is mostly truncation: a smaller step buys a smaller one). Each round
     estimates the unsettled columns at a step SHRINK times smaller and compares:
 
     - off a kink at both steps, the two estimates agree within their bars: settled, at the
@@ -647,7 +642,7 @@ def settle(
 
     A column still unsettled after SHRINKS rounds or at its `floor` keeps its last estimate,
     its bar widened by its distance to the one before: the bar stays honest."""
-    pending = best["kink"] | (best["truncation"] > TRUNCATION_RATIO * best["rounding"]) | validate
+    pending = best["kink"] | validate
     gap = torch.zeros_like(best["error"])
     seen = torch.zeros(best["error"].shape, dtype=torch.int64)
     for _ in range(SHRINKS):
