@@ -157,5 +157,5 @@ def test_a_point_closer_to_a_kink_than_the_first_step_is_checked_at_a_smaller_on
         return torch.abs(w)
 
     abs_near_kink.manual(lambda w: {"w": torch.sign(w)})
-    (result,) = backprop_check.run(abs_near_kink, dtypes=["float64"], points=0).results
+    result = backprop_check.run(abs_near_kink, dtypes=["float64"], points=0).results[0]
     assert str(result.verdict) == "ok", result.message
