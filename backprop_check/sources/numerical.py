@@ -1,13 +1,18 @@
 """The numerical source: central differences of the forward pass in float64, the referee
 between the manual and the autograd gradient.
 
-Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power of two near
-1e-4·max(1, |θ|), so every step is exact in float64):
+Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power of two, so every
+step is exact in float64; first near 1e-4·max(1, |θ|), then chosen from the function: `settle`):
 
 - Richardson extrapolation of the two central differences, R = (4·D(h/2) − D(h))/3, cancels
   the h² error term: what is left is O(h⁴) plus rounding.
 - The error bar is |D(h) − D(h/2)|/3 (the error of D(h/2), which bounds R's) plus the rounding
-  of the forward pass amplified by the steps (3·ε_f/h for the four values R combines).
+  of the forward pass amplified by the steps (3·ε_f/h for the four values R combines), ε_f
+  measured at the point (`_measured_noise`), not assumed from |loss|.
+- The step follows the function (`settle`): where the first step was set by |θ| (|θ| > 4) or
+  the element looks like a kink, it is estimated again at steps 32× smaller until two steps
+  agree within their bars, or the same kink holds at three steps down to 2⁻¹³: a step wider
+  than the function's features is taken neither for the derivative nor for a kink.
 - One-sided differences give the left and right derivatives. On a smooth function the second
   differences scale with h (J(h) = 2·J(h/2)); at a kink they do not (J(h) ≈ J(h/2) = the jump).
   An element whose |J(h) − 2·J(h/2)| stands clear of rounding is on (or within a step of) a
@@ -78,18 +83,17 @@ FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
 REFINE_STEPS = (1.0, 8.0, 0.125)
 # A step wider than the function's features looks like a kink (the one-sided derivatives
-# part) or leaves a Richardson bar made of truncation: such elements are estimated again at
+# part) or gives an estimate a smaller step disagrees with: such elements are estimated again at
 # steps SHRINK times smaller, at most SHRINKS times (32⁻⁸ = 2⁻⁴⁰: from 1e-4·|θ| at a Unix
 # timestamp down to a spread of 1e-3), never below STEP_FLOOR_ULPS ulps of θ.
 SHRINK = 1.0 / 32
 # Elements beyond this size have a step set by their value (1e-4·|θ|): always checked once at
-# a smaller step. Below it the step is 1e-4 whatever θ, and only kinks and truncation-bound
-# bars cost more.
+# a smaller step. Below it the step is 1e-4 whatever θ, and only kinks cost more.
 VALIDATE_FROM = 4.0
 SHRINKS = 8
 STEP_FLOOR_ULPS = 256.0
-# A bar whose truncation part is this many times its rounding part is worth a smaller step
-# (truncation falls 1024× when rounding grows 32×).
+# While settling, a bar whose truncation part is this many times its rounding part is worth a
+# smaller step (truncation falls 1024× when rounding grows 32×).
 TRUNCATION_RATIO = 32.0
 # A kink whose one-sided derivatives moved less than this fraction of its jump when the step
 # shrank 32× is a real kink (a smooth feature wider than the step moves them as the step does).
