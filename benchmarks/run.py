@@ -7,6 +7,9 @@ Prints ten sections (all of them when none is named) and writes nothing: the num
     .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [kernels] [profile]
 
 Prints eleven sections (all of them when none is named) and writes nothing: the numbers are
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [referee]
+
+Prints ten sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -26,6 +29,8 @@ repeats and trials, for a short look (record figures from the full run).
 10. kernels  — small custom Functions and a tiled attention vmap cannot batch: check() and the drop-in
                against gradcheck, quiet and with every core kept busy (benchmarks/kernels.py).
 11. profile  — where a default check()'s time goes, stage by stage (benchmarks/stages.py).
+10. referee  — the numerical referee on inputs far from zero: correct torch code ok, 1e-4 slips
+               found, error bars against exact derivatives (benchmarks/referee.py, issue 28).
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ import orders
 import parallel
 import reference
 import stages
+import referee
 import scale
 import soundness
 import speed
@@ -77,6 +83,8 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "kernels": ("10. kernels: small custom Functions and a tiled attention, quiet and busy, vs gradcheck",
                 lambda quick: kernels.run(1 if quick else 3, busy=True)),
     "profile": ("11. profile: where a default check()'s time goes", lambda quick: (stages.run(1 if quick else 3), [])),
+    "referee": ("10. the numerical referee far from zero: correct code ok, slips found, honest error bars",
+                referee.run),
 }
 
 

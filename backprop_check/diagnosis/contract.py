@@ -69,6 +69,7 @@ class Probe:
         self.gen = torch.Generator().manual_seed(derive_seed("contract", case.name, point.label))
         outputs, _ = self.forward()
         self.classes = custom_functions(outputs)
+        self.rounding = self._rounding(point, dtype, device)
         self.owner = f"the backward of {' and '.join(self.classes)}" if self.classes else f"the backward of {case.label}"
 
     def forward(self, replace: Mapping[str, torch.Tensor] | None = None) -> tuple[tuple[torch.Tensor, ...], Grads]:
@@ -104,6 +105,28 @@ class Probe:
             out[name] = g.detach()
         return out
 
+    def _rounding(self, point: Point, dtype: torch.dtype, device: str) -> dict[str, float]:
+        """Below float64, per input, how far the dtype's rounding moves this very gradient: the
+        largest |g_dtype − g_float64| at the same point. Two computations of one gradient in
+        the dtype (another layout, a doubled grad_output) may differ by that much each: the
+        allowance the gradient itself gets (rounding.py). Empty where fn cannot run in float64."""
+        if dtype == torch.float64 or not dtype.is_floating_point:
+            return {}
+        try:
+            exact = Probe.__new__(Probe)
+            exact.case, exact.tol, exact.dtype, exact.device = self.case, self.tol, torch.float64, device
+            exact.values = complexes.for_user({**point.rounded(dtype).cast(torch.float64, device).params,
+                                               **point.rounded(dtype).cast(torch.float64, device).data}, point.complex)
+            exact.v = {k: exact.values[label] for k, label in self.case.cotangents.items()}
+            want = exact.grad(*exact.forward(), exact.v, retain=False)
+            here = self.grad(*self.forward(), self.v, retain=False)
+            return {
+                name: float((_real(here[name]).double() - _real(want[name]).double()).abs().nan_to_num(0.0).max())
+                for name in want if want[name].numel()
+            }
+        except Exception:  # noqa: BLE001 - fn that holds tensors of the dtype: no float64 twin
+            return {}
+
     def only(self, k: int, scale: float = 1.0) -> dict[int, torch.Tensor]:
         """Cotangents: `scale`·v_k for output k, zero for the others."""
         return {j: v * scale if j == k else torch.zeros_like(v) for j, v in self.v.items()}
@@ -116,6 +139,7 @@ class Probe:
             b = factor * _real(want[name])
             scale = float(b.abs().max()) if b.numel() else 0.0
             allowed = 2 * self.tol.allowed(torch.maximum(a.abs(), b.abs()), scale) + torch.finfo(torch.float64).tiny
+            allowed = allowed + 2 * max(1.0, abs(factor)) * self.rounding.get(name, 0.0)
             same = (a - b).abs() <= allowed
             same |= torch.isnan(a) & torch.isnan(b)
             same |= (a == b)  # equal infinities

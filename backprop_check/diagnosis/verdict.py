@@ -129,12 +129,15 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         names = ", ".join(f"{c.label} ({c.note})" for c in kinks[:3])
         far = "move the given point" if shown.point.seed is None else "constrain random points with sample= to lie"
         far += " farther than a step from the kink"
-        # Five function values cannot tell a kink at the point from one less than a step away
-        # (abs at 1e-7 is differentiable there): say both, and what makes the check possible.
+        # The referee shrank the step until the one-sided derivatives held still at three steps
+        # in a row (numerical.settle): a kink closer than the last step cannot be told from one
+        # at the point (abs at 1e-9 is differentiable there). Say what was seen, and what
+        # makes the check possible.
         return (
-            f"the {shown.point.describe()} is on a kink or within a finite-difference step of one: {names}; "
-            "no single gradient can be checked there, and the sources agree within the interval between the "
-            f"left and right derivatives; to check the gradient, {far} (a step is about 1e-4·max(1, |value|))"
+            f"the {shown.point.describe()} is on a kink or within a finite-difference step of one (the "
+            f"smallest step, 2⁻²³·max(1, |value|) or less): {names}; the one-sided derivatives stayed apart at three "
+            "steps in a row, so no single gradient can be checked there, and the sources agree within the "
+            f"interval between them; to check the gradient, {far}"
         )
     bad = [c for c in shown.checks if c.verdict == MISMATCH]
     params = [c for c in bad if c.kind != CheckKind.NODE] or bad

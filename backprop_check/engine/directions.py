@@ -60,14 +60,28 @@ def sides_along(sides: Sides) -> dict[str, tuple[torch.Tensor, torch.Tensor | No
 
 
 def direction_verdict(
-    direction: Direction, gradient: torch.Tensor, rounding: torch.Tensor | None, tol: Tolerance, exact: bool = False
+    direction: Direction,
+    gradient: torch.Tensor,
+    rounding: torch.Tensor | None,
+    tol: Tolerance,
+    exact: bool = False,
+    verdict: bool = False,
 ) -> tuple[bool, float, float]:
     """(agrees, the source's derivative along `direction`, allowed difference). On a kink
     along it, any value between the one-sided derivatives agrees (a subgradient); a
-    non-finite estimate proves nothing and counts as a disagreement to look into."""
+    non-finite estimate proves nothing and counts as a disagreement to look into.
+
+    One tolerance, said once. A direction is first a detector, with no rtol at all (`verdict`
+    False): what it flags is bisected down to elements, and each is judged by the elementwise
+    rule, so one wrong element among a million still shows. What no element explains is
+    then judged as a value of its own (`verdict` True): the rtol an element gets,
+    rtol·|reference|, is the rtol the directional derivative gets, so a gradient off by a
+    uniform relative error within rtol (a constant rounded to float32 inside a float64
+    backward: 1e-8) passes elementwise and along directions alike."""
     vector = direction.vector.reshape(-1).to(torch.float64)
     value = float((gradient * vector).sum())
-    allowed = ERROR_BARS * direction.error + tol.along(gradient, vector, rounding, exact=exact)
+    rtol = (tol.twin.rtol if exact and tol.twin is not None else tol.rtol) if verdict else 0.0
+    allowed = ERROR_BARS * direction.error + rtol * abs(direction.value) + tol.along(gradient, vector, rounding, exact=exact)
     if not math.isfinite(direction.value):
         return False, value, allowed
     if direction.kink and math.isfinite(direction.left) and math.isfinite(direction.right):
@@ -109,7 +123,9 @@ def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) 
     result = Along()
     sources = sides_along(sides)
     for direction in numerical.directions.get(name, []):
-        verdicts = {source: direction_verdict(direction, g, r, tol, exact) for source, (g, r, exact) in sources.items()}
+        verdicts = {
+            source: direction_verdict(direction, g, r, tol, exact, verdict=True) for source, (g, r, exact) in sources.items()
+        }
         failed = {source for source, (ok, _, _) in verdicts.items() if not ok}
         if not failed:
             continue
@@ -134,9 +150,14 @@ def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) 
         else:  # both off the reference while agreeing element by element: two against one
             result.culprit = Culprit.NUMERICAL
         shown = ", ".join(f"{source} {value:.8g}" for source, value in result.sources.items())
+        relative = result.diff / abs(direction.value) if direction.value else math.inf
+        seen = (
+            f"the direction crosses a kink (one-sided derivatives {direction.left:.8g} and {direction.right:.8g})"
+            if direction.kink
+            else f"a relative difference of {relative:.2g} along it, spread over many elements: no single one could be located"
+        )
         result.note = (
             f"along a random direction, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
-            f"(allowed {result.allowed:.3g}); no single element could be located (the error is spread "
-            "thinly over many elements, or the direction crosses a kink)"
+            f"(allowed {result.allowed:.3g}); {seen}"
         )
     return result

@@ -1,13 +1,18 @@
 """The numerical source: central differences of the forward pass in float64, the referee
 between the manual and the autograd gradient.
 
-Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power of two near
-1e-4·max(1, |θ|), so every step is exact in float64):
+Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power of two, so every
+step is exact in float64; first near 1e-4·max(1, |θ|), then chosen from the function: `settle`):
 
 - Richardson extrapolation of the two central differences, R = (4·D(h/2) − D(h))/3, cancels
   the h² error term: what is left is O(h⁴) plus rounding.
 - The error bar is |D(h) − D(h/2)|/3 (the error of D(h/2), which bounds R's) plus the rounding
-  of the forward pass amplified by the steps (3·ε_f/h for the four values R combines).
+  of the forward pass amplified by the steps (3·ε_f/h for the four values R combines), ε_f
+  measured at the point (`_measured_noise`), not assumed from |loss|.
+- The step follows the function (`settle`): where the first step was set by |θ| (|θ| > 4) or
+  the element looks like a kink, it is estimated again at steps 32× smaller until two steps
+  agree within their bars, or the same kink holds at three steps down to 2⁻¹³: a step wider
+  than the function's features is taken neither for the derivative nor for a kink.
 - One-sided differences give the left and right derivatives. On a smooth function the second
   differences scale with h (J(h) = 2·J(h/2)); at a kink they do not (J(h) ≈ J(h/2) = the jump).
   An element whose |J(h) − 2·J(h/2)| stands clear of rounding is on (or within a step of) a
@@ -51,7 +56,14 @@ from backprop_check.sources.inplace import InPlace
 
 RELATIVE_STEP = 1e-4
 # Rounding of one float64 forward pass, relative to |loss|: summing n terms costs up to ~√n eps.
-FORWARD_ROUNDING = 64 * torch.finfo(torch.float64).eps
+FORWARD_ROUNDING_ULPS = 64
+FORWARD_ROUNDING = FORWARD_ROUNDING_ULPS * torch.finfo(torch.float64).eps
+# The forward's own rounding, measured: the loss at NOISE_PROBES points NOISE_ULPS ulps away
+# from the point (random signs); NOISE_MARGIN times the largest move is noise in any value.
+NOISE_PROBES = 4
+NOISE_ULPS = 4.0
+NOISE_MARGIN = 2.0
+NOISE_SEED = 28
 KINK_NOISE_FACTOR = 100.0
 KINK_RELATIVE = 1e-7
 MAX_BATCH = 512
@@ -70,6 +82,25 @@ DIRECTIONS = 2
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
 REFINE_STEPS = (1.0, 8.0, 0.125)
+# A step wider than the function's features looks like a kink (the one-sided derivatives
+# part) or gives an estimate a smaller step disagrees with: such elements are estimated again at
+# steps SHRINK times smaller, at most SHRINKS times (32⁻⁸ = 2⁻⁴⁰: from 1e-4·|θ| at a Unix
+# timestamp down to a spread of 1e-3), never below STEP_FLOOR_ULPS ulps of θ.
+SHRINK = 1.0 / 32
+# Elements beyond this size have a step set by their value (1e-4·|θ|): always checked once at
+# a smaller step. Below it the step is 1e-4 whatever θ, and only kinks cost more.
+VALIDATE_FROM = 4.0
+SHRINKS = 8
+STEP_FLOOR_ULPS = 256.0
+# While settling, a bar whose truncation part is this many times its rounding part is worth a
+# smaller step (truncation falls 1024× when rounding grows 32×).
+TRUNCATION_RATIO = 32.0
+# A kink whose one-sided derivatives moved less than this fraction of its jump when the step
+# shrank 32× is a real kink (a smooth feature wider than the step moves them as the step does).
+KINK_STABLE = 0.1
+KINK_STEPS = 3
+KINK_STEP = 2.0**-13  # the first step of an element of size ≤ 1
+KINK_ULPS = 2.0**16
 # Bisection stops at groups this small (checked element by element) or this many groups.
 LEAF = 8
 MAX_GROUPS = 8
@@ -173,6 +204,7 @@ class FiniteDifferences:
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
         if not case.numpy and not case.batchable:  # it knows vmap cannot batch it (orders.py)
             self.batched.vmap_works = False
+        self.noise = 0.0 if case.numpy else _measured_noise(loss, self.targets, self.scales, float(loss0))
 
     def estimate(
         self,
@@ -193,9 +225,12 @@ class FiniteDifferences:
         for multiplier in steps:
             h = steps_for(scale) * multiplier
             f = evaluate(self.batched, self.targets, whole, h, chosen)
-            estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0))
+            estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], self.noise)
+            estimate["step"] = h[chosen]
             best = estimate if best is None else _better(best, estimate)
         assert best is not None
+        best = self._settled(whole, scale, chosen, best)
+        best.pop("step")
         out: dict[str, dict[str, torch.Tensor]] = {}
         offset = 0
         for name in names:
@@ -203,6 +238,26 @@ class FiniteDifferences:
             out[name] = {part: values[offset : offset + count] for part, values in best.items()}
             offset += count
         return out
+
+    def _settled(
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`settle` the elementwise estimates: each round re-estimates the unsettled elements
+        at a step SHRINK times smaller (4 forward passes each), never below STEP_FLOOR_ULPS
+        ulps of θ. Elements whose step is 1e-4·|θ| with |θ| > VALIDATE_FROM (a step set by the
+        value, not by the function) are always checked once at a smaller step."""
+        theta = scale[chosen]
+
+        def at(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+            full = torch.ones(whole.size, dtype=torch.float64)
+            full[chosen[where]] = h
+            f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], self.noise)
+
+        # Where θ is large, its own rounding hides a kink at steps near 1e-4: the step must
+        # still be KINK_ULPS ulps of θ.
+        small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
+        return settle(best, at, _step_floor(theta), theta.abs() > VALIDATE_FROM, small)
 
     def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
         """d = v∘h: random signs v, the elementwise steps h."""
@@ -220,18 +275,32 @@ class FiniteDifferences:
         one = Flat({name: self.targets[name]})
         base = one.join(self.targets)
 
+        everyone = list(range(len(vectors)))
+        theta = one.join(self.scales).abs()
+        validate = torch.tensor(
+            [bool((theta[v.reshape(-1) != 0] > VALIDATE_FROM).any()) for v in vectors], dtype=torch.bool
+        )
+
         def at(multiplier: float, chosen: list[int]) -> dict[str, torch.Tensor]:
             # Along s ↦ loss(base + s·v) at s = ±m, ±m/2, ±m/4: the derivative in units of v.
             f = _along(self.batched, self.targets, one, base, [vectors[i].reshape(-1) * multiplier for i in chosen])
-            return _line_estimates(f, multiplier, float(self.loss0))
+            estimate = _line_estimates(f, multiplier, float(self.loss0), noise=self.noise)
+            estimate["step"] = torch.full((len(chosen),), multiplier, dtype=torch.float64)
+            return estimate
 
-        everyone = list(range(len(vectors)))
+        def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+            columns = [at(float(m), [int(i)]) for i, m in zip(where.tolist(), h.tolist())]
+            return {k: torch.cat([c[k] for c in columns]) for k in columns[0]}
+
         best = at(steps[0], everyone)
-        best["step"] = torch.full((len(vectors),), steps[0], dtype=torch.float64)
         for multiplier in steps[1:]:
-            other = at(multiplier, everyone)
-            other["step"] = torch.full((len(vectors),), multiplier, dtype=torch.float64)
-            best = _better(best, other)
+            best = _better(best, at(multiplier, everyone))
+        # A multiplier m moves element i by m·h_i, h_i ≈ 1e-4·max(1, |θ_i|).
+        small = torch.tensor(
+            [1.0 / max(1.0, float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 1.0) for v in vectors],
+            dtype=torch.float64,
+        )
+        best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate, small)
         return [
             Direction(
                 v,
@@ -262,7 +331,12 @@ def _along(
     return torch.cat(columns, dim=1)
 
 
-def _line_estimates(f: torch.Tensor, h: float, f0: float | torch.Tensor) -> dict[str, torch.Tensor]:
+def _line_estimates(
+    f: torch.Tensor,
+    h: float | torch.Tensor,
+    f0: float | torch.Tensor,
+    noise: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """The derivative at 0 from the values at ±h, ±h/2, ±h/4 (rows of `f`, LINE_OFFSETS order):
     central differences D(h), D(h/2), D(h/4), Richardson R1, R2 (error O(h⁴)), then once more
     (O(h⁶)). The error bar is |R2 − R1|/15, the size of the last correction, plus rounding (the
@@ -275,10 +349,17 @@ def _line_estimates(f: torch.Tensor, h: float, f0: float | torch.Tensor) -> dict
     r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
     value = r2 + (r2 - r1) / 15
     level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=value.dtype).abs().expand_as(value))
-    error = (r2 - r1).abs() / 15 + 8 * FORWARD_ROUNDING * level / h
-    four = _estimates(torch.stack([f_h, f_half, m_half, m_h]), torch.full_like(value, h), f0)
+    truncation = (r2 - r1).abs() / 15
+    rounding = 8 * (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
+    error = truncation + rounding
+    four = _estimates(
+        torch.stack([f_h, f_half, m_half, m_h]), torch.as_tensor(h, dtype=value.dtype).expand_as(value), f0, noise=noise
+    )
     error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
-    return {"value": value, "error": error, "left": four["left"], "right": four["right"], "kink": four["kink"]}
+    return {
+        "value": value, "error": error, "left": four["left"], "right": four["right"], "kink": four["kink"],
+        "truncation": truncation, "rounding": rounding,
+    }
 
 
 def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
@@ -356,6 +437,14 @@ class Flat:
         return {name: vector[part].reshape(self.shapes[name]) for name, part in self.slices.items()}
 
 
+def _step_floor(theta: torch.Tensor) -> torch.Tensor:
+    """The smallest step a shrinking search goes down to: FLOOR_ULPS ulps of θ (θ ± h stays
+    exact and the difference keeps ~8 bits of its own), and never below 2⁻⁶⁰."""
+    theta = theta.to(torch.float64).abs()
+    ulp = torch.nextafter(theta, torch.full_like(theta, math.inf)) - theta
+    return torch.clamp(ulp * STEP_FLOOR_ULPS, min=2.0**-60)
+
+
 def steps_for(scale: torch.Tensor) -> torch.Tensor:
     """A power of two near RELATIVE_STEP·max(1, |θ|) for each element: θ ± h is exact."""
     target = RELATIVE_STEP * scale.abs().clamp(min=1.0)
@@ -382,7 +471,9 @@ def evaluate(
         return batched.elements(flat, h, index, OFFSETS)
     base = flat.join(targets)
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
-    program = batched.program(targets, flat, base) if len(index) >= REPLAY_FROM else None
+    # A group already recorded is replayed for a few elements too (the steps chosen again).
+    recorded = getattr(batched, "programs", {}).get(tuple(flat.shapes)) is not None
+    program = batched.program(targets, flat, base) if len(index) >= REPLAY_FROM or recorded else None
     if program is not None:
         try:
             f[:, index] = _replayed(batched, program, targets, flat, base, h, index)
@@ -459,16 +550,60 @@ def elements_per_chunk(size: int) -> int:
     return max(1, min(MAX_BATCH, CHUNK_BYTES // (8 * max(1, size))) // len(OFFSETS))
 
 
-def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float | torch.Tensor) -> dict[str, torch.Tensor]:
+def _measured_noise(
+    loss: Loss, targets: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], f0: float
+) -> float:
+    """How far the loss moves when every input moves by NOISE_ULPS ulps (random signs), the
+    largest of NOISE_PROBES tries: the size of the forward's own rounding at this point, which
+    |loss|·eps cannot see (an input offset by 1e5 and normalised, a timestamp inside a sine:
+    the forward rounds x − mean or t/86400 at the scale of x or t, not of the loss). Every
+    step's rounding term includes it; 0 where the probes cannot run (the plain forward says why)."""
+    flat = Flat(dict(targets))
+    if not flat.size:
+        return 0.0
+    base = flat.join(targets)
+    scale = flat.join(scales).abs()
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    worst = 0.0
+    try:
+        with torch.no_grad():
+            for _ in range(NOISE_PROBES):
+                signs = torch.randint(0, 2, (flat.size,), generator=gen, dtype=torch.float64) * 2 - 1
+                moved = base + signs * scale * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+                value = float(loss({**targets, **flat.split(moved)}))
+                if math.isfinite(value):
+                    worst = max(worst, abs(value - f0))
+    except CaseTimeout:
+        raise
+    except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
+        return 0.0
+    return worst
+
+
+def _estimates(
+    f: torch.Tensor,
+    h: torch.Tensor,
+    f0: float | torch.Tensor,
+    theta: torch.Tensor | None = None,
+    noise: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Value, error bar, one-sided derivatives and kink flag from the four values per column
-    (`f0`: the value at the point, one for every column or one per column)."""
+    (`f0`: the value at the point, one for every column or one per column; `theta`: the
+    perturbed elements' values, whose own rounding inside the forward is noise too), with the
+    error bar's two parts (`truncation`, `rounding`) that the choice of step weighs."""
     f_pp, f_p, f_m, f_mm = f
     d_h = (f_pp - f_mm) / (2 * h)
     d_half = (f_p - f_m) / h
     value = (4 * d_half - d_h) / 3
     level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=h.dtype).abs().expand_as(h))
-    rounding = FORWARD_ROUNDING * level / h
-    error = (d_h - d_half).abs() / 3 + 3 * rounding
+    if theta is not None:
+        # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
+        # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f that |f| alone does not show. `noise`
+        # measures it for all inputs together; this is the perturbed element's own share.
+        level = level + (theta.to(h.dtype).abs() * d_half.abs() / FORWARD_ROUNDING_ULPS).nan_to_num(0.0, posinf=math.inf)
+    rounding = (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
+    truncation = (d_h - d_half).abs() / 3
+    error = truncation + 3 * rounding
     forward_h, forward_half = (f_pp - f0) / h, (f_p - f0) / (h / 2)
     backward_h, backward_half = (f0 - f_mm) / h, (f0 - f_m) / (h / 2)
     right = 2 * forward_half - forward_h
@@ -479,7 +614,79 @@ def _estimates(f: torch.Tensor, h: torch.Tensor, f0: float | torch.Tensor) -> di
     floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, largest * 1e-3))
     kink = (jump > KINK_NOISE_FACTOR * 20 * rounding) & (jump > floor)
     error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
-    return {"value": value, "error": error, "left": left, "right": right, "kink": kink}
+    return {
+        "value": value, "error": error, "left": left, "right": right, "kink": kink,
+        "truncation": truncation, "rounding": 3 * rounding,
+    }
+
+
+def settle(
+    best: dict[str, torch.Tensor],
+    at: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    floor: torch.Tensor,
+    validate: torch.Tensor,
+    small: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The step chosen from the function, not from the size of its inputs. `best` holds one
+    estimate per column with its `step`; `at(columns, steps)` estimates columns again.
+
+    A column is unsettled when its estimate is on a kink or when `validate` asks (and, once
+    checked, while its bar is mostly truncation: a smaller step buys a smaller one). Each round
+    estimates the unsettled columns at a step SHRINK times smaller and compares:
+
+    - off a kink at both steps, the two estimates agree within their bars: settled, at the
+      step whose bar is smaller (a bar small by chance at a step wider than the function's
+      features is caught here: the estimates disagree);
+    - a kink at KINK_STEPS steps in a row with the same one-sided derivatives, the last one
+      no wider than `small` (the step today's 1e-4 would be, in each column's units): a
+      real kink;
+    - otherwise (a kink seen at the wider step only, or estimates that disagree) the smaller
+      step's estimate is taken and checked in the next round: a step wider than a feature
+      of the function is never taken for a kink or for the derivative.
+
+    A column still unsettled after SHRINKS rounds or at its `floor` keeps its last estimate,
+    its bar widened by its distance to the one before: the bar stays honest."""
+    pending = best["kink"] | validate
+    gap = torch.zeros_like(best["error"])
+    seen = torch.zeros(best["error"].shape, dtype=torch.int64)
+    for _ in range(SHRINKS):
+        if not bool(pending.any()):
+            break
+        where = pending.nonzero().reshape(-1)
+        h = best["step"][where] * SHRINK
+        keep = h >= floor[where]
+        where, h = where[keep], h[keep]
+        if not where.numel():
+            break
+        other = at(where, h)
+        other["step"] = h
+        was = {k: v[where] for k, v in best.items()}
+        smooth = ~was["kink"] & ~other["kink"]
+        distance = (other["value"] - was["value"]).abs()
+        agree = smooth & (distance <= was["error"] + other["error"])
+        moved = torch.maximum((other["left"] - was["left"]).abs(), (other["right"] - was["right"]).abs())
+        stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
+        seen[where] = torch.where(stable, seen[where] + 1, torch.zeros_like(seen[where]))
+        # A smooth feature narrower than two steps in a row looks like a steady kink at both
+        # (logsumexp(x/1e-3) at steps of 0.1 and 0.003 is max): a kink is real when it holds
+        # over KINK_STEPS steps, 32² times apart.
+        same_kink = (seen[where] >= KINK_STEPS - 1) & (h <= small[where])
+        # Agreeing, the two steps measure the wider one's truncation: the smaller step's is at
+        # least SHRINK⁻² times less (O(h²) at worst; Richardson's is O(h⁴)), so its bar is its
+        # rounding plus that: tight, where |D(h) − D(h/2)|/3 alone is the error of D(h/2).
+        tight = torch.minimum(other["error"], other["rounding"] + distance * SHRINK**2)
+        other["error"] = torch.where(agree, tight, other["error"])
+        take = ~(agree & (was["error"] <= other["error"]))
+        for key in best:
+            best[key][where] = torch.where(take, other[key], was[key])
+        gap[where] = torch.where(agree | same_kink, torch.zeros_like(distance), distance.nan_to_num(math.inf))
+        pending = torch.zeros_like(pending)
+        # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
+        better = agree & take & (other["truncation"] > TRUNCATION_RATIO * other["rounding"])
+        pending[where] = ~(agree | same_kink) | better
+    unsettled = (gap > 0) & ~best["kink"]
+    best["error"] = torch.where(unsettled, torch.maximum(best["error"], gap), best["error"])
+    return best
 
 
 def _improves(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:

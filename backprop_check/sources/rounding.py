@@ -9,8 +9,8 @@ element is the larger of
   difference of the two float64 gradients is how rounding-sized changes move it. Real
   sensitivity is smooth, the two moves opposite; an element whose moves are not opposite jumps
   (a bug that depends on rounding, such as an argmax among ties) and gets none;
-- its **own deviation** |g_dtype − g_float64|, capped at DEVIATION_CAP of |g_float64|: what the
-  dtype did to this very code. A derivation bug is the same in both dtypes, so this never
+- its **own deviation** |g_dtype − g_float64|, capped at DEVIATION_CAP of the larger of
+  |g_float64| and the tensor's root-mean-square gradient: what the dtype did to this very code. A derivation bug is the same in both dtypes, so this never
   excuses one; a bug that only shows through rounding can hide at most the cap.
 """
 from __future__ import annotations
@@ -61,7 +61,12 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
             even = (up[name] + down[name] - 2 * g).abs()
             smooth = even <= odd / 2 + 64 * torch.finfo(torch.float64).eps * g.abs()
             sensitivity = torch.where(smooth, odd, torch.zeros_like(odd))
-            deviation = torch.minimum((here - g).abs(), DEVIATION_CAP * g.abs())
+            # The cap is relative to the tensor's own size (its root-mean-square gradient), not
+            # to each element: float32 loses digits relative to the terms a gradient is made
+            # of, so an element that is small next to its neighbours (layer norm at x ≈ 1e3)
+            # can be off by more than 5 % of itself and be correct code.
+            typical = g.square().mean().sqrt() if g.numel() else g.abs()
+            deviation = torch.minimum((here - g).abs(), DEVIATION_CAP * torch.maximum(g.abs(), typical))
             result[source][name] = torch.nan_to_num(torch.maximum(sensitivity, deviation), nan=0.0)
     return Rounding(result, twins)
 

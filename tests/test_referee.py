@@ -1,0 +1,161 @@
+"""The numerical referee follows the function, not the size of its inputs (issue 28): no false
+alarm on correct code far from zero, slips still found there, honest error bars, kinks judged at
+the function's own scale, and one tolerance for elements and directions."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import backprop_check
+from backprop_check.engine.directions import along_tensor
+from backprop_check.engine.sides import Sides
+from backprop_check.engine.tolerance import tolerance_for
+from backprop_check.loading.points import given_point
+from backprop_check.sources import Direction, Gradients, numerical
+
+DAY = 86400 / (2 * math.pi)
+
+
+def _scaled(kind: str, offset: float, spread: float, slip: float = 0.0) -> backprop_check.Case:
+    """A plain torch function at inputs offset + spread·N(0, 1), random points alike; with
+    `slip`, a hand-written gradient (autograd's own) off by that much at its largest element."""
+
+    def forward(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if kind == "layer_norm":
+            return (F.layer_norm(x, (x.shape[-1],), weight=w) * c).sum()
+        if kind == "batch_norm":
+            return (F.batch_norm(x, None, None, weight=w, training=True) * c).sum()
+        if kind == "cross_entropy":
+            return F.cross_entropy(x * w, c.argmax(-1))
+        if kind == "logsumexp":
+            return (torch.logsumexp(x / spread, dim=-1) * w[:4]).sum()
+        return ((w[0] * torch.sin(x / spread) + w[1] * torch.cos(x / spread)) * c).sum()  # daily cycle
+
+    def draw(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {
+            "x": offset + spread * torch.randn(4, 8, generator=gen, dtype=torch.float64),
+            "w": 1 + 0.1 * torch.randn(8, generator=gen, dtype=torch.float64),
+        }
+
+    @backprop_check.case(
+        name=f"{kind}_far", params=draw(torch.Generator().manual_seed(1)), sample=draw,
+        data={"c": torch.randn(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)},
+    )
+    def far(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return forward(x, w, c)
+
+    if slip:
+
+        @far.manual
+        def by_hand(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+            with torch.enable_grad():
+                x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+                gx, gw = torch.autograd.grad(forward(x, w, c), (x, w))
+            gx = gx.clone()
+            gx.view(-1)[int(gx.abs().argmax())] *= 1 + slip
+            return {"x": gx, "w": gw}
+
+    return far
+
+
+@pytest.mark.parametrize(
+    "kind, offset, spread",
+    [
+        pytest.param("layer_norm", 1e5, 1.0, id="layer-norm-at-1e5"),
+        pytest.param("batch_norm", 1e3, 3.0, id="batch-norm-at-1e3"),
+        pytest.param("cross_entropy", 500.0, 1.0, id="cross-entropy-with-logits-at-500"),
+        pytest.param("daily_cycle", 1.7e9, DAY, id="a-daily-cycle-of-unix-timestamps"),
+        pytest.param("logsumexp", 1e3, 1e-3, id="logsumexp-whose-features-are-far-narrower-than-1e-4-of-x"),
+    ],
+)
+def test_correct_torch_code_far_from_zero_is_ok_at_every_point(kind, offset, spread):
+    result = backprop_check.run(_scaled(kind, offset, spread), dtypes=["float64"], points=2).results[0]
+    assert str(result.verdict) == "ok", result.message
+    assert not any("kink" in note for note in result.notes), result.notes
+
+
+@pytest.mark.parametrize(
+    "kind, offset, spread",
+    [
+        pytest.param("layer_norm", 1e5, 1.0, id="layer-norm-at-1e5"),
+        pytest.param("daily_cycle", 1.7e9, DAY, id="unix-timestamps"),
+    ],
+)
+def test_a_relative_slip_of_1e_4_in_one_element_is_found_far_from_zero_and_the_element_named(kind, offset, spread):
+    result = backprop_check.run(_scaled(kind, offset, spread, slip=1e-4), dtypes=["float64"], points=1).results[0]
+    assert str(result.verdict) == "mismatch" and str(result.culprit) == "manual", result.message
+    check = next(c for c in result.checks if c.name == "x")
+    assert check.manual / check.autograd - 1 == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_the_error_bar_bounds_the_true_error_where_the_step_must_shrink():
+    # sin(t/P) at Unix-timestamp scale: a step of 1e-4·|t| is two days.
+    t = 1.7e9 + DAY * torch.linspace(-2, 2, 9, dtype=torch.float64)
+
+    @backprop_check.case(params={"t": t})
+    def cycle(t):
+        return torch.sin(t / DAY).sum()
+
+    grads = numerical.gradient(cycle, given_point(cycle, 0), "cpu", torch.float64)
+    true = torch.cos(t / DAY) / DAY
+    assert not grads.kink["t"].any()
+    assert torch.all((grads.values["t"] - true).abs() <= grads.error["t"])
+    assert torch.all(grads.error["t"] <= 1e-5 * true.abs().max())  # 100× below rtol, where gradcheck fails
+
+
+def test_a_real_kink_is_still_a_kink_at_every_step():
+    @backprop_check.case(params={"t": [1e6, 3.0, -2.0]})
+    def shifted_relu(t):
+        return torch.relu(t - 1e6).sum() + t[1:].pow(2).sum()
+
+    grads = numerical.gradient(shifted_relu, given_point(shifted_relu, 0), "cpu", torch.float64)
+    assert grads.kink["t"].tolist() == [True, False, False]
+    assert sorted([float(grads.left["t"][0]), float(grads.right["t"][0])]) == pytest.approx([0.0, 1.0], abs=1e-6)
+
+
+def test_a_backward_that_rounds_a_constant_to_float32_passes_elementwise_and_along_directions():
+    scale = 1.0 / 3.0
+
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * scale
+
+        @staticmethod
+        def backward(ctx, grad):
+            # The constant rounded to float32: a uniform relative error of ~1e-8, below rtol 1e-7.
+            return grad * torch.tensor(scale, dtype=torch.float32).double()
+
+    x = torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    @backprop_check.case(params={"x": x})
+    def uses_a_float32_constant(x):
+        return (Scaled.apply(x) ** 2).sum()
+
+    result = backprop_check.run(uses_a_float32_constant, dtypes=["float64"], points=1).results[0]
+    assert str(result.verdict) == "ok", result.message
+
+
+def test_a_direction_that_disagrees_says_what_was_seen_and_no_kink_that_was_not():
+    g = torch.linspace(0.5, 1.5, 100, dtype=torch.float64)
+    vector = torch.ones(100, dtype=torch.float64) * 1e-4
+    truth = float((g * vector).sum())
+    numerical_grads = Gradients("numerical", {"w": torch.full((100,), math.nan, dtype=torch.float64)})
+    numerical_grads.directions["w"] = [Direction(vector, truth, 1e-16, False)]
+    sides = Sides((100,), g * (1 + 1e-5), None, torch.zeros(100), torch.zeros(100))
+    along = along_tensor("w", numerical_grads, sides, tolerance_for(torch.float64))
+    assert along.bad
+    assert "kink" not in along.note and "relative difference of 1e-05" in along.note
+
+
+def test_a_point_closer_to_a_kink_than_the_first_step_is_checked_at_a_smaller_one():
+    @backprop_check.case(params={"w": 1e-7})
+    def abs_near_kink(w):
+        return torch.abs(w)
+
+    abs_near_kink.manual(lambda w: {"w": torch.sign(w)})
+    result = backprop_check.run(abs_near_kink, dtypes=["float64"], points=0).results[0]
+    assert str(result.verdict) == "ok", result.message
