@@ -11,8 +11,9 @@ autograd's graph shows it (a `MyFnBackward` node is `MyFn`'s backward):
 - repeatable:     two backward passes on one graph agree within `nondet_tol`, the spread measured;
 - grad_meta:      the gradients the Function's backward returns have its inputs' dtype, device
                   and shape (autograd casts a wrong dtype and sums a broadcast shape silently);
-- layout:         non-contiguous inputs, and an input expanded from one slice (stride 0), give
-                  the same outputs and gradients as contiguous ones;
+- layout:         the same values in another memory layout (non-contiguous, column-major, stride 0
+                  where the slices are equal) give the same outputs and gradients, wherever fn's
+                  forward accepts that layout and gives the same outputs for it;
 - vmap:           a vmap-batched backward (is_grads_batched) equals the looped one, where the
                   backward can run under vmap;
 - in_place:       the backward leaves grad_output as it found it.
@@ -99,8 +100,9 @@ class Probe:
             )
         out = {}
         for (name, leaf), g in zip(leaves.items(), found):
-            if g is None:
-                g = torch.zeros((BATCH, *leaf.shape) if batched else leaf.shape, dtype=leaf.dtype, device=leaf.device)
+            if g is None or g._is_zerotensor():  # a ZeroTensor's storage cannot be read
+                shape = tuple(g.shape) if g is not None else (BATCH, *leaf.shape) if batched else leaf.shape
+                g = torch.zeros(shape, dtype=leaf.dtype if g is None else g.dtype, device=leaf.device)
             out[name] = g.detach()
         return out
 
@@ -375,50 +377,65 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t, t], dim=-1).select(-1, 0)
 
 
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dimensions' strides swapped (column-major)."""
+    return t.mT.contiguous().mT
+
+
+def _expanded(t: torch.Tensor) -> torch.Tensor | None:
+    """The same values as a stride-0 view of one slice, where every slice along the first
+    dimension is equal (None elsewhere: another layout must not change the values)."""
+    if t.dim() == 0 or t.shape[0] < 2 or not bool((t == t[:1]).all()):
+        return None
+    return t[:1].expand(t.shape)
+
+
+LAYOUTS: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor | None]], ...] = (
+    ("non-contiguous", lambda t: _strided(t) if t.dim() and t.numel() > 1 else None),
+    ("column-major", lambda t: _column_major(t) if t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1 else None),
+    ("expanded (stride 0)", _expanded),
+)
+
+
 def layout(p: Probe) -> Check:
+    """The same values in another memory layout give the same outputs and gradients. Where no
+    custom Function is in the graph, only where the forward itself gives the same outputs for
+    that layout: torch's ops that read strides (`as_strided`) or refuse a layout (`view`) are
+    layout-dependent by definition. A custom Function's forward that gives other outputs is a
+    finding (a kernel that reads storage as if it were contiguous)."""
     outputs, leaves = p.forward()
     want = p.grad(outputs, leaves, p.v, retain=False)
-    tensors = {n: t for n, t in p.values.items() if n not in p.case.cotangents.values() and t.dim() and t.numel() > 1}
-    if tensors:
-        strided = {n: _strided(t) for n, t in tensors.items()}
+    tensors = {n: t for n, t in p.values.items() if n not in p.case.cotangents.values()}
+    ran, skipped = [], []
+    for how, relaid in LAYOUTS:
+        changed = {n: r for n, r in ((n, relaid(t)) for n, t in tensors.items()) if r is not None}
+        if not changed:
+            continue
+        names = ", ".join(f"`{n}`" for n in changed)
         try:
-            outputs2, leaves2 = p.forward(strided)
+            outputs2, leaves2 = p.forward(changed)
+        except Exception as exc:  # noqa: BLE001 - fn refuses the layout: nothing to compare
+            if p.classes and how == "non-contiguous":
+                return _result("layout", f"{p.owner} fails for {how} inputs ({names}): {one_line(exc)}", "")
+            skipped.append(f"{how}: fn refuses it")
+            continue
+        wrong = _first_difference(p, outputs2, outputs, {}, {})
+        if wrong and p.classes:  # a custom kernel that reads storage as if it were contiguous
+            return _result("layout", f"{p.owner} gives {wrong} for {how} inputs ({names}) holding the same values", "")
+        if wrong:  # torch's own ops that read strides (as_strided) are layout-dependent by definition
+            skipped.append(f"{how}: fn's own outputs depend on the layout")
+            continue
+        try:
             got = p.grad(outputs2, leaves2, p.v, retain=False)
         except Exception as exc:  # noqa: BLE001 - the failure is the finding
-            return _result("layout", f"{p.owner} fails for non-contiguous inputs: {one_line(exc)}", "")
+            return _result("layout", f"{p.owner} fails for {how} inputs ({names}): {one_line(exc)}", "")
         wrong = _first_difference(p, outputs2, outputs, got, want)
         if wrong:
-            return _result("layout", f"{p.owner} gives {wrong} for non-contiguous inputs ({', '.join(f'`{n}`' for n in strided)})", "")
-    skipped = []
-    for name in p.case.wrt:
-        value = p.values[name]
-        if value.dim() == 0 or value.shape[0] < 2:
-            continue
-        expanded = value[:1].expand(value.shape)
-        try:
-            outputs, leaves = p.forward({name: expanded.contiguous()})
-            want = p.grad(outputs, leaves, p.v, retain=False)
-        except Exception:  # noqa: BLE001 - the repeated slice may leave fn's domain (a singular matrix)
-            skipped.append(name)
-            continue
-        if not all(bool(torch.isfinite(g).all()) for g in want.values()):
-            skipped.append(name)
-            continue
-        try:
-            outputs2, leaves2 = p.forward({name: expanded})
-            got = p.grad(outputs2, leaves2, p.v, retain=False)
-        except Exception as exc:  # noqa: BLE001 - the failure is the finding
-            return _result("layout", f"{p.owner} fails for an expanded input `{name}` (stride 0): {one_line(exc)}", "")
-        wrong = _first_difference(p, outputs2, outputs, got, want)
-        if wrong:
-            return _result(
-                "layout",
-                f"{p.owner} gives {wrong} when input `{name}` is expanded (stride 0) instead of contiguous",
-                "",
-            )
-    note = "non-contiguous and expanded inputs give the same outputs and gradients"
+            return _result("layout", f"{p.owner} gives {wrong} for {how} inputs ({names}) holding the same values", "")
+        ran.append(how)
+    note = f"{', '.join(ran)} inputs give the same outputs and gradients" if ran else "no other layout applies"
     if skipped:
-        note += f" (expanded {', '.join(f'`{n}`' for n in skipped)} skipped: fn fails where its first slice is repeated)"
+        note += f" (not compared: {'; '.join(skipped)})"
     return _result("layout", None, note)
 
 

@@ -353,7 +353,10 @@ class Flat:
         return torch.cat([tensors[name].reshape(-1).to(torch.float64) for name in self.shapes])
 
     def split(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: vector[part].reshape(self.shapes[name]) for name, part in self.slices.items()}
+        """Each tensor in its own storage, not a view into `vector`: an op that reads storage
+        through explicit strides and offsets (`as_strided`) must see the tensor's values only,
+        as it does in the user's call, not its neighbours' in the flat vector."""
+        return {name: vector[part].reshape(self.shapes[name]).clone() for name, part in self.slices.items()}
 
 
 def steps_for(scale: torch.Tensor) -> torch.Tensor:
