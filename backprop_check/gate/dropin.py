@@ -50,6 +50,13 @@ IGNORED_DEFAULTS = {
 }
 
 
+# fast_mode=False estimates every element by finite differences up to this many differentiated
+# elements in all (what torch's slow mode does, in seconds); above it, the default mode, which
+# samples elements and weighs every one through random directional derivatives, so that a
+# 256×512 layer norm answers in seconds, not minutes (torch's slow mode takes minutes there).
+FULL_UP_TO = 4096
+
+
 class GradcheckError(_torch_gradcheck.GradcheckError):
     """A gradient check failed: a RuntimeError (torch's GradcheckError) carrying the harness's
     message, with the whole `report` and the first failing `result`."""
@@ -93,8 +100,9 @@ def gradcheck(
     those contract checks; `check_grad_dtypes` is always on; `check_forward_ad=True` also
     checks forward-mode AD (the Function's `jvp`) against directional finite differences, and
     `check_backward_ad=False` leaves the backward out; `fast_mode=False` (torch's default)
-    checks every element, `True` the sampled default mode (random directional derivatives,
-    elementwise where they disagree). `eps`, `masked` and the other options are ignored, with
+    checks every element up to FULL_UP_TO differentiated elements in all, and above that the
+    default mode, as `fast_mode=True` does at any size (sampled elements and random
+    directional derivatives that weigh every element, elementwise where they disagree). `eps`, `masked` and the other options are ignored, with
     one warning saying why. Beyond torch: `points` random points besides the given inputs
     (default 0, as torch), `dtypes`/`devices` (default: the inputs' own), `seed`.
     """
@@ -195,7 +203,7 @@ def _checked(
         points=points,
         seed=seed,
         timeout=timeout,
-        full=not fast_mode,
+        full=not fast_mode and _elements(checked) <= FULL_UP_TO,
     )
     broken = [r for r in report.results if r.verdict == Verdict.ERROR]
     if broken:
@@ -206,6 +214,10 @@ def _checked(
     if not raise_exception:
         return False
     raise GradcheckError(_message(failed[0], report), report, failed[0])
+
+
+def _elements(checked: FunctionCase) -> int:
+    return sum(t.numel() for t in checked.params.values() if isinstance(t, torch.Tensor))
 
 
 def _nothing_to_check(checked: FunctionCase) -> bool:

@@ -89,18 +89,40 @@ def reference(case: Case, point: Point, dtype: torch.dtype, *, full: bool = Fals
     differences = FiniteDifferences(case, point, dtype)
     sampled = set() if full else {name for name, t in differences.targets.items() if is_sampled(t.numel())}
     result = Gradients("numerical", {}, loss=differences.loss0.detach(), nodes=differences.nodes)
-    whole = [name for name in differences.targets if name not in sampled]
+    held = held_fixed(differences.targets)
+    whole = [name for name in differences.targets if name not in sampled and name not in held]
     for group in _groups(whole, differences.targets):
         _store(result, differences.estimate(group), differences.targets, mask=None)
+    for name in held:
+        if name not in sampled:
+            index = held[name].reshape(-1).logical_not().nonzero().reshape(-1)
+            _store(result, differences.estimate([name], {name: index}), differences.targets, mask={name: index})
     for name in sampled:
         gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name))
         size = differences.targets[name].numel()
         vectors = [differences.random_direction(name, gen) for _ in range(DIRECTIONS)]
+        finite = torch.arange(size)
+        if name in held:  # a direction moves no infinite element, and no sample is one
+            vectors = [v.masked_fill(held[name], 0.0) for v in vectors]
+            finite = held[name].reshape(-1).logical_not().nonzero().reshape(-1)
         result.directions[name] = differences.along(name, vectors)
-        index = torch.randperm(size, generator=gen)[:SAMPLES].sort().values
+        index = finite[torch.randperm(finite.numel(), generator=gen)[:SAMPLES]].sort().values
         _store(result, differences.estimate([name], {name: index}), differences.targets, mask={name: index})
-    result.note = differences.batched.note
+    notes = [differences.batched.note] if differences.batched.note else []
+    if held:
+        counts = ", ".join(f"{int(mask.sum())} of `{name}`" for name, mask in held.items())
+        notes.append(
+            f"non-finite input elements ({counts}: inf or nan, as the -inf of an attention mask) are held fixed: "
+            "a finite step does not move them, so their gradient is not checked; every other element is"
+        )
+    result.note = "; ".join(notes) or None
     return Reference(differences, result)
+
+
+def held_fixed(targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per tensor with non-finite elements, where they are: no finite difference moves an
+    infinite value (−inf + h is −inf), so those elements are held fixed and not estimated."""
+    return {name: ~torch.isfinite(t) for name, t in targets.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())}
 
 
 def is_sampled(size: int) -> bool:
