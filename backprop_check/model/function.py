@@ -22,6 +22,7 @@ and at the given point the custom-Function contract is checked too (contract.py)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -375,6 +376,13 @@ PROMOTED_NOTE = (
     "in the float64 runs (the reference) every floating tensor an op receives is promoted to float64, "
     "which holds their values exactly, so the reference is the same function in float64 with its usual error bar"
 )
+
+
+def promoted(case: Any, dtype: torch.dtype) -> Any:
+    """Promote for a float64 run of a function check that closes over lower-precision tensors
+    (a manual VJP runs outside `_invoke`), else nothing. A custom backward that recomputes fn
+    is not promoted: torch.autograd.grad runs the engine outside any torch function mode."""
+    return Promote() if getattr(case, "promoted", False) and dtype == torch.float64 else contextlib.nullcontext()
 
 
 def _float64(values: Mapping[str, Any]) -> bool:
