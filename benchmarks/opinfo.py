@@ -156,7 +156,7 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str)
         g0 = grads[target]
         if g0 is None:
             return grads
-        g0 = g0.clone()
+        g0 = g0.clone(memory_format=torch.contiguous_format)  # reshape(-1) must be a view
         flat = g0.reshape(-1)
         where = int(flat.abs().argmax())
         if slip == "all×1.01":

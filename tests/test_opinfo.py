@@ -69,7 +69,7 @@ def slipped(fn: Callable[..., torch.Tensor], factor: float, element: int = 0) ->
             xs = [x.detach().requires_grad_(True) for x in ctx.saved_tensors]
             with torch.enable_grad():
                 grads = list(torch.autograd.grad(fn(*xs), xs, grad))
-            grads[0] = grads[0].clone()
+            grads[0] = grads[0].clone(memory_format=torch.contiguous_format)  # reshape(-1) must be a view
             grads[0].reshape(-1)[element] *= factor
             return tuple(grads)
 
