@@ -1,8 +1,8 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders]
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [opinfo]
 
-Prints nine sections (all of them when none is named) and writes nothing: the numbers are
+Prints ten sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -17,6 +17,8 @@ repeats and trials, for a short look (record figures from the full run).
 7. function  — function mode against gradcheck on a two-output custom Function; planted Function bugs.
 8. full      — `--full` at ~22k parameters against gradcheck slow, with and without the replay.
 9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
+10. opinfo   — the drop-in on op_db against torch's slow and fast gradcheck, and planted slips
+               (a slice of it, resumable: benchmarks/opinfo.py runs the whole of it).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 import corpus
 import full
 import function
+import opinfo
 import orders
 import parallel
 import scale
@@ -57,6 +60,8 @@ SECTIONS: dict[str, tuple[str, Section]] = {
              lambda quick: full.run(1 if quick else 2)),
     "orders": ("9. second order vs gradgradcheck; forward mode vs gradcheck(check_forward_ad=True)",
                lambda quick: orders.run(1 if quick else 3)),
+    "opinfo": ("10. the drop-in gradcheck on PyTorch's op_db vs torch's slow and fast gradcheck; mutants",
+               opinfo.section),
 }
 
 
