@@ -251,12 +251,22 @@ class FunctionCase(Case):
         except CaseError:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
-            if not self.promoted and _float64(values) and _dtype_clash(exc):
+            if not self.promoted and _float64(values) and _dtype_clash(exc) and self._promotes(args):
                 self.promoted = True
                 self.notes.append(PROMOTED_NOTE)
                 return self._invoke(values)
             line = line_in(self.file, exc)
             raise CaseError(f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc
+
+    def _promotes(self, args: list[Any]) -> bool:
+        """Whether fn runs once every lower-precision tensor an op receives is promoted: the
+        dtype clash was the only trouble (else fn's own error stands)."""
+        try:
+            with Promote():
+                self.fn(*args)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            return False
+        return True
 
     def _forward(self, **values: torch.Tensor) -> torch.Tensor:
         outputs = self._call(values)
