@@ -10,7 +10,9 @@ Like torch's, it checks the given inputs only, in their own dtype and on their d
 returns True when everything agrees. Unlike torch's, its reference has an error bar (so a
 float32 input is judged fairly), its cotangents are random, it checks the custom-Function
 contract, and a failure says which source is wrong, for which output and input, at which
-element, with the three values and the tolerance.
+element, with the three values and the tolerance. Where torch has nothing to check (every
+input empty) it answers True, as torch does; outputs autograd declares non-differentiable are
+left out, as in torch (docs/explanation/dropin.md says what else differs, and why).
 """
 from __future__ import annotations
 
@@ -102,8 +104,8 @@ def gradcheck(
     `check_backward_ad=False` leaves the backward out; `fast_mode=False` (torch's default)
     checks every element up to FULL_UP_TO differentiated elements in all, and above that the
     default mode, as `fast_mode=True` does at any size (sampled elements and random
-    directional derivatives that weigh every element, elementwise where they disagree). `eps`, `masked` and the other options are ignored, with
-    one warning saying why. Beyond torch: `points` random points besides the given inputs
+    directional derivatives that weigh every element, elementwise where they disagree).
+    `eps`, `masked` and the other options are ignored, with one warning saying why. Beyond torch: `points` random points besides the given inputs
     (default 0, as torch), `dtypes`/`devices` (default: the inputs' own), `seed`.
     """
     __tracebackhide__ = True
