@@ -127,6 +127,9 @@ def reference(
 # An element's error bar is loose when ERROR_BARS of it outweigh float64's rtol·|value| and
 # atol·(the tensor's largest): the verdict on that element would hang on the bar alone.
 LOOSE_BARS, LOOSE_RELATIVE, LOOSE_OF_LARGEST = 4.0, 1e-7, 1e-9
+# At most this many of a tensor's loosest elements are re-estimated (three steps each), which
+# bounds what the refinement adds to a full check of a large tensor.
+MAX_TIGHTENED = 256
 
 
 def _tighten(result: Gradients, differences: FiniteDifferences, names: Sequence[str]) -> None:
@@ -136,8 +139,11 @@ def _tighten(result: Gradients, differences: FiniteDifferences, names: Sequence[
     for name in names:
         value, error = result.values[name].reshape(-1), result.error[name].reshape(-1)
         largest = float(value.abs().nan_to_num(0.0).max()) if value.numel() else 0.0
-        loose = LOOSE_BARS * error > LOOSE_RELATIVE * value.abs() + LOOSE_OF_LARGEST * largest
-        index = (loose & torch.isfinite(value)).nonzero().reshape(-1)
+        allowed = LOOSE_RELATIVE * value.abs() + LOOSE_OF_LARGEST * largest
+        looseness = torch.where(torch.isfinite(value), LOOSE_BARS * error / allowed.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+        index = (looseness > 1).nonzero().reshape(-1)
+        if index.numel() > MAX_TIGHTENED:
+            index = index[looseness[index].topk(MAX_TIGHTENED).indices].sort().values
         if index.numel():
             estimate = differences.estimate([name], {name: index}, steps=REFINE_STEPS)
             current = {key: store[name].reshape(-1)[index] for key, store in
