@@ -10,6 +10,9 @@ Prints eleven sections (all of them when none is named) and writes nothing: the 
     .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [referee]
 
 Prints ten sections (all of them when none is named) and writes nothing: the numbers are
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [opinfo]
+
+Prints ten sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -31,6 +34,8 @@ repeats and trials, for a short look (record figures from the full run).
 11. profile  — where a default check()'s time goes, stage by stage (benchmarks/stages.py).
 10. referee  — the numerical referee on inputs far from zero: correct torch code ok, 1e-4 slips
                found, error bars against exact derivatives (benchmarks/referee.py, issue 28).
+10. opinfo   — the drop-in on op_db against torch's slow and fast gradcheck, and planted slips
+               (a slice of it, resumable: benchmarks/opinfo.py runs the whole of it).
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ import distributed
 import full
 import kernels
 import function
+import opinfo
 import orders
 import parallel
 import reference
@@ -85,6 +91,8 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "profile": ("11. profile: where a default check()'s time goes", lambda quick: (stages.run(1 if quick else 3), [])),
     "referee": ("10. the numerical referee far from zero: correct code ok, slips found, honest error bars",
                 referee.run),
+    "opinfo": ("10. the drop-in gradcheck on PyTorch's op_db vs torch's slow and fast gradcheck; mutants",
+               opinfo.section),
 }
 
 

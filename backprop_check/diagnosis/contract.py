@@ -8,11 +8,14 @@ autograd's graph shows it (a `MyFnBackward` node is `MyFn`'s backward):
                   a doubled cotangent a doubled gradient (one output at a time);
 - undefined_grad: an output's gradient may be undefined (None under set_materialize_grads(False)):
                   one output at a time, then all of them;
-- repeatable:     two backward passes on one graph agree within `nondet_tol`, the spread measured;
+- repeatable:     two backward passes on one graph agree within `nondet_tol`, the spread measured
+                  (and where not, a fresh graph tells nondeterminism from a backward that edits
+                  what it saved; every other item builds a fresh graph for each backward);
 - grad_meta:      the gradients the Function's backward returns have its inputs' dtype, device
                   and shape (autograd casts a wrong dtype and sums a broadcast shape silently);
-- layout:         non-contiguous inputs, and an input expanded from one slice (stride 0), give
-                  the same outputs and gradients as contiguous ones;
+- layout:         the same values in another memory layout (non-contiguous, column-major, stride 0
+                  where the slices are equal) give the same outputs and gradients, wherever fn's
+                  forward accepts that layout and gives the same outputs for it;
 - vmap:           a vmap-batched backward (is_grads_batched) equals the looped one, where the
                   backward can run under vmap;
 - in_place:       the backward leaves grad_output as it found it.
@@ -100,9 +103,11 @@ class Probe:
             )
         out = {}
         for (name, leaf), g in zip(leaves.items(), found):
-            if g is None:
-                g = torch.zeros((BATCH, *leaf.shape) if batched else leaf.shape, dtype=leaf.dtype, device=leaf.device)
-            out[name] = g.detach()
+            if g is None or g._is_zerotensor():  # a ZeroTensor's storage cannot be read
+                shape = tuple(g.shape) if g is not None else (BATCH, *leaf.shape) if batched else leaf.shape
+                g = torch.zeros(shape, dtype=leaf.dtype if g is None else g.dtype, device=leaf.device)
+            # a copy: a backward may return a tensor it saved, which a later backward edits
+            out[name] = g.detach().clone()
         return out
 
     def _rounding(self, point: Point, dtype: torch.dtype, device: str) -> dict[str, float]:
@@ -126,6 +131,10 @@ class Probe:
             }
         except Exception:  # noqa: BLE001 - fn that holds tensors of the dtype: no float64 twin
             return {}
+    def fresh(self, cotangents: Mapping[int, torch.Tensor], *, batched: bool = False) -> Grads:
+        """The gradient for `cotangents` from a new forward pass: one backward per graph."""
+        outputs, leaves = self.forward()
+        return self.grad(outputs, leaves, cotangents, retain=False, batched=batched)
 
     def only(self, k: int, scale: float = 1.0) -> dict[int, torch.Tensor]:
         """Cotangents: `scale`·v_k for output k, zero for the others."""
@@ -213,10 +222,11 @@ def _at(index: tuple[int | str, ...]) -> str:
 
 
 def grad_output(p: Probe) -> Check:
-    outputs, leaves = p.forward()
-    zero = p.grad(outputs, leaves, {k: torch.zeros_like(v) for k, v in p.v.items()})
-    ones = {k: p.grad(outputs, leaves, p.only(k)) for k in p.v}
-    twos = {k: p.grad(outputs, leaves, p.only(k, 2.0)) for k in p.v}
+    # A fresh graph for every backward: a backward that may run only once per graph (one that
+    # edits what it saved, as Megatron's cross-entropy does) still gets a verdict here.
+    zero = p.fresh({k: torch.zeros_like(v) for k, v in p.v.items()})
+    ones = {k: p.fresh(p.only(k)) for k in p.v}
+    twos = {k: p.fresh(p.only(k, 2.0)) for k in p.v}
     nothing = {n: torch.zeros_like(g) for n, g in zero.items()}
     if p.differs(zero, nothing) is not None:
         name, index, got, _ = p.differs(zero, nothing)  # type: ignore[misc]
@@ -277,9 +287,47 @@ def undefined_grad(p: Probe) -> Check:
 
 
 def repeatable(p: Probe) -> Check:
+    """Two backward passes on one graph (retain_graph=True) agree within nondet_tol, as torch's
+    reentrancy check asks. Where they do not, a fresh graph says what happened: the backward is
+    nondeterministic (a fresh graph differs too), or it changes what it saved (a fresh graph
+    gives the first values again: in place, or state kept on ctx), or it cannot run twice at
+    all. Every other item builds a fresh graph for each backward, so such a kernel still gets
+    their verdicts."""
     outputs, leaves = p.forward()
-    first = p.grad(outputs, leaves, p.v)
-    second = p.grad(outputs, leaves, p.v, retain=False)
+    first = p.grad(outputs, leaves, p.v, retain=True)
+    tol = p.case.nondet_tol
+    try:
+        second = p.grad(outputs, leaves, p.v, retain=False)
+    except Exception as exc:  # noqa: BLE001 - the failure is the finding
+        return _result(
+            "repeatable",
+            f"{p.owner} can run only once per graph: a second backward on the same graph (retain_graph=True) "
+            f"fails: {one_line(exc)[:240]} (it edits or frees a tensor it saved; the other contract items "
+            "used a fresh graph for every backward)",
+            "",
+        )
+    spread, where = _spread(first, second)
+    failure = None
+    if not spread <= tol:
+        fresh, _ = _spread(first, p.fresh(p.v))
+        if fresh <= tol:
+            failure = (
+                f"{p.owner} is not repeatable on one graph: a second backward with the same grad_output differs by "
+                f"up to {spread:.3g} for input `{where[0]}`{_at(where[1])}, while a fresh graph gives the first "
+                f"values again (spread {fresh:.3g}; nondet_tol {tol:g}): the backward changes what it saved (in place, as "
+                "probs.mul_(...), or state kept on ctx), so retain_graph=True gives wrong gradients"
+            )
+        else:
+            failure = (
+                f"{p.owner} is not repeatable: two backward passes with the same grad_output differ by up to "
+                f"{spread:.3g} for input `{where[0]}`{_at(where[1])} (nondet_tol {tol:g}; raise nondet_tol if this "
+                "nondeterminism is expected, e.g. atomic adds on a GPU)"
+            )
+    return _result("repeatable", failure, f"two backward passes agree: spread {spread:.3g} (nondet_tol {tol:g})", spread, tol)
+
+
+def _spread(first: Grads, second: Grads) -> tuple[float, tuple[str, tuple[int | str, ...]]]:
+    """The largest difference between two gradients, and where."""
     spread, where = 0.0, ("", ())
     for name in first:
         a, b = _real(first[name]), _real(second[name])
@@ -292,15 +340,7 @@ def repeatable(p: Probe) -> Check:
             if first[name].is_complex():
                 index = (*index[:-1], complexes.PARTS[int(index[-1])])
             where = (name, index)
-    tol = p.case.nondet_tol
-    failure = None
-    if not spread <= tol:
-        failure = (
-            f"{p.owner} is not repeatable: two backward passes with the same grad_output differ by up to "
-            f"{spread:.3g} for input `{where[0]}`{_at(where[1])} (nondet_tol {tol:g}; raise nondet_tol if this "
-            "nondeterminism is expected, e.g. atomic adds on a GPU)"
-        )
-    return _result("repeatable", failure, f"two backward passes agree: spread {spread:.3g} (nondet_tol {tol:g})", spread, tol)
+    return spread, where
 
 
 @contextmanager
@@ -399,50 +439,65 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t, t], dim=-1).select(-1, 0)
 
 
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dimensions' strides swapped (column-major)."""
+    return t.mT.contiguous().mT
+
+
+def _expanded(t: torch.Tensor) -> torch.Tensor | None:
+    """The same values as a stride-0 view of one slice, where every slice along the first
+    dimension is equal (None elsewhere: another layout must not change the values)."""
+    if t.dim() == 0 or t.shape[0] < 2 or not bool((t == t[:1]).all()):
+        return None
+    return t[:1].expand(t.shape)
+
+
+LAYOUTS: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor | None]], ...] = (
+    ("non-contiguous", lambda t: _strided(t) if t.dim() and t.numel() > 1 else None),
+    ("column-major", lambda t: _column_major(t) if t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1 else None),
+    ("expanded (stride 0)", _expanded),
+)
+
+
 def layout(p: Probe) -> Check:
+    """The same values in another memory layout give the same outputs and gradients. Where no
+    custom Function is in the graph, only where the forward itself gives the same outputs for
+    that layout: torch's ops that read strides (`as_strided`) or refuse a layout (`view`) are
+    layout-dependent by definition. A custom Function's forward that gives other outputs is a
+    finding (a kernel that reads storage as if it were contiguous)."""
     outputs, leaves = p.forward()
     want = p.grad(outputs, leaves, p.v, retain=False)
-    tensors = {n: t for n, t in p.values.items() if n not in p.case.cotangents.values() and t.dim() and t.numel() > 1}
-    if tensors:
-        strided = {n: _strided(t) for n, t in tensors.items()}
+    tensors = {n: t for n, t in p.values.items() if n not in p.case.cotangents.values()}
+    ran, skipped = [], []
+    for how, relaid in LAYOUTS:
+        changed = {n: r for n, r in ((n, relaid(t)) for n, t in tensors.items()) if r is not None}
+        if not changed:
+            continue
+        names = ", ".join(f"`{n}`" for n in changed)
         try:
-            outputs2, leaves2 = p.forward(strided)
+            outputs2, leaves2 = p.forward(changed)
+        except Exception as exc:  # noqa: BLE001 - fn refuses the layout: nothing to compare
+            if p.classes and how == "non-contiguous":
+                return _result("layout", f"{p.owner} fails for {how} inputs ({names}): {one_line(exc)}", "")
+            skipped.append(f"{how}: fn refuses it")
+            continue
+        wrong = _first_difference(p, outputs2, outputs, {}, {})
+        if wrong and p.classes:  # a custom kernel that reads storage as if it were contiguous
+            return _result("layout", f"{p.owner} gives {wrong} for {how} inputs ({names}) holding the same values", "")
+        if wrong:  # torch's own ops that read strides (as_strided) are layout-dependent by definition
+            skipped.append(f"{how}: fn's own outputs depend on the layout")
+            continue
+        try:
             got = p.grad(outputs2, leaves2, p.v, retain=False)
         except Exception as exc:  # noqa: BLE001 - the failure is the finding
-            return _result("layout", f"{p.owner} fails for non-contiguous inputs: {one_line(exc)}", "")
+            return _result("layout", f"{p.owner} fails for {how} inputs ({names}): {one_line(exc)}", "")
         wrong = _first_difference(p, outputs2, outputs, got, want)
         if wrong:
-            return _result("layout", f"{p.owner} gives {wrong} for non-contiguous inputs ({', '.join(f'`{n}`' for n in strided)})", "")
-    skipped = []
-    for name in p.case.wrt:
-        value = p.values[name]
-        if value.dim() == 0 or value.shape[0] < 2:
-            continue
-        expanded = value[:1].expand(value.shape)
-        try:
-            outputs, leaves = p.forward({name: expanded.contiguous()})
-            want = p.grad(outputs, leaves, p.v, retain=False)
-        except Exception:  # noqa: BLE001 - the repeated slice may leave fn's domain (a singular matrix)
-            skipped.append(name)
-            continue
-        if not all(bool(torch.isfinite(g).all()) for g in want.values()):
-            skipped.append(name)
-            continue
-        try:
-            outputs2, leaves2 = p.forward({name: expanded})
-            got = p.grad(outputs2, leaves2, p.v, retain=False)
-        except Exception as exc:  # noqa: BLE001 - the failure is the finding
-            return _result("layout", f"{p.owner} fails for an expanded input `{name}` (stride 0): {one_line(exc)}", "")
-        wrong = _first_difference(p, outputs2, outputs, got, want)
-        if wrong:
-            return _result(
-                "layout",
-                f"{p.owner} gives {wrong} when input `{name}` is expanded (stride 0) instead of contiguous",
-                "",
-            )
-    note = "non-contiguous and expanded inputs give the same outputs and gradients"
+            return _result("layout", f"{p.owner} gives {wrong} for {how} inputs ({names}) holding the same values", "")
+        ran.append(how)
+    note = f"{', '.join(ran)} inputs give the same outputs and gradients" if ran else "no other layout applies"
     if skipped:
-        note += f" (expanded {', '.join(f'`{n}`' for n in skipped)} skipped: fn fails where its first slice is repeated)"
+        note += f" (not compared: {'; '.join(skipped)})"
     return _result("layout", None, note)
 
 
@@ -465,7 +520,7 @@ def vmap(p: Probe) -> Check:
     Function's own vmap rule, where it has one), then autograd's is_grads_batched."""
     outputs, leaves = p.forward()
     batch = {k: _random_like(v, p.gen) for k, v in p.v.items()}
-    looped = [p.grad(outputs, leaves, {k: v[b] for k, v in batch.items()}) for b in range(BATCH)]
+    looped = [p.fresh({k: v[b] for k, v in batch.items()}) for b in range(BATCH)]
     want = {n: torch.stack([g[n] for g in looped]) for n in leaves}
     # Under torch.func.vmap the forward runs batched too (through the Function's vmap rule).
     values = {f"output {k}": torch.stack([outputs[k].detach()] * BATCH) for k in batch}

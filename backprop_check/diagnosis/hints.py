@@ -18,6 +18,7 @@ manual gradient is the culprit, the numerical one when autograd is):
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -272,7 +273,9 @@ def _function_hints(shown: Outcome) -> list[str]:
 
 def _function_name(cls: type) -> str:
     """`MyFunction (backward at path.py:42)`, or the class name alone when its code is not at hand."""
-    code = getattr(getattr(cls, "backward", None), "__code__", None)
+    backward = getattr(cls, "backward", None)
+    # a decorated backward (@torch.no_grad(), @once_differentiable) is shown where the user wrote it
+    code = getattr(inspect.unwrap(backward) if callable(backward) else None, "__code__", None)
     if code is None:
         return cls.__qualname__
     try:

@@ -151,7 +151,7 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
             found = getattr(exc, "partial", None)
             if found is not None:
                 results.append(found)
-            results.extend(error_result(case, d, t, str(exc), exc, label) for d, t in combinations[len(results) :])
+            results.extend(_unchecked(case, d, t, str(exc), exc, label) for d, t in combinations[len(results) :])
         except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
             reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
             results.extend(error_result(case, d, t, reason, exc, label) for d, t in combinations[len(results) :])
@@ -174,6 +174,13 @@ def exact_in(point: Point, dtype: torch.dtype) -> bool:
     return all(
         torch.equal(rounded.params[k], v) for k, v in point.params.items()
     ) and all(torch.equal(rounded.data[k], v) for k, v in point.data.items())
+def _unchecked(case: Case, device: str, dtype_name: str, reason: str, exc: BaseException, label: str) -> Result:
+    """A row the case's error (or time limit) left unchecked: skipped where its device is not
+    here (it would have been skipped anyway: a CPU time limit is no CUDA error), else an error."""
+    unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
+    if unavailable:
+        return result_for(case, device, dtype_name, Verdict.SKIPPED, message=unavailable)
+    return error_result(case, device, dtype_name, reason, exc, label)
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:

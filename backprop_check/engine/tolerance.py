@@ -38,9 +38,12 @@ class Tolerance:
     rtol_given: float = 0.0  # the rtol a case sets (0 for the dtype's default)
     # Below float64: the tolerance of the sources' float64 twins at the same point.
     twin: Tolerance | None = None
+    # The run dtype's smallest normal number: a gradient below it underflows in that dtype
+    # (prod of 125 float32 numbers: 2e-56 is 0 in float32), so no difference below it is a finding.
+    underflow: float = 0.0
 
     def allowed(self, reference: torch.Tensor, scale: float) -> torch.Tensor:
-        return self.rtol * reference.abs() + self.atol * scale + self.absolute
+        return self.rtol * reference.abs() + self.atol * scale + self.absolute + self.underflow
 
     def between(
         self, first: torch.Tensor, second: torch.Tensor, rounding: torch.Tensor, largest: float
@@ -50,7 +53,7 @@ class Tolerance:
         ulps of the point's `largest` gradient. No atol scaled by the tensor: a wrong element
         a thousand times smaller than its neighbours still fails."""
         both = torch.maximum(first.abs(), second.abs())
-        return 2 * self.rtol * both + rounding + self.floor(largest) + self.absolute
+        return 2 * self.rtol * both + rounding + self.floor(largest) + self.absolute + self.underflow
 
     def floor(self, largest: float) -> float:
         return FLOOR_ULPS * self.eps * largest
@@ -97,6 +100,7 @@ def tolerance_for(dtype: torch.dtype, rtol: object = None, atol: object = None) 
         absolute=0.0 if chosen_atol is None else chosen_atol,
         eps=torch.finfo(dtype).eps,
         rtol_given=0.0 if chosen_rtol is None else chosen_rtol,
+        underflow=torch.finfo(dtype).tiny,
     )
 
 

@@ -63,7 +63,9 @@ def checked_given(case: Case, seed: int) -> tuple[Point, list[str]]:
     notes = empty_parameters(given)
     check_forward_is_pure(case, given)
     given, fixed = numbers_among_integers(case, given)
-    return given, notes + list(fixed)
+    # what the case itself left out or did differently (a function check's outputs, its dtypes)
+    own = [note for note in getattr(case, "notes", ()) if note not in notes]
+    return given, notes + list(fixed) + own
 
 
 def empty_parameters(given: Point) -> list[str]:

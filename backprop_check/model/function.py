@@ -22,6 +22,7 @@ and at the given point the custom-Function contract is checked too (contract.py)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -82,6 +83,8 @@ class FunctionCase(Case):
         self.fn = fn
         self.label = _label(fn)
         self.broken: str | None = None
+        self.notes: list[str] = []  # what the check left out or did differently, said in the report
+        self.promoted = False  # fn closes over lower-precision tensors: float64 runs promote them
         self.constants: dict[str, Any] = {}
         self.wrt: tuple[str, ...] = ()
         self.devices: tuple[str, ...] = ("cpu",)
@@ -220,15 +223,30 @@ class FunctionCase(Case):
             spec = self.params.get(name, self.data.get(name))
             if spec is not None:
                 values[name] = spec(gen) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
-        with torch.no_grad():
-            returned = self._invoke(values)
+        # With grad on, to learn which outputs autograd declares non-differentiable.
+        leaves = {n: v.detach().requires_grad_(True) if n in self.wrt and isinstance(v, torch.Tensor) else v for n, v in values.items()}
+        try:
+            with torch.enable_grad():
+                returned = self._invoke(leaves)
+        except CaseError:  # fn writes into its inputs, say: the guards say so in their words
+            with torch.no_grad():
+                returned = self._invoke(values)
         outputs = as_outputs(returned, self.label)
         self.single = not isinstance(returned, (tuple, list))
         self.output_shapes = [tuple(o.shape) for o in outputs]
         self.output_dtypes = [o.dtype for o in outputs]
         taken = set(self.names)
+        left_out = _left_out(outputs)
+        if left_out:
+            self.notes.append(
+                f"output{'s' * (len(left_out) > 1)} {', '.join(map(str, left_out))} "
+                f"{'are' if len(left_out) > 1 else 'is'} left out: autograd declares "
+                f"{'them' if len(left_out) > 1 else 'it'} non-differentiable (requires_grad=False, as "
+                "ctx.mark_non_differentiable or an op's saved statistics), so no backward is defined for "
+                f"{'them' if len(left_out) > 1 else 'it'} (torch's gradcheck leaves such outputs out too)"
+            )
         for k, output in enumerate(outputs):
-            if _differentiable(output):
+            if _differentiable(output) and k not in left_out:
                 label = f"{COTANGENT}{k}"
                 while label in taken:
                     label += "_"
@@ -245,14 +263,30 @@ class FunctionCase(Case):
         """fn(*inputs); what it raises is one line naming it."""
         args = [values[n] if n in values else self.constants[n] for n in self.names]
         try:
-            returned = self.fn(*args)
+            if self.promoted and _float64(values):
+                with Promote():
+                    return self.fn(*args)
+            return self.fn(*args)
         except CaseError:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
+            if not self.promoted and _float64(values) and _dtype_clash(exc) and self._promotes(args):
+                self.promoted = True
+                self.notes.append(PROMOTED_NOTE)
+                return self._invoke(values)
             line = line_in(self.file, exc)
             said = f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")
             raise CaseError(said + self._refuses_float64(args)) from exc
-        return returned
+
+    def _promotes(self, args: list[Any]) -> bool:
+        """Whether fn runs once every lower-precision tensor an op receives is promoted: the
+        dtype clash was the only trouble (else fn's own error stands)."""
+        try:
+            with Promote():
+                self.fn(*args)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            return False
+        return True
 
     def _refuses_float64(self, args: list[Any]) -> str:
         """What to do when a function given in low precision fails in float64: a kernel."""
@@ -457,6 +491,57 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype.is_complex else torch.float64
 
 
+PROMOTED_NOTE = (
+    "fn closes over floating tensors of a lower precision than float64 (running statistics, weights): "
+    "in the float64 runs (the reference) every floating tensor an op receives is promoted to float64, "
+    "which holds their values exactly, so the reference is the same function in float64 with its usual error bar"
+)
+
+
+def promoted(case: Any, dtype: torch.dtype) -> Any:
+    """Promote for a float64 run of a function check that closes over lower-precision tensors
+    (a manual VJP runs outside `_invoke`), else nothing. A custom backward that recomputes fn
+    is not promoted: torch.autograd.grad runs the engine outside any torch function mode."""
+    return Promote() if getattr(case, "promoted", False) and dtype == torch.float64 else contextlib.nullcontext()
+
+
+def _float64(values: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.dtype in (torch.float64, torch.complex128) for v in values.values())
+
+
+def _dtype_clash(exc: BaseException) -> bool:
+    """Whether fn failed because float64 inputs met tensors of another floating dtype."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        words in text
+        for words in ("expected scalar type", "same dtype", "expected both", "Expected object of scalar type", "dtype",)
+    ) and any(name in text for name in ("Double", "Float", "float64", "float32", "Half", "BFloat16", "double", "float"))
+
+
+class Promote(torch.overrides.TorchFunctionMode):
+    """Every float32/float16/bfloat16 tensor an op receives becomes float64 (complex64: complex128)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        return func(*_promoted(args), **_promoted(kwargs))
+
+
+def _promoted(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return value.to(torch.float64)
+        if value.dtype == torch.complex64:
+            return value.to(torch.complex128)
+        return value
+    if isinstance(value, list):
+        return [_promoted(v) for v in value]
+    if type(value) is tuple:  # a namedtuple or torch.Size is passed as it is
+        return tuple(_promoted(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _promoted(v) for k, v in value.items()}
+    return value
+
+
 class _Cotangent:
     """A random cotangent of an output's shape, drawn from the point's generator; for a complex
     output, complex with both parts standard normal (as random points redraw them)."""
@@ -469,6 +554,14 @@ class _Cotangent:
         if self.complex:
             return torch.view_as_complex(torch.randn((*self.shape, 2), generator=gen, dtype=torch.float64))
         return torch.randn(self.shape, generator=gen, dtype=torch.float64)
+
+
+def _left_out(outputs: tuple[torch.Tensor, ...]) -> list[int]:
+    """The floating outputs autograd declares non-differentiable, where another one is not
+    (a function none of whose outputs requires grad is checked as before: its gradient is 0)."""
+    floating = [k for k, o in enumerate(outputs) if _differentiable(o)]
+    live = [k for k in floating if outputs[k].requires_grad]
+    return [k for k in floating if k not in live] if live else []
 
 
 def _differentiable(tensor: torch.Tensor) -> bool:

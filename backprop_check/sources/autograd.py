@@ -28,8 +28,13 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
             except RuntimeError as exc:
                 failure = getattr(case, "describe_failure", None)
                 raise CaseError(failure(exc) if failure else f"autograd failed: {one_line(exc)}") from exc
-    values = {
-        name: (g if g is not None else torch.zeros_like(t)).detach()
-        for (name, t), g in zip(inputs.items(), grads)
-    }
+    values = {name: dense(g, t) for (name, t), g in zip(inputs.items(), grads)}
     return Gradients("autograd", values, loss=loss.detach(), nodes=tuple(tape.values))
+
+
+def dense(gradient: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A gradient as a plain tensor: zeros for None, and for a ZeroTensor (what `torch.sgn`'s
+    backward can return), whose storage is never allocated and cannot be read."""
+    if gradient is None or gradient._is_zerotensor():
+        return torch.zeros(like.shape, dtype=gradient.dtype if gradient is not None else like.dtype, device=like.device)
+    return gradient.detach()

@@ -21,8 +21,10 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
     """Call the case's `.manual` with detached values in `dtype` on `device`."""
     if case.manual_fn is None:
         raise CaseError("the case has no manual gradient")
+    from backprop_check.model.function import promoted  # function.py imports the sources
+
     at = point.cast(dtype, device)
-    with torch.no_grad(), arguments(case, at) as kwargs:
+    with torch.no_grad(), arguments(case, at) as kwargs, promoted(case, dtype):
         returned = call_user(case, "manual gradient", case.manual_fn, kwargs)
     if not isinstance(returned, Mapping):
         raise CaseError(f"the manual gradient must return a dict, got {type(returned).__name__}")

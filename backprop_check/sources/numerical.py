@@ -111,27 +111,84 @@ Loss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:
     """dloss/dparam and dloss/dnode at every element by finite differences, in float64 on the
     CPU, at the point as a `dtype` run sees it (its values rounded to `dtype`)."""
-    return reference(case, point, dtype, full=True).gradients
+    return reference(case, point, dtype, full=True, tighten=False).gradients
 
 
-def reference(case: Case, point: Point, dtype: torch.dtype, *, full: bool = False, seed: int = 0) -> Reference:
+def reference(
+    case: Case, point: Point, dtype: torch.dtype, *, full: bool = False, seed: int = 0, tighten: bool = True
+) -> Reference:
     """The numerical reference at a point: every element of the tensors cheap to estimate that
-    way (all of them when `full`), samples and directions for the others."""
+    way (all of them when `full`), samples and directions for the others; with `tighten`, the
+    elements whose error bar would decide their verdict re-estimated at the refinement steps."""
     differences = FiniteDifferences(case, point, dtype)
     sampled = set() if full else {name for name, t in differences.targets.items() if is_sampled(t.numel())}
     result = Gradients("numerical", {}, loss=differences.loss0.detach(), nodes=differences.nodes)
-    whole = [name for name in differences.targets if name not in sampled]
+    held = held_fixed(differences.targets)
+    whole = [name for name in differences.targets if name not in sampled and name not in held]
     for group in _groups(whole, differences.targets):
         _store(result, differences.estimate(group), differences.targets, mask=None)
+    if tighten:
+        _tighten(result, differences, whole)
+    for name in held:
+        if name not in sampled:
+            index = held[name].reshape(-1).logical_not().nonzero().reshape(-1)
+            _store(result, differences.estimate([name], {name: index}), differences.targets, mask={name: index})
     for name in sampled:
         gen = torch.Generator().manual_seed(derive_seed(seed, point.seed, name))
         size = differences.targets[name].numel()
         vectors = [differences.random_direction(name, gen) for _ in range(DIRECTIONS)]
+        finite = torch.arange(size)
+        if name in held:  # a direction moves no infinite element, and no sample is one
+            vectors = [v.masked_fill(held[name], 0.0) for v in vectors]
+            finite = held[name].reshape(-1).logical_not().nonzero().reshape(-1)
         result.directions[name] = differences.along(name, vectors)
-        index = torch.randperm(size, generator=gen)[:SAMPLES].sort().values
+        index = finite[torch.randperm(finite.numel(), generator=gen)[:SAMPLES]].sort().values
         _store(result, differences.estimate([name], {name: index}), differences.targets, mask={name: index})
-    result.note = differences.batched.note
+    notes = [differences.batched.note] if differences.batched.note else []
+    if held:
+        counts = ", ".join(f"{int(mask.sum())} of `{name}`" for name, mask in held.items())
+        notes.append(
+            f"non-finite input elements ({counts}: inf or nan, as the -inf of an attention mask) are held fixed: "
+            "a finite step does not move them, so their gradient is not checked; every other element is"
+        )
+    result.note = "; ".join(notes) or None
     return Reference(differences, result)
+
+
+# An element's error bar is loose when ERROR_BARS of it outweigh float64's rtol·|value| and
+# atol·(the tensor's largest): the verdict on that element would hang on the bar alone.
+LOOSE_BARS, LOOSE_RELATIVE, LOOSE_OF_LARGEST = 4.0, 1e-7, 1e-9
+# At most this many of a tensor's loosest elements are re-estimated (three steps each), which
+# bounds what the refinement adds to a full check of a large tensor.
+MAX_TIGHTENED = 256
+
+
+def _tighten(result: Gradients, differences: FiniteDifferences, names: Sequence[str]) -> None:
+    """Re-estimate at the refinement steps (1, 8, ⅛) the elements estimated at one step whose
+    error bar is loose (a steep function near its domain's edge: atanh at 0.996, where one
+    step's bar is 1e-4 of the value and a wrong element by 1e-4 would hide under it)."""
+    for name in names:
+        value, error = result.values[name].reshape(-1), result.error[name].reshape(-1)
+        largest = float(value.abs().nan_to_num(0.0).max()) if value.numel() else 0.0
+        allowed = LOOSE_RELATIVE * value.abs() + LOOSE_OF_LARGEST * largest
+        looseness = torch.where(torch.isfinite(value), LOOSE_BARS * error / allowed.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+        index = (looseness > 1).nonzero().reshape(-1)
+        if index.numel() > MAX_TIGHTENED:
+            index = index[looseness[index].topk(MAX_TIGHTENED).indices].sort().values
+        if index.numel():
+            estimate = differences.estimate([name], {name: index}, steps=REFINE_STEPS)
+            current = {key: store[name].reshape(-1)[index] for key, store in
+                       zip(("value", "error", "left", "right", "kink"), (result.values, result.error, result.left, result.right, result.kink))}
+            whole = name not in result.checked
+            _store(result, {name: _better(current, estimate[name])}, differences.targets, mask={name: index})
+            if whole:  # still every element estimated, not a sample
+                result.checked.pop(name, None)
+
+
+def held_fixed(targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per tensor with non-finite elements, where they are: no finite difference moves an
+    infinite value (−inf + h is −inf), so those elements are held fixed and not estimated."""
+    return {name: ~torch.isfinite(t) for name, t in targets.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())}
 
 
 def is_sampled(size: int) -> bool:
@@ -434,7 +491,10 @@ class Flat:
         return torch.cat([tensors[name].reshape(-1).to(torch.float64) for name in self.shapes])
 
     def split(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: vector[part].reshape(self.shapes[name]) for name, part in self.slices.items()}
+        """Each tensor in its own storage, not a view into `vector`: an op that reads storage
+        through explicit strides and offsets (`as_strided`) must see the tensor's values only,
+        as it does in the user's call, not its neighbours' in the flat vector."""
+        return {name: vector[part].reshape(self.shapes[name]).clone() for name, part in self.slices.items()}
 
 
 def _step_floor(theta: torch.Tensor) -> torch.Tensor:

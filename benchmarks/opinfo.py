@@ -1,0 +1,399 @@
+"""Conformance of the drop-in `gradcheck` against PyTorch's own operator suite (issue 21).
+
+    .venv/bin/python benchmarks/opinfo.py [--ops sin,cumsum] [--limit N] [--samples 2]
+        [--dtypes float64,float32] [--timeout 60] [--out opinfo.jsonl] [--budget SECONDS] [--mutants]
+
+Every op of `torch.testing._internal.common_methods_invocations.op_db` that supports autograd
+on the CPU, its first `--samples` samples (the ones `test/test_ops_gradients.py` gradchecks, built
+as that test builds them: the inputs that require grad are gradcheck's inputs, the rest is
+closed over), in float64 and float32: torch's slow gradcheck, torch's fast one and the drop-in,
+side by side, each under `--timeout` seconds in a worker process (one that hangs is killed and
+replaced). `--mutants` adds the mutant phase: each op wrapped in a Function whose backward is
+autograd's VJP plus one slip (every element ×1.01; one element ×1.01; one element ×1.0001; one
+sign; one input's gradient zeroed), in float64, where the slip changes the gradient.
+
+Results go one line per check to `--out` (JSON lines); a rerun skips what is already there, so
+the run can be cut in slices (`--budget` seconds each, `--ops`, `--limit`) and resumed. At the
+end the table of the whole file is printed (`--table` prints it alone).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+SLIPS = ("all×1.01", "one×1.01", "one×1.0001", "sign", "zeroed")
+CHECKERS = ("torch-slow", "torch-fast", "dropin")
+
+
+def op_db() -> list[Any]:
+    warnings.filterwarnings("ignore")
+    from torch.testing._internal.common_methods_invocations import op_db as ops
+
+    return [op for op in ops if op.supports_autograd]
+
+
+def op_name(op: Any) -> str:
+    return f"{op.name}.{op.variant_test_name}" if op.variant_test_name else op.name
+
+
+def samples(op: Any, dtype: torch.dtype, count: int) -> list[Any]:
+    """The op's first `count` samples in `dtype`, drawn from a seeded generator (the same in
+    every process)."""
+    torch.manual_seed(0)
+    found = []
+    try:
+        for sample in op.sample_inputs("cpu", dtype, requires_grad=True):
+            found.append(sample)
+            if len(found) == count:
+                break
+    except Exception:  # noqa: BLE001 - an op whose samples fail in this dtype has no unit
+        return found
+    return found
+
+
+def unit(op: Any, sample: Any) -> tuple[Callable[..., Any], tuple[torch.Tensor, ...]]:
+    """fn and its inputs as test_ops_gradients.py gives them to gradcheck."""
+    listed = isinstance(sample.input, (list, tuple))
+    everything = [*(sample.input if listed else (sample.input,)), *sample.args, *sample.kwargs.values()]
+    inputs = tuple(x for x in everything if isinstance(x, torch.Tensor) and x.requires_grad)
+
+    def take(value: Any, it: Iterator[torch.Tensor]) -> Any:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(x, torch.Tensor) for x in value):
+            return [next(it) if x.requires_grad else x for x in value]
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return next(it)
+        return value
+
+    def fn(*xs: torch.Tensor) -> Any:
+        it = iter(xs)
+        first = take(sample.input, it)
+        args = [take(a, it) for a in sample.args]
+        kwargs = {k: take(v, it) for k, v in sample.kwargs.items()}
+        output = op.gradcheck_wrapper(op.get_op(), first, *args, **kwargs)
+        return sample.output_process_fn_grad(output) if sample.output_process_fn_grad is not None else output
+
+    fn.__name__ = op.name.replace(".", "_")
+    fn.__qualname__ = fn.__name__
+    return fn, inputs
+
+
+def keywords(op: Any) -> dict[str, Any]:
+    return {
+        "check_batched_grad": bool(op.check_batched_grad),
+        "nondet_tol": op.gradcheck_nondet_tol,
+        "check_grad_dtypes": True,
+        "check_undefined_grad": True,
+    }
+
+
+def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str | None) -> dict[str, Any]:
+    """One check in this process: its verdict and a line saying why."""
+    from backprop_check import gradcheck as dropin
+    from backprop_check.errors import CaseError
+
+    found = samples(op, dtype, index + 1)
+    if len(found) <= index:
+        return {"verdict": "no-sample", "why": ""}
+    fn, inputs = unit(op, found[index])
+    if slip is not None:
+        fn = slipped(fn, inputs, slip)
+        if fn is None:
+            return {"verdict": "no-mutant", "why": "the slip would not change the gradient"}
+    options = keywords(op)
+    started = time.perf_counter()
+    try:
+        if checker == "dropin":
+            ok = dropin(fn, inputs, **options)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ok = torch.autograd.gradcheck(fn, inputs, fast_mode=checker == "torch-fast", **options)
+        verdict, why = ("ok" if ok else "fail"), ""
+    except importlib.import_module("torch.autograd.gradcheck").GradcheckError as exc:  # the drop-in's is a subclass
+        verdict, why = "fail", " ".join(str(exc).split())[:300]
+    except CaseError as exc:
+        verdict, why = "error", str(exc).splitlines()[0][:300]
+    except Exception as exc:  # noqa: BLE001 - torch's errors, and the drop-in's crashes
+        verdict = "error" if checker != "dropin" else "crash"
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if checker == "dropin":
+            why += " @ " + traceback.format_exc().strip().splitlines()[-3].strip()[:200]
+    return {"verdict": verdict, "why": why, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str) -> Callable[..., Any] | None:
+    """fn behind a Function whose backward is autograd's VJP with `slip` planted; None where
+    the op has not one floating output or the slip cannot change its gradient."""
+    with torch.no_grad():
+        out = fn(*inputs)
+    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point or not out.numel():
+        return None
+    if out.layout != torch.strided or any(x.layout != torch.strided for x in inputs):
+        return None  # sparse: neither checker differentiates it
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(fn(*leaves), leaves, g, allow_unused=True)
+    live = [i for i, gr in enumerate(grads) if gr is not None and bool((gr != 0).any())]
+    if not live or any(x.is_complex() for x in inputs):
+        return None
+    target = live[0]
+
+    def plant(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        g0 = grads[target]
+        if g0 is None:
+            return grads
+        g0 = g0.clone(memory_format=torch.contiguous_format)  # reshape(-1) must be a view
+        flat = g0.reshape(-1)
+        where = int(flat.abs().argmax())
+        if slip == "all×1.01":
+            g0 = g0 * 1.01
+        elif slip == "one×1.01":
+            flat[where] = flat[where] * 1.01
+        elif slip == "one×1.0001":
+            flat[where] = flat[where] * 1.0001
+        elif slip == "sign":
+            flat[where] = -flat[where]
+        elif slip == "zeroed":
+            g0 = torch.zeros_like(g0)
+        grads[target] = g0
+        return grads
+
+    class Slip(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *xs: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(*xs)
+            return fn(*xs).clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            xs = [x.detach().requires_grad_(True) for x in ctx.saved_tensors]
+            with torch.enable_grad():
+                found = torch.autograd.grad(fn(*xs), xs, grad, allow_unused=True)
+            return tuple(plant([g if g is not None else torch.zeros_like(x) for g, x in zip(found, xs)]))
+
+    def wrapped(*xs: torch.Tensor) -> torch.Tensor:
+        return Slip.apply(*xs)
+
+    wrapped.__name__ = wrapped.__qualname__ = f"{getattr(fn, '__name__', 'op')}_slipped"
+    return wrapped
+
+
+# --- the worker pool ------------------------------------------------------------------------------
+
+
+def _worker(conn: Any, ops: dict[str, Any]) -> None:
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        name, dtype, index, checker, slip = task
+        try:
+            result = run_check(ops[name], DTYPES[dtype], index, checker, slip)
+        except BaseException as exc:  # noqa: BLE001 - the harness around the check failed
+            result = {"verdict": "crash", "why": f"runner: {type(exc).__name__}: {exc}"[:300]}
+        conn.send(result)
+
+
+class Worker:
+    """One process that runs checks, killed and replaced when a check overruns its time."""
+
+    def __init__(self, ops: dict[str, Any]) -> None:
+        self.ops = ops
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, self.ops), daemon=True)
+        self.process.start()
+
+    def run(self, task: tuple[Any, ...], timeout: float) -> dict[str, Any]:
+        self.conn.send(task)
+        if self.conn.poll(timeout):
+            try:
+                return self.conn.recv()
+            except EOFError:
+                pass
+        alive = self.process.is_alive()
+        self.process.kill()
+        self.process.join()
+        self._start()
+        return {"verdict": "timeout" if alive else "crash", "why": f">{timeout:g}s" if alive else "the worker died"}
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def tasks(ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool) -> Iterator[tuple[Any, ...]]:
+    for op in ops:
+        for dtype in dtypes:
+            if DTYPES[dtype] not in op.supported_backward_dtypes("cpu"):
+                continue
+            for index in range(count):
+                for checker in CHECKERS:
+                    yield (op_name(op), dtype, index, checker, None)
+        if mutants and torch.float64 in op.supported_backward_dtypes("cpu"):
+            for index in range(count):
+                for slip in SLIPS:
+                    yield (op_name(op), "float64", index, "dropin", slip)
+
+
+def key(task: Sequence[Any]) -> str:
+    return "|".join(str(x) for x in task)
+
+
+def load(path: str) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    done[row["key"]] = row
+    return done
+
+
+def split(rows: dict[str, dict[str, Any]]) -> tuple[dict[tuple[str, str, int], dict[str, dict[str, Any]]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The units (op, dtype, sample) → checker → row; the mutants that count (a slip planted in
+    a gradient torch's slow gradcheck passes in float64, and one the runner could build); the
+    mutants of ops whose own gradient is wrong (as_strided_scatter: zeroing its wrong gradient
+    can make it right), which say nothing about catching a slip."""
+    units: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    planted = []
+    for row in rows.values():
+        if row["slip"] is None:
+            units.setdefault((row["op"], row["dtype"], row["index"]), {})[row["checker"]] = row
+        elif row["verdict"] not in ("no-mutant", "no-sample") and not row["why"].startswith("runner:"):
+            planted.append(row)
+    right = [m for m in planted if units.get((m["op"], "float64", m["index"]), {}).get("torch-slow", {}).get("verdict") == "ok"]
+    return units, right, [m for m in planted if m not in right]
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """The conformance table: per dtype, the drop-in's verdicts where torch slow passes and
+    where it fails; then the mutants."""
+    units, mutants, _ = split(rows)
+    lines = ["| dtype | torch slow | units | drop-in ok | fail | error | crash | timeout | torch fast ok |", "|---|---|---|---|---|---|---|---|---|"]
+    for dtype in DTYPES:
+        for torch_says in ("ok", "fail", "error", "timeout"):
+            chosen = [u for (op, d, i), u in units.items() if d == dtype and len(u) == 3 and u["torch-slow"]["verdict"] == torch_says]
+            if not chosen:
+                continue
+            counts = Counter(u["dropin"]["verdict"] for u in chosen)
+            fast = sum(u["torch-fast"]["verdict"] == "ok" for u in chosen)
+            lines.append(
+                f"| {dtype} | {torch_says} | {len(chosen)} | {counts['ok']} | {counts['fail']} | {counts['error']} | "
+                f"{counts['crash']} | {counts['timeout']} | {fast} |"
+            )
+    if mutants:
+        lines += ["", "| slip (float64, ops torch's slow gradcheck passes) | mutants | caught (fail) | passed | error | crash | timeout |", "|---|---|---|---|---|---|---|"]
+        for slip in SLIPS:
+            chosen = [m for m in mutants if m["slip"] == slip]
+            counts = Counter(m["verdict"] for m in chosen)
+            lines.append(f"| {slip} | {len(chosen)} | {counts['fail']} | {counts['ok']} | {counts['error']} | {counts['crash']} | {counts['timeout']} |")
+    return "\n".join(lines)
+
+
+def disagreements(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Units where torch slow passes and the drop-in does not, and mutants that pass."""
+    units, mutants, wrong = split(rows)
+    out = [f"mutant passes: {m['op']} {m['slip']} sample {m['index']}" for m in mutants if m["verdict"] == "ok"]
+    out += [
+        f"not a mutant (the op's own float64 gradient fails torch's slow gradcheck): {m['op']} {m['slip']} "
+        f"sample {m['index']}: {m['verdict']}"
+        for m in wrong
+    ]
+    for (op, dtype, index), u in sorted(units.items()):
+        if len(u) == 3 and u["torch-slow"]["verdict"] == "ok" and u["dropin"]["verdict"] != "ok":
+            out.append(f"{op} {dtype} sample {index}: {u['dropin']['verdict']}: {u['dropin']['why'][:240]}")
+        if len(u) == 3 and dtype == "float64" and u["torch-slow"]["verdict"] == "fail" and u["dropin"]["verdict"] == "ok":
+            out.append(f"torch slow fails, the drop-in passes: {op} {dtype} sample {index}: {u['torch-slow']['why'][:240]}")
+    return out
+
+
+def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequence[str], timeout: float,
+        out: str, budget: float | None, mutants: bool) -> str:
+    ops = op_db()
+    if names:
+        wanted = set(names)
+        ops = [op for op in ops if op.name in wanted or op_name(op) in wanted]
+    ops = ops[:limit] if limit else ops
+    by_name = {op_name(op): op for op in ops}
+    done = load(out)
+    worker = Worker(by_name)
+    started = time.perf_counter()
+    ran = 0
+    try:
+        with open(out, "a", encoding="utf-8") as f:
+            for task in tasks(ops, dtypes, count, mutants):
+                if key(task) in done:
+                    continue
+                if budget is not None and time.perf_counter() - started > budget:
+                    print(f"budget of {budget:g}s spent after {ran} checks; rerun to resume", flush=True)
+                    break
+                result = worker.run(task, timeout)
+                if result["verdict"] == "no-sample":
+                    continue
+                name, dtype, index, checker, slip = task
+                row = {"key": key(task), "op": name, "dtype": dtype, "index": index, "checker": checker, "slip": slip, **result}
+                done[row["key"]] = row
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                ran += 1
+    finally:
+        worker.close()
+    return f"{ran} checks run in {time.perf_counter() - started:.0f}s\n\n{table(done)}\n\n" + "\n".join(disagreements(done))
+
+
+def section(quick: bool) -> tuple[str, list[tuple[str, bool]]]:
+    """benchmarks/run.py's section: a slice of op_db (the full run is `benchmarks/opinfo.py`)."""
+    path = os.path.join(tempfile.gettempdir(), "backprop_check_opinfo.jsonl")  # resumed by the next run
+    text = run(None, 10 if quick else 60, 2, list(DTYPES), 60.0, path, 300.0 if quick else 1800.0, True)
+    rows = load(path)
+    bad = [line for line in disagreements(rows)]
+    return text, [("no false alarm, error or crash where torch slow passes; no mutant passes", not bad)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default="", help="comma-separated op names (default: every op)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N ops only")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--dtypes", default="float64,float32")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per check")
+    parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds (resume later)")
+    parser.add_argument("--out", default="opinfo.jsonl")
+    parser.add_argument("--mutants", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        rows = load(args.out)
+        print(table(rows) + "\n\n" + "\n".join(disagreements(rows)))
+        return 0
+    names = [n for n in args.ops.split(",") if n]
+    print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
