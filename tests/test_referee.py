@@ -159,3 +159,30 @@ def test_a_point_closer_to_a_kink_than_the_first_step_is_checked_at_a_smaller_on
     abs_near_kink.manual(lambda w: {"w": torch.sign(w)})
     result = backprop_check.run(abs_near_kink, dtypes=["float64"], points=0).results[0]
     assert str(result.verdict) == "ok", result.message
+
+
+@pytest.mark.parametrize(
+    "kind, offset, spread",
+    [
+        pytest.param("layer_norm", 1e3, 1e-3, id="layer-norm-of-values-16-float32-ulps-apart"),
+        pytest.param("daily_cycle", 1e6, 1e-3, id="a-cycle-finer-than-a-float32-ulp-of-its-input"),
+    ],
+)
+def test_float32_is_not_blamed_where_it_cannot_hold_the_inputs_and_the_result_says_so(kind, offset, spread):
+    result = backprop_check.run(_scaled(kind, offset, spread), dtypes=["float32"], points=2).results[0]
+    assert str(result.verdict) == "ok", result.message
+    assert any("float32 cannot resolve the gradient" in note and "float64 twin" in note for note in result.notes), result.notes
+
+
+def test_where_float32_cannot_resolve_the_gradient_a_slip_is_still_found_by_its_float64_twin():
+    result = backprop_check.run(_scaled("layer_norm", 1e3, 1e-3, slip=1e-4), dtypes=["float32"], points=1).results[0]
+    assert str(result.verdict) == "mismatch" and str(result.culprit) == "manual", result.message
+
+
+def test_the_contract_items_of_a_layer_norm_of_raw_timestamps_allow_for_float64s_own_rounding():
+    gen = torch.Generator().manual_seed(0)
+    x = 1e6 + 1e-3 * torch.randn(4, 64, generator=gen, dtype=torch.float64)
+    w = torch.randn(64, generator=gen, dtype=torch.float64)
+    report = backprop_check.check(lambda x, w: F.layer_norm(x, (64,), weight=w), (x, w), dtypes=["float64"], points=1)
+    (result,) = [r for r in report.results if str(r.verdict) != "skipped"]
+    assert str(result.verdict) == "ok", result.message

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 ITEMS = ("grad_output", "undefined_grad", "repeatable", "grad_meta", "layout", "vmap", "in_place")
 BATCH = 3  # cotangents in the vmap check
+# float64's own allowance in the items: the gradient's response to inputs nudged by this many ulps
+NUDGE_ULPS = 4
 
 Grads = dict[str, torch.Tensor]
 
@@ -115,7 +117,9 @@ class Probe:
         largest |g_dtype − g_float64| at the same point. Two computations of one gradient in
         the dtype (another layout, a doubled grad_output) may differ by that much each: the
         allowance the gradient itself gets (rounding.py). Empty where fn cannot run in float64."""
-        if dtype == torch.float64 or not dtype.is_floating_point:
+        if dtype == torch.float64:
+            return self._sensitivity()
+        if not dtype.is_floating_point:
             return {}
         try:
             exact = Probe.__new__(Probe)
@@ -131,6 +135,32 @@ class Probe:
             }
         except Exception:  # noqa: BLE001 - fn that holds tensors of the dtype: no float64 twin
             return {}
+
+    def _sensitivity(self) -> dict[str, float]:
+        """In float64, per input, how far this gradient moves when every input is nudged by
+        NUDGE_ULPS ulps (relative), both ways. Where the function is ill-conditioned (x − mean
+        at x ≈ 1e6 ± 1e-3: a layer norm of raw timestamps) two computations of one gradient in
+        another order (vmap's batch, another layout) differ by about that much, and it is no
+        finding; a well-conditioned gradient moves by a few ulps, far below the tolerance."""
+        try:
+            here = self.grad(*self.forward(), self.v, retain=False)
+            cotangents = set(self.case.cotangents.values())
+            moved: dict[str, float] = {}
+            for sign in (1.0, -1.0):
+                nudge = 1.0 + sign * NUDGE_ULPS * torch.finfo(torch.float64).eps
+                replace = {
+                    k: v * nudge for k, v in self.values.items()
+                    if isinstance(v, torch.Tensor) and v.dtype in (torch.float64, torch.complex128) and k not in cotangents
+                }
+                there = self.grad(*self.forward(replace), self.v, retain=False)
+                for name in here:
+                    if here[name].numel():
+                        gap = (_real(there[name]) - _real(here[name])).abs().nan_to_num(0.0).max()
+                        moved[name] = max(moved.get(name, 0.0), float(gap))
+            return moved
+        except Exception:  # noqa: BLE001 - fn that cannot run twice more: no allowance, the tolerance alone
+            return {}
+
     def fresh(self, cotangents: Mapping[int, torch.Tensor], *, batched: bool = False) -> Grads:
         """The gradient for `cotangents` from a new forward pass: one backward per graph."""
         outputs, leaves = self.forward()

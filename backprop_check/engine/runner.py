@@ -327,6 +327,9 @@ def check_point(
         timed_out, note = exc, f"{exc} while locating the wrong elements"
     checks = compare(numerical.gradients, autograd, manual, params, tol, noise)
     complexes.mark(checks, point.complex)
+    unresolved = None if noise is None else noise.note(dtype)
+    if unresolved:
+        note = unresolved if note is None else f"{note}; {unresolved}"
     if device != "cpu" and timed_out is None and autograd is not None:
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
         checks.extend(device_checks(autograd, on_cpu, params, device, tol))

@@ -12,6 +12,13 @@ element is the larger of
 - its **own deviation** |g_dtype − g_float64|, capped at DEVIATION_CAP of the larger of
   |g_float64| and the tensor's root-mean-square gradient: what the dtype did to this very code. A derivation bug is the same in both dtypes, so this never
   excuses one; a bug that only shows through rounding can hide at most the cap.
+
+Where UNRESOLVED_ULPS ulps of the dtype in the inputs move the float64 gradient itself by more
+than the cap (a layer norm of values 1e6 ± 1e-3: the inputs vary on a scale finer than float32
+holds, and its arithmetic errs by several ulps of them), the
+dtype cannot compute that element at this point, rightly or wrongly: its deviation is allowed
+uncapped there, the element is judged by its float64 twin alone (float64's tolerance, the same
+code at the same rounded point), and the result says so in a note.
 """
 from __future__ import annotations
 
@@ -24,6 +31,10 @@ from backprop_check.loading.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
 
 DEVIATION_CAP = 0.05
+# The dtype's arithmetic inside fn (a mean's sum, x − mean) errs by several ulps of the inputs'
+# scale, not one: an element that this many ulps of the inputs move by more than the cap is
+# beyond the dtype's resolution at the point.
+UNRESOLVED_ULPS = 32
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,21 @@ class Rounding:
 
     allowance: dict[str, dict[str, torch.Tensor]]
     twin: dict[str, dict[str, torch.Tensor]]
+    # name → (elements the dtype cannot resolve at this point, elements): judged in float64 only
+    unresolved: dict[str, tuple[int, int]]
+
+    def note(self, dtype: torch.dtype) -> str | None:
+        """One line naming the elements judged by their float64 twin alone, or None."""
+        if not self.unresolved:
+            return None
+        name = str(dtype).removeprefix("torch.")
+        where = ", ".join(f"{n} of {total} elements of {k!r}" for k, (n, total) in sorted(self.unresolved.items()))
+        return (
+            f"{name} cannot resolve the gradient at {where} at this point: {UNRESOLVED_ULPS} {name} ulps of the "
+            f"inputs move the float64 gradient there by more than {DEVIATION_CAP:.0%} (the inputs vary on a finer scale "
+            f"than {name} holds), so those elements are judged by the float64 twin alone (the same code at the "
+            "same rounded point, float64's tolerance)"
+        )
 
 
 def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None]) -> Rounding:
@@ -44,6 +70,7 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
     nudged = [_moved(at, steps, sign) for sign in (1.0, -1.0)]
     result: dict[str, dict[str, torch.Tensor]] = {}
     twins: dict[str, dict[str, torch.Tensor]] = {}
+    unresolved: dict[str, tuple[int, int]] = {}
     for source, grads in gradients.items():
         if grads is None:
             continue
@@ -66,9 +93,14 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
             # of, so an element that is small next to its neighbours (layer norm at x ≈ 1e3)
             # can be off by more than 5 % of itself and be correct code.
             typical = g.square().mean().sqrt() if g.numel() else g.abs()
-            deviation = torch.minimum((here - g).abs(), DEVIATION_CAP * torch.maximum(g.abs(), typical))
+            cap = DEVIATION_CAP * torch.maximum(g.abs(), typical)
+            beyond = UNRESOLVED_ULPS * torch.maximum((up[name] - g).abs(), (down[name] - g).abs()) > cap
+            deviation = torch.where(beyond, (here - g).abs(), torch.minimum((here - g).abs(), cap))
             result[source][name] = torch.nan_to_num(torch.maximum(sensitivity, deviation), nan=0.0)
-    return Rounding(result, twins)
+            count = int(beyond.sum())
+            if count:
+                unresolved[name] = (max(count, unresolved.get(name, (0, 0))[0]), g.numel())
+    return Rounding(result, twins, unresolved)
 
 
 def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:
