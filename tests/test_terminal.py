@@ -90,8 +90,8 @@ def test_the_cli_report_into_a_pipe_fits_COLUMNS(
         "@slope.manual\n"
         "def wrong(w, x, y):\n    return {'w': 2 * (w * x - y)}\n"
     )
-    monkeypatch.setenv("COLUMNS", "60")
+    monkeypatch.setenv("COLUMNS", "72")
     assert main(["run", str(path), "--device", "cpu", "--dtype", "float64", "--points", "0"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert max(len(line) for line in out) <= 60
-    assert max(len(line) for line in out) > 50  # laid out for 60, not merely short
+    assert max(len(line) for line in out) <= 72
+    assert max(len(line) for line in out) > 62  # laid out for 72, not merely short
