@@ -7,7 +7,7 @@ from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result, Verdict
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.diagnosis.graph import graph_of
-from backprop_check.diagnosis.hints import hints_for
+from backprop_check.diagnosis.hints import code_of, hints_for
 from backprop_check.loading.points import Point
 from backprop_check.sources import Gradients
 
@@ -67,7 +67,9 @@ def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tole
     result.checks = shown.checks
     result.points = len(outcomes)
     result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
-    result.hints = case.hints(shown, _said_of(case, hints_for(shown, outcomes))) if verdict == MISMATCH else []
+    if verdict == MISMATCH:
+        code = code_of(case.manual_fn) if culprit == Culprit.MANUAL else ""
+        result.hints = case.hints(shown, _said_of(case, hints_for(shown, outcomes, code)))
     result.message = describe(result, shown, len(failing), len(outcomes), tolerance, case.what)
     return result
 
