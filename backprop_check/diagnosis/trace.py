@@ -229,7 +229,7 @@ class Trace:
         self.steps.append(_step_record(step, epoch, index, loss, here.params, numerical, autograd, manual, outcome.verdict))
         self.steps[-1]["tolerance_ratio"] = max((c.ratio for c in checked.checks), default=0.0)
         if outcome.verdict == MISMATCH:
-            self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol.describe())
+            self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol)
             self.steps[-1]["checks"] = [check.to_dict() for check in checked.checks]
         return {k: stepper.values[k] for k in point.params}, loss
 

@@ -238,14 +238,14 @@ def check_combination(
                 raise checked.timed_out
     except CaseTimeout as exc:
         if any(o.verdict == Verdict.MISMATCH for o in outcomes):  # what was found stands
-            result = summarize(case, device, dtype_name, outcomes, tol.describe())
+            result = summarize(case, device, dtype_name, outcomes, tol)
             result.notes.extend(notes + [f"{exc}: the check stopped there; the mismatch found before stands"])
             result.reference = reference
             exc.partial = result
         raise
     except CaseError as exc:
         return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc)
-    result = summarize(case, device, dtype_name, outcomes, tol.describe())
+    result = summarize(case, device, dtype_name, outcomes, tol)
     result.notes.extend(notes)
     result.reference = reference
     return result
