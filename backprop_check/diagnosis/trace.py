@@ -197,7 +197,10 @@ class Trace:
 
     def closing(self, steps: int, samples: int | None) -> str:
         """The last line of a replay that ran through."""
-        sources = "manual, numerical and autograd" if self.case.manual_fn else "numerical and autograd"
+        if self.case.numpy:  # autograd does not apply to numpy code: two sources were compared
+            sources = "manual and numerical"
+        else:
+            sources = "manual, numerical and autograd" if self.case.manual_fn else "numerical and autograd"
         per = f" ({self.settings.epochs} epochs × {samples} samples)" if samples is not None else ""
         return f"checked {steps} step{'s' if steps != 1 else ''}{per}: {sources} agree at every step"
 
