@@ -140,14 +140,24 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
             found = getattr(exc, "partial", None)
             if found is not None:
                 results.append(found)
-            results.extend(error_result(case, d, t, str(exc), exc, label) for d, t in combinations[len(results) :])
+            results.extend(_broken(case, d, t, str(exc), exc, label) for d, t in combinations[len(results) :])
         except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
             reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
-            results.extend(error_result(case, d, t, reason, exc, label) for d, t in combinations[len(results) :])
+            results.extend(_broken(case, d, t, reason, exc, label) for d, t in combinations[len(results) :])
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
     return [jvp.named(result, case) for result in results] if mode == jvp.MODE else results
+
+
+def _broken(case: Case, device: str, dtype: str, reason: str, exc: BaseException, label: str) -> Result:
+    """A broken case's result on one device: an error where the device is here, else skipped as
+    any case is (one broken file is not four errors on a machine without CUDA, as the pytest
+    plugin already has it)."""
+    unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
+    if unavailable:
+        return result_for(case, device, dtype, Verdict.SKIPPED, message=unavailable)
+    return error_result(case, device, dtype, reason, exc, label)
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
