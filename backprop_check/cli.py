@@ -31,7 +31,7 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", dest="select", metavar="EXPR", help="select cases by name: 'linear and not mse'")
     add_to_argparse(parser)
     parser.add_argument("--format", choices=sorted(FORMATS), default="text", help="report format (default: text)")
-    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout ('-' is stdout; a regular file is replaced atomically)")
+    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout ('-' is stdout; a missing folder on the way is created; a regular file is replaced atomically)")
     parser.add_argument("--allow-empty", action="store_true", help="exit 0 when nothing was checked (no case defined or selected, every result skipped) instead of 5")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of a broken case")
     baseline.add_to_argparse(parser)

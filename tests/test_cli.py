@@ -498,3 +498,13 @@ def test_the_console_script_and_python_m_start_at_the_front_door_that_holds_ctrl
     root = Path(__file__).resolve().parents[1]
     assert 'backprop-check = "backprop_check.console:main"' in (root / "pyproject.toml").read_text()
     assert "backprop_check.console import main" in (root / "backprop_check" / "__main__.py").read_text()
+
+
+def test_output_into_a_missing_folder_creates_it_and_the_help_says_so(folder, capsys):
+    folder("cases.py", GOOD)
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a missing folder on the way is created" in help_text
+    assert run_cli(capsys, "run", "cases.py", *CPU, "--format", "json", "--output", "new/folder/report.json")[0] == 0
+    assert json.loads((folder.path / "new" / "folder" / "report.json").read_text())["summary"]["ok"] == 2
