@@ -214,3 +214,22 @@ def test_a_console_block_is_checked_line_by_line_with_gaps_and_wildcards() -> No
     assert missing(["linear cpu f64 mismatch"], output) is not None
     assert Command(1, "x", ["out", "[exit 5]"]).exit_code == 5
     assert Command(1, "x", ["out"]).exit_code == 0
+
+
+def test_every_command_line_option_is_documented() -> None:
+    """Each option of each command (and the plugin's `--bc-` ones) is named on a docs page."""
+    import argparse
+
+    from backprop_check.cli import parser
+    from backprop_check.options import OPTIONS
+
+    documented = "\n".join(page.read_text(encoding="utf-8") for page in PAGES[1:])
+    top = parser()
+    (commands_,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    wanted = {f"--bc-{option.name}" for option in OPTIONS}
+    for name, child in commands_.choices.items():
+        wanted.add(f"`{name}`")
+        for action in child._actions:
+            wanted.update(s for s in action.option_strings if s not in ("-h", "--help"))
+    missing_ = sorted(option for option in wanted if option not in documented)
+    assert not missing_, f"not named on any page under docs/: {missing_}"
