@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test wheel-check check bench gpu-check clean FORCE
+.PHONY: install test wheel-check check docs bench gpu-check clean FORCE
 
 # Reinstall when pyproject.toml or the TORCH requirement changes.
 $(VENV)/.torch: FORCE
@@ -36,6 +36,12 @@ wheel-check: install
 
 check: install
 	$(BIN)/backprop-check run cases/
+
+# The documentation site (mkdocs.yml, docs/) into build/site; a warning is an error. The pages'
+# examples are run by the test suite (tests/test_docs.py), not here.
+docs: install
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # BENCH: arguments for benchmarks/run.py, e.g. `make bench BENCH=--quick` or `BENCH=soundness`.
 # JAX is a bench-only extra (a row of section 5), never a dependency of the package.

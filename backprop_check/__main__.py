@@ -1,1 +1,1 @@
-from backprop_check.cli import main; raise SystemExit(main())
+from backprop_check.console import main; raise SystemExit(main())

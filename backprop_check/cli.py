@@ -31,7 +31,7 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", dest="select", metavar="EXPR", help="select cases by name: 'linear and not mse'")
     add_to_argparse(parser)
     parser.add_argument("--format", choices=sorted(FORMATS), default="text", help="report format (default: text)")
-    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout ('-' is stdout; a regular file is replaced atomically)")
+    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout ('-' is stdout; a missing folder on the way is created; a regular file is replaced atomically)")
     parser.add_argument("--allow-empty", action="store_true", help="exit 0 when nothing was checked (no case defined or selected, every result skipped) instead of 5")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of a broken case")
     baseline.add_to_argparse(parser)
@@ -54,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         check_writable(args.output, "--output")  # now, not after a long run
     try:
+        if getattr(args, "interrupted", False):  # Ctrl-C before the run could start (console.py)
+            raise Interrupted(Report(partial=True))
         report = run_plan(args.paths or DEFAULT_PATHS, plan)
     except Interrupted as interrupted:
         report = interrupted.report
@@ -77,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
             print(line)
     else:
         sys.stdout.write(rendered)
-    if report.not_checked:
+    if report.not_checked and not report.partial:  # an interrupted run did not get to check
         missing_device = report.strict_devices and report.summary["skipped"]
         accept = "--allow-skip skips it instead" if missing_device else "--allow-empty accepts that"
         print(f"backprop-check: {report.not_checked}; {accept}", file=sys.stderr)
@@ -151,10 +153,15 @@ def _version() -> str:
     return f"backprop-check {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The console script: parse `argv`, run the command, return the exit status."""
+def main(argv: Sequence[str] | None = None, *, interrupted: bool = False) -> int:
+    """The console script: parse `argv`, run the command, return the exit status.
+    `interrupted`: Ctrl-C was pressed before the command could start (while torch loaded):
+    `run` writes its empty report, marked partial, and every command exits 130."""
     try:
         args = parser().parse_args(argv)
+        if interrupted and args.handler is not command_run:
+            raise KeyboardInterrupt
+        args.interrupted = interrupted
         return args.handler(args)
     except UsageError as exc:
         print(f"backprop-check: error: {exc}", file=sys.stderr)

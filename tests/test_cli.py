@@ -470,3 +470,41 @@ def test_python_dash_m_runs_the_same_command(folder, capsys, monkeypatch):
         runpy.run_path(str(Path(backprop_check.__file__).with_name("__main__.py")), run_name="__main__")
     assert exited.value.code == 1
     assert "manual is the odd one out" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_torch_loads_writes_an_empty_partial_report_and_exits_130(folder, capsys, monkeypatch):
+    import signal
+
+    from backprop_check import console
+
+    folder("cases.py", GOOD)
+    real = console.load_cli
+
+    def pressed_during_the_import():
+        signal.raise_signal(signal.SIGINT)  # as if Ctrl-C came while torch imports
+        return real()
+
+    monkeypatch.setattr(console, "load_cli", pressed_during_the_import)
+    code = console.main(["run", "cases.py", *CPU, "--format", "json", "--output", "report.json"])
+    out, err = capsys.readouterr()
+    assert code == 130
+    assert "Traceback" not in err and "stopping once torch has loaded" in err and "nothing was checked" not in err
+    report = json.loads((folder.path / "report.json").read_text())
+    assert report["summary"]["partial"] is True and report["results"] == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+
+
+def test_the_console_script_and_python_m_start_at_the_front_door_that_holds_ctrl_c():
+    root = Path(__file__).resolve().parents[1]
+    assert 'backprop-check = "backprop_check.console:main"' in (root / "pyproject.toml").read_text()
+    assert "backprop_check.console import main" in (root / "backprop_check" / "__main__.py").read_text()
+
+
+def test_output_into_a_missing_folder_creates_it_and_the_help_says_so(folder, capsys):
+    folder("cases.py", GOOD)
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a missing folder on the way is created" in help_text
+    assert run_cli(capsys, "run", "cases.py", *CPU, "--format", "json", "--output", "new/folder/report.json")[0] == 0
+    assert json.loads((folder.path / "new" / "folder" / "report.json").read_text())["summary"]["ok"] == 2

@@ -240,3 +240,34 @@ def test_a_report_shows_why_nothing_was_checked_and_the_baselines_stale_entries(
     markdown = FORMATS["markdown"](report)
     assert markdown.startswith("### ❌ backprop-check failed\n\n**nothing was checked: all 1 results were skipped")
     assert "**baseline gradients.json: 1 results not in it: new[cpu-float64]**" in markdown
+
+
+BROKEN_FILES = {
+    "c01_syntax_error.py": "from backprop_check import case\n\n@case(params={'w': 1.0}\ndef c01(w):\n    return w\n",
+    "c02_forward_raises.py": (
+        "from backprop_check import case\n\n@case(params={'w': 1.0})\ndef c02(w):\n    raise ValueError('no')\n"
+    ),
+}
+
+
+def test_a_broken_file_is_one_junit_error_per_run_here_named_as_pytest_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, source in BROKEN_FILES.items():
+        (tmp_path / name).write_text(source)
+    out = tmp_path / "junit.xml"
+    assert main(["run", str(tmp_path), "--points", "0", "--format", "junit", "--output", str(out)]) == 2
+    cases = {(c.get("classname"), c.get("name")): c for c in ET.parse(out).getroot().iter("testcase")}
+    errors = sorted(key for key, c in cases.items() if c.find("error") is not None)
+    skipped = sorted(key for key, c in cases.items() if c.find("skipped") is not None)
+    # No CUDA here: its runs of a broken case are skipped, as every case's are (and as the plugin has it).
+    assert errors == [
+        ("c01_syntax_error", "import"),
+        ("c02_forward_raises", "c02[cpu-float32]"),
+        ("c02_forward_raises", "c02[cpu-float64]"),
+    ]
+    assert skipped == [("c02_forward_raises", "c02[cuda-float32]"), ("c02_forward_raises", "c02[cuda-float64]")]
+    assert "CUDA is not available" in cases[("c02_forward_raises", "c02[cuda-float64]")].find("skipped").get("message")

@@ -182,3 +182,18 @@ def test_fast_mode_still_finds_a_wrong_element_of_a_large_input() -> None:
 
     with pytest.raises(bc.GradcheckError, match=r"x\[12, 57\]"):  # 777 = 12·60 + 57
         bc.gradcheck(OneWrong.apply, (x64(50, 60),), fast_mode=True)
+
+
+def test_the_time_limit_message_names_gradchecks_keyword_not_the_cli_option() -> None:
+    import time
+
+    from backprop_check import CaseError, gradcheck
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return x.sin()
+
+    with pytest.raises(CaseError) as raised:
+        gradcheck(slow, (torch.randn(3, dtype=torch.float64),), timeout=0.2)
+    assert "ran past its time limit of 0.2s (timeout= of gradcheck()" in str(raised.value)
+    assert "--timeout" not in str(raised.value)

@@ -155,3 +155,22 @@ def test_hints_appear_in_the_text_and_json_reports() -> None:
 def test_a_batch_dimension_that_does_not_sum_to_the_gradient_gets_no_batch_hint() -> None:
     hints = hints_of(mse_case(lambda w, X, Y: {"w": 3 * X}))
     assert not any("batch dimension" in hint for hint in hints)
+
+
+def _sum_without_the_1_over_n(w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> dict[str, Any]:
+    return {"w": (2 * X * (w * X - Y)).sum()}
+
+
+def _the_tutorials_empty_mean(w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> dict[str, Any]:
+    return {"w": torch.dot(2 * X, w * X - Y).mean()}
+
+
+@pytest.mark.parametrize("manual, said", [
+    pytest.param(_sum_without_the_1_over_n, False, id="a-sum-with-no-mean-gets-no-word-about-mean"),
+    pytest.param(_the_tutorials_empty_mean, True, id="a-mean-of-a-dot-product-is-named"),
+])
+def test_the_mean_of_a_sum_is_mentioned_only_where_the_manual_code_has_one(manual: Callable[..., dict[str, Any]], said: bool) -> None:
+    (result,) = run([mse_case(manual)], **CPU64).results
+    (hint,) = [h for h in result.hints if "4× the true gradient" in h]
+    assert hint.endswith("the 1/N of a mean over the batch is missing" + (
+        " (a .mean() of a number that is already a sum does nothing)" if said else ""))

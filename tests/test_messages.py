@@ -140,3 +140,59 @@ def test_a_gradient_penalty_needs_no_enable_grad_and_leaks_no_warning(recwarn: p
     results = run(gradient_penalty, devices=["cpu"], points=2).results
     assert [r.verdict for r in results] == ["ok", "ok"], [r.message for r in results]
     assert [str(w.message) for w in recwarn.list if "requires_grad" in str(w.message)] == []
+
+
+class _IgnoresGradOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return x.cos()  # grad_output forgotten
+
+
+class _TwiceTheSine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return 2 * grad * x.cos()
+
+
+def _inputs(n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def test_a_backward_that_ignores_grad_output_is_said_in_the_text_report_and_the_gradcheck_error() -> None:
+    from backprop_check import check, gradcheck
+    from backprop_check.formats import text
+
+    said = "the backward of _IgnoresGradOutput ignores grad_output of output 0"
+    report = check(_IgnoresGradOutput.apply, (_inputs(3),), points=0, devices=["cpu"], dtypes=["float64"])
+    assert said in " ".join(text.render(report).split())
+    with pytest.raises(RuntimeError) as raised:
+        gradcheck(_IgnoresGradOutput.apply, (_inputs(3),))
+    assert said in " ".join(str(raised.value).split())
+
+
+def test_a_float32_comparison_of_the_float64_twins_names_float64s_tolerance() -> None:
+    from backprop_check import check
+
+    (result,) = check(_TwiceTheSine.apply, (_inputs(3),), points=0, devices=["cpu"], dtypes=["float32"]).results
+    assert "(float64's rtol 1e-07, atol 1e-09·max|grad|, for the float64 twins" in result.message
+    assert "rtol 0.0001" not in result.message  # float32's: not what this error was measured against
+
+
+def test_a_sampled_tensor_says_its_count_of_wrong_elements_is_a_lower_bound() -> None:
+    from backprop_check import check
+
+    (result,) = check(_TwiceTheSine.apply, (_inputs(140),), points=0, devices=["cpu"], dtypes=["float64"]).results
+    assert result.checks[0].culprits == {"autograd": result.checks[0].bad} and result.checks[0].bad < 140
+    assert f"at least {result.checks[0].bad} of 140 elements of `x` disagree (counted among the" in result.message

@@ -80,3 +80,17 @@ def test_without_matplotlib_a_plot_option_says_in_one_line_what_to_install(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["backprop-check: error: pictures need matplotlib, which is not installed: pip install 'backprop_check[plot]'"]
     assert not (tmp_path / "t.png").exists()
+
+
+def test_a_trace_that_stops_at_step_1_draws_its_one_step_in_both_panels(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    record = tmp_path / "trace.json"
+    tutorial_bug = str(ROOT / "examples" / "tutorial_bug.py")
+    assert main(["trace", tutorial_bug, "--epochs", "20", "--lr", "0.01", "--json", str(record)]) == 1
+    trace = json.loads(record.read_text())
+    assert len(trace["steps"]) == 1
+    _, bottom = plot.trace_figure(trace).axes
+    drawn = [line for line in bottom.lines if line.get_label().endswith("vs numerical") or line.get_label() == "manual vs autograd"]
+    assert drawn, "the lower panel has no line of the sources' agreement"
+    # One point makes no line: each is visible only as a marker.
+    assert all(line.get_marker() not in (None, "", "None", " ") for line in drawn)
+    assert any(float(line.get_ydata()[0]) > 0.5 for line in drawn)  # manual is off by 3× the true gradient there

@@ -8,7 +8,7 @@ import pytest
 from backprop_check import case
 from backprop_check.cli import main
 from backprop_check.engine.runner import Plan, check_case
-from backprop_check.formats.terminal import Progress
+from backprop_check.formats.terminal import MIN_WIDTH, WIDTH, Progress, style_for
 
 
 class Terminal(io.StringIO):
@@ -64,3 +64,34 @@ def test_the_cli_writes_no_progress_into_captured_stderr(capsys: pytest.CaptureF
     path.write_text("from backprop_check import case\n\n@case(params={'w': 1.0})\ndef square(w):\n    return w ** 2\n")
     assert main(["run", str(path), "--device", "cpu"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("columns, width", [
+    pytest.param("80", 80, id="COLUMNS=80-gives-80"),
+    pytest.param("132", 132, id="COLUMNS=132-gives-132"),
+    pytest.param("wide", WIDTH, id="a-COLUMNS-that-is-no-number-is-ignored"),
+    pytest.param("10", MIN_WIDTH, id="a-tiny-COLUMNS-still-gets-the-least-width"),
+])
+def test_a_pipe_follows_COLUMNS_as_shutil_get_terminal_size_does(
+    monkeypatch: pytest.MonkeyPatch, columns: str, width: int
+) -> None:
+    monkeypatch.setenv("COLUMNS", columns)
+    assert style_for(io.StringIO()).width == width
+
+
+def test_the_cli_report_into_a_pipe_fits_COLUMNS(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path  # noqa: ANN001
+) -> None:
+    path = tmp_path / "cases.py"
+    path.write_text(
+        "from backprop_check import case\n\n"
+        "@case(params={'w': 1.0}, data={'x': 3.0, 'y': 2.0})\n"
+        "def slope(w, x, y):\n    return (w * x - y) ** 2\n\n"
+        "@slope.manual\n"
+        "def wrong(w, x, y):\n    return {'w': 2 * (w * x - y)}\n"
+    )
+    monkeypatch.setenv("COLUMNS", "72")
+    assert main(["run", str(path), "--device", "cpu", "--dtype", "float64", "--points", "0"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in out) <= 72
+    assert max(len(line) for line in out) > 62  # laid out for 72, not merely short

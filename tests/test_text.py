@@ -97,6 +97,7 @@ def test_verdicts_are_coloured_only_when_the_style_says_so(report: Report) -> No
 
 def test_a_stream_that_is_not_a_terminal_gets_100_plain_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("COLUMNS", raising=False)
     assert style_for(io.StringIO()) == Style(width=WIDTH, colour=False)
 
 

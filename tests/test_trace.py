@@ -158,3 +158,10 @@ def test_a_diverging_descent_ends_with_one_line(capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert code == 2
     assert "gradient descent diverged (a smaller --lr?)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_numpy_case_closes_with_the_two_sources_it_compared(capsys: pytest.CaptureFixture[str]) -> None:
+    numpy_tutorial = str(Path(__file__).resolve().parents[1] / "examples" / "numpy_tutorial.py")
+    assert main(["trace", numpy_tutorial, "-k", "tutorial_fixed", "--epochs", "2", "--lr", "0.01"]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == "checked 2 steps: manual and numerical agree at every step"  # autograd does not apply

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,8 +36,9 @@ if TYPE_CHECKING:
 # How close a ratio must be to a named factor, by the dtype the gradients were computed in.
 
 
-def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
-    """Hints for the shown (failing) outcome; `outcomes` are all the points of the result."""
+def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[str]:
+    """Hints for the shown (failing) outcome; `outcomes` are all the points of the result;
+    `code` the source of the manual gradient (see `code_of`), which a hint may quote."""
     hints: list[str] = []
     factors: dict[tuple[str, str], list[str]] = {}
     for check in _wrong(shown):
@@ -56,7 +58,7 @@ def hints_for(shown: Outcome, outcomes: list[Outcome]) -> list[str]:
         if transposed:
             hints.append(transposed)
             continue
-        reason = _factor_reason(odd, reference, shown, str(check.culprit))
+        reason = _factor_reason(odd, reference, shown, str(check.culprit), code if check.culprit == Culprit.MANUAL else "")
         if reason and check.complex:
             reason = reason.replace(_HALF, f"half the true gradient: ∂L/∂z̄ without torch's factor 2 ({CONVENTION})")
         if reason:
@@ -128,7 +130,7 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
 NOTHING_FLOWS = "zero in every element while the true gradient is not: no gradient flows back to it"
 
 
-def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, culprit: str) -> str | None:
+def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, culprit: str, code: str = "") -> str | None:
     """Why `odd` is a constant multiple of `reference`, or None when it is not one."""
     norm = float((reference * reference).sum())
     if norm == 0.0:
@@ -144,7 +146,7 @@ def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, c
     # margin (10·rtol: half of 1) must not read it as "twice" (one wrong element among right ones).
     if abs(factor - 1) <= 2 * rtol:
         return None
-    named = [reason for value, reason in _named_factors(shown) if abs(factor - value) <= 10 * rtol * abs(value)]
+    named = [reason for value, reason in _named_factors(shown, code) if abs(factor - value) <= 10 * rtol * abs(value)]
     if named:
         return " or ".join(named)
     if int((reference != 0).sum()) < 2:  # one number is always some multiple of another
@@ -166,9 +168,15 @@ _ZERO = {
 _HALF = "half the true gradient: a missing factor 2 (d(s²)/ds = 2s)"
 
 
-def _named_factors(shown: Outcome) -> list[tuple[float, str]]:
+# A `.mean()` with nothing to average over: the tutorial's `np.dot(2*x, y_pred - y).mean()`.
+_EMPTY_MEAN = re.compile(r"\.mean\(\s*\)")
+
+
+def _named_factors(shown: Outcome, code: str = "") -> list[tuple[float, str]]:
+    # Said only where the manual gradient's code has a .mean(): elsewhere it explains nothing.
+    why = " (a .mean() of a number that is already a sum does nothing)" if _EMPTY_MEAN.search(code) else ""
     factors = [(n, f"{n}× the true gradient, with N = {n} = {label}: the 1/N of a mean over the batch is "
-                   "missing (a .mean() of a number that is already a sum does nothing)")
+                   f"missing{why}")
                for n, label in _batch_sizes(shown)]
     factors += [(1 / n, f"1/{n} of the true gradient, with N = {n} = {label}: divided by N once too often")
                 for n, label in _batch_sizes(shown)]
@@ -304,3 +312,24 @@ def _rtol(shown: Outcome) -> float:
     autograd = shown.gradients.get("autograd") or shown.gradients.get("manual")  # numpy: no autograd
     dtype = next(iter(autograd.values.values())).dtype if autograd is not None and autograd.values else torch.float64
     return dtypes.row(str(dtype)).hint_rtol
+
+
+def code_of(fn: Callable[..., object] | None) -> str:
+    """The source of a manual gradient `fn` and of the functions of its module it calls by name
+    (the tutorial's `.manual` calls its `gradient(x, y, y_pred)`); "" where it cannot be read."""
+    if fn is None:
+        return ""
+    fn = inspect.unwrap(fn)
+    found = [fn]
+    module_globals = getattr(fn, "__globals__", {})
+    for name in getattr(getattr(fn, "__code__", None), "co_names", ()):
+        called = module_globals.get(name)
+        if inspect.isfunction(called) and called.__module__ == fn.__module__:
+            found.append(called)
+    texts = []
+    for each in found:
+        try:
+            texts.append(inspect.getsource(each))
+        except (OSError, TypeError):  # defined in a REPL or by exec: nothing to quote
+            continue
+    return "\n".join(texts)

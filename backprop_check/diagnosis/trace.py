@@ -197,7 +197,10 @@ class Trace:
 
     def closing(self, steps: int, samples: int | None) -> str:
         """The last line of a replay that ran through."""
-        sources = "manual, numerical and autograd" if self.case.manual_fn else "numerical and autograd"
+        if self.case.numpy:  # autograd does not apply to numpy code: two sources were compared
+            sources = "manual and numerical"
+        else:
+            sources = "manual, numerical and autograd" if self.case.manual_fn else "numerical and autograd"
         per = f" ({self.settings.epochs} epochs × {samples} samples)" if samples is not None else ""
         return f"checked {steps} step{'s' if steps != 1 else ''}{per}: {sources} agree at every step"
 
@@ -229,7 +232,7 @@ class Trace:
         self.steps.append(_step_record(step, epoch, index, loss, here.params, numerical, autograd, manual, outcome.verdict))
         self.steps[-1]["tolerance_ratio"] = max((c.ratio for c in checked.checks), default=0.0)
         if outcome.verdict == MISMATCH:
-            self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol.describe())
+            self.stopped = summarize(self.case, s.device, s.dtype, [outcome], tol)
             self.steps[-1]["checks"] = [check.to_dict() for check in checked.checks]
         return {k: stepper.values[k] for k in point.params}, loss
 

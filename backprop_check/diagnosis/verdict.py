@@ -7,9 +7,13 @@ from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result, Verdict
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.diagnosis.graph import graph_of
-from backprop_check.diagnosis.hints import hints_for
+from backprop_check.diagnosis.hints import code_of, hints_for
 from backprop_check.loading.points import Point
 from backprop_check.sources import Gradients
+from backprop_check.engine.tolerance import Tolerance
+
+# How compare.py names a comparison of the float64 twins ("manual vs numerical (float64 twins)").
+TWINS = "(float64 twins)"
 
 
 def outcome_of(
@@ -45,8 +49,9 @@ def _undecided(outcome: Outcome) -> bool:
     return bool(bad) and all(check.culprits and set(check.culprits) == {Culprit.UNDECIDED} for check in bad)
 
 
-def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tolerance: str) -> Result:
-    """One result from the outcomes at every point: the worst point speaks for the rest."""
+def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tolerance: str | Tolerance) -> Result:
+    """One result from the outcomes at every point: the worst point speaks for the rest.
+    `tolerance`: the run's (a `Tolerance`, or its description)."""
     failing = [o for o in outcomes if o.verdict == MISMATCH]
     kinked = [o for o in outcomes if o.verdict == NONDIFFERENTIABLE]
     if failing:
@@ -67,7 +72,9 @@ def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tole
     result.checks = shown.checks
     result.points = len(outcomes)
     result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
-    result.hints = case.hints(shown, _said_of(case, hints_for(shown, outcomes))) if verdict == MISMATCH else []
+    if verdict == MISMATCH:
+        code = code_of(case.manual_fn) if culprit == Culprit.MANUAL else ""
+        result.hints = case.hints(shown, _said_of(case, hints_for(shown, outcomes, code)))
     result.message = describe(result, shown, len(failing), len(outcomes), tolerance, case.what)
     return result
 
@@ -118,12 +125,40 @@ def where_it_slips(result: Result, shown: Outcome) -> str:
     )
 
 
-def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance: str, what: str = "loss") -> str:
+def judged_by(tolerance: str | Tolerance, compared: str | None) -> str:
+    """The tolerance a comparison was judged by, in words: below float64 a comparison of the
+    float64 twins (`compared` says so) was judged by float64's, not by the run dtype's."""
+    if isinstance(tolerance, str):
+        return tolerance
+    if tolerance.twin is not None and compared and compared.endswith(TWINS):
+        return f"float64's {tolerance.twin.describe()}, for the float64 twins: the same code run in float64 at this point"
+    return tolerance.describe()
+
+
+def disagreeing(check: Check, of: str = "") -> str:
+    """How many elements (`of` a named tensor) disagree, when more than one does. Where only some
+    were estimated numerically, only those and the ones where manual and autograd differ are
+    counted: the count is a lower bound, and is said so."""
+    if check.bad <= 1:
+        return ""
+    coverage = check.coverage or {}
+    estimated = coverage.get("numerical", check.size)
+    if estimated < check.size:
+        both = " and every element where manual and autograd differ" if coverage.get("manual_vs_autograd") else ""
+        return (f"; at least {check.bad} of {check.size} elements{of} disagree (counted among the "
+                f"{estimated} estimated numerically{both})")
+    return f"; {check.bad} of {check.size} elements{of} disagree"
+
+
+def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance: str | Tolerance, what: str = "loss") -> str:
     """The result in one or two sentences: which source, which element, how far off (the
     gradient of `what`: the loss, or at order 2 ∇loss·u)."""
     if result.verdict == OK:
         worst = max(shown.checks, key=lambda c: c.ratio, default=None)
-        return "" if worst is None else f"all agree; closest call {worst.label} at {worst.ratio:.2g}× its tolerance ({tolerance})"
+        return "" if worst is None else (
+            f"all agree; closest call {worst.label} at {worst.ratio:.2g}× its tolerance "
+            f"({judged_by(tolerance, worst.compared)})"
+        )
     if result.verdict == NONDIFFERENTIABLE:
         kinks = [c for c in shown.checks if c.kinks]
         names = ", ".join(f"{c.label} ({c.note})" for c in kinks[:3])
@@ -163,11 +198,11 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
             values.append(f"autograd {check.autograd:.8g}")
         text = (
             f"d{what}/d{check.label}: {', '.join(values)}; error {check.abs_err:.3g} "
-            f"(rel {check.rel_err:.3g}), {check.ratio:.3g}× the tolerance {check.allowed:.3g} ({tolerance}"
+            f"(rel {check.rel_err:.3g}), {check.ratio:.3g}× the tolerance {check.allowed:.3g} "
+            f"({judged_by(tolerance, check.compared)}"
             + (f", + {check.rounding:.2g} for {result.dtype} rounding at this point)" if check.rounding else ")")
         )
-        if check.bad > 1:
-            text += f"; {check.bad} of {check.size} elements disagree"
+        text += disagreeing(check)
     where = f" at the {shown.point.describe()}"
     expect_only = all(c.kind == CheckKind.EXPECT for c in bad)  # published values hold at the given point only
     others = f"; {failing} of {total} points disagree" if total > 1 and not expect_only else ""

@@ -151,10 +151,10 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
             found = getattr(exc, "partial", None)
             if found is not None:
                 results.append(found)
-            results.extend(_unchecked(case, d, t, str(exc), exc, label) for d, t in combinations[len(results) :])
+            results.extend(_broken(case, d, t, str(exc), exc, label) for d, t in combinations[len(results) :])
         except Exception as exc:  # noqa: BLE001 - a bug here must not hide the other cases
             reason = f"internal error of backprop_check: {one_line(exc)} (--traceback shows where; please report it)"
-            results.extend(error_result(case, d, t, reason, exc, label) for d, t in combinations[len(results) :])
+            results.extend(_broken(case, d, t, reason, exc, label) for d, t in combinations[len(results) :])
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
@@ -174,13 +174,16 @@ def exact_in(point: Point, dtype: torch.dtype) -> bool:
     return all(
         torch.equal(rounded.params[k], v) for k, v in point.params.items()
     ) and all(torch.equal(rounded.data[k], v) for k, v in point.data.items())
-def _unchecked(case: Case, device: str, dtype_name: str, reason: str, exc: BaseException, label: str) -> Result:
-    """A row the case's error (or time limit) left unchecked: skipped where its device is not
-    here (it would have been skipped anyway: a CPU time limit is no CUDA error), else an error."""
+
+
+def _broken(case: Case, device: str, dtype: str, reason: str, exc: BaseException, label: str) -> Result:
+    """A broken case's result on one device: an error where the device is here, else skipped as
+    any case is (one broken file is not four errors on a machine without CUDA, as the pytest
+    plugin already has it)."""
     unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
     if unavailable:
-        return result_for(case, device, dtype_name, Verdict.SKIPPED, message=unavailable)
-    return error_result(case, device, dtype_name, reason, exc, label)
+        return result_for(case, device, dtype, Verdict.SKIPPED, message=unavailable)
+    return error_result(case, device, dtype, reason, exc, label)
 
 
 def numerical_for(case: Case, point: Point, dtype: torch.dtype, plan: Plan) -> Reference:
@@ -272,14 +275,14 @@ def check_combination(
                 raise checked.timed_out
     except CaseTimeout as exc:
         if any(o.verdict == Verdict.MISMATCH for o in outcomes):  # what was found stands
-            result = summarize(case, device, dtype_name, outcomes, tol.describe())
+            result = summarize(case, device, dtype_name, outcomes, tol)
             result.notes.extend(notes + [f"{exc}: the check stopped there; the mismatch found before stands"])
             result.reference = reference
             exc.partial = result
         raise
     except CaseError as exc:
         return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc)
-    result = summarize(case, device, dtype_name, outcomes, tol.describe())
+    result = summarize(case, device, dtype_name, outcomes, tol)
     result.notes.extend(notes)
     result.reference = reference
     return result

@@ -1,7 +1,7 @@
 """The JUnit XML report, as CI systems display it: one `<testcase>` per result.
 
 `classname` is the case file's stem and `name` the result's id (`linear[cpu-float64]`), so a CI
-test view groups results by file. A mismatch is a `<failure type="mismatch">` carrying the text
+test view groups results by file; a file that could not be loaded is `import`, as in pytest. A mismatch is a `<failure type="mismatch">` carrying the text
 report's table, message, hints and notes; a broken case an `<error>`; an unavailable device a
 `<skipped>`. ElementTree does the escaping.
 
@@ -60,7 +60,7 @@ def _properties(report: Report) -> dict[str, str]:
 
 def testcase(result: Result) -> ET.Element:
     """One result as a `<testcase>`, with its failure, error or skip reason."""
-    attributes = {"classname": _classname(result), "name": result.id, "time": f"{result.seconds:.3f}"}
+    attributes = {"classname": _classname(result), "name": _name(result), "time": f"{result.seconds:.3f}"}
     if result.file:
         attributes["file"] = result.file
     if result.line:
@@ -82,6 +82,14 @@ def testcase(result: Result) -> ET.Element:
 
 def _explain(result: Result) -> str:
     return text.render(Report(results=[result], seconds=result.seconds))
+
+
+def _name(result: Result) -> str:
+    """`linear[cpu-float64]`; a file that could not be loaded has no device or dtype: `import`
+    (as the pytest plugin names it), or the case it names (a duplicate name)."""
+    if result.device != "-":
+        return result.id
+    return "import" if not result.file or result.case == Path(result.file).stem else result.case
 
 
 def _classname(result: Result) -> str:

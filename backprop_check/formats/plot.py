@@ -56,14 +56,16 @@ def trace_figure(trace: dict[str, Any]) -> Figure:
     figure, (top, bottom) = pyplot.subplots(2, 1, sharex=True, figsize=SIZE, dpi=DPI)
     steps = trace["steps"]
     numbers = [step["step"] for step in steps]
-    top.plot(numbers, [step["loss"] for step in steps], marker="." if len(steps) < 60 else None, label="loss")
+    # A line needs two points: a replay that stops at step 1 has one, shown as a marker.
+    marker = "." if len(steps) < 60 else None
+    top.plot(numbers, [step["loss"] for step in steps], marker=marker, label="loss")
     top.set_ylabel("loss")
     top.set_title(f"{trace['case']}: gradient descent, lr {trace['lr']:g}, {trace['dtype']} on {trace['device']}")
     pairs = [("manual", "numerical"), ("autograd", "numerical"), ("manual", "autograd")]
     for a, b in pairs:
         distances = [_relative(step["gradients"], a, b) for step in steps]
         if any(d is not None for d in distances):
-            bottom.plot(numbers, [math.nan if d is None else max(d, 1e-17) for d in distances], label=f"{a} vs {b}")
+            bottom.plot(numbers, [math.nan if d is None else max(d, 1e-17) for d in distances], marker=marker, label=f"{a} vs {b}")
     bottom.set_yscale("log")
     bottom.set_xlabel("step")
     bottom.set_ylabel("max |difference| / max |numerical|")

@@ -1,8 +1,9 @@
 """What a terminal allows: its width, colour for the verdicts, and a progress line while a run goes.
 
 Nothing here writes escape codes or progress into a file, a pipe or a captured stream: those get
-plain text at `WIDTH` columns. Colour also stays off when `NO_COLOR` is set (https://no-color.org)
-or `TERM=dumb`.
+plain text at `COLUMNS` columns when that variable is set (the convention of
+`shutil.get_terminal_size`), else at `WIDTH`. Colour also stays off when `NO_COLOR` is set
+(https://no-color.org) or `TERM=dumb`.
 """
 from __future__ import annotations
 
@@ -53,11 +54,23 @@ def is_terminal(stream: IO[str] | None) -> bool:
 
 
 def style_for(stream: IO[str] | None) -> Style:
-    """The terminal's width and colour for `stream`; plain text at `WIDTH` columns otherwise."""
+    """The terminal's width and colour for `stream`; plain text otherwise, at `COLUMNS` columns
+    when that is set, else at `WIDTH`."""
     if not is_terminal(stream):
-        return Style()
+        return Style(width=max(MIN_WIDTH, _columns_variable() or WIDTH))
     columns = shutil.get_terminal_size((WIDTH, 24)).columns
     return Style(width=max(MIN_WIDTH, columns), colour=colour_allowed())
+
+
+def _columns_variable() -> int | None:
+    """`COLUMNS` as `shutil.get_terminal_size` reads it: a positive integer, else None. It is
+    read for a file or a pipe too (`COLUMNS=80 backprop-check run … | less`), where asking the
+    terminal would measure a terminal the text is not going to."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        return None
+    return columns if columns > 0 else None
 
 
 def colour_allowed() -> bool:

@@ -139,6 +139,11 @@ def _details(result: Result, style: Style) -> list[str]:
     out = textwrap.wrap(plain + head[len(mark):] + result.message, style.width, subsequent_indent="    ", break_on_hyphens=False)
     if out:
         out[0] = mark + out[0][len(plain):]
+    for check in result.checks:
+        # The custom-Function contract's findings (a backward that ignores grad_output) are
+        # rows of their own with no numbers: what they found is said here, in words.
+        if check.kind == CheckKind.CONTRACT and check.verdict == Verdict.MISMATCH and check.note and check.note not in result.message:
+            out.extend(textwrap.wrap(f"{check.name}: {check.note}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     for hint in result.hints:
         out.extend(textwrap.wrap(f"hint: {hint}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     for note in result.notes:

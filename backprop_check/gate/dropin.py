@@ -216,7 +216,8 @@ def _checked(
     )
     broken = [r for r in report.results if r.verdict == Verdict.ERROR]
     if broken:
-        raise CaseError(broken[0].message)
+        # The time limit names the CLI's option; here it is this function's keyword.
+        raise CaseError(broken[0].message.replace("(--timeout)", f"(timeout= of {what}(), in seconds; None for no limit)"))
     failed = [r for r in report.results if r.verdict == Verdict.MISMATCH]
     if not failed:
         return True

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from backprop_check.diagnosis import contract
+from backprop_check.diagnosis.verdict import disagreeing, judged_by
 from backprop_check.dtypes import TABLE as DTYPE_TABLE
 from backprop_check.model.case import Case, as_modes, register
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
@@ -587,10 +588,9 @@ def _output_check(
     note = (
         f"the gradient of output {k} with respect to input `{check.name}` at {label} (Jᵀv for a random "
         f"grad_output v): {', '.join(values)}; error {error:.3g}, {ratio:.3g}× the tolerance {allowed:.3g} "
-        f"({tol.describe()})"
+        f"({judged_by(tol, check.compared)})"
     )
-    if check.bad > 1:
-        note += f"; {check.bad} of {check.size} elements of `{check.name}` disagree"
+    note += disagreeing(check, f" of `{check.name}`")
     return Check(
         name=f"output {k} → {check.name}",
         kind=CheckKind.OUTPUT,
