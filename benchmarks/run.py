@@ -1,18 +1,9 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [distributed]
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [reference]
+    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel]
+        [function] [full] [orders] [distributed] [reference] [kernels] [profile] [referee] [opinfo]
 
-Prints ten sections (all of them when none is named) and writes nothing: the numbers are
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [kernels] [profile]
-
-Prints eleven sections (all of them when none is named) and writes nothing: the numbers are
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [referee]
-
-Prints ten sections (all of them when none is named) and writes nothing: the numbers are
-    .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel] [function] [full] [orders] [opinfo]
-
-Prints ten sections (all of them when none is named) and writes nothing: the numbers are
+Prints fifteen sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -28,13 +19,13 @@ repeats and trials, for a short look (record figures from the full run).
 8. full      — `--full` at ~22k parameters against gradcheck slow, with and without the replay.
 9. orders    — order=2 against gradgradcheck, forward mode against gradcheck(check_forward_ad=True).
 10. distributed — a tensor-parallel MLP checked on 2 and 4 gloo ranks against a one-process check.
-10. reference — a bfloat16 kernel with reference= against a float64 check; false alarms; a 1.25× slip.
-10. kernels  — small custom Functions and a tiled attention vmap cannot batch: check() and the drop-in
+11. reference — a bfloat16 kernel with reference= against a float64 check; false alarms; a 1.25× slip.
+12. kernels  — small custom Functions and a tiled attention vmap cannot batch: check() and the drop-in
                against gradcheck, quiet and with every core kept busy (benchmarks/kernels.py).
-11. profile  — where a default check()'s time goes, stage by stage (benchmarks/stages.py).
-10. referee  — the numerical referee on inputs far from zero: correct torch code ok, 1e-4 slips
+13. profile  — where a default check()'s time goes, stage by stage (benchmarks/stages.py).
+14. referee  — the numerical referee on inputs far from zero: correct torch code ok, 1e-4 slips
                found, error bars against exact derivatives (benchmarks/referee.py, issue 28).
-10. opinfo   — the drop-in on op_db against torch's slow and fast gradcheck, and planted slips
+15. opinfo   — the drop-in on op_db against torch's slow and fast gradcheck, and planted slips
                (a slice of it, resumable: benchmarks/opinfo.py runs the whole of it).
 """
 from __future__ import annotations
@@ -84,14 +75,14 @@ SECTIONS: dict[str, tuple[str, Section]] = {
                lambda quick: orders.run(1 if quick else 3)),
     "distributed": ("10. distributed: a tensor-parallel MLP on 2 and 4 ranks vs a one-process check",
                     lambda quick: distributed.run(1 if quick else 3)),
-    "reference": ("10. kernels: a bfloat16 kernel with reference= vs a float64 check; false alarms; one element 1.25× off",
+    "reference": ("11. kernels: a bfloat16 kernel with reference= vs a float64 check; false alarms; one element 1.25× off",
                   reference.run),
-    "kernels": ("10. kernels: small custom Functions and a tiled attention, quiet and busy, vs gradcheck",
+    "kernels": ("12. kernels: small custom Functions and a tiled attention, quiet and busy, vs gradcheck",
                 lambda quick: kernels.run(1 if quick else 3, busy=True)),
-    "profile": ("11. profile: where a default check()'s time goes", lambda quick: (stages.run(1 if quick else 3), [])),
-    "referee": ("10. the numerical referee far from zero: correct code ok, slips found, honest error bars",
+    "profile": ("13. profile: where a default check()'s time goes", lambda quick: (stages.run(1 if quick else 3), [])),
+    "referee": ("14. the numerical referee far from zero: correct code ok, slips found, honest error bars",
                 referee.run),
-    "opinfo": ("10. the drop-in gradcheck on PyTorch's op_db vs torch's slow and fast gradcheck; mutants",
+    "opinfo": ("15. the drop-in gradcheck on PyTorch's op_db vs torch's slow and fast gradcheck; mutants",
                opinfo.section),
 }
 
