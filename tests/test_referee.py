@@ -186,3 +186,31 @@ def test_the_contract_items_of_a_layer_norm_of_raw_timestamps_allow_for_float64s
     report = backprop_check.check(lambda x, w: F.layer_norm(x, (64,), weight=w), (x, w), dtypes=["float64"], points=1)
     (result,) = [r for r in report.results if str(r.verdict) != "skipped"]
     assert str(result.verdict) == "ok", result.message
+
+
+class _RoundWithSlope(torch.autograd.Function):
+    """round(x, 3) whose backward passes grad_output through (straight-through): wrong as a
+    gradient of the staircase, whose derivative is 0 between its stairs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x, decimals=3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _stairs_input() -> torch.Tensor:
+    # -1.9719…: at the wider refinement step (8·2⁻¹²) its four stencil values are four stairs
+    # in a row, a line with a tiny error bar; the smaller steps see the flat stair.
+    return torch.tensor([-1.9719097652168658, 0.3141, 2.71828, -0.5772], dtype=torch.float64)
+
+
+def test_a_staircase_finer_than_the_step_is_not_taken_for_a_slope():
+    assert backprop_check.gradcheck(lambda x: torch.round(x, decimals=3), (_stairs_input().requires_grad_(),))
+
+
+def test_a_staircase_whose_backward_passes_grad_output_through_is_still_wrong():
+    with pytest.raises(backprop_check.GradcheckError, match="autograd is the odd one out"):
+        backprop_check.gradcheck(_RoundWithSlope.apply, (_stairs_input().requires_grad_(),))

@@ -279,13 +279,21 @@ class FiniteDifferences:
         else:
             chosen = torch.cat([index[n].to(torch.int64) + whole.slices[n].start for n in names])
         best: dict[str, torch.Tensor] | None = None
+        found: list[dict[str, torch.Tensor]] = []
         for multiplier in steps:
             h = steps_for(scale) * multiplier
             f = evaluate(self.batched, self.targets, whole, h, chosen)
             estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], self.noise)
             estimate["step"] = h[chosen]
+            found.append(estimate)
             best = estimate if best is None else _better(best, estimate)
         assert best is not None
+        # Steps whose estimates disagree beyond their bars straddle a feature of the function
+        # (a staircase of stairs between them looks like a slope at the wider step, with the
+        # smaller bar): the smallest bar is then no proof, and `settle` checks smaller steps.
+        for a, b in zip(found, found[1:]):
+            apart = (a["value"] - b["value"]).abs() > a["error"] + b["error"]
+            best["flat"] = best["flat"] | (apart & ~a["kink"] & ~b["kink"])
         best = self._settled(whole, scale, chosen, best)
         best.pop("step")
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -302,7 +310,8 @@ class FiniteDifferences:
         """`settle` the elementwise estimates: each round re-estimates the unsettled elements
         at a step SHRINK times smaller (4 forward passes each), never below STEP_FLOOR_ULPS
         ulps of θ. Elements whose step is 1e-4·|θ| with |θ| > VALIDATE_FROM (a step set by the
-        value, not by the function) are always checked once at a smaller step."""
+        value, not by the function), and those where the function is flat between two stencil
+        points (a staircase), are always checked once at a smaller step."""
         theta = scale[chosen]
 
         def at(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -314,7 +323,7 @@ class FiniteDifferences:
         # Where θ is large, its own rounding hides a kink at steps near 1e-4: the step must
         # still be KINK_ULPS ulps of θ.
         small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
-        return settle(best, at, _step_floor(theta), theta.abs() > VALIDATE_FROM, small)
+        return settle(best, at, _step_floor(theta), (theta.abs() > VALIDATE_FROM) | best["flat"], small)
 
     def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
         """d = v∘h: random signs v, the elementwise steps h."""
@@ -674,9 +683,14 @@ def _estimates(
     floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, largest * 1e-3))
     kink = (jump > KINK_NOISE_FACTOR * 20 * rounding) & (jump > floor)
     error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
+    # Bitwise equal values at two neighbouring stencil points, where the estimate says the
+    # function changes visibly over half a step: a staircase finer than the step (round(x, 3)
+    # at a step of 2e-4, a histogram). Its difference quotients count stairs, not a slope, and
+    # can agree across h and h/2 by chance; `settle` checks such a column at smaller steps.
+    flat = ((f_pp == f_p) | (f_p == f0) | (f0 == f_m) | (f_m == f_mm)) & (value.abs() > 16 * rounding)
     return {
         "value": value, "error": error, "left": left, "right": right, "kink": kink,
-        "truncation": truncation, "rounding": 3 * rounding,
+        "truncation": truncation, "rounding": 3 * rounding, "flat": flat,
     }
 
 
