@@ -13,7 +13,7 @@ from typing import Any
 
 from backprop_check import dtypes
 from backprop_check.errors import UsageError
-from backprop_check.loading.selection import matches
+from backprop_check.selection import matches
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float64", "float32")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from backprop_check.options import OPTIONS
-from backprop_check.gate.session import KEY, CaseFile, CheckSession, session_of
+from backprop_check.commands.session import KEY, CaseFile, CheckSession, session_of
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

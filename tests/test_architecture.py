@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from backprop_check import case, run
-from backprop_check.diagnosis.explain import explain
-from backprop_check.diagnosis.trace import Settings, Trace
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import given_point, random_point
+from backprop_check.commands.explain import explain
+from backprop_check.commands.trace import Settings, Trace
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import given_point, random_point
 
 CPU64 = dict(devices=["cpu"], dtypes=["float64"], points=1)
 X = [1.0, 2.0, 3.0]

@@ -13,9 +13,9 @@ import torch
 
 from backprop_check import case, node, run
 from backprop_check.model.arrays import NUMPY_NOTE
-from backprop_check.cli import main
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import given_point, random_point
+from backprop_check.commands.cli import main
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import given_point, random_point
 from backprop_check.sources import numerical
 from backprop_check.sources.inplace import InPlace
 from backprop_check.sources.numerical import Batched, Flat, evaluate

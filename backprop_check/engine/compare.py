@@ -22,7 +22,7 @@ from backprop_check.engine.sides import Sides, largest_gradient, aligned_manual,
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
 from backprop_check.sources import Gradients
-from backprop_check.sources.rounding import Rounding as Noise
+from backprop_check.engine.rounding import Rounding as Noise
 
 
 

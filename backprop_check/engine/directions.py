@@ -14,7 +14,7 @@ from backprop_check.engine.sides import TINY, Sides
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.records import Check, Culprit
 from backprop_check.sources import Direction, Gradients
-from backprop_check.sources.rounding import Rounding as Noise
+from backprop_check.engine.rounding import Rounding as Noise
 
 
 def agreement(

@@ -23,15 +23,15 @@ from dataclasses import dataclass, replace
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from backprop_check.diagnosis.verdict import error_result, outcome_of, summarize
+from backprop_check.engine.verdict import error_result, outcome_of, summarize
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check.errors import CaseError, CaseTimeout, one_line
-from backprop_check.loading import complexes
-from backprop_check.loading.guards import checked_given
-from backprop_check.loading.points import Point, derive_seed, generator, random_point
+from backprop_check.model import forward
+from backprop_check.engine.guards import checked_given
+from backprop_check.model.points import Point, derive_seed, generator, random_point
 from backprop_check.model.case import Case
 from backprop_check.options import Plan
-from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict
+from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict, complex_label
 from backprop_check.sources.numerical import LINE_OFFSETS, REFINE_STEPS, _better, _line_estimates, steps_for
 
 ELEMENTWISE = 30  # inputs with at most this many elements in all: every basis direction
@@ -179,7 +179,7 @@ class _Judge:
         self.run = point.cast(dtype, device)
         self.exact = point.rounded(dtype)  # where the run is, in float64, on the CPU
         with torch.no_grad():
-            raw = case.outputs(self.exact)
+            raw = forward.outputs(case, self.exact)
         self.complex = [isinstance(o, torch.Tensor) and o.is_complex() for o in raw]
         base = [_real(o.detach()) for o in raw]
         for name, value in zip(case.output_names(), base):
@@ -269,7 +269,7 @@ class _Judge:
 
 
 def _outputs(case: Case, at: Point) -> tuple[torch.Tensor, ...]:
-    return tuple(_real(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o)) for o in case.outputs(at))
+    return tuple(_real(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o)) for o in forward.outputs(case, at))
 
 
 def _real(tensor: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ def jvp(case: Case, at: Point, vectors: Mapping[str, torch.Tensor]) -> tuple[tor
             # requires_grad: the derivative of order 2 differentiates inside (forward over reverse)
             duals[name] = fwAD.make_dual(value.detach().requires_grad_(True), tangent)
         try:
-            outputs = case.outputs(replace(at, params=duals))
+            outputs = forward.outputs(case, replace(at, params=duals))
         except CaseError as exc:
             raise CaseError(f"forward mode: {exc}") from exc.__cause__
         except RuntimeError as exc:
@@ -373,7 +373,7 @@ def _check(
 def _element(name: str, index: tuple[int, ...], complex_: bool) -> str:
     """`x[2, 0]`, or `z[2].imag` for an element of a complex tensor's real view."""
     if complex_:
-        return complexes.label(name, index)
+        return complex_label(name, index)
     return f"{name}[{', '.join(map(str, index))}]" if index else name
 
 

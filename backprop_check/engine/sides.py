@@ -17,7 +17,7 @@ from backprop_check.engine.tolerance import Tolerance
 from backprop_check.errors import CaseError
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.sources import Gradients
-from backprop_check.sources.rounding import Rounding as Noise
+from backprop_check.engine.rounding import Rounding as Noise
 
 TINY = torch.finfo(torch.float64).tiny
 

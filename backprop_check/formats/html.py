@@ -178,7 +178,7 @@ def _versions() -> list[str]:
 
 
 def _version() -> str:
-    from backprop_check import __version__
+    from backprop_check.version import __version__
 
     return __version__
 

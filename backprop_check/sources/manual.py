@@ -11,9 +11,9 @@ import torch
 from backprop_check.model.arrays import gradient_value
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError
-from backprop_check.loading import complexes
-from backprop_check.loading.forward import arguments, call_user
-from backprop_check.loading.points import Point
+from backprop_check.model import complexes
+from backprop_check.model.forward import arguments, call_user
+from backprop_check.model.points import Point
 from backprop_check.sources import Gradients
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from backprop_check.model.case import Case
-from backprop_check.loading.points import Point, derive_seed
+from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
 
 DEVIATION_CAP = 0.05

@@ -13,8 +13,8 @@ import torch
 
 from backprop_check.errors import CaseError
 from backprop_check.model.case import Case
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import Point, given_point, with_data
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import Point, given_point, with_data
 from backprop_check.sources import Gradients
 from backprop_check.engine.compare import unravel
 
