@@ -22,7 +22,7 @@ from backprop_check.engine.sides import Sides, largest_gradient, aligned_manual,
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
 from backprop_check.sources import Gradients
-from backprop_check.engine.rounding import Rounding as Noise
+from backprop_check.engine.rounding import Rounding
 
 
 
@@ -32,7 +32,7 @@ def compare(
     manual: Gradients | None,
     params: list[str],
     tol: Tolerance,
-    noise: Noise | None = None,
+    noise: Rounding | None = None,
 ) -> list[Check]:
     """Checks for every parameter, then every node from the loss back toward the parameters.
 

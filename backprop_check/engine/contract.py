@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from backprop_check.engine.compare import unravel
+from backprop_check.engine.guards import identical
 
 from backprop_check.records import MISMATCH, OK, PARTS, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError, one_line
@@ -389,7 +390,7 @@ def _watched(outputs: tuple[torch.Tensor, ...]) -> Iterator[list[tuple[Any, list
             for seen, copies, changed in reversed(calls):
                 if seen is node:
                     for i, (now, then) in enumerate(zip(grad_outputs, copies)):
-                        if now is not None and then is not None and not _same(now, then):
+                        if now is not None and then is not None and not identical(now, then):
                             changed.append(i)
                     break
 
@@ -400,9 +401,6 @@ def _watched(outputs: tuple[torch.Tensor, ...]) -> Iterator[list[tuple[Any, list
         for handle in handles:
             handle.remove()
 
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
 def grad_meta(p: Probe) -> Check:
@@ -455,7 +453,7 @@ def in_place(p: Probe) -> Check:
         if pairs:
             torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs], allow_unused=True)
     for k, v in p.v.items():
-        if not _same(given[k], v):
+        if not identical(given[k], v):
             return _result("in_place", f"{p.owner} modifies grad_output of output {k} in place", "")
     for node, _, changed in calls:
         if changed:

@@ -14,11 +14,11 @@ from backprop_check.engine.sides import TINY, Sides
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.records import Check, Culprit
 from backprop_check.sources import Direction, Gradients
-from backprop_check.engine.rounding import Rounding as Noise
+from backprop_check.engine.rounding import Rounding
 
 
 def agreement(
-    name: str, numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Noise | None = None
+    name: str, numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Rounding | None = None
 ) -> Callable[[Direction], bool]:
     """Whether every source's derivative of `name` along a direction matches the numerical one."""
     given = None if manual is None else manual.values.get(name)
@@ -33,7 +33,7 @@ def agreement(
 
 
 def failing_directions(
-    numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Noise | None = None
+    numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Rounding | None = None
 ) -> list[tuple[str, Direction, Callable[[Direction], bool]]]:
     """(name, direction, agrees) for each direction of a sampled tensor that some source's
     gradient does not match; `agrees` tells the same of any other direction in that tensor."""

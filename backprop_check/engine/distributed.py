@@ -1,4 +1,4 @@
-"""The distributed source: `fn` run on `world_size` ranks of `torch.distributed`, its backward
+"""Distributed checks: `fn` run on `world_size` ranks of `torch.distributed`, its backward
 the ranks' own autograd through the user's collectives, checked against the global function.
 
 A distributed check is a function check (function.py) whose `fn` is the *global* function:
@@ -106,6 +106,18 @@ class DistributedCase(FunctionCase):
             self.broken = f"reference= must be a function with {self.label}'s signature, got {type(reference).__name__}"
 
     # --- what the user gave -----------------------------------------------------------------
+
+    def prepared(self) -> DistributedCase:
+        """A distributed check is the engine's own object (it holds its ranks, and they find it
+        by its key): it learns its outputs in place, once."""
+        if self.broken is None:
+            self.broken = self._placement_problem()
+        if self.output_shapes is None and self.broken is None:
+            try:
+                self._learn_outputs()
+            except CaseError as exc:
+                self.broken = str(exc)
+        return self
 
     def problem(self) -> str | None:
         if self.broken is None:

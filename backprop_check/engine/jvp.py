@@ -24,6 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from backprop_check.engine.verdict import error_result, outcome_of, summarize
+from backprop_check.engine.compare import unravel
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.model import forward
@@ -53,7 +54,7 @@ class Tangent:
         if self.element is None:
             return "along a random direction u"
         name, flat = self.element
-        return f"∂/∂{_element(name, _unflat(flat, shapes[name]), name in complex_names)}"
+        return f"∂/∂{_element(name, unravel(flat, shapes[name]), name in complex_names)}"
 
 
 def name_of(case: Case) -> str:
@@ -319,7 +320,7 @@ def _check(
     unit = worst.tangent.step
     f, t = float(worst.fwd[i]) / unit, float(worst.twin[i]) / unit
     n, e = float(worst.numerical[i]) / unit, float(worst.error[i]) / unit
-    index = _unflat(i, worst.shape)
+    index = unravel(i, worst.shape)
     where = _element(name, index, complex_output)
     along = worst.tangent.label(shapes, complex_inputs)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -376,10 +377,3 @@ def _element(name: str, index: tuple[int, ...], complex_: bool) -> str:
         return complex_label(name, index)
     return f"{name}[{', '.join(map(str, index))}]" if index else name
 
-
-def _unflat(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    index = []
-    for size in reversed(shape):
-        index.append(flat % size)
-        flat //= size
-    return tuple(reversed(index))

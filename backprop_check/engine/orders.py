@@ -42,6 +42,7 @@ def orders(case: Case, seed: int, full: bool = False) -> list[Case]:
     derivatives' finite differences are batched with vmap (torch.func.grad inside, whose first
     call costs seconds of imports: worth it for thousands of elements, not for the default
     mode's few hundred evaluations)."""
+    case = case.prepared()
     cases = [case]
     if case.problem() is not None or case.order <= 1:
         return cases

@@ -42,7 +42,9 @@ import torch
 
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model import forward
-from backprop_check.model.points import Point, derive_seed
+from backprop_check.engine.orders import Derivative
+from backprop_check.engine.verdict import error_result, outcome_of, summarize
+from backprop_check.model.points import Point, derive_seed, given_point
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result
 from backprop_check.sources import Gradients, autograd
@@ -74,9 +76,6 @@ def run_dtypes(case: Case) -> tuple[str, ...] | None:
 
 def twin_of(case: Case, seed: int, full: bool) -> Case:
     """The reference's check that mirrors `case`: the same derivative of the same inputs."""
-    from backprop_check.model.points import given_point
-    from backprop_check.engine.orders import Derivative
-
     root = getattr(case, "root", case)
     twin = root.twin()
     given = given_point(twin, seed)
@@ -283,8 +282,6 @@ def check_combination(
     kernel: Case, twin: Case, points: list[Point], referee: dict[str, list[Check]], device: str, dtype_name: str, plan: Any
 ) -> Result:
     """The kernel on one device in one dtype at every point, against the float64 reference."""
-    from backprop_check.engine.verdict import error_result, outcome_of, summarize
-
     dtype = getattr(torch, dtype_name)
     outcomes: list[Outcome] = []
     notes: list[str] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from functools import partial
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -26,7 +26,7 @@ from backprop_check.engine import rounding
 from backprop_check.engine import threads
 from backprop_check.limits import time_limit
 from backprop_check.model.loader import LoadFailure, inventory, load
-from backprop_check.options import DEVICES, DTYPES, POINTS, TIMEOUT, Plan, devices_for  # noqa: F401 - Plan lives with the options
+from backprop_check.options import POINTS, TIMEOUT, Plan, devices_for, plan_from
 from backprop_check.model.points import Point, given_point, random_point
 from backprop_check.engine.guards import checked_given, require_finite_gradient, require_finite_loss
 from backprop_check.engine.references import device_checks, expect_checks
@@ -65,16 +65,11 @@ def run(
     KeyboardInterrupt whose `report` holds the results computed so far."""
     if isinstance(targets, (str, Path, Case)):
         targets = [targets]
-    plan = Plan(
-        devices=tuple(devices or DEVICES),
-        dtypes=tuple(dtypes or DTYPES),
-        points=POINTS if points is None else points,
-        seed=seed,
-        select=select,
-        timeout=timeout,
-        full=full,
-        strict_devices=bool(devices) and not allow_skip,
-    )
+    given = {
+        "device": devices, "dtype": dtypes, "points": POINTS if points is None else points, "seed": seed,
+        "timeout": timeout, "full": full, "allow_skip": allow_skip,
+    }
+    plan = plan_from(given.__getitem__, select)  # as the CLI and the plugin make theirs
     report = run_plan(list(targets), plan)
     report.allow_empty = allow_empty
     return report
@@ -91,10 +86,8 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         for case in cases:
             if plan.select is None or matches(plan.select, case.name):
                 try:
-                    for checked in orders(case, plan.seed, plan.full):
-                        broken = checked.problem() is not None  # said once, by the reverse mode's result
-                        for mode in ("rev",) if broken else checked.modes:
-                            report.results.extend(check_case(checked, plan, mode))
+                    for checked, mode in checks_of(case, plan):
+                        report.results.extend(check_case(checked, plan, mode))
                 finally:
                     case.close()
     except KeyboardInterrupt:
@@ -103,6 +96,16 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         raise Interrupted(report) from None
     report.seconds = time.perf_counter() - started
     return report
+
+
+def checks_of(case: Case, plan: Plan) -> Iterator[tuple[Case, str]]:
+    """(case, mode) for every check a case asks for: the case and, with `order=`, its
+    derivatives (orders.py), each in the modes it asks for (`modes=`: "rev", "fwd"); a case that
+    cannot be checked once, in reverse mode, whose result says why."""
+    for checked in orders(case, plan.seed, plan.full):
+        broken = checked.problem() is not None
+        for mode in ("rev",) if broken else checked.modes:
+            yield checked, mode
 
 
 def load_error(failure: LoadFailure) -> Result:
@@ -122,6 +125,7 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     """Every device × dtype result for one case, in reverse mode (the gradient, with its
     backward) or forward mode ("fwd": jvp.py)."""
     started = time.perf_counter()
+    case = case.prepared()
     # A kernel checked against its reference runs in its own dtypes (engine/reference.py).
     dtypes = kernels.run_dtypes(case) or plan.dtypes
     combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in dtypes]

@@ -17,7 +17,7 @@ from backprop_check.engine.tolerance import Tolerance
 from backprop_check.errors import CaseError
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.sources import Gradients
-from backprop_check.engine.rounding import Rounding as Noise
+from backprop_check.engine.rounding import Rounding
 
 TINY = torch.finfo(torch.float64).tiny
 
@@ -55,7 +55,7 @@ class Sides:
 
     @classmethod
     def of(
-        cls, name: str, numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None, noise: Noise | None
+        cls, name: str, numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None, noise: Rounding | None
     ) -> Sides:
         size = numerical.values[name].numel()
 
@@ -106,7 +106,7 @@ def disputed(
     manual: Gradients | None,
     params: list[str],
     tol: Tolerance,
-    noise: Noise | None = None,
+    noise: Rounding | None = None,
     limit: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Per name, the flat elements where manual and autograd disagree and the numerical

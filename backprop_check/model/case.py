@@ -68,6 +68,12 @@ class Case:
         """The order of the derivative this case checks: 1, the gradient (orders.py: more)."""
         return 1
 
+    def prepared(self) -> Case:
+        """The case as the engine checks it: what a kind of case learns before its check (a
+        function check: its outputs) goes on a copy, so that the case stays as written. A plain
+        case is checked as it is."""
+        return self
+
     def hints(self, outcome: Any, found: list[str]) -> list[str]:
         """The hints for a mismatch at `outcome`, given those the patterns `found`: a kind of
         case that knows better says so (the derivative of order 2 knows the detached

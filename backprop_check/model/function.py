@@ -188,15 +188,27 @@ class FunctionCase(Case):
 
     # --- the case the engine sees -----------------------------------------------------------
 
+    def prepared(self) -> FunctionCase:
+        """A copy of this case that knows fn's outputs (fn called once at the given inputs): their
+        shapes and dtypes, one cotangent datum per differentiable output, and what was left out.
+        The case itself stays as written."""
+        if self.output_shapes is not None or self.broken:
+            return self
+        ready = copy.copy(self)
+        ready.data, ready.notes, ready.cotangents = dict(self.data), list(self.notes), {}
+        try:
+            ready._learn_outputs()
+        except CaseError as exc:
+            ready.broken = str(exc)
+        return ready
+
     def problem(self) -> str | None:
-        """Why this function cannot be checked, or None; learns the outputs' shapes on first use."""
+        """Why this function cannot be checked, or None (asked of a case as written, fn is
+        called once to learn its outputs, on a copy: `prepared`)."""
         if self.broken:
             return self.broken
         if self.output_shapes is None:
-            try:
-                self._learn_outputs()
-            except CaseError as exc:
-                return str(exc)
+            return self.prepared().problem()
         if self.vjp is not None:
             try:
                 inspect.signature(self.vjp).bind(None, *self.names)
