@@ -26,6 +26,7 @@ import torch.autograd.forward_ad as fwAD
 from backprop_check.engine.verdict import error_result, outcome_of, summarize
 from backprop_check.engine.compare import unravel
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
+from backprop_check import dtypes
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.model import forward
 from backprop_check.engine.guards import checked_given
@@ -323,7 +324,7 @@ def _check(
     index = unravel(i, worst.shape)
     where = _element(name, index, complex_output)
     along = worst.tangent.label(shapes, complex_inputs)
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = dtypes.name_of(dtype)
     exact = tol.twin or tol
     if worst.run_ratio is not None and float(worst.run_ratio[i]) > float(worst.ratio[i]):
         allowed, reference = float(worst.rounding[i]) / unit, t  # type: ignore[index]

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model import forward
 from backprop_check.engine.orders import Derivative
@@ -86,7 +87,7 @@ def twin_of(case: Case, seed: int, full: bool) -> Case:
 
 
 def tolerance_text(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
+    name = name_of(dtype)
     return f"{MULTIPLE:g}× the reference's own {name} error + {FLOOR_ULPS:g} ulps + {TENSOR_ULPS:g} ulp of the tensor's rms"
 
 
@@ -101,7 +102,7 @@ class Values:
 def evaluate(case: Any, point: Point, device: str, dtype: torch.dtype, who: str) -> Values:
     """`case`'s floating outputs and autograd gradient at `point` in `dtype` on `device`;
     what goes wrong is one line naming `who` (the kernel, the reference) and the dtype."""
-    name = str(dtype).removeprefix("torch.")
+    name = name_of(dtype)
     try:
         outputs = forward.outputs(case, point.cast(dtype, device)) if case.level == 1 else ()
         gradients = autograd.gradient(case, point, device, dtype).values
@@ -192,7 +193,7 @@ def compare(
 
 
 def _note(check: Check, judged: Judged, own: float, dtype: torch.dtype, level: int = 1) -> str:
-    name = str(dtype).removeprefix("torch.")
+    name = name_of(dtype)
     derivative = "gradient of" if level == 1 else f"derivative of order {level} (double backward) with respect to"
     what = f"the kernel's {check.name}" if check.kind == CheckKind.OUTPUT else f"the kernel's {derivative} `{check.name}`"
     there = f"{check.abs_err / own:.3g}× the reference's own {name} error {own:.2g} there" if own else f"where the reference is exact in {name}"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from backprop_check.dtypes import name_of
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
@@ -52,7 +53,7 @@ class Rounding:
         """One line naming the elements judged by their float64 twin alone, or None."""
         if not self.unresolved:
             return None
-        name = str(dtype).removeprefix("torch.")
+        name = name_of(dtype)
         where = ", ".join(f"{n} of {total} elements of {k!r}" for k, (n, total) in sorted(self.unresolved.items()))
         return (
             f"{name} cannot resolve the gradient at {where} at this point: {UNRESOLVED_ULPS} {name} ulps of the "

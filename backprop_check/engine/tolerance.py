@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from backprop_check import dtypes
+from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError
 
 # The numerical error bar is an estimate; this many of them is still agreement.
@@ -106,7 +107,7 @@ def tolerance_for(dtype: torch.dtype, rtol: object = None, atol: object = None) 
 
 def _pick(value: object, dtype: torch.dtype) -> float | None:
     if isinstance(value, Mapping):
-        value = value.get(str(dtype).removeprefix("torch."))
+        value = value.get(name_of(dtype))
     if value is None:
         return None
     try:

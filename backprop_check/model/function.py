@@ -33,6 +33,7 @@ import torch
 
 from backprop_check.dtypes import TABLE as DTYPE_TABLE
 from backprop_check.model.case import Case, as_modes
+from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, line_in, one_line
 from backprop_check.model import complexes
 from backprop_check.model.points import Point, generator
@@ -150,7 +151,7 @@ class FunctionCase(Case):
                 (self.params if name in chosen else self.data)[name] = kept
         self.devices = tuple(dict.fromkeys(t.device.type for t in tensors.values())) or ("cpu",)
         floating = [_real_dtype(tensors[n].dtype) for n in chosen]
-        self.input_dtypes = tuple(dict.fromkeys(str(d).removeprefix("torch.") for d in floating))
+        self.input_dtypes = tuple(dict.fromkeys(name_of(d) for d in floating))
 
     def _chosen(self, tensors: dict[str, torch.Tensor], wrt: Iterable[str | int] | None) -> tuple[str, ...] | None:
         if wrt is not None:
@@ -194,7 +195,7 @@ class FunctionCase(Case):
         The case itself stays as written."""
         if self.output_shapes is not None or self.broken:
             return self
-        ready = copy.copy(self)
+        ready = self._copy()
         ready.data, ready.notes, ready.cotangents = dict(self.data), list(self.notes), {}
         try:
             ready._learn_outputs()
@@ -312,10 +313,9 @@ class FunctionCase(Case):
     def twin(self) -> FunctionCase:
         """This check with the reference in place of the kernel: what the float64 referee
         checks, at the same points (same name, inputs and cotangents)."""
-        twin = copy.copy(self)
+        twin = self._copy()
         twin.fn, twin.reference, twin.is_reference = self.reference, None, True
         twin.label = f"the reference {_label(self.reference)}"
-        twin.forward = twin._forward
         twin.vjp, twin.manual_fn, twin.contract = None, None, ()
         twin.file, twin.line = _where(self.reference)
         return twin
@@ -355,7 +355,7 @@ class FunctionCase(Case):
             if kinds[0] != kinds[1]:
                 return f"output {k} of {label} is {kinds[0]} ({theirs.dtype}), the kernel's {kinds[1]} ({dtype})"
             if _differentiable(theirs) and theirs.dtype not in (torch.float64, torch.complex128):
-                name = str(theirs.dtype).removeprefix("torch.")
+                name = name_of(theirs.dtype)
                 return (
                     f"output {k} of {label} is {name} for float64 inputs: the reference runs in low precision only, "
                     "and a reference must compute in float64 (its error at the kernel's precision is the tolerance)"
@@ -423,18 +423,23 @@ class FunctionCase(Case):
 
     def for_output(self, k: int) -> FunctionCase:
         """This case with only output `k`'s cotangent: its loss is ⟨v_k, output_k⟩."""
-        one = copy.copy(self)
+        one = self._copy()
         one.only = k
-        one.forward = one._forward
-        if self.vjp is not None:
-            one.manual_fn = one._manual
         return one
+
+    def _copy(self) -> FunctionCase:
+        """A shallow copy whose forward and manual gradient are its own (bound to the copy)."""
+        other = copy.copy(self)
+        other.forward = other._forward
+        if self.vjp is not None:
+            other.manual_fn = other._manual
+        return other
 
 def _run_dtypes(case: FunctionCase, dtypes: Sequence[str] | None, reference: Any) -> tuple[str, ...] | None:
     """The dtypes a kernel with a reference runs in (None: the run's); an unknown name breaks
     the case with one line."""
     if dtypes is not None:
-        chosen = (dtypes,) if isinstance(dtypes, str) else tuple(str(d).removeprefix("torch.") for d in dtypes)
+        chosen = (dtypes,) if isinstance(dtypes, str) else tuple(name_of(d) for d in dtypes)
         unknown = [d for d in chosen if d not in DTYPE_TABLE]
         if unknown and case.broken is None:
             case.broken = f"dtypes= names {unknown[0]!r}; choose from {', '.join(DTYPE_TABLE)}"
