@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from backprop_check import case
+from backprop_check import case, run
 from backprop_check.engine.jvp import (
     DIRECTIONS,
     ELEMENTWISE,
@@ -221,3 +221,30 @@ def test_forward_modes_results_are_named_fwd() -> None:
     assert name_of(cubes) == "cubes (fwd)"
     result = named(Result(case="cubes", device="cpu", dtype="float64", verdict="ok"), cubes)
     assert (result.case, result.mode) == ("cubes (fwd)", "fwd")
+
+
+# --- float32 rounding in forward mode --------------------------------------------------------------------
+
+
+def saturated(modes: tuple[str, ...]) -> Any:
+    @case(params={"w": [0.5, 2.0]}, data={"x": [1.0, 3.0]}, modes=modes)
+    def saturated(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w * x).sum()  # tanh(6): float32 keeps about two digits of 1 − tanh²
+
+    return saturated
+
+
+def test_reverse_mode_in_float32_excuses_the_rounding_of_a_saturated_tanh() -> None:
+    (result,) = run(saturated(("rev",)), devices=["cpu"], dtypes=["float32"], points=0).results
+    assert result.verdict == Verdict.OK, result.message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="forward mode judges the float32 jvp against its float64 twin by 2·rtol·|jvp| + atol + floor only, "
+    "not by the rounding measured at the point as reverse mode does (sources/rounding.py): torch's own tanh, "
+    "saturated at 6, is reported as a mismatch of autograd (its float32 jvp off by 5.88e-08, 3.5× the tolerance)",
+)
+def test_forward_mode_in_float32_excuses_the_rounding_of_a_saturated_tanh() -> None:
+    (result,) = run(saturated(("fwd",)), devices=["cpu"], dtypes=["float32"], points=0).results
+    assert result.verdict == Verdict.OK, result.message
