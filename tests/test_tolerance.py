@@ -221,3 +221,28 @@ def test_the_note_names_the_elements_judged_by_their_float64_twin_alone() -> Non
     assert note.startswith("float32 cannot resolve the gradient at 2 of 6 elements of 'w' at this point")
     assert f"{UNRESOLVED_ULPS} float32 ulps" in note and "5%" in note
     assert "\n" not in note
+
+
+def test_elements_the_dtype_cannot_resolve_are_named_for_their_float64_twin() -> None:
+    # 16 elements: the one-ulp nudges have random signs, and all alike would not show the spread
+    @case(params={"w": [1e6 + 1e-3 * k for k in range(16)]})
+    def spread(w: torch.Tensor) -> torch.Tensor:
+        c = w - w.mean()  # float32 holds 1e6 to 0.0625: the spread is below its resolution
+        return (c**3).sum()
+
+    point = given_point(spread, 0)
+    autograd = Gradients("autograd", {"w": torch.zeros(16)})
+    rounding = allowances(spread, point, torch.float32, {"autograd": autograd})
+    assert rounding.unresolved == {"w": (16, 16)}
+    note = rounding.note(torch.float32)
+    assert note is not None and note.startswith("float32 cannot resolve the gradient at 16 of 16 elements of 'w'")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a dict rtol=/atol= keyed by a name that is no dtype (a typo such as 'fp32') is silently ignored: "
+    "the default applies and the case's own tolerance is lost without a word",
+)
+def test_a_dict_keyed_by_a_name_that_is_no_dtype_is_a_broken_case() -> None:
+    with pytest.raises(CaseError, match="fp32"):
+        tolerance_for(torch.float32, rtol={"fp32": 1e-2})
