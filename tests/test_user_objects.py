@@ -218,3 +218,36 @@ def test_check_leaves_a_dict_of_inputs_as_given() -> None:
     before = frozen(given)
     checked(check(softplus, given, manual=softplus_vjp, **BOTH))
     assert same(before, frozen(given))
+
+
+# --- a module case ------------------------------------------------------------------------------------
+
+
+class Scaled(torch.nn.Module):
+    """A module whose buffer is drawn at build time, besides its parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.register_buffer("shift", torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.sin(self.weight * x + self.shift) ** 2).sum()
+
+
+@pytest.mark.parametrize(
+    "options, plan",
+    [
+        pytest.param({}, BOTH, id="reverse-mode"),
+        pytest.param({"modes": ("fwd",)}, CPU64, id="forward-mode"),
+        pytest.param({"order": 2}, CPU64, id="order-2"),
+    ],
+)
+def test_a_check_leaves_a_module_case_as_written(options: dict[str, Any], plan: dict[str, Any]) -> None:
+    @case(module=Scaled, data={"x": [1.0, 2.0, 3.0]}, **options)
+    def scaled(model: Scaled, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    before = snapshot(scaled)
+    checked(run(scaled, **plan))
+    assert changed(before, scaled) == []
