@@ -12,7 +12,7 @@ from backprop_check import case
 from backprop_check.engine.directions import Along, agreement, along_tensor, direction_verdict, failing_directions, sides_along
 from backprop_check.engine.sides import Sides
 from backprop_check.engine.tolerance import ERROR_BARS, tolerance_for
-from backprop_check.loading.points import given_point
+from backprop_check.model.points import given_point
 from backprop_check.records import Check, Culprit
 from backprop_check.sources import Direction, Gradients
 from backprop_check.sources.numerical import reference

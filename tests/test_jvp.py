@@ -24,7 +24,7 @@ from backprop_check.engine.jvp import (
 )
 from backprop_check.engine.tolerance import ERROR_BARS, tolerance_for
 from backprop_check.errors import CaseError
-from backprop_check.loading.points import given_point
+from backprop_check.model.points import given_point
 from backprop_check.records import Culprit, Result, Verdict
 from backprop_check.sources.numerical import steps_for
 
@@ -242,7 +242,7 @@ def test_reverse_mode_in_float32_excuses_the_rounding_of_a_saturated_tanh() -> N
 @pytest.mark.xfail(
     strict=True,
     reason="forward mode judges the float32 jvp against its float64 twin by 2·rtol·|jvp| + atol + floor only, "
-    "not by the rounding measured at the point as reverse mode does (sources/rounding.py): torch's own tanh, "
+    "not by the rounding measured at the point as reverse mode does (engine/rounding.py): torch's own tanh, "
     "saturated at 6, is reported as a mismatch of autograd (its float32 jvp off by 5.88e-08, 3.5× the tolerance)",
 )
 def test_forward_mode_in_float32_excuses_the_rounding_of_a_saturated_tanh() -> None:

@@ -16,12 +16,6 @@ CPU = dict(devices=["cpu"], points=1)
 BOTH = dict(CPU, dtypes=["float64", "float32"])
 CPU64 = dict(CPU, dtypes=["float64"])
 
-FUNCTION_CASE_CHANGES = (
-    "FunctionCase.problem() changes the case on first use: it adds the cotangent `grad_output0` to its "
-    "data and sets `output_shapes`, `output_dtypes` and `cotangents` (issue 23)"
-)
-
-
 # --- a deep snapshot of what the user wrote ---------------------------------------------------------
 
 
@@ -168,7 +162,6 @@ def test_a_check_leaves_a_layer_case_as_written(built: Any) -> None:
 # --- a FunctionCase ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=FUNCTION_CASE_CHANGES)
 @pytest.mark.parametrize(
     "options, plan",
     [
@@ -184,12 +177,13 @@ def test_a_check_leaves_a_function_case_as_written(options: dict[str, Any], plan
     assert changed(before, softplus_case) == []
 
 
-def test_once_problem_has_been_asked_a_check_changes_a_function_case_no_further() -> None:
-    """What the xfail above sees changed is all FunctionCase.problem() learns on first use
-    (`cotangents`, `data`, `output_dtypes`, `output_shapes`): after it, the run itself
-    changes nothing. Stays true once problem() no longer writes to the case."""
+def test_asking_a_function_case_its_problem_leaves_it_as_written() -> None:
+    """Asking a FunctionCase why it cannot be checked learns its outputs on a copy (`prepared`):
+    neither the question nor the run changes the case."""
     softplus_case = a_function_case()
+    before = snapshot(softplus_case)
     assert softplus_case.problem() is None
+    assert changed(before, softplus_case) == []
     after_problem = snapshot(softplus_case)
     checked(run(softplus_case, **BOTH))
     assert changed(after_problem, softplus_case) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from backprop_check import case
-from backprop_check.diagnosis.verdict import (
+from backprop_check.engine.verdict import (
     TWINS,
     _verdict_of,
     describe,
@@ -18,7 +18,7 @@ from backprop_check.diagnosis.verdict import (
 )
 from backprop_check.engine.tolerance import tolerance_for
 from backprop_check.errors import CaseError
-from backprop_check.loading.points import Point
+from backprop_check.model.points import Point
 from backprop_check.records import Check, Culprit, Outcome, Verdict
 
 GIVEN = Point("given point", None, {}, {})

@@ -36,7 +36,7 @@ def largest_gradient(source: Gradients | None, params: list[str]) -> float:
 
 
 def ratios(diff: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(diff / allowed.clamp(min=TINY), nan=math.inf)
+    return torch.nan_to_num(diff / allowed.clamp(min=TINY), nan=math.inf, posinf=math.inf)
 
 
 @dataclass
