@@ -24,6 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from backprop_check.engine.verdict import error_result, outcome_of, summarize
+from backprop_check.engine import rounding
 from backprop_check.engine.compare import unravel
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check import dtypes
@@ -192,14 +193,18 @@ class _Judge:
                 raise error
         self.f0 = [o.reshape(-1) for o in base]
         self.shapes = [tuple(o.shape) for o in base]
+        # Below float64, the point nudged by an ulp of the dtype both ways: how rounding-sized
+        # changes move the jvp, as reverse mode measures its gradients (rounding.py).
+        self.nudged = [] if dtype == torch.float64 else rounding.nudged_points(case, point, dtype)[1]
 
     def __call__(self, tangent: Tangent) -> list[_Finding]:
         fwd = jvp(self.case, self.run, tangent.vectors)
         twin = fwd if self.dtype == torch.float64 else jvp(self.case, self.exact, tangent.vectors)
+        up, down = (jvp(self.case, p, tangent.vectors) for p in self.nudged) if self.nudged else (None, None)
         estimates = self.along(tangent)
         found = []
         for k, (f, t, est) in enumerate(zip(fwd, twin, estimates)):
-            found.append(self._judged(k, tangent, f, t, est))
+            found.append(self._judged(k, tangent, f, t, est, None if up is None else (up[k], down[k])))
         return found
 
     def along(self, tangent: Tangent) -> list[dict[str, torch.Tensor]]:
@@ -219,7 +224,10 @@ class _Judge:
         assert best is not None
         return best
 
-    def _judged(self, k: int, tangent: Tangent, fwd: torch.Tensor, twin: torch.Tensor, est: dict[str, torch.Tensor]) -> _Finding:
+    def _judged(
+        self, k: int, tangent: Tangent, fwd: torch.Tensor, twin: torch.Tensor, est: dict[str, torch.Tensor],
+        nudged: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> _Finding:
         fwd, twin = fwd.reshape(-1).double().cpu(), twin.reshape(-1).double().cpu()
         n, e = est["value"], est["error"]
         exact = self.tol.twin or self.tol
@@ -234,12 +242,17 @@ class _Judge:
         finding = _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k])
         if self.dtype != torch.float64:  # the run dtype's jvp against its own float64 twin
             scale = float(twin.abs().max()) if twin.numel() else 0.0
-            rounding = (
+            measured = torch.zeros_like(twin)
+            if nudged is not None:  # the dtype's rounding measured at this point
+                up, down = (_real(v.detach()).reshape(-1).double().cpu() for v in nudged)
+                measured, _ = rounding.allowance(fwd, twin, up, down)
+            budget = (
                 2 * self.tol.rtol * torch.maximum(fwd.abs(), twin.abs())
                 + self.tol.atol * scale + self.tol.floor(scale) + self.tol.absolute
+                + measured
             )
-            finding.rounding = rounding
-            finding.run_ratio = torch.nan_to_num((fwd - twin).abs() / rounding.clamp(min=1e-300), nan=math.inf)
+            finding.rounding = budget
+            finding.run_ratio = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
         return finding
 
     def bisect(self, finding: _Finding) -> list[_Finding]:
