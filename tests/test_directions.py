@@ -10,7 +10,7 @@ import torch
 
 from backprop_check import case
 from backprop_check.engine.directions import Along, agreement, along_tensor, direction_verdict, failing_directions, sides_along
-from backprop_check.engine.sides import Sides
+from backprop_check.engine.sides import Evidence, Sides
 from backprop_check.engine.tolerance import ERROR_BARS, tolerance_for
 from backprop_check.model.points import given_point
 from backprop_check.records import Check, Culprit
@@ -100,11 +100,11 @@ def test_only_the_directions_through_the_slip_fail_and_agrees_judges_any_other()
     numerical = sampled(clean, through)
     autograd = Gradients("autograd", {"w": G})
     manual = Gradients("manual", {"w": torch.tensor([1.0, 2.001, 3.0], dtype=torch.float64)})
-    failing = failing_directions(numerical, autograd, manual, TOL64)
+    failing = failing_directions(Evidence(numerical, autograd, manual, ["w"], TOL64))
     assert [(name, d) for name, d, _ in failing] == [("w", through)]
     agrees = failing[0][2]
     assert agrees(clean) and not agrees(through)
-    assert agreement("w", numerical, autograd, None, TOL64)(through)  # autograd alone agrees
+    assert agreement("w", Evidence(numerical, autograd, None, ["w"], TOL64))(through)  # autograd alone agrees
 
 
 def worst(numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None) -> Along:
@@ -173,9 +173,9 @@ def test_a_flagged_direction_is_bisected_down_to_the_wrong_element() -> None:
     slipped = w.clone()
     slipped[37] *= 1.01
     autograd, manual = Gradients("autograd", {"w": w}), Gradients("manual", {"w": slipped})
-    failing = failing_directions(numerical.gradients, autograd, manual, TOL64)
+    failing = failing_directions(Evidence(numerical.gradients, autograd, manual, ["w"], TOL64))
     assert failing, "a direction through element 37 shows the slip"
     name, direction, agrees = failing[0]
     located = numerical.locate(name, direction, agrees)
     assert 37 in located.tolist() and located.numel() <= 8
-    assert failing_directions(numerical.gradients, autograd, Gradients("manual", {"w": w.clone()}), TOL64) == []
+    assert failing_directions(Evidence(numerical.gradients, autograd, Gradients("manual", {"w": w.clone()}), ["w"], TOL64)) == []

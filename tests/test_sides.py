@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from backprop_check.engine.sides import Sides, aligned_manual, disputed, largest_gradient, ratios
+from backprop_check.engine.sides import Evidence, Sides, aligned_manual, disputed, largest_gradient, ratios
 from backprop_check.engine.tolerance import tolerance_for
 from backprop_check.errors import CaseError
 from backprop_check.records import Check, Culprit, Verdict
@@ -107,7 +107,7 @@ def test_disputed_names_the_unestimated_elements_where_manual_and_autograd_disag
     numerical = sampled([True, False, False, False, False, False])
     autograd = grads("autograd", w=torch.ones(6, dtype=torch.float64))
     manual = grads("manual", w=t(9.0, 1.0, 2.0, 1.0, 5.0, 1.0))
-    found = disputed(numerical, autograd, manual, ["w"], TOL64)
+    found = disputed(Evidence(numerical, autograd, manual, ["w"], TOL64))
     assert found["w"].tolist() == [2, 4]  # element 0 disagrees too, but is estimated already
 
 
@@ -115,14 +115,14 @@ def test_disputed_keeps_the_worst_up_to_the_limit_in_index_order() -> None:
     numerical = sampled([False] * 5)
     autograd = grads("autograd", w=torch.ones(5, dtype=torch.float64))
     manual = grads("manual", w=t(2.0, 9.0, 1.0, 5.0, 3.0))
-    assert disputed(numerical, autograd, manual, ["w"], TOL64, limit=2)["w"].tolist() == [1, 3]
+    assert disputed(Evidence(numerical, autograd, manual, ["w"], TOL64), limit=2)["w"].tolist() == [1, 3]
 
 
 def test_nothing_is_disputed_without_both_exact_sources_or_when_they_agree() -> None:
     numerical = sampled([False, False])
     autograd = grads("autograd", w=t(1.0, 2.0))
-    assert disputed(numerical, autograd, None, ["w"], TOL64) == {}
-    assert disputed(numerical, autograd, grads("manual", w=t(1.0, 2.0)), ["w"], TOL64) == {}
+    assert disputed(Evidence(numerical, autograd, None, ["w"], TOL64)) == {}
+    assert disputed(Evidence(numerical, autograd, grads("manual", w=t(1.0, 2.0)), ["w"], TOL64)) == {}
 
 
 # --- the manual gradient against the reference's shape -------------------------------------------------

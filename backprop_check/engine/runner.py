@@ -5,7 +5,7 @@ import time
 from contextlib import ExitStack
 from functools import partial
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from backprop_check.engine.orders import orders
 from backprop_check.engine import jvp
 from backprop_check.engine.compare import compare
 from backprop_check.engine.directions import failing_directions
-from backprop_check.engine.sides import disputed
+from backprop_check.engine.sides import Evidence, disputed
 from backprop_check.records import Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.model import complexes
@@ -358,40 +358,34 @@ def check_point(
     clash = set(numerical.gradients.nodes) & set(point.params)
     if clash:
         raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
-    params = list(point.params)
-    noise = None
+    allowances = None
     if dtype != torch.float64:
-        noise = rounding.allowances(case, point, dtype, {"autograd": autograd, "manual": manual})
+        allowances = rounding.allowances(case, point, dtype, {"autograd": autograd, "manual": manual})
+    evidence = Evidence(numerical.gradients, autograd, manual, list(point.params), tol, allowances)
     note, timed_out = None, None
     try:
-        numerical = refereed(numerical, autograd, manual, params, tol, noise)
+        numerical = refereed(numerical, evidence)
+        evidence = replace(evidence, numerical=numerical.gradients)
     except CaseTimeout as exc:  # the directions that disagree still make a mismatch below
         timed_out, note = exc, f"{exc} while locating the wrong elements"
-    checks = compare(numerical.gradients, autograd, manual, params, tol, noise)
+    checks = compare(evidence)
     complexes.mark(checks, point.complex)
-    unresolved = None if noise is None else noise.note(dtype)
+    unresolved = None if allowances is None else allowances.note(dtype)
     if unresolved:
         note = unresolved if note is None else f"{note}; {unresolved}"
     if device != "cpu" and timed_out is None and autograd is not None:
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
-        checks.extend(device_checks(autograd, on_cpu, params, device, tol))
+        checks.extend(device_checks(autograd, on_cpu, evidence.params, device, tol))
     gradients = {"manual": manual, "numerical": numerical.gradients, "autograd": autograd}
     return PointCheck(checks, gradients, note, timed_out)
 
 
-def refereed(
-    numerical: Reference,
-    autograd: Gradients,
-    manual: Gradients | None,
-    params: list[str],
-    tol: Tolerance,
-    noise: rounding.Rounding | None,
-) -> Reference:
+def refereed(numerical: Reference, evidence: Evidence) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
     autograd disagree, and where a disagreeing direction's bisection leads."""
-    wanted = disputed(numerical.gradients, autograd, manual, params, tol, noise)
+    wanted = disputed(evidence)
     located: set[str] = set()
-    for name, direction, agrees in failing_directions(numerical.gradients, autograd, manual, tol, noise):
+    for name, direction, agrees in failing_directions(evidence):
         # One bisection per tensor (it finds what any direction shows), and none where manual
         # and autograd already disagree element by element: those elements are estimated.
         if name in located or name in wanted:
