@@ -210,6 +210,9 @@ class Result:
     # and in which mode of AD ("rev": backward; "fwd": jvp).
     order: int = 1
     mode: str = "rev"
+    # The case is numpy code: no autograd, manual against the numerical gradient alone (the
+    # reports say so once, below their tables: model/arrays.py's NUMPY_NOTE).
+    numpy: bool = False
 
     def __post_init__(self) -> None:
         self.verdict = Verdict(self.verdict)
@@ -241,6 +244,7 @@ class Result:
             "reference": self.reference,
             "order": self.order,
             "mode": self.mode,
+            "numpy": self.numpy,
         }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from backprop_check.model.arrays import NUMPY_NOTE, NUMPY_ON_CPU
+from backprop_check.model.arrays import NUMPY_ON_CPU
 from backprop_check.model.case import Case
 from backprop_check.engine.orders import orders
 from backprop_check.engine import jvp
@@ -145,8 +145,6 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
             else:
                 points, numerical_cache, notes = prepare_points(case, plan)
                 combination = partial(check_combination, case, points, cache=numerical_cache)
-            if case.numpy:
-                notes.append(NUMPY_NOTE)
             for device, dtype_name in combinations:
                 unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
                 if unavailable:
@@ -166,6 +164,7 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
+        result.numpy = case.numpy
     return [jvp.named(result, case) for result in results] if mode == jvp.MODE else results
 
 
