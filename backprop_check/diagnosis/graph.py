@@ -110,7 +110,8 @@ def graph_of(case: Case, point: Point, *, keep_values: bool = False) -> Graph:
 
 def _custom_functions(tensor: torch.Tensor, named_fns: dict[object, str]) -> list[type]:
     """The user's `torch.autograd.Function` classes on the way from `tensor` back to the named
-    things it is computed from (autograd's node for one is `<Class>Backward`, with `_forward_cls`)."""
+    things it is computed from (autograd's node for one is `<Class>Backward`, with `_forward_cls`);
+    the harness's own (a distributed check's `_OnRanks`) are not the user's to fix."""
     found: list[type] = []
     stack, seen = [tensor.grad_fn] if tensor.grad_fn is not None else [], set()
     while stack:
@@ -119,7 +120,7 @@ def _custom_functions(tensor: torch.Tensor, named_fns: dict[object, str]) -> lis
             continue
         seen.add(fn)
         cls = getattr(type(fn), "_forward_cls", None)
-        if cls is not None and cls not in found:
+        if cls is not None and cls not in found and not cls.__module__.startswith("backprop_check."):
             found.append(cls)
         stack.extend(f for f, _ in fn.next_functions if f is not None and f not in named_fns)
     return found

@@ -428,10 +428,6 @@ class DistributedCase(FunctionCase):
             ))
         return found
 
-    def hints(self, outcome: Any, found: list[str]) -> list[str]:
-        """The hints, without those about `_OnRanks`: it is the harness's node, not the user's."""
-        return [hint for hint in found if "_OnRanks" not in hint]
-
     def _locals_at(self, point: Point, device: str, dtype: torch.dtype) -> list[dict[str, torch.Tensor]] | None:
         at = point.cast(dtype, device)
         values = {**at.params, **at.data}
@@ -767,6 +763,10 @@ def under_launcher(paths: Sequence[str], run: Callable[[], int]) -> int:
         finally:
             processes.stop_launched()
     torch.distributed.broadcast_object_list(status, src=0, group=processes._control_group())
+    # Every rank is past the broadcast: the groups go down here, not in the interpreter's exit,
+    # where a gloo thread still running aborts the process ("terminate called without an
+    # active exception") under load.
+    torch.distributed.destroy_process_group()
     return int(status[0])
 
 
