@@ -139,7 +139,7 @@ def test_steps_are_powers_of_two_so_that_theta_plus_h_is_exact():
     h = numerical.steps_for(theta)
     assert torch.all(torch.log2(h) == torch.round(torch.log2(h)))
     assert torch.all((theta + h) - theta == h)
-    assert torch.all(h <= 2e-4 * theta.abs().clamp(min=1))
+    assert torch.all(h <= 2 * numerical.RELATIVE_STEP * theta.abs().clamp(min=1))
 
 
 def test_sampled_tensors_carry_directions_and_a_sample_only():
@@ -180,11 +180,14 @@ def test_every_row_of_a_chunk_perturbs_exactly_one_element_even_when_the_buffer_
         seen.append(batch.clone())
         return call(self, targets, flat, batch)
 
-    # 3 elements a chunk: 30 elements make 10 chunks through one buffer.
+    # 2 elements (6 rows each) a chunk: 30 elements make 15 chunks through one buffer.
     monkeypatch.setattr(numerical, "CHUNK_BYTES", 8 * theta.numel() * 12)
     monkeypatch.setattr(numerical.Batched, "__call__", recording)
     chunked = numerical.gradient(net, point, "cpu", torch.float64)
-    assert [b.shape[0] for b in seen] == [12] * 10
+    # the first pass; the elements whose bar is mostly truncation are then estimated again at
+    # smaller steps (`settle`), through the same buffer
+    assert [b.shape[0] for b in seen[:15]] == [12] * 15
+    assert all(b.shape[0] % len(numerical.OFFSETS) == 0 for b in seen[15:])
     rows = torch.cat(seen)
     changed = rows != theta
     assert changed.sum(dim=1).tolist() == [1] * rows.shape[0]  # no stale perturbation left behind

@@ -54,23 +54,40 @@ from backprop_check.sources import Direction, Gradients
 from backprop_check.sources.incremental import Program, Unreplayable
 from backprop_check.sources.inplace import InPlace
 
-RELATIVE_STEP = 1e-4
-# Rounding of one float64 forward pass, relative to |loss|: summing n terms costs up to ~√n eps.
-FORWARD_ROUNDING_ULPS = 64
-FORWARD_ROUNDING = FORWARD_ROUNDING_ULPS * torch.finfo(torch.float64).eps
-# The forward's own rounding, measured: the loss at NOISE_PROBES points NOISE_ULPS ulps away
-# from the point (random signs); NOISE_MARGIN times the largest move is noise in any value.
-NOISE_PROBES = 4
-NOISE_ULPS = 4.0
-NOISE_MARGIN = 2.0
+# The first step: a power of two near RELATIVE_STEP·max(1, |θ|). The estimate is O(h⁶) (six
+# values per element, two rounds of Richardson extrapolation), so its truncation is far below
+# rounding at this step for a function that varies on a scale of 1 or more; one that varies
+# faster shows it (`_estimates`: the corrections decrease too slowly) and gets a smaller step.
+RELATIVE_STEP = 2.0**-6
+# The forward's own rounding, measured (`_measured_noise`): the loss along NOISE_LINES lines
+# through the point at NOISE_POINTS points NOISE_ULPS ulps of every input apart; the
+# NOISE_ORDER-th differences there are rounding alone. Never below ROUNDING_FLOOR·|loss|: the
+# final rounding of a float64 value alone has a standard deviation of ulp/√12 ≥ eps/√48.
+NOISE_LINES = 4
+NOISE_POINTS = 9
+NOISE_ORDER = 4
+NOISE_ULPS = 1024.0
 NOISE_SEED = 28
-KINK_NOISE_FACTOR = 100.0
+ROUNDING_FLOOR = torch.finfo(torch.float64).eps / math.sqrt(48)
+# An error bar is ROUNDING_SIGMAS standard deviations of the rounding the estimate carries (the
+# measured σ times the norm of its weights over the six values) plus TRUNCATION_SAFETY times the
+# truncation the decrease of its corrections predicts. Both set on the accuracy sweep of
+# benchmarks/referee.py (3,600 elements): the largest error seen there is 3.4 σ.
+ROUNDING_SIGMAS = 6.0
+TRUNCATION_SAFETY = 4.0
+# A correction is resolved when it stands RESOLVED_SIGMAS of its own rounding clear; corrections
+# that fall by less than WIDE per order (the terms h², h⁴, h⁶ of the error series shrinking by
+# less than 4× each) say the step is not small against the function's own scale.
+RESOLVED_SIGMAS = 4.0
+WIDE = 0.5
+# A jump in the one-sided derivatives is a kink when it stands KINK_SIGMAS of its rounding clear.
+KINK_SIGMAS = 20.0
 KINK_RELATIVE = 1e-7
 MAX_BATCH = 512
 MAX_BATCH_ELEMENTS = 1 << 23
 # The rows of one batch of elementwise perturbations (float64): bounded, whatever the size.
 CHUNK_BYTES = 1 << 26
-OFFSETS = (1.0, 0.5, -0.5, -1.0)
+OFFSETS = (1.0, 0.5, 0.25, -0.25, -0.5, -1.0)
 SAMPLES = 24
 # The replay of the recorded forward (incremental.py) costs a recording and a few plain forward
 # passes before it pays: fewer elements than this are left to vmap of the whole forward. So is a
@@ -92,14 +109,11 @@ SHRINK = 1.0 / 32
 VALIDATE_FROM = 4.0
 SHRINKS = 8
 STEP_FLOOR_ULPS = 256.0
-# While settling, a bar whose truncation part is this many times its rounding part is worth a
-# smaller step (truncation falls 1024× when rounding grows 32×).
-TRUNCATION_RATIO = 32.0
 # A kink whose one-sided derivatives moved less than this fraction of its jump when the step
 # shrank 32× is a real kink (a smooth feature wider than the step moves them as the step does).
 KINK_STABLE = 0.1
 KINK_STEPS = 3
-KINK_STEP = 2.0**-13  # the first step of an element of size ≤ 1
+KINK_STEP = 2.0**-23  # a kink is confirmed at a step this small (three steps below 1e-4)
 KINK_ULPS = 2.0**16
 # Bisection stops at groups this small (checked element by element) or this many groups.
 LEAF = 8
@@ -259,9 +273,21 @@ class FiniteDifferences:
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
+        # The rounding probes, one plain forward pass each (a wrong vmap rule cannot touch them).
+        self._plain = self.batched if case.numpy else _Looped(loss)
         if not case.numpy and not case.batchable:  # it knows vmap cannot batch it (orders.py)
             self.batched.vmap_works = False
-        self.noise = 0.0 if case.numpy else _measured_noise(loss, self.targets, self.scales, float(loss0))
+        self._noise: tuple[float, bool] | None = None
+
+    @property
+    def noise(self) -> tuple[float, bool]:
+        """The forward's rounding σ when every input moves (`_measured_noise`, once), and whether
+        the loss did not move at all: a staircase wider than those moves. Every input, not one
+        tensor: the rounding of x − mean at x ≈ 1e6 is a bias in ∂loss/∂w that moving w alone
+        cannot show, and its size is the loss's noise when x moves."""
+        if self._noise is None:
+            self._noise = _measured_noise(self._plain, self.targets, self.targets, Flat(self.targets).join(self.scales), float(self.loss0))
+        return self._noise
 
     def estimate(
         self,
@@ -280,10 +306,11 @@ class FiniteDifferences:
             chosen = torch.cat([index[n].to(torch.int64) + whole.slices[n].start for n in names])
         best: dict[str, torch.Tensor] | None = None
         found: list[dict[str, torch.Tensor]] = []
+        sigma, still = self.noise
         for multiplier in steps:
             h = steps_for(scale) * multiplier
             f = evaluate(self.batched, self.targets, whole, h, chosen)
-            estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], self.noise)
+            estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], sigma)
             estimate["step"] = h[chosen]
             found.append(estimate)
             best = estimate if best is None else _better(best, estimate)
@@ -294,7 +321,10 @@ class FiniteDifferences:
         for a, b in zip(found, found[1:]):
             apart = (a["value"] - b["value"]).abs() > a["error"] + b["error"]
             best["flat"] = best["flat"] | (apart & ~a["kink"] & ~b["kink"])
-        best = self._settled(whole, scale, chosen, best)
+        # The loss did not move when this tensor moved by NOISE_ULPS ulps: a staircase whose
+        # stairs may be finer than the step; a slope seen at the step is checked at smaller ones.
+        best["flat"] = best["flat"] | (still & (best["value"].abs() > 16 * best["rounding"]))
+        best = self._settled(whole, scale, chosen, best, sigma)
         best.pop("step")
         out: dict[str, dict[str, torch.Tensor]] = {}
         offset = 0
@@ -305,7 +335,7 @@ class FiniteDifferences:
         return out
 
     def _settled(
-        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor]
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float
     ) -> dict[str, torch.Tensor]:
         """`settle` the elementwise estimates: each round re-estimates the unsettled elements
         at a step SHRINK times smaller (4 forward passes each), never below STEP_FLOOR_ULPS
@@ -318,7 +348,7 @@ class FiniteDifferences:
             full = torch.ones(whole.size, dtype=torch.float64)
             full[chosen[where]] = h
             f = evaluate(self.batched, self.targets, whole, full, chosen[where])
-            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], self.noise)
+            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], sigma)
 
         # Where θ is large, its own rounding hides a kink at steps near 1e-4: the step must
         # still be KINK_ULPS ulps of θ.
@@ -350,7 +380,7 @@ class FiniteDifferences:
         def at(multiplier: float, chosen: list[int]) -> dict[str, torch.Tensor]:
             # Along s ↦ loss(base + s·v) at s = ±m, ±m/2, ±m/4: the derivative in units of v.
             f = _along(self.batched, self.targets, one, base, [vectors[i].reshape(-1) * multiplier for i in chosen])
-            estimate = _line_estimates(f, multiplier, float(self.loss0), noise=self.noise)
+            estimate = _line_estimates(f, multiplier, float(self.loss0), noise=self.noise[0])
             estimate["step"] = torch.full((len(chosen),), multiplier, dtype=torch.float64)
             return estimate
 
@@ -381,7 +411,95 @@ class FiniteDifferences:
         ]
 
 
-LINE_OFFSETS = (1.0, 0.5, 0.25, -0.25, -0.5, -1.0)
+LINE_OFFSETS = OFFSETS
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Derivatives by finite differences, one per output element: `value` ± `error` (a bar that
+    bounds the true error), and on a kink the one-sided derivatives `left` and `right`."""
+
+    value: torch.Tensor
+    error: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    kink: torch.Tensor
+
+
+def along(
+    fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    point: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor],
+) -> Estimate:
+    """d/ds fn(point + s·direction) at s = 0 for every element of fn's (flattened) output: the
+    referee's directional derivative, with the step chosen as reverse mode chooses it.
+
+    The output's own rounding is measured per element (`_measured_noise`'s lines through the
+    point); the estimate is taken at the step multipliers REFINE_STEPS (a direction's elements
+    moved by m·direction) and the one with the smallest bar off a kink kept, then settled
+    (`settle`): smaller steps where the function's features are finer than the step, where the
+    bar is mostly truncation, or where an element of the direction is larger than VALIDATE_FROM."""
+    names = [name for name in point if name in direction]
+    flat = Flat({name: point[name] for name in names})
+    base = flat.join(point)
+    vector = flat.join(direction)
+
+    def outputs(vectors: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([fn({**point, **flat.split(v)}).reshape(-1).to(torch.float64) for v in vectors])
+
+    f0 = outputs(base[None])[0]
+    noise = _output_noise(outputs, base, base.abs(), f0)
+    theta = base[vector != 0].abs()
+
+    def at(multipliers: torch.Tensor, columns: torch.Tensor) -> dict[str, torch.Tensor]:
+        estimates = []
+        for m in multipliers.unique().tolist():
+            f = outputs(torch.stack([base + t * m * vector for t in OFFSETS]))
+            estimate = _estimates(f, torch.full_like(f0, m), f0, noise=noise)
+            estimate["step"] = torch.full_like(f0, m)
+            estimates.append((m, estimate))
+        out = {k: v.clone() for k, v in estimates[0][1].items()}
+        for m, estimate in estimates[1:]:
+            here = multipliers == m
+            for k in out:
+                out[k][here] = estimate[k][here]
+        return {k: v[columns] for k, v in out.items()}
+
+    every = torch.arange(f0.numel())
+    best = at(torch.full_like(f0, REFINE_STEPS[0]), every)
+    for multiplier in REFINE_STEPS[1:]:
+        best = _better(best, at(torch.full_like(f0, multiplier), every))
+    largest = float(theta.max()) if theta.numel() else 0.0
+    validate = torch.full(f0.shape, largest > VALIDATE_FROM, dtype=torch.bool) | best["flat"]
+
+    def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        multipliers = torch.ones_like(f0)
+        multipliers[where] = h
+        return at(multipliers, where)
+
+    # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
+    small = torch.full_like(f0, 1.0 / max(1.0, largest))
+    best = settle(best, again, torch.full_like(f0, 2.0**-40), validate, small)
+    return Estimate(best["value"], best["error"], best["left"], best["right"], best["kink"])
+
+
+def _output_noise(
+    outputs: Callable[[torch.Tensor], torch.Tensor], base: torch.Tensor, scale: torch.Tensor, f0: torch.Tensor
+) -> torch.Tensor:
+    """Per output element, the σ of its rounding (`_measured_noise`, for a vector output)."""
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+    lines = []
+    for _ in range(NOISE_LINES):
+        signs = torch.randint(0, 2, base.shape, generator=gen, dtype=torch.float64) * 2 - 1
+        values = outputs(base + steps * (signs * scale))
+        lines.append(torch.cat([f0[None], values]))
+    differences = torch.stack(lines)  # (lines, points, outputs)
+    for _ in range(NOISE_ORDER):
+        differences = differences[:, 1:] - differences[:, :-1]
+    squares = (differences**2).nan_to_num(0.0, posinf=0.0) / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
+    return torch.maximum(squares.mean(dim=(0, 1)).sqrt(), ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0))
 
 
 def _along(
@@ -403,29 +521,10 @@ def _line_estimates(
     f0: float | torch.Tensor,
     noise: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The derivative at 0 from the values at ±h, ±h/2, ±h/4 (rows of `f`, LINE_OFFSETS order):
-    central differences D(h), D(h/2), D(h/4), Richardson R1, R2 (error O(h⁴)), then once more
-    (O(h⁶)). The error bar is |R2 − R1|/15, the size of the last correction, plus rounding (the
-    weights of the extrapolation sum to about 8/h). Kinks and one-sided derivatives come from
-    the ±h, ±h/2 values as for an element."""
-    f_h, f_half, f_quarter, m_quarter, m_half, m_h = f
-    d1 = (f_h - m_h) / (2 * h)
-    d2 = (f_half - m_half) / h
-    d4 = (f_quarter - m_quarter) / (h / 2)
-    r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
-    value = r2 + (r2 - r1) / 15
-    level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=value.dtype).abs().expand_as(value))
-    truncation = (r2 - r1).abs() / 15
-    rounding = 8 * (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
-    error = truncation + rounding
-    four = _estimates(
-        torch.stack([f_h, f_half, m_half, m_h]), torch.as_tensor(h, dtype=value.dtype).expand_as(value), f0, noise=noise
-    )
-    error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
-    return {
-        "value": value, "error": error, "left": four["left"], "right": four["right"], "kink": four["kink"],
-        "truncation": truncation, "rounding": rounding,
-    }
+    """The derivative at 0 along a line from the values at ±h, ±h/2, ±h/4 (rows of `f`, in
+    LINE_OFFSETS order): the elementwise estimate (`_estimates`), the same stencil."""
+    value = f[0]
+    return _estimates(f, torch.as_tensor(h, dtype=torch.float64).expand_as(value), f0, noise=noise)
 
 
 def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
@@ -619,34 +718,89 @@ def elements_per_chunk(size: int) -> int:
     return max(1, min(MAX_BATCH, CHUNK_BYTES // (8 * max(1, size))) // len(OFFSETS))
 
 
+class _Looped:
+    """The loss for each row of a batch by plain forward passes, one at a time."""
+
+    def __init__(self, loss: Loss) -> None:
+        self.loss = loss
+
+    def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([self.loss({**targets, **flat.split(row)}).reshape(()) for row in batch])
+
+
 def _measured_noise(
-    loss: Loss, targets: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], f0: float
-) -> float:
-    """How far the loss moves when every input moves by NOISE_ULPS ulps (random signs), the
-    largest of NOISE_PROBES tries: the size of the forward's own rounding at this point, which
-    |loss|·eps cannot see (an input offset by 1e5 and normalised, a timestamp inside a sine:
-    the forward rounds x − mean or t/86400 at the scale of x or t, not of the loss). Every
-    step's rounding term includes it; 0 where the probes cannot run (the plain forward says why)."""
-    flat = Flat(dict(targets))
-    if not flat.size:
-        return 0.0
-    base = flat.join(targets)
-    scale = flat.join(scales).abs()
+    batched: Batched | InPlace | _Looped,
+    moved: Mapping[str, torch.Tensor],
+    targets: Mapping[str, torch.Tensor],
+    scale: torch.Tensor,
+    f0: float,
+) -> tuple[float, bool]:
+    """The standard deviation σ of the forward's own rounding when the tensors `moved` move, and
+    whether the loss stood still (bitwise) meanwhile. Measured as Moré and Wild's ECnoise does:
+    the loss along NOISE_LINES random lines through the point, at NOISE_POINTS points NOISE_ULPS
+    ulps of each element (`scale`: its size) apart. Over so small a spacing the function is a
+    polynomial to far below rounding, so its NOISE_ORDER-th differences are rounding alone, with
+    variance C(2k, k)·σ². It sees what |loss|·eps cannot (an input offset by 1e5 and normalised,
+    a timestamp inside a sine: the forward rounds x − mean or t/86400 at the scale of x or t).
+    Never below ROUNDING_FLOOR·|loss| (the rounding of the loss itself); that floor where the
+    probes cannot run (the plain forward says why)."""
+    flat = Flat(dict(moved))
+    floor = ROUNDING_FLOOR * abs(f0) if math.isfinite(f0) else 0.0
+    size = scale.reshape(-1).to(torch.float64).abs()
+    if not flat.size or not bool((size > 0).any()):
+        return floor, False
+    base = flat.join(moved)
     gen = torch.Generator().manual_seed(NOISE_SEED)
-    worst = 0.0
+    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+    rows = []
+    for _ in range(NOISE_LINES):
+        signs = torch.randint(0, 2, (flat.size,), generator=gen, dtype=torch.float64) * 2 - 1
+        rows.append(base + steps * (signs * size))
     try:
         with torch.no_grad():
-            for _ in range(NOISE_PROBES):
-                signs = torch.randint(0, 2, (flat.size,), generator=gen, dtype=torch.float64) * 2 - 1
-                moved = base + signs * scale * (NOISE_ULPS * torch.finfo(torch.float64).eps)
-                value = float(loss({**targets, **flat.split(moved)}))
-                if math.isfinite(value):
-                    worst = max(worst, abs(value - f0))
+            values = batched(targets, flat, torch.cat(rows)).to(torch.float64).reshape(NOISE_LINES, NOISE_POINTS - 1)
     except CaseTimeout:
         raise
     except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
-        return 0.0
-    return worst
+        return floor, False
+    still = bool((values == f0).all())
+    differences = torch.cat([torch.full((NOISE_LINES, 1), f0, dtype=torch.float64), values], dim=1)
+    for _ in range(NOISE_ORDER):
+        differences = differences[:, 1:] - differences[:, :-1]
+    squares = differences[torch.isfinite(differences)] ** 2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
+    return (max(floor, math.sqrt(float(squares.mean()))) if squares.numel() else floor), still
+
+
+def _differences(f: torch.Tensor, f0: torch.Tensor | float, h: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """The quantities the estimate is built of, from the values at θ + t·h for t in OFFSETS
+    (rows of `f`) and at θ (`f0`): central differences D(h), D(h/2), D(h/4), their Richardson
+    extrapolations, and the second differences of the even part. All linear in the values."""
+    f_h, f_half, f_quarter, m_quarter, m_half, m_h = f
+    d1 = (f_h - m_h) / (2 * h)
+    d2 = (f_half - m_half) / h
+    d4 = (f_quarter - m_quarter) / (h / 2)
+    r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
+    e1 = (f_h + m_h - 2 * f0) / h**2
+    e2 = (f_half + m_half - 2 * f0) / (h / 2) ** 2
+    e4 = (f_quarter + m_quarter - 2 * f0) / (h / 4) ** 2
+    q1, q2 = (4 * e2 - e1) / 3, (4 * e4 - e2) / 3
+    # A kink at θ: second differences that do not fall as h³ from one half-step to the next.
+    s_h, s_half, s_quarter = f_h + m_h - 2 * f0, f_half + m_half - 2 * f0, f_quarter + m_quarter - 2 * f0
+    return {
+        "value": r2 + (r2 - r1) / 15, "t2": d1 - d2, "t4": r2 - r1, "q2": q2, "s2": e1 - e2, "s4": q2 - q1,
+        "jump_h": (s_h - 4 * s_half) / h, "jump_half": (s_half - 4 * s_quarter) / (h / 2),
+    }
+
+
+def _weights() -> dict[str, float]:
+    """Per quantity of `_differences`, the norm of its weights over the seven values at h = 1:
+    times σ (and divided by h, or h² for the even ones) its rounding's standard deviation."""
+    eye = torch.eye(7, dtype=torch.float64)
+    return {k: float(v.norm()) for k, v in _differences(eye[:6], eye[6], 1.0).items()}
+
+
+WEIGHTS = _weights()
 
 
 def _estimates(
@@ -654,43 +808,94 @@ def _estimates(
     h: torch.Tensor,
     f0: float | torch.Tensor,
     theta: torch.Tensor | None = None,
-    noise: float = 0.0,
+    noise: float | torch.Tensor = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Value, error bar, one-sided derivatives and kink flag from the four values per column
-    (`f0`: the value at the point, one for every column or one per column; `theta`: the
-    perturbed elements' values, whose own rounding inside the forward is noise too), with the
-    error bar's two parts (`truncation`, `rounding`) that the choice of step weighs."""
-    f_pp, f_p, f_m, f_mm = f
-    d_h = (f_pp - f_mm) / (2 * h)
-    d_half = (f_p - f_m) / h
-    value = (4 * d_half - d_h) / 3
-    level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=h.dtype).abs().expand_as(h))
+    """Value, error bar, one-sided derivatives and kink flag from the six values per column at
+    θ + t·h, t in OFFSETS (`f0`: the value at the point, one for every column or one per
+    column; `theta`: the perturbed elements' values, whose own rounding inside the forward is
+    noise too; `noise`: the forward's measured rounding σ), with the bar's two parts
+    (`truncation`, `rounding`) that the choice of step weighs, and `wide`: a step not small
+    against the function's own scale.
+
+    The value is D(h/4) extrapolated twice (error O(h⁶)). Its rounding is ROUNDING_SIGMAS·σ
+    times the norm of its weights. Its truncation is predicted from the corrections: on a
+    function smooth at the step's scale the terms h², h⁴, h⁶ of the error series fall
+    geometrically, by r = (h/ρ)², which the ratio of the h⁴ correction to the h² one measures
+    (of the odd part and of the even part, the larger: one of them may vanish at a point); the
+    h⁶ term left is then about |t4|·r/15 + |t2|·r²/48."""
+    h = torch.as_tensor(h, dtype=torch.float64)
+    f0 = torch.as_tensor(f0, dtype=torch.float64)
+    q = _differences(f, f0, h)
+    value = q["value"]
+    sigma = torch.as_tensor(noise, dtype=torch.float64).clamp(min=0.0).expand_as(value)
+    sigma = torch.maximum(sigma, ROUNDING_FLOOR * torch.maximum(f.abs().amax(dim=0), f0.abs().expand_as(value)))
     if theta is not None:
         # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
-        # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f that |f| alone does not show. `noise`
-        # measures it for all inputs together; this is the perturbed element's own share.
-        level = level + (theta.to(h.dtype).abs() * d_half.abs() / FORWARD_ROUNDING_ULPS).nan_to_num(0.0, posinf=math.inf)
-    rounding = (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
-    truncation = (d_h - d_half).abs() / 3
-    error = truncation + 3 * rounding
-    forward_h, forward_half = (f_pp - f0) / h, (f_p - f0) / (h / 2)
-    backward_h, backward_half = (f0 - f_mm) / h, (f0 - f_m) / (h / 2)
-    right = 2 * forward_half - forward_h
-    left = 2 * backward_half - backward_h
-    jump = ((forward_h - backward_h) - 2 * (forward_half - backward_half)).abs()
+        # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f, this element's own share of the measured σ.
+        own = torch.finfo(torch.float64).eps * (theta.to(torch.float64).abs() * value.abs())
+        sigma = sigma + own.nan_to_num(0.0, posinf=math.inf)
+
+    def noise_of(key: str, power: int = 1) -> torch.Tensor:
+        return sigma * WEIGHTS[key] / h**power
+
+    def resolved(key: str, power: int = 1) -> torch.Tensor:
+        return q[key].abs() > RESOLVED_SIGMAS * noise_of(key, power)
+
+    # The Taylor terms a_k = |f⁽ᵏ⁾|·h^(k−1)/k!, k = 1…6, in the derivative's units: the value,
+    # the curvature (q2), the corrections (t2, t4: odd part; s2, s4: even part); each with its
+    # rounding's size. A term counts when it stands RESOLVED_SIGMAS of its rounding clear.
+    terms = {1: ("value", 1, 1.0), 2: ("q2", 2, 2.0), 3: ("t2", 1, 0.75), 4: ("s2", 2, 1.5), 5: ("t4", 1, 15 / 64),
+             6: ("s4", 2, 15 / 32)}
+    tiny = torch.finfo(torch.float64).tiny
+    logs, clear = {}, {}
+    for k, (key, power, weight) in terms.items():
+        unit = h ** (power - 1) / weight
+        logs[k] = torch.log((q[key].abs() * unit).clamp(min=tiny))
+        clear[k] = q[key].abs() > RESOLVED_SIGMAS * noise_of(key, power)
+    # The terms of a function smooth at the step's scale fall geometrically, by x = h/ρ per
+    # order (ρ: its own scale, the distance to its nearest singularity), under an envelope that
+    # a term may dip below at a point (a complex pair of singularities makes them oscillate):
+    # the slope into a clear term is the least over the clear terms before it (the upper hull
+    # of log a_k), and the h⁶ term left in the value, |f⁽⁷⁾|·h⁶/7!/64, is the largest of the
+    # clear terms carried on at their slopes.
+    seventh = torch.zeros_like(value)
+    slope_seen = torch.full_like(value, -math.inf)
+    for high in range(3, 7):
+        slope = torch.full_like(value, math.inf)
+        for low in range(1, high):
+            step = (logs[high] - logs[low]) / (high - low)
+            slope = torch.where(clear[low], torch.minimum(slope, step), slope)
+        usable = clear[high] & torch.isfinite(slope)
+        seventh = torch.maximum(seventh, torch.where(usable, torch.exp(logs[high] + (7 - high) * slope), 0.0))
+        slope_seen = torch.where(usable, slope, slope_seen)
+    truncation = (TRUNCATION_SAFETY * seventh / 64).nan_to_num(math.inf)
+    rounding = ROUNDING_SIGMAS * noise_of("value")
+    error = truncation + rounding
+    error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
+    f_h, f_half, f_quarter, m_quarter, m_half, m_h = f
+    right = 2 * (f_quarter - f0) / (h / 4) - (f_half - f0) / (h / 2)
+    left = 2 * (f0 - m_quarter) / (h / 4) - (f0 - m_half) / (h / 2)
+    # On a kink the second differences' jump is the same at h and h/2; on a smooth function it
+    # falls 8× (as h³). Seen at the smaller one, clear of rounding and of the smooth share.
+    jump_h, jump_half = q["jump_h"].abs(), q["jump_half"].abs()
     spread = torch.maximum(left.abs(), right.abs())
     largest = float(spread.nan_to_num(0.0).max()) if spread.numel() else 0.0
     floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, largest * 1e-3))
-    kink = (jump > KINK_NOISE_FACTOR * 20 * rounding) & (jump > floor)
-    error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
+    kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
     # Bitwise equal values at two neighbouring stencil points, where the estimate says the
-    # function changes visibly over half a step: a staircase finer than the step (round(x, 3)
+    # function changes visibly over a quarter step: a staircase finer than the step (round(x, 3)
     # at a step of 2e-4, a histogram). Its difference quotients count stairs, not a slope, and
-    # can agree across h and h/2 by chance; `settle` checks such a column at smaller steps.
-    flat = ((f_pp == f_p) | (f_p == f0) | (f0 == f_m) | (f_m == f_mm)) & (value.abs() > 16 * rounding)
+    # can agree across steps by chance; `settle` checks such a column at smaller steps.
+    # On a kink the derivative is the interval [left, right], not the value; no series there.
+    truncation = torch.where(kink, 0.0, truncation)
+    error = torch.where(kink, rounding, error)
+    flat = ((f_h == f_half) | (f_half == f_quarter) | (f_quarter == f0) | (f0 == m_quarter) | (m_quarter == m_half)
+            | (m_half == m_h)) & (value.abs() > 16 * rounding)
+    # Clear terms beyond the second falling by less than WIDE per order: the step is too wide.
+    wide = (slope_seen > math.log(WIDE)) & torch.isfinite(value)
     return {
         "value": value, "error": error, "left": left, "right": right, "kink": kink,
-        "truncation": truncation, "rounding": 3 * rounding, "flat": flat,
+        "truncation": truncation, "rounding": rounding, "flat": flat, "wide": wide,
     }
 
 
@@ -720,14 +925,16 @@ def settle(
 
     A column still unsettled after SHRINKS rounds or at its `floor` keeps its last estimate,
     its bar widened by its distance to the one before: the bar stays honest."""
-    pending = best["kink"] | validate
+    coarse = best["kink"] | validate | best["wide"]
+    pending = coarse | (best["truncation"] > best["rounding"])
     gap = torch.zeros_like(best["error"])
     seen = torch.zeros(best["error"].shape, dtype=torch.int64)
     for _ in range(SHRINKS):
         if not bool(pending.any()):
             break
         where = pending.nonzero().reshape(-1)
-        h = best["step"][where] * SHRINK
+        factor = torch.where(coarse[where], SHRINK, _shrink_for(best["truncation"][where], best["rounding"][where]))
+        h = best["step"][where] * factor
         keep = h >= floor[where]
         where, h = where[keep], h[keep]
         if not where.numel():
@@ -737,7 +944,7 @@ def settle(
         was = {k: v[where] for k, v in best.items()}
         smooth = ~was["kink"] & ~other["kink"]
         distance = (other["value"] - was["value"]).abs()
-        agree = smooth & (distance <= was["error"] + other["error"])
+        agree = smooth & ~other["wide"] & (distance <= was["error"] + other["error"])
         moved = torch.maximum((other["left"] - was["left"]).abs(), (other["right"] - was["right"]).abs())
         stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
         seen[where] = torch.where(stable, seen[where] + 1, torch.zeros_like(seen[where]))
@@ -748,7 +955,7 @@ def settle(
         # Agreeing, the two steps measure the wider one's truncation: the smaller step's is at
         # least SHRINK⁻² times less (O(h²) at worst; Richardson's is O(h⁴)), so its bar is its
         # rounding plus that: tight, where |D(h) − D(h/2)|/3 alone is the error of D(h/2).
-        tight = torch.minimum(other["error"], other["rounding"] + distance * SHRINK**2)
+        tight = torch.minimum(other["error"], other["rounding"] + distance * factor**2)
         other["error"] = torch.where(agree, tight, other["error"])
         take = ~(agree & (was["error"] <= other["error"]))
         for key in best:
@@ -756,11 +963,19 @@ def settle(
         gap[where] = torch.where(agree | same_kink, torch.zeros_like(distance), distance.nan_to_num(math.inf))
         pending = torch.zeros_like(pending)
         # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
-        better = agree & take & (other["truncation"] > TRUNCATION_RATIO * other["rounding"])
+        better = agree & take & (other["truncation"] > other["rounding"])
         pending[where] = ~(agree | same_kink) | better
+        coarse[where] = ~(agree | same_kink)
     unsettled = (gap > 0) & ~best["kink"]
     best["error"] = torch.where(unsettled, torch.maximum(best["error"], gap), best["error"])
     return best
+
+
+def _shrink_for(truncation: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
+    """The factor (a power of two, SHRINK to ½) that brings a step whose bar is mostly
+    truncation to the one minimising the two: truncation falls as h⁶, rounding grows as 1/h."""
+    best = (rounding / (6 * truncation).clamp(min=torch.finfo(torch.float64).tiny)) ** (1 / 7)
+    return torch.exp2(torch.floor(torch.log2(best.nan_to_num(SHRINK)))).clamp(min=SHRINK, max=0.5)
 
 
 def _improves(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
