@@ -123,7 +123,7 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
 
 def _tangents(point: Point, seed: int) -> list[Tangent]:
     """Every basis direction for small inputs, else random-sign directions, the elements'
-    steps (a power of two near 1e-4·max(1, |θ|)) as their lengths."""
+    steps (a power of two near RELATIVE_STEP·max(1, |θ|)) as their lengths."""
     steps = {k: steps_for(v.reshape(-1)) for k, v in point.params.items()}
     total = sum(s.numel() for s in steps.values())
     if total <= ELEMENTWISE:

@@ -1,21 +1,25 @@
 """The numerical source: central differences of the forward pass in float64, the referee
 between the manual and the autograd gradient.
 
-Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power of two, so every
-step is exact in float64; first near 1e-4·max(1, |θ|), then chosen from the function: `settle`):
+Per element θ the forward pass is evaluated at θ ± h, θ ± h/2 and θ ± h/4 (h a power of two, so
+every point is exact in float64; first near RELATIVE_STEP·max(1, |θ|), then chosen from the
+function: `settle`):
 
-- Richardson extrapolation of the two central differences, R = (4·D(h/2) − D(h))/3, cancels
-  the h² error term: what is left is O(h⁴) plus rounding.
-- The error bar is |D(h) − D(h/2)|/3 (the error of D(h/2), which bounds R's) plus the rounding
-  of the forward pass amplified by the steps (3·ε_f/h for the four values R combines), ε_f
-  measured at the point (`_measured_noise`), not assumed from |loss|.
-- The step follows the function (`settle`): where the first step was set by |θ| (|θ| > 4) or
-  the element looks like a kink, it is estimated again at steps 32× smaller until two steps
-  agree within their bars, or the same kink holds at three steps down to 2⁻¹³: a step wider
-  than the function's features is taken neither for the derivative nor for a kink.
-- One-sided differences give the left and right derivatives. On a smooth function the second
-  differences scale with h (J(h) = 2·J(h/2)); at a kink they do not (J(h) ≈ J(h/2) = the jump).
-  An element whose |J(h) − 2·J(h/2)| stands clear of rounding is on (or within a step of) a
+- Two rounds of Richardson extrapolation of the three central differences cancel the h² and h⁴
+  error terms: what is left is O(h⁶) plus rounding (`_estimates`).
+- The error bar is a bound: ROUNDING_SIGMAS times the rounding the estimate carries (the
+  forward's σ, measured at the point by `_measured_noise`, times the norm of the estimate's
+  weights), plus the truncation predicted from the Taylor terms the six values resolve (their
+  upper envelope carried on to the h⁶ term, times TRUNCATION_SAFETY).
+- The step follows the function (`settle`): where the truncation outweighs the rounding, the
+  step shrinks to the one that balances them; where the first step was set by |θ| (|θ| > 4),
+  the terms say the step is wide, or the element looks like a kink, it is estimated again at
+  steps 32× smaller until two steps agree within their bars, or the same kink holds at three
+  steps down to KINK_STEP: a step wider than the function's features is taken neither for the
+  derivative nor for a kink.
+- One-sided differences give the left and right derivatives. On a smooth function the jump of
+  the second differences falls as h³ (8× from h to h/2); at a kink it does not. An element
+  whose jump at h/2 stands clear of rounding and has not fallen is on (or within a step of) a
   kink: the comparison then accepts any value between the left and right derivatives.
 
 Perturbations are evaluated in batches with `torch.func.vmap`, in chunks that bound memory; a
@@ -31,9 +35,10 @@ more through one entry, `reference()`, which returns a `Reference`:
 - a tensor whose elementwise estimate costs more forward passes than its sampled check
   (`sampled()`) gets SAMPLES random elements and DIRECTIONS random directional derivatives
   (the derivative along d = v∘h for random signs v, which weighs every element);
-- `refine(elements)` returns a new Reference with more elements estimated, each at the step
-  (of three) whose error bar is smallest: where a verdict hangs on a few elements, they get
-  the most precise estimate there is;
+- `refine(elements)` returns a new Reference with more elements estimated as precisely as the
+  forward allows (their own rounding, the step that balances it with truncation, AVERAGED
+  estimates averaged): where a verdict hangs on a few elements, they get the most precise
+  estimate there is;
 - `locate(name, direction, agrees)` finds the elements behind a disagreeing direction by
   bisection: the two halves of the direction are estimated, the halves that disagree are split
   again. One wrong element of n is found with about 2·log2(n) directional derivatives.
@@ -101,11 +106,12 @@ FUSE_UP_TO = 1024
 REFINE_STEPS = (1.0, 8.0, 0.125)
 # A step wider than the function's features looks like a kink (the one-sided derivatives
 # part) or gives an estimate a smaller step disagrees with: such elements are estimated again at
-# steps SHRINK times smaller, at most SHRINKS times (32⁻⁸ = 2⁻⁴⁰: from 1e-4·|θ| at a Unix
+# steps SHRINK times smaller, at most SHRINKS times (32⁻⁸ = 2⁻⁴⁰: from 2⁻⁶·|θ| at a Unix
 # timestamp down to a spread of 1e-3), never below STEP_FLOOR_ULPS ulps of θ.
 SHRINK = 1.0 / 32
-# Elements beyond this size have a step set by their value (1e-4·|θ|): always checked once at
-# a smaller step. Below it the step is 1e-4 whatever θ, and only kinks cost more.
+# Elements beyond this size have a step set by their value (RELATIVE_STEP·|θ|): always checked
+# once at a smaller step. Below it the step is RELATIVE_STEP whatever θ, and only kinks, wide
+# steps and bars that are mostly truncation cost more.
 VALIDATE_FROM = 4.0
 SHRINKS = 8
 STEP_FLOOR_ULPS = 256.0
@@ -115,6 +121,9 @@ KINK_STABLE = 0.1
 KINK_STEPS = 3
 KINK_STEP = 2.0**-23  # a kink is confirmed at a step this small (three steps below 1e-4)
 KINK_ULPS = 2.0**16
+# The few elements a verdict hangs on (`Reference.refine`) are estimated this many times over at
+# nearby steps and averaged: the bar's rounding part falls as √(AVERAGED/4).
+AVERAGED = 32
 # Bisection stops at groups this small (checked element by element) or this many groups.
 LEAF = 8
 MAX_GROUPS = 8
@@ -207,7 +216,7 @@ def held_fixed(targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def is_sampled(size: int) -> bool:
     """Whether a tensor of `size` elements is checked by samples and directions: when that
-    costs fewer forward passes than estimating every element (4 each)."""
+    costs fewer forward passes than estimating every element."""
     return size > SAMPLES + DIRECTIONS * len(REFINE_STEPS)
 
 
@@ -225,7 +234,7 @@ class Reference:
             return self
         merged = self.gradients.copy()
         for name, index in wanted.items():
-            estimate = self.differences.estimate([name], {name: index}, steps=REFINE_STEPS)
+            estimate = self.differences.estimate([name], {name: index}, steps=REFINE_STEPS, alone=True)
             _store(merged, estimate, self.differences.targets, mask={name: index})
         return Reference(self.differences, merged)
 
@@ -294,10 +303,13 @@ class FiniteDifferences:
         names: Sequence[str],
         index: Mapping[str, torch.Tensor] | None = None,
         steps: Sequence[float] = (1.0,),
+        alone: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Per name, the estimates (value, error, left, right, kink) at the flat elements `index`
         (every element without one), fused into shared batches. With several step multipliers,
-        each element keeps the estimate with the smallest error bar off a kink."""
+        each element keeps the estimate with the smallest error bar off a kink. With `alone`,
+        each element's bar is built from the rounding the loss shows when that element alone
+        moves (`_own_noise`), not every input: the few elements a verdict hangs on."""
         whole = Flat({n: self.targets[n] for n in names})
         scale = whole.join(self.scales)
         if index is None:
@@ -307,6 +319,8 @@ class FiniteDifferences:
         best: dict[str, torch.Tensor] | None = None
         found: list[dict[str, torch.Tensor]] = []
         sigma, still = self.noise
+        if alone:
+            sigma = self._own_noise(whole, chosen, scale)
         for multiplier in steps:
             h = steps_for(scale) * multiplier
             f = evaluate(self.batched, self.targets, whole, h, chosen)
@@ -325,6 +339,14 @@ class FiniteDifferences:
         # stairs may be finer than the step; a slope seen at the step is checked at smaller ones.
         best["flat"] = best["flat"] | (still & (best["value"].abs() > 16 * best["rounding"]))
         best = self._settled(whole, scale, chosen, best, sigma)
+        if alone:
+            best = self._widened(whole, scale, chosen, best, sigma)
+            # Rounding that does not change as the element moves (x − mean at x ≈ 1e6, seen from
+            # a weight that multiplies it) is a bias in its slope that its own noise cannot show:
+            # at most the loss's rounding when everything moves, over the element's size.
+            size = torch.maximum(scale[chosen].abs(), scale.abs().square().mean().sqrt()).clamp(min=torch.finfo(torch.float64).tiny)
+            bias = ROUNDING_SIGMAS * self.noise[0] / size
+            best["error"] = best["error"] + torch.where(best["kink"], 0.0, bias)
         best.pop("step")
         out: dict[str, dict[str, torch.Tensor]] = {}
         offset = 0
@@ -335,11 +357,11 @@ class FiniteDifferences:
         return out
 
     def _settled(
-        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float | torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """`settle` the elementwise estimates: each round re-estimates the unsettled elements
-        at a step SHRINK times smaller (4 forward passes each), never below STEP_FLOOR_ULPS
-        ulps of θ. Elements whose step is 1e-4·|θ| with |θ| > VALIDATE_FROM (a step set by the
+        at a smaller step (6 forward passes each), never below STEP_FLOOR_ULPS
+        ulps of θ. Elements whose step is RELATIVE_STEP·|θ| with |θ| > VALIDATE_FROM (a step set by the
         value, not by the function), and those where the function is flat between two stencil
         points (a staircase), are always checked once at a smaller step."""
         theta = scale[chosen]
@@ -348,12 +370,89 @@ class FiniteDifferences:
             full = torch.ones(whole.size, dtype=torch.float64)
             full[chosen[where]] = h
             f = evaluate(self.batched, self.targets, whole, full, chosen[where])
-            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], sigma)
+            own = sigma[where] if isinstance(sigma, torch.Tensor) else sigma
+            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], own)
 
-        # Where θ is large, its own rounding hides a kink at steps near 1e-4: the step must
+        # Where θ is large, its own rounding hides a kink at small steps: the step must
         # still be KINK_ULPS ulps of θ.
         small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
         return settle(best, at, _step_floor(theta), (theta.abs() > VALIDATE_FROM) | best["flat"], small)
+
+    def _widened(
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """A settled estimate whose bar is mostly rounding is taken again at a wider step, the
+        one that balances the two (`settle` moves by 32× and may have passed it), and kept where
+        it agrees with the settled one within both bars, off a kink, with a smaller bar."""
+        grow = torch.exp2(torch.floor(torch.log2((best["rounding"] / (64 * best["truncation"]).clamp(min=1e-300)) ** (1 / 7))))
+        grow = grow.nan_to_num(1.0).clamp(max=1 / SHRINK / 2)
+        where = ((grow >= 2) & ~best["kink"] & torch.isfinite(best["value"])).nonzero().reshape(-1)
+        if not where.numel():
+            return best
+        h = best["step"][where] * grow[where]
+        full = torch.ones(whole.size, dtype=torch.float64)
+        full[chosen[where]] = h
+        f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+        other = _estimates(f[:, chosen[where]], h, float(self.loss0), scale[chosen][where], sigma[where])
+        other["step"] = h
+        was = {k: v[where] for k, v in best.items()}
+        take = (
+            ~other["kink"] & ~other["wide"] & (other["error"] < was["error"])
+            & ((other["value"] - was["value"]).abs() <= other["error"] + was["error"])
+        )
+        for key in best:
+            best[key][where] = torch.where(take, other[key], was[key])
+        return self._averaged(whole, scale, chosen, best, sigma)
+
+    def _averaged(
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Where rounding dominates a bar, AVERAGED estimates at steps a little smaller than the
+        chosen one (h·(1 − j/64): a new rounding each, the same function) are averaged, and
+        the rounding part of the bar falls as √(AVERAGED/4) (a quarter of the draws counted:
+        their roundings need not be independent); the truncation part stays that of the widest."""
+        where = (~best["kink"] & torch.isfinite(best["value"]) & (best["rounding"] > best["truncation"])).nonzero().reshape(-1)
+        if not where.numel():
+            return best
+        h = best["step"][where]
+        values = [best["value"][where]]
+        for j in range(1, AVERAGED):
+            full = torch.ones(whole.size, dtype=torch.float64)
+            full[chosen[where]] = h * (1 - j / 64)
+            f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+            values.append(_estimates(f[:, chosen[where]], h * (1 - j / 64), float(self.loss0), scale[chosen][where], sigma[where])["value"])
+        value = torch.stack(values).mean(dim=0)
+        rounding = best["rounding"][where] / (1 - (AVERAGED - 1) / 64) / math.sqrt(AVERAGED / 4)
+        best["value"][where] = value
+        best["rounding"][where] = rounding
+        best["error"][where] = best["truncation"][where] + rounding
+        return best
+
+    def _own_noise(self, whole: Flat, chosen: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Per chosen element, the σ of the loss's rounding when that element alone moves
+        (`_measured_noise` along its own axis, 2·NOISE_POINTS − 1 points); every input's σ
+        where the probes cannot run."""
+        sigma, _ = self.noise
+        count = 2 * NOISE_POINTS - 1
+        base = whole.join(self.targets)
+        offsets = torch.arange(1, count + 1, dtype=torch.float64) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+        rows = base.repeat(count * chosen.numel(), 1)
+        line = torch.arange(rows.shape[0])
+        which = chosen.repeat_interleave(count)
+        rows[line, which] = base[which] + offsets.repeat(chosen.numel()) * scale[which].abs()
+        try:
+            values = self.batched(self.targets, whole, rows).to(torch.float64).reshape(chosen.numel(), count)
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
+            return torch.full((chosen.numel(),), sigma, dtype=torch.float64)
+        differences = torch.cat([torch.full((chosen.numel(), 1), float(self.loss0), dtype=torch.float64), values], dim=1)
+        for _ in range(NOISE_ORDER):
+            differences = differences[:, 1:] - differences[:, :-1]
+        squares = (differences**2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)).nan_to_num(math.inf, posinf=math.inf)
+        own = squares.mean(dim=1).sqrt().clamp(min=ROUNDING_FLOOR * abs(float(self.loss0)))
+        # A probe that saw nothing finite, or an element of size 0 (no ulps to move by): every input's.
+        return torch.where(torch.isfinite(own) & (scale[chosen] != 0), own, torch.full_like(own, sigma))
 
     def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
         """d = v∘h: random signs v, the elementwise steps h."""
@@ -363,8 +462,8 @@ class FiniteDifferences:
 
     def along(self, name: str, vectors: Sequence[torch.Tensor], steps: Sequence[float] = REFINE_STEPS) -> list[Direction]:
         """The loss's derivative along each vector (in the units of the vector), by two rounds
-        of Richardson extrapolation over three steps (error O(h⁶); the error bar is the
-        last round's correction plus rounding), at the step multiplier of `steps` (1, 8, ⅛)
+        of Richardson extrapolation over three steps (error O(h⁶); the error bar as for an
+        element, `_estimates`), at the step multiplier of `steps` (1, 8, ⅛)
         whose error bar is smallest off a kink. One direction costs 6 forward passes a step
         multiplier: cheap next to the precision it buys, which is what a single wrong element
         among millions needs."""
@@ -391,7 +490,7 @@ class FiniteDifferences:
         best = at(steps[0], everyone)
         for multiplier in steps[1:]:
             best = _better(best, at(multiplier, everyone))
-        # A multiplier m moves element i by m·h_i, h_i ≈ 1e-4·max(1, |θ_i|).
+        # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
         small = torch.tensor(
             [1.0 / max(1.0, float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 1.0) for v in vectors],
             dtype=torch.float64,
@@ -626,8 +725,8 @@ def evaluate(
     h: torch.Tensor,
     index: Sequence[int] | torch.Tensor,
 ) -> torch.Tensor:
-    """The loss at θ ± h and θ ± h/2 for each element in `index` of the flat vector, as a
-    (4, size) matrix (NaN for elements not in `index`).
+    """The loss at θ + t·h, t in OFFSETS, for each element in `index` of the flat vector, as a
+    (6, size) matrix (NaN for elements not in `index`).
 
     From REPLAY_FROM elements on, the recorded forward is replayed (`_replayed`); otherwise, or
     where it cannot be, the forward runs under vmap: the perturbed rows live in one buffer of at
@@ -681,7 +780,7 @@ def _replayed(
     index: torch.Tensor,
 ) -> torch.Tensor:
     """`evaluate` by replaying the recorded forward (incremental.py): the loss at θ ± h and
-    θ ± h/2 for each element in `index`, as a (4, len(index)) matrix. Each tensor's first
+    θ ± h/2, θ ± h/4 for each element in `index`, as a (6, len(index)) matrix. Each tensor's first
     element is replayed alone, to learn how wide its states are, and the rest in chunks that
     hold them within the replay's memory bound. Two rows of every chunk are checked against a
     plain forward pass. Unreplayable where one differs, or where the chunks would hold fewer
@@ -713,7 +812,7 @@ def _replayed(
 
 
 def elements_per_chunk(size: int) -> int:
-    """How many elements one batch perturbs (4 rows each): as many as fit in CHUNK_BYTES of
+    """How many elements one batch perturbs (6 rows each): as many as fit in CHUNK_BYTES of
     rows, at least one, at most MAX_BATCH rows."""
     return max(1, min(MAX_BATCH, CHUNK_BYTES // (8 * max(1, size))) // len(OFFSETS))
 
@@ -917,7 +1016,7 @@ def settle(
       step whose bar is smaller (a bar small by chance at a step wider than the function's
       features is caught here: the estimates disagree);
     - a kink at KINK_STEPS steps in a row with the same one-sided derivatives, the last one
-      no wider than `small` (the step today's 1e-4 would be, in each column's units): a
+      no wider than `small` (KINK_STEP, in each column's units): a
       real kink;
     - otherwise (a kink seen at the wider step only, or estimates that disagree) the smaller
       step's estimate is taken and checked in the next round: a step wider than a feature
