@@ -61,7 +61,7 @@ def test_reference_is_far_more_precise_than_a_plain_central_difference():
         pytest.param(lambda t: torch.relu(t).sum(), 0.0, id="relu-at-zero"),
         pytest.param(lambda t: t.abs().sum(), 0.0, id="abs-at-zero"),
         pytest.param(lambda t: torch.maximum(t, torch.zeros_like(t)).sum() * 3, 0.0, id="max-at-a-tie"),
-        pytest.param(lambda t: torch.relu(t - 1e-9).sum(), 0.0, id="relu-kink-closer-than-the-smallest-step"),
+        pytest.param(lambda t: torch.relu(t - 1e-16).sum(), 0.0, id="relu-kink-closer-than-the-smallest-step"),
     ],
 )
 def test_kinks_are_detected_with_their_one_sided_derivatives(loss, at):
@@ -73,8 +73,8 @@ def test_kinks_are_detected_with_their_one_sided_derivatives(loss, at):
 
 
 def test_a_kink_within_the_first_step_but_farther_than_a_smaller_one_is_no_kink():
-    # relu(t − 1e-5) at t = 0 is differentiable (derivative 0): the first step (1e-4) spans
-    # the kink, a step 32 times smaller does not.
+    # relu(t − 1e-5) at t = 0 is differentiable (derivative 0): the first step (2⁻⁶) spans
+    # the kink, a smaller one does not.
     values = torch.tensor([0.0, 1.5, -0.7], dtype=torch.float64)
     c = _case(lambda t: torch.relu(t - 1e-5).sum(), values)
     grads = numerical.gradient(c, given_point(c, 0), "cpu", torch.float64)

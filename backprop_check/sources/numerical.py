@@ -492,7 +492,7 @@ class FiniteDifferences:
             best = _better(best, at(multiplier, everyone))
         # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
         small = torch.tensor(
-            [1.0 / max(1.0, float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 1.0) for v in vectors],
+            [_kink_multiplier(theta[v.reshape(-1) != 0]) for v in vectors],
             dtype=torch.float64,
         )
         best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate, small)
@@ -578,9 +578,18 @@ def along(
         return at(multipliers, where)
 
     # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
-    small = torch.full_like(f0, 1.0 / max(1.0, largest))
+    small = torch.full_like(f0, _kink_multiplier(theta))
     best = settle(best, again, torch.full_like(f0, 2.0**-40), validate, small)
     return Estimate(best["value"], best["error"], best["left"], best["right"], best["kink"])
+
+
+def _kink_multiplier(theta: torch.Tensor) -> float:
+    """The step multiplier along a direction (element i moved by m·RELATIVE_STEP·max(1, |θ_i|))
+    at which a kink is confirmed: its largest element moved no more than an element's own
+    confirming step (KINK_STEP, or 2¹⁶ ulps of it)."""
+    largest = float(theta.abs().max()) if theta.numel() else 0.0
+    confirming = max(KINK_STEP, float(_step_floor(torch.tensor([largest]))[0]) * (KINK_ULPS / STEP_FLOOR_ULPS))
+    return confirming / (RELATIVE_STEP * max(1.0, largest))
 
 
 def _output_noise(
