@@ -7,33 +7,34 @@ from typing import TYPE_CHECKING, Any
 # Imported now, since they import no torch.
 from backprop_check.errors import CaseError, CaseLoadError, CaseTimeout, UsageError
 from backprop_check.model.case import Case, case
+from backprop_check.version import __version__  # noqa: F401 - the package's version
 
-__version__ = "0.1.0"
 
 # These import torch (~2 s), so they load on first use: the pytest plugin is loaded by every
 # pytest process in an environment that has the package, xdist's controller included, and only
 # a process that checks a case needs torch.
 _LAZY = {
     "FunctionCase": "model.function",
-    "GradcheckError": "gate.dropin",
+    "GradcheckError": "commands.dropin",
     "Report": "records",
     "Result": "records",
-    "assert_gradients": "assertions",
-    "check": "model.function",
-    "function_case": "model.function",
-    "gradcheck": "gate.dropin",
-    "gradgradcheck": "gate.dropin",
-    "check_layer": "model.layers",
+    "assert_gradients": "commands.assertions",
+    "check": "commands.api",
+    "function_case": "commands.api",
+    "gradcheck": "commands.dropin",
+    "gradgradcheck": "commands.dropin",
+    "check_layer": "commands.api",
     "layer": "model.layers",
     "node": "model.nodes",
     "run": "engine.runner",
 }
 
 if TYPE_CHECKING:
-    from backprop_check.assertions import assert_gradients
-    from backprop_check.gate.dropin import GradcheckError, gradcheck, gradgradcheck
-    from backprop_check.model.function import FunctionCase, check, function_case
-    from backprop_check.model.layers import check_layer, layer
+    from backprop_check.commands.assertions import assert_gradients
+    from backprop_check.commands.dropin import GradcheckError, gradcheck, gradgradcheck
+    from backprop_check.commands.api import check, check_layer, function_case
+    from backprop_check.model.function import FunctionCase
+    from backprop_check.model.layers import layer
     from backprop_check.model.nodes import node
     from backprop_check.records import Report, Result
     from backprop_check.engine.runner import run
@@ -43,6 +44,7 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    import_module(".formats", __name__)  # registers how a Report shows in a notebook (records.VIEWS)
     globals()[name] = value
     return value
 

@@ -49,7 +49,7 @@ def held_interrupt() -> Iterator[_Held]:
 
 def load_cli() -> ModuleType:
     """The command line's module (and torch with it)."""
-    return importlib.import_module("backprop_check.cli")
+    return importlib.import_module("backprop_check.commands.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,9 +31,14 @@ TABLE: dict[str, Row] = {
 }
 
 
-def row(name: str) -> Row:
-    """The row of dtype `name` ("float32" or "torch.float32"); an unknown one reads as float32."""
-    return TABLE.get(str(name).removeprefix("torch."), TABLE["float32"])
+def name_of(dtype: object) -> str:
+    """A dtype's name as the harness says it, "float32", from `torch.float32` or "float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def row(name: object) -> Row:
+    """The row of dtype `name` ("float32" or torch.float32); an unknown one reads as float32."""
+    return TABLE.get(name_of(name), TABLE["float32"])
 
 
 def require(name: str) -> None:

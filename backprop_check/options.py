@@ -13,7 +13,7 @@ from typing import Any
 
 from backprop_check import dtypes
 from backprop_check.errors import UsageError
-from backprop_check.loading.selection import matches
+from backprop_check.selection import matches
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float64", "float32")
@@ -84,20 +84,28 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def add_to_argparse(parser: argparse.ArgumentParser) -> None:
+def register(add: Callable[..., Any], prefix: str = "") -> None:
+    """Declare every option through `add` (argparse's `add_argument`, pytest's `addoption`),
+    as `--{prefix}{name}` stored under `{prefix}{dest}` with "-" read as "_"."""
     for option in OPTIONS:
+        dest = (prefix + option.name).replace("-", "_")
         if option.flag:
-            parser.add_argument(f"--{option.name}", dest=option.dest, action="store_true", help=option.help)
+            add(f"--{prefix}{option.name}", dest=dest, action="store_true", help=option.help)
             continue
-        parser.add_argument(
-            f"--{option.name}",
-            dest=option.dest,
+        add(
+            f"--{prefix}{option.name}",
+            dest=dest,
             default=option.default,
             type=option.type,
             metavar=option.metavar,
             help=option.help,
             action="append" if option.repeat else "store",
         )
+
+
+def add_to_argparse(parser: argparse.ArgumentParser) -> None:
+    """The options on the command line: `--dtype float64`."""
+    register(parser.add_argument)
 
 
 def plan_from(values: Callable[[str], Any], select: str | None = None) -> Plan:

@@ -17,26 +17,14 @@ from typing import Any
 
 import pytest
 
-from backprop_check.options import OPTIONS
-from backprop_check.gate.session import KEY, CaseFile, CheckSession, session_of
+from backprop_check.options import register
+from backprop_check.commands.session import KEY, CaseFile, CheckSession, session_of
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Register the shared run options as `--bc-NAME`, and where case files live."""
     group = parser.getgroup("backprop-check", "gradient checks of case files (backprop-check)")
-    for option in OPTIONS:
-        if option.flag:
-            group.addoption(f"--bc-{option.name}", dest=f"bc_{option.dest}", action="store_true", help=option.help)
-        else:
-            group.addoption(
-                f"--bc-{option.name}",
-                dest=f"bc_{option.dest}",
-                default=option.default,
-                type=option.type,
-                metavar=option.metavar,
-                action="append" if option.repeat else "store",
-                help=option.help,
-            )
+    register(group.addoption, prefix="bc-")  # the CLI's options (options.py), as --bc-NAME
     parser.addini("backprop_check_paths", "folders of case files (default: cases)", type="paths", default=[])
 
 

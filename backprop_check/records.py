@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from backprop_check.diagnosis.graph import Graph
     from backprop_check.diagnosis.shapes import ShapeSlip
-    from backprop_check.loading.points import Point
+    from backprop_check.model.points import Point
     from backprop_check.options import Plan
     from backprop_check.sources import Gradients
 
@@ -40,7 +40,7 @@ class Verdict(_Word):
 
 class Culprit(_Word):
     """The one source that disagrees with the other two (contract: manual, autograd,
-    numerical, reference: a kernel's reference implementation, sources/reference.py);
+    numerical, reference: a kernel's reference implementation, engine/reference.py);
     `unknown` and `undecided` are per-element findings that name no one."""
 
     MANUAL = "manual"
@@ -49,6 +49,16 @@ class Culprit(_Word):
     REFERENCE = "reference"
     UNKNOWN = "unknown"
     UNDECIDED = "undecided"
+
+
+PARTS = ("real", "imag")  # a complex tensor's element is differentiated as its two real parts
+
+
+def complex_label(name: str, index: tuple[int, ...]) -> str:
+    """`z[3].imag`: an element of a complex tensor, from the index of its real view."""
+    *at, part = index
+    where = f"[{', '.join(map(str, at))}]" if at else ""
+    return f"{name}{where}.{PARTS[part]}"
 
 
 class CheckKind(_Word):
@@ -102,7 +112,7 @@ class Check:
     # stored value for a baseline check (the `numerical` field stays the numerical gradient's).
     reference: float | None = None
     # A complex tensor, checked as its real view: `shape` and `index` are the view's, whose last
-    # index is the part (0 real, 1 imaginary); it is shown as `z[3].imag` (loading/complexes.py).
+    # index is the part (0 real, 1 imaginary); it is shown as `z[3].imag` (model/complexes.py).
     complex: bool = False
     # A wrong-shaped manual gradient: the slip behind its shape (`note` states it; hints say
     # what the derivation must do instead). Not in the JSON: the note is.
@@ -119,9 +129,7 @@ class Check:
         if self.index is None or len(self.index) == 0:
             return self.name
         if self.complex:
-            from backprop_check.loading.complexes import label
-
-            return label(self.name, self.index)
+            return complex_label(self.name, self.index)
         return f"{self.name}[{', '.join(map(str, self.index))}]"
 
     def _shown(self) -> tuple[list[int], list[int] | None, str | None]:
@@ -202,6 +210,9 @@ class Result:
     # and in which mode of AD ("rev": backward; "fwd": jvp).
     order: int = 1
     mode: str = "rev"
+    # The case is numpy code: no autograd, manual against the numerical gradient alone (the
+    # reports say so once, below their tables: model/arrays.py's NUMPY_NOTE).
+    numpy: bool = False
 
     def __post_init__(self) -> None:
         self.verdict = Verdict(self.verdict)
@@ -233,8 +244,13 @@ class Result:
             "reference": self.reference,
             "order": self.order,
             "mode": self.mode,
+            "numpy": self.numpy,
         }
 
+
+# How a notebook shows a Report, by MIME type: filled by `formats` (the HTML report's fragment),
+# which sits above the records and renders them; the package imports it with the API.
+VIEWS: dict[str, Any] = {}
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1  # a gradient mismatch, or a drift from the baseline
@@ -309,9 +325,7 @@ class Report:
     def _repr_html_(self) -> str:
         """What a notebook shows: the HTML report (summary, what needs a look, ok, skipped), its
         styles scoped to it."""
-        from backprop_check.formats import html
-
-        return html.fragment(self)
+        return VIEWS["text/html"](self)
 
     def to_dict(self) -> dict[str, Any]:
         summary = {"exit_code": self.exit_code, "seconds": round(self.seconds, 3), "partial": self.partial, "not_checked": self.not_checked}

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import backprop_check
-from backprop_check.loading.loader import load
-from backprop_check.loading.points import Point, given_point, random_point
+from backprop_check.model.loader import load
+from backprop_check.model.points import Point, given_point, random_point
 from measure import seconds, table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 
 import backprop_check
-from backprop_check.sources import distributed, ranks
+from backprop_check.engine import distributed, ranks
 from measure import interleaved, seconds, table
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tensor_parallel.py"

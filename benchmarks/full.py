@@ -4,7 +4,7 @@ Both ~22k models of `speed.py`, float64, CPU, given point, in one process, inter
 
 - gradcheck slow (two forward passes per element, one at a time, plus its own bookkeeping);
 - harness full (three-way: every element estimated numerically, 4 loss values each; the forward
-  recorded once and replayed for one-element perturbations, `sources/incremental.py`);
+  recorded once and replayed for one-element perturbations, `sources/replay.py`);
 - "harness full, vmap of the whole forward": the same with the replay switched off, every
   perturbed loss a whole forward pass batched by vmap (what `--full` did before the replay).
 

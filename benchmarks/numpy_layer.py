@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from measure import interleaved, seconds, table  # noqa: E402
 
 from backprop_check import check_layer, layer  # noqa: E402
-from backprop_check.loading.forward import call_forward  # noqa: E402
-from backprop_check.loading.points import given_point  # noqa: E402
+from backprop_check.model.forward import call_forward  # noqa: E402
+from backprop_check.model.points import given_point  # noqa: E402
 from backprop_check.sources import numerical  # noqa: E402
 from backprop_check.sources.numerical import Batched  # noqa: E402
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import backprop_check
-from backprop_check.loading.points import given_point
+from backprop_check.model.points import given_point
 from backprop_check.sources import numerical
 
 # (offset, spread): pixels, un-normalised features, logits with a shared offset, timestamps.

@@ -127,7 +127,7 @@ def _true_dw(kernel: Any, inputs: tuple[torch.Tensor, ...], element: int) -> flo
     """|dw_element| / rms(dw) at the given point, with the cotangent the check drew."""
     case = backprop_check.FunctionCase(kernel, inputs, reference=LP.rms_norm_reference)
     case.problem()
-    from backprop_check.loading.points import given_point
+    from backprop_check.model.points import given_point
     from backprop_check.sources import autograd
 
     point = given_point(case.twin(), 0)

@@ -1,7 +1,7 @@
 """Benchmark 2: `backprop-check run cases/` (the built-in suite, default options) in a fresh
 process against a bare `python -c "import torch"`, which any torch tool pays.
 
-A third row, `import backprop_check.cli` alone, splits the difference into what importing the
+A third row, `import backprop_check.commands.cli` alone, splits the difference into what importing the
 package costs and what running the suite costs. Exit codes are shown: the suite must pass.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ TARGET = 1.5
 SUITE = "backprop-check run cases/"
 COMMANDS = {
     'python -c "import torch"': [sys.executable, "-c", "import torch"],
-    'python -c "import backprop_check.cli"': [sys.executable, "-c", "import backprop_check.cli"],
+    'python -c "import backprop_check.commands.cli"': [sys.executable, "-c", "import backprop_check.commands.cli"],
     SUITE: [str(BIN / "backprop-check"), "run", "cases/"],
 }
 # The first call of `torch.unravel_index` goes through `torch._check_with`, which imports
@@ -31,7 +31,7 @@ PATCHED = "  same, torch.unravel_index → numpy's (proposed fix)"
 PATCH = (
     "import sys, numpy, torch\n"
     "torch.unravel_index = lambda i, shape: numpy.unravel_index(int(i), tuple(shape))\n"
-    "from backprop_check.cli import main\n"
+    "from backprop_check.commands.cli import main\n"
     "sys.exit(main(['run', 'cases/']))"
 )
 

@@ -7,7 +7,7 @@ kernel's would be), accumulates in float32 inside, and has a hand-written backwa
 referee cannot difference it, so each check names `rms_norm_reference`, the same computation in
 plain torch: the harness checks the reference against float64 finite differences, and judges
 the kernel's outputs and gradients against the reference's in float64, with a tolerance made of
-the reference's own bfloat16 error at the same point (sources/reference.py).
+the reference's own bfloat16 error at the same point (engine/reference.py).
 
 `rms_norm` is right (`ok`). The three others carry the slips kernel backwards are known for,
 each a mismatch with culprit `autograd` and the element named:

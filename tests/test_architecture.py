@@ -3,17 +3,20 @@ module seed and built module ride on the points of one check), and a wrong-shape
 diagnosed once (the message states the shape, the hint the rule it breaks)."""
 from __future__ import annotations
 
+import ast
 import io
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 
+import backprop_check
 from backprop_check import case, run
-from backprop_check.diagnosis.explain import explain
-from backprop_check.diagnosis.trace import Settings, Trace
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import given_point, random_point
+from backprop_check.commands.explain import explain
+from backprop_check.commands.trace import Settings, Trace
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import given_point, random_point
 
 CPU64 = dict(devices=["cpu"], dtypes=["float64"], points=1)
 X = [1.0, 2.0, 3.0]
@@ -185,3 +188,158 @@ def test_a_wrong_shape_is_said_once_the_message_and_the_hint_share_no_phrase() -
         (hint,) = result.hints
         assert "shape (" not in hint and "matches" not in hint
         assert shared_words(result.message, hint) == set(), (result.message, hint)
+
+
+# --- the floors: the package's structure, read from its source --------------------------------
+
+PACKAGE = Path(backprop_check.__file__).parent
+
+# Bottom to top: a module imports from its own floor or from below, never from above, and a
+# folder never from another folder of its floor. README.md's Layout section says the same.
+FLOORS = (
+    ("errors", "dtypes", "version", "selection", "limits", "records", "options"),  # the vocabulary
+    ("model",),  # what the user wrote: cases, functions, layers, points, the forward call
+    ("sources",),  # the gradients: manual, numerical, autograd (and the replay they use)
+    ("diagnosis", "formats"),  # reading a disagreement; writing a report
+    ("engine",),  # the check: guards, tolerance, comparison, verdicts, contract, orders, modes
+    ("commands",),  # what a user calls: the Python API, the CLI, the pytest session, the drop-in
+    ("", "plugin", "console", "__main__"),  # the package's API, the entry points
+)
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imported(name: str, path: Path) -> set[str]:
+    """The package's modules that `name` imports, at the top or inside functions; an import under
+    `if TYPE_CHECKING:` is for the type checker only and left out."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                above = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(above + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target not in MODULES and "." in target:
+                target = target.rpartition(".")[0]
+            if target in MODULES and target != name:
+                found.add(target)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    """Module → the modules it imports; a package's `__init__` filling its registry from its own
+    submodules is not an edge (the one allowed loop)."""
+    edges = {}
+    for name, path in MODULES.items():
+        edges[name] = {
+            target for target in imported(name, path)
+            if not (path.name == "__init__.py" and name != "backprop_check" and target.startswith(name + "."))
+        }
+    return edges
+
+
+def unit(name: str) -> str:
+    """The folder a module lives in, or the module itself at the top of the package."""
+    parts = name.split(".")[1:]
+    return parts[0] if parts else ""
+
+
+def floor(name: str) -> int:
+    for level, units in enumerate(FLOORS):
+        if unit(name) in units:
+            return level
+    raise AssertionError(f"{name} is on no floor: add its folder to FLOORS (and to README's Layout)")
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `edges`, as the path that closes it, or None."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(edges.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_every_module_of_the_package_is_on_a_floor() -> None:
+    for name in MODULES:
+        floor(name)
+
+
+def test_no_module_imports_from_a_floor_above_or_from_another_folder_of_its_floor() -> None:
+    wrong = [
+        f"{name} → {target}"
+        for name, targets in graph().items()
+        for target in sorted(targets)
+        if floor(target) > floor(name) or (floor(target) == floor(name) and unit(target) != unit(name) and floor(name) not in (0, len(FLOORS) - 1))
+    ]
+    assert not wrong, "imports against the floors:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycle_between_files() -> None:
+    assert cycle(graph()) is None, " → ".join(cycle(graph()) or [])
+
+
+def test_no_import_cycle_between_folders() -> None:
+    folders: dict[str, set[str]] = {}
+    for name, targets in graph().items():
+        folders.setdefault(unit(name), set()).update(unit(t) for t in targets if unit(t) != unit(name))
+    assert cycle(folders) is None, " → ".join(cycle(folders) or [])
+
+
+def test_the_cycle_finder_finds_a_cycle_and_the_import_reader_reads_lazy_imports() -> None:
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+    # An import inside a function is an edge as much as one at the top of the file.
+    inside = [
+        name for name, path in MODULES.items()
+        if any(isinstance(n, (ast.Import, ast.ImportFrom)) for f in ast.walk(ast.parse(path.read_text()))
+               if isinstance(f, ast.FunctionDef) for n in ast.walk(f))
+    ]
+    assert inside, "no module imports inside a function: the reader's lazy-import path is untested"
+    some = inside[0]
+    lazy = {
+        target for f in ast.walk(ast.parse(MODULES[some].read_text())) if isinstance(f, ast.FunctionDef)
+        for n in ast.walk(f) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("backprop_check")
+        for target in [n.module]
+    }
+    assert {t for t in lazy if t in MODULES} <= imported(some, MODULES[some])

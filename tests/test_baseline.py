@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from backprop_check import Report, Result
-from backprop_check.gate.baseline import Baseline, Drift, Threshold
-from backprop_check.cli import main
+from backprop_check.commands.baseline import Baseline, Drift, Threshold
+from backprop_check.commands.cli import main
 
 CASES = '''
 from backprop_check import case

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import backprop_check
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 
 CPU = ["--device", "cpu", "--points", "1"]
 
@@ -189,7 +189,7 @@ def test_an_output_path_that_cannot_be_written_is_a_usage_error_before_the_run(f
     folder("cases.py", GOOD)
     (folder.path / "taken").write_text("a file, not a folder")
     (folder.path / "reports").mkdir()
-    monkeypatch.setattr("backprop_check.cli.run_plan", lambda *args: pytest.fail("the run started"))
+    monkeypatch.setattr("backprop_check.commands.cli.run_plan", lambda *args: pytest.fail("the run started"))
     code, out, err = run_cli(capsys, "run", "cases.py", *CPU, *argv)
     assert code == 2
     assert err.startswith(f"backprop-check: error: {says}")
@@ -207,7 +207,7 @@ def test_a_baseline_whose_obtained_file_cannot_be_written_is_a_usage_error(folde
 def test_trace_json_that_cannot_be_written_is_a_usage_error_before_the_replay(folder, capsys, monkeypatch):
     folder("cases.py", GOOD)
     (folder.path / "taken").write_text("a file, not a folder")
-    monkeypatch.setattr("backprop_check.diagnosis.trace.pick", lambda *args: pytest.fail("the replay started"))
+    monkeypatch.setattr("backprop_check.commands.trace.pick", lambda *args: pytest.fail("the replay started"))
     code, out, err = run_cli(capsys, "trace", "cases.py", "--epochs", "1", "--lr", "0.1", "--json", "taken/trace.json")
     assert code == 2
     assert err == "backprop-check: error: --json taken/trace.json: cannot write there: Not a directory\n"

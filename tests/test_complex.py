@@ -10,9 +10,9 @@ import torch
 
 import backprop_check as bc
 from backprop_check import case, node, run
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 from backprop_check.formats import text
-from backprop_check.loading.points import given_point, random_point
+from backprop_check.model.points import given_point, random_point
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "complex_conj.py"
 Z = [0.3 + 1.2j, -0.5 + 0.1j, 1.0 - 0.7j]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import backprop_check as bc
-from backprop_check.diagnosis import contract
+from backprop_check.engine import contract
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "functions.py"
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 import backprop_check as bc
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tensor_parallel.py"
 QUICK = dict(dtypes=["float64"], points=0)  # the given point, float64: each check is a few forward batches

@@ -135,7 +135,7 @@ def missing(shown: list[str], output: str) -> str | None:
 
 def in_process(argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     """`backprop-check argv` in this process: its exit status and what it printed."""
-    from backprop_check.cli import main
+    from backprop_check.commands.cli import main
 
     with monkeypatch.context() as patch:
         for name, value in env.items():
@@ -220,7 +220,7 @@ def test_every_command_line_option_is_documented() -> None:
     """Each option of each command (and the plugin's `--bc-` ones) is named on a docs page."""
     import argparse
 
-    from backprop_check.cli import parser
+    from backprop_check.commands.cli import parser
     from backprop_check.options import OPTIONS
 
     documented = "\n".join(page.read_text(encoding="utf-8") for page in PAGES[1:])

@@ -534,10 +534,10 @@ def test_the_time_limit_does_not_outlive_the_case():
 def test_an_internal_error_on_one_case_is_an_error_and_the_others_still_run(monkeypatch):
     real = backprop_check.engine.runner.compare
 
-    def flaky(numerical, autograd, manual, params, tol, noise=None):
-        if "boom" in params:
+    def flaky(evidence):
+        if "boom" in evidence.params:
             raise RuntimeError("a bug in the harness")
-        return real(numerical, autograd, manual, params, tol, noise)
+        return real(evidence)
 
     monkeypatch.setattr(backprop_check.engine.runner, "compare", flaky)
     unlucky = case(lambda boom: boom ** 2, params={"boom": 1.0}, name="unlucky")

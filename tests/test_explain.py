@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = str(ROOT / "cases" / "linear.py")

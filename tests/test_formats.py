@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backprop_check import Report, Result, case, run
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 from backprop_check.formats import FORMATS, write
 
 CASE_FILE = '''

@@ -12,7 +12,7 @@ import torch
 
 import backprop_check as bc
 import backprop_check.model.function  # noqa: F401 - bc.model.function below
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 from backprop_check.formats import FORMATS
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "functions.py"

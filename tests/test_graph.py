@@ -5,7 +5,7 @@ import torch
 
 from backprop_check import case, node
 from backprop_check.diagnosis.graph import graph_of
-from backprop_check.loading.points import given_point
+from backprop_check.model.points import given_point
 
 
 @case(params={"w": 1.0}, data={"x": 1.0, "y": 2.0})

@@ -191,7 +191,7 @@ def test_the_text_report_says_how_a_large_tensor_was_checked():
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_full_mode_finds_one_wrong_element_by_replaying_the_forward(build, culprit, dtype, monkeypatch):
     """--full estimates all 10,000 elements, each from the forward replayed at its perturbed
-    points (sources/incremental.py); the replay is checked, so nothing here falls back to vmap."""
+    points (sources/replay.py); the replay is checked, so nothing here falls back to vmap."""
     from backprop_check.sources import numerical
 
     def never(self, targets, flat, batch):  # noqa: ANN001, ANN202 - vmap of the whole forward

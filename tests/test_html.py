@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from backprop_check import Report, Result, __version__, case, run
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 from backprop_check.formats import html
 from backprop_check.options import Plan
 

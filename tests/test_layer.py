@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backprop_check import check_layer, layer, run
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 
 pytest_plugins = ["pytester"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 
 from backprop_check import run
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 
 
 def test_a_case_file_that_hangs_at_import_is_an_error_and_the_others_still_run(tmp_path):

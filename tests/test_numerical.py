@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backprop_check import case
-from backprop_check.loading.points import given_point
+from backprop_check.model.points import given_point
 from backprop_check.sources import numerical
 
 KNOWN = [

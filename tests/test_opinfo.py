@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import backprop_check as bc
 from backprop_check import gradcheck
-from backprop_check.gate.dropin import GradcheckError
+from backprop_check.commands.dropin import GradcheckError
 
 
 def x64(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import backprop_check as bc
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 
 FILE = '''
 import torch

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib import image  # noqa: E402
 
 from backprop_check.formats import plot  # noqa: E402
-from backprop_check.diagnosis.explain import step_scan  # noqa: E402
-from backprop_check.loading.loader import load  # noqa: E402
+from backprop_check.commands.explain import step_scan  # noqa: E402
+from backprop_check.model.loader import load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SGD = str(ROOT / "cases" / "sgd_trace.py")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import backprop_check.engine.runner  # noqa: F401 - torch loads once, here: pytester's inline runs unload the modules they import
-import backprop_check.gate.session
+import backprop_check.commands.session
 
 pytest_plugins = ["pytester"]
 
@@ -86,7 +86,7 @@ def test_a_failure_shows_the_table_and_the_culprit_not_a_traceback(cases: pytest
 
 
 def test_an_unavailable_device_is_skipped_with_its_reason(cases: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backprop_check.gate.session, "device_unavailable", lambda device: "no GPU here" if device == "cuda" else None)
+    monkeypatch.setattr(backprop_check.commands.session, "device_unavailable", lambda device: "no GPU here" if device == "cuda" else None)
     result = cases.runpytest("cases", "-k", "linear", "--bc-dtype", "float64", "-rs", *FAST)
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED [[]1[]] cases/models.py:4: no GPU here"])
@@ -138,7 +138,7 @@ def test_a_plain_pytest_collects_only_the_ini_folders(pytester: pytest.Pytester)
 
 
 def test_a_device_asked_for_by_name_that_is_missing_fails(cases: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backprop_check.gate.session, "device_unavailable", lambda device: "no GPU here" if device == "cuda" else None)
+    monkeypatch.setattr(backprop_check.commands.session, "device_unavailable", lambda device: "no GPU here" if device == "cuda" else None)
     result = cases.runpytest("cases", "-k", "linear", "--bc-device", "cpu,cuda", "--bc-dtype", "float64", *FAST)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*_ linear[[]cuda-float64[]] _*", "--bc-device cuda was asked for, but no GPU here (--bc-allow-skip skips it instead)"])
@@ -161,13 +161,13 @@ def test_a_case_file_named_on_the_command_line_is_collected(pytester: pytest.Pyt
 
 def test_each_case_runs_once_for_its_selected_runs(cases: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
-    check_case = backprop_check.gate.session.check_case
+    check_case = backprop_check.commands.session.check_case
 
     def counting(case, plan, mode="rev"):  # noqa: ANN001, ANN202
         calls.append((case.name, plan.devices, plan.dtypes))
         return check_case(case, plan, mode)
 
-    monkeypatch.setattr(backprop_check.gate.session, "check_case", counting)
+    monkeypatch.setattr(backprop_check.commands.session, "check_case", counting)
     result = cases.runpytest("cases", "--bc-device", "cpu", "-k", "not float32", *FAST)
     result.assert_outcomes(passed=1, failed=1, deselected=2)
     assert calls == [("linear", ("cpu",), ("float64",)), ("forgot_x", ("cpu",), ("float64",))]
@@ -188,9 +188,9 @@ COUNTING = '''
 import os
 import sys
 
-import backprop_check.gate.session
+import backprop_check.commands.session
 
-real = backprop_check.gate.session.check_case
+real = backprop_check.commands.session.check_case
 
 
 def counting(case, plan, mode="rev"):
@@ -199,7 +199,7 @@ def counting(case, plan, mode="rev"):
     return real(case, plan, mode)
 
 
-backprop_check.gate.session.check_case = counting
+backprop_check.commands.session.check_case = counting
 
 
 def pytest_sessionfinish(session):

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from backprop_check import case
-from backprop_check.loading.points import given_point, random_point
+from backprop_check.model.points import given_point, random_point
 
 
 @case(

@@ -13,7 +13,7 @@ import backprop_check
 from backprop_check.engine.directions import along_tensor
 from backprop_check.engine.sides import Sides
 from backprop_check.engine.tolerance import tolerance_for
-from backprop_check.loading.points import given_point
+from backprop_check.model.points import given_point
 from backprop_check.sources import Direction, Gradients, numerical
 
 DAY = 86400 / (2 * math.pi)

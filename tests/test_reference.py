@@ -1,4 +1,4 @@
-"""reference=: a low-precision kernel judged against a plain float64 reference (sources/reference.py)."""
+"""reference=: a low-precision kernel judged against a plain float64 reference (engine/reference.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import backprop_check as bc
-from backprop_check.cli import main
-from backprop_check.sources import reference as kernels
+from backprop_check.commands.cli import main
+from backprop_check.engine import reference as kernels
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "low_precision.py"
 

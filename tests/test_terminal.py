@@ -6,8 +6,9 @@ import io
 import pytest
 
 from backprop_check import case
-from backprop_check.cli import main
-from backprop_check.engine.runner import Plan, check_case
+from backprop_check.commands.cli import main
+from backprop_check.engine.runner import check_case
+from backprop_check.options import Plan
 from backprop_check.formats.terminal import MIN_WIDTH, WIDTH, Progress, style_for
 
 

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from backprop_check import Report, case, run
-from backprop_check.cli import main
+from backprop_check.commands.cli import main
 from backprop_check.formats import text
 from backprop_check.formats.terminal import WIDTH, Style, style_for
 

@@ -1,1 +1,2 @@
-"""Where a derivation breaks: verdicts and messages, hints, the graph between nodes, explain, trace, the Function contract."""
+"""Reading a disagreement: which slip of a derivation a wrong gradient looks like (hints, shapes)
+and the graph between a case's named nodes."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from backprop_check.model.case import Case
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import Point
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import Point
 
 LOSS = "loss"
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from backprop_check import dtypes
-from backprop_check.loading.complexes import CONVENTION
+from backprop_check.model.complexes import CONVENTION
 from backprop_check.records import Check, CheckKind, Culprit, MISMATCH
 
 if TYPE_CHECKING:

@@ -18,28 +18,21 @@ from dataclasses import dataclass
 import torch
 
 from backprop_check.engine.directions import along_tensor
-from backprop_check.engine.sides import Sides, largest_gradient, aligned_manual, ratios
+from backprop_check.engine.sides import Evidence, Sides, aligned_manual, largest_gradient, ratios
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
 from backprop_check.sources import Gradients
-from backprop_check.sources.rounding import Rounding as Noise
 
 
 
-def compare(
-    numerical: Gradients,
-    autograd: Gradients | None,
-    manual: Gradients | None,
-    params: list[str],
-    tol: Tolerance,
-    noise: Noise | None = None,
-) -> list[Check]:
+def compare(evidence: Evidence) -> list[Check]:
     """Checks for every parameter, then every node from the loss back toward the parameters.
 
-    `noise[source][name]` is, per element, how far the run's dtype may move that source's
-    gradient at this point by rounding alone (see rounding.py); it widens that source's
-    tolerances. `autograd` is None for a numpy case: manual is then checked against the
+    `evidence.rounding` says, per source and element, how far the run's dtype may move that
+    source's gradient at this point by rounding alone (see rounding.py); it widens that
+    source's tolerances. Without autograd (a numpy case) manual is checked against the
     numerical gradient alone."""
+    numerical, autograd, manual, params = evidence.numerical, evidence.autograd, evidence.manual, evidence.params
     nodes = [name for name in reversed(numerical.nodes) if name not in params]
     manual_values = aligned_manual(manual, params, nodes, numerical, autograd)
     largest = largest_gradient(autograd or manual, params)
@@ -50,8 +43,7 @@ def compare(
         if isinstance(given, Check):
             checks.append(given)
             continue
-        sides = Sides.of(name, numerical, None if autograd is None else autograd.values[name], given, noise)
-        checks.append(compare_tensor(name, kind, sides, numerical, tol, largest))
+        checks.append(compare_tensor(name, kind, evidence.sides(name, given), numerical, evidence.tol, largest))
     return checks
 
 

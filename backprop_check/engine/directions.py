@@ -10,36 +10,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backprop_check.engine.sides import TINY, Sides
+from backprop_check.engine.sides import TINY, Evidence, Sides
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.records import Check, Culprit
 from backprop_check.sources import Direction, Gradients
-from backprop_check.sources.rounding import Rounding as Noise
 
 
-def agreement(
-    name: str, numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Noise | None = None
-) -> Callable[[Direction], bool]:
+def agreement(name: str, evidence: Evidence) -> Callable[[Direction], bool]:
     """Whether every source's derivative of `name` along a direction matches the numerical one."""
+    manual = evidence.manual
     given = None if manual is None else manual.values.get(name)
-    if given is not None and given.numel() != numerical.values[name].numel():
+    if given is not None and given.numel() != evidence.numerical.values[name].numel():
         given = None
-    sides = Sides.of(name, numerical, None if autograd is None else autograd.values[name], given, noise)
+    sides = evidence.sides(name, given)
 
     def agrees(direction: Direction) -> bool:
-        return all(direction_verdict(direction, g, r, tol, exact)[0] for g, r, exact in sides_along(sides).values())
+        return all(direction_verdict(direction, g, r, evidence.tol, exact)[0] for g, r, exact in sides_along(sides).values())
 
     return agrees
 
 
-def failing_directions(
-    numerical: Gradients, autograd: Gradients, manual: Gradients | None, tol: Tolerance, noise: Noise | None = None
-) -> list[tuple[str, Direction, Callable[[Direction], bool]]]:
+def failing_directions(evidence: Evidence) -> list[tuple[str, Direction, Callable[[Direction], bool]]]:
     """(name, direction, agrees) for each direction of a sampled tensor that some source's
     gradient does not match; `agrees` tells the same of any other direction in that tensor."""
     failing = []
-    for name, directions in numerical.directions.items():
-        agrees = agreement(name, numerical, autograd, manual, tol, noise)
+    for name, directions in evidence.numerical.directions.items():
+        agrees = agreement(name, evidence)
         failing.extend((name, d, agrees) for d in directions if not agrees(d))
     return failing
 

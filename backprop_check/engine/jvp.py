@@ -23,15 +23,18 @@ from dataclasses import dataclass, replace
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from backprop_check.diagnosis.verdict import error_result, outcome_of, summarize
+from backprop_check.engine.verdict import error_result, outcome_of, summarize
+from backprop_check.engine import rounding
+from backprop_check.engine.compare import unravel
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
+from backprop_check import dtypes
 from backprop_check.errors import CaseError, CaseTimeout, one_line
-from backprop_check.loading import complexes
-from backprop_check.loading.guards import checked_given
-from backprop_check.loading.points import Point, derive_seed, generator, random_point
+from backprop_check.model import forward
+from backprop_check.engine.guards import checked_given
+from backprop_check.model.points import Point, derive_seed, generator, random_point
 from backprop_check.model.case import Case
 from backprop_check.options import Plan
-from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict
+from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict, complex_label
 from backprop_check.sources import numerical
 from backprop_check.sources.numerical import steps_for
 
@@ -54,7 +57,7 @@ class Tangent:
         if self.element is None:
             return "along a random direction u"
         name, flat = self.element
-        return f"∂/∂{_element(name, _unflat(flat, shapes[name]), name in complex_names)}"
+        return f"∂/∂{_element(name, unravel(flat, shapes[name]), name in complex_names)}"
 
 
 def name_of(case: Case) -> str:
@@ -180,7 +183,7 @@ class _Judge:
         self.run = point.cast(dtype, device)
         self.exact = point.rounded(dtype)  # where the run is, in float64, on the CPU
         with torch.no_grad():
-            raw = case.outputs(self.exact)
+            raw = forward.outputs(case, self.exact)
         self.complex = [isinstance(o, torch.Tensor) and o.is_complex() for o in raw]
         base = [_real(o.detach()) for o in raw]
         for name, value in zip(case.output_names(), base):
@@ -191,14 +194,18 @@ class _Judge:
                 raise error
         self.f0 = [o.reshape(-1) for o in base]
         self.shapes = [tuple(o.shape) for o in base]
+        # Below float64, the point nudged by an ulp of the dtype both ways: how rounding-sized
+        # changes move the jvp, as reverse mode measures its gradients (rounding.py).
+        self.nudged = [] if dtype == torch.float64 else rounding.nudged_points(case, point, dtype)[1]
 
     def __call__(self, tangent: Tangent) -> list[_Finding]:
         fwd = jvp(self.case, self.run, tangent.vectors)
         twin = fwd if self.dtype == torch.float64 else jvp(self.case, self.exact, tangent.vectors)
+        up, down = (jvp(self.case, p, tangent.vectors) for p in self.nudged) if self.nudged else (None, None)
         estimates = self.along(tangent)
         found = []
         for k, (f, t, est) in enumerate(zip(fwd, twin, estimates)):
-            found.append(self._judged(k, tangent, f, t, est))
+            found.append(self._judged(k, tangent, f, t, est, None if up is None else (up[k], down[k])))
         return found
 
     def along(self, tangent: Tangent) -> list[dict[str, torch.Tensor]]:
@@ -217,7 +224,10 @@ class _Judge:
             start = part.stop
         return found
 
-    def _judged(self, k: int, tangent: Tangent, fwd: torch.Tensor, twin: torch.Tensor, est: dict[str, torch.Tensor]) -> _Finding:
+    def _judged(
+        self, k: int, tangent: Tangent, fwd: torch.Tensor, twin: torch.Tensor, est: dict[str, torch.Tensor],
+        nudged: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> _Finding:
         fwd, twin = fwd.reshape(-1).double().cpu(), twin.reshape(-1).double().cpu()
         n, e = est["value"], est["error"]
         exact = self.tol.twin or self.tol
@@ -232,12 +242,17 @@ class _Judge:
         finding = _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k])
         if self.dtype != torch.float64:  # the run dtype's jvp against its own float64 twin
             scale = float(twin.abs().max()) if twin.numel() else 0.0
-            rounding = (
+            measured = torch.zeros_like(twin)
+            if nudged is not None:  # the dtype's rounding measured at this point
+                up, down = (_real(v.detach()).reshape(-1).double().cpu() for v in nudged)
+                measured, _ = rounding.allowance(fwd, twin, up, down)
+            budget = (
                 2 * self.tol.rtol * torch.maximum(fwd.abs(), twin.abs())
                 + self.tol.atol * scale + self.tol.floor(scale) + self.tol.absolute
+                + measured
             )
-            finding.rounding = rounding
-            finding.run_ratio = torch.nan_to_num((fwd - twin).abs() / rounding.clamp(min=1e-300), nan=math.inf)
+            finding.rounding = budget
+            finding.run_ratio = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
         return finding
 
     def bisect(self, finding: _Finding) -> list[_Finding]:
@@ -269,7 +284,7 @@ class _Judge:
 
 
 def _outputs(case: Case, at: Point) -> tuple[torch.Tensor, ...]:
-    return tuple(_real(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o)) for o in case.outputs(at))
+    return tuple(_real(o.detach() if isinstance(o, torch.Tensor) else torch.as_tensor(o)) for o in forward.outputs(case, at))
 
 
 def _real(tensor: torch.Tensor) -> torch.Tensor:
@@ -286,7 +301,7 @@ def jvp(case: Case, at: Point, vectors: Mapping[str, torch.Tensor]) -> tuple[tor
             # requires_grad: the derivative of order 2 differentiates inside (forward over reverse)
             duals[name] = fwAD.make_dual(value.detach().requires_grad_(True), tangent)
         try:
-            outputs = case.outputs(replace(at, params=duals))
+            outputs = forward.outputs(case, replace(at, params=duals))
         except CaseError as exc:
             raise CaseError(f"forward mode: {exc}") from exc.__cause__
         except RuntimeError as exc:
@@ -319,10 +334,10 @@ def _check(
     unit = worst.tangent.step
     f, t = float(worst.fwd[i]) / unit, float(worst.twin[i]) / unit
     n, e = float(worst.numerical[i]) / unit, float(worst.error[i]) / unit
-    index = _unflat(i, worst.shape)
+    index = unravel(i, worst.shape)
     where = _element(name, index, complex_output)
     along = worst.tangent.label(shapes, complex_inputs)
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = dtypes.name_of(dtype)
     exact = tol.twin or tol
     if worst.run_ratio is not None and float(worst.run_ratio[i]) > float(worst.ratio[i]):
         allowed, reference = float(worst.rounding[i]) / unit, t  # type: ignore[index]
@@ -373,13 +388,6 @@ def _check(
 def _element(name: str, index: tuple[int, ...], complex_: bool) -> str:
     """`x[2, 0]`, or `z[2].imag` for an element of a complex tensor's real view."""
     if complex_:
-        return complexes.label(name, index)
+        return complex_label(name, index)
     return f"{name}[{', '.join(map(str, index))}]" if index else name
 
-
-def _unflat(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    index = []
-    for size in reversed(shape):
-        index.append(flat % size)
-        flat //= size
-    return tuple(reversed(index))

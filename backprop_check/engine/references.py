@@ -24,7 +24,7 @@ def expect_checks(
 ) -> list[Check]:
     """The case's published values against the loss and the numerical gradient (`complex_names`:
     the parameters whose values are complex, given as complex numbers)."""
-    from backprop_check.loading.points import as_float
+    from backprop_check.model.points import as_float
 
     checks = []
     rtol = dtypes.row(str(dtype)).expect_rtol
@@ -65,7 +65,7 @@ def expect_checks(
             shown = name
             if name in complex_names:  # `z[1].imag`, never a bare index of the real view
                 from backprop_check.engine.compare import unravel
-                from backprop_check.loading.complexes import label
+                from backprop_check.records import complex_label as label
 
                 shown = label(name, unravel(worst, tuple(numerical.values[name].shape)))
             check.note = f"expected {shown} = {float(expected[worst]):.8g}, the case gives {float(got[worst]):.8g}"

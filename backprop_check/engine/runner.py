@@ -4,37 +4,41 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from functools import partial
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 from pathlib import Path
 
 import torch
 
-from backprop_check.model.arrays import NUMPY_NOTE, NUMPY_ON_CPU
+from backprop_check.model.arrays import NUMPY_ON_CPU
 from backprop_check.model.case import Case
-from backprop_check.model.orders import orders
+from backprop_check.engine.orders import orders
 from backprop_check.engine import jvp
 from backprop_check.engine.compare import compare
 from backprop_check.engine.directions import failing_directions
-from backprop_check.engine.sides import disputed
+from backprop_check.engine.sides import Evidence, disputed
 from backprop_check.records import Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
-from backprop_check.loading import complexes
-from backprop_check.loading.forward import call_forward
-from backprop_check.sources import rounding
+from backprop_check.model import complexes
+from backprop_check.model.forward import call_forward
+from backprop_check.engine import rounding
 from backprop_check.engine import threads
-from backprop_check.engine.limits import time_limit
-from backprop_check.loading.loader import LoadFailure, inventory, load
-from backprop_check.options import DEVICES, DTYPES, POINTS, TIMEOUT, Plan, devices_for  # noqa: F401 - Plan lives with the options
-from backprop_check.loading.points import Point, given_point, random_point
-from backprop_check.loading.guards import checked_given, require_finite_gradient, require_finite_loss
+from backprop_check.limits import time_limit
+from backprop_check.model.loader import LoadFailure, inventory, load
+from backprop_check.options import POINTS, TIMEOUT, Plan, devices_for, plan_from
+from backprop_check.model.points import Point, given_point, random_point
+from backprop_check.engine.guards import checked_given, require_finite_gradient, require_finite_loss
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
-from backprop_check.diagnosis.verdict import error_result, outcome_of, result_for, summarize
+from backprop_check.engine.verdict import error_result, outcome_of, result_for, summarize
 from backprop_check.records import Outcome, Verdict
-from backprop_check.loading.selection import matches
+from backprop_check.selection import matches
 from backprop_check.sources import SOURCES, Gradients
-from backprop_check.sources import reference as kernels
+from backprop_check.engine import reference as kernels
+from backprop_check.engine import outputs
+from backprop_check.engine.distributed import DistributedCase
+from backprop_check.model.function import FunctionCase
 from backprop_check.sources.numerical import Reference, reference
 from backprop_check.engine.tolerance import Tolerance, tolerance_for
 
@@ -61,16 +65,11 @@ def run(
     KeyboardInterrupt whose `report` holds the results computed so far."""
     if isinstance(targets, (str, Path, Case)):
         targets = [targets]
-    plan = Plan(
-        devices=tuple(devices or DEVICES),
-        dtypes=tuple(dtypes or DTYPES),
-        points=POINTS if points is None else points,
-        seed=seed,
-        select=select,
-        timeout=timeout,
-        full=full,
-        strict_devices=bool(devices) and not allow_skip,
-    )
+    given = {
+        "device": devices, "dtype": dtypes, "points": POINTS if points is None else points, "seed": seed,
+        "timeout": timeout, "full": full, "allow_skip": allow_skip,
+    }
+    plan = plan_from(given.__getitem__, select)  # as the CLI and the plugin make theirs
     report = run_plan(list(targets), plan)
     report.allow_empty = allow_empty
     return report
@@ -87,10 +86,8 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         for case in cases:
             if plan.select is None or matches(plan.select, case.name):
                 try:
-                    for checked in orders(case, plan.seed, plan.full):
-                        broken = checked.problem() is not None  # said once, by the reverse mode's result
-                        for mode in ("rev",) if broken else checked.modes:
-                            report.results.extend(check_case(checked, plan, mode))
+                    for checked, mode in checks_of(case, plan):
+                        report.results.extend(check_case(checked, plan, mode))
                 finally:
                     case.close()
     except KeyboardInterrupt:
@@ -99,6 +96,16 @@ def run_plan(targets: list[str | Path | Case], plan: Plan) -> Report:
         raise Interrupted(report) from None
     report.seconds = time.perf_counter() - started
     return report
+
+
+def checks_of(case: Case, plan: Plan) -> Iterator[tuple[Case, str]]:
+    """(case, mode) for every check a case asks for: the case and, with `order=`, its
+    derivatives (orders.py), each in the modes it asks for (`modes=`: "rev", "fwd"); a case that
+    cannot be checked once, in reverse mode, whose result says why."""
+    for checked in orders(case, plan.seed, plan.full):
+        broken = checked.problem() is not None
+        for mode in ("rev",) if broken else checked.modes:
+            yield checked, mode
 
 
 def load_error(failure: LoadFailure) -> Result:
@@ -118,7 +125,8 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     """Every device × dtype result for one case, in reverse mode (the gradient, with its
     backward) or forward mode ("fwd": jvp.py)."""
     started = time.perf_counter()
-    # A kernel checked against its reference runs in its own dtypes (sources/reference.py).
+    case = case.prepared()
+    # A kernel checked against its reference runs in its own dtypes (engine/reference.py).
     dtypes = kernels.run_dtypes(case) or plan.dtypes
     combinations = [(device, dtype) for device in devices_for(case, plan.devices) for dtype in dtypes]
     label = jvp.name_of(case) if mode == jvp.MODE else case.name
@@ -133,12 +141,10 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
                 points, notes = jvp.prepare_points(case, plan)
                 combination = partial(jvp.check_combination, case, points)
             elif kernels.applies(case):
-                combination, notes = kernels.prepare(case, plan)
+                combination, notes = prepare_kernel(case, plan)
             else:
                 points, numerical_cache, notes = prepare_points(case, plan)
                 combination = partial(check_combination, case, points, cache=numerical_cache)
-            if case.numpy:
-                notes.append(NUMPY_NOTE)
             for device, dtype_name in combinations:
                 unavailable = NUMPY_ON_CPU if case.numpy and device != "cpu" else device_unavailable(device)
                 if unavailable:
@@ -158,7 +164,29 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
     elapsed = time.perf_counter() - started
     for result in results:
         result.seconds = elapsed / max(1, len(results))
+        result.numpy = case.numpy
     return [jvp.named(result, case) for result in results] if mode == jvp.MODE else results
+
+
+def prepare_kernel(case: Case, plan: Plan) -> tuple[Callable[..., Result], list[str]]:
+    """A kernel checked against its reference (engine/reference.py): the points and the referee's checks of the reference at each (float64, on the CPU, once
+    for every device and dtype), and the function that checks one device × dtype."""
+    kernel, twin = case, kernels.twin_of(case, plan.seed, plan.full)
+    points, cache, notes = prepare_points(twin, plan)
+    tol = tolerance_for(torch.float64, case.rtol, case.atol)
+    referee: dict[str, list[Check]] = {}
+    for point in points:
+        key = (point.label, "float64")
+        if key not in cache:
+            cache[key] = numerical_for(twin, point, torch.float64, plan)
+        require_finite_loss(cache[key].gradients.loss, point)
+        checked = check_point(twin, point, "cpu", torch.float64, cache[key], tol)
+        referee[point.label] = kernels.as_reference(checked.checks, tol.describe())
+
+    def combination(device: str, dtype_name: str, *, plan: Any) -> Result:
+        return kernels.check_combination(kernel, twin, points, referee, device, dtype_name, plan)
+
+    return combination, notes
 
 
 def elements(point: Point) -> int:
@@ -256,7 +284,7 @@ def check_combination(
             require_finite_gradient(numerical, point)
             checked = check_point(case, point, device, dtype, cache[key], tol)
             checks, autograd = checked.checks, checked.gradients["autograd"]
-            checks[:0] = case.extra_checks(point, device, dtype, checks, tol)
+            checks[:0] = extra_checks(case, point, device, dtype, checks, tol)
             if point.seed is None:
                 checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol, point.complex))
                 # numpy case: no autograd; the baseline keeps the manual gradient instead
@@ -286,6 +314,16 @@ def check_combination(
     result.notes.extend(notes)
     result.reference = reference
     return result
+
+
+def extra_checks(case: Case, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance) -> list[Check]:
+    """The checks of a kind of case beyond its three gradients, shown before `checks`: a
+    distributed check's ranks, a function check's outputs and contract; a plain case has none."""
+    if isinstance(case, DistributedCase):
+        return case.rank_checks(point, device, dtype, checks, tol)
+    if isinstance(case, FunctionCase):
+        return outputs.extra_checks(case, point, device, dtype, checks, tol)
+    return []
 
 
 @dataclass
@@ -319,40 +357,34 @@ def check_point(
     clash = set(numerical.gradients.nodes) & set(point.params)
     if clash:
         raise CaseError(f"node {sorted(clash)[0]!r} has the name of a parameter")
-    params = list(point.params)
-    noise = None
+    allowances = None
     if dtype != torch.float64:
-        noise = rounding.allowances(case, point, dtype, {"autograd": autograd, "manual": manual})
+        allowances = rounding.allowances(case, point, dtype, {"autograd": autograd, "manual": manual})
+    evidence = Evidence(numerical.gradients, autograd, manual, list(point.params), tol, allowances)
     note, timed_out = None, None
     try:
-        numerical = refereed(numerical, autograd, manual, params, tol, noise)
+        numerical = refereed(numerical, evidence)
+        evidence = replace(evidence, numerical=numerical.gradients)
     except CaseTimeout as exc:  # the directions that disagree still make a mismatch below
         timed_out, note = exc, f"{exc} while locating the wrong elements"
-    checks = compare(numerical.gradients, autograd, manual, params, tol, noise)
+    checks = compare(evidence)
     complexes.mark(checks, point.complex)
-    unresolved = None if noise is None else noise.note(dtype)
+    unresolved = None if allowances is None else allowances.note(dtype)
     if unresolved:
         note = unresolved if note is None else f"{note}; {unresolved}"
     if device != "cpu" and timed_out is None and autograd is not None:
         on_cpu = SOURCES["autograd"](case, point, "cpu", dtype)
-        checks.extend(device_checks(autograd, on_cpu, params, device, tol))
+        checks.extend(device_checks(autograd, on_cpu, evidence.params, device, tol))
     gradients = {"manual": manual, "numerical": numerical.gradients, "autograd": autograd}
     return PointCheck(checks, gradients, note, timed_out)
 
 
-def refereed(
-    numerical: Reference,
-    autograd: Gradients,
-    manual: Gradients | None,
-    params: list[str],
-    tol: Tolerance,
-    noise: rounding.Rounding | None,
-) -> Reference:
+def refereed(numerical: Reference, evidence: Evidence) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
     autograd disagree, and where a disagreeing direction's bisection leads."""
-    wanted = disputed(numerical.gradients, autograd, manual, params, tol, noise)
+    wanted = disputed(evidence)
     located: set[str] = set()
-    for name, direction, agrees in failing_directions(numerical.gradients, autograd, manual, tol, noise):
+    for name, direction, agrees in failing_directions(evidence):
         # One bisection per tensor (it finds what any direction shows), and none where manual
         # and autograd already disagree element by element: those elements are estimated.
         if name in located or name in wanted:

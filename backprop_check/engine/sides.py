@@ -17,7 +17,7 @@ from backprop_check.engine.tolerance import Tolerance
 from backprop_check.errors import CaseError
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.sources import Gradients
-from backprop_check.sources.rounding import Rounding as Noise
+from backprop_check.engine.rounding import Rounding
 
 TINY = torch.finfo(torch.float64).tiny
 
@@ -36,7 +36,27 @@ def largest_gradient(source: Gradients | None, params: list[str]) -> float:
 
 
 def ratios(diff: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(diff / allowed.clamp(min=TINY), nan=math.inf)
+    return torch.nan_to_num(diff / allowed.clamp(min=TINY), nan=math.inf, posinf=math.inf)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the engine weighs at one point in one dtype: the numerical reference, autograd's and
+    manual's gradients (autograd is None for a numpy case, manual without a `.manual`), the
+    parameters (in the case's order), the tolerance, and below float64 the dtype's rounding at
+    the point (rounding.py)."""
+
+    numerical: Gradients
+    autograd: Gradients | None
+    manual: Gradients | None
+    params: list[str]
+    tol: Tolerance
+    rounding: Rounding | None = None
+
+    def sides(self, name: str, manual: torch.Tensor | None) -> Sides:
+        """Tensor `name` lined up, with `manual` its hand-derived gradient as aligned to it."""
+        autograd = None if self.autograd is None else self.autograd.values[name]
+        return Sides.of(name, self.numerical, autograd, manual, self.rounding)
 
 
 @dataclass
@@ -55,7 +75,7 @@ class Sides:
 
     @classmethod
     def of(
-        cls, name: str, numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None, noise: Noise | None
+        cls, name: str, numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None, rounding: Rounding | None
     ) -> Sides:
         size = numerical.values[name].numel()
 
@@ -63,11 +83,11 @@ class Sides:
             return t.detach().to("cpu", torch.float64).reshape(-1)
 
         def allowance(source: str) -> torch.Tensor:
-            given = None if noise is None else noise.allowance.get(source, {}).get(name)
+            given = None if rounding is None else rounding.allowance.get(source, {}).get(name)
             return torch.zeros(size, dtype=torch.float64) if given is None or given.numel() != size else flat(given)
 
         def twin(source: str) -> torch.Tensor | None:
-            given = None if noise is None else noise.twin.get(source, {}).get(name)
+            given = None if rounding is None else rounding.twin.get(source, {}).get(name)
             return None if given is None or given.numel() != size else flat(given)
 
         return cls(
@@ -100,27 +120,18 @@ class Sides:
         return (self.manual - self.autograd).abs(), allowed
 
 
-def disputed(
-    numerical: Gradients,
-    autograd: Gradients,
-    manual: Gradients | None,
-    params: list[str],
-    tol: Tolerance,
-    noise: Noise | None = None,
-    limit: int = 64,
-) -> dict[str, torch.Tensor]:
+def disputed(evidence: Evidence, limit: int = 64) -> dict[str, torch.Tensor]:
     """Per name, the flat elements where manual and autograd disagree and the numerical
     reference has no estimate yet: the `limit` worst of them, for the referee to estimate."""
-    if manual is None or autograd is None:
+    if evidence.manual is None or evidence.autograd is None:
         return {}
-    largest = largest_gradient(autograd, params)
+    largest = largest_gradient(evidence.autograd, evidence.params)
     found: dict[str, torch.Tensor] = {}
-    for name, estimated in numerical.checked.items():
-        given = manual.values.get(name)
+    for name, estimated in evidence.numerical.checked.items():
+        given = evidence.manual.values.get(name)
         if given is None or given.numel() != estimated.numel():
             continue
-        sides = Sides.of(name, numerical, autograd.values[name], given, noise)
-        ratio = ratios(*sides.between(tol, largest))
+        ratio = ratios(*evidence.sides(name, given).between(evidence.tol, largest))
         ratio[estimated.reshape(-1)] = 0.0
         bad = (ratio > 1).nonzero().reshape(-1)
         if bad.numel():

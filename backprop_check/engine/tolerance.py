@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from backprop_check import dtypes
+from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError
 
 # The numerical error bar is an estimate; this many of them is still agreement.
@@ -106,7 +107,10 @@ def tolerance_for(dtype: torch.dtype, rtol: object = None, atol: object = None) 
 
 def _pick(value: object, dtype: torch.dtype) -> float | None:
     if isinstance(value, Mapping):
-        value = value.get(str(dtype).removeprefix("torch."))
+        unknown = sorted(str(key) for key in value if name_of(key) not in dtypes.TABLE)
+        if unknown:  # a typo ("fp32") would leave the case's own tolerance unused without a word
+            raise CaseError(f"rtol= and atol= by dtype name: {unknown[0]!r} is no dtype (use {', '.join(dtypes.TABLE)})")
+        value = {name_of(key): v for key, v in value.items()}.get(name_of(dtype))
     if value is None:
         return None
     try:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backprop_check.errors import UsageError
-from backprop_check.records import Report
+from backprop_check.records import VIEWS, Report
 from backprop_check.formats import html
 from backprop_check.formats import json
 from backprop_check.formats import junit
@@ -25,6 +25,7 @@ FORMATS: dict[str, Callable[[Report], str]] = {
     "markdown": markdown.render,
 }
 STDOUT = "-"
+VIEWS["text/html"] = html.fragment  # what a Report shows in a notebook
 
 
 def write(path: str | Path, content: str) -> None:

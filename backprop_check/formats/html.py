@@ -17,6 +17,7 @@ from html import escape
 
 from backprop_check.formats.markdown import worst
 from backprop_check.formats.notices import notices
+from backprop_check.model.arrays import NUMPY_NOTE
 from backprop_check.records import EXIT_INTERRUPTED, EXIT_NOT_CHECKED, VERDICTS, Check, Report, Result, Verdict
 
 # What needs a look, in the order a reviewer reads it: what fails the run first, then the kinks.
@@ -178,7 +179,7 @@ def _versions() -> list[str]:
 
 
 def _version() -> str:
-    from backprop_check import __version__
+    from backprop_check.version import __version__
 
     return __version__
 
@@ -258,7 +259,8 @@ def _details(result: Result, shown: str | None = None) -> str:
     failing = [c for c in result.checks if c.verdict != Verdict.OK]
     if failing:
         lines.append(_checks(failing, len(result.checks) - len(failing)))
-    lines += [f"<p class=\"bpc-p bpc-muted\">note: {_prose(note)}</p>" for note in result.notes]
+    notes = result.notes + ([NUMPY_NOTE] if result.numpy else [])
+    lines += [f"<p class=\"bpc-p bpc-muted\">note: {_prose(note)}</p>" for note in notes]
     if result.traceback:
         lines.append(f"<pre class=\"bpc-traceback\">{escape(result.traceback)}</pre>")
     return "\n".join(lines)

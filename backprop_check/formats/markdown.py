@@ -39,7 +39,7 @@ def lines(report: Report) -> list[str]:
         out.append("|---|---|---|---|---|---:|---:|---:|---|")
         out += [_row(result) for result in flagged]
     out += _skipped(report.results)
-    numpy_cases = sorted({r.case for r in report.results if NUMPY_NOTE in r.notes})
+    numpy_cases = sorted({r.case for r in report.results if r.numpy})
     if numpy_cases:
         out += ["", f"ℹ️ {', '.join(f'`{name}`' for name in numpy_cases)}: {NUMPY_NOTE}"]
     out += _collapsed([r for r in report.results if r.verdict == Verdict.OK])

@@ -147,8 +147,6 @@ def _details(result: Result, style: Style) -> list[str]:
     for hint in result.hints:
         out.extend(textwrap.wrap(f"hint: {hint}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     for note in result.notes:
-        if note == NUMPY_NOTE:  # said once for every numpy case, below the table
-            continue
         out.extend(textwrap.wrap(f"note: {note}", style.width, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False))
     return out
 
@@ -185,7 +183,7 @@ def _coverage(results: list[Result], width: int) -> list[str]:
 
 
 def _numpy(results: list[Result], width: int) -> list[str]:
-    names = sorted({result.case for result in results if NUMPY_NOTE in result.notes})
+    names = sorted({result.case for result in results if result.numpy})  # said once, below the table
     return textwrap.wrap(f"note: {', '.join(names)}: {NUMPY_NOTE}", width, subsequent_indent="    ") if names else []
 
 

@@ -11,14 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
-
-    from backprop_check.records import Check
-    from backprop_check.loading.points import Point
-    from backprop_check.engine.tolerance import Tolerance as Allowed
+from typing import Any
 
 Tolerance = float | Mapping[str, float] | None
 
@@ -75,6 +68,12 @@ class Case:
         """The order of the derivative this case checks: 1, the gradient (orders.py: more)."""
         return 1
 
+    def prepared(self) -> Case:
+        """The case as the engine checks it: what a kind of case learns before its check (a
+        function check: its outputs) goes on a copy, so that the case stays as written. A plain
+        case is checked as it is."""
+        return self
+
     def hints(self, outcome: Any, found: list[str]) -> list[str]:
         """The hints for a mismatch at `outcome`, given those the patterns `found`: a kind of
         case that knows better says so (the derivative of order 2 knows the detached
@@ -90,22 +89,8 @@ class Case:
         check of the next order differentiates them too."""
         return ()
 
-    def outputs(self, at: Point) -> tuple[Any, ...]:
-        """What forward mode differentiates at `at`: the loss (a function check: fn's outputs)."""
-        from backprop_check.loading.forward import call_forward
-
-        return (call_forward(self, at)[0],)
-
     def output_names(self) -> tuple[str, ...]:
         return (self.what,)
-
-    def extra_checks(
-        self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Allowed
-    ) -> list[Check]:
-        """Checks of this kind of case beyond the three gradients, shown before `checks` (the
-        value checks at `point`); a plain case has none. Function mode (function.py) names the
-        output at fault and checks the custom-Function contract here."""
-        return []
 
     @property
     def where(self) -> str:
@@ -116,8 +101,6 @@ class Case:
 
     def problem(self) -> str | None:
         """Why this case cannot be checked, or None when it is well formed."""
-        from backprop_check.model.orders import requested
-
         wrong = requested(self)
         if wrong:
             return wrong
@@ -171,6 +154,32 @@ class Case:
                 "code, so the numerical gradient has nothing to be checked against"
             )
         return None
+
+
+MODES = ("rev", "fwd")
+MAX_ORDER = 4  # each order multiplies the cost; beyond this the check is not worth its time
+
+
+def requested(case: Case) -> str | None:
+    """Why `order=` / `modes=` of `case` cannot be run, or None."""
+    order, modes = case.order, case.modes
+    if isinstance(order, bool) or not isinstance(order, int):
+        return f"order= must be an integer from 1 to {MAX_ORDER}, got {order!r}"
+    if not 1 <= order <= MAX_ORDER:
+        return f"order={order}: the order must be from 1 (the gradient) to {MAX_ORDER}"
+    if not isinstance(modes, tuple) or not modes:
+        return f"modes= must be a non-empty tuple of {', '.join(map(repr, MODES))}, got {modes!r}"
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        return f"modes= names {unknown[0]!r}; choose from {', '.join(map(repr, MODES))} (reverse and forward mode)"
+    if case.numpy and (order > 1 or "fwd" in modes):
+        return (
+            "order= above 1 and forward mode need autograd, which does not apply to numpy code: a numpy=True "
+            "case is checked at first order in reverse mode"
+        )
+    if case.hvp_fn is not None and order < 2:
+        return "an .hvp (a hand-written Hessian-vector product) is checked at order 2: give order=2"
+    return None
 
 
 def _is_tensor(value: Any) -> bool:

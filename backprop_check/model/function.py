@@ -11,7 +11,7 @@ whose gradient is the vector-Jacobian product Jᵀv that a backward computes
 (`torch.autograd.grad(outputs, inputs, v)`: for a complex output y, Re(conj(v)·y) is the real
 loss whose gradient with respect to y, in torch's convention dL/dRe y + i·dL/dIm y, is v).
 Complex inputs are differentiated in torch's convention too, as their real views
-(loading/complexes.py); a complex cotangent is a complex datum, redrawn in both parts. A `.sum()` loss is
+(model/complexes.py); a complex cotangent is a complex datum, redrawn in both parts. A `.sum()` loss is
 the cotangent v = 1, which hides a backward that ignores grad_output; a random v does not. The
 cotangents are float data, so they are redrawn at every random point; at the given point they
 are drawn from the seeded generator.
@@ -31,21 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from backprop_check.diagnosis import contract
-from backprop_check.diagnosis.verdict import disagreeing, judged_by
 from backprop_check.dtypes import TABLE as DTYPE_TABLE
-from backprop_check.model.case import Case, as_modes, register
-from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
+from backprop_check.model.case import Case, as_modes
+from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, line_in, one_line
-from backprop_check.loading import complexes
-from backprop_check.loading.points import Point, generator
-from backprop_check.records import Report
-from backprop_check.engine.runner import TIMEOUT, run
-from backprop_check.sources import SOURCES
-from backprop_check.sources.numerical import REFINE_STEPS, FiniteDifferences
-from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
+from backprop_check.model import complexes
+from backprop_check.model.points import Point, generator
 
 COTANGENT = "grad_output"
+# The custom-Function contract's items (engine/contract.py checks them), all by default.
+CONTRACT = ("grad_output", "undefined_grad", "repeatable", "grad_meta", "layout", "vmap", "in_place")
 Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
 
 
@@ -54,7 +49,7 @@ class FunctionCase(Case):
 
     `wrt` names the inputs to differentiate (default: the floating inputs that require grad,
     or all floating inputs when none does); `manual(grad_outputs, *inputs)` is a hand-written
-    VJP; `contract` lists the custom-Function checks to run (contract.ITEMS); `nondet_tol` is
+    VJP; `contract` lists the custom-Function checks to run (CONTRACT); `nondet_tol` is
     how far two backward passes may differ.
     """
 
@@ -69,7 +64,7 @@ class FunctionCase(Case):
         rtol: Any = None,
         atol: Any = None,
         sample: Callable[[Any], Mapping[str, Any]] | None = None,
-        contract: Iterable[str] = contract.ITEMS,
+        contract: Iterable[str] = CONTRACT,
         nondet_tol: float = 0.0,
         order: int = 1,
         modes: Sequence[str] = ("rev",),
@@ -97,15 +92,15 @@ class FunctionCase(Case):
         self.only: int | None = None  # a copy that counts one output's cotangent only
         self.contract = tuple(item for item in contract)
         self.nondet_tol = float(nondet_tol)
-        unknown = sorted(set(self.contract) - set(contract_items()))
+        unknown = sorted(set(self.contract) - set(CONTRACT))
         if unknown:
-            self.broken = f"contract= names {unknown[0]!r}; choose from {', '.join(contract_items())}"
+            self.broken = f"contract= names {unknown[0]!r}; choose from {', '.join(CONTRACT)}"
         self.names, values = self._unpack(inputs)
         if self.broken is None:
             self._classify(values, wrt)
         if manual is not None:
             self.manual(manual)
-        # A kernel's reference implementation (sources/reference.py), and the dtypes the kernel
+        # A kernel's reference implementation (engine/reference.py), and the dtypes the kernel
         # runs in: by default, with a reference, those of its low-precision inputs.
         self.reference = reference
         self.run_dtypes = _run_dtypes(self, dtypes, reference)
@@ -156,7 +151,7 @@ class FunctionCase(Case):
                 (self.params if name in chosen else self.data)[name] = kept
         self.devices = tuple(dict.fromkeys(t.device.type for t in tensors.values())) or ("cpu",)
         floating = [_real_dtype(tensors[n].dtype) for n in chosen]
-        self.input_dtypes = tuple(dict.fromkeys(str(d).removeprefix("torch.") for d in floating))
+        self.input_dtypes = tuple(dict.fromkeys(name_of(d) for d in floating))
 
     def _chosen(self, tensors: dict[str, torch.Tensor], wrt: Iterable[str | int] | None) -> tuple[str, ...] | None:
         if wrt is not None:
@@ -194,15 +189,27 @@ class FunctionCase(Case):
 
     # --- the case the engine sees -----------------------------------------------------------
 
+    def prepared(self) -> FunctionCase:
+        """A copy of this case that knows fn's outputs (fn called once at the given inputs): their
+        shapes and dtypes, one cotangent datum per differentiable output, and what was left out.
+        The case itself stays as written."""
+        if self.output_shapes is not None or self.broken:
+            return self
+        ready = self._copy()
+        ready.data, ready.notes, ready.cotangents = dict(self.data), list(self.notes), {}
+        try:
+            ready._learn_outputs()
+        except CaseError as exc:
+            ready.broken = str(exc)
+        return ready
+
     def problem(self) -> str | None:
-        """Why this function cannot be checked, or None; learns the outputs' shapes on first use."""
+        """Why this function cannot be checked, or None (asked of a case as written, fn is
+        called once to learn its outputs, on a copy: `prepared`)."""
         if self.broken:
             return self.broken
         if self.output_shapes is None:
-            try:
-                self._learn_outputs()
-            except CaseError as exc:
-                return str(exc)
+            return self.prepared().problem()
         if self.vjp is not None:
             try:
                 inspect.signature(self.vjp).bind(None, *self.names)
@@ -301,15 +308,14 @@ class FunctionCase(Case):
             "torch version of it that runs in float64"
         )
 
-    # --- a reference implementation (sources/reference.py) ---------------------------------
+    # --- a reference implementation (engine/reference.py) ---------------------------------
 
     def twin(self) -> FunctionCase:
         """This check with the reference in place of the kernel: what the float64 referee
         checks, at the same points (same name, inputs and cotangents)."""
-        twin = copy.copy(self)
+        twin = self._copy()
         twin.fn, twin.reference, twin.is_reference = self.reference, None, True
         twin.label = f"the reference {_label(self.reference)}"
-        twin.forward = twin._forward
         twin.vjp, twin.manual_fn, twin.contract = None, None, ()
         twin.file, twin.line = _where(self.reference)
         return twin
@@ -349,7 +355,7 @@ class FunctionCase(Case):
             if kinds[0] != kinds[1]:
                 return f"output {k} of {label} is {kinds[0]} ({theirs.dtype}), the kernel's {kinds[1]} ({dtype})"
             if _differentiable(theirs) and theirs.dtype not in (torch.float64, torch.complex128):
-                name = str(theirs.dtype).removeprefix("torch.")
+                name = name_of(theirs.dtype)
                 return (
                     f"output {k} of {label} is {name} for float64 inputs: the reference runs in low precision only, "
                     "and a reference must compute in float64 (its error at the kernel's precision is the tolerance)"
@@ -417,63 +423,23 @@ class FunctionCase(Case):
 
     def for_output(self, k: int) -> FunctionCase:
         """This case with only output `k`'s cotangent: its loss is ⟨v_k, output_k⟩."""
-        one = copy.copy(self)
+        one = self._copy()
         one.only = k
-        one.forward = one._forward
-        if self.vjp is not None:
-            one.manual_fn = one._manual
         return one
 
-    def extra_checks(
-        self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance
-    ) -> list[Check]:
-        """The wrong value checks said as "output k → input", and at the given point the
-        custom-Function contract."""
-        found = self._by_output(point, device, dtype, checks, tol)
-        if point.seed is None and self.contract:
-            found.extend(contract.checks(self, point, device, dtype, tol))
-        return found
-
-    def _by_output(self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance) -> list[Check]:
-        """For each wrong input, which output's gradient is wrong at its worst element: each
-        output's ⟨v_k, output_k⟩ estimated there by the three sources."""
-        found = []
-        for check in checks:
-            if check.kind != CheckKind.PARAM or check.verdict != MISMATCH or check.index is None or check.numerical is None:
-                continue
-            flat = _flat_index(check.index, check.shape)
-            # What the whole tensor's tolerance allows beyond the error bar and rtol·|reference|.
-            floor = max(0.0, check.allowed - ERROR_BARS * (check.error_bar or 0.0) - tol.rtol * abs(check.numerical))
-            if len(self.cotangents) == 1:
-                (k,) = self.cotangents
-                found.append(_output_check(k, check, check.manual, check.numerical, check.error_bar or 0.0, check.autograd, check.allowed, tol))
-                continue
-            per_output = []
-            for k in self.cotangents:
-                one = self.for_output(k)
-                index = {check.name: torch.tensor([flat])}
-                estimate = FiniteDifferences(one, point, dtype).estimate([check.name], index, steps=REFINE_STEPS)[check.name]
-                n, e = float(estimate["value"][0]), float(estimate["error"][0])
-                a = float(SOURCES["autograd"](one, point, device, dtype).values[check.name].reshape(-1)[flat])
-                m = None
-                if self.vjp is not None:
-                    m = float(SOURCES["manual"](one, point, device, dtype).values[check.name].reshape(-1)[flat])
-                allowed = ERROR_BARS * e + tol.rtol * abs(n) + floor
-                per_output.append(_output_check(k, check, m, n, e, a, allowed, tol))
-            wrong = [c for c in per_output if c.ratio > 1] or [max(per_output, key=lambda c: c.ratio)]
-            found.extend(wrong)
-        return found
-
-
-def contract_items() -> tuple[str, ...]:
-    return contract.ITEMS
-
+    def _copy(self) -> FunctionCase:
+        """A shallow copy whose forward and manual gradient are its own (bound to the copy)."""
+        other = copy.copy(self)
+        other.forward = other._forward
+        if self.vjp is not None:
+            other.manual_fn = other._manual
+        return other
 
 def _run_dtypes(case: FunctionCase, dtypes: Sequence[str] | None, reference: Any) -> tuple[str, ...] | None:
     """The dtypes a kernel with a reference runs in (None: the run's); an unknown name breaks
     the case with one line."""
     if dtypes is not None:
-        chosen = (dtypes,) if isinstance(dtypes, str) else tuple(str(d).removeprefix("torch.") for d in dtypes)
+        chosen = (dtypes,) if isinstance(dtypes, str) else tuple(name_of(d) for d in dtypes)
         unknown = [d for d in chosen if d not in DTYPE_TABLE]
         if unknown and case.broken is None:
             case.broken = f"dtypes= names {unknown[0]!r}; choose from {', '.join(DTYPE_TABLE)}"
@@ -572,45 +538,6 @@ def _differentiable(tensor: torch.Tensor) -> bool:
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     """The run dtype a tensor of `dtype` is checked in: a complex one's parts' dtype."""
     return dtype.to_real() if dtype.is_complex else dtype
-
-
-def _output_check(
-    k: int, check: Check, m: float | None, n: float, e: float, a: float, allowed: float, tol: Tolerance
-) -> Check:
-    culprit = check.culprit
-    odd = {Culprit.MANUAL: m, Culprit.AUTOGRAD: a}.get(culprit) if culprit else None
-    if odd is None:
-        odd = a if m is None or abs(a - n) >= abs(m - n) else m
-    error = abs(odd - n)
-    ratio = error / allowed if allowed > 0 else float("inf")
-    values = ([f"manual {m:.8g}"] if m is not None else []) + [f"numerical {n:.8g} ± {e:.2g}", f"autograd {a:.8g}"]
-    label = check.label
-    note = (
-        f"the gradient of output {k} with respect to input `{check.name}` at {label} (Jᵀv for a random "
-        f"grad_output v): {', '.join(values)}; error {error:.3g}, {ratio:.3g}× the tolerance {allowed:.3g} "
-        f"({judged_by(tol, check.compared)})"
-    )
-    note += disagreeing(check, f" of `{check.name}`")
-    return Check(
-        name=f"output {k} → {check.name}",
-        kind=CheckKind.OUTPUT,
-        shape=check.shape,
-        verdict=MISMATCH,
-        culprit=culprit,
-        manual=m,
-        numerical=n,
-        autograd=a,
-        error_bar=e,
-        abs_err=error,
-        rel_err=error / abs(n) if n else (float("inf") if error else 0.0),
-        allowed=allowed,
-        ratio=ratio,
-        rounding=check.rounding,
-        bad=check.bad,
-        size=check.size,
-        note=note,
-        culprits=dict(check.culprits),
-    )
 
 
 def as_outputs(returned: Any, label: str) -> tuple[torch.Tensor, ...]:
@@ -712,143 +639,3 @@ def _where(fn: Callable[..., Any]) -> tuple[str | None, int | None]:
         return None, None
 
 
-def _flat_index(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
-    flat = 0
-    for i, size in zip(index, shape):
-        flat = flat * size + i
-    return flat
-
-
-def function_case(
-    fn: Callable[..., Any] | None = None,
-    *,
-    inputs: Inputs,
-    manual: Callable[..., Any] | None = None,
-    name: str | None = None,
-    wrt: Iterable[str | int] | None = None,
-    rtol: Any = None,
-    atol: Any = None,
-    sample: Callable[[Any], Mapping[str, Any]] | None = None,
-    contract: Iterable[str] = contract.ITEMS,
-    nondet_tol: float = 0.0,
-    order: int = 1,
-    modes: Sequence[str] = ("rev",),
-    world_size: int | None = None,
-    placements: Sequence[Any] | None = None,
-    out_placements: Sequence[Any] | None = None,
-    grad_placements: Sequence[Any] | None = None,
-    backend: str | None = None,
-    reference: Callable[..., Any] | None = None,
-    timeout: float | None = None,
-    dtypes: Sequence[str] | None = None,
-) -> Any:
-    """Turn a function returning tensors into a function check, in a case file like `@case`.
-
-    `inputs` is a tuple in `fn`'s argument order (or a dict name → value): tensors, callables
-    taking a `torch.Generator` and returning a tensor, or constants passed through as they are
-    (numbers, None, shapes). `@<check>.manual` (or `manual=`) registers a hand-written VJP
-    `manual(grad_outputs, *inputs)`. `reference=` is a plain float64 version of a kernel
-    (sources/reference.py), `dtypes=` the dtypes the kernel runs in (e.g. ["bfloat16"]: it is
-    checked in those whatever the run's --dtype). The other keywords are `check`'s.
-    """
-
-    distributed = dict(
-        world_size=world_size, placements=placements, out_placements=out_placements,
-        grad_placements=grad_placements, backend=backend, reference=reference, timeout=timeout,
-    )
-
-    def build(f: Callable[..., Any]) -> FunctionCase:
-        kind, extra = _distributed_kind(distributed, dtypes)
-        new = kind(
-            f, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-            contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
-        )
-        register(new)
-        return new
-
-    return build(fn) if fn is not None else build
-
-
-def check(
-    fn: Callable[..., Any],
-    inputs: Inputs,
-    *,
-    manual: Callable[..., Any] | None = None,
-    order: int = 1,
-    modes: Sequence[str] = ("rev",),
-    devices: Sequence[str] | None = None,
-    dtypes: Sequence[str] | None = None,
-    points: int | None = None,
-    seed: int = 0,
-    name: str | None = None,
-    wrt: Iterable[str | int] | None = None,
-    rtol: Any = None,
-    atol: Any = None,
-    sample: Callable[[Any], Mapping[str, Any]] | None = None,
-    contract: Iterable[str] = contract.ITEMS,
-    nondet_tol: float = 0.0,
-    full: bool = False,
-    timeout: float | None = TIMEOUT,
-    world_size: int | None = None,
-    placements: Sequence[Any] | None = None,
-    out_placements: Sequence[Any] | None = None,
-    grad_placements: Sequence[Any] | None = None,
-    backend: str | None = None,
-    reference: Callable[..., Any] | None = None,
-) -> Report:
-    """Check `fn(*inputs)`: autograd (and `manual`, a hand-written VJP `manual(grad_outputs,
-    *inputs)`) against float64 finite differences of ⟨v, fn⟩ for random cotangents v, at the
-    given inputs and at `points` random ones, plus the custom-Function contract. `order=2`
-    also checks the derivative of the gradient (double backward, as `gradgradcheck`: with
-    respect to the inputs and to grad_output), `order=N` up to the N-th; `modes=("fwd",)`
-    checks forward-mode AD (jvp, a custom Function's `jvp`) instead of the backward, both
-    with `("rev", "fwd")`.
-
-    `inputs` is a tensor or a tuple (a dict names them); the floating inputs that require grad
-    are differentiated (all floating inputs when none does, or those `wrt` names); other inputs
-    are passed through. Inputs are named by `fn`'s parameter names, else `input0`, `input1`, …
-    `devices` defaults to the inputs' devices, `dtypes` to float64 and float32 (every floating
-    input is cast to the run's dtype). Bad input is an `error` result with one line, never a
-    raise. The other keywords are `backprop_check.run`'s and `@case`'s.
-
-    `reference=`: a plain function with `fn`'s signature and outputs that runs in float64 on
-    the CPU. `fn` (a kernel, in bfloat16, float16 or float32, on any device) is then judged
-    against it: its outputs and gradient against the reference's in float64, with a tolerance
-    from the reference's own error at `fn`'s dtype, and the reference itself against the
-    numerical referee (culprit `reference`). `dtypes` defaults to the inputs' low precision.
-
-    With `world_size=N, placements=..., out_placements=...` (and optionally `grad_placements`,
-    `backend`, `reference`), `fn` runs on N ranks of torch.distributed, each with its shards of
-    the global `inputs` (sources/distributed.py).
-    """
-    kind, extra = _distributed_kind(dict(
-        world_size=world_size, placements=placements, out_placements=out_placements,
-        grad_placements=grad_placements, backend=backend, reference=reference, timeout=timeout,
-    ), dtypes if reference is not None else None)
-    checked = kind(
-        fn, inputs, name=name, manual=manual, wrt=wrt, rtol=rtol, atol=atol, sample=sample,
-        contract=contract, nondet_tol=nondet_tol, order=order, modes=modes, **extra,
-    )
-    try:
-        return run(
-            checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
-        )
-    finally:
-        checked.close()  # a distributed check's ranks stop with it
-
-
-def _distributed_kind(
-    keywords: Mapping[str, Any], kernel_dtypes: Sequence[str] | None
-) -> tuple[type[FunctionCase], dict[str, Any]]:
-    """FunctionCase (with `reference=` a kernel's float64 reference, sources/reference.py, and
-    `kernel_dtypes` the dtypes the kernel runs in), or the distributed check when `world_size=`
-    is given (sources/distributed.py), with the keywords it takes."""
-    if keywords.get("world_size") is None:
-        only_distributed = ("placements", "out_placements", "grad_placements", "backend")
-        given = sorted(k for k in only_distributed if keywords.get(k) is not None)
-        if given:
-            raise TypeError(f"{given[0]}= is for a distributed check: give world_size= too")
-        return FunctionCase, {"reference": keywords.get("reference"), "dtypes": kernel_dtypes}
-    from backprop_check.sources.distributed import DistributedCase
-
-    return DistributedCase, {k: v for k, v in keywords.items() if k != "timeout" or v is not None}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,6 @@ import torch
 
 from backprop_check.model.case import Case, register
 from backprop_check.errors import CaseError, line_in, one_line
-from backprop_check.records import Report
 
 DOUT = "dout"
 
@@ -58,39 +57,13 @@ def layer(
     """The layer pair as a `Case`; in a case file it is collected like an `@case` (so the CLI
     and the pytest plugin check it). Its name is `name`, or the forward's without `_forward`."""
     caller = sys._getframe(1)
-    built = _build(forward, backward, inputs, name, sample, rtol, atol)
+    built = build_layer(forward, backward, inputs, name, sample, rtol, atol)
     built.file, built.line = caller.f_code.co_filename, caller.f_lineno
     register(built)
     return built
 
 
-def check_layer(
-    forward: Callable[..., Any],
-    backward: Callable[..., Any],
-    inputs: Any,
-    *,
-    name: str | None = None,
-    sample: Callable[[Any], Mapping[str, Any]] | None = None,
-    rtol: float | Mapping[str, float] | None = None,
-    atol: float | Mapping[str, float] | None = None,
-    devices: Sequence[str] | None = None,
-    dtypes: Sequence[str] | None = None,
-    points: int | None = None,
-    seed: int = 0,
-    **options: Any,
-) -> Report:
-    """Check a layer pair (numpy or torch) with a random `dout` redrawn at every point.
-
-    `forward(*inputs)` returns `(out, cache)`; `backward(dout, cache)` returns the gradients of
-    the float inputs in input order (a tuple, or a bare array for a single one). `inputs` is a
-    tuple (or one array). The other options are those of `backprop_check.run`."""
-    from backprop_check.engine.runner import run
-
-    built = _build(forward, backward, inputs, name, sample, rtol, atol)
-    return run(built, devices=devices, dtypes=dtypes, points=points, seed=seed, **options)
-
-
-def _build(
+def build_layer(
     forward: Callable[..., Any],
     backward: Callable[..., Any],
     inputs: Any,

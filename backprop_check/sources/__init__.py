@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from backprop_check.model.case import Case
-from backprop_check.loading.points import Point
+from backprop_check.model.points import Point
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import torch
 
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError, one_line
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import Point
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import Point
 from backprop_check.sources import Gradients
 
 

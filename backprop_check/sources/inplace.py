@@ -19,9 +19,9 @@ import torch
 from backprop_check.model.arrays import as_array, loss_value
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError
-from backprop_check.loading.forward import user_error
+from backprop_check.model.forward import user_error
 from backprop_check.model.nodes import Tape, using
-from backprop_check.loading.points import Point
+from backprop_check.model.points import Point
 
 if TYPE_CHECKING:
     from backprop_check.sources.numerical import Flat

@@ -11,9 +11,10 @@ import torch
 from backprop_check.model.arrays import gradient_value
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError
-from backprop_check.loading import complexes
-from backprop_check.loading.forward import arguments, call_user
-from backprop_check.loading.points import Point
+from backprop_check.model import complexes
+from backprop_check.model.forward import arguments, call_user
+from backprop_check.model.function import promoted
+from backprop_check.model.points import Point
 from backprop_check.sources import Gradients
 
 
@@ -21,8 +22,6 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
     """Call the case's `.manual` with detached values in `dtype` on `device`."""
     if case.manual_fn is None:
         raise CaseError("the case has no manual gradient")
-    from backprop_check.model.function import promoted  # function.py imports the sources
-
     at = point.cast(dtype, device)
     with torch.no_grad(), arguments(case, at) as kwargs, promoted(case, dtype):
         returned = call_user(case, "manual gradient", case.manual_fn, kwargs)

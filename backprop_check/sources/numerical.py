@@ -53,10 +53,10 @@ import torch
 
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseTimeout
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import Point, derive_seed
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import Direction, Gradients
-from backprop_check.sources.incremental import Program, Unreplayable
+from backprop_check.sources.replay import Program, Unreplayable
 from backprop_check.sources.inplace import InPlace
 
 # The first step: a power of two near RELATIVE_STEP·max(1, |θ|). The estimate is O(h⁶) (six

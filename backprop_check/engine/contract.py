@@ -29,17 +29,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from backprop_check.engine.compare import unravel
+from backprop_check.engine.guards import identical
 
-from backprop_check.records import MISMATCH, OK, Check, CheckKind, Culprit
+from backprop_check.records import MISMATCH, OK, PARTS, Check, CheckKind, Culprit
 from backprop_check.errors import CaseError, one_line
-from backprop_check.loading import complexes
-from backprop_check.loading.points import Point, derive_seed
+from backprop_check.model import complexes
+from backprop_check.model.function import CONTRACT
+from backprop_check.model.points import Point, derive_seed
 from backprop_check.engine.tolerance import Tolerance
 
 if TYPE_CHECKING:
     from backprop_check.model.function import FunctionCase
 
-ITEMS = ("grad_output", "undefined_grad", "repeatable", "grad_meta", "layout", "vmap", "in_place")
+ITEMS = CONTRACT  # the items, in the order they are checked (model/function.py names them)
 BATCH = 3  # cotangents in the vmap check
 # float64's own allowance in the items: the gradient's response to inputs nudged by this many ulps
 NUDGE_ULPS = 4
@@ -186,7 +188,7 @@ class Probe:
                 flat = int((~same).reshape(-1).nonzero()[0, 0])
                 index: tuple[int | str, ...] = unravel(flat, tuple(b.shape))
                 if want[name].is_complex():  # the real view's last index is the part: `[3].imag`
-                    index = (*index[:-1], complexes.PARTS[int(index[-1])])
+                    index = (*index[:-1], PARTS[int(index[-1])])
                 return name, index, float(a.reshape(-1)[flat]), float(b.reshape(-1)[flat])
         return None
 
@@ -368,7 +370,7 @@ def _spread(first: Grads, second: Grads) -> tuple[float, tuple[str, tuple[int | 
             spread = float(diff.max())
             index: tuple[int | str, ...] = unravel(int(diff.reshape(-1).argmax()), tuple(diff.shape))
             if first[name].is_complex():
-                index = (*index[:-1], complexes.PARTS[int(index[-1])])
+                index = (*index[:-1], PARTS[int(index[-1])])
             where = (name, index)
     return spread, where
 
@@ -388,7 +390,7 @@ def _watched(outputs: tuple[torch.Tensor, ...]) -> Iterator[list[tuple[Any, list
             for seen, copies, changed in reversed(calls):
                 if seen is node:
                     for i, (now, then) in enumerate(zip(grad_outputs, copies)):
-                        if now is not None and then is not None and not _same(now, then):
+                        if now is not None and then is not None and not identical(now, then):
                             changed.append(i)
                     break
 
@@ -399,9 +401,6 @@ def _watched(outputs: tuple[torch.Tensor, ...]) -> Iterator[list[tuple[Any, list
         for handle in handles:
             handle.remove()
 
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
 def grad_meta(p: Probe) -> Check:
@@ -454,7 +453,7 @@ def in_place(p: Probe) -> Check:
         if pairs:
             torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs], allow_unused=True)
     for k, v in p.v.items():
-        if not _same(given[k], v):
+        if not identical(given[k], v):
             return _result("in_place", f"{p.owner} modifies grad_output of output {k} in place", "")
     for node, _, changed in calls:
         if changed:

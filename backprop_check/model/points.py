@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backprop_check.loading import complexes
+from backprop_check.model import complexes
 from backprop_check.model.case import Case
 from backprop_check.model.nn import Built
 from backprop_check.errors import CaseError, line_in, one_line

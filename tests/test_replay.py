@@ -1,4 +1,4 @@
-"""The replayed forward (sources/incremental.py): for every element of every parameter, the loss
+"""The replayed forward (sources/replay.py): for every element of every parameter, the loss
 it gives at a perturbed point is the loss the forward itself gives there; a forward it cannot
 replay says so; and the numerical referee gives the same estimates with it as without it."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import backprop_check
-from backprop_check.loading.points import given_point
-from backprop_check.sources import incremental, numerical
-from backprop_check.sources.incremental import Program, Unreplayable
+from backprop_check.model.points import given_point
+from backprop_check.sources import replay, numerical
+from backprop_check.sources.replay import Program, Unreplayable
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
@@ -179,13 +179,13 @@ def test_a_replay_that_disagrees_with_the_forward_is_dropped(monkeypatch: pytest
     case = _case("mlp")
     point = given_point(case, 0)
     right = numerical.reference(case, point, torch.float64, full=True).gradients
-    wrong_mm = incremental.RULES[torch.ops.aten.mm.default]
+    wrong_mm = replay.RULES[torch.ops.aten.mm.default]
 
     def off(program, step, states, count):  # noqa: ANN001, ANN202
-        return [state + 1e-6 if isinstance(state, torch.Tensor) else incremental.Sparse(state.pos, state.new + 1e-6)
+        return [state + 1e-6 if isinstance(state, torch.Tensor) else replay.Sparse(state.pos, state.new + 1e-6)
                 for state in wrong_mm(program, step, states, count)]
 
-    monkeypatch.setitem(incremental.RULES, torch.ops.aten.mm.default, off)
+    monkeypatch.setitem(replay.RULES, torch.ops.aten.mm.default, off)
     checked = numerical.reference(case, point, torch.float64, full=True)
     programs = checked.differences.batched.programs.values()
     assert programs and all(program is None for program in programs)
@@ -198,7 +198,7 @@ def test_chunks_are_bounded_by_what_a_replay_holds() -> None:
     X = _randn(64, 300, seed=1)
     program = Program.record(lambda traced: torch.tanh(X @ traced[0]).sum(), [W])
     before = program.rows()
-    assert before * 8 * 4 * 64 * 200 <= incremental.STATE_BYTES
+    assert before * 8 * 4 * 64 * 200 <= replay.STATE_BYTES
     program(0, torch.arange(8), W.reshape(-1)[:8] + 1e-3)
     # one changed element of W changes one column of X·W: 64 values, not 12,800
     assert program.widest is not None and program.widest <= 3 * 64 + 1
@@ -212,7 +212,7 @@ def test_a_few_elements_or_huge_values_are_left_to_vmap(monkeypatch: pytest.Monk
     reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
     assert not reference.differences.batched.programs
     monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
-    monkeypatch.setattr(incremental, "STATE_BYTES", 8 * 4 * 20 * 10)  # 10 rows of the widest value
+    monkeypatch.setattr(replay, "STATE_BYTES", 8 * 4 * 20 * 10)  # 10 rows of the widest value
     reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
     programs = reference.differences.batched.programs.values()
     assert programs and all(program is None for program in programs)  # probed, then left to vmap

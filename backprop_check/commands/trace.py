@@ -36,15 +36,15 @@ from backprop_check import dtypes
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH
 from backprop_check.errors import CaseError, CaseTimeout, UsageError
-from backprop_check.loading.loader import pick
+from backprop_check.model.loader import pick
 from backprop_check.formats import check_writable, write
 from backprop_check.formats.json import finite
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import Point, given_point
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import Point, given_point
 from backprop_check.records import Result
-from backprop_check.loading.guards import NonFiniteLoss
+from backprop_check.engine.guards import NonFiniteLoss
 from backprop_check.engine.runner import check_point, device_unavailable
-from backprop_check.diagnosis.verdict import outcome_of, summarize
+from backprop_check.engine.verdict import outcome_of, summarize
 from backprop_check.sources import Gradients
 from backprop_check.sources.numerical import reference
 from backprop_check.formats.terminal import style_for

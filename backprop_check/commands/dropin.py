@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from backprop_check.diagnosis import contract
+from backprop_check.engine import contract
 from backprop_check.errors import CaseError
 from backprop_check.formats import text
 from backprop_check.model.function import FunctionCase, Inputs

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from backprop_check.model.case import Case, collecting, stop_collecting
 from backprop_check.errors import CaseTimeout, UsageError, line_in, one_line
-from backprop_check.engine.limits import time_limit
-from backprop_check.loading.selection import matches
+from backprop_check.limits import time_limit
+from backprop_check.selection import matches
 
 
 @dataclass(frozen=True)

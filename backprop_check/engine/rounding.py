@@ -26,8 +26,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from backprop_check.dtypes import name_of
 from backprop_check.model.case import Case
-from backprop_check.loading.points import Point, derive_seed
+from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
 
 DEVIATION_CAP = 0.05
@@ -52,7 +53,7 @@ class Rounding:
         """One line naming the elements judged by their float64 twin alone, or None."""
         if not self.unresolved:
             return None
-        name = str(dtype).removeprefix("torch.")
+        name = name_of(dtype)
         where = ", ".join(f"{n} of {total} elements of {k!r}" for k, (n, total) in sorted(self.unresolved.items()))
         return (
             f"{name} cannot resolve the gradient at {where} at this point: {UNRESOLVED_ULPS} {name} ulps of the "
@@ -64,10 +65,7 @@ class Rounding:
 
 def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None]) -> Rounding:
     """The rounding allowances and float64 twins of the sources in `gradients`."""
-    at = point.rounded(dtype)
-    gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
-    steps = {name: _ulp_step(value, dtype, gen) for name, value in {**at.params, **at.data}.items()}
-    nudged = [_moved(at, steps, sign) for sign in (1.0, -1.0)]
+    at, nudged = nudged_points(case, point, dtype)
     result: dict[str, dict[str, torch.Tensor]] = {}
     twins: dict[str, dict[str, torch.Tensor]] = {}
     unresolved: dict[str, tuple[int, int]] = {}
@@ -83,24 +81,44 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
             g = base.get(name)
             if g is None or any(v.get(name) is None or v[name].shape != value.shape for v in (base, up, down)):
                 continue
-            g, here = g.to(torch.float64), value.detach().to("cpu", torch.float64)
-            odd = (up[name] - down[name]).abs() / 2
-            even = (up[name] + down[name] - 2 * g).abs()
-            smooth = even <= odd / 2 + 64 * torch.finfo(torch.float64).eps * g.abs()
-            sensitivity = torch.where(smooth, odd, torch.zeros_like(odd))
-            # The cap is relative to the tensor's own size (its root-mean-square gradient), not
-            # to each element: float32 loses digits relative to the terms a gradient is made
-            # of, so an element that is small next to its neighbours (layer norm at x ≈ 1e3)
-            # can be off by more than 5 % of itself and be correct code.
-            typical = g.square().mean().sqrt() if g.numel() else g.abs()
-            cap = DEVIATION_CAP * torch.maximum(g.abs(), typical)
-            beyond = UNRESOLVED_ULPS * torch.maximum((up[name] - g).abs(), (down[name] - g).abs()) > cap
-            deviation = torch.where(beyond, (here - g).abs(), torch.minimum((here - g).abs(), cap))
-            result[source][name] = torch.nan_to_num(torch.maximum(sensitivity, deviation), nan=0.0)
+            allowed, beyond = allowance(value.detach().to("cpu", torch.float64), g.to(torch.float64), up[name], down[name])
+            result[source][name] = allowed
             count = int(beyond.sum())
             if count:
                 unresolved[name] = (max(count, unresolved.get(name, (0, 0))[0]), g.numel())
     return Rounding(result, twins, unresolved)
+
+
+def nudged_points(case: Case, point: Point, dtype: torch.dtype) -> tuple[Point, list[Point]]:
+    """The point as `dtype` holds it (in float64), and the same with every float input moved by
+    one ulp of `dtype` with a random sign, up and down: where a float64 twin is computed."""
+    at = point.rounded(dtype)
+    gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
+    steps = {name: _ulp_step(value, dtype, gen) for name, value in {**at.params, **at.data}.items()}
+    return at, [_moved(at, steps, sign) for sign in (1.0, -1.0)]
+
+
+def allowance(
+    here: torch.Tensor, g: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per element of a value computed in the run's dtype (`here`, as float64), given its float64
+    twin `g` at the same point and at the point nudged up and down: the rounding allowance (the
+    larger of the sensitivity and the capped own deviation), and the elements beyond the
+    dtype's resolution (their deviation uncapped). The module docstring says why each part."""
+    up, down = up.to(torch.float64), down.to(torch.float64)
+    odd = (up - down).abs() / 2
+    even = (up + down - 2 * g).abs()
+    smooth = even <= odd / 2 + 64 * torch.finfo(torch.float64).eps * g.abs()
+    sensitivity = torch.where(smooth, odd, torch.zeros_like(odd))
+    # The cap is relative to the tensor's own size (its root-mean-square value), not to each
+    # element: float32 loses digits relative to the terms a gradient is made of, so an element
+    # that is small next to its neighbours (layer norm at x ≈ 1e3) can be off by more than 5 %
+    # of itself and be correct code.
+    typical = g.square().mean().sqrt() if g.numel() else g.abs()
+    cap = DEVIATION_CAP * torch.maximum(g.abs(), typical)
+    beyond = UNRESOLVED_ULPS * torch.maximum((up - g).abs(), (down - g).abs()) > cap
+    deviation = torch.where(beyond, (here - g).abs(), torch.minimum((here - g).abs(), cap))
+    return torch.nan_to_num(torch.maximum(sensitivity, deviation), nan=0.0), beyond
 
 
 def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:

@@ -8,7 +8,7 @@ from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, Check
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.diagnosis.graph import graph_of
 from backprop_check.diagnosis.hints import code_of, hints_for
-from backprop_check.loading.points import Point
+from backprop_check.model.points import Point
 from backprop_check.sources import Gradients
 from backprop_check.engine.tolerance import Tolerance
 
@@ -184,7 +184,7 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
     else:
         who = "the sources disagree and no single one is the odd one out"
     # A kernel against its reference, or the reference against the referee, says itself in its
-    # note (sources/reference.py).
+    # note (engine/reference.py).
     kernel = (check.numerical is None or check.culprit == Culprit.REFERENCE) and check.index is not None and check.note
     if check.kind in (CheckKind.EXPECT, CheckKind.DEVICE, CheckKind.JVP) or kernel:
         text = f"{check.note}"

@@ -35,14 +35,17 @@ does to this computation. An element of the kernel may be off from the float64 r
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
-from backprop_check.loading.points import Point, derive_seed
+from backprop_check.model import forward
+from backprop_check.engine.orders import Derivative
+from backprop_check.engine.verdict import error_result, outcome_of, summarize
+from backprop_check.model.points import Point, derive_seed, given_point
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result
 from backprop_check.sources import Gradients, autograd
@@ -74,9 +77,6 @@ def run_dtypes(case: Case) -> tuple[str, ...] | None:
 
 def twin_of(case: Case, seed: int, full: bool) -> Case:
     """The reference's check that mirrors `case`: the same derivative of the same inputs."""
-    from backprop_check.loading.points import given_point
-    from backprop_check.model.orders import Derivative
-
     root = getattr(case, "root", case)
     twin = root.twin()
     given = given_point(twin, seed)
@@ -87,7 +87,7 @@ def twin_of(case: Case, seed: int, full: bool) -> Case:
 
 
 def tolerance_text(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
+    name = name_of(dtype)
     return f"{MULTIPLE:g}× the reference's own {name} error + {FLOOR_ULPS:g} ulps + {TENSOR_ULPS:g} ulp of the tensor's rms"
 
 
@@ -102,9 +102,9 @@ class Values:
 def evaluate(case: Any, point: Point, device: str, dtype: torch.dtype, who: str) -> Values:
     """`case`'s floating outputs and autograd gradient at `point` in `dtype` on `device`;
     what goes wrong is one line naming `who` (the kernel, the reference) and the dtype."""
-    name = str(dtype).removeprefix("torch.")
+    name = name_of(dtype)
     try:
-        outputs = case.outputs(point.cast(dtype, device)) if case.level == 1 else ()
+        outputs = forward.outputs(case, point.cast(dtype, device)) if case.level == 1 else ()
         gradients = autograd.gradient(case, point, device, dtype).values
     except CaseError as exc:
         raise CaseError(f"{who} in {name} on {device}: {exc}") from exc
@@ -193,7 +193,7 @@ def compare(
 
 
 def _note(check: Check, judged: Judged, own: float, dtype: torch.dtype, level: int = 1) -> str:
-    name = str(dtype).removeprefix("torch.")
+    name = name_of(dtype)
     derivative = "gradient of" if level == 1 else f"derivative of order {level} (double backward) with respect to"
     what = f"the kernel's {check.name}" if check.kind == CheckKind.OUTPUT else f"the kernel's {derivative} `{check.name}`"
     there = f"{check.abs_err / own:.3g}× the reference's own {name} error {own:.2g} there" if own else f"where the reference is exact in {name}"
@@ -279,36 +279,10 @@ def as_reference(checks: list[Check], tolerance: str) -> list[Check]:
     return checks
 
 
-def prepare(case: Case, plan: Any) -> tuple[Callable[..., Result], list[str]]:
-    """The points and the referee's checks of the reference at each (float64, on the CPU, once
-    for every device and dtype), and the function that checks one device × dtype."""
-    from backprop_check.engine import runner  # the engine runs this module, not the other way round
-    from backprop_check.engine.tolerance import tolerance_for
-
-    kernel, twin = case, twin_of(case, plan.seed, plan.full)
-    points, cache, notes = runner.prepare_points(twin, plan)
-    tol = tolerance_for(torch.float64, case.rtol, case.atol)
-    referee: dict[str, list[Check]] = {}
-    for point in points:
-        key = (point.label, "float64")
-        if key not in cache:
-            cache[key] = runner.numerical_for(twin, point, torch.float64, plan)
-        runner.require_finite_loss(cache[key].gradients.loss, point)
-        checked = runner.check_point(twin, point, "cpu", torch.float64, cache[key], tol)
-        referee[point.label] = as_reference(checked.checks, tol.describe())
-
-    def combination(device: str, dtype_name: str, *, plan: Any) -> Result:
-        return check_combination(kernel, twin, points, referee, device, dtype_name, plan)
-
-    return combination, notes
-
-
 def check_combination(
     kernel: Case, twin: Case, points: list[Point], referee: dict[str, list[Check]], device: str, dtype_name: str, plan: Any
 ) -> Result:
     """The kernel on one device in one dtype at every point, against the float64 reference."""
-    from backprop_check.diagnosis.verdict import error_result, outcome_of, summarize
-
     dtype = getattr(torch, dtype_name)
     outcomes: list[Outcome] = []
     notes: list[str] = []

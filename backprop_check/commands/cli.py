@@ -12,12 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from backprop_check.gate import baseline
-from backprop_check.diagnosis import explain
-from backprop_check.diagnosis import trace
+from backprop_check.commands import baseline
+from backprop_check.commands import explain
+from backprop_check.commands import trace
 from backprop_check.errors import UsageError
 from backprop_check.formats import FORMATS, STDOUT, check_writable, text, write
-from backprop_check.loading.loader import load
+from backprop_check.model.loader import load
 from backprop_check.options import add_to_argparse, plan_from
 from backprop_check.records import EXIT_INTERRUPTED, Interrupted, Report, Verdict
 from backprop_check.engine.runner import run_plan
@@ -38,10 +38,10 @@ def add_run(parser: argparse.ArgumentParser) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from backprop_check.sources import ranks
+    from backprop_check.engine import ranks
 
     if ranks.launched():  # started by torchrun: rank 0 runs and reports, the others serve it
-        from backprop_check.sources.distributed import under_launcher
+        from backprop_check.engine.distributed import under_launcher
 
         return under_launcher(args.paths or DEFAULT_PATHS, lambda: _run(args))
     return _run(args)
@@ -105,7 +105,7 @@ def add_list(parser: argparse.ArgumentParser) -> None:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from backprop_check.loading.selection import matches
+    from backprop_check.selection import matches
 
     cases, failures = load(args.paths or DEFAULT_PATHS)
     for case in cases:
@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
 def _version() -> str:
     import torch
 
-    from backprop_check import __version__
+    from backprop_check.version import __version__
 
     return f"backprop-check {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})"
 

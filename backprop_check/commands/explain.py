@@ -22,10 +22,10 @@ import torch
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Verdict
 from backprop_check.errors import CaseError, CaseTimeout, UsageError
-from backprop_check.loading.forward import call_forward
+from backprop_check.model.forward import call_forward
 from backprop_check.diagnosis.graph import Graph, graph_of
-from backprop_check.loading.loader import pick
-from backprop_check.loading.points import Point, given_point
+from backprop_check.model.loader import pick
+from backprop_check.model.points import Point, given_point
 from backprop_check.records import Result
 from backprop_check.engine.runner import run
 from backprop_check.formats.terminal import style_for

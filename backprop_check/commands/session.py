@@ -31,7 +31,7 @@ import pytest
 
 from backprop_check.model.case import Case
 from backprop_check.errors import UsageError
-from backprop_check.loading.loader import LoadFailure, load
+from backprop_check.model.loader import LoadFailure, load
 from backprop_check.options import Plan, devices_for, plan_from
 from backprop_check.records import Verdict
 
@@ -58,12 +58,10 @@ def variants(case: Case, plan: Plan) -> Iterator[tuple[Case, str, str]]:
         yield case, "rev", case.name
         return
     from backprop_check.engine.jvp import MODE, name_of
-    from backprop_check.model.orders import orders
+    from backprop_check.engine.runner import checks_of
 
-    for checked in orders(case, plan.seed, plan.full):
-        broken = checked.problem() is not None  # said once, by the reverse mode's result
-        for mode in ("rev",) if broken else checked.modes:
-            yield checked, mode, name_of(checked) if mode == MODE else checked.name
+    for checked, mode in checks_of(case, plan):
+        yield checked, mode, name_of(checked) if mode == MODE else checked.name
 
 
 def device_unavailable(device: str) -> str | None:

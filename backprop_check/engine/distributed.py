@@ -1,4 +1,4 @@
-"""The distributed source: `fn` run on `world_size` ranks of `torch.distributed`, its backward
+"""Distributed checks: `fn` run on `world_size` ranks of `torch.distributed`, its backward
 the ranks' own autograd through the user's collectives, checked against the global function.
 
 A distributed check is a function check (function.py) whose `fn` is the *global* function:
@@ -19,7 +19,7 @@ assembled by `out_placements` (`Shard(d)`: concatenated; `Replicate()`: every ra
 - with `reference=` (a single-process function of the global inputs), its float64 outputs and
   autograd gradient, checked against the ranks' and, where they differ, by the referee.
 
-A mismatch is said in the user's terms (`extra_checks`): the rank, the input, the element of the
+A mismatch is said in the user's terms (`rank_checks`): the rank, the input, the element of the
 global tensor and of the rank's shard, and the likely slip (`_slip`).
 """
 from __future__ import annotations
@@ -34,11 +34,12 @@ import torch
 
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.errors import CaseError, line_in, one_line
-from backprop_check.loading.points import Point, generator
+from backprop_check.model.points import Point, generator
 from backprop_check.model.function import FunctionCase
 from backprop_check.options import TIMEOUT
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
-from backprop_check.sources import ranks as processes
+from backprop_check.engine import outputs
+from backprop_check.engine import ranks as processes
 
 # Every distributed check by key (file:line:name): under a launcher, the other ranks find the
 # check rank 0 asks for here, having loaded the same case files.
@@ -91,7 +92,7 @@ class DistributedCase(FunctionCase):
         given = self.placements if grad_placements is None else grad_placements
         self.grad_placements = tuple(given) if isinstance(given, (tuple, list)) else (given,)
         self.backend = backend
-        # not `reference`: that attribute makes a one-process kernel check (sources/reference.py)
+        # not `reference`: that attribute makes a one-process kernel check (engine/reference.py)
         self.global_reference = reference
         self.timeout = float(timeout or TIMEOUT)
         self.batchable = True
@@ -105,6 +106,18 @@ class DistributedCase(FunctionCase):
             self.broken = f"reference= must be a function with {self.label}'s signature, got {type(reference).__name__}"
 
     # --- what the user gave -----------------------------------------------------------------
+
+    def prepared(self) -> DistributedCase:
+        """A distributed check is the engine's own object (it holds its ranks, and they find it
+        by its key): it learns its outputs in place, once."""
+        if self.broken is None:
+            self.broken = self._placement_problem()
+        if self.output_shapes is None and self.broken is None:
+            try:
+                self._learn_outputs()
+            except CaseError as exc:
+                self.broken = str(exc)
+        return self
 
     def problem(self) -> str | None:
         if self.broken is None:
@@ -254,7 +267,7 @@ class DistributedCase(FunctionCase):
                 gradients[name] = torch.cat(parts, dim=placement.dim)
             elif isinstance(placement, Partial):
                 gradients[name] = torch.stack(parts).sum(0)
-            else:  # every rank's copy is checked against rank 0's in extra_checks
+            else:  # every rank's copy is checked against rank 0's in rank_checks
                 gradients[name] = parts[0]
         return gradients
 
@@ -325,7 +338,7 @@ class DistributedCase(FunctionCase):
 
     # --- the diagnosis ----------------------------------------------------------------------
 
-    def extra_checks(
+    def rank_checks(
         self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance
     ) -> list[Check]:
         """Per rank: every replica of a `Replicate()` gradient against rank 0's, and for each
@@ -343,7 +356,7 @@ class DistributedCase(FunctionCase):
             found.extend(self._replica_checks(locals_, tol))
         if self.global_reference is not None:
             found.extend(self._reference_checks(point, device, dtype, locals_, tol))
-        return found + super().extra_checks(point, device, dtype, checks, tol)
+        return found + outputs.extra_checks(self, point, device, dtype, checks, tol)
 
     # --- the reference: a single-process function of the global inputs -----------------------
 
@@ -740,7 +753,7 @@ def under_launcher(paths: Sequence[str], run: Callable[[], int]) -> int:
     """`backprop-check run` on one rank of a launcher's group (torchrun): rank 0 runs the
     checks and writes the report; every other rank loads the same case files and serves rank 0's
     requests until it is done. The exit status is rank 0's."""
-    from backprop_check.loading.loader import load
+    from backprop_check.model.loader import load
 
     rank = processes.join_launched_group()
     if rank != 0:

@@ -13,8 +13,8 @@ import torch
 
 from backprop_check.errors import CaseError
 from backprop_check.model.case import Case
-from backprop_check.loading.forward import call_forward
-from backprop_check.loading.points import Point, given_point, with_data
+from backprop_check.model.forward import call_forward
+from backprop_check.model.points import Point, given_point, with_data
 from backprop_check.sources import Gradients
 from backprop_check.engine.compare import unravel
 
@@ -93,7 +93,7 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
     first, tape = outputs[0]
     require_finite_loss(first, point)
     for loss, other in outputs[1:]:
-        differs = [k for k, v in tape.values.items() if k in other.values and not _same(v, other.values[k])]
+        differs = [k for k, v in tape.values.items() if k in other.values and not identical(v, other.values[k])]
         if not torch.equal(first, loss) or differs:
             where = f"node {differs[0]!r}" if differs and torch.equal(first, loss) else "the loss"
             raise CaseError(
@@ -102,8 +102,9 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
             )
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape and the same values, NaN where the other has NaN."""
+    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
 def numbers_among_integers(case: Case, given: Point) -> tuple[Point, list[str]]:

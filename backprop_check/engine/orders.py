@@ -31,36 +31,10 @@ import torch
 
 from backprop_check.diagnosis.hints import NOTHING_FLOWS
 from backprop_check.errors import CaseError, CaseTimeout, one_line
-from backprop_check.loading.forward import call_forward, call_user
-from backprop_check.loading.points import Point, given_point
+from backprop_check.model.forward import call_forward, call_user
+from backprop_check.model.points import Point, given_point
 from backprop_check.model.case import Case
 from backprop_check.records import CheckKind, Culprit, Verdict
-
-MODES = ("rev", "fwd")
-MAX_ORDER = 4  # each order multiplies the cost; beyond this the check is not worth its time
-
-
-def requested(case: Case) -> str | None:
-    """Why `order=` / `modes=` of `case` cannot be run, or None."""
-    order, modes = case.order, case.modes
-    if isinstance(order, bool) or not isinstance(order, int):
-        return f"order= must be an integer from 1 to {MAX_ORDER}, got {order!r}"
-    if not 1 <= order <= MAX_ORDER:
-        return f"order={order}: the order must be from 1 (the gradient) to {MAX_ORDER}"
-    if not isinstance(modes, tuple) or not modes:
-        return f"modes= must be a non-empty tuple of {', '.join(map(repr, MODES))}, got {modes!r}"
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        return f"modes= names {unknown[0]!r}; choose from {', '.join(map(repr, MODES))} (reverse and forward mode)"
-    if case.numpy and (order > 1 or "fwd" in modes):
-        return (
-            "order= above 1 and forward mode need autograd, which does not apply to numpy code: a numpy=True "
-            "case is checked at first order in reverse mode"
-        )
-    if case.hvp_fn is not None and order < 2:
-        return "an .hvp (a hand-written Hessian-vector product) is checked at order 2: give order=2"
-    return None
-
 
 def orders(case: Case, seed: int, full: bool = False) -> list[Case]:
     """The case and its derivatives up to `case.order`: [order 1, order 2, …]. A case that
@@ -68,6 +42,7 @@ def orders(case: Case, seed: int, full: bool = False) -> list[Case]:
     derivatives' finite differences are batched with vmap (torch.func.grad inside, whose first
     call costs seconds of imports: worth it for thousands of elements, not for the default
     mode's few hundred evaluations)."""
+    case = case.prepared()
     cases = [case]
     if case.problem() is not None or case.order <= 1:
         return cases

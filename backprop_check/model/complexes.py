@@ -27,7 +27,6 @@ from backprop_check.errors import CaseError
 # The real dtypes whose pairs torch holds as a complex number; float16 pairs (complex32) have
 # almost no operators, bfloat16 pairs none.
 COMPLEX_OF = {torch.float64: torch.complex128, torch.float32: torch.complex64}
-PARTS = ("real", "imag")
 CONVENTION = (
     "torch's convention for a real loss L of z = x + iy is dL/dx + i·dL/dy (= 2·∂L/∂z̄, the conjugate "
     "Wirtinger derivative with torch's factor 2)"
@@ -74,11 +73,6 @@ def gradient_view(name: str, value: torch.Tensor, source: str = "manual gradient
     return torch.view_as_real(value.resolve_conj() if value.is_conj() else value)
 
 
-def label(name: str, index: tuple[int, ...]) -> str:
-    """`z[3].imag`: an element of a complex tensor, from the index of its real view."""
-    *at, part = index
-    where = f"[{', '.join(map(str, at))}]" if at else ""
-    return f"{name}{where}.{PARTS[part]}"
 
 
 def mark(checks: list[Any], complex_names: Collection[str]) -> None:

@@ -1,1 +1,0 @@
-"""Tools for CI: baselines, the pytest session, the gradcheck drop-in."""

@@ -1,0 +1,181 @@
+"""Random directions, unit by unit: one direction's verdict at the edge of its allowance, kinks
+and non-finite estimates, which sources are projected, which directions fail, the worst
+disagreement of a tensor (and whom it blames), and a flagged direction bisected to its element."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backprop_check import case
+from backprop_check.engine.directions import Along, agreement, along_tensor, direction_verdict, failing_directions, sides_along
+from backprop_check.engine.sides import Evidence, Sides
+from backprop_check.engine.tolerance import ERROR_BARS, tolerance_for
+from backprop_check.model.points import given_point
+from backprop_check.records import Check, Culprit
+from backprop_check.sources import Direction, Gradients
+from backprop_check.sources.numerical import reference
+
+TOL64 = tolerance_for(torch.float64)
+G = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+U = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # G·U = 2
+
+
+def along(value: float, error: float = 0.0, **fields: object) -> Direction:
+    return Direction(U, value, error, fields.pop("kink", False), **fields)  # type: ignore[arg-type]
+
+
+# --- one direction -----------------------------------------------------------------------------------
+
+
+def test_a_direction_the_gradient_matches_agrees_and_gives_its_projection() -> None:
+    ok, value, allowed = direction_verdict(along(2.0, 1e-10), G, None, TOL64)
+    assert ok and value == 2.0
+    assert allowed == pytest.approx(ERROR_BARS * 1e-10 + TOL64.along(G, U, None), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "factor, agrees", [pytest.param(0.99, True, id="just-inside-agrees"), pytest.param(1.01, False, id="just-outside-disagrees")]
+)
+def test_a_direction_at_the_edge_of_its_allowance(factor: float, agrees: bool) -> None:
+    _, _, allowed = direction_verdict(along(2.0, 1e-9), G, None, TOL64)
+    ok, _, _ = direction_verdict(along(2.0 + factor * allowed, 1e-9), G, None, TOL64)
+    assert ok is agrees
+
+
+def test_as_a_detector_a_direction_has_no_rtol_and_as_a_verdict_it_has_the_elements() -> None:
+    off = G * (1 + 5e-8)  # a uniform relative error within float64's rtol of 1e-7
+    assert not direction_verdict(along(2.0), off, None, TOL64)[0]
+    assert direction_verdict(along(2.0), off, None, TOL64, verdict=True)[0]
+    assert not direction_verdict(along(2.0), G * (1 + 5e-7), None, TOL64, verdict=True)[0]
+
+
+def test_a_float64_twin_as_a_verdict_is_held_to_float64s_rtol_not_the_run_dtypes() -> None:
+    tol32 = tolerance_for(torch.float32)
+    off = G * (1 + 1e-5)  # inside float32's rtol, far outside float64's
+    assert direction_verdict(along(2.0), off, None, tol32, verdict=True)[0]
+    assert not direction_verdict(along(2.0), off, None, tol32, exact=True, verdict=True)[0]
+
+
+def test_on_a_kink_any_value_between_the_one_sided_derivatives_agrees() -> None:
+    assert direction_verdict(along(0.0, kink=True, left=1.0, right=3.0), G, None, TOL64)[0]
+    assert not direction_verdict(along(0.0, kink=True, left=2.5, right=3.0), G, None, TOL64)[0]
+
+
+def test_a_non_finite_estimate_never_agrees() -> None:
+    assert not direction_verdict(along(math.nan), G, None, TOL64)[0]
+    assert not direction_verdict(along(math.inf), G, None, TOL64)[0]
+
+
+# --- the sources projected -------------------------------------------------------------------------
+
+
+def test_sides_along_projects_each_source_and_each_float64_twin() -> None:
+    sides = Sides((3,), G, G + 1, torch.zeros(3, dtype=torch.float64), torch.full((3,), 1e-6, dtype=torch.float64), G, G + 1)
+    projected = sides_along(sides)
+    assert list(projected) == ["autograd", "manual", "autograd in float64", "manual in float64"]
+    assert projected["autograd"][1] is None  # no rounding measured: the floor of ulps applies
+    assert projected["manual"][1] is not None and projected["manual"][2] is False
+    assert projected["manual in float64"][2] is True
+
+
+def test_a_numpy_cases_sides_project_manual_alone() -> None:
+    zeros = torch.zeros(3, dtype=torch.float64)
+    assert list(sides_along(Sides((3,), None, G, zeros, zeros))) == ["manual"]
+
+
+# --- the directions of one tensor -------------------------------------------------------------------
+
+
+def sampled(*directions: Direction) -> Gradients:
+    numerical = Gradients("numerical", {"w": torch.full((3,), math.nan, dtype=torch.float64)})
+    numerical.directions["w"] = list(directions)
+    return numerical
+
+
+def test_only_the_directions_through_the_slip_fail_and_agrees_judges_any_other() -> None:
+    clean = Direction(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), 1.0, 1e-12, False)
+    through = Direction(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), 5.0, 1e-12, False)
+    numerical = sampled(clean, through)
+    autograd = Gradients("autograd", {"w": G})
+    manual = Gradients("manual", {"w": torch.tensor([1.0, 2.001, 3.0], dtype=torch.float64)})
+    failing = failing_directions(Evidence(numerical, autograd, manual, ["w"], TOL64))
+    assert [(name, d) for name, d, _ in failing] == [("w", through)]
+    agrees = failing[0][2]
+    assert agrees(clean) and not agrees(through)
+    assert agreement("w", Evidence(numerical, autograd, None, ["w"], TOL64))(through)  # autograd alone agrees
+
+
+def worst(numerical: Gradients, autograd: torch.Tensor | None, manual: torch.Tensor | None) -> Along:
+    return along_tensor("w", numerical, Sides.of("w", numerical, autograd, manual, None), TOL64)
+
+
+@pytest.mark.parametrize(
+    "autograd, manual, culprit",
+    [
+        pytest.param(G, G * 1.01, Culprit.MANUAL, id="manual-off"),
+        pytest.param(G * 1.01, G, Culprit.AUTOGRAD, id="autograd-off"),
+        pytest.param(G * 1.01, G * 1.01, Culprit.NUMERICAL, id="both-off-together-blame-the-referee"),
+        pytest.param(None, G * 1.01, Culprit.MANUAL, id="numpy-case-manual-off"),
+        pytest.param(G * 1.01, None, Culprit.AUTOGRAD, id="no-manual-autograd-off"),
+    ],
+)
+def test_the_worst_direction_blames_the_odd_source_out(autograd: torch.Tensor | None, manual: torch.Tensor | None, culprit: Culprit) -> None:
+    found = worst(sampled(along(2.0, 1e-12)), autograd, manual)
+    assert found.bad and found.culprit == culprit
+    assert found.numerical == 2.0 and found.ratio > 1
+    assert "no single one could be located" in found.note
+
+
+def test_agreeing_directions_find_nothing() -> None:
+    found = worst(sampled(along(2.0, 1e-12)), G, G)
+    assert found == Along()
+
+
+def test_the_worst_of_several_directions_is_kept() -> None:
+    mild, strong = along(2.0 * 1.001, 1e-12), along(2.0 * 1.1, 1e-12)
+    assert worst(sampled(mild, strong), G, G).numerical == pytest.approx(2.2)
+    assert worst(sampled(strong, mild), G, G).numerical == pytest.approx(2.2)
+
+
+def test_a_non_finite_direction_blames_no_one() -> None:
+    found = worst(sampled(along(math.nan)), G, G)
+    assert found.bad and found.culprit is None
+
+
+def test_a_kink_crossed_is_said_in_the_note() -> None:
+    found = worst(sampled(along(0.0, 1e-12, kink=True, left=5.0, right=6.0)), G, G * 1.0)
+    assert found.bad
+    assert found.note.endswith("the direction crosses a kink (one-sided derivatives 5 and 6)")
+
+
+def test_a_mismatch_along_a_direction_fills_the_check() -> None:
+    found = worst(sampled(along(2.0, 1e-12)), G, G * 1.01)
+    check = found.mismatch(Check(name="w", kind="param", shape=(3,), verdict="mismatch"))
+    assert (check.culprit, check.culprits, check.compared) == (Culprit.MANUAL, {Culprit.MANUAL: 1}, "along a random direction")
+    assert check.manual == pytest.approx(2.02) and check.autograd == 2.0 and check.numerical == 2.0
+    assert check.rel_err == pytest.approx(check.abs_err / 2.0) and check.note == found.note
+
+
+# --- a flagged direction bisected to the element behind it -------------------------------------------
+
+
+def test_a_flagged_direction_is_bisected_down_to_the_wrong_element() -> None:
+    @case(params={"w": lambda gen: torch.randn(64, generator=gen, dtype=torch.float64)})
+    def squares(w: torch.Tensor) -> torch.Tensor:
+        return (w**2).sum() / 2
+
+    point = given_point(squares, 0)
+    numerical = reference(squares, point, torch.float64)
+    assert numerical.gradients.directions["w"], "64 elements are checked by samples and directions"
+    w = point.params["w"]
+    slipped = w.clone()
+    slipped[37] *= 1.01
+    autograd, manual = Gradients("autograd", {"w": w}), Gradients("manual", {"w": slipped})
+    failing = failing_directions(Evidence(numerical.gradients, autograd, manual, ["w"], TOL64))
+    assert failing, "a direction through element 37 shows the slip"
+    name, direction, agrees = failing[0]
+    located = numerical.locate(name, direction, agrees)
+    assert 37 in located.tolist() and located.numel() <= 8
+    assert failing_directions(Evidence(numerical.gradients, autograd, Gradients("manual", {"w": w.clone()}), ["w"], TOL64)) == []
