@@ -49,6 +49,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from backprop_check.model.case import Case
@@ -73,7 +74,8 @@ NOISE_POINTS = 9
 NOISE_ORDER = 4
 NOISE_ULPS = 1024.0
 NOISE_SEED = 28
-ROUNDING_FLOOR = torch.finfo(torch.float64).eps / math.sqrt(48)
+EPS = float(torch.finfo(torch.float64).eps)
+ROUNDING_FLOOR = EPS / math.sqrt(48)
 # An error bar is ROUNDING_SIGMAS standard deviations of the rounding the estimate carries (the
 # measured σ times the norm of its weights over the six values) plus TRUNCATION_SAFETY times the
 # truncation the decrease of its corrections predicts. Both set on the accuracy sweep of
@@ -282,8 +284,8 @@ class FiniteDifferences:
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
-        # The rounding probes, one plain forward pass each (a wrong vmap rule cannot touch them).
-        self._plain = self.batched if case.numpy else _Looped(loss)
+        # The rounding probes: not through `batched`, which decides alone how perturbations run.
+        self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
         if not case.numpy and not case.batchable:  # it knows vmap cannot batch it (orders.py)
             self.batched.vmap_works = False
         self._noise: tuple[float, bool] | None = None
@@ -826,19 +828,33 @@ def elements_per_chunk(size: int) -> int:
     return max(1, min(MAX_BATCH, CHUNK_BYTES // (8 * max(1, size))) // len(OFFSETS))
 
 
-class _Looped:
-    """The loss for each row of a batch by plain forward passes, one at a time."""
+class _Probes:
+    """The loss at each row of a batch of rounding probes: under vmap where it gives what a plain
+    forward pass gives at the first row, else by plain forward passes one at a time."""
 
-    def __init__(self, loss: Loss) -> None:
+    def __init__(self, loss: Loss, vmap: bool) -> None:
         self.loss = loss
+        self.vmap = vmap
 
     def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
+        def one(row: torch.Tensor) -> torch.Tensor:
+            return self.loss({**targets, **flat.split(row)}).reshape(())
+
         with torch.no_grad():
-            return torch.stack([self.loss({**targets, **flat.split(row)}).reshape(()) for row in batch])
+            if self.vmap:
+                try:
+                    values = torch.func.vmap(one, randomness="error")(batch)
+                    if _same(values[:1], one(batch[0])[None]):
+                        return values
+                except CaseTimeout:
+                    raise
+                except Exception:  # noqa: BLE001 - an op vmap cannot batch: one at a time
+                    pass
+            return torch.stack([one(row) for row in batch])
 
 
 def _measured_noise(
-    batched: Batched | InPlace | _Looped,
+    batched: Batched | InPlace | _Probes,
     moved: Mapping[str, torch.Tensor],
     targets: Mapping[str, torch.Tensor],
     scale: torch.Tensor,
@@ -925,86 +941,92 @@ def _estimates(
     (`truncation`, `rounding`) that the choice of step weighs, and `wide`: a step not small
     against the function's own scale.
 
-    The value is D(h/4) extrapolated twice (error O(h⁶)). Its rounding is ROUNDING_SIGMAS·σ
-    times the norm of its weights. Its truncation is predicted from the corrections: on a
-    function smooth at the step's scale the terms h², h⁴, h⁶ of the error series fall
-    geometrically, by r = (h/ρ)², which the ratio of the h⁴ correction to the h² one measures
-    (of the odd part and of the even part, the larger: one of them may vanish at a point); the
-    h⁶ term left is then about |t4|·r/15 + |t2|·r²/48."""
-    h = torch.as_tensor(h, dtype=torch.float64)
-    f0 = torch.as_tensor(f0, dtype=torch.float64)
-    q = _differences(f, f0, h)
-    value = q["value"]
-    sigma = torch.as_tensor(noise, dtype=torch.float64).clamp(min=0.0).expand_as(value)
-    sigma = torch.maximum(sigma, ROUNDING_FLOOR * torch.maximum(f.abs().amax(dim=0), f0.abs().expand_as(value)))
-    if theta is not None:
-        # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
-        # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f, this element's own share of the measured σ.
-        own = torch.finfo(torch.float64).eps * (theta.to(torch.float64).abs() * value.abs())
-        sigma = sigma + own.nan_to_num(0.0, posinf=math.inf)
+    The value is D(h/4) extrapolated twice (error O(h⁶)). Its rounding part is ROUNDING_SIGMAS·σ
+    times the norm of its weights. Its truncation part is predicted from the Taylor terms the
+    six values resolve (`_truncation`). Computed in numpy: a few dozen operations on short
+    vectors, called for every batch of elements and every direction."""
+    values = f.detach().to(torch.float64).cpu().numpy()
+    n = values.shape[1]
+    h_ = np.broadcast_to(np.asarray(torch.as_tensor(h, dtype=torch.float64).cpu().numpy(), dtype=np.float64), (n,))
+    f0_ = np.broadcast_to(np.asarray(torch.as_tensor(f0, dtype=torch.float64).cpu().numpy(), dtype=np.float64), (n,))
+    with np.errstate(all="ignore"):
+        q = _differences(values, f0_, h_)
+        value = q["value"]
+        sigma = np.broadcast_to(np.maximum(np.asarray(torch.as_tensor(noise, dtype=torch.float64).cpu().numpy()), 0.0), (n,))
+        sigma = np.maximum(sigma, ROUNDING_FLOOR * np.maximum(np.abs(values).max(axis=0), np.abs(f0_)))
+        if theta is not None:
+            # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
+            # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f, this element's own share of the measured σ.
+            own = EPS * np.abs(theta.detach().to(torch.float64).cpu().numpy()) * np.abs(value)
+            sigma = sigma + np.nan_to_num(own, nan=0.0, posinf=math.inf)
 
-    def noise_of(key: str, power: int = 1) -> torch.Tensor:
-        return sigma * WEIGHTS[key] / h**power
+        def noise_of(key: str, power: int = 1) -> np.ndarray:
+            return sigma * WEIGHTS[key] / h_**power
 
-    def resolved(key: str, power: int = 1) -> torch.Tensor:
-        return q[key].abs() > RESOLVED_SIGMAS * noise_of(key, power)
-
-    # The Taylor terms a_k = |f⁽ᵏ⁾|·h^(k−1)/k!, k = 1…6, in the derivative's units: the value,
-    # the curvature (q2), the corrections (t2, t4: odd part; s2, s4: even part); each with its
-    # rounding's size. A term counts when it stands RESOLVED_SIGMAS of its rounding clear.
-    terms = {1: ("value", 1, 1.0), 2: ("q2", 2, 2.0), 3: ("t2", 1, 0.75), 4: ("s2", 2, 1.5), 5: ("t4", 1, 15 / 64),
-             6: ("s4", 2, 15 / 32)}
-    tiny = torch.finfo(torch.float64).tiny
-    logs, clear = {}, {}
-    for k, (key, power, weight) in terms.items():
-        unit = h ** (power - 1) / weight
-        logs[k] = torch.log((q[key].abs() * unit).clamp(min=tiny))
-        clear[k] = q[key].abs() > RESOLVED_SIGMAS * noise_of(key, power)
-    # The terms of a function smooth at the step's scale fall geometrically, by x = h/ρ per
-    # order (ρ: its own scale, the distance to its nearest singularity), under an envelope that
-    # a term may dip below at a point (a complex pair of singularities makes them oscillate):
-    # the slope into a clear term is the least over the clear terms before it (the upper hull
-    # of log a_k), and the h⁶ term left in the value, |f⁽⁷⁾|·h⁶/7!/64, is the largest of the
-    # clear terms carried on at their slopes.
-    seventh = torch.zeros_like(value)
-    slope_seen = torch.full_like(value, -math.inf)
-    for high in range(3, 7):
-        slope = torch.full_like(value, math.inf)
-        for low in range(1, high):
-            step = (logs[high] - logs[low]) / (high - low)
-            slope = torch.where(clear[low], torch.minimum(slope, step), slope)
-        usable = clear[high] & torch.isfinite(slope)
-        seventh = torch.maximum(seventh, torch.where(usable, torch.exp(logs[high] + (7 - high) * slope), 0.0))
-        slope_seen = torch.where(usable, slope, slope_seen)
-    truncation = (TRUNCATION_SAFETY * seventh / 64).nan_to_num(math.inf)
-    rounding = ROUNDING_SIGMAS * noise_of("value")
-    error = truncation + rounding
-    error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
-    f_h, f_half, f_quarter, m_quarter, m_half, m_h = f
-    right = 2 * (f_quarter - f0) / (h / 4) - (f_half - f0) / (h / 2)
-    left = 2 * (f0 - m_quarter) / (h / 4) - (f0 - m_half) / (h / 2)
-    # On a kink the second differences' jump is the same at h and h/2; on a smooth function it
-    # falls 8× (as h³). Seen at the smaller one, clear of rounding and of the smooth share.
-    jump_h, jump_half = q["jump_h"].abs(), q["jump_half"].abs()
-    spread = torch.maximum(left.abs(), right.abs())
-    largest = float(spread.nan_to_num(0.0).max()) if spread.numel() else 0.0
-    floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, largest * 1e-3))
-    kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
-    # Bitwise equal values at two neighbouring stencil points, where the estimate says the
-    # function changes visibly over a quarter step: a staircase finer than the step (round(x, 3)
-    # at a step of 2e-4, a histogram). Its difference quotients count stairs, not a slope, and
-    # can agree across steps by chance; `settle` checks such a column at smaller steps.
-    # On a kink the derivative is the interval [left, right], not the value; no series there.
-    truncation = torch.where(kink, 0.0, truncation)
-    error = torch.where(kink, rounding, error)
-    flat = ((f_h == f_half) | (f_half == f_quarter) | (f_quarter == f0) | (f0 == m_quarter) | (m_quarter == m_half)
-            | (m_half == m_h)) & (value.abs() > 16 * rounding)
-    # Clear terms beyond the second falling by less than WIDE per order: the step is too wide.
-    wide = (slope_seen > math.log(WIDE)) & torch.isfinite(value)
-    return {
+        truncation, slope_seen = _truncation(q, h_, noise_of)
+        rounding = ROUNDING_SIGMAS * noise_of("value")
+        error = np.where(np.isfinite(value), truncation + rounding, math.inf)
+        f_h, f_half, f_quarter, m_quarter, m_half, m_h = values
+        right = 2 * (f_quarter - f0_) / (h_ / 4) - (f_half - f0_) / (h_ / 2)
+        left = 2 * (f0_ - m_quarter) / (h_ / 4) - (f0_ - m_half) / (h_ / 2)
+        # On a kink the second differences' jump is the same at h and h/2; on a smooth function
+        # it falls 8× (as h³). Seen at the smaller one, clear of rounding and of the smooth share.
+        jump_h, jump_half = np.abs(q["jump_h"]), np.abs(q["jump_half"])
+        spread = np.maximum(np.abs(left), np.abs(right))
+        largest = float(np.nan_to_num(spread, nan=0.0).max()) if n else 0.0
+        floor = KINK_RELATIVE * np.maximum(spread, largest * 1e-3)
+        kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
+        # On a kink the derivative is the interval [left, right], not the value; no series there.
+        truncation = np.where(kink, 0.0, truncation)
+        error = np.where(kink, rounding, error)
+        # Bitwise equal values at two neighbouring stencil points, where the estimate says the
+        # function changes visibly over a quarter step: a staircase finer than the step (round(x,
+        # 3) at a step of 2e-4, a histogram). Its difference quotients count stairs, not a slope,
+        # and can agree across steps by chance; `settle` checks such a column at smaller steps.
+        flat = ((f_h == f_half) | (f_half == f_quarter) | (f_quarter == f0_) | (f0_ == m_quarter)
+                | (m_quarter == m_half) | (m_half == m_h)) & (np.abs(value) > 16 * rounding)
+        # Clear terms beyond the second falling by less than WIDE per order: the step is too wide.
+        wide = (slope_seen > math.log(WIDE)) & np.isfinite(value)
+    out = {
         "value": value, "error": error, "left": left, "right": right, "kink": kink,
         "truncation": truncation, "rounding": rounding, "flat": flat, "wide": wide,
     }
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+# The Taylor terms a_k = |f⁽ᵏ⁾|·h^(k−1)/k!, k = 1…6, in the derivative's units: the quantity of
+# `_differences` each is read from, the power of h it is divided by, and its weight.
+TERMS = (("value", 1, 1.0), ("q2", 2, 2.0), ("t2", 1, 0.75), ("s2", 2, 1.5), ("t4", 1, 15 / 64), ("s4", 2, 15 / 32))
+
+
+def _truncation(
+    q: dict[str, np.ndarray], h: np.ndarray, noise_of: Callable[[str, int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """TRUNCATION_SAFETY times the h⁶ term left in the value, |f⁽⁷⁾|·h⁶/7!/64, predicted from
+    the terms a_k (`TERMS`: the value, the curvature, the corrections t2, t4 of the odd part and
+    s2, s4 of the even part), each counted where it stands RESOLVED_SIGMAS of its rounding
+    clear; and per column the rate at which the last clear term falls (log x).
+
+    The terms of a function smooth at the step's scale fall geometrically, by x = h/ρ per order
+    (ρ: its own scale, the distance to its nearest singularity), under an envelope that a term
+    may dip below at a point (a pair of complex singularities makes them oscillate): the rate
+    into a clear term is the least over the clear terms before it (the upper hull of log a_k),
+    and the h⁶ term is the largest of the clear terms carried on at their rates."""
+    tiny = np.finfo(np.float64).tiny
+    size = np.stack([np.abs(q[key]) * (h ** (power - 1) / weight) for key, power, weight in TERMS])
+    logs = np.log(np.maximum(size, tiny))  # (6, columns)
+    clear = np.stack([np.abs(q[key]) > RESOLVED_SIGMAS * noise_of(key, power) for key, power, _ in TERMS])
+    order = np.arange(1, 7, dtype=np.float64)
+    apart = order[:, None] - order[None, :]  # high − low
+    slopes = (logs[:, None] - logs[None, :]) / np.maximum(apart, 1)[:, :, None]
+    below = (apart > 0)[:, :, None] & clear[None, :, :]
+    slope = np.where(below, slopes, math.inf).min(axis=1)  # (6, columns), per high term
+    usable = clear & np.isfinite(slope) & (order >= 3)[:, None]
+    carried = np.where(usable, np.exp(logs + (7 - order)[:, None] * np.where(usable, slope, 0.0)), 0.0)
+    seventh = carried.max(axis=0)
+    last = np.where(usable, order[:, None], 0.0).argmax(axis=0)
+    slope_seen = np.where(usable.any(axis=0), np.take_along_axis(slope, last[None], axis=0)[0], -math.inf)
+    return np.nan_to_num(TRUNCATION_SAFETY * seventh / 64, nan=math.inf), slope_seen
 
 
 def settle(
