@@ -106,6 +106,8 @@ DIRECTIONS = 2
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
 REFINE_STEPS = (1.0, 8.0, 0.125)
+# A direction's step multipliers: its O(h⁶) estimate at the elements' own steps and 8× below.
+DIRECTION_STEPS = (1.0, 0.125)
 # A step wider than the function's features looks like a kink (the one-sided derivatives
 # part) or gives an estimate a smaller step disagrees with: such elements are estimated again at
 # steps SHRINK times smaller, at most SHRINKS times (32⁻⁸ = 2⁻⁴⁰: from 2⁻⁶·|θ| at a Unix
@@ -230,14 +232,21 @@ class Reference:
     gradients: Gradients
 
     def refine(self, elements: Mapping[str, torch.Tensor]) -> Reference:
-        """A new Reference with the flat `elements` of each name estimated (at their best step)."""
+        """A new Reference with the flat `elements` of each name estimated at their best step;
+        those whose bar is still loose (LOOSE_BARS of it above LOOSE_RELATIVE·|value|: the forward
+        keeps few digits there) again, as precisely as the forward allows (`estimate`'s `alone`)."""
         wanted = {name: index for name, index in elements.items() if index.numel()}
         if not wanted:
             return self
         merged = self.gradients.copy()
         for name, index in wanted.items():
-            estimate = self.differences.estimate([name], {name: index}, steps=REFINE_STEPS, alone=True)
+            estimate = self.differences.estimate([name], {name: index}, steps=REFINE_STEPS)
             _store(merged, estimate, self.differences.targets, mask={name: index})
+            mine = estimate[name]
+            loose = index[(LOOSE_BARS * mine["error"] > LOOSE_RELATIVE * mine["value"].abs()) & ~mine["kink"]]
+            if loose.numel():
+                precise = self.differences.estimate([name], {name: loose}, steps=REFINE_STEPS, alone=True)
+                _store(merged, precise, self.differences.targets, mask={name: loose})
         return Reference(self.differences, merged)
 
     def locate(self, name: str, direction: Direction, agrees: Callable[[Direction], bool]) -> torch.Tensor:
@@ -462,10 +471,10 @@ class FiniteDifferences:
         signs = torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1
         return signs * steps_for(self.scales[name].reshape(shape).to(torch.float64))
 
-    def along(self, name: str, vectors: Sequence[torch.Tensor], steps: Sequence[float] = REFINE_STEPS) -> list[Direction]:
+    def along(self, name: str, vectors: Sequence[torch.Tensor], steps: Sequence[float] = DIRECTION_STEPS) -> list[Direction]:
         """The loss's derivative along each vector (in the units of the vector), by two rounds
         of Richardson extrapolation over three steps (error O(h⁶); the error bar as for an
-        element, `_estimates`), at the step multiplier of `steps` (1, 8, ⅛)
+        element, `_estimates`), at the step multiplier of `steps` (1, ⅛)
         whose error bar is smallest off a kink. One direction costs 6 forward passes a step
         multiplier: cheap next to the precision it buys, which is what a single wrong element
         among millions needs."""
@@ -536,7 +545,7 @@ def along(
     referee's directional derivative, with the step chosen as reverse mode chooses it.
 
     The output's own rounding is measured per element (`_measured_noise`'s lines through the
-    point); the estimate is taken at the step multipliers REFINE_STEPS (a direction's elements
+    point); the estimate is taken at the step multipliers DIRECTION_STEPS (a direction's elements
     moved by m·direction) and the one with the smallest bar off a kink kept, then settled
     (`settle`): smaller steps where the function's features are finer than the step, where the
     bar is mostly truncation, or where an element of the direction is larger than VALIDATE_FROM."""
@@ -568,8 +577,8 @@ def along(
         return {k: v[columns] for k, v in out.items()}
 
     every = torch.arange(f0.numel())
-    best = at(torch.full_like(f0, REFINE_STEPS[0]), every)
-    for multiplier in REFINE_STEPS[1:]:
+    best = at(torch.full_like(f0, DIRECTION_STEPS[0]), every)
+    for multiplier in DIRECTION_STEPS[1:]:
         best = _better(best, at(torch.full_like(f0, multiplier), every))
     largest = float(theta.max()) if theta.numel() else 0.0
     validate = torch.full(f0.shape, largest > VALIDATE_FROM, dtype=torch.bool) | best["flat"]
