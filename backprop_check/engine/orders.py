@@ -110,32 +110,6 @@ class Derivative(Case):
     def cotangent_names(self) -> tuple[str, ...]:
         return tuple(self.directions.values())
 
-    def hints(self, outcome: Any, found: list[str]) -> list[str]:
-        """A double backward that is zero where finite differences are not is the classic
-        detached backward, right to first order and wrong from the second: said instead of the
-        general "nothing flows back"."""
-        wrong = [
-            c for c in outcome.checks
-            if c.verdict == Verdict.MISMATCH and c.culprit == Culprit.AUTOGRAD and c.kind == CheckKind.PARAM
-        ]
-        autograd = outcome.gradients.get("autograd")
-        if not wrong or autograd is None:
-            return found
-        below = f"order {self.level - 1}"
-        if all(float(autograd.values[c.name].abs().max()) == 0.0 for c in wrong):
-            return [
-                f"autograd's derivative of the {below} gradient is exactly zero here, finite differences are not: the "
-                "backward does not record a graph of its own (a saved tensor .detach()ed, torch.no_grad() or "
-                "numpy inside backward, or @once_differentiable), which is invisible to first order",
-                *(hint for hint in found if NOTHING_FLOWS not in hint),
-            ]
-        return [
-            f"where the check of {below} agrees, the backward is right but is differentiated wrongly: typically a "
-            "saved tensor used .detach()ed, or a term computed outside autograd, inside backward, so double backward "
-            "misses that term",
-            *found,
-        ]
-
     def problem(self) -> str | None:
         return self.base.problem() or super().problem()
 
@@ -222,3 +196,32 @@ class _Direction:
     def __call__(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(self.shape, generator=gen, dtype=torch.float64)
 
+
+def hints_for(case: Case, outcome: Any, found: list[str]) -> list[str]:
+    """The hints of a mismatch at `outcome` for `case`, given those the patterns `found`: a
+    derivative (order ≥ 2) knows better. A double backward that is zero where finite differences
+    are not is the classic detached backward, right to first order and wrong from the second:
+    said instead of the general "nothing flows back"."""
+    if not isinstance(case, Derivative):
+        return found
+    wrong = [
+        c for c in outcome.checks
+        if c.verdict == Verdict.MISMATCH and c.culprit == Culprit.AUTOGRAD and c.kind == CheckKind.PARAM
+    ]
+    autograd = outcome.gradients.get("autograd")
+    if not wrong or autograd is None:
+        return found
+    below = f"order {case.level - 1}"
+    if all(float(autograd.values[c.name].abs().max()) == 0.0 for c in wrong):
+        return [
+            f"autograd's derivative of the {below} gradient is exactly zero here, finite differences are not: the "
+            "backward does not record a graph of its own (a saved tensor .detach()ed, torch.no_grad() or "
+            "numpy inside backward, or @once_differentiable), which is invisible to first order",
+            *(hint for hint in found if NOTHING_FLOWS not in hint),
+        ]
+    return [
+        f"where the check of {below} agrees, the backward is right but is differentiated wrongly: typically a "
+        "saved tensor used .detach()ed, or a term computed outside autograd, inside backward, so double backward "
+        "misses that term",
+        *found,
+    ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import traceback
 
+from backprop_check.engine.orders import hints_for as derivative_hints
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result, Verdict
 from backprop_check.errors import CaseError, CaseTimeout
@@ -74,7 +75,7 @@ def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tole
     result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
     if verdict == MISMATCH:
         code = code_of(case.manual_fn) if culprit == Culprit.MANUAL else ""
-        result.hints = case.hints(shown, _said_of(case, hints_for(shown, outcomes, code)))
+        result.hints = derivative_hints(case, shown, _said_of(case, hints_for(shown, outcomes, code)))
     result.message = describe(result, shown, len(failing), len(outcomes), tolerance, case.what)
     return result
 

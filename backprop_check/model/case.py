@@ -74,12 +74,6 @@ class Case:
         case is checked as it is."""
         return self
 
-    def hints(self, outcome: Any, found: list[str]) -> list[str]:
-        """The hints for a mismatch at `outcome`, given those the patterns `found`: a kind of
-        case that knows better says so (the derivative of order 2 knows the detached
-        backward); a plain case keeps them."""
-        return found
-
     def close(self) -> None:
         """Release what checking this case held once it is checked (a distributed check's
         ranks); most cases hold nothing."""
