@@ -2,8 +2,8 @@
 
 For a direction u over the differentiated inputs, forward-mode AD (`torch.autograd.forward_ad`,
 which runs a custom Function's `jvp`) gives J·u for every output in one pass; float64 finite
-differences of the outputs along u give it too, with an error bar per output element (two
-rounds of Richardson at the best of three steps, as the directions of reverse mode). Small
+differences of the outputs along u give it too, with an error bar per output element
+(`numerical.along`: the step chosen as for the directions of reverse mode). Small
 inputs (at most `ELEMENTWISE` elements in all) are checked along every basis direction, which
 names the input element (∂output[i]/∂x[j]); larger ones along `DIRECTIONS` random directions,
 and a direction that disagrees is bisected down to the input elements behind it.
@@ -35,7 +35,8 @@ from backprop_check.model.points import Point, derive_seed, generator, random_po
 from backprop_check.model.case import Case
 from backprop_check.options import Plan
 from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict, complex_label
-from backprop_check.sources.numerical import LINE_OFFSETS, REFINE_STEPS, _better, _line_estimates, steps_for
+from backprop_check.sources import numerical
+from backprop_check.sources.numerical import steps_for
 
 ELEMENTWISE = 30  # inputs with at most this many elements in all: every basis direction
 DIRECTIONS = 4  # random directions otherwise
@@ -125,7 +126,7 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
 
 def _tangents(point: Point, seed: int) -> list[Tangent]:
     """Every basis direction for small inputs, else random-sign directions, the elements'
-    steps (a power of two near 1e-4·max(1, |θ|)) as their lengths."""
+    steps (a power of two near RELATIVE_STEP·max(1, |θ|)) as their lengths."""
     steps = {k: steps_for(v.reshape(-1)) for k, v in point.params.items()}
     total = sum(s.numel() for s in steps.values())
     if total <= ELEMENTWISE:
@@ -208,21 +209,20 @@ class _Judge:
         return found
 
     def along(self, tangent: Tangent) -> list[dict[str, torch.Tensor]]:
-        """Per output, the float64 derivative along `tangent` (in its units), with error bars."""
-        best: list[dict[str, torch.Tensor]] | None = None
-        for multiplier in REFINE_STEPS:
-            rows = []
-            with torch.no_grad():
-                for t in LINE_OFFSETS:
-                    moved = {k: v + t * multiplier * tangent.vectors[k] for k, v in self.exact.params.items()}
-                    outputs = _outputs(self.case, replace(self.exact, params=moved))
-                    rows.append([o.detach().reshape(-1).to(torch.float64) for o in outputs])
-            estimates = [
-                _line_estimates(torch.stack([row[k] for row in rows]), multiplier, self.f0[k]) for k in range(len(self.f0))
-            ]
-            best = estimates if best is None else [_better(b, e) for b, e in zip(best, estimates)]
-        assert best is not None
-        return best
+        """Per output, the float64 derivative along `tangent` (in its units), with error bars:
+        the referee's own directional derivative (`numerical.along`, its step chosen as in
+        reverse mode)."""
+
+        def outputs(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([o.reshape(-1).to(torch.float64) for o in _outputs(self.case, replace(self.exact, params=params))])
+
+        estimate = numerical.along(outputs, self.exact.params, tangent.vectors)
+        found, start = [], 0
+        for f0 in self.f0:
+            part = slice(start, start + f0.numel())
+            found.append({k: getattr(estimate, k)[part] for k in ("value", "error", "left", "right", "kink")})
+            start = part.stop
+        return found
 
     def _judged(
         self, k: int, tangent: Tangent, fwd: torch.Tensor, twin: torch.Tensor, est: dict[str, torch.Tensor],

@@ -1,21 +1,25 @@
 """The numerical source: central differences of the forward pass in float64, the referee
 between the manual and the autograd gradient.
 
-Per element θ the forward pass is evaluated at θ ± h and θ ± h/2 (h a power of two, so every
-step is exact in float64; first near 1e-4·max(1, |θ|), then chosen from the function: `settle`):
+Per element θ the forward pass is evaluated at θ ± h, θ ± h/2 and θ ± h/4 (h a power of two, so
+every point is exact in float64; first near RELATIVE_STEP·max(1, |θ|), then chosen from the
+function: `settle`):
 
-- Richardson extrapolation of the two central differences, R = (4·D(h/2) − D(h))/3, cancels
-  the h² error term: what is left is O(h⁴) plus rounding.
-- The error bar is |D(h) − D(h/2)|/3 (the error of D(h/2), which bounds R's) plus the rounding
-  of the forward pass amplified by the steps (3·ε_f/h for the four values R combines), ε_f
-  measured at the point (`_measured_noise`), not assumed from |loss|.
-- The step follows the function (`settle`): where the first step was set by |θ| (|θ| > 4) or
-  the element looks like a kink, it is estimated again at steps 32× smaller until two steps
-  agree within their bars, or the same kink holds at three steps down to 2⁻¹³: a step wider
-  than the function's features is taken neither for the derivative nor for a kink.
-- One-sided differences give the left and right derivatives. On a smooth function the second
-  differences scale with h (J(h) = 2·J(h/2)); at a kink they do not (J(h) ≈ J(h/2) = the jump).
-  An element whose |J(h) − 2·J(h/2)| stands clear of rounding is on (or within a step of) a
+- Two rounds of Richardson extrapolation of the three central differences cancel the h² and h⁴
+  error terms: what is left is O(h⁶) plus rounding (`_estimates`).
+- The error bar is a bound: ROUNDING_SIGMAS times the rounding the estimate carries (the
+  forward's σ, measured at the point by `_measured_noise`, times the norm of the estimate's
+  weights), plus the truncation predicted from the Taylor terms the six values resolve (their
+  upper envelope carried on to the h⁶ term, times TRUNCATION_SAFETY).
+- The step follows the function (`settle`): where the truncation outweighs the rounding, the
+  step shrinks to the one that balances them; where the first step was set by |θ| (|θ| > 4),
+  the terms say the step is wide, or the element looks like a kink, it is estimated again at
+  steps 32× smaller until two steps agree within their bars, or the same kink holds at three
+  steps down to KINK_STEP: a step wider than the function's features is taken neither for the
+  derivative nor for a kink.
+- One-sided differences give the left and right derivatives. On a smooth function the jump of
+  the second differences falls as h³ (8× from h to h/2); at a kink it does not. An element
+  whose jump at h/2 stands clear of rounding and has not fallen is on (or within a step of) a
   kink: the comparison then accepts any value between the left and right derivatives.
 
 Perturbations are evaluated in batches with `torch.func.vmap`, in chunks that bound memory; a
@@ -31,9 +35,10 @@ more through one entry, `reference()`, which returns a `Reference`:
 - a tensor whose elementwise estimate costs more forward passes than its sampled check
   (`sampled()`) gets SAMPLES random elements and DIRECTIONS random directional derivatives
   (the derivative along d = v∘h for random signs v, which weighs every element);
-- `refine(elements)` returns a new Reference with more elements estimated, each at the step
-  (of three) whose error bar is smallest: where a verdict hangs on a few elements, they get
-  the most precise estimate there is;
+- `refine(elements)` returns a new Reference with more elements estimated as precisely as the
+  forward allows (their own rounding, the step that balances it with truncation, AVERAGED
+  estimates averaged): where a verdict hangs on a few elements, they get the most precise
+  estimate there is;
 - `locate(name, direction, agrees)` finds the elements behind a disagreeing direction by
   bisection: the two halves of the direction are estimated, the halves that disagree are split
   again. One wrong element of n is found with about 2·log2(n) directional derivatives.
@@ -44,6 +49,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from backprop_check.model.case import Case
@@ -54,23 +60,41 @@ from backprop_check.sources import Direction, Gradients
 from backprop_check.sources.replay import Program, Unreplayable
 from backprop_check.sources.inplace import InPlace
 
-RELATIVE_STEP = 1e-4
-# Rounding of one float64 forward pass, relative to |loss|: summing n terms costs up to ~√n eps.
-FORWARD_ROUNDING_ULPS = 64
-FORWARD_ROUNDING = FORWARD_ROUNDING_ULPS * torch.finfo(torch.float64).eps
-# The forward's own rounding, measured: the loss at NOISE_PROBES points NOISE_ULPS ulps away
-# from the point (random signs); NOISE_MARGIN times the largest move is noise in any value.
-NOISE_PROBES = 4
-NOISE_ULPS = 4.0
-NOISE_MARGIN = 2.0
+# The first step: a power of two near RELATIVE_STEP·max(1, |θ|). The estimate is O(h⁶) (six
+# values per element, two rounds of Richardson extrapolation), so its truncation is far below
+# rounding at this step for a function that varies on a scale of 1 or more; one that varies
+# faster shows it (`_estimates`: the corrections decrease too slowly) and gets a smaller step.
+RELATIVE_STEP = 2.0**-6
+# The forward's own rounding, measured (`_measured_noise`): the loss along NOISE_LINES lines
+# through the point at NOISE_POINTS points NOISE_ULPS ulps of every input apart; the
+# NOISE_ORDER-th differences there are rounding alone. Never below ROUNDING_FLOOR·|loss|: the
+# final rounding of a float64 value alone has a standard deviation of ulp/√12 ≥ eps/√48.
+NOISE_LINES = 4
+NOISE_POINTS = 9
+NOISE_ORDER = 4
+NOISE_ULPS = 1024.0
 NOISE_SEED = 28
-KINK_NOISE_FACTOR = 100.0
+EPS = float(torch.finfo(torch.float64).eps)
+ROUNDING_FLOOR = EPS / math.sqrt(48)
+# An error bar is ROUNDING_SIGMAS standard deviations of the rounding the estimate carries (the
+# measured σ times the norm of its weights over the six values) plus TRUNCATION_SAFETY times the
+# truncation the decrease of its corrections predicts. Both set on the accuracy sweep of
+# benchmarks/referee.py (3,600 elements): the largest error seen there is 3.4 σ.
+ROUNDING_SIGMAS = 6.0
+TRUNCATION_SAFETY = 4.0
+# A correction is resolved when it stands RESOLVED_SIGMAS of its own rounding clear; corrections
+# that fall by less than WIDE per order (the terms h², h⁴, h⁶ of the error series shrinking by
+# less than 4× each) say the step is not small against the function's own scale.
+RESOLVED_SIGMAS = 4.0
+WIDE = 0.5
+# A jump in the one-sided derivatives is a kink when it stands KINK_SIGMAS of its rounding clear.
+KINK_SIGMAS = 20.0
 KINK_RELATIVE = 1e-7
 MAX_BATCH = 512
 MAX_BATCH_ELEMENTS = 1 << 23
 # The rows of one batch of elementwise perturbations (float64): bounded, whatever the size.
 CHUNK_BYTES = 1 << 26
-OFFSETS = (1.0, 0.5, -0.5, -1.0)
+OFFSETS = (1.0, 0.5, 0.25, -0.25, -0.5, -1.0)
 SAMPLES = 24
 # The replay of the recorded forward (incremental.py) costs a recording and a few plain forward
 # passes before it pays: fewer elements than this are left to vmap of the whole forward. So is a
@@ -82,25 +106,28 @@ DIRECTIONS = 2
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
 REFINE_STEPS = (1.0, 8.0, 0.125)
+# A direction's step multipliers: its O(h⁶) estimate at the elements' own steps and 8× below.
+DIRECTION_STEPS = (1.0, 0.125)
 # A step wider than the function's features looks like a kink (the one-sided derivatives
 # part) or gives an estimate a smaller step disagrees with: such elements are estimated again at
-# steps SHRINK times smaller, at most SHRINKS times (32⁻⁸ = 2⁻⁴⁰: from 1e-4·|θ| at a Unix
+# steps SHRINK times smaller, at most SHRINKS times (32⁻⁸ = 2⁻⁴⁰: from 2⁻⁶·|θ| at a Unix
 # timestamp down to a spread of 1e-3), never below STEP_FLOOR_ULPS ulps of θ.
 SHRINK = 1.0 / 32
-# Elements beyond this size have a step set by their value (1e-4·|θ|): always checked once at
-# a smaller step. Below it the step is 1e-4 whatever θ, and only kinks cost more.
+# Elements beyond this size have a step set by their value (RELATIVE_STEP·|θ|): always checked
+# once at a smaller step. Below it the step is RELATIVE_STEP whatever θ, and only kinks, wide
+# steps and bars that are mostly truncation cost more.
 VALIDATE_FROM = 4.0
 SHRINKS = 8
 STEP_FLOOR_ULPS = 256.0
-# While settling, a bar whose truncation part is this many times its rounding part is worth a
-# smaller step (truncation falls 1024× when rounding grows 32×).
-TRUNCATION_RATIO = 32.0
 # A kink whose one-sided derivatives moved less than this fraction of its jump when the step
 # shrank 32× is a real kink (a smooth feature wider than the step moves them as the step does).
 KINK_STABLE = 0.1
 KINK_STEPS = 3
-KINK_STEP = 2.0**-13  # the first step of an element of size ≤ 1
+KINK_STEP = 2.0**-23  # a kink is confirmed at a step this small (three steps below 1e-4)
 KINK_ULPS = 2.0**16
+# The few elements a verdict hangs on (`Reference.refine`) are estimated this many times over at
+# nearby steps and averaged: the bar's rounding part falls as √(AVERAGED/4).
+AVERAGED = 32
 # Bisection stops at groups this small (checked element by element) or this many groups.
 LEAF = 8
 MAX_GROUPS = 8
@@ -193,7 +220,7 @@ def held_fixed(targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def is_sampled(size: int) -> bool:
     """Whether a tensor of `size` elements is checked by samples and directions: when that
-    costs fewer forward passes than estimating every element (4 each)."""
+    costs fewer forward passes than estimating every element."""
     return size > SAMPLES + DIRECTIONS * len(REFINE_STEPS)
 
 
@@ -205,7 +232,9 @@ class Reference:
     gradients: Gradients
 
     def refine(self, elements: Mapping[str, torch.Tensor]) -> Reference:
-        """A new Reference with the flat `elements` of each name estimated (at their best step)."""
+        """A new Reference with the flat `elements` of each name estimated at their best step;
+        those whose bar is still loose (LOOSE_BARS of it above LOOSE_RELATIVE·|value|: the forward
+        keeps few digits there) again, as precisely as the forward allows (`estimate`'s `alone`)."""
         wanted = {name: index for name, index in elements.items() if index.numel()}
         if not wanted:
             return self
@@ -213,6 +242,11 @@ class Reference:
         for name, index in wanted.items():
             estimate = self.differences.estimate([name], {name: index}, steps=REFINE_STEPS)
             _store(merged, estimate, self.differences.targets, mask={name: index})
+            mine = estimate[name]
+            loose = index[(LOOSE_BARS * mine["error"] > LOOSE_RELATIVE * mine["value"].abs()) & ~mine["kink"]]
+            if loose.numel():
+                precise = self.differences.estimate([name], {name: loose}, steps=REFINE_STEPS, alone=True)
+                _store(merged, precise, self.differences.targets, mask={name: loose})
         return Reference(self.differences, merged)
 
     def locate(self, name: str, direction: Direction, agrees: Callable[[Direction], bool]) -> torch.Tensor:
@@ -259,19 +293,34 @@ class FiniteDifferences:
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
+        # The rounding probes: not through `batched`, which decides alone how perturbations run.
+        self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
         if not case.numpy and not case.batchable:  # it knows vmap cannot batch it (orders.py)
             self.batched.vmap_works = False
-        self.noise = 0.0 if case.numpy else _measured_noise(loss, self.targets, self.scales, float(loss0))
+        self._noise: tuple[float, bool] | None = None
+
+    @property
+    def noise(self) -> tuple[float, bool]:
+        """The forward's rounding σ when every input moves (`_measured_noise`, once), and whether
+        the loss did not move at all: a staircase wider than those moves. Every input, not one
+        tensor: the rounding of x − mean at x ≈ 1e6 is a bias in ∂loss/∂w that moving w alone
+        cannot show, and its size is the loss's noise when x moves."""
+        if self._noise is None:
+            self._noise = _measured_noise(self._plain, self.targets, self.targets, Flat(self.targets).join(self.scales), float(self.loss0))
+        return self._noise
 
     def estimate(
         self,
         names: Sequence[str],
         index: Mapping[str, torch.Tensor] | None = None,
         steps: Sequence[float] = (1.0,),
+        alone: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Per name, the estimates (value, error, left, right, kink) at the flat elements `index`
         (every element without one), fused into shared batches. With several step multipliers,
-        each element keeps the estimate with the smallest error bar off a kink."""
+        each element keeps the estimate with the smallest error bar off a kink. With `alone`,
+        each element's bar is built from the rounding the loss shows when that element alone
+        moves (`_own_noise`), not every input: the few elements a verdict hangs on."""
         whole = Flat({n: self.targets[n] for n in names})
         scale = whole.join(self.scales)
         if index is None:
@@ -280,10 +329,13 @@ class FiniteDifferences:
             chosen = torch.cat([index[n].to(torch.int64) + whole.slices[n].start for n in names])
         best: dict[str, torch.Tensor] | None = None
         found: list[dict[str, torch.Tensor]] = []
+        sigma, still = self.noise
+        if alone:
+            sigma = self._own_noise(whole, chosen, scale)
         for multiplier in steps:
             h = steps_for(scale) * multiplier
             f = evaluate(self.batched, self.targets, whole, h, chosen)
-            estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], self.noise)
+            estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], sigma)
             estimate["step"] = h[chosen]
             found.append(estimate)
             best = estimate if best is None else _better(best, estimate)
@@ -294,7 +346,18 @@ class FiniteDifferences:
         for a, b in zip(found, found[1:]):
             apart = (a["value"] - b["value"]).abs() > a["error"] + b["error"]
             best["flat"] = best["flat"] | (apart & ~a["kink"] & ~b["kink"])
-        best = self._settled(whole, scale, chosen, best)
+        # The loss did not move when this tensor moved by NOISE_ULPS ulps: a staircase whose
+        # stairs may be finer than the step; a slope seen at the step is checked at smaller ones.
+        best["flat"] = best["flat"] | (still & (best["value"].abs() > 16 * best["rounding"]))
+        best = self._settled(whole, scale, chosen, best, sigma)
+        if alone:
+            best = self._widened(whole, scale, chosen, best, sigma)
+            # Rounding that does not change as the element moves (x − mean at x ≈ 1e6, seen from
+            # a weight that multiplies it) is a bias in its slope that its own noise cannot show:
+            # at most the loss's rounding when everything moves, over the element's size.
+            size = torch.maximum(scale[chosen].abs(), scale.abs().square().mean().sqrt()).clamp(min=torch.finfo(torch.float64).tiny)
+            bias = ROUNDING_SIGMAS * self.noise[0] / size
+            best["error"] = best["error"] + torch.where(best["kink"], 0.0, bias)
         best.pop("step")
         out: dict[str, dict[str, torch.Tensor]] = {}
         offset = 0
@@ -305,11 +368,11 @@ class FiniteDifferences:
         return out
 
     def _settled(
-        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor]
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float | torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """`settle` the elementwise estimates: each round re-estimates the unsettled elements
-        at a step SHRINK times smaller (4 forward passes each), never below STEP_FLOOR_ULPS
-        ulps of θ. Elements whose step is 1e-4·|θ| with |θ| > VALIDATE_FROM (a step set by the
+        at a smaller step (6 forward passes each), never below STEP_FLOOR_ULPS
+        ulps of θ. Elements whose step is RELATIVE_STEP·|θ| with |θ| > VALIDATE_FROM (a step set by the
         value, not by the function), and those where the function is flat between two stencil
         points (a staircase), are always checked once at a smaller step."""
         theta = scale[chosen]
@@ -318,12 +381,89 @@ class FiniteDifferences:
             full = torch.ones(whole.size, dtype=torch.float64)
             full[chosen[where]] = h
             f = evaluate(self.batched, self.targets, whole, full, chosen[where])
-            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], self.noise)
+            own = sigma[where] if isinstance(sigma, torch.Tensor) else sigma
+            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], own)
 
-        # Where θ is large, its own rounding hides a kink at steps near 1e-4: the step must
+        # Where θ is large, its own rounding hides a kink at small steps: the step must
         # still be KINK_ULPS ulps of θ.
         small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
         return settle(best, at, _step_floor(theta), (theta.abs() > VALIDATE_FROM) | best["flat"], small)
+
+    def _widened(
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """A settled estimate whose bar is mostly rounding is taken again at a wider step, the
+        one that balances the two (`settle` moves by 32× and may have passed it), and kept where
+        it agrees with the settled one within both bars, off a kink, with a smaller bar."""
+        grow = torch.exp2(torch.floor(torch.log2((best["rounding"] / (64 * best["truncation"]).clamp(min=1e-300)) ** (1 / 7))))
+        grow = grow.nan_to_num(1.0).clamp(max=1 / SHRINK / 2)
+        where = ((grow >= 2) & ~best["kink"] & torch.isfinite(best["value"])).nonzero().reshape(-1)
+        if not where.numel():
+            return best
+        h = best["step"][where] * grow[where]
+        full = torch.ones(whole.size, dtype=torch.float64)
+        full[chosen[where]] = h
+        f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+        other = _estimates(f[:, chosen[where]], h, float(self.loss0), scale[chosen][where], sigma[where])
+        other["step"] = h
+        was = {k: v[where] for k, v in best.items()}
+        take = (
+            ~other["kink"] & ~other["wide"] & (other["error"] < was["error"])
+            & ((other["value"] - was["value"]).abs() <= other["error"] + was["error"])
+        )
+        for key in best:
+            best[key][where] = torch.where(take, other[key], was[key])
+        return self._averaged(whole, scale, chosen, best, sigma)
+
+    def _averaged(
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Where rounding dominates a bar, AVERAGED estimates at steps a little smaller than the
+        chosen one (h·(1 − j/64): a new rounding each, the same function) are averaged, and
+        the rounding part of the bar falls as √(AVERAGED/4) (a quarter of the draws counted:
+        their roundings need not be independent); the truncation part stays that of the widest."""
+        where = (~best["kink"] & torch.isfinite(best["value"]) & (best["rounding"] > best["truncation"])).nonzero().reshape(-1)
+        if not where.numel():
+            return best
+        h = best["step"][where]
+        values = [best["value"][where]]
+        for j in range(1, AVERAGED):
+            full = torch.ones(whole.size, dtype=torch.float64)
+            full[chosen[where]] = h * (1 - j / 64)
+            f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+            values.append(_estimates(f[:, chosen[where]], h * (1 - j / 64), float(self.loss0), scale[chosen][where], sigma[where])["value"])
+        value = torch.stack(values).mean(dim=0)
+        rounding = best["rounding"][where] / (1 - (AVERAGED - 1) / 64) / math.sqrt(AVERAGED / 4)
+        best["value"][where] = value
+        best["rounding"][where] = rounding
+        best["error"][where] = best["truncation"][where] + rounding
+        return best
+
+    def _own_noise(self, whole: Flat, chosen: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Per chosen element, the σ of the loss's rounding when that element alone moves
+        (`_measured_noise` along its own axis, 2·NOISE_POINTS − 1 points); every input's σ
+        where the probes cannot run."""
+        sigma, _ = self.noise
+        count = 2 * NOISE_POINTS - 1
+        base = whole.join(self.targets)
+        offsets = torch.arange(1, count + 1, dtype=torch.float64) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+        rows = base.repeat(count * chosen.numel(), 1)
+        line = torch.arange(rows.shape[0])
+        which = chosen.repeat_interleave(count)
+        rows[line, which] = base[which] + offsets.repeat(chosen.numel()) * scale[which].abs()
+        try:
+            values = self.batched(self.targets, whole, rows).to(torch.float64).reshape(chosen.numel(), count)
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
+            return torch.full((chosen.numel(),), sigma, dtype=torch.float64)
+        differences = torch.cat([torch.full((chosen.numel(), 1), float(self.loss0), dtype=torch.float64), values], dim=1)
+        for _ in range(NOISE_ORDER):
+            differences = differences[:, 1:] - differences[:, :-1]
+        squares = (differences**2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)).nan_to_num(math.inf, posinf=math.inf)
+        own = squares.mean(dim=1).sqrt().clamp(min=ROUNDING_FLOOR * abs(float(self.loss0)))
+        # A probe that saw nothing finite, or an element of size 0 (no ulps to move by): every input's.
+        return torch.where(torch.isfinite(own) & (scale[chosen] != 0), own, torch.full_like(own, sigma))
 
     def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
         """d = v∘h: random signs v, the elementwise steps h."""
@@ -331,10 +471,10 @@ class FiniteDifferences:
         signs = torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1
         return signs * steps_for(self.scales[name].reshape(shape).to(torch.float64))
 
-    def along(self, name: str, vectors: Sequence[torch.Tensor], steps: Sequence[float] = REFINE_STEPS) -> list[Direction]:
+    def along(self, name: str, vectors: Sequence[torch.Tensor], steps: Sequence[float] = DIRECTION_STEPS) -> list[Direction]:
         """The loss's derivative along each vector (in the units of the vector), by two rounds
-        of Richardson extrapolation over three steps (error O(h⁶); the error bar is the
-        last round's correction plus rounding), at the step multiplier of `steps` (1, 8, ⅛)
+        of Richardson extrapolation over three steps (error O(h⁶); the error bar as for an
+        element, `_estimates`), at the step multiplier of `steps` (1, ⅛)
         whose error bar is smallest off a kink. One direction costs 6 forward passes a step
         multiplier: cheap next to the precision it buys, which is what a single wrong element
         among millions needs."""
@@ -350,7 +490,7 @@ class FiniteDifferences:
         def at(multiplier: float, chosen: list[int]) -> dict[str, torch.Tensor]:
             # Along s ↦ loss(base + s·v) at s = ±m, ±m/2, ±m/4: the derivative in units of v.
             f = _along(self.batched, self.targets, one, base, [vectors[i].reshape(-1) * multiplier for i in chosen])
-            estimate = _line_estimates(f, multiplier, float(self.loss0), noise=self.noise)
+            estimate = _line_estimates(f, multiplier, float(self.loss0), noise=self.noise[0])
             estimate["step"] = torch.full((len(chosen),), multiplier, dtype=torch.float64)
             return estimate
 
@@ -361,9 +501,9 @@ class FiniteDifferences:
         best = at(steps[0], everyone)
         for multiplier in steps[1:]:
             best = _better(best, at(multiplier, everyone))
-        # A multiplier m moves element i by m·h_i, h_i ≈ 1e-4·max(1, |θ_i|).
+        # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
         small = torch.tensor(
-            [1.0 / max(1.0, float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 1.0) for v in vectors],
+            [_kink_multiplier(theta[v.reshape(-1) != 0]) for v in vectors],
             dtype=torch.float64,
         )
         best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate, small)
@@ -381,7 +521,104 @@ class FiniteDifferences:
         ]
 
 
-LINE_OFFSETS = (1.0, 0.5, 0.25, -0.25, -0.5, -1.0)
+LINE_OFFSETS = OFFSETS
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Derivatives by finite differences, one per output element: `value` ± `error` (a bar that
+    bounds the true error), and on a kink the one-sided derivatives `left` and `right`."""
+
+    value: torch.Tensor
+    error: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    kink: torch.Tensor
+
+
+def along(
+    fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    point: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor],
+) -> Estimate:
+    """d/ds fn(point + s·direction) at s = 0 for every element of fn's (flattened) output: the
+    referee's directional derivative, with the step chosen as reverse mode chooses it.
+
+    The output's own rounding is measured per element (`_measured_noise`'s lines through the
+    point); the estimate is taken at the step multipliers DIRECTION_STEPS (a direction's elements
+    moved by m·direction) and the one with the smallest bar off a kink kept, then settled
+    (`settle`): smaller steps where the function's features are finer than the step, where the
+    bar is mostly truncation, or where an element of the direction is larger than VALIDATE_FROM."""
+    names = [name for name in point if name in direction]
+    flat = Flat({name: point[name] for name in names})
+    base = flat.join(point)
+    vector = flat.join(direction)
+
+    def outputs(vectors: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([fn({**point, **flat.split(v)}).reshape(-1).to(torch.float64) for v in vectors])
+
+    f0 = outputs(base[None])[0]
+    noise = _output_noise(outputs, base, base.abs(), f0)
+    theta = base[vector != 0].abs()
+
+    def at(multipliers: torch.Tensor, columns: torch.Tensor) -> dict[str, torch.Tensor]:
+        estimates = []
+        for m in multipliers.unique().tolist():
+            f = outputs(torch.stack([base + t * m * vector for t in OFFSETS]))
+            estimate = _estimates(f, torch.full_like(f0, m), f0, noise=noise)
+            estimate["step"] = torch.full_like(f0, m)
+            estimates.append((m, estimate))
+        out = {k: v.clone() for k, v in estimates[0][1].items()}
+        for m, estimate in estimates[1:]:
+            here = multipliers == m
+            for k in out:
+                out[k][here] = estimate[k][here]
+        return {k: v[columns] for k, v in out.items()}
+
+    every = torch.arange(f0.numel())
+    best = at(torch.full_like(f0, DIRECTION_STEPS[0]), every)
+    for multiplier in DIRECTION_STEPS[1:]:
+        best = _better(best, at(torch.full_like(f0, multiplier), every))
+    largest = float(theta.max()) if theta.numel() else 0.0
+    validate = torch.full(f0.shape, largest > VALIDATE_FROM, dtype=torch.bool) | best["flat"]
+
+    def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        multipliers = torch.ones_like(f0)
+        multipliers[where] = h
+        return at(multipliers, where)
+
+    # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
+    small = torch.full_like(f0, _kink_multiplier(theta))
+    best = settle(best, again, torch.full_like(f0, 2.0**-40), validate, small)
+    return Estimate(best["value"], best["error"], best["left"], best["right"], best["kink"])
+
+
+def _kink_multiplier(theta: torch.Tensor) -> float:
+    """The step multiplier along a direction (element i moved by m·RELATIVE_STEP·max(1, |θ_i|))
+    at which a kink is confirmed: its largest element moved no more than an element's own
+    confirming step (KINK_STEP, or 2¹⁶ ulps of it)."""
+    largest = float(theta.abs().max()) if theta.numel() else 0.0
+    confirming = max(KINK_STEP, float(_step_floor(torch.tensor([largest]))[0]) * (KINK_ULPS / STEP_FLOOR_ULPS))
+    return confirming / (RELATIVE_STEP * max(1.0, largest))
+
+
+def _output_noise(
+    outputs: Callable[[torch.Tensor], torch.Tensor], base: torch.Tensor, scale: torch.Tensor, f0: torch.Tensor
+) -> torch.Tensor:
+    """Per output element, the σ of its rounding (`_measured_noise`, for a vector output)."""
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+    lines = []
+    for _ in range(NOISE_LINES):
+        signs = torch.randint(0, 2, base.shape, generator=gen, dtype=torch.float64) * 2 - 1
+        values = outputs(base + steps * (signs * scale))
+        lines.append(torch.cat([f0[None], values]))
+    differences = torch.stack(lines)  # (lines, points, outputs)
+    for _ in range(NOISE_ORDER):
+        differences = differences[:, 1:] - differences[:, :-1]
+    squares = (differences**2).nan_to_num(0.0, posinf=0.0) / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
+    return torch.maximum(squares.mean(dim=(0, 1)).sqrt(), ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0))
 
 
 def _along(
@@ -403,29 +640,10 @@ def _line_estimates(
     f0: float | torch.Tensor,
     noise: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The derivative at 0 from the values at ±h, ±h/2, ±h/4 (rows of `f`, LINE_OFFSETS order):
-    central differences D(h), D(h/2), D(h/4), Richardson R1, R2 (error O(h⁴)), then once more
-    (O(h⁶)). The error bar is |R2 − R1|/15, the size of the last correction, plus rounding (the
-    weights of the extrapolation sum to about 8/h). Kinks and one-sided derivatives come from
-    the ±h, ±h/2 values as for an element."""
-    f_h, f_half, f_quarter, m_quarter, m_half, m_h = f
-    d1 = (f_h - m_h) / (2 * h)
-    d2 = (f_half - m_half) / h
-    d4 = (f_quarter - m_quarter) / (h / 2)
-    r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
-    value = r2 + (r2 - r1) / 15
-    level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=value.dtype).abs().expand_as(value))
-    truncation = (r2 - r1).abs() / 15
-    rounding = 8 * (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
-    error = truncation + rounding
-    four = _estimates(
-        torch.stack([f_h, f_half, m_half, m_h]), torch.as_tensor(h, dtype=value.dtype).expand_as(value), f0, noise=noise
-    )
-    error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
-    return {
-        "value": value, "error": error, "left": four["left"], "right": four["right"], "kink": four["kink"],
-        "truncation": truncation, "rounding": rounding,
-    }
+    """The derivative at 0 along a line from the values at ±h, ±h/2, ±h/4 (rows of `f`, in
+    LINE_OFFSETS order): the elementwise estimate (`_estimates`), the same stencil."""
+    value = f[0]
+    return _estimates(f, torch.as_tensor(h, dtype=torch.float64).expand_as(value), f0, noise=noise)
 
 
 def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
@@ -527,8 +745,8 @@ def evaluate(
     h: torch.Tensor,
     index: Sequence[int] | torch.Tensor,
 ) -> torch.Tensor:
-    """The loss at θ ± h and θ ± h/2 for each element in `index` of the flat vector, as a
-    (4, size) matrix (NaN for elements not in `index`).
+    """The loss at θ + t·h, t in OFFSETS, for each element in `index` of the flat vector, as a
+    (6, size) matrix (NaN for elements not in `index`).
 
     From REPLAY_FROM elements on, the recorded forward is replayed (`_replayed`); otherwise, or
     where it cannot be, the forward runs under vmap: the perturbed rows live in one buffer of at
@@ -582,7 +800,7 @@ def _replayed(
     index: torch.Tensor,
 ) -> torch.Tensor:
     """`evaluate` by replaying the recorded forward (incremental.py): the loss at θ ± h and
-    θ ± h/2 for each element in `index`, as a (4, len(index)) matrix. Each tensor's first
+    θ ± h/2, θ ± h/4 for each element in `index`, as a (6, len(index)) matrix. Each tensor's first
     element is replayed alone, to learn how wide its states are, and the rest in chunks that
     hold them within the replay's memory bound. Two rows of every chunk are checked against a
     plain forward pass. Unreplayable where one differs, or where the chunks would hold fewer
@@ -614,39 +832,108 @@ def _replayed(
 
 
 def elements_per_chunk(size: int) -> int:
-    """How many elements one batch perturbs (4 rows each): as many as fit in CHUNK_BYTES of
+    """How many elements one batch perturbs (6 rows each): as many as fit in CHUNK_BYTES of
     rows, at least one, at most MAX_BATCH rows."""
     return max(1, min(MAX_BATCH, CHUNK_BYTES // (8 * max(1, size))) // len(OFFSETS))
 
 
+class _Probes:
+    """The loss at each row of a batch of rounding probes: under vmap where it gives what a plain
+    forward pass gives at the first row, else by plain forward passes one at a time."""
+
+    def __init__(self, loss: Loss, vmap: bool) -> None:
+        self.loss = loss
+        self.vmap = vmap
+
+    def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
+        def one(row: torch.Tensor) -> torch.Tensor:
+            return self.loss({**targets, **flat.split(row)}).reshape(())
+
+        with torch.no_grad():
+            if self.vmap:
+                try:
+                    values = torch.func.vmap(one, randomness="error")(batch)
+                    if _same(values[:1], one(batch[0])[None]):
+                        return values
+                except CaseTimeout:
+                    raise
+                except Exception:  # noqa: BLE001 - an op vmap cannot batch: one at a time
+                    pass
+            return torch.stack([one(row) for row in batch])
+
+
 def _measured_noise(
-    loss: Loss, targets: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], f0: float
-) -> float:
-    """How far the loss moves when every input moves by NOISE_ULPS ulps (random signs), the
-    largest of NOISE_PROBES tries: the size of the forward's own rounding at this point, which
-    |loss|·eps cannot see (an input offset by 1e5 and normalised, a timestamp inside a sine:
-    the forward rounds x − mean or t/86400 at the scale of x or t, not of the loss). Every
-    step's rounding term includes it; 0 where the probes cannot run (the plain forward says why)."""
-    flat = Flat(dict(targets))
-    if not flat.size:
-        return 0.0
-    base = flat.join(targets)
-    scale = flat.join(scales).abs()
+    batched: Batched | InPlace | _Probes,
+    moved: Mapping[str, torch.Tensor],
+    targets: Mapping[str, torch.Tensor],
+    scale: torch.Tensor,
+    f0: float,
+) -> tuple[float, bool]:
+    """The standard deviation σ of the forward's own rounding when the tensors `moved` move, and
+    whether the loss stood still (bitwise) meanwhile. Measured as Moré and Wild's ECnoise does:
+    the loss along NOISE_LINES random lines through the point, at NOISE_POINTS points NOISE_ULPS
+    ulps of each element (`scale`: its size) apart. Over so small a spacing the function is a
+    polynomial to far below rounding, so its NOISE_ORDER-th differences are rounding alone, with
+    variance C(2k, k)·σ². It sees what |loss|·eps cannot (an input offset by 1e5 and normalised,
+    a timestamp inside a sine: the forward rounds x − mean or t/86400 at the scale of x or t).
+    Never below ROUNDING_FLOOR·|loss| (the rounding of the loss itself); that floor where the
+    probes cannot run (the plain forward says why)."""
+    flat = Flat(dict(moved))
+    floor = ROUNDING_FLOOR * abs(f0) if math.isfinite(f0) else 0.0
+    size = scale.reshape(-1).to(torch.float64).abs()
+    if not flat.size or not bool((size > 0).any()):
+        return floor, False
+    base = flat.join(moved)
     gen = torch.Generator().manual_seed(NOISE_SEED)
-    worst = 0.0
+    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+    rows = []
+    for _ in range(NOISE_LINES):
+        signs = torch.randint(0, 2, (flat.size,), generator=gen, dtype=torch.float64) * 2 - 1
+        rows.append(base + steps * (signs * size))
     try:
         with torch.no_grad():
-            for _ in range(NOISE_PROBES):
-                signs = torch.randint(0, 2, (flat.size,), generator=gen, dtype=torch.float64) * 2 - 1
-                moved = base + signs * scale * (NOISE_ULPS * torch.finfo(torch.float64).eps)
-                value = float(loss({**targets, **flat.split(moved)}))
-                if math.isfinite(value):
-                    worst = max(worst, abs(value - f0))
+            values = batched(targets, flat, torch.cat(rows)).to(torch.float64).reshape(NOISE_LINES, NOISE_POINTS - 1)
     except CaseTimeout:
         raise
     except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
-        return 0.0
-    return worst
+        return floor, False
+    still = bool((values == f0).all())
+    differences = torch.cat([torch.full((NOISE_LINES, 1), f0, dtype=torch.float64), values], dim=1)
+    for _ in range(NOISE_ORDER):
+        differences = differences[:, 1:] - differences[:, :-1]
+    squares = differences[torch.isfinite(differences)] ** 2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
+    return (max(floor, math.sqrt(float(squares.mean()))) if squares.numel() else floor), still
+
+
+def _differences(f: torch.Tensor, f0: torch.Tensor | float, h: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """The quantities the estimate is built of, from the values at θ + t·h for t in OFFSETS
+    (rows of `f`) and at θ (`f0`): central differences D(h), D(h/2), D(h/4), their Richardson
+    extrapolations, and the second differences of the even part. All linear in the values."""
+    f_h, f_half, f_quarter, m_quarter, m_half, m_h = f
+    d1 = (f_h - m_h) / (2 * h)
+    d2 = (f_half - m_half) / h
+    d4 = (f_quarter - m_quarter) / (h / 2)
+    r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
+    e1 = (f_h + m_h - 2 * f0) / h**2
+    e2 = (f_half + m_half - 2 * f0) / (h / 2) ** 2
+    e4 = (f_quarter + m_quarter - 2 * f0) / (h / 4) ** 2
+    q1, q2 = (4 * e2 - e1) / 3, (4 * e4 - e2) / 3
+    # A kink at θ: second differences that do not fall as h³ from one half-step to the next.
+    s_h, s_half, s_quarter = f_h + m_h - 2 * f0, f_half + m_half - 2 * f0, f_quarter + m_quarter - 2 * f0
+    return {
+        "value": r2 + (r2 - r1) / 15, "t2": d1 - d2, "t4": r2 - r1, "q2": q2, "s2": e1 - e2, "s4": q2 - q1,
+        "jump_h": (s_h - 4 * s_half) / h, "jump_half": (s_half - 4 * s_quarter) / (h / 2),
+    }
+
+
+def _weights() -> dict[str, float]:
+    """Per quantity of `_differences`, the norm of its weights over the seven values at h = 1:
+    times σ (and divided by h, or h² for the even ones) its rounding's standard deviation."""
+    eye = torch.eye(7, dtype=torch.float64)
+    return {k: float(v.norm()) for k, v in _differences(eye[:6], eye[6], 1.0).items()}
+
+
+WEIGHTS = _weights()
 
 
 def _estimates(
@@ -654,44 +941,101 @@ def _estimates(
     h: torch.Tensor,
     f0: float | torch.Tensor,
     theta: torch.Tensor | None = None,
-    noise: float = 0.0,
+    noise: float | torch.Tensor = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Value, error bar, one-sided derivatives and kink flag from the four values per column
-    (`f0`: the value at the point, one for every column or one per column; `theta`: the
-    perturbed elements' values, whose own rounding inside the forward is noise too), with the
-    error bar's two parts (`truncation`, `rounding`) that the choice of step weighs."""
-    f_pp, f_p, f_m, f_mm = f
-    d_h = (f_pp - f_mm) / (2 * h)
-    d_half = (f_p - f_m) / h
-    value = (4 * d_half - d_h) / 3
-    level = torch.maximum(f.abs().amax(dim=0), torch.as_tensor(f0, dtype=h.dtype).abs().expand_as(h))
-    if theta is not None:
-        # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
-        # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f that |f| alone does not show. `noise`
-        # measures it for all inputs together; this is the perturbed element's own share.
-        level = level + (theta.to(h.dtype).abs() * d_half.abs() / FORWARD_ROUNDING_ULPS).nan_to_num(0.0, posinf=math.inf)
-    rounding = (FORWARD_ROUNDING * level + NOISE_MARGIN * noise) / h
-    truncation = (d_h - d_half).abs() / 3
-    error = truncation + 3 * rounding
-    forward_h, forward_half = (f_pp - f0) / h, (f_p - f0) / (h / 2)
-    backward_h, backward_half = (f0 - f_mm) / h, (f0 - f_m) / (h / 2)
-    right = 2 * forward_half - forward_h
-    left = 2 * backward_half - backward_h
-    jump = ((forward_h - backward_h) - 2 * (forward_half - backward_half)).abs()
-    spread = torch.maximum(left.abs(), right.abs())
-    largest = float(spread.nan_to_num(0.0).max()) if spread.numel() else 0.0
-    floor = KINK_RELATIVE * torch.maximum(spread, torch.full_like(spread, largest * 1e-3))
-    kink = (jump > KINK_NOISE_FACTOR * 20 * rounding) & (jump > floor)
-    error = torch.where(torch.isfinite(value), error, torch.full_like(error, math.inf))
-    # Bitwise equal values at two neighbouring stencil points, where the estimate says the
-    # function changes visibly over half a step: a staircase finer than the step (round(x, 3)
-    # at a step of 2e-4, a histogram). Its difference quotients count stairs, not a slope, and
-    # can agree across h and h/2 by chance; `settle` checks such a column at smaller steps.
-    flat = ((f_pp == f_p) | (f_p == f0) | (f0 == f_m) | (f_m == f_mm)) & (value.abs() > 16 * rounding)
-    return {
+    """Value, error bar, one-sided derivatives and kink flag from the six values per column at
+    θ + t·h, t in OFFSETS (`f0`: the value at the point, one for every column or one per
+    column; `theta`: the perturbed elements' values, whose own rounding inside the forward is
+    noise too; `noise`: the forward's measured rounding σ), with the bar's two parts
+    (`truncation`, `rounding`) that the choice of step weighs, and `wide`: a step not small
+    against the function's own scale.
+
+    The value is D(h/4) extrapolated twice (error O(h⁶)). Its rounding part is ROUNDING_SIGMAS·σ
+    times the norm of its weights. Its truncation part is predicted from the Taylor terms the
+    six values resolve (`_truncation`). Computed in numpy: a few dozen operations on short
+    vectors, called for every batch of elements and every direction."""
+    values = f.detach().to(torch.float64).cpu().numpy()
+    n = values.shape[1]
+    h_ = np.broadcast_to(np.asarray(torch.as_tensor(h, dtype=torch.float64).cpu().numpy(), dtype=np.float64), (n,))
+    f0_ = np.broadcast_to(np.asarray(torch.as_tensor(f0, dtype=torch.float64).cpu().numpy(), dtype=np.float64), (n,))
+    with np.errstate(all="ignore"):
+        q = _differences(values, f0_, h_)
+        value = q["value"]
+        sigma = np.broadcast_to(np.maximum(np.asarray(torch.as_tensor(noise, dtype=torch.float64).cpu().numpy()), 0.0), (n,))
+        sigma = np.maximum(sigma, ROUNDING_FLOOR * np.maximum(np.abs(values).max(axis=0), np.abs(f0_)))
+        if theta is not None:
+            # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
+            # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f, this element's own share of the measured σ.
+            own = EPS * np.abs(theta.detach().to(torch.float64).cpu().numpy()) * np.abs(value)
+            sigma = sigma + np.nan_to_num(own, nan=0.0, posinf=math.inf)
+
+        def noise_of(key: str, power: int = 1) -> np.ndarray:
+            return sigma * WEIGHTS[key] / h_**power
+
+        truncation, slope_seen = _truncation(q, h_, noise_of)
+        rounding = ROUNDING_SIGMAS * noise_of("value")
+        error = np.where(np.isfinite(value), truncation + rounding, math.inf)
+        f_h, f_half, f_quarter, m_quarter, m_half, m_h = values
+        right = 2 * (f_quarter - f0_) / (h_ / 4) - (f_half - f0_) / (h_ / 2)
+        left = 2 * (f0_ - m_quarter) / (h_ / 4) - (f0_ - m_half) / (h_ / 2)
+        # On a kink the second differences' jump is the same at h and h/2; on a smooth function
+        # it falls 8× (as h³). Seen at the smaller one, clear of rounding and of the smooth share.
+        jump_h, jump_half = np.abs(q["jump_h"]), np.abs(q["jump_half"])
+        spread = np.maximum(np.abs(left), np.abs(right))
+        largest = float(np.nan_to_num(spread, nan=0.0).max()) if n else 0.0
+        floor = KINK_RELATIVE * np.maximum(spread, largest * 1e-3)
+        kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
+        # On a kink the derivative is the interval [left, right], not the value; no series there.
+        truncation = np.where(kink, 0.0, truncation)
+        error = np.where(kink, rounding, error)
+        # Bitwise equal values at two neighbouring stencil points, where the estimate says the
+        # function changes visibly over a quarter step: a staircase finer than the step (round(x,
+        # 3) at a step of 2e-4, a histogram). Its difference quotients count stairs, not a slope,
+        # and can agree across steps by chance; `settle` checks such a column at smaller steps.
+        flat = ((f_h == f_half) | (f_half == f_quarter) | (f_quarter == f0_) | (f0_ == m_quarter)
+                | (m_quarter == m_half) | (m_half == m_h)) & (np.abs(value) > 16 * rounding)
+        # Clear terms beyond the second falling by less than WIDE per order: the step is too wide.
+        wide = (slope_seen > math.log(WIDE)) & np.isfinite(value)
+    out = {
         "value": value, "error": error, "left": left, "right": right, "kink": kink,
-        "truncation": truncation, "rounding": 3 * rounding, "flat": flat,
+        "truncation": truncation, "rounding": rounding, "flat": flat, "wide": wide,
     }
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+# The Taylor terms a_k = |f⁽ᵏ⁾|·h^(k−1)/k!, k = 1…6, in the derivative's units: the quantity of
+# `_differences` each is read from, the power of h it is divided by, and its weight.
+TERMS = (("value", 1, 1.0), ("q2", 2, 2.0), ("t2", 1, 0.75), ("s2", 2, 1.5), ("t4", 1, 15 / 64), ("s4", 2, 15 / 32))
+
+
+def _truncation(
+    q: dict[str, np.ndarray], h: np.ndarray, noise_of: Callable[[str, int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """TRUNCATION_SAFETY times the h⁶ term left in the value, |f⁽⁷⁾|·h⁶/7!/64, predicted from
+    the terms a_k (`TERMS`: the value, the curvature, the corrections t2, t4 of the odd part and
+    s2, s4 of the even part), each counted where it stands RESOLVED_SIGMAS of its rounding
+    clear; and per column the rate at which the last clear term falls (log x).
+
+    The terms of a function smooth at the step's scale fall geometrically, by x = h/ρ per order
+    (ρ: its own scale, the distance to its nearest singularity), under an envelope that a term
+    may dip below at a point (a pair of complex singularities makes them oscillate): the rate
+    into a clear term is the least over the clear terms before it (the upper hull of log a_k),
+    and the h⁶ term is the largest of the clear terms carried on at their rates."""
+    tiny = np.finfo(np.float64).tiny
+    size = np.stack([np.abs(q[key]) * (h ** (power - 1) / weight) for key, power, weight in TERMS])
+    logs = np.log(np.maximum(size, tiny))  # (6, columns)
+    clear = np.stack([np.abs(q[key]) > RESOLVED_SIGMAS * noise_of(key, power) for key, power, _ in TERMS])
+    order = np.arange(1, 7, dtype=np.float64)
+    apart = order[:, None] - order[None, :]  # high − low
+    slopes = (logs[:, None] - logs[None, :]) / np.maximum(apart, 1)[:, :, None]
+    below = (apart > 0)[:, :, None] & clear[None, :, :]
+    slope = np.where(below, slopes, math.inf).min(axis=1)  # (6, columns), per high term
+    usable = clear & np.isfinite(slope) & (order >= 3)[:, None]
+    carried = np.where(usable, np.exp(logs + (7 - order)[:, None] * np.where(usable, slope, 0.0)), 0.0)
+    seventh = carried.max(axis=0)
+    last = np.where(usable, order[:, None], 0.0).argmax(axis=0)
+    slope_seen = np.where(usable.any(axis=0), np.take_along_axis(slope, last[None], axis=0)[0], -math.inf)
+    return np.nan_to_num(TRUNCATION_SAFETY * seventh / 64, nan=math.inf), slope_seen
 
 
 def settle(
@@ -712,7 +1056,7 @@ def settle(
       step whose bar is smaller (a bar small by chance at a step wider than the function's
       features is caught here: the estimates disagree);
     - a kink at KINK_STEPS steps in a row with the same one-sided derivatives, the last one
-      no wider than `small` (the step today's 1e-4 would be, in each column's units): a
+      no wider than `small` (KINK_STEP, in each column's units): a
       real kink;
     - otherwise (a kink seen at the wider step only, or estimates that disagree) the smaller
       step's estimate is taken and checked in the next round: a step wider than a feature
@@ -720,14 +1064,16 @@ def settle(
 
     A column still unsettled after SHRINKS rounds or at its `floor` keeps its last estimate,
     its bar widened by its distance to the one before: the bar stays honest."""
-    pending = best["kink"] | validate
+    coarse = best["kink"] | validate | best["wide"]
+    pending = coarse | (best["truncation"] > best["rounding"])
     gap = torch.zeros_like(best["error"])
     seen = torch.zeros(best["error"].shape, dtype=torch.int64)
     for _ in range(SHRINKS):
         if not bool(pending.any()):
             break
         where = pending.nonzero().reshape(-1)
-        h = best["step"][where] * SHRINK
+        factor = torch.where(coarse[where], SHRINK, _shrink_for(best["truncation"][where], best["rounding"][where]))
+        h = best["step"][where] * factor
         keep = h >= floor[where]
         where, h = where[keep], h[keep]
         if not where.numel():
@@ -737,7 +1083,7 @@ def settle(
         was = {k: v[where] for k, v in best.items()}
         smooth = ~was["kink"] & ~other["kink"]
         distance = (other["value"] - was["value"]).abs()
-        agree = smooth & (distance <= was["error"] + other["error"])
+        agree = smooth & ~other["wide"] & (distance <= was["error"] + other["error"])
         moved = torch.maximum((other["left"] - was["left"]).abs(), (other["right"] - was["right"]).abs())
         stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
         seen[where] = torch.where(stable, seen[where] + 1, torch.zeros_like(seen[where]))
@@ -748,7 +1094,7 @@ def settle(
         # Agreeing, the two steps measure the wider one's truncation: the smaller step's is at
         # least SHRINK⁻² times less (O(h²) at worst; Richardson's is O(h⁴)), so its bar is its
         # rounding plus that: tight, where |D(h) − D(h/2)|/3 alone is the error of D(h/2).
-        tight = torch.minimum(other["error"], other["rounding"] + distance * SHRINK**2)
+        tight = torch.minimum(other["error"], other["rounding"] + distance * factor**2)
         other["error"] = torch.where(agree, tight, other["error"])
         take = ~(agree & (was["error"] <= other["error"]))
         for key in best:
@@ -756,11 +1102,19 @@ def settle(
         gap[where] = torch.where(agree | same_kink, torch.zeros_like(distance), distance.nan_to_num(math.inf))
         pending = torch.zeros_like(pending)
         # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
-        better = agree & take & (other["truncation"] > TRUNCATION_RATIO * other["rounding"])
+        better = agree & take & (other["truncation"] > other["rounding"])
         pending[where] = ~(agree | same_kink) | better
+        coarse[where] = ~(agree | same_kink)
     unsettled = (gap > 0) & ~best["kink"]
     best["error"] = torch.where(unsettled, torch.maximum(best["error"], gap), best["error"])
     return best
+
+
+def _shrink_for(truncation: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
+    """The factor (a power of two, SHRINK to ½) that brings a step whose bar is mostly
+    truncation to the one minimising the two: truncation falls as h⁶, rounding grows as 1/h."""
+    best = (rounding / (6 * truncation).clamp(min=torch.finfo(torch.float64).tiny)) ** (1 / 7)
+    return torch.exp2(torch.floor(torch.log2(best.nan_to_num(SHRINK)))).clamp(min=SHRINK, max=0.5)
 
 
 def _improves(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
