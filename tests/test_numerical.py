@@ -99,7 +99,7 @@ def test_batched_and_one_by_one_evaluation_give_the_same_numbers(monkeypatch):
         return torch.tanh(X @ W).pow(2).mean()
 
     point = given_point(net, 0)
-    # vmap's batches: the replay (incremental.py) sums in another order; tests/test_incremental.py
+    # vmap's batches: the replay (replay.py) sums in another order; tests/test_replay.py
     monkeypatch.setattr(numerical.Batched, "program", lambda self, targets, flat, base: None)
     batched = numerical.gradient(net, point, "cpu", torch.float64)
     assert batched.note is None
@@ -167,7 +167,7 @@ def _net_case():
 
 
 def test_every_row_of_a_chunk_perturbs_exactly_one_element_even_when_the_buffer_is_reused(monkeypatch):
-    # vmap's rows: the replay (incremental.py) has none; tests/test_incremental.py checks it
+    # vmap's rows: the replay (replay.py) has none; tests/test_replay.py checks it
     monkeypatch.setattr(numerical.Batched, "program", lambda self, targets, flat, base: None)
     net = _net_case()
     point = given_point(net, 0)

@@ -25,7 +25,7 @@ function: `settle`):
 Perturbations are evaluated in batches with `torch.func.vmap`, in chunks that bound memory; a
 forward pass that cannot be batched falls back to a loop, and says so. From REPLAY_FROM elements
 on, the elementwise ones are instead replayed from one recording of the forward
-(incremental.py), which recomputes only the values a one-element perturbation changes; where it
+(replay.py), which recomputes only the values a one-element perturbation changes; where it
 cannot, or a checked row disagrees with a plain forward pass, vmap again. Nodes are perturbed by
 injecting an offset where `node()` marks them.
 
@@ -96,7 +96,7 @@ MAX_BATCH_ELEMENTS = 1 << 23
 CHUNK_BYTES = 1 << 26
 OFFSETS = (1.0, 0.5, 0.25, -0.25, -0.5, -1.0)
 SAMPLES = 24
-# The replay of the recorded forward (incremental.py) costs a recording and a few plain forward
+# The replay of the recorded forward (replay.py) costs a recording and a few plain forward
 # passes before it pays: fewer elements than this are left to vmap of the whole forward. So is a
 # replay whose chunks would hold fewer perturbations than MIN_REPLAY_ROWS (its values are that
 # large): two rows of every chunk are checked with a plain forward pass, which must stay cheap.
@@ -799,7 +799,7 @@ def _replayed(
     h: torch.Tensor,
     index: torch.Tensor,
 ) -> torch.Tensor:
-    """`evaluate` by replaying the recorded forward (incremental.py): the loss at θ ± h and
+    """`evaluate` by replaying the recorded forward (replay.py): the loss at θ ± h and
     θ ± h/2, θ ± h/4 for each element in `index`, as a (6, len(index)) matrix. Each tensor's first
     element is replayed alone, to learn how wide its states are, and the rest in chunks that
     hold them within the replay's memory bound. Two rows of every chunk are checked against a
@@ -1146,7 +1146,7 @@ class Batched:
 
     def program(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> Program | None:
         """The forward recorded at `base` for one-element perturbations of the tensors in `flat`
-        (incremental.py), or None where it cannot be replayed: vmap of the whole forward then."""
+        (replay.py), or None where it cannot be replayed: vmap of the whole forward then."""
         if not self.vmap_works:  # a forward vmap cannot batch is not batched op by op either
             return None
         key = tuple(flat.shapes)
