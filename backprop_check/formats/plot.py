@@ -107,8 +107,8 @@ class StepScan:
     against: str  # where `reference` comes from: "autograd", "manual" or "numerical"
     steps: list[float]
     central: list[float]  # |(f(θ+h) − f(θ−h))/2h − reference|
-    richardson: list[float]  # |(4·D(h/2) − D(h))/3 − reference|
-    chosen: float  # the step the numerical source uses for this element
+    richardson: list[float]  # |R(h) − reference|, R two rounds of Richardson over D(h), D(h/2), D(h/4)
+    chosen: float  # the first step the numerical source takes for this element
     error_bar: float  # its error bar there
     others: dict[str, float]  # the sources' distance from the numerical estimate (a mismatch stands out)
 
@@ -119,8 +119,8 @@ def steps_figure(scan: StepScan) -> Figure:
     figure, axes = pyplot.subplots(figsize=SIZE, dpi=DPI)
     floor = 1e-18 * max(1.0, abs(scan.reference))
     axes.loglog(scan.steps, [max(e, floor) for e in scan.central], marker=".", label="central difference D(h)")
-    axes.loglog(scan.steps, [max(e, floor) for e in scan.richardson], marker=".", label="Richardson (4·D(h/2) − D(h))/3")
-    axes.axvline(scan.chosen, color="black", linestyle=":", label=f"chosen step h = {scan.chosen:.3g}")
+    axes.loglog(scan.steps, [max(e, floor) for e in scan.richardson], marker=".", label="Richardson over h, h/2, h/4 (the estimate, O(h⁶))")
+    axes.axvline(scan.chosen, color="black", linestyle=":", label=f"chosen step h = {scan.chosen:.3g} (the first; smaller where truncation outweighs rounding)")
     axes.axhline(max(scan.error_bar, floor), color="green", linestyle="--", label=f"error bar of the estimate at the chosen step: {scan.error_bar:.2g}")
     for source, distance in scan.others.items():
         if distance > 0:
