@@ -41,6 +41,7 @@ more through one entry, `reference()`, which returns a `Reference`:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -78,6 +79,12 @@ SAMPLES = 24
 # large): two rows of every chunk are checked with a plain forward pass, which must stay cheap.
 REPLAY_FROM = 64
 MIN_REPLAY_ROWS = 64
+# A tiny check (fewer differentiated elements than this in all, and a plain forward pass faster
+# than REPLAY_SLOW_FORWARD seconds: an op_db sample, a small loss) is left to vmap of the whole
+# forward: there the recording, its checked rows and the first dispatch to its tensor subclass
+# (which imports torch.distributed.tensor) cost more than the forward passes they save.
+REPLAY_CASE_FROM = 2048
+REPLAY_SLOW_FORWARD = 1e-3
 DIRECTIONS = 2
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
@@ -542,7 +549,8 @@ def evaluate(
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
     # A group already recorded is replayed for a few elements too (the steps chosen again).
     recorded = getattr(batched, "programs", {}).get(tuple(flat.shapes)) is not None
-    program = batched.program(targets, flat, base) if len(index) >= REPLAY_FROM or recorded else None
+    wanted = recorded or len(index) >= REPLAY_FROM and not batched.tiny(targets, flat, base)
+    program = batched.program(targets, flat, base) if wanted else None
     if program is not None:
         try:
             f[:, index] = _replayed(batched, program, targets, flat, base, h, index)
@@ -784,6 +792,18 @@ class Batched:
         self.note: str | None = None
         # per group of tensors, its recorded forward for one-element perturbations (None: none)
         self.programs: dict[tuple[str, ...], Program | None] = {}
+        self._tiny: bool | None = None
+
+    def tiny(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> bool:
+        """Whether the check is too small for the replay to pay (REPLAY_CASE_FROM elements in
+        all and a forward pass faster than REPLAY_SLOW_FORWARD, timed once)."""
+        if self._tiny is None:
+            self._tiny = sum(t.numel() for t in targets.values()) < REPLAY_CASE_FROM
+            if self._tiny:
+                started = time.perf_counter()
+                self.one(targets, flat, base)
+                self._tiny = time.perf_counter() - started < REPLAY_SLOW_FORWARD
+        return self._tiny
 
     def one(self, targets: Mapping[str, torch.Tensor], flat: Flat, vector: torch.Tensor) -> torch.Tensor:
         """The loss at one flat vector of the tensors in `flat`."""
