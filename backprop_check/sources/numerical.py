@@ -799,10 +799,13 @@ class Batched:
         all and a forward pass faster than REPLAY_SLOW_FORWARD, timed once)."""
         if self._tiny is None:
             self._tiny = sum(t.numel() for t in targets.values()) < REPLAY_CASE_FROM
-            if self._tiny:
-                started = time.perf_counter()
-                self.one(targets, flat, base)
-                self._tiny = time.perf_counter() - started < REPLAY_SLOW_FORWARD
+            if self._tiny:  # the faster of two forward passes (the first may pay first-use costs)
+                took = []
+                for _ in range(2):
+                    started = time.perf_counter()
+                    self.one(targets, flat, base)
+                    took.append(time.perf_counter() - started)
+                self._tiny = min(took) < REPLAY_SLOW_FORWARD
         return self._tiny
 
     def one(self, targets: Mapping[str, torch.Tensor], flat: Flat, vector: torch.Tensor) -> torch.Tensor:
