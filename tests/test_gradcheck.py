@@ -197,3 +197,45 @@ def test_the_time_limit_message_names_gradchecks_keyword_not_the_cli_option() ->
         gradcheck(slow, (torch.randn(3, dtype=torch.float64),), timeout=0.2)
     assert "ran past its time limit of 0.2s (timeout= of gradcheck()" in str(raised.value)
     assert "--timeout" not in str(raised.value)
+
+
+class _Looped(torch.autograd.Function):
+    """sin(x)·w row by row in a Python loop, no vmap rule (vmap cannot batch it); its backward
+    has `slip` planted at flat element `at` of x's gradient."""
+
+    slip, at = 1.0, 0
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.stack([torch.sin(x[i]) * w for i in range(x.shape[0])])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        gx = grad * torch.cos(x) * w
+        gx.view(-1)[_Looped.at] *= _Looped.slip
+        return gx, (grad * torch.sin(x)).sum(0)
+
+
+@pytest.mark.parametrize("slip", [1.0001, -1.0])
+def test_full_mode_on_a_function_vmap_cannot_batch_still_finds_one_wrong_element(slip: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fast_mode=False where vmap cannot batch the forward: the default mode (not every element
+    one by one, which would cost twice torch's forward passes), and a one-element slip of 1e-4
+    among 480 elements is still found and named."""
+    from backprop_check.gate import dropin
+
+    seen: list[bool] = []
+    real = dropin.run
+    monkeypatch.setattr(dropin, "run", lambda *a, **k: seen.append(k["full"]) or real(*a, **k))
+    x, w = x64(24, 20), x64(20, seed=1)
+    monkeypatch.setattr(_Looped, "slip", 1.0)
+    assert bc.gradcheck(_Looped.apply, (x, w))
+    monkeypatch.setattr(_Looped, "slip", slip)
+    monkeypatch.setattr(_Looped, "at", 301)  # 301 = 15·20 + 1
+    with pytest.raises(bc.GradcheckError, match=r"x\[15, 1\]"):
+        bc.gradcheck(_Looped.apply, (x, w))
+    assert seen == [False, False]
+    seen.clear()
+    assert bc.gradcheck(lambda x, w: torch.sin(x) * w, (x, w))  # vmap batches it: every element
+    assert seen == [True]
