@@ -111,8 +111,7 @@ def gradcheck(
     those contract checks; `check_grad_dtypes` is always on; `check_forward_ad=True` also
     checks forward-mode AD (the Function's `jvp`) against directional finite differences, and
     `check_backward_ad=False` leaves the backward out; `fast_mode=False` (torch's default)
-    checks every element up to FULL_UP_TO differentiated elements in all where vmap batches
-    the forward, and otherwise (above FULL_UP_TO, or a Function vmap cannot batch) the
+    checks every element up to FULL_UP_TO differentiated elements in all, and above that the
     default mode, as `fast_mode=True` does at any size (sampled elements and random
     directional derivatives that weigh every element, elementwise where they disagree).
     `eps`, `masked` and the other options are ignored, with one warning saying why. Beyond
