@@ -57,14 +57,6 @@ IGNORED_DEFAULTS = {
 # samples elements and weighs every one through random directional derivatives, so that a
 # 256×512 layer norm answers in seconds, not minutes (torch's slow mode takes minutes there).
 FULL_UP_TO = 4096
-# Every element estimated one by one costs 4 forward passes each. Under vmap they run as a few
-# batched calls; where vmap cannot batch the forward (a Function without a vmap rule, Python
-# loops over tiles), they run one by one: twice the forward passes of torch's slow mode (a tiled
-# attention of 768 elements: 1.5-2.3x its time). There fast_mode=False takes the default mode
-# too, as above FULL_UP_TO: sampled elements and random directions that weigh every element,
-# bisected down to the wrong ones (a tensor of up to SMALL_TENSOR elements is still estimated
-# element by element), which finds a one-element slip at any size.
-SMALL_TENSOR = 30
 
 
 class GradcheckError(_torch_gradcheck.GradcheckError):
@@ -220,7 +212,7 @@ def _checked(
         points=points,
         seed=seed,
         timeout=timeout,
-        full=not fast_mode and _elements(checked) <= FULL_UP_TO and (order > 1 or _batches(checked)),
+        full=not fast_mode and _elements(checked) <= FULL_UP_TO,
     )
     broken = [r for r in report.results if r.verdict == Verdict.ERROR]
     if broken:
@@ -236,31 +228,6 @@ def _checked(
 
 def _elements(checked: FunctionCase) -> int:
     return sum(t.numel() for t in checked.params.values() if isinstance(t, torch.Tensor))
-
-
-def _batches(checked: FunctionCase) -> bool:
-    """Whether torch.func.vmap batches fn at its inputs (two copies, the same values as a plain
-    call): where it does not, elementwise estimates would run forward by forward. Tensors all
-    of up to SMALL_TENSOR elements are estimated element by element in any mode: no probe."""
-    tensors = {name: t for name, t in checked.params.items() if isinstance(t, torch.Tensor)}
-    if all(t.numel() <= SMALL_TENSOR for t in tensors.values()):
-        return True
-    names = list(tensors)
-    fixed = {**checked.data, **checked.params}
-
-    def one(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return checked._call({**fixed, **dict(zip(names, xs))})
-
-    try:
-        with torch.no_grad():
-            rows = [torch.stack([tensors[n].detach()] * 2) for n in names]
-            batched = torch.func.vmap(one, randomness="error")(*rows)
-            plain = one(*(tensors[n].detach() for n in names))
-        return len(batched) == len(plain) and all(
-            bool(torch.isclose(b[1], p, rtol=1e-12, atol=0.0, equal_nan=True).all()) for b, p in zip(batched, plain)
-        )
-    except Exception:  # noqa: BLE001 - vmap cannot batch it (fn's own errors come through the check)
-        return False
 
 
 def _nothing_to_check(checked: FunctionCase) -> bool:
