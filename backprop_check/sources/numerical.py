@@ -845,18 +845,37 @@ class Batched:
         self._tiny: bool | None = None
 
     def tiny(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> bool:
-        """Whether the check is too small for the replay to pay (REPLAY_CASE_FROM elements in
-        all and a forward pass faster than REPLAY_SLOW_FORWARD, timed once)."""
+        """Whether the check is too small for the replay to pay: REPLAY_CASE_FROM elements in
+        all, a forward pass faster than REPLAY_SLOW_FORWARD (the faster of two: the first may
+        pay first-use costs), and vmap batches it (two rows, the values of a plain call). Where
+        vmap cannot batch the forward (a Function without a vmap rule), the replay is what
+        spares a forward pass per perturbation: never tiny. Decided once."""
         if self._tiny is None:
-            self._tiny = sum(t.numel() for t in targets.values()) < REPLAY_CASE_FROM
-            if self._tiny:  # the faster of two forward passes (the first may pay first-use costs)
+            self._tiny = self.vmap_works and sum(t.numel() for t in targets.values()) < REPLAY_CASE_FROM
+            if self._tiny:
                 took = []
                 for _ in range(2):
                     started = time.perf_counter()
-                    self.one(targets, flat, base)
+                    plain = self.one(targets, flat, base)
                     took.append(time.perf_counter() - started)
-                self._tiny = min(took) < REPLAY_SLOW_FORWARD
+                self._tiny = min(took) < REPLAY_SLOW_FORWARD and self._batches(targets, flat, base, plain)
         return self._tiny
+
+    def _batches(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, plain: torch.Tensor) -> bool:
+        """Whether vmap batches the forward at `base` (two rows equal to `plain`); a failure here
+        changes nothing else (the evaluation that follows finds it again and says so)."""
+
+        def one(vector: torch.Tensor) -> torch.Tensor:
+            return self.loss({**targets, **flat.split(vector)})
+
+        try:
+            with torch.no_grad():
+                values = torch.func.vmap(one, randomness="error")(torch.stack([base, base]))
+            return _same(values[1], plain)
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - an op vmap cannot batch
+            return False
 
     def one(self, targets: Mapping[str, torch.Tensor], flat: Flat, vector: torch.Tensor) -> torch.Tensor:
         """The loss at one flat vector of the tensors in `flat`."""
