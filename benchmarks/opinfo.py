@@ -314,6 +314,42 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def speed(rows: dict[str, dict[str, Any]]) -> str:
+    """Time per unit (issue 22's targets): the median over units where all three checkers ran,
+    per checker and of the drop-in's ratio to torch's slow and fast modes, per dtype and in
+    all; and every unit where torch's slow mode takes over a second and the drop-in over twice
+    that."""
+    units, _, _ = split(rows)
+    timed = {key: u for key, u in units.items() if len(u) == 3 and all("seconds" in u[c] for c in CHECKERS)}
+    lines = [
+        "| dtype | units | drop-in | torch slow | torch fast | drop-in / torch slow | drop-in / torch fast |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+    for dtype in (*DTYPES, "all"):
+        chosen = [u for (op, d, i), u in timed.items() if dtype in (d, "all")]
+        if not chosen:
+            continue
+        seconds = {c: [u[c]["seconds"] for u in chosen] for c in CHECKERS}
+        slow = median([u["dropin"]["seconds"] / max(u["torch-slow"]["seconds"], 1e-6) for u in chosen])
+        fast = median([u["dropin"]["seconds"] / max(u["torch-fast"]["seconds"], 1e-6) for u in chosen])
+        lines.append(
+            f"| {dtype} | {len(chosen)} | {median(seconds['dropin']):.4f} s | {median(seconds['torch-slow']):.4f} s | "
+            f"{median(seconds['torch-fast']):.4f} s | {slow:.2f}× | {fast:.2f}× |"
+        )
+    slow_units = [
+        f"{op} {d} sample {i}: drop-in {u['dropin']['seconds']:.2f} s, torch slow {u['torch-slow']['seconds']:.2f} s"
+        for (op, d, i), u in sorted(timed.items())
+        if u["torch-slow"]["seconds"] > 1.0 and u["dropin"]["seconds"] > 2 * u["torch-slow"]["seconds"]
+    ]
+    return "\n".join(lines + ["", "units over 2× torch slow where it takes over 1 s: " + (", ".join(slow_units) or "none")])
+
+
 def disagreements(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Units where torch slow passes and the drop-in does not, and mutants that pass."""
     units, mutants, wrong = split(rows)
@@ -362,7 +398,7 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
                 ran += 1
     finally:
         worker.close()
-    return f"{ran} checks run in {time.perf_counter() - started:.0f}s\n\n{table(done)}\n\n" + "\n".join(disagreements(done))
+    return f"{ran} checks run in {time.perf_counter() - started:.0f}s\n\n{table(done)}\n\n{speed(done)}\n\n" + "\n".join(disagreements(done))
 
 
 def section(quick: bool) -> tuple[str, list[tuple[str, bool]]]:
@@ -388,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.table:
         rows = load(args.out)
-        print(table(rows) + "\n\n" + "\n".join(disagreements(rows)))
+        print(table(rows) + "\n\n" + speed(rows) + "\n\n" + "\n".join(disagreements(rows)))
         return 0
     names = [n for n in args.ops.split(",") if n]
     print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants))

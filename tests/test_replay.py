@@ -156,6 +156,7 @@ def _case(name: str) -> backprop_check.Case:
 @pytest.mark.parametrize("name", sorted(FORWARDS))
 def test_the_referee_is_the_same_with_and_without_the_replay(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(numerical, "REPLAY_FROM", 0)  # these tensors are small: replay them anyway
+    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
     case = _case(name)
     point = given_point(case, 0)
     reference = numerical.reference(case, point, torch.float64, full=True)
@@ -176,6 +177,7 @@ def test_a_replay_that_disagrees_with_the_forward_is_dropped(monkeypatch: pytest
     """A wrong rule (here: every product off by 1e-6) is caught by the rows each chunk checks
     against a plain forward pass; the referee then runs the forward under vmap, and is right."""
     monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
+    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
     case = _case("mlp")
     point = given_point(case, 0)
     right = numerical.reference(case, point, torch.float64, full=True).gradients
@@ -212,6 +214,7 @@ def test_a_few_elements_or_huge_values_are_left_to_vmap(monkeypatch: pytest.Monk
     reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
     assert not reference.differences.batched.programs
     monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
+    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
     monkeypatch.setattr(replay, "STATE_BYTES", 8 * 4 * 20 * 10)  # 10 rows of the widest value
     reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
     programs = reference.differences.batched.programs.values()
@@ -229,6 +232,7 @@ def test_a_module_case_is_replayed_through_its_bound_parameters(monkeypatch: pyt
     def sequential(model, X, Y):  # noqa: ANN001, ANN201
         return F.mse_loss(model(X), Y)
 
+    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)  # 163 elements: a tiny check, replayed anyway
     point = given_point(sequential, 0)
     reference = numerical.reference(sequential, point, torch.float64, full=True)
     programs = reference.differences.batched.programs
@@ -292,3 +296,20 @@ def test_a_time_limit_that_strikes_while_recording_is_not_swallowed() -> None:
 
     with pytest.raises(CaseTimeout):
         Program.record(slow, [_randn(2, seed=0)])
+
+
+def test_a_tiny_check_is_left_to_vmap_and_a_large_one_replayed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer than REPLAY_CASE_FROM elements with a fast forward: vmap of the whole forward, no
+    recording; the same check counted as large is replayed, with the same estimates."""
+    case = _case("mlp")
+    point = given_point(case, 0)
+    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
+    tiny = numerical.reference(case, point, torch.float64, full=True)
+    assert not tiny.differences.batched.programs
+    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
+    large = numerical.reference(case, point, torch.float64, full=True)
+    programs = large.differences.batched.programs.values()
+    assert programs and all(program is not None for program in programs)
+    for leaf, values in tiny.gradients.values.items():
+        difference = (large.gradients.values[leaf] - values).abs()
+        assert bool((difference <= torch.minimum(large.gradients.error[leaf], tiny.gradients.error[leaf])).all()), leaf

@@ -74,7 +74,11 @@ class Probe:
         self.values = complexes.for_user({**at.params, **at.data}, point.complex)
         self.v = {k: self.values[label] for k, label in case.cotangents.items()}
         self.gen = torch.Generator().manual_seed(derive_seed("contract", case.name, point.label))
+        # Passes more than one item needs, made once (each on its own fresh graph, as before):
+        # the gradient for the cotangents and for zero ones, and the watched backward.
+        self._shared: dict[str, Any] = {}
         outputs, _ = self.forward()
+        self.outputs = tuple(o.detach().requires_grad_(o.requires_grad) for o in outputs)  # values and which need grad
         self.classes = custom_functions(outputs)
         self.rounding = self._rounding(point, dtype, device)
         self.owner = f"the backward of {' and '.join(self.classes)}" if self.classes else f"the backward of {case.label}"
@@ -130,7 +134,7 @@ class Probe:
                                                **point.rounded(dtype).cast(torch.float64, device).data}, point.complex)
             exact.v = {k: exact.values[label] for k, label in self.case.cotangents.items()}
             want = exact.grad(*exact.forward(), exact.v, retain=False)
-            here = self.grad(*self.forward(), self.v, retain=False)
+            here = self.at_v()
             return {
                 name: float((_real(here[name]).double() - _real(want[name]).double()).abs().nan_to_num(0.0).max())
                 for name in want if want[name].numel()
@@ -145,7 +149,7 @@ class Probe:
         another order (vmap's batch, another layout) differ by about that much, and it is no
         finding; a well-conditioned gradient moves by a few ulps, far below the tolerance."""
         try:
-            here = self.grad(*self.forward(), self.v, retain=False)
+            here = self.at_v()
             cotangents = set(self.case.cotangents.values())
             moved: dict[str, float] = {}
             for sign in (1.0, -1.0):
@@ -168,6 +172,34 @@ class Probe:
         outputs, leaves = self.forward()
         return self.grad(outputs, leaves, cotangents, retain=False, batched=batched)
 
+    def at_v(self) -> Grads:
+        """`fresh(self.v)`, computed once: the items that compare with it share it."""
+        if "v" not in self._shared:
+            self._shared["v"] = self.fresh(self.v)
+        return self._shared["v"]
+
+    def at_zero(self) -> Grads:
+        """`fresh` of zero cotangents for every output, computed once."""
+        if "zero" not in self._shared:
+            self._shared["zero"] = self.fresh({k: torch.zeros_like(v) for k, v in self.v.items()})
+        return self._shared["zero"]
+
+    def watched(self) -> tuple[tuple[torch.Tensor, ...], Grads, dict[int, torch.Tensor], list[tuple[Any, list[torch.Tensor | None], list[int]]]]:
+        """One backward for copies of the cotangents on a fresh graph (kept: grad_meta calls the
+        backward again), every custom Function's node watched (`_watched`): the outputs, leaves,
+        the copies given, and the calls. grad_meta and in_place read the same pass."""
+        if "watched" not in self._shared:
+            outputs, leaves = self.forward()
+            given = {k: v.clone() for k, v in self.v.items()}
+            pairs = [(outputs[k], v) for k, v in given.items() if outputs[k].requires_grad]
+            with _watched(outputs) as calls:
+                if pairs:
+                    torch.autograd.grad(
+                        [o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs], allow_unused=True, retain_graph=True
+                    )
+            self._shared["watched"] = (outputs, leaves, given, calls)
+        return self._shared["watched"]
+
     def only(self, k: int, scale: float = 1.0) -> dict[int, torch.Tensor]:
         """Cotangents: `scale`·v_k for output k, zero for the others."""
         return {j: v * scale if j == k else torch.zeros_like(v) for j, v in self.v.items()}
@@ -176,8 +208,10 @@ class Probe:
         """The first input where `got` and `factor`·`want` disagree beyond the tolerance:
         (name, element, got, want), or None."""
         for name in want:
-            a = _real(got[name]).reshape(_real(want[name]).shape)
             b = factor * _real(want[name])
+            a = _real(got[name]).reshape(b.shape)
+            if torch.equal(a, b):  # the same bits (most comparisons here): nothing to weigh
+                continue
             scale = float(b.abs().max()) if b.numel() else 0.0
             allowed = 2 * self.tol.allowed(torch.maximum(a.abs(), b.abs()), scale) + torch.finfo(torch.float64).tiny
             allowed = allowed + 2 * max(1.0, abs(factor)) * self.rounding.get(name, 0.0)
@@ -256,8 +290,9 @@ def _at(index: tuple[int | str, ...]) -> str:
 def grad_output(p: Probe) -> Check:
     # A fresh graph for every backward: a backward that may run only once per graph (one that
     # edits what it saved, as Megatron's cross-entropy does) still gets a verdict here.
-    zero = p.fresh({k: torch.zeros_like(v) for k, v in p.v.items()})
-    ones = {k: p.fresh(p.only(k)) for k in p.v}
+    zero = p.at_zero()
+    # With one output, only(k) is the cotangents themselves (v·1.0): the shared pass.
+    ones = {k: p.at_v() if len(p.v) == 1 else p.fresh(p.only(k)) for k in p.v}
     twos = {k: p.fresh(p.only(k, 2.0)) for k in p.v}
     nothing = {n: torch.zeros_like(g) for n, g in zero.items()}
     if p.differs(zero, nothing) is not None:
@@ -286,8 +321,7 @@ def grad_output(p: Probe) -> Check:
 
 
 def undefined_grad(p: Probe) -> Check:
-    outputs, leaves = p.forward()
-    live = [k for k in p.v if outputs[k].requires_grad]
+    live = [k for k in p.v if p.outputs[k].requires_grad]
     if not live:
         return _result("undefined_grad", None, "no output requires grad")
     cases = [(None, "every output's gradient")] + ([(k, f"the gradient of output {k}") for k in live] if len(live) > 1 else [])
@@ -303,9 +337,11 @@ def undefined_grad(p: Probe) -> Check:
                 f"{one_line(exc)}",
                 "",
             )
-        kept = {j: (torch.zeros_like(v) if undefined is None or j == undefined else v) for j, v in p.v.items()}
-        outputs, leaves = p.forward()
-        want = p.grad(outputs, leaves, kept, retain=False)
+        if undefined is None:
+            want = p.at_zero()
+        else:
+            kept = {j: (torch.zeros_like(v) if j == undefined else v) for j, v in p.v.items()}
+            want = p.fresh(kept)
         found = p.differs(got, want)
         if found is not None:
             name, index, a, b = found
@@ -341,7 +377,7 @@ def repeatable(p: Probe) -> Check:
     spread, where = _spread(first, second)
     failure = None
     if not spread <= tol:
-        fresh, _ = _spread(first, p.fresh(p.v))
+        fresh, _ = _spread(first, p.at_v())
         if fresh <= tol:
             failure = (
                 f"{p.owner} is not repeatable on one graph: a second backward with the same grad_output differs by "
@@ -404,9 +440,7 @@ def _watched(outputs: tuple[torch.Tensor, ...]) -> Iterator[list[tuple[Any, list
 
 
 def grad_meta(p: Probe) -> Check:
-    outputs, leaves = p.forward()
-    with _watched(outputs) as calls:
-        p.grad(outputs, leaves, p.v)
+    _, leaves, _, calls = p.watched()
     names = {id(leaf): name for name, leaf in leaves.items()}
     for node, grads, _ in calls:
         try:
@@ -446,12 +480,7 @@ def grad_meta(p: Probe) -> Check:
 
 
 def in_place(p: Probe) -> Check:
-    outputs, leaves = p.forward()
-    given = {k: v.clone() for k, v in p.v.items()}
-    pairs = [(outputs[k], v) for k, v in given.items() if outputs[k].requires_grad]
-    with _watched(outputs) as calls:
-        if pairs:
-            torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs], allow_unused=True)
+    outputs, _, given, calls = p.watched()
     for k, v in p.v.items():
         if not identical(given[k], v):
             return _result("in_place", f"{p.owner} modifies grad_output of output {k} in place", "")
@@ -494,8 +523,7 @@ def layout(p: Probe) -> Check:
     that layout: torch's ops that read strides (`as_strided`) or refuse a layout (`view`) are
     layout-dependent by definition. A custom Function's forward that gives other outputs is a
     finding (a kernel that reads storage as if it were contiguous)."""
-    outputs, leaves = p.forward()
-    want = p.grad(outputs, leaves, p.v, retain=False)
+    outputs, want = p.outputs, p.at_v()
     tensors = {n: t for n, t in p.values.items() if n not in p.case.cotangents.values()}
     ran, skipped = [], []
     for how, relaid in LAYOUTS:
@@ -546,15 +574,19 @@ def _first_difference(
 
 def vmap(p: Probe) -> Check:
     """Per-sample gradients under vmap against a loop: torch.func.vmap of the VJP (the
-    Function's own vmap rule, where it has one), then autograd's is_grads_batched."""
-    outputs, leaves = p.forward()
+    Function's own vmap rule, where it has one), then autograd's is_grads_batched. Where no
+    custom Function is in the graph, torch.func.vmap would only run torch's own batching rules
+    (and import torch._dynamo, seconds, at its first use): is_grads_batched alone is checked
+    there, as torch's check_batched_grad does."""
+    outputs = p.outputs
     batch = {k: _random_like(v, p.gen) for k, v in p.v.items()}
     looped = [p.fresh({k: v[b] for k, v in batch.items()}) for b in range(BATCH)]
-    want = {n: torch.stack([g[n] for g in looped]) for n in leaves}
+    want = {n: torch.stack([g[n] for g in looped]) for n in p.case.wrt}
     # Under torch.func.vmap the forward runs batched too (through the Function's vmap rule).
     values = {f"output {k}": torch.stack([outputs[k].detach()] * BATCH) for k in batch}
     ran, skipped = [], []
-    for how, batched, expected in (("torch.func.vmap", _func_vmap, {**values, **want}), ("is_grads_batched", _grads_batched, want)):
+    ways = (("torch.func.vmap", _func_vmap, {**values, **want}),) if p.classes else ()
+    for how, batched, expected in (*ways, ("is_grads_batched", _grads_batched, want)):
         try:
             got = batched(p, batch)
         except Exception as exc:  # noqa: BLE001 - what vmap cannot batch has nothing to compare

@@ -46,6 +46,7 @@ more through one entry, `reference()`, which returns a `Reference`:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -102,6 +103,12 @@ SAMPLES = 24
 # large): two rows of every chunk are checked with a plain forward pass, which must stay cheap.
 REPLAY_FROM = 64
 MIN_REPLAY_ROWS = 64
+# A tiny check (fewer differentiated elements than this in all, and a plain forward pass faster
+# than REPLAY_SLOW_FORWARD seconds: an op_db sample, a small loss) is left to vmap of the whole
+# forward: there the recording, its checked rows and the first dispatch to its tensor subclass
+# (which imports torch.distributed.tensor) cost more than the forward passes they save.
+REPLAY_CASE_FROM = 2048
+REPLAY_SLOW_FORWARD = 1e-3
 DIRECTIONS = 2
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
@@ -332,9 +339,8 @@ class FiniteDifferences:
         sigma, still = self.noise
         if alone:
             sigma = self._own_noise(whole, chosen, scale)
-        for multiplier in steps:
-            h = steps_for(scale) * multiplier
-            f = evaluate(self.batched, self.targets, whole, h, chosen)
+        hs = [steps_for(scale) * multiplier for multiplier in steps]
+        for h, f in zip(hs, evaluate_steps(self.batched, self.targets, whole, hs, chosen)):
             estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], sigma)
             estimate["step"] = h[chosen]
             found.append(estimate)
@@ -758,9 +764,7 @@ def evaluate(
         return batched.elements(flat, h, index, OFFSETS)
     base = flat.join(targets)
     f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
-    # A group already recorded is replayed for a few elements too (the steps chosen again).
-    recorded = getattr(batched, "programs", {}).get(tuple(flat.shapes)) is not None
-    program = batched.program(targets, flat, base) if len(index) >= REPLAY_FROM or recorded else None
+    program = _program(batched, targets, flat, base, len(index))
     if program is not None:
         try:
             f[:, index] = _replayed(batched, program, targets, flat, base, h, index)
@@ -769,25 +773,79 @@ def evaluate(
             raise
         except Exception:  # noqa: BLE001 - Unreplayable, or an op the replay cannot batch: vmap of it all
             batched.programs[tuple(flat.shapes)] = None
+    f[:, index] = _vmapped(batched, targets, flat, base, index, h[index])
+    return f
+
+
+def evaluate_steps(
+    batched: Batched,
+    targets: Mapping[str, torch.Tensor],
+    flat: Flat,
+    hs: Sequence[torch.Tensor],
+    index: Sequence[int] | torch.Tensor,
+) -> list[torch.Tensor]:
+    """`evaluate` at each of the step vectors `hs`: under vmap, the rows of every step go into
+    the same batches (one batched call where `evaluate` per step would make one each); the
+    replay and a numpy forward evaluate step by step."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    if len(hs) == 1 or isinstance(batched, InPlace):
+        return [evaluate(batched, targets, flat, h, index) for h in hs]
+    base = flat.join(targets)
+    if _program(batched, targets, flat, base, len(index)) is not None:
+        return [evaluate(batched, targets, flat, h, index) for h in hs]
+    values = _vmapped(batched, targets, flat, base, index.repeat(len(hs)), torch.cat([h[index] for h in hs]))
+    found = []
+    for k in range(len(hs)):
+        f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
+        f[:, index] = values[:, k * len(index) : (k + 1) * len(index)]
+        found.append(f)
+    return found
+
+
+def _program(batched: Batched, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, count: int) -> Program | None:
+    """The recorded forward to replay `count` elements of `flat` with, or None (vmap): a group
+    already recorded is replayed for a few elements too (the steps chosen again); another from
+    REPLAY_FROM elements on, unless the check is tiny."""
+    if getattr(batched, "programs", {}).get(tuple(flat.shapes)) is not None:
+        return batched.program(targets, flat, base)
+    if count >= REPLAY_FROM and not batched.tiny(targets, flat, base):
+        return batched.program(targets, flat, base)
+    return None
+
+
+def _vmapped(
+    batched: Batched,
+    targets: Mapping[str, torch.Tensor],
+    flat: Flat,
+    base: torch.Tensor,
+    elements: torch.Tensor,
+    h: torch.Tensor,
+) -> torch.Tensor:
+    """The loss at θ ± h and θ ± h/2 for each flat element `elements[i]` at its step `h[i]` (an
+    element may come more than once, at other steps), as a (4, len(elements)) matrix, by the
+    forward under vmap: the perturbed rows live in one buffer of at most CHUNK_BYTES, filled
+    with θ once; from one chunk to the next only the 4 entries a row perturbs are put back and
+    set anew, so building rows costs O(1) per evaluation, not O(size)."""
+    out = torch.empty((len(OFFSETS), len(elements)), dtype=torch.float64)
     per_chunk = elements_per_chunk(flat.size)
-    count = min(per_chunk, len(index)) * len(OFFSETS)
+    count = min(per_chunk, len(elements)) * len(OFFSETS)
     if count == 0:
-        return f
+        return out
     rows = base.repeat(count, 1)
     line = torch.arange(count)
     offsets = torch.tensor(OFFSETS, dtype=torch.float64).repeat(count // len(OFFSETS))
     previous: torch.Tensor | None = None
-    for start in range(0, len(index), per_chunk):
-        idx = index[start : start + per_chunk]
+    for start in range(0, len(elements), per_chunk):
+        idx = elements[start : start + per_chunk]
         n = len(idx) * len(OFFSETS)
         which = idx.repeat_interleave(len(OFFSETS))
         if previous is not None:
             rows[line[: previous.numel()], previous] = base[previous]
         # θ + t·h, exact (h a power of two): the same value as adding the offset to a copy of θ
-        rows[line[:n], which] = base[which] + offsets[:n] * h[which]
-        f[:, idx] = batched(targets, flat, rows[:n]).reshape(len(idx), len(OFFSETS)).T
+        rows[line[:n], which] = base[which] + offsets[:n] * h[start : start + per_chunk].repeat_interleave(len(OFFSETS))
+        out[:, start : start + len(idx)] = batched(targets, flat, rows[:n]).reshape(len(idx), len(OFFSETS)).T
         previous = which
-    return f
+    return out
 
 
 def _replayed(
@@ -1138,6 +1196,40 @@ class Batched:
         self.note: str | None = None
         # per group of tensors, its recorded forward for one-element perturbations (None: none)
         self.programs: dict[tuple[str, ...], Program | None] = {}
+        self._tiny: bool | None = None
+
+    def tiny(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> bool:
+        """Whether the check is too small for the replay to pay: REPLAY_CASE_FROM elements in
+        all, a forward pass faster than REPLAY_SLOW_FORWARD (the faster of two: the first may
+        pay first-use costs), and vmap batches it (two rows, the values of a plain call). Where
+        vmap cannot batch the forward (a Function without a vmap rule), the replay is what
+        spares a forward pass per perturbation: never tiny. Decided once."""
+        if self._tiny is None:
+            self._tiny = self.vmap_works and sum(t.numel() for t in targets.values()) < REPLAY_CASE_FROM
+            if self._tiny:
+                took = []
+                for _ in range(2):
+                    started = time.perf_counter()
+                    plain = self.one(targets, flat, base)
+                    took.append(time.perf_counter() - started)
+                self._tiny = min(took) < REPLAY_SLOW_FORWARD and self._batches(targets, flat, base, plain)
+        return self._tiny
+
+    def _batches(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, plain: torch.Tensor) -> bool:
+        """Whether vmap batches the forward at `base` (two rows equal to `plain`); a failure here
+        changes nothing else (the evaluation that follows finds it again and says so)."""
+
+        def one(vector: torch.Tensor) -> torch.Tensor:
+            return self.loss({**targets, **flat.split(vector)})
+
+        try:
+            with torch.no_grad():
+                values = torch.func.vmap(one, randomness="error")(torch.stack([base, base]))
+            return _same(values[1], plain)
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - an op vmap cannot batch
+            return False
 
     def one(self, targets: Mapping[str, torch.Tensor], flat: Flat, vector: torch.Tensor) -> torch.Tensor:
         """The loss at one flat vector of the tensors in `flat`."""
