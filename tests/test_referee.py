@@ -292,3 +292,32 @@ def test_forward_mode_imports_no_private_helper_of_the_referee():
         for alias in node.names
     ]
     assert imported and not [name for name in imported if name.startswith("_")]
+
+
+def test_a_label_input_that_jumps_at_the_point_does_not_widen_the_other_inputs_bars():
+    """hinge_embedding_loss(x, y) with the ±1 labels y requiring grad: off ±1 the loss takes
+    another branch, so the loss jumps at the point when y moves. That jump is no rounding: were it
+    measured as the forward's noise, every bar would widen until a zeroed gradient of x passed
+    (op_db's cosine/hinge embedding losses did). y's own elements show it as a kink."""
+    import torch.nn.functional as F
+
+    from backprop_check import check
+
+    torch.manual_seed(0)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    y = (torch.randint(0, 2, (5,)) * 2 - 1).to(torch.float64).requires_grad_(True)
+
+    class ZeroedX(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y):
+            return F.hinge_embedding_loss(x, y)
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.zeros(5, dtype=g.dtype), None  # d/dx forgotten
+
+    right = check(F.hinge_embedding_loss, (x, y), dtypes=["float64"], points=0).results[0]
+    assert right.verdict != "mismatch", right.message
+    (wrong,) = check(ZeroedX.apply, (x, y), dtypes=["float64"], points=0).results
+    assert (wrong.verdict, wrong.culprit) == ("mismatch", "autograd"), wrong.message
+    assert "input `x`" in wrong.message

@@ -75,6 +75,7 @@ NOISE_POINTS = 9
 NOISE_ORDER = 4
 NOISE_ULPS = 1024.0
 NOISE_SEED = 28
+JUMP_RATIO = 16.0  # the differences through the point this many times those beside it: a jump
 EPS = float(torch.finfo(torch.float64).eps)
 ROUNDING_FLOOR = EPS / math.sqrt(48)
 # An error bar is ROUNDING_SIGMAS standard deviations of the rounding the estimate carries (the
@@ -313,8 +314,21 @@ class FiniteDifferences:
         tensor: the rounding of x − mean at x ≈ 1e6 is a bias in ∂loss/∂w that moving w alone
         cannot show, and its size is the loss's noise when x moves."""
         if self._noise is None:
-            self._noise = _measured_noise(self._plain, self.targets, self.targets, Flat(self.targets).join(self.scales), float(self.loss0))
+            sigma, still, jumps = self._probe(self.targets)
+            if jumps:
+                # The loss jumps at the point itself (a ±1 label that requires grad: off ±1 the
+                # loss takes another branch): that is no rounding, and as σ it would widen every
+                # bar until any gradient passed. The tensors that make it jump are left out of
+                # the probe (their own elements show the jump as a kink); where every tensor
+                # does, the jump is all there is to measure.
+                smooth = {name: t for name, t in self.targets.items() if not self._probe({name: t})[2]}
+                if smooth:
+                    sigma, still, _ = self._probe(smooth)
+            self._noise = (sigma, still)
         return self._noise
+
+    def _probe(self, moved: Mapping[str, torch.Tensor]) -> tuple[float, bool, bool]:
+        return _measured_noise(self._plain, moved, self.targets, Flat(dict(moved)).join(self.scales), float(self.loss0))
 
     def estimate(
         self,
@@ -926,9 +940,11 @@ def _measured_noise(
     targets: Mapping[str, torch.Tensor],
     scale: torch.Tensor,
     f0: float,
-) -> tuple[float, bool]:
-    """The standard deviation σ of the forward's own rounding when the tensors `moved` move, and
-    whether the loss stood still (bitwise) meanwhile. Measured as Moré and Wild's ECnoise does:
+) -> tuple[float, bool, bool]:
+    """The standard deviation σ of the forward's own rounding when the tensors `moved` move,
+    whether the loss stood still (bitwise) meanwhile, and whether it jumps at the point itself
+    (the differences through the point JUMP_RATIO times those beside it: the loss a few ulps
+    away is smooth, the point is off it). Measured as Moré and Wild's ECnoise does:
     the loss along NOISE_LINES random lines through the point, at NOISE_POINTS points NOISE_ULPS
     ulps of each element (`scale`: its size) apart. Over so small a spacing the function is a
     polynomial to far below rounding, so its NOISE_ORDER-th differences are rounding alone, with
@@ -940,7 +956,7 @@ def _measured_noise(
     floor = ROUNDING_FLOOR * abs(f0) if math.isfinite(f0) else 0.0
     size = scale.reshape(-1).to(torch.float64).abs()
     if not flat.size or not bool((size > 0).any()):
-        return floor, False
+        return floor, False, False
     base = flat.join(moved)
     gen = torch.Generator().manual_seed(NOISE_SEED)
     steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
@@ -954,13 +970,20 @@ def _measured_noise(
     except CaseTimeout:
         raise
     except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
-        return floor, False
+        return floor, False, False
     still = bool((values == f0).all())
     differences = torch.cat([torch.full((NOISE_LINES, 1), f0, dtype=torch.float64), values], dim=1)
     for _ in range(NOISE_ORDER):
         differences = differences[:, 1:] - differences[:, :-1]
-    squares = differences[torch.isfinite(differences)] ** 2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
-    return (max(floor, math.sqrt(float(squares.mean()))) if squares.numel() else floor), still
+    squares = differences.nan_to_num(math.inf, posinf=math.inf, neginf=math.inf) ** 2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
+    # Column 0 is the only difference through the point; the others lie beside it. Rounding
+    # makes them alike (a ratio of JUMP_RATIO² in mean square is beyond chance), a jump at the
+    # point shows in column 0 alone.
+    through, beside = squares[:, 0], squares[:, 1:]
+    through, beside = through[torch.isfinite(through)], beside[torch.isfinite(beside)]
+    jumps = bool(through.numel() and beside.numel()) and float(through.mean()) > JUMP_RATIO**2 * max(float(beside.mean()), floor**2)
+    finite = squares[torch.isfinite(squares)]
+    return (max(floor, math.sqrt(float(finite.mean()))) if finite.numel() else floor), still, jumps
 
 
 def _differences(f: torch.Tensor, f0: torch.Tensor | float, h: torch.Tensor | float) -> dict[str, torch.Tensor]:
