@@ -515,8 +515,12 @@ class FiniteDifferences:
             return estimate
 
         def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
-            columns = [at(float(m), [int(i)]) for i, m in zip(where.tolist(), h.tolist())]
-            return {k: torch.cat([c[k] for c in columns]) for k in columns[0]}
+            # Every direction at its own multiplier, in one batch.
+            scaled = [vectors[i].reshape(-1) * m for i, m in zip(where.tolist(), h.tolist())]
+            f = _along(self.batched, self.targets, one, base, scaled)
+            estimate = _line_estimates(f, h.to(torch.float64), float(self.loss0), noise=self.noise[0])
+            estimate["step"] = h.to(torch.float64).clone()
+            return estimate
 
         best = at(steps[0], everyone)
         for multiplier in steps[1:]:
