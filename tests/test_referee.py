@@ -321,3 +321,69 @@ def test_a_label_input_that_jumps_at_the_point_does_not_widen_the_other_inputs_b
     (wrong,) = check(ZeroedX.apply, (x, y), dtypes=["float64"], points=0).results
     assert (wrong.verdict, wrong.culprit) == ("mismatch", "autograd"), wrong.message
     assert "input `x`" in wrong.message
+
+
+def test_a_point_near_its_domains_edge_is_estimated_at_steps_that_stay_inside():
+    """asin at 0.995: the first step (2⁻⁶) reaches past 1, where the loss is nan; the estimate
+    is taken at smaller steps, not reported as a nan gradient (op_db's asin, atanh, erfinv and
+    logit samples were errors where torch's gradcheck passes)."""
+    from backprop_check import check
+
+    x = torch.tensor([0.995, -0.993, 0.2], dtype=torch.float64, requires_grad=True)
+    (right,) = check(torch.asin, (x,), dtypes=["float64"], points=0).results
+    assert right.verdict == "ok", right.message
+
+    class Slipped(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.asin(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - x * x).rsqrt() * torch.tensor([1.0, 1.0001, 1.0], dtype=x.dtype)
+
+    (wrong,) = check(Slipped.apply, (x,), dtypes=["float64"], points=0).results
+    assert (wrong.verdict, wrong.culprit) == ("mismatch", "autograd"), wrong.message
+
+
+def test_a_forward_that_refuses_a_point_a_first_step_away_is_estimated_at_narrower_steps():
+    """A probability at 0.995 that the forward checks lies in [0, 1] (as torch.bernoulli does):
+    p + 2⁻⁶ raises, so the first steps are retried narrower, not reported as fn's error."""
+    from backprop_check import check
+
+    def likelihood(p):
+        if bool(((p < 0) | (p > 1)).any()):
+            raise ValueError("p must lie in [0, 1]")
+        return (p * torch.log(p)).sum()
+
+    p = torch.tensor([0.995, 0.5, 0.01], dtype=torch.float64, requires_grad=True)
+    (result,) = check(likelihood, (p,), dtypes=["float64"], points=0).results
+    assert result.verdict == "ok", result.message
+
+
+def test_settle_drops_a_column_at_its_floor_without_losing_the_others():
+    """Two unsettled columns, one already at its floor: the other is estimated again alone
+    (the shrink factors follow the columns kept; _safe_softmax's sample crashed here)."""
+    from backprop_check.sources.numerical import settle
+
+    def estimates(count: int, value: float, step: float) -> dict:
+        full = lambda v: torch.full((count,), v, dtype=torch.float64)  # noqa: E731
+        return {
+            "value": full(value), "error": full(1e-6), "left": full(value), "right": full(value),
+            "kink": torch.zeros(count, dtype=torch.bool), "truncation": full(1e-6), "rounding": full(1e-12),
+            "flat": torch.zeros(count, dtype=torch.bool), "wide": torch.zeros(count, dtype=torch.bool), "step": full(step),
+        }
+
+    best = estimates(2, 1.0, 2.0**-6)
+    best["step"][1] = 2.0**-30  # its next step would be below the floor
+    asked = []
+
+    def at(where, h):
+        asked.append(where.tolist())
+        return estimates(where.numel(), 1.0, 0.0)
+
+    settled = settle(best, at, torch.full((2,), 2.0**-32), torch.ones(2, dtype=torch.bool), torch.full((2,), 2.0**-23))
+    assert asked and asked[0] == [0]
+    assert all(v.shape == (2,) for v in settled.values())

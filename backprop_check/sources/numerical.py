@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from backprop_check.model.case import Case
-from backprop_check.errors import CaseTimeout
+from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model.forward import call_forward
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import Direction, Gradients
@@ -66,6 +66,7 @@ from backprop_check.sources.inplace import InPlace
 # rounding at this step for a function that varies on a scale of 1 or more; one that varies
 # faster shows it (`_estimates`: the corrections decrease too slowly) and gets a smaller step.
 RELATIVE_STEP = 2.0**-6
+NARROWER = 2.0**-7  # a first step the forward refuses is retried this much smaller (2⁻¹³)
 # The forward's own rounding, measured (`_measured_noise`): the loss along NOISE_LINES lines
 # through the point at NOISE_POINTS points NOISE_ULPS ulps of every input apart; the
 # NOISE_ORDER-th differences there are rounding alone. Never below ROUNDING_FLOOR·|loss|: the
@@ -354,7 +355,16 @@ class FiniteDifferences:
         if alone:
             sigma = self._own_noise(whole, chosen, scale)
         hs = [steps_for(scale) * multiplier for multiplier in steps]
-        for h, f in zip(hs, evaluate_steps(self.batched, self.targets, whole, hs, chosen)):
+        try:
+            evaluated = evaluate_steps(self.batched, self.targets, whole, hs, chosen)
+        except CaseTimeout:
+            raise
+        except CaseError:
+            # fn refuses a point a first step away (a probability p ± h outside [0, 1]): the
+            # steps a kink is confirmed at, where the old fixed steps were; settled from there.
+            hs = [h * NARROWER for h in hs]
+            evaluated = evaluate_steps(self.batched, self.targets, whole, hs, chosen)
+        for h, f in zip(hs, evaluated):
             estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], sigma)
             estimate["step"] = h[chosen]
             found.append(estimate)
@@ -369,6 +379,9 @@ class FiniteDifferences:
         # The loss did not move when this tensor moved by NOISE_ULPS ulps: a staircase whose
         # stairs may be finer than the step; a slope seen at the step is checked at smaller ones.
         best["flat"] = best["flat"] | (still & (best["value"].abs() > 16 * best["rounding"]))
+        # Not finite a first step away (asin at 0.99, θ + h past the domain's edge): smaller
+        # steps, as for any step wider than the function allows.
+        best["flat"] = best["flat"] | ~torch.isfinite(best["value"])
         best = self._settled(whole, scale, chosen, best, sigma)
         if alone:
             best = self._widened(whole, scale, chosen, best, sigma)
@@ -530,7 +543,8 @@ class FiniteDifferences:
             [_kink_multiplier(theta[v.reshape(-1) != 0]) for v in vectors],
             dtype=torch.float64,
         )
-        best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate, small)
+        # A direction not finite a first step away (past a domain's edge) is taken at smaller steps.
+        best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate | ~torch.isfinite(best["value"]), small)
         return [
             Direction(
                 v,
@@ -1160,7 +1174,7 @@ def settle(
         factor = torch.where(coarse[where], SHRINK, _shrink_for(best["truncation"][where], best["rounding"][where]))
         h = best["step"][where] * factor
         keep = h >= floor[where]
-        where, h = where[keep], h[keep]
+        where, h, factor = where[keep], h[keep], factor[keep]
         if not where.numel():
             break
         other = at(where, h)
