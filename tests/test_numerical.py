@@ -118,7 +118,7 @@ def test_batched_and_one_by_one_evaluation_give_the_same_numbers(monkeypatch):
         assert torch.all(grads.error["W"] <= 1e-8 * true.abs().max())  # far below rtol 1e-7
 
 
-def _loop_only(self, loss):
+def _loop_only(self, loss, vmap=True):  # noqa: ARG001 - vmap never, whatever the case says
     self.loss, self.vmap_works, self.note = loss, False, None
 
 

@@ -301,11 +301,9 @@ class FiniteDifferences:
             return call_forward(case, replace(at, params=params), offsets)[0].to(torch.float64)
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
-        self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss)
+        self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss, vmap=case.batchable)
         # The rounding probes: not through `batched`, which decides alone how perturbations run.
         self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
-        if not case.numpy and not case.batchable:  # it knows vmap cannot batch it (orders.py)
-            self.batched.vmap_works = False
         self._noise: tuple[float, bool] | None = None
 
     @property
@@ -1231,9 +1229,9 @@ def _better(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> di
 class Batched:
     """Evaluates the loss for a batch of values of some tensors, with `vmap` where it works."""
 
-    def __init__(self, loss: Loss) -> None:
+    def __init__(self, loss: Loss, vmap: bool = True) -> None:
         self.loss = loss
-        self.vmap_works = True
+        self.vmap_works = vmap  # False: the case knows vmap cannot batch it (orders.py)
         self.note: str | None = None
         # per group of tensors, its recorded forward for one-element perturbations (None: none)
         self.programs: dict[tuple[str, ...], Program | None] = {}
