@@ -14,6 +14,7 @@ Three parts, all float64 referee, CPU:
 
     .venv/bin/python benchmarks/run.py referee
     .venv/bin/python benchmarks/referee.py --against /work/main    # speed before/after, side by side
+    .venv/bin/python benchmarks/referee.py --against /work/main 3 --warm   # the same, each check warm
 """
 from __future__ import annotations
 
@@ -244,11 +245,29 @@ for name, (case, full) in cases.items():
 print(json.dumps(out))
 """
 
+# Warm: each model checked once untimed in the process (first-use imports, vmap set-up), then
+# the median of REPEATS further checks (2 for the replay): what a suite of many checks pays.
+TIMED_WARM = TIMED.split("speed.harness(cases")[0] + """
+import statistics
+out = {}
+for name, (case, full) in cases.items():
+    speed.harness(case, full)
+    walls, cpus = [], []
+    for _ in range(2 if "replay" in name else 9):
+        began, cpu = time.perf_counter(), time.process_time()
+        got = speed.harness(case, full)
+        walls.append(time.perf_counter() - began)
+        cpus.append(time.process_time() - cpu)
+    out[name] = [statistics.median(walls), str(got.verdict), str(got.where), statistics.median(cpus)]
+print(json.dumps(out))
+"""
 
-def against(other: str, rounds: int = 2) -> str:
+
+def against(other: str, rounds: int = 2, warm: bool = False) -> str:
     """The harness timings of benchmarks/speed.py in fresh processes, this tree and `other`
     (a checkout of main) alternating, `rounds` each: medians and their ratio, of the wall time
-    and of the process's CPU time (one thread: what the load of a shared machine moves least)."""
+    and of the process's CPU time (one thread: what the load of a shared machine moves least).
+    `warm`: each check timed after one untimed run in its process (`TIMED_WARM`)."""
     import json
     import os
     import statistics
@@ -261,7 +280,7 @@ def against(other: str, rounds: int = 2) -> str:
     for _ in range(rounds):
         for label, tree in (("before", other), ("after", here)):
             env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
-            done = subprocess.run([sys.executable, "-c", TIMED], cwd=tree, env=env, capture_output=True, text=True, check=True)
+            done = subprocess.run([sys.executable, "-c", TIMED_WARM if warm else TIMED], cwd=tree, env=env, capture_output=True, text=True, check=True)
             runs[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
     rows = []
     for name in runs["after"][0]:
@@ -278,4 +297,5 @@ def against(other: str, rounds: int = 2) -> str:
 
 
 if __name__ == "__main__" and len(__import__("sys").argv) > 2 and __import__("sys").argv[1] == "--against":
-    print(against(__import__("sys").argv[2], int(__import__("sys").argv[3]) if len(__import__("sys").argv) > 3 else 2))
+    _argv = [a for a in __import__("sys").argv[2:] if a != "--warm"]
+    print(against(_argv[0], int(_argv[1]) if len(_argv) > 1 else 2, warm="--warm" in __import__("sys").argv))
