@@ -24,8 +24,8 @@ import torch
 
 import backprop_check
 from backprop_check.engine import runner
-from backprop_check.model.function import FunctionCase
-from backprop_check.sources import SOURCES, rounding
+from backprop_check.engine import rounding
+from backprop_check.sources import SOURCES
 import kernels
 from measure import table
 
@@ -83,7 +83,7 @@ def clocked(clock: Clock) -> Iterator[None]:
         clock.wrap(runner, "refereed", "referee: refine / locate"),
         clock.wrap(runner, "compare", "compare"),
         clock.wrap(runner, "summarize", "result and report building (summarize)"),
-        clock.wrap(FunctionCase, "extra_checks", "contract items (extra_checks)"),
+        clock.wrap(runner, "extra_checks", "contract items (extra_checks)"),
     ]
     sources = dict(SOURCES)
     for name, stage in (("autograd", "autograd source"), ("manual", "manual source")):

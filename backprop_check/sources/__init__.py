@@ -1,5 +1,9 @@
-"""The three gradient sources. Each is one function of the same shape,
-`(case, point, device, dtype) -> Gradients`; the comparison never knows which model it sees."""
+"""The gradient sources. Each is one function of the same shape, `(case, point, device, dtype) ->
+Gradients`, and the comparison never knows which model it sees. The two that are checked,
+manual and autograd, are registered in SOURCES; the numerical one is the referee they are
+checked against, and the engine asks it through its own entries (`numerical.reference`: the
+gradients, then `refine` and `locate` the elements a verdict hangs on; `numerical.along` for
+forward mode), with `numerical.gradient` the plain source shape, every element estimated."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -65,10 +69,8 @@ Source = Callable[[Case, Point, str, torch.dtype], Gradients]
 
 from backprop_check.sources import autograd  # noqa: E402 - they import Gradients from here
 from backprop_check.sources import manual
-from backprop_check.sources import numerical
 
 SOURCES: dict[str, Source] = {
     "manual": manual.gradient,
-    "numerical": numerical.gradient,
     "autograd": autograd.gradient,
 }
