@@ -29,6 +29,10 @@ _LAZY = {
     "run": "engine.runner",
 }
 
+# What hands back a Report (or raises with one): the notebook view (formats, records.VIEWS) is
+# registered when one of these is first used, not for `Report` or `node` alone, which need no torch.
+_CHECKS = {"assert_gradients", "check", "check_layer", "gradcheck", "gradgradcheck", "run"}
+
 if TYPE_CHECKING:
     from backprop_check.commands.assertions import assert_gradients
     from backprop_check.commands.dropin import GradcheckError, gradcheck, gradgradcheck
@@ -44,7 +48,8 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    import_module(".formats", __name__)  # registers how a Report shows in a notebook (records.VIEWS)
+    if name in _CHECKS:  # they import torch anyway; the formats register how a Report shows in a notebook
+        import_module(".formats", __name__)
     globals()[name] = value
     return value
 

@@ -124,12 +124,13 @@ def plan_from(values: Callable[[str], Any], select: str | None = None) -> Plan:
     )
 
 
-def _flatten(given: Sequence[str] | str | None) -> list[str]:
+def _flatten(given: Sequence[Any] | str | None) -> list[str]:
     if not given:
         return []
     if isinstance(given, str):
         given = [given]
-    return [name for item in given for name in _names(item)]
+    # A torch.dtype or torch.device from the Python API is said by its name: "float32", "cuda:1".
+    return [name for item in given for name in _names(dtypes.name_of(item))]
 
 
 def devices_for(case: Any, devices: tuple[str, ...]) -> tuple[str, ...]:

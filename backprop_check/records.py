@@ -322,10 +322,11 @@ class Report:
     def ok(self) -> bool:
         return self.exit_code == 0
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
         """What a notebook shows: the HTML report (summary, what needs a look, ok, skipped), its
-        styles scoped to it."""
-        return VIEWS["text/html"](self)
+        styles scoped to it; None (the notebook shows the repr) before the formats are loaded."""
+        view = VIEWS.get("text/html")
+        return None if view is None else view(self)
 
     def to_dict(self) -> dict[str, Any]:
         summary = {"exit_code": self.exit_code, "seconds": round(self.seconds, 3), "partial": self.partial, "not_checked": self.not_checked}

@@ -137,3 +137,14 @@ def test_the_options_import_no_torch() -> None:
     code = "import sys, backprop_check.options; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_the_python_api_may_name_dtypes_and_devices_as_torch_objects() -> None:
+    import torch
+
+    given = {"device": [torch.device("cpu")], "dtype": (torch.float32,), "points": 0, "seed": 0, "timeout": None,
+             "full": False, "allow_skip": False}
+    plan = plan_from(given.__getitem__)
+    assert (plan.devices, plan.dtypes) == (("cpu",), ("float32",))
+    with pytest.raises(UsageError, match="unknown dtype 'int64'"):
+        plan_from({**given, "dtype": [torch.int64]}.__getitem__)
