@@ -169,8 +169,9 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
 
 
 def prepare_kernel(case: Case, plan: Plan) -> tuple[Callable[..., Result], list[str]]:
-    """A kernel checked against its reference (engine/reference.py): the points and the referee's checks of the reference at each (float64, on the CPU, once
-    for every device and dtype), and the function that checks one device × dtype."""
+    """A kernel checked against its reference (engine/reference.py): the points and the
+    referee's checks of the reference at each (float64, on the CPU, once for every device and
+    dtype), and the function that checks one device × dtype."""
     kernel, twin = case, kernels.twin_of(case, plan.seed, plan.full)
     points, cache, notes = prepare_points(twin, plan)
     tol = tolerance_for(torch.float64, case.rtol, case.atol)
