@@ -313,3 +313,50 @@ def test_a_tiny_check_is_left_to_vmap_and_a_large_one_replayed(monkeypatch: pyte
     for leaf, values in tiny.gradients.values.items():
         difference = (large.gradients.values[leaf] - values).abs()
         assert bool((difference <= torch.minimum(large.gradients.error[leaf], tiny.gradients.error[leaf])).all()), leaf
+
+
+@pytest.mark.parametrize("length", [1, 3, 10, 31, 32, 100])
+@pytest.mark.parametrize("op", [torch.ops.aten._softmax.default, torch.ops.aten._log_softmax.default])
+def test_a_short_softmax_in_plain_ops_is_atens_own(op: object, length: int) -> None:
+    """Along a short dim the replay computes (log-)softmax in plain ops (faster there): the same
+    values as aten's kernel, -inf entries (a masked logit) and a dim of one included."""
+    x = _randn(7, 5, length, seed=length) * 30
+    x[0, 0, 0] = -math.inf
+    x[1, 2] = -math.inf  # a whole row masked: NaN, as aten gives
+    for dim in range(3):
+        want = op(x, dim, False)
+        got = replay._softmax_along(op, x.clone(), dim, False)
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14, equal_nan=True)
+
+
+def test_each_tensor_of_a_batch_is_in_storage_of_its_own_under_vmap() -> None:
+    """`Flat.columns`: every row of every tensor starts its own storage (as_strided with an
+    offset reads that tensor's values, never a neighbour's), and holds what `split` gives."""
+    tensors = {"a": _randn(2, 3, seed=1), "b": _randn(4, seed=2), "c": _randn(3, 3, seed=3)}
+    flat = numerical.Flat(tensors)
+    batch = torch.stack([flat.join(tensors) + k for k in range(5)])
+    columns = flat.columns(batch)
+    for k in range(5):
+        split = flat.split(batch[k])
+        for name in tensors:
+            torch.testing.assert_close(columns[name][k], split[name], rtol=0, atol=0)
+            assert columns[name].storage_offset() == 0 and columns[name].is_contiguous()
+    # one tensor, a fresh batch: the rows themselves, not copied
+    alone = numerical.Flat({"c": tensors["c"]})
+    rows = torch.stack([tensors["c"].reshape(-1)] * 3)
+    assert alone.columns(rows)["c"].data_ptr() == rows.data_ptr()
+    # ... but a batch that starts inside another storage is copied
+    assert alone.columns(torch.cat([rows, rows])[1:])["c"].storage_offset() == 0
+
+    def reads_storage(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return (torch.as_strided(c, (2, 2), (1, 3), 1) ** 2).sum() + a.sum()
+
+    @backprop_check.case(params={"a": tensors["a"], "c": tensors["c"]})
+    def strided(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return reads_storage(a, c)
+
+    grads = numerical.gradient(strided, given_point(strided, 0), "cpu", torch.float64)
+    a, c = (tensors[k].clone().requires_grad_() for k in "ac")
+    want = torch.autograd.grad(reads_storage(a, c), (a, c))
+    torch.testing.assert_close(grads.values["a"], want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads.values["c"], want[1], rtol=1e-10, atol=1e-12)
