@@ -20,7 +20,10 @@ Rows, per Function (one process, interleaved repeats, medians, ratios of medians
   (torch's own pool), against torch's slow gradcheck in float64 plus float32 on the same inputs;
 - the drop-in `backprop_check.gradcheck` against torch's slow and fast gradcheck (float64);
 - torch's gradcheck always on one thread (its best case on a loaded machine, see one_thread);
-- JAX's `check_grads` is not a row here: these are torch Functions (it has rows in section 5).
+- JAX's `check_grads` (reverse mode, order 1, float64) on the same function written in
+  jax.numpy, at the same inputs (`jax_version`): the anchor that is not PyTorch. Like torch's
+  fast mode it checks random projections and names no element. Left out without jax (the
+  `bench` extra).
 
 `--busy`: the same contenders with and without two spinning processes (one per core, bounded,
 started and killed here) in alternate rounds, and each one's slow-down busy/quiet.
@@ -193,7 +196,47 @@ def thread_setting(value: str | None) -> Iterator[None]:
             os.environ["BACKPROP_CHECK_THREADS"] = saved
 
 
-def contenders(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> dict[str, Callable[[], str]]:
+def jax_version(name: str, inputs: tuple[torch.Tensor, ...]) -> Callable[[], str] | None:
+    """JAX's check_grads on `name`'s math in jax.numpy (float64, reverse mode, order 1) at the
+    same inputs, the ones that require grad differentiated; None without jax."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jax.test_util import check_grads
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", True)
+    arrays = [jnp.asarray(x.detach().numpy()) for x in inputs]
+    wrt = [i for i, x in enumerate(inputs) if x.requires_grad]
+
+    def attention_(q, k, v):  # noqa: ANN001, ANN202 - softmax(q·kᵀ/√d)·v, as JAX users write it
+        return jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1]), axis=-1) @ v
+
+    def soft_dice_(p, t):  # noqa: ANN001, ANN202
+        return 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+
+    def vocab_ce_(logits, target):  # noqa: ANN001, ANN202 - log Σ exp − the target's logit, per token
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+
+    math_ = {"attention": attention_, "soft_dice": soft_dice_, "vocab_ce": vocab_ce_}[name]
+
+    def differentiated(*args):  # noqa: ANN002, ANN202
+        full = list(arrays)
+        for i, a in zip(wrt, args):
+            full[i] = a
+        return math_(*full)
+
+    def run() -> str:
+        try:
+            check_grads(differentiated, tuple(arrays[i] for i in wrt), order=1, modes=("rev",))
+        except AssertionError:
+            return "fail"
+        return "ok"
+
+    return run
+
+
+def contenders(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], name: str = "") -> dict[str, Callable[[], str]]:
     """Each way of checking `fn` on `inputs`, returning what it said."""
     single = in_float32(inputs)
 
@@ -222,7 +265,7 @@ def contenders(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]
         with one_thread():
             return "ok" if torch.autograd.gradcheck(fn, inputs, fast_mode=True, raise_exception=False) else "fail"
 
-    return {
+    found = {
         "check() (thread policy)": check(None),
         "check() (torch's pool: keep)": check("keep"),
         "torch gradcheck f64 + f32": torch_both,
@@ -230,6 +273,10 @@ def contenders(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]
         "torch gradcheck slow": torch_slow,
         "torch gradcheck fast": torch_fast,
     }
+    jax_check = jax_version(name, inputs) if name else None
+    if jax_check is not None:
+        found["JAX check_grads (rev)"] = jax_check
+    return found
 
 
 @contextmanager
@@ -269,7 +316,7 @@ def measure(repeats: int, busy: bool, only: Sequence[str] | None = None) -> dict
     for name, (fn, inputs) in functions().items():
         if only and name not in only:
             continue
-        ways = contenders(fn, inputs)
+        ways = contenders(fn, inputs, name)
         for way in ways.values():  # warm-up: first calls, lazy imports
             way()
         quiet = {way: Timing(way) for way in ways}

@@ -360,3 +360,56 @@ def test_each_tensor_of_a_batch_is_in_storage_of_its_own_under_vmap() -> None:
     want = torch.autograd.grad(reads_storage(a, c), (a, c))
     torch.testing.assert_close(grads.values["a"], want[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads.values["c"], want[1], rtol=1e-10, atol=1e-12)
+
+
+class _NoVmapRule(torch.autograd.Function):
+    """tanh(x·W)·c summed, with a hand-written backward and no vmap rule: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, W, X, c):  # noqa: ANN001, ANN205
+        z = torch.tanh(X @ W)
+        ctx.save_for_backward(W, X, c, z)
+        return (z * c).sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        W, X, c, z = ctx.saved_tensors
+        return grad * X.T @ ((1 - z * z) * c), None, None
+
+
+def test_a_forward_vmap_cannot_batch_is_replayed_once_a_recording_has_been_paid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampled elements of a Function without a vmap rule: one forward pass each (6 per
+    element) until the process has paid its first recording (the import a tensor subclass's
+    first dispatch makes), replayed after it; the same estimates either way, and a slip in the
+    sampled gradient found by both."""
+    W, X, c = _randn(12, 10, seed=0), _randn(6, 12, seed=1), _randn(6, 10, seed=2)
+
+    def make(slip: float) -> backprop_check.Case:
+        @backprop_check.case(params={"W": W}, data={"X": X, "c": c}, name="no_vmap_rule")
+        def no_vmap_rule(W: torch.Tensor, X: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return _NoVmapRule.apply(W, X, c)
+
+        @no_vmap_rule.manual
+        def _(W: torch.Tensor, X: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = torch.tanh(X @ W)
+            grad = X.T @ ((1 - z * z) * c)
+            grad.view(-1)[17] *= 1 + slip
+            return {"W": grad}
+
+        return no_vmap_rule
+
+    point = given_point(make(0.0), 0)
+    monkeypatch.setattr(numerical, "_first_recording_paid", lambda: False)  # as in a fresh process
+    looped = numerical.reference(make(0.0), point, torch.float64)
+    assert not looped.differences.batched.vmap_works and not looped.differences.batched.programs
+    monkeypatch.setattr(numerical, "_first_recording_paid", lambda: True)
+    replayed = numerical.reference(make(0.0), point, torch.float64)
+    programs = replayed.differences.batched.programs.values()
+    assert programs and all(program is not None for program in programs)
+    for leaf in looped.gradients.values:
+        mask = looped.gradients.checked.get(leaf)
+        difference = (replayed.gradients.values[leaf] - looped.gradients.values[leaf]).abs()
+        bars = torch.minimum(replayed.gradients.error[leaf], looped.gradients.error[leaf])
+        assert bool((difference <= bars)[mask].all() if mask is not None else (difference <= bars).all()), leaf
+    found = backprop_check.run(make(1e-4), dtypes=["float64"], points=0)
+    assert found.results[0].verdict == "mismatch" and found.results[0].culprit == "manual"

@@ -46,6 +46,7 @@ more through one entry, `reference()`, which returns a `Reference`:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -104,6 +105,11 @@ SAMPLES = 24
 # replay whose chunks would hold fewer perturbations than MIN_REPLAY_ROWS (its values are that
 # large): two rows of every chunk are checked with a plain forward pass, which must stay cheap.
 REPLAY_FROM = 64
+UNBATCHED_REPLAY_FROM = 2  # ... and from this many where vmap cannot batch the forward,
+# once a process has paid the replay's first recording: a tensor subclass's first dispatch
+# imports torch.distributed.tensor, about FIRST_RECORDING seconds (or where the forward passes
+# the replay spares take longer than that).
+FIRST_RECORDING = 0.5
 MIN_REPLAY_ROWS = 64
 # A tiny check (fewer differentiated elements than this in all, and a plain forward pass faster
 # than REPLAY_SLOW_FORWARD seconds: an op_db sample, a small loss) is left to vmap of the whole
@@ -853,6 +859,10 @@ def _program(batched: Batched, targets: Mapping[str, torch.Tensor], flat: Flat, 
     REPLAY_FROM elements on, unless the check is tiny."""
     if getattr(batched, "programs", {}).get(tuple(flat.shapes)) is not None:
         return batched.program(targets, flat, base)
+    # vmap cannot batch the forward (a custom Function without a vmap rule): each perturbation
+    # would cost a forward pass of its own, where the replay of its ops costs a fraction of one
+    if not batched.vmap_works and count >= UNBATCHED_REPLAY_FROM and batched.recording_pays(targets, flat, base, count):
+        return batched.program(targets, flat, base)
     if count >= REPLAY_FROM and not batched.tiny(targets, flat, base):
         return batched.program(targets, flat, base)
     return None
@@ -963,8 +973,8 @@ class _Probes:
                         return values
                 except CaseTimeout:
                     raise
-                except Exception:  # noqa: BLE001 - an op vmap cannot batch: one at a time
-                    pass
+                except Exception:  # noqa: BLE001 - an op vmap cannot batch: one at a time, from now on
+                    self.vmap = False
             return torch.stack([one(row) for row in batch])
 
 
@@ -1250,10 +1260,12 @@ class Batched:
     def __init__(self, loss: Loss, vmap: bool = True) -> None:
         self.loss = loss
         self.vmap_works = vmap  # False: the case knows vmap cannot batch it (orders.py)
+        self.recordable = vmap  # False: its loss runs autograd inside (orders.py): never recorded
         self.note: str | None = None
         # per group of tensors, its recorded forward for one-element perturbations (None: none)
         self.programs: dict[tuple[str, ...], Program | None] = {}
         self._tiny: bool | None = None
+        self._forward_seconds: float | None = None
 
     def tiny(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> bool:
         """Whether the check is too small for the replay to pay: REPLAY_CASE_FROM elements in
@@ -1271,6 +1283,18 @@ class Batched:
                     took.append(time.perf_counter() - started)
                 self._tiny = min(took) < REPLAY_SLOW_FORWARD and self._batches(targets, flat, base, plain)
         return self._tiny
+
+    def recording_pays(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, count: int) -> bool:
+        """Whether recording the forward to replay `count` elements pays where vmap cannot batch
+        it: always once the process has made its first recording (`FIRST_RECORDING`), before
+        that only where the forward passes it spares (len(OFFSETS) per element) take longer."""
+        if _first_recording_paid():
+            return True
+        if self._forward_seconds is None:
+            started = time.perf_counter()
+            self.one(targets, flat, base)
+            self._forward_seconds = time.perf_counter() - started
+        return count * len(OFFSETS) * self._forward_seconds > FIRST_RECORDING
 
     def _batches(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, plain: torch.Tensor) -> bool:
         """Whether vmap batches the forward at `base` (two rows equal to `plain`); a failure here
@@ -1296,7 +1320,7 @@ class Batched:
     def program(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> Program | None:
         """The forward recorded at `base` for one-element perturbations of the tensors in `flat`
         (replay.py), or None where it cannot be replayed: vmap of the whole forward then."""
-        if not self.vmap_works:  # a forward vmap cannot batch is not batched op by op either
+        if not self.recordable:
             return None
         key = tuple(flat.shapes)
         if key not in self.programs:
@@ -1344,6 +1368,12 @@ class Batched:
                         "finite differences ran one by one"
                     )
             return torch.stack([one(value) for value in batch])
+
+
+def _first_recording_paid() -> bool:
+    """Whether this process has paid the replay's first recording: the import of
+    torch.distributed.tensor that a tensor subclass's first dispatch makes (FIRST_RECORDING)."""
+    return "torch.distributed.tensor" in sys.modules
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
