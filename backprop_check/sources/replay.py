@@ -16,8 +16,13 @@ operations on the same numbers, up to the order of a sum (a product with a chang
 recorded product plus the change's own column, X[:, i]·ΔW[i, j]). No derivative rule of autograd
 is used, so the referee stays independent of what it referees.
 
+A tiled kernel's forward writes its tiles into a tensor it made itself (`out[..., i:i+T, :] =
+acc / total`): such a `copy_` into a view is recorded as a new value of the whole tensor (the
+view's region replaced, `_write_into`), and the tensor is rebound to it; the values it held
+before are kept as they were, and a view taken before the write may not be read after it.
+
 A forward that cannot be replayed this way says so while it is recorded: it changes a value in
-place (or a tensor it read, then or later), reads a value that depends on the parameters back
+place otherwise (or an input, or a tensor it read, then or later), reads a value that depends on the parameters back
 into Python (`.item()`, `if x > 0`: the recorded path may not be the path at a perturbed point),
 or reads memory behind torch's back (a traced value's own memory is NaN, so the recorded loss is
 NaN, unlike the forward's). Then, and whenever a replayed value differs from a plain forward pass
@@ -25,6 +30,7 @@ at the rows checked in every chunk, the caller falls back to vmap of the whole f
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +118,22 @@ class Traced(torch.Tensor):
         return f"Traced({self.elem!r})"
 
 
+# Operations that make a new tensor from another's shape alone (its values unread): their result
+# is a value of its own, not a step (a tile kernel's `out = torch.empty_like(q)`).
+CREATORS = {
+    aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+    aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+}
+
+
+@dataclass(frozen=True)
+class Views:
+    """The view operations (func, its arguments after the tensor) from a tensor to a view of it,
+    as a write into that view replays them (`_write_into`); one leaf of a Step."""
+
+    chain: tuple[tuple[Any, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...]
+
+
 class Recorder:
     """Records the operations of one forward pass that depend on `leaves`."""
 
@@ -123,6 +145,11 @@ class Recorder:
         self.broken: str | None = None
         self.leaves = [Traced(leaf, self, self._new(leaf)) for leaf in leaves]
         self.leaf_slots = [leaf.slot for leaf in self.leaves]
+        # writes into views (`_write`): per view, the tensor it views and the view operations
+        # from it; per tensor a write may rebind, its Traced; per such tensor, its views
+        self.view_of: dict[int, tuple[int, Views]] = {}
+        self.owners: dict[int, Traced] = {}
+        self.views: dict[int, list[tuple[int, weakref.ref[Traced]]]] = {}
 
     def _new(self, tensor: torch.Tensor) -> int:
         self.base.append(tensor)
@@ -141,9 +168,17 @@ class Recorder:
 
     def dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        if func is aten.copy_.default and isinstance(args[0], Traced):
+            return self._write(args[0], args[1], kwargs)
         if func._schema.is_mutable:
             self.broken = f"the forward changes a value in place ({func})"
             raise Unreplayable(self.broken)
+        if func in CREATORS:
+            plain_args, plain_kwargs = pytree.tree_unflatten([x.elem if isinstance(x, Traced) else x for x in leaves], spec)
+            out = func(*plain_args, **plain_kwargs)
+            made = Traced(out, self, self._new(out))
+            self.owners[made.slot] = made
+            return made
         refs = tuple(
             Ref(x.slot) if isinstance(x, Traced) else Ref(self._constant(x)) if isinstance(x, torch.Tensor) else x
             for x in leaves
@@ -157,7 +192,53 @@ class Recorder:
             raise Unreplayable(self.broken)
         slots = tuple(self._new(o) for o in outs)
         self.steps.append(Step(func, refs, spec, slots))
-        return pytree.tree_unflatten([Traced(o, self, slot) for o, slot in zip(outs, slots)], out_spec)
+        made = [Traced(o, self, slot) for o, slot in zip(outs, slots)]
+        viewed = args[0] if args and isinstance(args[0], Traced) else None
+        if viewed is not None and len(made) == 1 and func._schema.returns[0].alias_info is not None:
+            # a view of the first argument: a write into one writes into the other
+            root, chain = self.view_of.get(viewed.slot, (viewed.slot, Views(())))
+            self._view(made[0], root, Views((*chain.chain, (func, tuple(args[1:]), tuple(sorted(kwargs.items()))))))
+        else:
+            for traced in made:
+                self.owners[traced.slot] = traced
+        return pytree.tree_unflatten(made, out_spec)
+
+    def _view(self, traced: Traced, root: int, chain: Views) -> None:
+        self.view_of[traced.slot] = (root, chain)
+        self.views.setdefault(root, []).append((traced.slot, weakref.ref(traced)))
+
+    def _write(self, dst: Traced, src: Any, kwargs: dict[str, Any]) -> Traced:
+        """dst.copy_(src), dst a view of a tensor the forward made (not an input): recorded as
+        that tensor's new value (`_write_into`), the tensor rebound to it, and each view of it
+        still held rebound to the same view of the new value (as views see a write). The values
+        they held before are kept as they were (copied before the write) for what read them."""
+        root, chain = self.view_of.get(dst.slot, (dst.slot, Views(())))
+        owner = self.owners.get(root)
+        unknown = [func for func, _, _ in chain.chain if func not in SCATTERS]
+        if owner is None or owner.slot != root or root in self.leaf_slots or unknown or kwargs.get("non_blocking"):
+            self.broken = (f"the forward writes into a view it cannot replay ({unknown[0]})" if unknown else
+                           "the forward changes an input, or a tensor it did not make, in place (copy_)")
+            raise Unreplayable(self.broken)
+        views = self.views.pop(root, [])
+        for aliased in (root, *(slot for slot, _ in views)):
+            self.base[aliased] = self.base[aliased].clone()
+        source = Ref(src.slot) if isinstance(src, Traced) else Ref(self._constant(src)) if isinstance(src, torch.Tensor) else src
+        dst.elem.copy_(src.elem if isinstance(src, Traced) else src)
+        written = self._new(owner.elem)  # the value after the write (copied at the next write)
+        leaves, spec = pytree.tree_flatten(((Ref(root), source, chain), {}))
+        self.steps.append(Step(_write_into, tuple(leaves), spec, (written,)))
+        owner.slot = written
+        self.owners[written] = owner
+        for slot, alive in views:
+            view = alive()
+            if view is None or view.slot != slot:
+                continue
+            _, through = self.view_of[slot]
+            view.slot = self._new(view.elem)
+            leaves, spec = pytree.tree_flatten(((Ref(written), through), {}))
+            self.steps.append(Step(_view_through, tuple(leaves), spec, (view.slot,)))
+            self._view(view, written, through)
+        return dst
 
 
 class Program:
@@ -526,12 +607,69 @@ def _softmax(program: Program, step: Step, states: Mapping[int, State], count: i
     return [Sparse(pos.reshape(count, -1), new.reshape(count, -1))]
 
 
+def _view_through(root: torch.Tensor, views: Views) -> torch.Tensor:
+    """The view of `root` that the view operations `views` take."""
+    for func, rest, named in views.chain:
+        root = func(root, *rest, **dict(named))
+    return root
+
+
+def _write_into(root: torch.Tensor, src: torch.Tensor, views: Views) -> torch.Tensor:
+    """`root` with the region `views` selects set to `src` (broadcast and cast as copy_ does),
+    out of place: each view undone by its scatter, from the innermost out."""
+    seen = [root]
+    for func, rest, named in views.chain:
+        seen.append(func(seen[-1], *rest, **dict(named)))
+    value = src.to(seen[-1].dtype).expand_as(seen[-1])
+    for (func, rest, named), below in zip(reversed(views.chain), reversed(seen[:-1])):
+        value = SCATTERS[func](below, value, *rest, **dict(named))
+    return value
+
+
+def _bounds(size: int, start: int | None, end: int | None) -> tuple[int, int]:
+    """A slice's start and end within `size`, as slice itself reads them (`x[1:]` records an
+    end of 2⁶³ − 1, which slice_scatter refuses)."""
+    start, end = 0 if start is None else start, size if end is None else end
+    return tuple(min(max(x + size if x < 0 else x, 0), size) for x in (start, end))  # type: ignore[return-value]
+
+
+def _inverse_permutation(dims: Sequence[int]) -> list[int]:
+    order = [d % len(dims) for d in dims]
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
+# Per view operation, how a value of the view goes back into the tensor it views.
+SCATTERS: dict[Any, Callable[..., torch.Tensor]] = {
+    aten.slice.Tensor: lambda below, value, dim=0, start=None, end=None, step=1: torch.slice_scatter(
+        below, value, dim, *_bounds(below.shape[dim], start, end), step
+    ),
+    aten.select.int: lambda below, value, dim, index: torch.select_scatter(below, value, dim, index),
+    aten.view.default: lambda below, value, size: value.reshape(below.shape),
+    aten._unsafe_view.default: lambda below, value, size: value.reshape(below.shape),
+    aten.alias.default: lambda below, value: value,
+    aten.detach.default: lambda below, value: value,  # Tensor.__setitem__ writes through one
+    aten.unsqueeze.default: lambda below, value, dim: value.reshape(below.shape),
+    aten.squeeze.default: lambda below, value: value.reshape(below.shape),
+    aten.squeeze.dim: lambda below, value, dim: value.reshape(below.shape),
+    aten.squeeze.dims: lambda below, value, dims: value.reshape(below.shape),
+    aten.transpose.int: lambda below, value, dim0, dim1: value.transpose(dim0, dim1),
+    aten.t.default: lambda below, value: value.t(),
+    aten.permute.default: lambda below, value, dims: value.permute(_inverse_permutation(dims)),
+}
+
+
+def _written(program: Program, step: Step, states: Mapping[int, State], count: int) -> list[State]:
+    """A write into a view (`_write_into`), a view taken again after it (`_view_through`): on
+    whole values, batched by vmap."""
+    return _dense(program, step, states, count)
+
+
 def _softmax_along(func: Any, values: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
     """aten's _softmax or _log_softmax of `values` along `dim`; along a float64 dim shorter than
     SHORT_SOFTMAX, the same in plain ops (shifted by the row's largest, as aten does), which
     are 1.5-3x faster there on the CPU: the logits of a 10-class cross-entropy, replayed for
     a thousand perturbations at once, spent half the full check in aten's kernel."""
-    if half_to_float or values.dtype != torch.float64 or values.device.type != "cpu" or values.shape[dim] >= SHORT_SOFTMAX:
+    if half_to_float or values.dtype != torch.float64 or values.device.type != "cpu" or not 0 < values.shape[dim] < SHORT_SOFTMAX:
         return func(values, dim, half_to_float)
     shifted = values - values.amax(dim, keepdim=True)
     if func is aten._log_softmax.default:
@@ -570,6 +708,8 @@ RULES: dict[Any, Rule] = {
     aten.mean.dim: _reduced,
     aten._softmax.default: _softmax,
     aten._log_softmax.default: _softmax,
+    _write_into: _written,
+    _view_through: _written,
 }
 
 
