@@ -71,6 +71,10 @@ def tiles(W, b, X):  # noqa: ANN001, ANN201 - a tile kernel's writes into a tens
         middle = middle + (out * z[:, -1:]).sum()  # the tensor as it is between two writes
     out[0] = out[0] * 0.5  # reads the tensor, writes one row
     out.t()[1] = z[:, 1]  # through a transpose
+    acc = z * 2
+    acc.add_(out).mul_(z)  # in place, as an accumulator is
+    acc[1:].sub_(1.0, alpha=0.5)
+    out += acc
     lse = z.new_empty(z.shape[0])
     lse[0] = 0.0 * z[0, 0]
     lse[1:] = torch.logsumexp(out[1:], dim=1)  # broadcast into a slice
@@ -129,10 +133,9 @@ def test_a_value_read_into_python_or_changed_in_place_cannot_be_replayed() -> No
         (w,) = traced
         return w.sum() if float(w[0, 0]) > 0 else -w.sum()
 
-    def in_place(traced):  # noqa: ANN001, ANN202
-        z = traced[0] * 2
-        z.add_(1)
-        return z.sum()
+    def in_place(traced):  # noqa: ANN001, ANN202 - an input changed in place
+        traced[0].mul_(2)
+        return traced[0].sum()
 
     def numpy(traced):  # noqa: ANN001, ANN202 - the memory read behind torch's back
         return torch.from_numpy(traced[0].numpy() ** 2).sum()
@@ -168,8 +171,15 @@ def test_a_value_read_into_python_or_changed_in_place_cannot_be_replayed() -> No
         out.diagonal().copy_(traced[0][0])
         return out.sum()
 
+    def writes_a_chunk(traced):  # noqa: ANN001, ANN202 - a view among several (split, unbind)
+        z = traced[0] * 2
+        z.chunk(3)[1].copy_(traced[0][0])
+        return z.sum()
+
     with pytest.raises(Unreplayable, match="an input"):
         Program.record(writes_its_input, [W])
+    with pytest.raises(Unreplayable, match="in place"):
+        Program.record(writes_a_chunk, [W])
     with pytest.raises(Unreplayable, match="a view it cannot replay"):
         Program.record(writes_a_diagonal, [W])
     program = Program.record(lambda traced: (traced[0] * buffer).sum(), [W])

@@ -17,12 +17,14 @@ recorded product plus the change's own column, X[:, i]·ΔW[i, j]). No derivativ
 is used, so the referee stays independent of what it referees.
 
 A tiled kernel's forward writes its tiles into a tensor it made itself (`out[..., i:i+T, :] =
-acc / total`): such a `copy_` into a view is recorded as a new value of the whole tensor (the
-view's region replaced, `_write_into`), and the tensor is rebound to it; the values it held
-before are kept as they were, and a view taken before the write may not be read after it.
+acc / total`, `acc += p @ v`): such a `copy_` into a view, or an in-place operation (recorded as
+its out-of-place twin, then written), becomes a new value of the whole tensor (the view's region
+replaced, `_write_into`), and the tensor and every view of it still held are rebound to it, as
+views see a write; the values they held before are kept for the operations that read them.
 
-A forward that cannot be replayed this way says so while it is recorded: it changes a value in
-place otherwise (or an input, or a tensor it read, then or later), reads a value that depends on the parameters back
+A forward that cannot be replayed this way says so while it is recorded: it changes an input in
+place, or a tensor it read from outside (then or later), or writes through a view with no
+scatter here (`diagonal`), reads a value that depends on the parameters back
 into Python (`.item()`, `if x > 0`: the recorded path may not be the path at a perturbed point),
 or reads memory behind torch's back (a traced value's own memory is NaN, so the recorded loss is
 NaN, unlike the forward's). Then, and whenever a replayed value differs from a plain forward pass
@@ -171,6 +173,10 @@ class Recorder:
         if func is aten.copy_.default and isinstance(args[0], Traced):
             return self._write(args[0], args[1], kwargs)
         if func._schema.is_mutable:
+            functional = _functional(func)
+            if functional is not None and args and isinstance(args[0], Traced):
+                # x.add_(y) is x written with x + y: the out-of-place op, then the write
+                return self._write(args[0], self.dispatch(functional, args, kwargs), {})
             self.broken = f"the forward changes a value in place ({func})"
             raise Unreplayable(self.broken)
         if func in CREATORS:
@@ -198,8 +204,8 @@ class Recorder:
             # a view of the first argument: a write into one writes into the other
             root, chain = self.view_of.get(viewed.slot, (viewed.slot, Views(())))
             self._view(made[0], root, Views((*chain.chain, (func, tuple(args[1:]), tuple(sorted(kwargs.items()))))))
-        else:
-            for traced in made:
+        elif not any(r.alias_info is not None for r in func._schema.returns):
+            for traced in made:  # a value of its own (views of several, split or unbind, are not written)
                 self.owners[traced.slot] = traced
         return pytree.tree_unflatten(made, out_spec)
 
@@ -605,6 +611,17 @@ def _softmax(program: Program, step: Step, states: Mapping[int, State], count: i
     if new.dtype != program.base[step.outs[0]].dtype:
         return _dense(program, step, states, count)
     return [Sparse(pos.reshape(count, -1), new.reshape(count, -1))]
+
+
+def _functional(func: Any) -> Any:
+    """The out-of-place twin of an in-place operation that changes its first argument alone
+    (add_ → add, fill_ → fill, index_put_ → index_put), or None."""
+    writes = [a for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    name = func.overloadpacket.__name__
+    if len(writes) != 1 or writes[0] is not func._schema.arguments[0] or not name.endswith("_") or name.startswith("_"):
+        return None
+    twin = getattr(getattr(aten, name[:-1], None), func._overloadname, None)
+    return None if twin is None or twin._schema.is_mutable else twin
 
 
 def _view_through(root: torch.Tensor, views: Views) -> torch.Tensor:
