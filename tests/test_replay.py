@@ -71,7 +71,9 @@ def tiles(W, b, X):  # noqa: ANN001, ANN201 - a tile kernel's writes into a tens
         middle = middle + (out * z[:, -1:]).sum()  # the tensor as it is between two writes
     out[0] = out[0] * 0.5  # reads the tensor, writes one row
     out.t()[1] = z[:, 1]  # through a transpose
-    acc = z * 2
+    scores = X.reshape(1, *X.shape) @ W  # matmul: its result a view of an mm's (_unsafe_view)
+    scores[0, :, 0] = 0.5 * scores[0, :, 1]
+    acc = z * 2 + scores.sum()
     acc.add_(out).mul_(z)  # in place, as an accumulator is
     acc[1:].sub_(1.0, alpha=0.5)
     out += acc
@@ -442,6 +444,7 @@ def test_a_forward_vmap_cannot_batch_is_replayed_once_a_recording_has_been_paid(
 
     point = given_point(make(0.0), 0)
     monkeypatch.setattr(numerical, "_first_recording_paid", lambda: False)  # as in a fresh process
+    monkeypatch.setattr(numerical.Looped, "seconds", 0.0)
     looped = numerical.reference(make(0.0), point, torch.float64)
     assert not looped.differences.batched.vmap_works and not looped.differences.batched.programs
     monkeypatch.setattr(numerical, "_first_recording_paid", lambda: True)
@@ -455,3 +458,48 @@ def test_a_forward_vmap_cannot_batch_is_replayed_once_a_recording_has_been_paid(
         assert bool((difference <= bars)[mask].all() if mask is not None else (difference <= bars).all()), leaf
     found = backprop_check.run(make(1e-4), dtypes=["float64"], points=0)
     assert found.results[0].verdict == "mismatch" and found.results[0].culprit == "manual"
+
+
+class _TiledNoVmapRule(torch.autograd.Function):
+    """tanh(a·b) written tile by tile into a tensor made from `a`, summed; no vmap rule."""
+
+    @staticmethod
+    def forward(ctx, a, b):  # noqa: ANN001, ANN205
+        out = torch.empty_like(a)
+        for i in range(0, a.shape[0], 2):
+            out[i : i + 2] = torch.tanh(a[i : i + 2] * b)
+        ctx.save_for_backward(a, b, out)
+        return out.sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        a, b, out = ctx.saved_tensors
+        inner = grad * (1 - out * out)
+        return inner * b, (inner * a).sum(0)
+
+
+def test_a_tiled_function_is_replayed_for_each_tensor_once_the_loop_has_cost_a_recording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples of each tensor of a tile kernel without a vmap rule: replayed (the tensor made
+    from the other input, `empty_like(a)` while b is perturbed, is followed too) once the
+    forward passes run one at a time have cost what the first recording costs; the same
+    estimates as the loop's."""
+    a, b = _randn(8, 40, seed=4), _randn(40, seed=5)
+
+    @backprop_check.case(params={"a": a, "b": b}, name="tiled_no_vmap_rule")
+    def tiled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _TiledNoVmapRule.apply(a, b)
+
+    point = given_point(tiled, 0)
+    monkeypatch.setattr(numerical, "_first_recording_paid", lambda: False)
+    monkeypatch.setattr(numerical.Looped, "seconds", 0.0)
+    monkeypatch.setattr(numerical, "FIRST_RECORDING", 1e9)
+    looped = numerical.reference(tiled, point, torch.float64)
+    assert not looped.differences.batched.programs and numerical.Looped.seconds > 0
+    monkeypatch.setattr(numerical, "FIRST_RECORDING", numerical.Looped.seconds / 2)  # the loop has cost more
+    replayed = numerical.reference(tiled, point, torch.float64)
+    programs = replayed.differences.batched.programs
+    assert set(programs) == {("a",), ("b",)} and all(program is not None for program in programs.values())
+    for leaf, mask in looped.gradients.checked.items():
+        difference = (replayed.gradients.values[leaf] - looped.gradients.values[leaf]).abs()[mask]
+        bars = torch.minimum(replayed.gradients.error[leaf], looped.gradients.error[leaf])[mask]
+        assert bool((difference <= bars).all()), leaf

@@ -1287,14 +1287,15 @@ class Batched:
     def recording_pays(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, count: int) -> bool:
         """Whether recording the forward to replay `count` elements pays where vmap cannot batch
         it: always once the process has made its first recording (`FIRST_RECORDING`), before
-        that only where the forward passes it spares (len(OFFSETS) per element) take longer."""
+        that where the forward passes one at a time, spent (`Looped`) and spared (len(OFFSETS)
+        per element), take longer than it."""
         if _first_recording_paid():
             return True
         if self._forward_seconds is None:
             started = time.perf_counter()
             self.one(targets, flat, base)
             self._forward_seconds = time.perf_counter() - started
-        return count * len(OFFSETS) * self._forward_seconds > FIRST_RECORDING
+        return Looped.seconds + count * len(OFFSETS) * self._forward_seconds > FIRST_RECORDING
 
     def _batches(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, plain: torch.Tensor) -> bool:
         """Whether vmap batches the forward at `base` (two rows equal to `plain`); a failure here
@@ -1319,13 +1320,17 @@ class Batched:
 
     def program(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> Program | None:
         """The forward recorded at `base` for one-element perturbations of the tensors in `flat`
-        (replay.py), or None where it cannot be replayed: vmap of the whole forward then."""
+        (replay.py), or None where it cannot be replayed: vmap of the whole forward then. The
+        other floating-point tensors are traced too, never perturbed: what the forward makes
+        from them (`out = torch.empty_like(q)` while k is perturbed) is then a value it follows,
+        and a write into it can be replayed."""
         if not self.recordable:
             return None
         key = tuple(flat.shapes)
         if key not in self.programs:
             self.programs[key] = None
-            names = list(flat.shapes)
+            others = [name for name, t in targets.items() if name not in flat.shapes and t.is_floating_point()]
+            names = [*flat.shapes, *others]
 
             def loss(traced: Sequence[torch.Tensor]) -> torch.Tensor:
                 return self.loss({**targets, **dict(zip(names, traced))})
@@ -1333,7 +1338,8 @@ class Batched:
             try:
                 with torch.no_grad():
                     plain = self.one(targets, flat, base)
-                    self.programs[key] = Program.record(loss, list(flat.split(base.clone()).values()), plain)
+                    leaves = [*flat.split(base.clone()).values(), *(targets[name].clone() for name in others)]
+                    self.programs[key] = Program.record(loss, leaves, plain)
             except CaseTimeout:
                 raise
             except Exception:  # noqa: BLE001 - Unreplayable, or an error the plain forward reports
@@ -1367,7 +1373,18 @@ class Batched:
                         f"({type(cause).__name__}{': ' + str(cause) if 'vmap rule' in str(cause) else ''}); "
                         "finite differences ran one by one"
                     )
-            return torch.stack([one(value) for value in batch])
+            started = time.perf_counter()
+            values = torch.stack([one(value) for value in batch])
+            Looped.seconds += time.perf_counter() - started
+            return values
+
+
+class Looped:
+    """The seconds this process has spent on forward passes one at a time where vmap could not
+    batch them: once they pass FIRST_RECORDING, the first recording pays for itself (the loop
+    already cost what it costs), as a ski rental does (`Batched.recording_pays`)."""
+
+    seconds = 0.0
 
 
 def _first_recording_paid() -> bool:

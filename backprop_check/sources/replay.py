@@ -128,6 +128,11 @@ CREATORS = {
 }
 
 
+# Views whose schema does not say so (matmul's result is one of its bmm's): written, they write
+# into what they view, as any view.
+UNSAFE_VIEWS = {aten._unsafe_view.default}
+
+
 @dataclass(frozen=True)
 class Views:
     """The view operations (func, its arguments after the tensor) from a tensor to a view of it,
@@ -200,7 +205,7 @@ class Recorder:
         self.steps.append(Step(func, refs, spec, slots))
         made = [Traced(o, self, slot) for o, slot in zip(outs, slots)]
         viewed = args[0] if args and isinstance(args[0], Traced) else None
-        if viewed is not None and len(made) == 1 and func._schema.returns[0].alias_info is not None:
+        if viewed is not None and len(made) == 1 and (func._schema.returns[0].alias_info is not None or func in UNSAFE_VIEWS):
             # a view of the first argument: a write into one writes into the other
             root, chain = self.view_of.get(viewed.slot, (viewed.slot, Views(())))
             self._view(made[0], root, Views((*chain.chain, (func, tuple(args[1:]), tuple(sorted(kwargs.items()))))))
