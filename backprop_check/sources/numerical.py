@@ -1320,16 +1320,19 @@ class Batched:
 
     def program(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> Program | None:
         """The forward recorded at `base` for one-element perturbations of the tensors in `flat`
-        (replay.py), or None where it cannot be replayed: vmap of the whole forward then. The
-        other floating-point tensors are traced too, never perturbed: what the forward makes
-        from them (`out = torch.empty_like(q)` while k is perturbed) is then a value it follows,
-        and a write into it can be replayed."""
+        (replay.py), or None where it cannot be replayed: vmap of the whole forward then. Where
+        vmap cannot batch the forward (a tile kernel's Function), the other floating-point
+        tensors are traced too, never perturbed: what the forward makes from them (`out =
+        torch.empty_like(q)` while k is perturbed) is then a value it follows, and a write into
+        it can be replayed."""
         if not self.recordable:
             return None
         key = tuple(flat.shapes)
         if key not in self.programs:
             self.programs[key] = None
-            others = [name for name, t in targets.items() if name not in flat.shapes and t.is_floating_point()]
+            others = [] if self.vmap_works else [
+                name for name, t in targets.items() if name not in flat.shapes and t.is_floating_point()
+            ]
             names = [*flat.shapes, *others]
 
             def loss(traced: Sequence[torch.Tensor]) -> torch.Tensor:
