@@ -876,10 +876,10 @@ def _vmapped(
     elements: torch.Tensor,
     h: torch.Tensor,
 ) -> torch.Tensor:
-    """The loss at θ ± h and θ ± h/2 for each flat element `elements[i]` at its step `h[i]` (an
-    element may come more than once, at other steps), as a (4, len(elements)) matrix, by the
-    forward under vmap: the perturbed rows live in one buffer of at most CHUNK_BYTES, filled
-    with θ once; from one chunk to the next only the 4 entries a row perturbs are put back and
+    """The loss at θ + t·h, t in OFFSETS, for each flat element `elements[i]` at its step `h[i]`
+    (an element may come more than once, at other steps), as a (6, len(elements)) matrix, by
+    the forward under vmap: the perturbed rows live in one buffer of at most CHUNK_BYTES, filled
+    with θ once; from one chunk to the next only the entries the rows perturb are put back and
     set anew, so building rows costs O(1) per evaluation, not O(size)."""
     out = torch.empty((len(OFFSETS), len(elements)), dtype=torch.float64)
     per_chunk = elements_per_chunk(flat.size)
@@ -959,23 +959,17 @@ class _Probes:
         self.vmap = vmap
 
     def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
-        def one(row: torch.Tensor) -> torch.Tensor:
-            return self.loss({**targets, **flat.split(row)}).reshape(())
-
-        def row(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.loss({**targets, **parts}).reshape(())
-
         with torch.no_grad():
             if self.vmap:
                 try:
-                    values = torch.func.vmap(row, randomness="error")(flat.columns(batch))
-                    if _same(values[:1], one(batch[0])[None]):
+                    values = _under_vmap(self.loss, targets, flat, batch).reshape(-1)
+                    if _same(values[:1], self.loss({**targets, **flat.split(batch[0])}).reshape(1)):
                         return values
                 except CaseTimeout:
                     raise
                 except Exception:  # noqa: BLE001 - an op vmap cannot batch: one at a time, from now on
                     self.vmap = False
-            return torch.stack([one(row) for row in batch])
+            return _one_by_one(self.loss, targets, flat, batch).reshape(-1)
 
 
 def _measured_noise(
@@ -1300,13 +1294,9 @@ class Batched:
     def _batches(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, plain: torch.Tensor) -> bool:
         """Whether vmap batches the forward at `base` (two rows equal to `plain`); a failure here
         changes nothing else (the evaluation that follows finds it again and says so)."""
-
-        def row(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.loss({**targets, **parts})
-
         try:
             with torch.no_grad():
-                values = torch.func.vmap(row, randomness="error")(flat.columns(torch.stack([base, base])))
+                values = _under_vmap(self.loss, targets, flat, torch.stack([base, base]))
             return _same(values[1], plain)
         except CaseTimeout:
             raise
@@ -1352,18 +1342,12 @@ class Batched:
     def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
         """The loss for each row of `batch`, a flat vector of the tensors in `flat`."""
 
-        def one(vector: torch.Tensor) -> torch.Tensor:
-            return self.loss({**targets, **flat.split(vector)})
-
-        def row(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.loss({**targets, **parts})
-
         with torch.no_grad():
             if self.vmap_works:
                 try:
-                    values = torch.func.vmap(row, randomness="error")(flat.columns(batch))
+                    values = _under_vmap(self.loss, targets, flat, batch)
                     # A wrong vmap rule (a custom Function's own) must not corrupt the referee.
-                    if _same(values[0], one(batch[0])):
+                    if _same(values[0], self.one(targets, flat, batch[0])):
                         return values
                     raise RuntimeError("vmap gives other values than a plain call (a wrong vmap rule?)")
                 except CaseTimeout:
@@ -1376,10 +1360,22 @@ class Batched:
                         f"({type(cause).__name__}{': ' + str(cause) if 'vmap rule' in str(cause) else ''}); "
                         "finite differences ran one by one"
                     )
-            started = time.perf_counter()
-            values = torch.stack([one(value) for value in batch])
-            Looped.seconds += time.perf_counter() - started
-            return values
+            return _one_by_one(self.loss, targets, flat, batch)
+
+
+def _under_vmap(loss: Loss, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
+    """The loss at every row of `batch` (flat vectors of the tensors in `flat`) in one call of
+    the forward under vmap, each tensor in storage of its own (`Flat.columns`)."""
+    return torch.func.vmap(lambda parts: loss({**targets, **parts}), randomness="error")(flat.columns(batch))
+
+
+def _one_by_one(loss: Loss, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
+    """The loss at every row of `batch` by plain forward passes, one at a time, their time
+    counted (`Looped`)."""
+    started = time.perf_counter()
+    values = torch.stack([loss({**targets, **flat.split(row)}) for row in batch])
+    Looped.seconds += time.perf_counter() - started
+    return values
 
 
 class Looped:

@@ -680,12 +680,6 @@ SCATTERS: dict[Any, Callable[..., torch.Tensor]] = {
 }
 
 
-def _written(program: Program, step: Step, states: Mapping[int, State], count: int) -> list[State]:
-    """A write into a view (`_write_into`), a view taken again after it (`_view_through`): on
-    whole values, batched by vmap."""
-    return _dense(program, step, states, count)
-
-
 def _softmax_along(func: Any, values: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
     """aten's _softmax or _log_softmax of `values` along `dim`; along a float64 dim shorter than
     SHORT_SOFTMAX, the same in plain ops (shifted by the row's largest, as aten does), which
@@ -730,8 +724,9 @@ RULES: dict[Any, Rule] = {
     aten.mean.dim: _reduced,
     aten._softmax.default: _softmax,
     aten._log_softmax.default: _softmax,
-    _write_into: _written,
-    _view_through: _written,
+    # a write into a view, a view taken again after one: on whole values, batched by vmap
+    _write_into: _dense,
+    _view_through: _dense,
 }
 
 
