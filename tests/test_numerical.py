@@ -118,8 +118,12 @@ def test_batched_and_one_by_one_evaluation_give_the_same_numbers(monkeypatch):
         assert torch.all(grads.error["W"] <= 1e-8 * true.abs().max())  # far below rtol 1e-7
 
 
+_BATCHED_INIT = numerical.Batched.__init__
+
+
 def _loop_only(self, loss, vmap=True):  # noqa: ARG001 - vmap never, whatever the case says
-    self.loss, self.vmap_works, self.note = loss, False, None
+    # (nor the replay: a case vmap cannot batch in the loss is never recorded either)
+    _BATCHED_INIT(self, loss, vmap=False)
 
 
 def test_a_forward_pass_vmap_cannot_batch_falls_back_and_says_so():
@@ -184,6 +188,12 @@ def test_every_row_of_a_chunk_perturbs_exactly_one_element_even_when_the_buffer_
     monkeypatch.setattr(numerical, "CHUNK_BYTES", 8 * theta.numel() * 12)
     monkeypatch.setattr(numerical.Batched, "__call__", recording)
     chunked = numerical.gradient(net, point, "cpu", torch.float64)
+    # The noise probe's rows ride along in the first call (`FiniteDifferences._probe_rows`),
+    # after its chunk's rows.
+    probe = numerical.NOISE_LINES * (numerical.NOISE_POINTS - 1)
+    assert seen[0].shape[0] == 12 + probe
+    assert not (seen[0][12:] == theta).all(dim=1).any()  # every probe row moves the point
+    seen[0] = seen[0][:12]
     # the first pass; the elements whose bar is mostly truncation are then estimated again at
     # smaller steps (`settle`), through the same buffer
     assert [b.shape[0] for b in seen[:15]] == [12] * 15

@@ -83,6 +83,13 @@ def tiles(W, b, X):  # noqa: ANN001, ANN201 - a tile kernel's writes into a tens
     return (out**2).sum() + before.sum() + lse.sum() + middle
 
 
+def masked(W, X):  # noqa: ANN001, ANN201 - masks drawn in place under a seed the forward sets
+    torch.manual_seed(7)  # as op_db's wrapper_set_seed does: the same masks at every call
+    z = F.feature_alpha_dropout(X @ W, p=0.5, training=True)  # new_empty, bernoulli_, in-place arithmetic
+    keep = z.new_empty(z.shape).uniform_() > 0.3
+    return (torch.tanh(z) * keep).sum()
+
+
 FORWARDS = {
     "mlp": (mlp, {"W1": (6, 5), "b1": (5,), "W2": (5, 1), "b2": (1,)}, {"X": (4, 6), "Y": (4, 1)}),
     "classifier": (classifier, {"W1": (5, 6), "b1": (5,), "W2": (3, 5), "b2": (3,)}, {"X": (4, 6)}),
@@ -93,6 +100,7 @@ FORWARDS = {
     "layers": (layers, {"W": (4, 6), "b": (6,), "g": (6,)}, {"X": (3, 4)}),
     "batched_matmul": (batched_matmul, {"W": (2, 4, 3)}, {"X": (2, 5, 4)}),
     "tiles": (tiles, {"W": (4, 6), "b": (6,)}, {"X": (3, 4)}),
+    "masked": (masked, {"W": (4, 6)}, {"X": (3, 4)}),
 }
 
 
@@ -178,6 +186,21 @@ def test_a_value_read_into_python_or_changed_in_place_cannot_be_replayed() -> No
         z.chunk(3)[1].copy_(traced[0][0])
         return z.sum()
 
+    big = _randn(16, 16, seed=1)
+
+    def draws_each_time(traced):  # noqa: ANN001, ANN202 - no seed set: another mask at each call
+        return (traced[0] * traced[0].new_empty(traced[0].shape).bernoulli_(0.5)).sum()
+
+    def fills_what_it_read(traced):  # noqa: ANN001, ANN202 - a made tensor filled, read, then filled again
+        noise = traced[0].new_empty(traced[0].shape).bernoulli_(0.5)  # a value: nothing read it yet
+        z = traced[0] * noise
+        noise.bernoulli_(0.5)  # no out-of-place twin (uniform_'s, uniform, is replayed as a write)
+        return (z + noise).sum()
+
+    with pytest.raises(Unreplayable, match="the recorded loss is"):
+        Program.record(draws_each_time, [big], expected=draws_each_time([big]))
+    with pytest.raises(Unreplayable, match="in place"):
+        Program.record(fills_what_it_read, [W])
     with pytest.raises(Unreplayable, match="an input"):
         Program.record(writes_its_input, [W])
     with pytest.raises(Unreplayable, match="in place"):

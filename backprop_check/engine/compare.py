@@ -140,15 +140,16 @@ def compare_tensor(
     kink[referee.estimated] = referee.kink
     a_ok, m_ok, ma_ok = a_ratio <= 1, m_ratio <= 1, ma_ratio <= 1
     bad = ~(a_ok & m_ok & ma_ok)
-    culprit = _culprits(m_ok, a_ok, ma_ok, has_manual=sides.manual is not None)
-    counts = _counts(bad, culprit)
+    disagree = bool(bad.any())
+    culprit = _culprits(m_ok, a_ok, ma_ok, has_manual=sides.manual is not None) if disagree else None
+    counts = _counts(bad, culprit) if culprit is not None else {}
     along = along_tensor(name, numerical, sides, tol)
     directions = len(numerical.directions.get(name, []))
     check = Check(
         name=name,
         kind=kind,
         shape=sides.shape,
-        verdict=MISMATCH if bool(bad.any()) or along.bad else (NONDIFFERENTIABLE if bool(kink.any()) else OK),
+        verdict=MISMATCH if disagree or along.bad else (NONDIFFERENTIABLE if bool(kink.any()) else OK),
         size=size,
         bad=int(bad.sum()),
         kinks=int(kink.sum()),
@@ -162,7 +163,7 @@ def compare_tensor(
     )
     if size == 0:
         return check
-    if not bool(bad.any()) and along.bad:
+    if not disagree and along.bad:
         return along.mismatch(check)
     ratio = torch.maximum(torch.maximum(a_ratio, m_ratio), ma_ratio)
     # The element shown: a disagreeing one first, else one on a kink (what a nondifferentiable
@@ -181,8 +182,8 @@ def compare_tensor(
             f"{directions} random directions"
             + ("; manual against autograd at every element" if sides.manual is not None and sides.autograd is not None else "")
         )
-    odd = _name_of(int(culprit[worst])) if bool(bad[worst]) else None
-    check.culprit = _single(counts) if bool(bad.any()) else None
+    odd = _name_of(int(culprit[worst])) if culprit is not None and bool(bad[worst]) else None
+    check.culprit = _single(counts) if disagree else None
     _decisive(check, worst, odd, pairs)
     if at is not None and bool(kink[worst]):
         check.note = f"kink: left derivative {float(referee.left[at]):.6g}, right {float(referee.right[at]):.6g}"

@@ -74,13 +74,15 @@ class Probe:
         self.values = complexes.for_user({**at.params, **at.data}, point.complex)
         self.v = {k: self.values[label] for k, label in case.cotangents.items()}
         self.gen = torch.Generator().manual_seed(derive_seed("contract", case.name, point.label))
-        # Passes more than one item needs, made once (each on its own fresh graph, as before):
-        # the gradient for the cotangents and for zero ones, and the watched backward.
+        # Passes more than one item needs, made once, each on a fresh graph: the gradient for zero
+        # cotangents, the watched first backward (the gradient for the cotangents, on the graph
+        # this first forward makes), and the rounding allowance.
         self._shared: dict[str, Any] = {}
-        outputs, _ = self.forward()
+        outputs, leaves = self.forward()
         self.outputs = tuple(o.detach().requires_grad_(o.requires_grad) for o in outputs)  # values and which need grad
+        self._graph: tuple[tuple[torch.Tensor, ...], Grads] | None = (outputs, leaves)  # fresh: `watched` takes it
         self.classes = custom_functions(outputs)
-        self.rounding = self._rounding(point, dtype, device)
+        self._point = point
         self.owner = f"the backward of {' and '.join(self.classes)}" if self.classes else f"the backward of {case.label}"
 
     def forward(self, replace: Mapping[str, torch.Tensor] | None = None) -> tuple[tuple[torch.Tensor, ...], Grads]:
@@ -103,6 +105,12 @@ class Probe:
         """Σ_k ⟨cotangents[k], output k⟩ differentiated by autograd (zero where unused)."""
         # Copies: a backward that writes into its grad_output must not change the probe's.
         pairs = [(outputs[k], v.clone()) for k, v in cotangents.items() if outputs[k].requires_grad]
+        return self._backward(pairs, leaves, retain=retain, batched=batched)
+
+    def _backward(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], leaves: Grads, *, retain: bool, batched: bool = False
+    ) -> Grads:
+        """The gradient of every leaf for the (output, cotangent) `pairs`, zero where unused."""
         found: tuple[torch.Tensor | None, ...] = (None,) * len(leaves)
         if pairs:
             found = torch.autograd.grad(
@@ -117,6 +125,15 @@ class Probe:
             # a copy: a backward may return a tensor it saved, which a later backward edits
             out[name] = g.detach().clone()
         return out
+
+    @property
+    def rounding(self) -> dict[str, float]:
+        """Per input, the allowance two computations of this gradient get (`_rounding`), measured
+        at the first comparison that needs it: most compare bit-identical gradients (a zero
+        cotangent, a doubled one, a second backward), which need none."""
+        if "rounding" not in self._shared:
+            self._shared["rounding"] = self._rounding(self._point, self.dtype, self.device)
+        return self._shared["rounding"]
 
     def _rounding(self, point: Point, dtype: torch.dtype, device: str) -> dict[str, float]:
         """Below float64, per input, how far the dtype's rounding moves this very gradient: the
@@ -173,9 +190,10 @@ class Probe:
         return self.grad(outputs, leaves, cotangents, retain=False, batched=batched)
 
     def at_v(self) -> Grads:
-        """`fresh(self.v)`, computed once: the items that compare with it share it."""
+        """The gradient for the cotangents on a fresh graph, computed once (by `watched`'s
+        pass): the items that compare with it share it."""
         if "v" not in self._shared:
-            self._shared["v"] = self.fresh(self.v)
+            self.watched()
         return self._shared["v"]
 
     def at_zero(self) -> Grads:
@@ -185,18 +203,17 @@ class Probe:
         return self._shared["zero"]
 
     def watched(self) -> tuple[tuple[torch.Tensor, ...], Grads, dict[int, torch.Tensor], list[tuple[Any, list[torch.Tensor | None], list[int]]]]:
-        """One backward for copies of the cotangents on a fresh graph (kept: grad_meta calls the
-        backward again), every custom Function's node watched (`_watched`): the outputs, leaves,
-        the copies given, and the calls. grad_meta and in_place read the same pass."""
+        """The first backward, for copies of the cotangents on a fresh graph, kept (repeatable
+        runs a second backward on it, grad_meta calls the backward again), every custom
+        Function's node watched (`_watched`): the outputs, leaves, the copies given, and the
+        calls. Its gradient is `at_v`; grad_meta and in_place read the same pass."""
         if "watched" not in self._shared:
-            outputs, leaves = self.forward()
+            outputs, leaves = self._graph or self.forward()
+            self._graph = None
             given = {k: v.clone() for k, v in self.v.items()}
             pairs = [(outputs[k], v) for k, v in given.items() if outputs[k].requires_grad]
             with _watched(outputs) as calls:
-                if pairs:
-                    torch.autograd.grad(
-                        [o for o, _ in pairs], list(leaves.values()), [v for _, v in pairs], allow_unused=True, retain_graph=True
-                    )
+                self._shared["v"] = self._backward(pairs, leaves, retain=True)
             self._shared["watched"] = (outputs, leaves, given, calls)
         return self._shared["watched"]
 
@@ -361,11 +378,11 @@ def repeatable(p: Probe) -> Check:
     gives the first values again: in place, or state kept on ctx), or it cannot run twice at
     all. Every other item builds a fresh graph for each backward, so such a kernel still gets
     their verdicts."""
-    outputs, leaves = p.forward()
-    first = p.grad(outputs, leaves, p.v, retain=True)
+    outputs, leaves, _, _ = p.watched()
+    first = p.at_v()  # the first backward on that graph
     tol = p.case.nondet_tol
     try:
-        second = p.grad(outputs, leaves, p.v, retain=False)
+        second = p.grad(outputs, leaves, p.v, retain=True)  # kept: grad_meta calls the backward on it
     except Exception as exc:  # noqa: BLE001 - the failure is the finding
         return _result(
             "repeatable",
@@ -377,7 +394,7 @@ def repeatable(p: Probe) -> Check:
     spread, where = _spread(first, second)
     failure = None
     if not spread <= tol:
-        fresh, _ = _spread(first, p.at_v())
+        fresh, _ = _spread(first, p.fresh(p.v))
         if fresh <= tol:
             failure = (
                 f"{p.owner} is not repeatable on one graph: a second backward with the same grad_output differs by "

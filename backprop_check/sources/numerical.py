@@ -319,21 +319,41 @@ class FiniteDifferences:
         tensor: the rounding of x − mean at x ≈ 1e6 is a bias in ∂loss/∂w that moving w alone
         cannot show, and its size is the loss's noise when x moves."""
         if self._noise is None:
-            sigma, still, jumps = self._probe(self.targets)
-            if jumps:
-                # The loss jumps at the point itself (a ±1 label that requires grad: off ±1 the
-                # loss takes another branch): that is no rounding, and as σ it would widen every
-                # bar until any gradient passed. The tensors that make it jump are left out of
-                # the probe (their own elements show the jump as a kink); where every tensor
-                # does, the jump is all there is to measure.
-                smooth = {name: t for name, t in self.targets.items() if not self._probe({name: t})[2]}
-                if smooth:
-                    sigma, still, _ = self._probe(smooth)
-            self._noise = (sigma, still)
+            self._measured(self._probe(self.targets))
+        assert self._noise is not None
         return self._noise
+
+    def _measured(self, found: tuple[float, bool, bool]) -> None:
+        """Keep the probe of every input (`found`: σ, still, jumps) as the forward's noise."""
+        sigma, still, jumps = found
+        if jumps:
+            # The loss jumps at the point itself (a ±1 label that requires grad: off ±1 the
+            # loss takes another branch): that is no rounding, and as σ it would widen every
+            # bar until any gradient passed. The tensors that make it jump are left out of
+            # the probe (their own elements show the jump as a kink); where every tensor
+            # does, the jump is all there is to measure.
+            smooth = {name: t for name, t in self.targets.items() if not self._probe({name: t})[2]}
+            if smooth:
+                sigma, still, _ = self._probe(smooth)
+        self._noise = (sigma, still)
 
     def _probe(self, moved: Mapping[str, torch.Tensor]) -> tuple[float, bool, bool]:
         return _measured_noise(self._plain, moved, self.targets, Flat(dict(moved)).join(self.scales), float(self.loss0))
+
+    def _probe_rows(self, whole: Flat, count: int) -> torch.Tensor | None:
+        """The noise probe's rows (`_noise_rows`), where they can share the batched call that
+        estimates `count` elements of `whole`: the noise is still to measure, `whole` is every
+        input in order, and that call runs the forward under vmap (not the replay, not one
+        pass at a time). One call where there were two: for a tiny check, a call's own cost
+        (vmap's set-up, the plain pass that checks its first row) is most of it."""
+        if self._noise is not None or list(whole.shapes) != list(self.targets) or not isinstance(self.batched, Batched):
+            return None
+        if not self.batched.vmap_works:
+            return None
+        base = whole.join(self.targets)
+        if _program(self.batched, self.targets, whole, base, count) is not None:
+            return None
+        return _noise_rows(base, whole.join(self.scales))
 
     def estimate(
         self,
@@ -355,19 +375,25 @@ class FiniteDifferences:
             chosen = torch.cat([index[n].to(torch.int64) + whole.slices[n].start for n in names])
         best: dict[str, torch.Tensor] | None = None
         found: list[dict[str, torch.Tensor]] = []
-        sigma, still = self.noise
-        if alone:
-            sigma = self._own_noise(whole, chosen, scale)
+        rows = None if alone else self._probe_rows(whole, len(chosen))
+        if rows is None:
+            sigma, still = self.noise
         hs = [steps_for(scale) * multiplier for multiplier in steps]
         try:
-            evaluated = evaluate_steps(self.batched, self.targets, whole, hs, chosen)
+            evaluated, probed = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows)
         except CaseTimeout:
             raise
         except CaseError:
             # fn refuses a point a first step away (a probability p ± h outside [0, 1]): the
             # steps a kink is confirmed at, where the old fixed steps were; settled from there.
             hs = [h * NARROWER for h in hs]
-            evaluated = evaluate_steps(self.batched, self.targets, whole, hs, chosen)
+            evaluated, probed = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows)
+        if rows is not None:
+            f0 = float(self.loss0)
+            self._measured(_noise_of(probed, f0, _noise_floor(f0)) if probed is not None else self._probe(self.targets))
+            sigma, still = self.noise
+        if alone:
+            sigma = self._own_noise(whole, chosen, scale)
         for h, f in zip(hs, evaluated):
             estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], sigma)
             estimate["step"] = h[chosen]
@@ -824,33 +850,33 @@ def evaluate(
             raise
         except Exception:  # noqa: BLE001 - Unreplayable, or an op the replay cannot batch: vmap of it all
             batched.programs[tuple(flat.shapes)] = None
-    f[:, index] = _vmapped(batched, targets, flat, base, index, h[index])
+    f[:, index] = _vmapped(batched, targets, flat, base, index, h[index])[0]
     return f
 
 
 def evaluate_steps(
-    batched: Batched,
+    batched: Batched | InPlace,
     targets: Mapping[str, torch.Tensor],
     flat: Flat,
     hs: Sequence[torch.Tensor],
     index: Sequence[int] | torch.Tensor,
-) -> list[torch.Tensor]:
+    extra: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """`evaluate` at each of the step vectors `hs`: under vmap, the rows of every step go into
-    the same batches (one batched call where `evaluate` per step would make one each); the
-    replay and a numpy forward evaluate step by step."""
+    the same batches (one batched call where `evaluate` per step would make one each), and so
+    do the flat vectors `extra` (the noise probe's), whose losses come second (None where they
+    were not evaluated: the replay and a numpy forward evaluate step by step)."""
     index = torch.as_tensor(index, dtype=torch.int64)
-    if len(hs) == 1 or isinstance(batched, InPlace):
-        return [evaluate(batched, targets, flat, h, index) for h in hs]
     base = flat.join(targets)
-    if _program(batched, targets, flat, base, len(index)) is not None:
-        return [evaluate(batched, targets, flat, h, index) for h in hs]
-    values = _vmapped(batched, targets, flat, base, index.repeat(len(hs)), torch.cat([h[index] for h in hs]))
+    if isinstance(batched, InPlace) or _program(batched, targets, flat, base, len(index)) is not None:
+        return [evaluate(batched, targets, flat, h, index) for h in hs], None
+    values, probed = _vmapped(batched, targets, flat, base, index.repeat(len(hs)), torch.cat([h[index] for h in hs]), extra)
     found = []
     for k in range(len(hs)):
         f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
         f[:, index] = values[:, k * len(index) : (k + 1) * len(index)]
         found.append(f)
-    return found
+    return found, probed
 
 
 def _program(batched: Batched, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, count: int) -> Program | None:
@@ -875,21 +901,24 @@ def _vmapped(
     base: torch.Tensor,
     elements: torch.Tensor,
     h: torch.Tensor,
-) -> torch.Tensor:
+    extra: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss at θ + t·h, t in OFFSETS, for each flat element `elements[i]` at its step `h[i]`
     (an element may come more than once, at other steps), as a (6, len(elements)) matrix, by
     the forward under vmap: the perturbed rows live in one buffer of at most CHUNK_BYTES, filled
     with θ once; from one chunk to the next only the entries the rows perturb are put back and
-    set anew, so building rows costs O(1) per evaluation, not O(size)."""
+    set anew, so building rows costs O(1) per evaluation, not O(size). The flat vectors `extra`
+    ride along in the first chunk; their losses come second (None without elements)."""
     out = torch.empty((len(OFFSETS), len(elements)), dtype=torch.float64)
     per_chunk = elements_per_chunk(flat.size)
     count = min(per_chunk, len(elements)) * len(OFFSETS)
     if count == 0:
-        return out
+        return out, None
     rows = base.repeat(count, 1)
     line = torch.arange(count)
     offsets = torch.tensor(OFFSETS, dtype=torch.float64).repeat(count // len(OFFSETS))
     previous: torch.Tensor | None = None
+    probed = None
     for start in range(0, len(elements), per_chunk):
         idx = elements[start : start + per_chunk]
         n = len(idx) * len(OFFSETS)
@@ -898,9 +927,14 @@ def _vmapped(
             rows[line[: previous.numel()], previous] = base[previous]
         # θ + t·h, exact (h a power of two): the same value as adding the offset to a copy of θ
         rows[line[:n], which] = base[which] + offsets[:n] * h[start : start + per_chunk].repeat_interleave(len(OFFSETS))
-        out[:, start : start + len(idx)] = batched(targets, flat, rows[:n]).reshape(len(idx), len(OFFSETS)).T
+        if extra is not None and probed is None:
+            values = batched(targets, flat, torch.cat([rows[:n], extra]))
+            values, probed = values[:n], values[n:]
+        else:
+            values = batched(targets, flat, rows[:n])
+        out[:, start : start + len(idx)] = values.reshape(len(idx), len(OFFSETS)).T
         previous = which
-    return out
+    return out, probed
 
 
 def _replayed(
@@ -984,31 +1018,51 @@ def _measured_noise(
     (the differences through the point JUMP_RATIO times those beside it: the loss a few ulps
     away is smooth, the point is off it). Measured as Moré and Wild's ECnoise does:
     the loss along NOISE_LINES random lines through the point, at NOISE_POINTS points NOISE_ULPS
-    ulps of each element (`scale`: its size) apart. Over so small a spacing the function is a
-    polynomial to far below rounding, so its NOISE_ORDER-th differences are rounding alone, with
-    variance C(2k, k)·σ². It sees what |loss|·eps cannot (an input offset by 1e5 and normalised,
-    a timestamp inside a sine: the forward rounds x − mean or t/86400 at the scale of x or t).
-    Never below ROUNDING_FLOOR·|loss| (the rounding of the loss itself); that floor where the
-    probes cannot run (the plain forward says why)."""
+    ulps of each element (`scale`: its size) apart (`_noise_rows`). Over so small a spacing the
+    function is a polynomial to far below rounding, so its NOISE_ORDER-th differences are
+    rounding alone, with variance C(2k, k)·σ² (`_noise_of`). It sees what |loss|·eps cannot (an
+    input offset by 1e5 and normalised, a timestamp inside a sine: the forward rounds x − mean
+    or t/86400 at the scale of x or t). Never below ROUNDING_FLOOR·|loss| (the rounding of the
+    loss itself); that floor where the probes cannot run (the plain forward says why)."""
     flat = Flat(dict(moved))
-    floor = ROUNDING_FLOOR * abs(f0) if math.isfinite(f0) else 0.0
-    size = scale.reshape(-1).to(torch.float64).abs()
-    if not flat.size or not bool((size > 0).any()):
+    floor = _noise_floor(f0)
+    rows = _noise_rows(flat.join(moved), scale)
+    if rows is None:
         return floor, False, False
-    base = flat.join(moved)
-    gen = torch.Generator().manual_seed(NOISE_SEED)
-    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
-    rows = []
-    for _ in range(NOISE_LINES):
-        signs = torch.randint(0, 2, (flat.size,), generator=gen, dtype=torch.float64) * 2 - 1
-        rows.append(base + steps * (signs * size))
     try:
         with torch.no_grad():
-            values = batched(targets, flat, torch.cat(rows)).to(torch.float64).reshape(NOISE_LINES, NOISE_POINTS - 1)
+            values = batched(targets, flat, rows)
     except CaseTimeout:
         raise
     except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
         return floor, False, False
+    return _noise_of(values, f0, floor)
+
+
+def _noise_floor(f0: float) -> float:
+    """The least σ `_measured_noise` gives: the rounding of the loss `f0` itself."""
+    return ROUNDING_FLOOR * abs(f0) if math.isfinite(f0) else 0.0
+
+
+def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """The flat vectors `_measured_noise` evaluates the loss at, line after line: the point
+    `base` moved by 1…NOISE_POINTS − 1 times NOISE_ULPS ulps of each element's `scale`, along
+    NOISE_LINES random signs. None where nothing can move (no element, or all of size 0)."""
+    size = scale.reshape(-1).to(torch.float64).abs()
+    if not size.numel() or not bool((size > 0).any()):
+        return None
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
+    rows = []
+    for _ in range(NOISE_LINES):
+        signs = torch.randint(0, 2, (size.numel(),), generator=gen, dtype=torch.float64) * 2 - 1
+        rows.append(base + steps * (signs * size))
+    return torch.cat(rows)
+
+
+def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:
+    """σ, still and jumps (`_measured_noise`) from the loss at the rows of `_noise_rows`."""
+    values = values.to(torch.float64).reshape(NOISE_LINES, NOISE_POINTS - 1)
     still = bool((values == f0).all())
     differences = torch.cat([torch.full((NOISE_LINES, 1), f0, dtype=torch.float64), values], dim=1)
     for _ in range(NOISE_ORDER):

@@ -157,6 +157,7 @@ class Recorder:
         self.view_of: dict[int, tuple[int, Views]] = {}
         self.owners: dict[int, Traced] = {}
         self.views: dict[int, list[tuple[int, weakref.ref[Traced]]]] = {}
+        self.created: set[int] = set()  # slots a CREATOR made: values that depend on no leaf
 
     def _new(self, tensor: torch.Tensor) -> int:
         self.base.append(tensor)
@@ -182,6 +183,16 @@ class Recorder:
             if functional is not None and args and isinstance(args[0], Traced):
                 # x.add_(y) is x written with x + y: the out-of-place op, then the write
                 return self._write(args[0], self.dispatch(functional, args, kwargs), {})
+            if self._fills(func, args, leaves):
+                # A tensor the forward just made, filled in place from no traced value before
+                # anything read it (a dropout's mask: `x.new_empty(shape).bernoulli_(p)`): a
+                # value, as the tensor it fills is, not a step. A random fill stays the one
+                # drawn here at every replay; where the forward draws another each time (no
+                # seed set inside it), the recorded loss or the plain passes that check every
+                # chunk differ from the replay's, and the forward is not replayed.
+                plain_args, plain_kwargs = pytree.tree_unflatten([x.elem if isinstance(x, Traced) else x for x in leaves], spec)
+                func(*plain_args, **plain_kwargs)
+                return args[0]
             self.broken = f"the forward changes a value in place ({func})"
             raise Unreplayable(self.broken)
         if func in CREATORS:
@@ -189,6 +200,7 @@ class Recorder:
             out = func(*plain_args, **plain_kwargs)
             made = Traced(out, self, self._new(out))
             self.owners[made.slot] = made
+            self.created.add(made.slot)
             return made
         refs = tuple(
             Ref(x.slot) if isinstance(x, Traced) else Ref(self._constant(x)) if isinstance(x, torch.Tensor) else x
@@ -213,6 +225,19 @@ class Recorder:
             for traced in made:  # a value of its own (views of several, split or unbind, are not written)
                 self.owners[traced.slot] = traced
         return pytree.tree_unflatten(made, out_spec)
+
+    def _fills(self, func: Any, args: tuple[Any, ...], leaves: list[Any]) -> bool:
+        """Whether the in-place `func` changes only its first argument, a tensor a CREATOR made
+        that no step has read yet, from no other traced value."""
+        writes = [a for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if not args or not isinstance(args[0], Traced) or args[0].slot not in self.created:
+            return False
+        if len(writes) != 1 or writes[0] is not func._schema.arguments[0]:
+            return False
+        if sum(isinstance(x, Traced) for x in leaves) != 1:
+            return False
+        slot = args[0].slot
+        return not any(isinstance(r, Ref) and r.slot == slot for step in self.steps for r in step.leaves)
 
     def _view(self, traced: Traced, root: int, chain: Views) -> None:
         self.view_of[traced.slot] = (root, chain)
