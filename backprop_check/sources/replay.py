@@ -229,12 +229,9 @@ class Recorder:
     def _fills(self, func: Any, args: tuple[Any, ...], leaves: list[Any]) -> bool:
         """Whether the in-place `func` changes only its first argument, a tensor a CREATOR made
         that no step has read yet, from no other traced value."""
-        writes = [a for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         if not args or not isinstance(args[0], Traced) or args[0].slot not in self.created:
             return False
-        if len(writes) != 1 or writes[0] is not func._schema.arguments[0]:
-            return False
-        if sum(isinstance(x, Traced) for x in leaves) != 1:
+        if not _writes_first_alone(func) or sum(isinstance(x, Traced) for x in leaves) != 1:
             return False
         slot = args[0].slot
         return not any(isinstance(r, Ref) and r.slot == slot for step in self.steps for r in step.leaves)
@@ -646,12 +643,17 @@ def _softmax(program: Program, step: Step, states: Mapping[int, State], count: i
 def _functional(func: Any) -> Any:
     """The out-of-place twin of an in-place operation that changes its first argument alone
     (add_ → add, fill_ → fill, index_put_ → index_put), or None."""
-    writes = [a for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     name = func.overloadpacket.__name__
-    if len(writes) != 1 or writes[0] is not func._schema.arguments[0] or not name.endswith("_") or name.startswith("_"):
+    if not _writes_first_alone(func) or not name.endswith("_") or name.startswith("_"):
         return None
     twin = getattr(getattr(aten, name[:-1], None), func._overloadname, None)
     return None if twin is None or twin._schema.is_mutable else twin
+
+
+def _writes_first_alone(func: Any) -> bool:
+    """Whether the in-place `func` changes its first argument and nothing else."""
+    writes = [a for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    return len(writes) == 1 and writes[0] is func._schema.arguments[0]
 
 
 def _view_through(root: torch.Tensor, views: Views) -> torch.Tensor:
