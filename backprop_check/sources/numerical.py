@@ -346,9 +346,9 @@ class FiniteDifferences:
         input in order, and that call runs the forward under vmap (not the replay, not one
         pass at a time). One call where there were two: for a tiny check, a call's own cost
         (vmap's set-up, the plain pass that checks its first row) is most of it."""
-        if self._noise is not None or list(whole.shapes) != list(self.targets) or not isinstance(self.batched, Batched):
+        if self._noise is not None or list(whole.shapes) != list(self.targets):
             return None
-        if not self.batched.vmap_works:
+        if not isinstance(self.batched, Batched) or not self.batched.vmap_works:
             return None
         base = whole.join(self.targets)
         if _program(self.batched, self.targets, whole, base, count) is not None:

@@ -176,6 +176,8 @@ class Recorder:
 
     def dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        # the arguments with their true values, for the operations run here
+        plain_args, plain_kwargs = pytree.tree_unflatten([x.elem if isinstance(x, Traced) else x for x in leaves], spec)
         if func is aten.copy_.default and isinstance(args[0], Traced):
             return self._write(args[0], args[1], kwargs)
         if func._schema.is_mutable:
@@ -190,13 +192,11 @@ class Recorder:
                 # drawn here at every replay; where the forward draws another each time (no
                 # seed set inside it), the recorded loss or the plain passes that check every
                 # chunk differ from the replay's, and the forward is not replayed.
-                plain_args, plain_kwargs = pytree.tree_unflatten([x.elem if isinstance(x, Traced) else x for x in leaves], spec)
                 func(*plain_args, **plain_kwargs)
                 return args[0]
             self.broken = f"the forward changes a value in place ({func})"
             raise Unreplayable(self.broken)
         if func in CREATORS:
-            plain_args, plain_kwargs = pytree.tree_unflatten([x.elem if isinstance(x, Traced) else x for x in leaves], spec)
             out = func(*plain_args, **plain_kwargs)
             made = Traced(out, self, self._new(out))
             self.owners[made.slot] = made
@@ -206,8 +206,6 @@ class Recorder:
             Ref(x.slot) if isinstance(x, Traced) else Ref(self._constant(x)) if isinstance(x, torch.Tensor) else x
             for x in leaves
         )
-        plain = [x.elem if isinstance(x, Traced) else x for x in leaves]
-        plain_args, plain_kwargs = pytree.tree_unflatten(plain, spec)
         out = func(*plain_args, **plain_kwargs)
         outs, out_spec = pytree.tree_flatten(out)
         if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
