@@ -1,16 +1,23 @@
 """Conformance of the drop-in `gradcheck` against PyTorch's own operator suite (issue 21).
 
     .venv/bin/python benchmarks/opinfo.py [--ops sin,cumsum] [--limit N] [--samples 2]
-        [--dtypes float64,float32] [--timeout 60] [--out opinfo.jsonl] [--budget SECONDS] [--mutants]
+        [--dtypes float64,float32,complex128] [--timeout 60] [--out opinfo.jsonl] [--budget SECONDS] [--mutants]
 
 Every op of `torch.testing._internal.common_methods_invocations.op_db` that supports autograd
 on the CPU, its first `--samples` samples (the ones `test/test_ops_gradients.py` gradchecks, built
 as that test builds them: the inputs that require grad are gradcheck's inputs, the rest is
-closed over), in float64 and float32: torch's slow gradcheck, torch's fast one and the drop-in,
-side by side, each under `--timeout` seconds in a worker process (one that hangs is killed and
-replaced). `--mutants` adds the mutant phase: each op wrapped in a Function whose backward is
-autograd's VJP plus one slip (every element ×1.01; one element ×1.01; one element ×1.0001; one
-sign; one input's gradient zeroed), in float64, where the slip changes the gradient.
+closed over), in float64 and float32 (and complex128 where `--dtypes` names it): torch's slow
+gradcheck, torch's fast one and the drop-in, side by side, each under `--timeout` seconds in a
+worker process (one that hangs is killed and replaced). `--mutants` adds the mutant phase: each
+op wrapped in a Function whose backward is autograd's VJP plus one slip (every element ×1.01;
+one element ×1.01; one element ×1.0001; one sign; one input's gradient zeroed; in complex128
+also one element conjugated), in float64 and complex128 where `--dtypes` names them, where the
+slip changes the gradient.
+
+`--order 2` runs gradgradcheck instead, the drop-in's against torch's, on the ops whose
+`supports_gradgrad` is set, with their `check_batched_gradgrad`; its mutants keep the gradient's
+values and plant the slip in the backward's own derivative (see `slipped`). Give it an `--out` of
+its own.
 
 Results go one line per check to `--out` (JSON lines); a rerun skips what is already there, so
 the run can be cut in slices (`--budget` seconds each, `--ops`, `--limit`) and resumed. At the
@@ -37,8 +44,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "complex128": torch.complex128}
 SLIPS = ("all×1.01", "one×1.01", "one×1.0001", "sign", "zeroed")
+# A complex gradient has one slip more: one element conjugated (the Wirtinger convention's slip).
+COMPLEX_SLIPS = (*SLIPS, "one conj")
+# The dtypes mutants are planted in, where --dtypes names them.
+MUTATED = ("float64", "complex128")
 CHECKERS = ("torch-slow", "torch-fast", "dropin")
 
 
@@ -94,18 +105,19 @@ def unit(op: Any, sample: Any) -> tuple[Callable[..., Any], tuple[torch.Tensor, 
     return fn, inputs
 
 
-def keywords(op: Any) -> dict[str, Any]:
+def keywords(op: Any, order: int = 1) -> dict[str, Any]:
     return {
-        "check_batched_grad": bool(op.check_batched_grad),
+        "check_batched_grad": bool(op.check_batched_grad if order == 1 else op.check_batched_gradgrad),
         "nondet_tol": op.gradcheck_nondet_tol,
         "check_grad_dtypes": True,
         "check_undefined_grad": True,
     }
 
 
-def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str | None) -> dict[str, Any]:
-    """One check in this process: its verdict and a line saying why."""
-    from backprop_check import gradcheck as dropin
+def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str | None, order: int = 1) -> dict[str, Any]:
+    """One check in this process (gradcheck, or gradgradcheck with `order` 2): its verdict and
+    a line saying why."""
+    from backprop_check import gradcheck, gradgradcheck
     from backprop_check.errors import CaseError
 
     found = samples(op, dtype, index + 1)
@@ -113,10 +125,12 @@ def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str |
         return {"verdict": "no-sample", "why": ""}
     fn, inputs = unit(op, found[index])
     if slip is not None:
-        fn = slipped(fn, inputs, slip)
+        fn = slipped(fn, inputs, slip, order)
         if fn is None:
             return {"verdict": "no-mutant", "why": "the slip would not change the gradient"}
-    options = keywords(op)
+    options = keywords(op, order)
+    dropin = gradcheck if order == 1 else gradgradcheck
+    torch_check = torch.autograd.gradcheck if order == 1 else torch.autograd.gradgradcheck
     started = time.perf_counter()
     try:
         if checker == "dropin":
@@ -124,7 +138,7 @@ def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str |
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ok = torch.autograd.gradcheck(fn, inputs, fast_mode=checker == "torch-fast", **options)
+                ok = torch_check(fn, inputs, fast_mode=checker == "torch-fast", **options)
         verdict, why = ("ok" if ok else "fail"), ""
     except importlib.import_module("torch.autograd.gradcheck").GradcheckError as exc:  # the drop-in's is a subclass
         verdict, why = "fail", " ".join(str(exc).split())[:300]
@@ -138,12 +152,14 @@ def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str |
     return {"verdict": verdict, "why": why, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str) -> Callable[..., Any] | None:
+def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str, order: int = 1) -> Callable[..., Any] | None:
     """fn behind a Function whose backward is autograd's VJP with `slip` planted; None where
-    the op has not one floating output or the slip cannot change its gradient."""
+    the op has not one floating output or the slip cannot change its gradient. With `order` 2
+    the backward is differentiable and the slip is in its derivative alone: the gradient's
+    values stay exact (g + slip(g − g.detach()) adds zeros), the double backward is wrong."""
     with torch.no_grad():
         out = fn(*inputs)
-    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point or not out.numel():
+    if not isinstance(out, torch.Tensor) or not (out.dtype.is_floating_point or out.dtype.is_complex) or not out.numel():
         return None
     if out.layout != torch.strided or any(x.layout != torch.strided for x in inputs):
         return None  # sparse: neither checker differentiates it
@@ -151,9 +167,11 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str)
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(fn(*leaves), leaves, g, allow_unused=True)
     live = [i for i, gr in enumerate(grads) if gr is not None and bool((gr != 0).any())]
-    if not live or any(x.is_complex() for x in inputs):
+    if not live:
         return None
     target = live[0]
+    if slip == "one conj" and not (grads[target].is_complex() and bool((grads[target].imag != 0).any())):
+        return None  # a real gradient, or one with no imaginary part: conjugating changes nothing
 
     def plant(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         g0 = grads[target]
@@ -161,7 +179,10 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str)
             return grads
         g0 = g0.clone(memory_format=torch.contiguous_format)  # reshape(-1) must be a view
         flat = g0.reshape(-1)
-        where = int(flat.abs().argmax())
+        where = int((flat.imag if slip == "one conj" else flat).detach().abs().argmax())
+        if order == 2:
+            grads[target] = g0.detach() + second(g0 - g0.detach(), where)
+            return grads
         if slip == "all×1.01":
             g0 = g0 * 1.01
         elif slip == "one×1.01":
@@ -172,8 +193,24 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str)
             flat[where] = -flat[where]
         elif slip == "zeroed":
             g0 = torch.zeros_like(g0)
+        elif slip == "one conj":
+            flat[where] = flat[where].conj()
         grads[target] = g0
         return grads
+
+    def second(d: torch.Tensor, where: int) -> torch.Tensor:
+        """The slip in d (zeros whose derivative is the gradient's)."""
+        one = torch.zeros(d.numel(), dtype=torch.bool)
+        one[where] = True
+        one = one.reshape(d.shape)
+        if slip == "all×1.01":
+            return d * 1.01
+        if slip == "zeroed":
+            return d.detach()
+        if slip == "one conj":
+            return torch.where(one, d.conj(), d)
+        factor = {"one×1.01": 1.01, "one×1.0001": 1.0001, "sign": -1.0}[slip]
+        return torch.where(one, d * factor, d)
 
     class Slip(torch.autograd.Function):
         @staticmethod
@@ -183,9 +220,14 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str)
 
         @staticmethod
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            xs = [x.detach().requires_grad_(True) for x in ctx.saved_tensors]
-            with torch.enable_grad():
-                found = torch.autograd.grad(fn(*xs), xs, grad, allow_unused=True)
+            if order == 2:  # through the saved inputs themselves, so that the double backward reaches them
+                xs = list(ctx.saved_tensors)
+                with torch.enable_grad():
+                    found = torch.autograd.grad(fn(*xs), xs, grad, allow_unused=True, create_graph=True)
+            else:
+                xs = [x.detach().requires_grad_(True) for x in ctx.saved_tensors]
+                with torch.enable_grad():
+                    found = torch.autograd.grad(fn(*xs), xs, grad, allow_unused=True)
             return tuple(plant([g if g is not None else torch.zeros_like(x) for g, x in zip(found, xs)]))
 
     def wrapped(*xs: torch.Tensor) -> torch.Tensor:
@@ -203,9 +245,9 @@ def _worker(conn: Any, ops: dict[str, Any]) -> None:
         task = conn.recv()
         if task is None:
             return
-        name, dtype, index, checker, slip = task
+        name, dtype, index, checker, slip, order = task
         try:
-            result = run_check(ops[name], DTYPES[dtype], index, checker, slip)
+            result = run_check(ops[name], DTYPES[dtype], index, checker, slip, order)
         except BaseException as exc:  # noqa: BLE001 - the harness around the check failed
             result = {"verdict": "crash", "why": f"runner: {type(exc).__name__}: {exc}"[:300]}
         conn.send(result)
@@ -244,22 +286,26 @@ class Worker:
             self.process.kill()
 
 
-def tasks(ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool) -> Iterator[tuple[Any, ...]]:
+def tasks(ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool, order: int = 1) -> Iterator[tuple[Any, ...]]:
     for op in ops:
+        if order == 2 and not op.supports_gradgrad:
+            continue
         for dtype in dtypes:
             if DTYPES[dtype] not in op.supported_backward_dtypes("cpu"):
                 continue
             for index in range(count):
                 for checker in CHECKERS:
-                    yield (op_name(op), dtype, index, checker, None)
-        if mutants and torch.float64 in op.supported_backward_dtypes("cpu"):
-            for index in range(count):
-                for slip in SLIPS:
-                    yield (op_name(op), "float64", index, "dropin", slip)
+                    yield (op_name(op), dtype, index, checker, None, order)
+        for dtype in MUTATED:
+            if mutants and dtype in dtypes and DTYPES[dtype] in op.supported_backward_dtypes("cpu"):
+                for index in range(count):
+                    for slip in COMPLEX_SLIPS if DTYPES[dtype].is_complex else SLIPS:
+                        yield (op_name(op), dtype, index, "dropin", slip, order)
 
 
 def key(task: Sequence[Any]) -> str:
-    return "|".join(str(x) for x in task)
+    """The row's key: op|dtype|index|checker|slip, and |gradgrad for order 2."""
+    return "|".join(str(x) for x in task[:5]) + ("|gradgrad" if task[5] == 2 else "")
 
 
 def load(path: str) -> dict[str, dict[str, Any]]:
@@ -275,7 +321,7 @@ def load(path: str) -> dict[str, dict[str, Any]]:
 
 def split(rows: dict[str, dict[str, Any]]) -> tuple[dict[tuple[str, str, int], dict[str, dict[str, Any]]], list[dict[str, Any]], list[dict[str, Any]]]:
     """The units (op, dtype, sample) → checker → row; the mutants that count (a slip planted in
-    a gradient torch's slow gradcheck passes in float64, and one the runner could build); the
+    a gradient torch's slow gradcheck passes in the mutant's dtype, and one the runner could build); the
     mutants of ops whose own gradient is wrong (as_strided_scatter: zeroing its wrong gradient
     can make it right), which say nothing about catching a slip."""
     units: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
@@ -285,7 +331,7 @@ def split(rows: dict[str, dict[str, Any]]) -> tuple[dict[tuple[str, str, int], d
             units.setdefault((row["op"], row["dtype"], row["index"]), {})[row["checker"]] = row
         elif row["verdict"] not in ("no-mutant", "no-sample") and not row["why"].startswith("runner:"):
             planted.append(row)
-    right = [m for m in planted if units.get((m["op"], "float64", m["index"]), {}).get("torch-slow", {}).get("verdict") == "ok"]
+    right = [m for m in planted if units.get((m["op"], m["dtype"], m["index"]), {}).get("torch-slow", {}).get("verdict") == "ok"]
     return units, right, [m for m in planted if m not in right]
 
 
@@ -306,11 +352,17 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
                 f"{counts['crash']} | {counts['timeout']} | {fast} |"
             )
     if mutants:
-        lines += ["", "| slip (float64, ops torch's slow gradcheck passes) | mutants | caught (fail) | passed | error | crash | timeout |", "|---|---|---|---|---|---|---|"]
-        for slip in SLIPS:
-            chosen = [m for m in mutants if m["slip"] == slip]
-            counts = Counter(m["verdict"] for m in chosen)
-            lines.append(f"| {slip} | {len(chosen)} | {counts['fail']} | {counts['ok']} | {counts['error']} | {counts['crash']} | {counts['timeout']} |")
+        lines += ["", "| slip (ops torch's slow gradcheck passes) | dtype | mutants | caught (fail) | passed | error | crash | timeout |", "|---|---|---|---|---|---|---|---|"]
+        for dtype in MUTATED:
+            for slip in COMPLEX_SLIPS:
+                chosen = [m for m in mutants if m["slip"] == slip and m["dtype"] == dtype]
+                if not chosen:
+                    continue
+                counts = Counter(m["verdict"] for m in chosen)
+                lines.append(
+                    f"| {slip} | {dtype} | {len(chosen)} | {counts['fail']} | {counts['ok']} | {counts['error']} | "
+                    f"{counts['crash']} | {counts['timeout']} |"
+                )
     return "\n".join(lines)
 
 
@@ -353,22 +405,22 @@ def speed(rows: dict[str, dict[str, Any]]) -> str:
 def disagreements(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Units where torch slow passes and the drop-in does not, and mutants that pass."""
     units, mutants, wrong = split(rows)
-    out = [f"mutant passes: {m['op']} {m['slip']} sample {m['index']}" for m in mutants if m["verdict"] == "ok"]
+    out = [f"mutant passes: {m['op']} {m['dtype']} {m['slip']} sample {m['index']}" for m in mutants if m["verdict"] == "ok"]
     out += [
-        f"not a mutant (the op's own float64 gradient fails torch's slow gradcheck): {m['op']} {m['slip']} "
+        f"not a mutant (the op's own {m['dtype']} gradient fails torch's slow gradcheck): {m['op']} {m['slip']} "
         f"sample {m['index']}: {m['verdict']}"
         for m in wrong
     ]
     for (op, dtype, index), u in sorted(units.items()):
         if len(u) == 3 and u["torch-slow"]["verdict"] == "ok" and u["dropin"]["verdict"] != "ok":
             out.append(f"{op} {dtype} sample {index}: {u['dropin']['verdict']}: {u['dropin']['why'][:240]}")
-        if len(u) == 3 and dtype == "float64" and u["torch-slow"]["verdict"] == "fail" and u["dropin"]["verdict"] == "ok":
+        if len(u) == 3 and dtype != "float32" and u["torch-slow"]["verdict"] == "fail" and u["dropin"]["verdict"] == "ok":
             out.append(f"torch slow fails, the drop-in passes: {op} {dtype} sample {index}: {u['torch-slow']['why'][:240]}")
     return out
 
 
 def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequence[str], timeout: float,
-        out: str, budget: float | None, mutants: bool) -> str:
+        out: str, budget: float | None, mutants: bool, order: int = 1) -> str:
     ops = op_db()
     if names:
         wanted = set(names)
@@ -381,7 +433,7 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
     ran = 0
     try:
         with open(out, "a", encoding="utf-8") as f:
-            for task in tasks(ops, dtypes, count, mutants):
+            for task in tasks(ops, dtypes, count, mutants, order):
                 if key(task) in done:
                     continue
                 if budget is not None and time.perf_counter() - started > budget:
@@ -390,8 +442,8 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
                 result = worker.run(task, timeout)
                 if result["verdict"] == "no-sample":
                     continue
-                name, dtype, index, checker, slip = task
-                row = {"key": key(task), "op": name, "dtype": dtype, "index": index, "checker": checker, "slip": slip, **result}
+                name, dtype, index, checker, slip, order = task
+                row = {"key": key(task), "op": name, "dtype": dtype, "index": index, "checker": checker, "slip": slip, "order": order, **result}
                 done[row["key"]] = row
                 f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -402,12 +454,19 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
 
 
 def section(quick: bool) -> tuple[str, list[tuple[str, bool]]]:
-    """benchmarks/run.py's section: a slice of op_db (the full run is `benchmarks/opinfo.py`)."""
-    path = os.path.join(tempfile.gettempdir(), "backprop_check_opinfo.jsonl")  # resumed by the next run
-    text = run(None, 10 if quick else 60, 2, list(DTYPES), 60.0, path, 300.0 if quick else 1800.0, True)
-    rows = load(path)
-    bad = [line for line in disagreements(rows)]
-    return text, [("no false alarm, error or crash where torch slow passes; no mutant passes", not bad)]
+    """benchmarks/run.py's section: a slice of op_db, gradcheck in every dtype and gradgradcheck
+    in float64, with mutants (the full run is `benchmarks/opinfo.py`). Its target counts the
+    units where torch slow passes and the drop-in does not, and the mutants that pass; the units
+    where torch slow fails and the drop-in passes are listed for a reader to judge."""
+    targets = []
+    texts = []
+    for order, dtypes, limit in ((1, list(DTYPES), 10 if quick else 60), (2, ["float64"], 5 if quick else 30)):
+        path = os.path.join(tempfile.gettempdir(), f"backprop_check_opinfo{'_gradgrad' * (order == 2)}.jsonl")  # resumed by the next run
+        texts.append(run(None, limit, 2, dtypes, 60.0, path, 300.0 if quick else 1800.0, True, order))
+        bad = [line for line in disagreements(load(path)) if not line.startswith("torch slow fails")]
+        what = "gradcheck" if order == 1 else "gradgradcheck"
+        targets.append((f"{what}: no false alarm, error or crash where torch slow passes; no mutant passes", not bad))
+    return "\n\n".join(texts), targets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds (resume later)")
     parser.add_argument("--out", default="opinfo.jsonl")
     parser.add_argument("--mutants", action="store_true")
+    parser.add_argument("--order", type=int, choices=(1, 2), default=1,
+                        help="2: gradgradcheck, the drop-in's and torch's, on the ops that support it (write to an --out of its own)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
     if args.table:
@@ -427,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(rows) + "\n\n" + speed(rows) + "\n\n" + "\n".join(disagreements(rows)))
         return 0
     names = [n for n in args.ops.split(",") if n]
-    print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants))
+    print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants, args.order))
     return 0
 
 

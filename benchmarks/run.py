@@ -25,8 +25,9 @@ repeats and trials, for a short look (record figures from the full run).
 13. profile  — where a default check()'s time goes, stage by stage (benchmarks/stages.py).
 14. referee  — the numerical referee on inputs far from zero: correct torch code ok, 1e-4 slips
                found, error bars against exact derivatives (benchmarks/referee.py, issue 28).
-15. opinfo   — the drop-in on op_db against torch's slow and fast gradcheck, and planted slips
-               (a slice of it, resumable: benchmarks/opinfo.py runs the whole of it).
+15. opinfo   — the drop-ins on op_db against torch's slow and fast gradcheck (float64, float32,
+               complex128) and gradgradcheck (float64), and planted slips (a slice of it,
+               resumable: benchmarks/opinfo.py runs the whole of it).
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "profile": ("13. profile: where a default check()'s time goes", lambda quick: (stages.run(1 if quick else 3), [])),
     "referee": ("14. the numerical referee far from zero: correct code ok, slips found, honest error bars",
                 referee.run),
-    "opinfo": ("15. the drop-in gradcheck on PyTorch's op_db vs torch's slow and fast gradcheck; mutants",
+    "opinfo": ("15. the drop-ins on PyTorch's op_db vs torch's slow and fast gradcheck and gradgradcheck; mutants",
                opinfo.section),
 }
 

@@ -23,6 +23,10 @@ def cz(values: list[complex] = Z) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.complex128)
 
 
+def crandn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.complex128, generator=torch.Generator().manual_seed(seed))
+
+
 def square_function(conj: bool) -> type[torch.autograd.Function]:
     class Square(torch.autograd.Function):
         @staticmethod
@@ -272,6 +276,48 @@ def test_gradcheck_drop_in_takes_complex_inputs() -> None:
     assert bc.gradcheck(Square.apply, (cz().requires_grad_(),))
     with pytest.raises(RuntimeError, match="autograd"):
         bc.gradcheck(ForgotConj.apply, (cz().requires_grad_(),))
+
+
+def test_gradcheck_drop_in_takes_conjugate_views_as_torchs_does() -> None:
+    # op_db's dot, vdot and mm give an input as `z.conj()`, its conjugation a bit, not data: the
+    # drop-in failed with an internal error on it where torch's gradcheck passes.
+    a, b = crandn(4).requires_grad_(), crandn(4, seed=1).conj().requires_grad_()
+    m, n = crandn(3, 4, seed=2).conj().requires_grad_(), crandn(4, 2, seed=3).requires_grad_()
+    assert bc.gradcheck(torch.dot, (a, b)) and bc.gradcheck(torch.mm, (m, n))
+    assert torch.autograd.gradcheck(torch.dot, (a, b))
+
+
+class ConjPathSlip(torch.autograd.Function):
+    """z², whose backward slips by 1 % only where its input is a conjugate view: a kernel with
+    a separate path for conjugated operands."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.conjugated = z.is_conj()
+        return z * z
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (z,) = ctx.saved_tensors
+        return grad * 2 * z.conj() * (1.01 if ctx.conjugated else 1.0)
+
+
+@pytest.mark.parametrize("size", [4, 100])  # vmap's batches, and the replay's from 64 elements
+def test_a_conjugate_view_reaches_fn_as_one_so_its_own_path_is_checked(size: int) -> None:
+    seen = []
+
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z.is_conj())
+        return ConjPathSlip.apply(z)
+
+    assert bc.gradcheck(fn, (crandn(size).requires_grad_(),))
+    assert not any(seen)
+    seen.clear()
+    with pytest.raises(RuntimeError, match="autograd"):
+        bc.gradcheck(fn, (crandn(size).conj().requires_grad_(),))
+    assert True in seen  # (the replay records fn once on stand-ins that hold the values alone)
+    assert not torch.autograd.gradcheck(fn, (crandn(size).conj().requires_grad_(),), raise_exception=False)
 
 
 # --- bad input: one line each, the other results still run --------------------------------

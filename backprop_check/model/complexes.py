@@ -33,8 +33,9 @@ CONVENTION = (
 )
 
 def real_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A complex tensor as a float64 real view of its own (shape + (2,))."""
-    return torch.view_as_real(tensor.detach().cpu().to(torch.complex128)).clone()
+    """A complex tensor as a float64 real view of its own (shape + (2,)); a conjugate view
+    (`z.conj()`, whose conjugation is a bit, not data) by its values."""
+    return torch.view_as_real(tensor.detach().cpu().to(torch.complex128).resolve_conj()).clone()
 
 
 def as_complex(name: str, view: torch.Tensor) -> torch.Tensor:

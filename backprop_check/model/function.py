@@ -82,6 +82,7 @@ class FunctionCase(Case):
         self.notes: list[str] = []  # what the check left out or did differently, said in the report
         self.promoted = False  # fn closes over lower-precision tensors: float64 runs promote them
         self.constants: dict[str, Any] = {}
+        self.conjugated: tuple[str, ...] = ()  # inputs given as conjugate views (`z.conj()`)
         self.wrt: tuple[str, ...] = ()
         self.devices: tuple[str, ...] = ("cpu",)
         self.input_dtypes: tuple[str, ...] = ()
@@ -149,6 +150,7 @@ class FunctionCase(Case):
             if name in tensors:
                 kept = spec.detach() if isinstance(spec, torch.Tensor) else spec
                 (self.params if name in chosen else self.data)[name] = kept
+        self.conjugated = tuple(name for name, t in tensors.items() if t.is_conj())
         self.devices = tuple(dict.fromkeys(t.device.type for t in tensors.values())) or ("cpu",)
         floating = [_real_dtype(tensors[n].dtype) for n in chosen]
         self.input_dtypes = tuple(dict.fromkeys(name_of(d) for d in floating))
@@ -269,7 +271,7 @@ class FunctionCase(Case):
 
     def _invoke(self, values: Mapping[str, Any]) -> Any:
         """fn(*inputs); what it raises is one line naming it."""
-        args = [values[n] if n in values else self.constants[n] for n in self.names]
+        args = self._args(values)
         try:
             if self.promoted and _float64(values):
                 with Promote():
@@ -285,6 +287,15 @@ class FunctionCase(Case):
             line = line_in(self.file, exc)
             said = f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")
             raise CaseError(said + self._refuses_float64(args)) from exc
+
+    def _args(self, values: Mapping[str, Any]) -> list[Any]:
+        """fn's arguments, in order: an input given as a conjugate view is handed on as one (a
+        kernel's conjugate path is the one checked), holding the same values."""
+        args = [values[n] if n in values else self.constants[n] for n in self.names]
+        for k, name in enumerate(self.names) if self.conjugated else ():
+            if name in self.conjugated and isinstance(args[k], torch.Tensor) and args[k].is_complex() and not args[k].is_conj():
+                args[k] = args[k].conj().resolve_conj().conj()
+        return args
 
     def _promotes(self, args: list[Any]) -> bool:
         """Whether fn runs once every lower-precision tensor an op receives is promoted: the
@@ -381,7 +392,7 @@ class FunctionCase(Case):
         return total if total is not None else torch.zeros((), dtype=next(iter(values.values())).dtype)
 
     def _manual(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
-        args = [values[n] if n in values else self.constants[n] for n in self.names]
+        args = self._args(values)
         grads = []
         for k in range(len(self.output_shapes or ())):
             label = self.cotangents.get(k)
