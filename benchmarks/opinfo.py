@@ -14,9 +14,12 @@ one element ×1.01; one element ×1.0001; one sign; one input's gradient zeroed;
 also one element conjugated), in float64 and complex128 where `--dtypes` names them, where the
 slip changes the gradient.
 
-`--order 2` runs gradgradcheck instead, the drop-in's against torch's, on the ops whose
-`supports_gradgrad` is set, with their `check_batched_gradgrad`; its mutants keep the gradient's
-values and plant the slip in the backward's own derivative (see `slipped`). Give it an `--out` of
+`--kind gradgradcheck` runs gradgradcheck instead, the drop-in's against torch's, on the ops
+whose `supports_gradgrad` is set, with their `check_batched_gradgrad`; its mutants keep the
+gradient's values and plant the slip in the backward's own derivative. `--kind forward` runs
+gradcheck in forward mode (`check_forward_ad=True, check_backward_ad=False`, as
+test_ops_gradients.py's forward-mode test does) on the ops whose `supports_forward_ad` is set;
+its mutants plant the slip in a Function's `jvp` (see `slipped`). Give each kind an `--out` of
 its own.
 
 Results go one line per check to `--out` (JSON lines); a rerun skips what is already there, so
@@ -105,18 +108,30 @@ def unit(op: Any, sample: Any) -> tuple[Callable[..., Any], tuple[torch.Tensor, 
     return fn, inputs
 
 
-def keywords(op: Any, order: int = 1) -> dict[str, Any]:
+KINDS = ("gradcheck", "gradgradcheck", "forward")
+
+
+def keywords(op: Any, kind: str = "gradcheck") -> dict[str, Any]:
+    if kind == "forward":
+        return {
+            "check_forward_ad": True,
+            "check_backward_ad": False,
+            "check_undefined_grad": False,
+            "check_batched_grad": False,
+            "check_batched_forward_grad": bool(op.check_batched_forward_grad),
+            "nondet_tol": op.gradcheck_nondet_tol,
+            "check_grad_dtypes": True,
+        }
     return {
-        "check_batched_grad": bool(op.check_batched_grad if order == 1 else op.check_batched_gradgrad),
+        "check_batched_grad": bool(op.check_batched_grad if kind == "gradcheck" else op.check_batched_gradgrad),
         "nondet_tol": op.gradcheck_nondet_tol,
         "check_grad_dtypes": True,
         "check_undefined_grad": True,
     }
 
 
-def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str | None, order: int = 1) -> dict[str, Any]:
-    """One check in this process (gradcheck, or gradgradcheck with `order` 2): its verdict and
-    a line saying why."""
+def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str | None, kind: str = "gradcheck") -> dict[str, Any]:
+    """One check in this process (of KINDS): its verdict and a line saying why."""
     from backprop_check import gradcheck, gradgradcheck
     from backprop_check.errors import CaseError
 
@@ -125,12 +140,12 @@ def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str |
         return {"verdict": "no-sample", "why": ""}
     fn, inputs = unit(op, found[index])
     if slip is not None:
-        fn = slipped(fn, inputs, slip, order)
+        fn = slipped(fn, inputs, slip, kind)
         if fn is None:
             return {"verdict": "no-mutant", "why": "the slip would not change the gradient"}
-    options = keywords(op, order)
-    dropin = gradcheck if order == 1 else gradgradcheck
-    torch_check = torch.autograd.gradcheck if order == 1 else torch.autograd.gradgradcheck
+    options = keywords(op, kind)
+    dropin = gradgradcheck if kind == "gradgradcheck" else gradcheck
+    torch_check = torch.autograd.gradgradcheck if kind == "gradgradcheck" else torch.autograd.gradcheck
     started = time.perf_counter()
     try:
         if checker == "dropin":
@@ -152,11 +167,12 @@ def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str |
     return {"verdict": verdict, "why": why, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str, order: int = 1) -> Callable[..., Any] | None:
+def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str, kind: str = "gradcheck") -> Callable[..., Any] | None:
     """fn behind a Function whose backward is autograd's VJP with `slip` planted; None where
-    the op has not one floating output or the slip cannot change its gradient. With `order` 2
-    the backward is differentiable and the slip is in its derivative alone: the gradient's
-    values stay exact (g + slip(g − g.detach()) adds zeros), the double backward is wrong."""
+    the op has not one floating output or the slip cannot change its gradient. For
+    gradgradcheck the backward is differentiable and the slip is in its derivative alone: the
+    gradient's values stay exact (g + slip(g − g.detach()) adds zeros), the double backward is
+    wrong. For forward mode the slip is in the Function's jvp (`jvp_slipped`)."""
     with torch.no_grad():
         out = fn(*inputs)
     if not isinstance(out, torch.Tensor) or not (out.dtype.is_floating_point or out.dtype.is_complex) or not out.numel():
@@ -172,6 +188,8 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str,
     target = live[0]
     if slip == "one conj" and not (grads[target].is_complex() and bool((grads[target].imag != 0).any())):
         return None  # a real gradient, or one with no imaginary part: conjugating changes nothing
+    if kind == "forward":
+        return jvp_slipped(fn, inputs, slip)
 
     def plant(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         g0 = grads[target]
@@ -180,7 +198,7 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str,
         g0 = g0.clone(memory_format=torch.contiguous_format)  # reshape(-1) must be a view
         flat = g0.reshape(-1)
         where = int((flat.imag if slip == "one conj" else flat).detach().abs().argmax())
-        if order == 2:
+        if kind == "gradgradcheck":
             grads[target] = g0.detach() + second(g0 - g0.detach(), where)
             return grads
         if slip == "all×1.01":
@@ -220,7 +238,7 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str,
 
         @staticmethod
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            if order == 2:  # through the saved inputs themselves, so that the double backward reaches them
+            if kind == "gradgradcheck":  # through the saved inputs themselves, so that the double backward reaches them
                 xs = list(ctx.saved_tensors)
                 with torch.enable_grad():
                     found = torch.autograd.grad(fn(*xs), xs, grad, allow_unused=True, create_graph=True)
@@ -237,6 +255,64 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str,
     return wrapped
 
 
+def jvp_slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str) -> Callable[..., Any] | None:
+    """fn behind a Function whose jvp is fn's, with `slip` planted in the output's tangent; None
+    where the op's jvp cannot be built that way or is zero. The jvp is two backward passes
+    (the VJP's VJP: forward mode cannot nest inside a jvp), so the op needs a double backward."""
+
+    def tangent(xs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in xs]
+            out = fn(*leaves)
+            w = torch.zeros_like(out, requires_grad=True)
+            grads = torch.autograd.grad(out, leaves, w, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(grads, tangents) if g is not None and g.requires_grad and t is not None]
+            found = torch.autograd.grad([g for g, _ in pairs], w, [t for _, t in pairs], allow_unused=True)[0] if pairs else None
+        return torch.zeros_like(out) if found is None else found.detach()
+
+    try:
+        gen = torch.Generator().manual_seed(2)
+        probe = tangent(inputs, [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in inputs])
+    except Exception:  # noqa: BLE001 - no double backward: no mutant of this kind
+        return None
+    if not bool((probe != 0).any()) or slip == "one conj" and not (probe.is_complex() and bool((probe.imag != 0).any())):
+        return None
+
+    class Slip(torch.autograd.Function):
+        @staticmethod
+        def forward(*xs: torch.Tensor) -> torch.Tensor:
+            return fn(*xs).clone()
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            ctx.save_for_forward(*inputs)
+
+        @staticmethod
+        def jvp(ctx: Any, *tangents: torch.Tensor | None) -> torch.Tensor:
+            t = tangent(ctx.saved_tensors, tangents).clone(memory_format=torch.contiguous_format)
+            flat = t.reshape(-1)
+            where = int((flat.imag if slip == "one conj" else flat).abs().argmax())
+            if slip == "all×1.01":
+                return t * 1.01
+            if slip == "zeroed":
+                return torch.zeros_like(t)
+            if slip == "one conj":
+                flat[where] = flat[where].conj()
+            else:
+                flat[where] = flat[where] * {"one×1.01": 1.01, "one×1.0001": 1.0001, "sign": -1.0}[slip]
+            return t
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> Any:
+            raise RuntimeError("a forward-mode mutant has no backward")
+
+    def wrapped(*xs: torch.Tensor) -> torch.Tensor:
+        return Slip.apply(*xs)
+
+    wrapped.__name__ = wrapped.__qualname__ = f"{getattr(fn, '__name__', 'op')}_jvp_slipped"
+    return wrapped
+
+
 # --- the worker pool ------------------------------------------------------------------------------
 
 
@@ -245,9 +321,9 @@ def _worker(conn: Any, ops: dict[str, Any]) -> None:
         task = conn.recv()
         if task is None:
             return
-        name, dtype, index, checker, slip, order = task
+        name, dtype, index, checker, slip, kind = task
         try:
-            result = run_check(ops[name], DTYPES[dtype], index, checker, slip, order)
+            result = run_check(ops[name], DTYPES[dtype], index, checker, slip, kind)
         except BaseException as exc:  # noqa: BLE001 - the harness around the check failed
             result = {"verdict": "crash", "why": f"runner: {type(exc).__name__}: {exc}"[:300]}
         conn.send(result)
@@ -286,26 +362,26 @@ class Worker:
             self.process.kill()
 
 
-def tasks(ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool, order: int = 1) -> Iterator[tuple[Any, ...]]:
+def tasks(ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool, kind: str = "gradcheck") -> Iterator[tuple[Any, ...]]:
     for op in ops:
-        if order == 2 and not op.supports_gradgrad:
+        if kind == "gradgradcheck" and not op.supports_gradgrad or kind == "forward" and not op.supports_forward_ad:
             continue
         for dtype in dtypes:
             if DTYPES[dtype] not in op.supported_backward_dtypes("cpu"):
                 continue
             for index in range(count):
                 for checker in CHECKERS:
-                    yield (op_name(op), dtype, index, checker, None, order)
+                    yield (op_name(op), dtype, index, checker, None, kind)
         for dtype in MUTATED:
             if mutants and dtype in dtypes and DTYPES[dtype] in op.supported_backward_dtypes("cpu"):
                 for index in range(count):
                     for slip in COMPLEX_SLIPS if DTYPES[dtype].is_complex else SLIPS:
-                        yield (op_name(op), dtype, index, "dropin", slip, order)
+                        yield (op_name(op), dtype, index, "dropin", slip, kind)
 
 
 def key(task: Sequence[Any]) -> str:
-    """The row's key: op|dtype|index|checker|slip, and |gradgrad for order 2."""
-    return "|".join(str(x) for x in task[:5]) + ("|gradgrad" if task[5] == 2 else "")
+    """The row's key: op|dtype|index|checker|slip, then |gradgrad or |forward for those kinds."""
+    return "|".join(str(x) for x in task[:5]) + {"gradcheck": "", "gradgradcheck": "|gradgrad", "forward": "|forward"}[task[5]]
 
 
 def load(path: str) -> dict[str, dict[str, Any]]:
@@ -420,7 +496,7 @@ def disagreements(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequence[str], timeout: float,
-        out: str, budget: float | None, mutants: bool, order: int = 1) -> str:
+        out: str, budget: float | None, mutants: bool, kind: str = "gradcheck") -> str:
     ops = op_db()
     if names:
         wanted = set(names)
@@ -433,7 +509,7 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
     ran = 0
     try:
         with open(out, "a", encoding="utf-8") as f:
-            for task in tasks(ops, dtypes, count, mutants, order):
+            for task in tasks(ops, dtypes, count, mutants, kind):
                 if key(task) in done:
                     continue
                 if budget is not None and time.perf_counter() - started > budget:
@@ -442,8 +518,8 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
                 result = worker.run(task, timeout)
                 if result["verdict"] == "no-sample":
                     continue
-                name, dtype, index, checker, slip, order = task
-                row = {"key": key(task), "op": name, "dtype": dtype, "index": index, "checker": checker, "slip": slip, "order": order, **result}
+                name, dtype, index, checker, slip, kind = task
+                row = {"key": key(task), "op": name, "dtype": dtype, "index": index, "checker": checker, "slip": slip, "kind": kind, **result}
                 done[row["key"]] = row
                 f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -454,18 +530,21 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
 
 
 def section(quick: bool) -> tuple[str, list[tuple[str, bool]]]:
-    """benchmarks/run.py's section: a slice of op_db, gradcheck in every dtype and gradgradcheck
-    in float64, with mutants (the full run is `benchmarks/opinfo.py`). Its target counts the
+    """benchmarks/run.py's section: a slice of op_db, gradcheck in every dtype, gradgradcheck and
+    forward mode in float64, with mutants (the full run is `benchmarks/opinfo.py`). Its target counts the
     units where torch slow passes and the drop-in does not, and the mutants that pass; the units
     where torch slow fails and the drop-in passes are listed for a reader to judge."""
     targets = []
     texts = []
-    for order, dtypes, limit in ((1, list(DTYPES), 10 if quick else 60), (2, ["float64"], 5 if quick else 30)):
-        path = os.path.join(tempfile.gettempdir(), f"backprop_check_opinfo{'_gradgrad' * (order == 2)}.jsonl")  # resumed by the next run
-        texts.append(run(None, limit, 2, dtypes, 60.0, path, 300.0 if quick else 1800.0, True, order))
+    for kind, dtypes, limit in (
+        ("gradcheck", list(DTYPES), 10 if quick else 60),
+        ("gradgradcheck", ["float64"], 5 if quick else 30),
+        ("forward", ["float64"], 5 if quick else 30),
+    ):
+        path = os.path.join(tempfile.gettempdir(), f"backprop_check_opinfo_{kind}.jsonl")  # resumed by the next run
+        texts.append(f"{kind}:\n\n" + run(None, limit, 2, dtypes, 60.0, path, 300.0 if quick else 1800.0, True, kind))
         bad = [line for line in disagreements(load(path)) if not line.startswith("torch slow fails")]
-        what = "gradcheck" if order == 1 else "gradgradcheck"
-        targets.append((f"{what}: no false alarm, error or crash where torch slow passes; no mutant passes", not bad))
+        targets.append((f"{kind}: no false alarm, error or crash where torch slow passes; no mutant passes", not bad))
     return "\n\n".join(texts), targets
 
 
@@ -479,8 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds (resume later)")
     parser.add_argument("--out", default="opinfo.jsonl")
     parser.add_argument("--mutants", action="store_true")
-    parser.add_argument("--order", type=int, choices=(1, 2), default=1,
-                        help="2: gradgradcheck, the drop-in's and torch's, on the ops that support it (write to an --out of its own)")
+    parser.add_argument("--kind", choices=KINDS, default="gradcheck",
+                        help="gradgradcheck, or gradcheck in forward mode, the drop-in's and torch's, on the ops that support it (give it an --out of its own)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
     if args.table:
@@ -488,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(rows) + "\n\n" + speed(rows) + "\n\n" + "\n".join(disagreements(rows)))
         return 0
     names = [n for n in args.ops.split(",") if n]
-    print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants, args.order))
+    print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants, args.kind))
     return 0
 
 

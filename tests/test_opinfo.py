@@ -101,6 +101,33 @@ def test_empty_inputs_pass_the_drop_in_while_check_says_nothing_was_checked() ->
     assert report.exit_code == 2 and "every parameter is empty" in report.results[0].message
 
 
+def test_an_empty_output_in_forward_mode_is_nothing_to_compare_and_the_other_outputs_are_checked() -> None:
+    # op_db's mm sample 1, (0, 5) @ (5, 10): forward mode was an internal error where torch passes.
+    empty, b, c = torch.empty(0, 5, dtype=torch.float64, requires_grad=True), x64(5, 10).requires_grad_(), x64(3, seed=1)
+    assert gradcheck(torch.mm, (empty, b), check_forward_ad=True, check_backward_ad=False)
+    report = bc.check(torch.mm, (empty, b), modes=("fwd",), dtypes=["float64"], points=0)
+    assert report.exit_code == 0 and "every output is empty" in report.results[0].message
+
+    class WrongJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return x.sin()
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            ctx.save_for_forward(*inputs)
+
+        @staticmethod
+        def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            return t * ctx.saved_tensors[0].cos() * 1.0001
+
+    def both(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.mm(a, b), WrongJvp.apply(c)
+
+    with pytest.raises(GradcheckError, match="output 1"):
+        gradcheck(both, (empty, b, c.requires_grad_()), check_forward_ad=True, check_backward_ad=False)
+
+
 def test_outputs_autograd_declares_non_differentiable_are_left_out_with_a_note() -> None:
     def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.native_layer_norm(x, (3,), w, b, 1e-5)  # output, saved mean, saved rstd

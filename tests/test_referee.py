@@ -279,6 +279,29 @@ def test_forward_mode_takes_its_directional_derivatives_from_the_public_entry():
     assert not estimate.kink.any()
 
 
+def test_directions_estimated_together_are_each_estimated_as_if_alone():
+    # `numerical.along_many` puts every direction's rows into one batch and settles the columns
+    # of all of them at once; each column is still judged as if its direction were alone: the
+    # values of `along` of each direction by itself, a kink where there is one, bars as tight.
+    point = {"x": torch.tensor([0.3, -1.2, 2.5, 0.0], dtype=torch.float64), "w": torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)}
+
+    def fn(p):
+        return torch.cat([p["w"].sum() * torch.tanh(p["x"]), torch.relu(p["x"][3:]) * p["w"][:1], (p["x"][:3] * p["w"]).exp()])
+
+    directions = [
+        {"x": torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64), "w": torch.zeros(3, dtype=torch.float64)},
+        {"x": torch.tensor([0.0, 0.0, 0.0, 1e-3], dtype=torch.float64), "w": torch.zeros(3, dtype=torch.float64)},
+        {"x": torch.tensor([0.01, -0.02, 0.03, 0.0], dtype=torch.float64), "w": torch.tensor([0.01, 0.0, -0.01], dtype=torch.float64)},
+    ]
+    together = numerical.along_many(fn, point, directions)
+    for direction, both in zip(directions, together):
+        alone = numerical.along(fn, point, direction)
+        assert torch.equal(both.kink, alone.kink)
+        assert torch.all((both.value - alone.value).abs() <= both.error + alone.error)
+        assert torch.all(both.error <= 4 * alone.error + 1e-15) and torch.all(alone.error <= 4 * both.error + 1e-15)
+    assert together[1].kink[4] and not together[0].kink.any()  # relu at 0, moved by 1e-3
+
+
 def test_forward_mode_imports_no_private_helper_of_the_referee():
     import ast
     from pathlib import Path

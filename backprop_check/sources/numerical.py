@@ -609,57 +609,88 @@ def along(
     point: Mapping[str, torch.Tensor],
     direction: Mapping[str, torch.Tensor],
 ) -> Estimate:
-    """d/ds fn(point + s·direction) at s = 0 for every element of fn's (flattened) output: the
-    referee's directional derivative, with the step chosen as reverse mode chooses it.
+    """`along_many` of one direction."""
+    return along_many(fn, point, [direction])[0]
 
-    The output's own rounding is measured per element (`_measured_noise`'s lines through the
-    point); the estimate is taken at the step multipliers DIRECTION_STEPS (a direction's elements
-    moved by m·direction) and the one with the smallest bar off a kink kept, then settled
+
+def along_many(
+    fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    point: Mapping[str, torch.Tensor],
+    directions: Sequence[Mapping[str, torch.Tensor]],
+) -> list[Estimate]:
+    """Per direction d, d/ds fn(point + s·d) at s = 0 for every element of fn's (flattened)
+    output: the referee's directional derivatives, with the step chosen as reverse mode
+    chooses it.
+
+    The output's own rounding is measured per element, once (`_output_noise`'s lines through
+    the point); each direction's estimate is taken at the step multipliers DIRECTION_STEPS (its
+    elements moved by m·d) and the one with the smallest bar off a kink kept, then settled
     (`settle`): smaller steps where the function's features are finer than the step, where the
-    bar is mostly truncation, or where an element of the direction is larger than VALIDATE_FROM."""
-    names = [name for name in point if name in direction]
+    bar is mostly truncation, or where an element of the direction is larger than VALIDATE_FROM.
+    Every direction's rows go into the same batches (`Batched`: vmap where it batches fn, one
+    call at a time where it does not), and each settling round evaluates only the directions
+    and steps it asks for; a column (one output element along one direction) is settled as if
+    its direction were alone."""
+    names = [name for name in point if any(name in d for d in directions)]
     flat = Flat({name: point[name] for name in names})
     base = flat.join(point)
-    vector = flat.join(direction)
+    vectors = torch.stack([flat.join({**{n: torch.zeros_like(point[n]) for n in names}, **d}) for d in directions])
+    batched = Batched(fn)
 
-    def outputs(vectors: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack([fn({**point, **flat.split(v)}).reshape(-1).to(torch.float64) for v in vectors])
+    def outputs(rows: torch.Tensor) -> torch.Tensor:
+        """fn at every row, in batches of at most MAX_BATCH rows and MAX_BATCH_ELEMENTS inputs or outputs."""
+        chunk = max(1, min(MAX_BATCH, MAX_BATCH_ELEMENTS // max(1, flat.size, f0.numel())))
+        return torch.cat([
+            batched(point, flat, rows[start : start + chunk]).reshape(len(rows[start : start + chunk]), -1).to(torch.float64)
+            for start in range(0, len(rows), chunk)
+        ])
 
-    f0 = outputs(base[None])[0]
-    noise = _output_noise(outputs, base, base.abs(), f0)
-    theta = base[vector != 0].abs()
+    f0 = batched.one(point, flat, base).reshape(-1).to(torch.float64)
+    n, k = f0.numel(), len(directions)
+    if not n:  # every output empty (a (0, 5) @ (5, 10) product): no derivative to estimate
+        empty = torch.zeros(0, dtype=torch.float64)
+        return [Estimate(empty, empty, empty, empty, torch.zeros(0, dtype=torch.bool)) for _ in directions]
+    offsets = torch.tensor(OFFSETS, dtype=torch.float64).reshape(1, -1, 1)
 
-    def at(multipliers: torch.Tensor, columns: torch.Tensor) -> dict[str, torch.Tensor]:
-        estimates = []
-        for m in multipliers.unique().tolist():
-            f = outputs(torch.stack([base + t * m * vector for t in OFFSETS]))
-            estimate = _estimates(f, torch.full_like(f0, m), f0, noise=noise)
-            estimate["step"] = torch.full_like(f0, m)
-            estimates.append((m, estimate))
-        out = {k: v.clone() for k, v in estimates[0][1].items()}
-        for m, estimate in estimates[1:]:
-            here = multipliers == m
-            for k in out:
-                out[k][here] = estimate[k][here]
-        return {k: v[columns] for k, v in out.items()}
+    def rows_for(pairs: list[tuple[int, float]]) -> torch.Tensor:
+        """The rows base + t·m·d_j, t in OFFSETS, for each (j, m) in `pairs`."""
+        which = torch.tensor([j for j, _ in pairs])
+        m = torch.tensor([m for _, m in pairs], dtype=torch.float64).reshape(-1, 1, 1)
+        return (base + offsets * m * vectors[which][:, None, :]).reshape(-1, flat.size)
 
-    every = torch.arange(f0.numel())
-    best = at(torch.full_like(f0, DIRECTION_STEPS[0]), every)
-    for multiplier in DIRECTION_STEPS[1:]:
-        best = _better(best, at(torch.full_like(f0, multiplier), every))
-    largest = float(theta.max()) if theta.numel() else 0.0
-    validate = torch.full(f0.shape, largest > VALIDATE_FROM, dtype=torch.bool) | best["flat"]
+    def estimated(pairs: list[tuple[int, float]], values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The estimates of every output along direction j at multiplier m, for each (j, m) in
+        `pairs`, from the outputs at `rows_for(pairs)`: len(pairs) blocks of n columns."""
+        f = values.reshape(len(pairs), len(OFFSETS), n).permute(1, 0, 2).reshape(len(OFFSETS), -1)
+        h = torch.tensor([m for _, m in pairs], dtype=torch.float64).repeat_interleave(n)
+        estimate = _estimates(f, h, f0.repeat(len(pairs)), noise=noise.repeat(len(pairs)), groups=len(pairs))
+        estimate["step"] = h
+        return estimate
+
+    # The noise lines and every direction at every multiplier, in one batch.
+    first = [(j, m) for m in DIRECTION_STEPS for j in range(k)]
+    probe = _output_noise_rows(base, base.abs())
+    values = outputs(torch.cat([probe, rows_for(first)]))
+    noise = _output_noise_of(values[: len(probe)], f0)
+    stage = estimated(first, values[len(probe) :])
+    best = {key: value[: k * n] for key, value in stage.items()}
+    for b in range(1, len(DIRECTION_STEPS)):
+        best = _better(best, {key: value[b * k * n : (b + 1) * k * n] for key, value in stage.items()})
+    largest = torch.where(vectors != 0, base.abs(), 0.0).amax(dim=1)  # per direction, its largest |θ| moved
+    validate = (largest > VALIDATE_FROM).repeat_interleave(n) | best["flat"]
 
     def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        multipliers = torch.ones_like(f0)
-        multipliers[where] = h
-        return at(multipliers, where)
+        asked = [(c // n, c % n, m) for c, m in zip(where.tolist(), h.tolist())]
+        pairs = sorted({(j, m) for j, _, m in asked})
+        block = {pair: b for b, pair in enumerate(pairs)}
+        estimate = estimated(pairs, outputs(rows_for(pairs)))
+        take = torch.tensor([block[(j, m)] * n + c for j, c, m in asked], dtype=torch.int64)
+        return {key: value[take] for key, value in estimate.items()}
 
     # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
-    small = torch.full_like(f0, _kink_multiplier(theta))
-    best = settle(best, again, torch.full_like(f0, 2.0**-40), validate, small)
-    return Estimate(best["value"], best["error"], best["left"], best["right"], best["kink"])
+    small = _kink_multipliers(largest).repeat_interleave(n)
+    best = settle(best, again, torch.full((k * n,), 2.0**-40, dtype=torch.float64), validate, small)
+    return [Estimate(*(best[key][j * n : (j + 1) * n] for key in ("value", "error", "left", "right", "kink"))) for j in range(k)]
 
 
 def _kink_multiplier(theta: torch.Tensor) -> float:
@@ -667,22 +698,32 @@ def _kink_multiplier(theta: torch.Tensor) -> float:
     at which a kink is confirmed: its largest element moved no more than an element's own
     confirming step (KINK_STEP, or 2¹⁶ ulps of it)."""
     largest = float(theta.abs().max()) if theta.numel() else 0.0
-    confirming = max(KINK_STEP, float(_step_floor(torch.tensor([largest]))[0]) * (KINK_ULPS / STEP_FLOOR_ULPS))
-    return confirming / (RELATIVE_STEP * max(1.0, largest))
+    return float(_kink_multipliers(torch.tensor([largest], dtype=torch.float64))[0])
 
 
-def _output_noise(
-    outputs: Callable[[torch.Tensor], torch.Tensor], base: torch.Tensor, scale: torch.Tensor, f0: torch.Tensor
-) -> torch.Tensor:
-    """Per output element, the σ of its rounding (`_measured_noise`, for a vector output)."""
+def _kink_multipliers(largest: torch.Tensor) -> torch.Tensor:
+    """`_kink_multiplier` of directions whose largest elements are `largest`."""
+    confirming = (_step_floor(largest) * (KINK_ULPS / STEP_FLOOR_ULPS)).clamp(min=KINK_STEP)
+    return confirming / (RELATIVE_STEP * largest.abs().clamp(min=1.0))
+
+
+def _output_noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The points of NOISE_LINES lines through `base` (NOISE_POINTS − 1 each, the point itself
+    left out) whose outputs `_output_noise_of` reads: (lines·(points − 1), size)."""
     gen = torch.Generator().manual_seed(NOISE_SEED)
     steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
     lines = []
     for _ in range(NOISE_LINES):
         signs = torch.randint(0, 2, base.shape, generator=gen, dtype=torch.float64) * 2 - 1
-        values = outputs(base + steps * (signs * scale))
-        lines.append(torch.cat([f0[None], values]))
-    differences = torch.stack(lines)  # (lines, points, outputs)
+        lines.append(base + steps * (signs * scale))
+    return torch.cat(lines)
+
+
+def _output_noise_of(values: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+    """Per output element, the σ of its rounding (`_measured_noise`, for a vector output), from
+    the outputs at `_output_noise_rows` and at the point."""
+    lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
+    differences = torch.cat([f0.expand(NOISE_LINES, 1, -1), lines], dim=1)  # (lines, points, outputs)
     for _ in range(NOISE_ORDER):
         differences = differences[:, 1:] - differences[:, :-1]
     squares = (differences**2).nan_to_num(0.0, posinf=0.0) / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
@@ -1115,11 +1156,13 @@ def _estimates(
     f0: float | torch.Tensor,
     theta: torch.Tensor | None = None,
     noise: float | torch.Tensor = 0.0,
+    groups: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Value, error bar, one-sided derivatives and kink flag from the six values per column at
     θ + t·h, t in OFFSETS (`f0`: the value at the point, one for every column or one per
     column; `theta`: the perturbed elements' values, whose own rounding inside the forward is
-    noise too; `noise`: the forward's measured rounding σ), with the bar's two parts
+    noise too; `noise`: the forward's measured rounding σ; `groups`: the columns are that many
+    equal blocks, each judged as if alone, as the kink's floor is), with the bar's two parts
     (`truncation`, `rounding`) that the choice of step weighs, and `wide`: a step not small
     against the function's own scale.
 
@@ -1155,7 +1198,7 @@ def _estimates(
         # it falls 8× (as h³). Seen at the smaller one, clear of rounding and of the smooth share.
         jump_h, jump_half = np.abs(q["jump_h"]), np.abs(q["jump_half"])
         spread = np.maximum(np.abs(left), np.abs(right))
-        largest = float(np.nan_to_num(spread, nan=0.0).max()) if n else 0.0
+        largest = np.nan_to_num(spread, nan=0.0).reshape(groups, -1).max(axis=1).repeat(n // groups) if n else 0.0
         floor = KINK_RELATIVE * np.maximum(spread, largest * 1e-3)
         kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
         # On a kink the derivative is the interval [left, right], not the value; no series there.
