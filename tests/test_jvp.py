@@ -273,3 +273,111 @@ def test_a_jvp_slip_only_in_float32_is_still_a_mismatch_in_forward_mode() -> Non
     f64, f32 = run(float32_slip, devices=["cpu"], dtypes=["float64", "float32"], points=0).results
     assert f64.verdict == Verdict.OK, f64.message
     assert (f32.verdict, f32.culprit) == (Verdict.MISMATCH, "autograd"), f32.message
+
+
+# --- what op_db's forward-mode samples found (benchmarks/opinfo.py --kind forward) --------------
+
+
+def with_jvp(fn: Any, derivative: Any) -> Any:
+    """fn as a forward-only Function whose jvp is `derivative(x) * t`."""
+
+    class Elementwise(torch.autograd.Function):
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return fn(x)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            ctx.save_for_forward(*inputs)
+
+        @staticmethod
+        def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            return derivative(ctx.saved_tensors[0]) * t
+
+    return Elementwise.apply
+
+
+FORWARD = {"check_forward_ad": True, "check_backward_ad": False, "check_undefined_grad": False}
+
+
+def pdf(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+def test_an_output_that_rounds_at_eps_not_at_its_own_size_is_judged_by_that_rounding() -> None:
+    # torch's ndtr(x) is 1 + erf(x/√2) over 2 near x = -5.4: its value, 3e-8, rounds at eps, and
+    # smaller steps saw that rounding as kinks and settled on 0 where the jvp is 1.65e-7.
+    from backprop_check import gradcheck
+
+    x = torch.tensor([-5.4215280660, -4.8269849024, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(torch.special.ndtr, (x,), **FORWARD)
+    # A slip there is judged as reverse mode judges it: against rtol and atol·(the largest
+    # derivative, pdf(0.3)), so 1 % of 1.65e-7 is found.
+    with pytest.raises(RuntimeError, match=r"∂/∂\w+\[0\]"):
+        gradcheck(with_jvp(torch.special.ndtr, lambda x: pdf(x) * torch.tensor([1.01, 1, 1, 1], dtype=x.dtype)), (x,), **FORWARD)
+
+
+def test_a_basis_direction_whose_outputs_are_flat_is_judged_by_the_outputs_scale() -> None:
+    # ndtr(-30) is exactly 0 in float64, its jvp 1.5e-196: a tolerance relative to that one
+    # direction's largest derivative (0) called it wrong; reverse mode's atol is relative to the
+    # gradient's largest element (here 1, along x[1]), and so is forward mode's now.
+    from backprop_check import gradcheck
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.special.ndtr(x[:1]) + x[1:]
+
+    x = torch.tensor([-30.0, 0.0], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(fn, (x,)) and gradcheck(fn, (x,), **FORWARD)
+    ndtr = with_jvp(torch.special.ndtr, lambda x: pdf(x) + 1e-3)
+    with pytest.raises(RuntimeError, match=r"∂/∂\w+\[0\]"):
+        gradcheck(lambda x: ndtr(x[:1]) + x[1:], (x,), **FORWARD)
+
+
+def test_a_staircase_finer_than_the_step_is_seen_in_forward_mode() -> None:
+    # round(x, 3): at the first step its stairs look like a slope of 1; its jvp is 0, and right.
+    from backprop_check import gradcheck
+
+    x = torch.tensor([-3.3421745453, -1.5411692216, 0.47, 2.6850092102], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x: torch.round(x, decimals=3), (x,), **FORWARD)
+    with pytest.raises(RuntimeError, match="odd one out"):
+        gradcheck(with_jvp(lambda x: torch.round(x, decimals=3), torch.ones_like), (x,), **FORWARD)
+
+
+def test_forward_mode_holds_non_finite_inputs_fixed_and_takes_transposed_ones() -> None:
+    from backprop_check import gradcheck
+
+    mask = torch.tensor([[0.3, -math.inf, 1.0], [2.0, 0.1, -math.inf]], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda m: m.softmax(-1), (mask,), **FORWARD)  # jvp and estimate along -inf were NaN
+    transposed = torch.randn(4, 3, dtype=torch.float64).t().detach().requires_grad_()
+    assert not transposed.is_contiguous() and gradcheck(torch.sin, (transposed,), **FORWARD)
+    with pytest.raises(RuntimeError, match=r"∂/∂\w+\[1, 2\]"):
+        slipped = with_jvp(torch.sin, lambda x: x.cos() * (1 + 1e-4 * (x == x[1, 2])))
+        gradcheck(slipped, (transposed,), **FORWARD)
+
+
+def test_sort_of_distinct_integers_along_random_directions_is_not_a_false_alarm() -> None:
+    # op_db's sort sample: a permutation of 0…7999. Along a random direction of dyadic steps,
+    # another element lands where one left at every step, and the estimate along that direction
+    # reads 0 where the jvp is ±128; its two halves' estimates, summed, are the reference then.
+    from backprop_check import gradcheck
+
+    x = torch.randperm(8000, generator=torch.Generator().manual_seed(0)).to(torch.float64).requires_grad_()
+    assert gradcheck(lambda x: torch.sort(x).values, (x,), **FORWARD)
+
+    class SortSlip(torch.autograd.Function):
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.sort(x).values
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            ctx.order = torch.sort(inputs[0]).indices
+
+        @staticmethod
+        def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            out = t[ctx.order].clone()
+            out[4000] = out[4000] * 1.0001
+            return out
+
+    with pytest.raises(RuntimeError, match="odd one out"):
+        gradcheck(SortSlip.apply, (x,), **FORWARD)

@@ -114,8 +114,17 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
     judge = _Judge(case, point, device, dtype, tol)
     names = case.output_names()
     found: list[_Finding] = []
-    for tangent, estimates in zip(tangents, judge.along(tangents)):
+    along = judge.along(tangents)
+    judge.scale = [
+        max((float(e[k]["value"].abs().nan_to_num(0.0).max()) / t.step if e[k]["value"].numel() else 0.0
+             for t, e in zip(tangents, along)), default=0.0)
+        for k in range(len(names))
+    ]
+    for tangent, estimates in zip(tangents, along):
         found.extend(judge(tangent, estimates))
+    # A random direction that disagrees is judged again against the sum of its two halves'
+    # estimates (`_Judge.halves`): its own estimate may be the one at fault.
+    found = [judge.halves(f) if f.bad and f.tangent.element is None else f for f in found]
     if any(f.bad for f in found):  # name the input elements behind a wrong random direction
         for finding in [f for f in found if f.bad and f.tangent.element is None][:1]:
             found.extend(judge.bisect(finding))
@@ -131,12 +140,18 @@ def _tangents(point: Point, seed: int) -> list[Tangent]:
     """Every basis direction for small inputs, else random-sign directions, the elements'
     steps (a power of two near RELATIVE_STEP·max(1, |θ|)) as their lengths."""
     steps = {k: steps_for(v.reshape(-1)) for k, v in point.params.items()}
+    # A non-finite element (the -inf of an attention mask) is held fixed, as in reverse mode:
+    # no step moves it, so no tangent does.
+    moves = {k: torch.isfinite(v.reshape(-1)) if v.is_floating_point() else torch.ones(v.numel(), dtype=torch.bool)
+             for k, v in point.params.items()}
     total = sum(s.numel() for s in steps.values())
     if total <= ELEMENTWISE:
         tangents = []
         for name, step in steps.items():
             for j in range(step.numel()):
-                vectors = {k: torch.zeros_like(v) for k, v in point.params.items()}
+                if not moves[name][j]:
+                    continue
+                vectors = _zeros(point.params)
                 vectors[name].view(-1)[j] = step[j]
                 tangents.append(Tangent(vectors, (name, j), float(step[j])))
         return tangents
@@ -146,7 +161,7 @@ def _tangents(point: Point, seed: int) -> list[Tangent]:
         vectors = {}
         for name, step in steps.items():
             signs = torch.randint(0, 2, step.shape, generator=gen, dtype=torch.float64) * 2 - 1
-            vectors[name] = (signs * step).reshape(point.params[name].shape)
+            vectors[name] = (signs * step * moves[name]).reshape(point.params[name].shape)
         tangents.append(Tangent(vectors))
     return tangents
 
@@ -197,6 +212,10 @@ class _Judge:
                 raise error
         self.f0 = [o.reshape(-1) for o in base]
         self.shapes = [tuple(o.shape) for o in base]
+        # Per output, its largest derivative along any tangent, per unit of the tangent: the
+        # scale atol is relative to, as reverse mode's is the gradient's largest element (a
+        # basis direction that moves only outputs flat at the point must not judge by zero).
+        self.scale = [0.0] * len(base)
         # Below float64, the point nudged by an ulp of the dtype both ways: how rounding-sized
         # changes move the jvp, as reverse mode measures its gradients (rounding.py).
         self.nudged = [] if dtype == torch.float64 else rounding.nudged_points(case, point, dtype)[1]
@@ -222,7 +241,8 @@ class _Judge:
             return torch.cat([o.reshape(-1).to(torch.float64) for o in _outputs(self.case, replace(self.exact, params=params))])
 
         found = []
-        for estimate in numerical.along_many(outputs, self.exact.params, [t.vectors for t in tangents]):
+        sizes = [f0.numel() for f0 in self.f0]
+        for estimate in numerical.along_many(outputs, self.exact.params, [t.vectors for t in tangents], sizes):
             parts, start = [], 0
             for f0 in self.f0:
                 part = slice(start, start + f0.numel())
@@ -238,7 +258,7 @@ class _Judge:
         fwd, twin = fwd.reshape(-1).double().cpu(), twin.reshape(-1).double().cpu()
         n, e = est["value"], est["error"]
         exact = self.tol.twin or self.tol
-        largest = float(n.abs().nan_to_num(0.0).max()) if n.numel() else 0.0
+        largest = max(float(n.abs().nan_to_num(0.0).max()) if n.numel() else 0.0, self.scale[k] * tangent.step)
         allowed = ERROR_BARS * e + exact.rtol * n.abs() + exact.atol * largest + exact.floor(largest) + exact.absolute
         kink = est["kink"]
         low, high = torch.minimum(est["left"], est["right"]), torch.maximum(est["left"], est["right"])
@@ -262,6 +282,30 @@ class _Judge:
             finding.run_ratio = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
         return finding
 
+    def halves(self, finding: _Finding) -> _Finding:
+        """`finding` (a random direction u that disagrees) judged again with the referee's
+        estimates along its two halves, summed, as the reference for J·u: J·u = J·u₁ + J·u₂,
+        and autograd's jvp along u itself is what is judged, so a wrong jvp still disagrees.
+        What this spares is the estimate along u where it alone is wrong: data on a lattice
+        (sort of distinct integers), where at every dyadic step of a random direction another
+        element lands where one left and the output reads as flat. The finding that judges the
+        sum is kept where it agrees; the first one where it does not."""
+        support = [(k, j) for k, v in finding.tangent.vectors.items() for j in torch.nonzero(v.reshape(-1)).flatten().tolist()]
+        if len(support) < 2:
+            return finding
+        parts = [self._restricted(finding.tangent, support[: len(support) // 2]),
+                 self._restricted(finding.tangent, support[len(support) // 2 :])]
+        a, b = (estimates[finding.output] for estimates in self.along(parts))
+        low = torch.minimum(a["left"], a["right"]) + torch.minimum(b["left"], b["right"])
+        high = torch.maximum(a["left"], a["right"]) + torch.maximum(b["left"], b["right"])
+        summed = {"value": a["value"] + b["value"], "error": a["error"] + b["error"], "left": low, "right": high,
+                  "kink": a["kink"] | b["kink"]}
+        again = self._judged(finding.output, finding.tangent, finding.fwd, finding.twin, summed)
+        if again.ratio.isnan().any() or bool((again.ratio > 1).any()):
+            return finding
+        again.run_ratio, again.rounding = finding.run_ratio, finding.rounding
+        return again
+
     def bisect(self, finding: _Finding) -> list[_Finding]:
         """The input elements behind a random direction that disagrees: halve its support while
         a half still disagrees at the same output, down to LEAF elements, then every basis
@@ -277,17 +321,23 @@ class _Judge:
         basis = []
         for name, j in support:
             step = float(finding.tangent.vectors[name].reshape(-1)[j])
-            vectors = {k: torch.zeros_like(v) for k, v in finding.tangent.vectors.items()}
+            vectors = _zeros(finding.tangent.vectors)
             vectors[name].view(-1)[j] = abs(step)
             basis.append(Tangent(vectors, (name, j), abs(step)))
         return [f for tangent, estimates in zip(basis, self.along(basis)) for f in self(tangent, estimates)]
 
     @staticmethod
     def _restricted(tangent: Tangent, support: list[tuple[str, int]]) -> Tangent:
-        vectors = {k: torch.zeros_like(v) for k, v in tangent.vectors.items()}
+        vectors = _zeros(tangent.vectors)
         for name, j in support:
             vectors[name].view(-1)[j] = tangent.vectors[name].reshape(-1)[j]
         return Tangent(vectors)
+
+
+def _zeros(like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero tangents of these shapes, each in contiguous storage of its own (`.view(-1)` of it
+    is the tensor: a transposed input's zeros_like would keep its strides)."""
+    return {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in like.items()}
 
 
 def _outputs(case: Case, at: Point) -> tuple[torch.Tensor, ...]:

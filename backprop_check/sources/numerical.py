@@ -617,6 +617,7 @@ def along_many(
     fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     point: Mapping[str, torch.Tensor],
     directions: Sequence[Mapping[str, torch.Tensor]],
+    parts: Sequence[int] = (),
 ) -> list[Estimate]:
     """Per direction d, d/ds fn(point + s·d) at s = 0 for every element of fn's (flattened)
     output: the referee's directional derivatives, with the step chosen as reverse mode
@@ -630,7 +631,11 @@ def along_many(
     Every direction's rows go into the same batches (`Batched`: vmap where it batches fn, one
     call at a time where it does not), and each settling round evaluates only the directions
     and steps it asks for; a column (one output element along one direction) is settled as if
-    its direction were alone."""
+    its direction were alone.
+
+    `parts`: the sizes of the tensors fn's output is the concatenation of (one tensor without
+    them). An element's rounding is at least that of its tensor's largest element: a function
+    computed as 1 + erf(x) (ndtr) rounds at eps, not at eps·|ndtr(x)|, where ndtr(x) ≈ 3e-8."""
     names = [name for name in point if any(name in d for d in directions)]
     flat = Flat({name: point[name] for name in names})
     base = flat.join(point)
@@ -663,20 +668,32 @@ def along_many(
         `pairs`, from the outputs at `rows_for(pairs)`: len(pairs) blocks of n columns."""
         f = values.reshape(len(pairs), len(OFFSETS), n).permute(1, 0, 2).reshape(len(OFFSETS), -1)
         h = torch.tensor([m for _, m in pairs], dtype=torch.float64).repeat_interleave(n)
-        estimate = _estimates(f, h, f0.repeat(len(pairs)), noise=noise.repeat(len(pairs)), groups=len(pairs))
+        # The moved elements round at every use inside fn, as in reverse mode (`_estimates`'s
+        # theta, in the direction's units: θᵢ/dᵢ): along a direction, the largest stands for all.
+        theta = units[[j for j, _ in pairs]].repeat_interleave(n)
+        estimate = _estimates(f, h, f0.repeat(len(pairs)), theta, noise.repeat(len(pairs)), groups=len(pairs))
         estimate["step"] = h
         return estimate
 
+    largest = torch.where(vectors != 0, base.abs(), 0.0).amax(dim=1)  # per direction, its largest |θ| moved
+    units = torch.where(vectors != 0, base.abs() / vectors.abs(), 0.0).amax(dim=1)  # and its largest |θᵢ/dᵢ|
     # The noise lines and every direction at every multiplier, in one batch.
     first = [(j, m) for m in DIRECTION_STEPS for j in range(k)]
     probe = _output_noise_rows(base, base.abs())
     values = outputs(torch.cat([probe, rows_for(first)]))
-    noise = _output_noise_of(values[: len(probe)], f0)
+    sizes = list(parts) or [n]
+    largest_of = [float(part.abs().nan_to_num(0.0, posinf=0.0).max()) if part.numel() else 0.0 for part in f0.split(sizes)]
+    floor = ROUNDING_FLOOR * torch.tensor(largest_of, dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
+    noise = torch.maximum(_output_noise_of(values[: len(probe)], f0), floor)
+    # An output element that did not move at all on the noise lines: a staircase whose stairs
+    # may be finer than the step (round(x, 3)), as reverse mode's `still`: a slope seen at the
+    # step is checked at smaller ones.
+    still = (values[: len(probe)] == f0).all(dim=0).repeat(k)
     stage = estimated(first, values[len(probe) :])
     best = {key: value[: k * n] for key, value in stage.items()}
     for b in range(1, len(DIRECTION_STEPS)):
         best = _better(best, {key: value[b * k * n : (b + 1) * k * n] for key, value in stage.items()})
-    largest = torch.where(vectors != 0, base.abs(), 0.0).amax(dim=1)  # per direction, its largest |θ| moved
+    best["flat"] = best["flat"] | (still & (best["value"].abs() > 16 * best["rounding"]))
     validate = (largest > VALIDATE_FROM).repeat_interleave(n) | best["flat"]
 
     def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
