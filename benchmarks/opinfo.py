@@ -186,7 +186,7 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str,
     if not live:
         return None
     target = live[0]
-    if slip == "one conj" and not (grads[target].is_complex() and bool((grads[target].imag != 0).any())):
+    if slip == "one conj" and not (grads[target].is_complex() and _imaginary(grads[target])):
         return None  # a real gradient, or one with no imaginary part: conjugating changes nothing
     if kind == "forward":
         return jvp_slipped(fn, inputs, slip)
@@ -255,6 +255,12 @@ def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str,
     return wrapped
 
 
+def _imaginary(value: torch.Tensor) -> bool:
+    """Whether conjugating the element with the largest imaginary part changes it beyond
+    rounding (std of a complex tensor is real, its imaginary part rounding alone)."""
+    return bool(value.imag.abs().max() > 1e-6 * value.abs().max())
+
+
 def jvp_slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str) -> Callable[..., Any] | None:
     """fn behind a Function whose jvp is fn's, with `slip` planted in the output's tangent; None
     where the op's jvp cannot be built that way or is zero. The jvp is two backward passes
@@ -272,10 +278,18 @@ def jvp_slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: 
 
     try:
         gen = torch.Generator().manual_seed(2)
-        probe = tangent(inputs, [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in inputs])
-    except Exception:  # noqa: BLE001 - no double backward: no mutant of this kind
+        directions = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in inputs]
+        probe = tangent(inputs, directions)
+        with torch.autograd.forward_ad.dual_level():  # the op's own jvp, outside any jvp
+            duals = [torch.autograd.forward_ad.make_dual(x.detach(), d) for x, d in zip(inputs, directions)]
+            exact = torch.autograd.forward_ad.unpack_dual(fn(*duals)).tangent
+    except Exception:  # noqa: BLE001 - no double backward or no forward AD: no mutant of this kind
         return None
-    if not bool((probe != 0).any()) or slip == "one conj" and not (probe.is_complex() and bool((probe.imag != 0).any())):
+    # The VJP's VJP is the jvp where fn is complex-differentiable (or real); a complex function
+    # that is not (std, abs of complex input) has another: no mutant whose base is not the jvp.
+    if exact is None or not torch.allclose(probe, exact, rtol=1e-9, atol=1e-12):
+        return None
+    if not bool((probe != 0).any()) or slip == "one conj" and not (probe.is_complex() and _imaginary(probe)):
         return None
 
     class Slip(torch.autograd.Function):

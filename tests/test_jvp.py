@@ -381,3 +381,44 @@ def test_sort_of_distinct_integers_along_random_directions_is_not_a_false_alarm(
 
     with pytest.raises(RuntimeError, match="odd one out"):
         gradcheck(SortSlip.apply, (x,), **FORWARD)
+
+
+def test_a_label_input_that_jumps_at_the_point_does_not_widen_the_other_inputs_bars_in_forward_mode() -> None:
+    # op_db's hinge_embedding_loss and cosine_embedding_loss with their ±1 labels y requiring
+    # grad: off ±1 the loss takes another branch, so it jumps at the point when y moves. Measured
+    # as rounding, that jump made every bar so wide that a jvp wrong by 1 % passed.
+    import torch.nn.functional as F
+    from backprop_check import gradcheck
+
+    x = torch.tensor([0.3, -0.4, 1.7, 0.2, -2.1, 0.8], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64, requires_grad=True)
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.hinge_embedding_loss(x, y, reduction="none")
+
+    assert gradcheck(loss, (x, y), **FORWARD)
+
+    class Slip(torch.autograd.Function):
+        @staticmethod
+        def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss(x, y)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            ctx.save_for_forward(*inputs)
+
+        @staticmethod
+        def jvp(ctx: Any, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+            x, y = ctx.saved_tensors
+            t = torch.where(y == 1, tx, torch.where(1 - x > 0, -tx, torch.zeros_like(tx)))
+            return t * (1 + 0.01 * (torch.arange(t.numel()) == 0))
+
+    with pytest.raises(RuntimeError, match=r"∂/∂x\[0\]"):
+        gradcheck(Slip.apply, (x, y), **FORWARD)
+    # Past ELEMENTWISE elements, random directions: one input tensor at a time, so that the
+    # labels' jump makes their own directions kinks and hides nothing along x.
+    big_x = torch.linspace(-2, 2, 40, dtype=torch.float64).requires_grad_()
+    big_y = torch.tensor([1.0, -1.0] * 20, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(loss, (big_x, big_y), **FORWARD)
+    with pytest.raises(RuntimeError, match=r"∂/∂x\[0\]"):
+        gradcheck(Slip.apply, (big_x, big_y), **FORWARD)

@@ -137,32 +137,40 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
 
 
 def _tangents(point: Point, seed: int) -> list[Tangent]:
-    """Every basis direction for small inputs, else random-sign directions, the elements'
-    steps (a power of two near RELATIVE_STEP·max(1, |θ|)) as their lengths."""
+    """Every basis direction for small inputs; else, per input tensor, DIRECTIONS random-sign
+    directions over that tensor alone (its basis directions where it has no more elements than
+    that), the elements' steps (a power of two near RELATIVE_STEP·max(1, |θ|)) as their lengths.
+    One tensor at a time: a tensor whose move makes the output jump (a ±1 label that requires
+    grad) makes every direction through it a kink, and must not hide a slip along the others."""
     steps = {k: steps_for(v.reshape(-1)) for k, v in point.params.items()}
     # A non-finite element (the -inf of an attention mask) is held fixed, as in reverse mode:
     # no step moves it, so no tangent does.
     moves = {k: torch.isfinite(v.reshape(-1)) if v.is_floating_point() else torch.ones(v.numel(), dtype=torch.bool)
              for k, v in point.params.items()}
     total = sum(s.numel() for s in steps.values())
-    if total <= ELEMENTWISE:
-        tangents = []
-        for name, step in steps.items():
-            for j in range(step.numel()):
-                if not moves[name][j]:
-                    continue
+
+    def basis(name: str) -> list[Tangent]:
+        found = []
+        for j in range(steps[name].numel()):
+            if moves[name][j]:
                 vectors = _zeros(point.params)
-                vectors[name].view(-1)[j] = step[j]
-                tangents.append(Tangent(vectors, (name, j), float(step[j])))
-        return tangents
+                vectors[name].view(-1)[j] = steps[name][j]
+                found.append(Tangent(vectors, (name, j), float(steps[name][j])))
+        return found
+
+    if total <= ELEMENTWISE:
+        return [tangent for name in steps for tangent in basis(name)]
     gen = generator(derive_seed(seed, point.label, "jvp"))
     tangents = []
-    for _ in range(DIRECTIONS):
-        vectors = {}
-        for name, step in steps.items():
+    for name, step in steps.items():
+        if step.numel() <= DIRECTIONS:
+            tangents.extend(basis(name))
+            continue
+        for _ in range(DIRECTIONS):
+            vectors = _zeros(point.params)
             signs = torch.randint(0, 2, step.shape, generator=gen, dtype=torch.float64) * 2 - 1
             vectors[name] = (signs * step * moves[name]).reshape(point.params[name].shape)
-        tangents.append(Tangent(vectors))
+            tangents.append(Tangent(vectors))
     return tangents
 
 

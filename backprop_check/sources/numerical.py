@@ -684,11 +684,26 @@ def along_many(
     sizes = list(parts) or [n]
     largest_of = [float(part.abs().nan_to_num(0.0, posinf=0.0).max()) if part.numel() else 0.0 for part in f0.split(sizes)]
     floor = ROUNDING_FLOOR * torch.tensor(largest_of, dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
-    noise = torch.maximum(_output_noise_of(values[: len(probe)], f0), floor)
+    noise, jumps = _output_noise_of(values[: len(probe)], f0, floor)
+    seen = values[: len(probe)]
+    if bool(jumps.any()) and len(names) > 1:
+        # An output that jumps at the point when some input moves (a ±1 label that requires
+        # grad: off ±1 the loss takes another branch) shows no rounding, and as σ the jump would
+        # widen every bar until any jvp passed. As in reverse mode (`_measured`), the tensors
+        # that make it jump are left out of the probe; where every tensor does, the jump is all
+        # there is to measure.
+        def probed(kept: set[str]) -> torch.Tensor:
+            scale = torch.cat([base[flat.slices[name]].abs() * (name in kept) for name in names])
+            return outputs(_output_noise_rows(base, scale))
+
+        smooth = {name for name in names if not bool(_output_noise_of(probed({name}), f0, floor)[1].any())}
+        if smooth:
+            seen = probed(smooth)
+            noise, _ = _output_noise_of(seen, f0, floor)
     # An output element that did not move at all on the noise lines: a staircase whose stairs
     # may be finer than the step (round(x, 3)), as reverse mode's `still`: a slope seen at the
     # step is checked at smaller ones.
-    still = (values[: len(probe)] == f0).all(dim=0).repeat(k)
+    still = (seen == f0).all(dim=0).repeat(k)
     stage = estimated(first, values[len(probe) :])
     best = {key: value[: k * n] for key, value in stage.items()}
     for b in range(1, len(DIRECTION_STEPS)):
@@ -736,15 +751,19 @@ def _output_noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.cat(lines)
 
 
-def _output_noise_of(values: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
-    """Per output element, the σ of its rounding (`_measured_noise`, for a vector output), from
-    the outputs at `_output_noise_rows` and at the point."""
+def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output element, the σ of its rounding (`_measured_noise`, for a vector output; never
+    below `floor`), from the outputs at `_output_noise_rows` and at the point, and whether it
+    jumps at the point (`_noise_of`'s jumps: the difference through the point JUMP_RATIO times
+    those beside it)."""
     lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
     differences = torch.cat([f0.expand(NOISE_LINES, 1, -1), lines], dim=1)  # (lines, points, outputs)
     for _ in range(NOISE_ORDER):
         differences = differences[:, 1:] - differences[:, :-1]
     squares = (differences**2).nan_to_num(0.0, posinf=0.0) / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
-    return torch.maximum(squares.mean(dim=(0, 1)).sqrt(), ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0))
+    least = torch.maximum(ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0), torch.as_tensor(floor, dtype=torch.float64))
+    through, beside = squares[:, 0].mean(dim=0), squares[:, 1:].mean(dim=(0, 1))
+    return torch.maximum(squares.mean(dim=(0, 1)).sqrt(), least), through > JUMP_RATIO**2 * torch.maximum(beside, least.square())
 
 
 def _along(
