@@ -623,7 +623,7 @@ def along_many(
     output: the referee's directional derivatives, with the step chosen as reverse mode
     chooses it.
 
-    The output's own rounding is measured per element, once (`_output_noise`'s lines through
+    The output's own rounding is measured per element, once (`_output_noise_rows`' lines through
     the point); each direction's estimate is taken at the step multipliers DIRECTION_STEPS (its
     elements moved by m·d) and the one with the smallest bar off a kink kept, then settled
     (`settle`): smaller steps where the function's features are finer than the step, where the
@@ -679,7 +679,8 @@ def along_many(
     units = torch.where(vectors != 0, base.abs() / vectors.abs(), 0.0).amax(dim=1)  # and its largest |θᵢ/dᵢ|
     # The noise lines and every direction at every multiplier, in one batch.
     first = [(j, m) for m in DIRECTION_STEPS for j in range(k)]
-    probe = _output_noise_rows(base, base.abs())
+    size = torch.where(torch.isfinite(base), base.abs(), 0.0)  # a held -inf does not move
+    probe = _output_noise_rows(base, size)
     values = outputs(torch.cat([probe, rows_for(first)]))
     sizes = list(parts) or [n]
     largest_of = [float(part.abs().nan_to_num(0.0, posinf=0.0).max()) if part.numel() else 0.0 for part in f0.split(sizes)]
@@ -693,7 +694,7 @@ def along_many(
         # that make it jump are left out of the probe; where every tensor does, the jump is all
         # there is to measure.
         def probed(kept: set[str]) -> torch.Tensor:
-            scale = torch.cat([base[flat.slices[name]].abs() * (name in kept) for name in names])
+            scale = torch.cat([size[flat.slices[name]] * (name in kept) for name in names])
             return outputs(_output_noise_rows(base, scale))
 
         smooth = {name for name in names if not bool(_output_noise_of(probed({name}), f0, floor)[1].any())}
