@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from backprop_check import case, run
+from backprop_check import case, gradcheck, run
 from backprop_check.engine.jvp import (
     DIRECTIONS,
     ELEMENTWISE,
@@ -307,8 +308,6 @@ def pdf(x: torch.Tensor) -> torch.Tensor:
 def test_an_output_that_rounds_at_eps_not_at_its_own_size_is_judged_by_that_rounding() -> None:
     # torch's ndtr(x) is 1 + erf(x/√2) over 2 near x = -5.4: its value, 3e-8, rounds at eps, and
     # smaller steps saw that rounding as kinks and settled on 0 where the jvp is 1.65e-7.
-    from backprop_check import gradcheck
-
     x = torch.tensor([-5.4215280660, -4.8269849024, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
     assert gradcheck(torch.special.ndtr, (x,), **FORWARD)
     # A slip there is judged as reverse mode judges it: against rtol and atol·(the largest
@@ -321,8 +320,6 @@ def test_a_basis_direction_whose_outputs_are_flat_is_judged_by_the_outputs_scale
     # ndtr(-30) is exactly 0 in float64, its jvp 1.5e-196: a tolerance relative to that one
     # direction's largest derivative (0) called it wrong; reverse mode's atol is relative to the
     # gradient's largest element (here 1, along x[1]), and so is forward mode's now.
-    from backprop_check import gradcheck
-
     def fn(x: torch.Tensor) -> torch.Tensor:
         return torch.special.ndtr(x[:1]) + x[1:]
 
@@ -335,8 +332,6 @@ def test_a_basis_direction_whose_outputs_are_flat_is_judged_by_the_outputs_scale
 
 def test_a_staircase_finer_than_the_step_is_seen_in_forward_mode() -> None:
     # round(x, 3): at the first step its stairs look like a slope of 1; its jvp is 0, and right.
-    from backprop_check import gradcheck
-
     x = torch.tensor([-3.3421745453, -1.5411692216, 0.47, 2.6850092102], dtype=torch.float64, requires_grad=True)
     assert gradcheck(lambda x: torch.round(x, decimals=3), (x,), **FORWARD)
     with pytest.raises(RuntimeError, match="odd one out"):
@@ -344,8 +339,6 @@ def test_a_staircase_finer_than_the_step_is_seen_in_forward_mode() -> None:
 
 
 def test_forward_mode_holds_non_finite_inputs_fixed_and_takes_transposed_ones() -> None:
-    from backprop_check import gradcheck
-
     mask = torch.tensor([[0.3, -math.inf, 1.0], [2.0, 0.1, -math.inf]], dtype=torch.float64, requires_grad=True)
     assert gradcheck(lambda m: m.softmax(-1), (mask,), **FORWARD)  # jvp and estimate along -inf were NaN
     transposed = torch.randn(4, 3, dtype=torch.float64).t().detach().requires_grad_()
@@ -359,8 +352,6 @@ def test_sort_of_distinct_integers_along_random_directions_is_not_a_false_alarm(
     # op_db's sort sample: a permutation of 0…7999. Along a random direction of dyadic steps,
     # another element lands where one left at every step, and the estimate along that direction
     # reads 0 where the jvp is ±128; its two halves' estimates, summed, are the reference then.
-    from backprop_check import gradcheck
-
     x = torch.randperm(8000, generator=torch.Generator().manual_seed(0)).to(torch.float64).requires_grad_()
     assert gradcheck(lambda x: torch.sort(x).values, (x,), **FORWARD)
 
@@ -387,9 +378,6 @@ def test_a_label_input_that_jumps_at_the_point_does_not_widen_the_other_inputs_b
     # op_db's hinge_embedding_loss and cosine_embedding_loss with their ±1 labels y requiring
     # grad: off ±1 the loss takes another branch, so it jumps at the point when y moves. Measured
     # as rounding, that jump made every bar so wide that a jvp wrong by 1 % passed.
-    import torch.nn.functional as F
-    from backprop_check import gradcheck
-
     x = torch.tensor([0.3, -0.4, 1.7, 0.2, -2.1, 0.8], dtype=torch.float64, requires_grad=True)
     y = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64, requires_grad=True)
 
