@@ -410,3 +410,12 @@ def test_a_label_input_that_jumps_at_the_point_does_not_widen_the_other_inputs_b
     assert gradcheck(loss, (big_x, big_y), **FORWARD)
     with pytest.raises(RuntimeError, match=r"∂/∂x\[0\]"):
         gradcheck(Slip.apply, (big_x, big_y), **FORWARD)
+
+
+def test_a_float32_jvp_that_underflows_is_not_a_false_alarm_in_forward_mode() -> None:
+    # op_db's prod of 125 float32 numbers: its jvp, -5.9e-56 in float64, is 0 in float32. As in
+    # reverse mode, no difference below float32's smallest normal number is a finding.
+    x = torch.linspace(0.1, 0.9, 125, dtype=torch.float32).reshape(5, 5, 5).requires_grad_()
+    assert gradcheck(torch.prod, (x,), **FORWARD)
+    with pytest.raises(RuntimeError, match="odd one out"):
+        gradcheck(with_jvp(torch.sin, lambda x: x.cos() * 1.01), (x,), **FORWARD)

@@ -283,7 +283,7 @@ class _Judge:
                 measured, _ = rounding.allowance(fwd, twin, up, down)
             budget = (
                 2 * self.tol.rtol * torch.maximum(fwd.abs(), twin.abs())
-                + self.tol.atol * scale + self.tol.floor(scale) + self.tol.absolute
+                + self.tol.atol * scale + self.tol.floor(scale) + self.tol.absolute + self.tol.underflow
                 + measured
             )
             finding.rounding = budget
