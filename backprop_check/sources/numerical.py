@@ -623,7 +623,7 @@ def along_many(
     output: the referee's directional derivatives, with the step chosen as reverse mode
     chooses it.
 
-    The output's own rounding is measured per element, once (`_output_noise_rows`' lines through
+    The output's own rounding is measured per element, once (`_noise_rows`' lines through
     the point); each direction's estimate is taken at the step multipliers DIRECTION_STEPS (its
     elements moved by m·d) and the one with the smallest bar off a kink kept, then settled
     (`settle`): smaller steps where the function's features are finer than the step, where the
@@ -680,7 +680,9 @@ def along_many(
     # The noise lines and every direction at every multiplier, in one batch.
     first = [(j, m) for m in DIRECTION_STEPS for j in range(k)]
     size = torch.where(torch.isfinite(base), base.abs(), 0.0)  # a held -inf does not move
-    probe = _output_noise_rows(base, size)
+    probe = _noise_rows(base, size)
+    if probe is None:  # nothing can move (every input 0): no lines, the floor alone
+        probe = base.new_zeros((0, flat.size))
     values = outputs(torch.cat([probe, rows_for(first)]))
     sizes = list(parts) or [n]
     largest_of = [float(part.abs().nan_to_num(0.0, posinf=0.0).max()) if part.numel() else 0.0 for part in f0.split(sizes)]
@@ -695,7 +697,8 @@ def along_many(
         # there is to measure.
         def probed(kept: set[str]) -> torch.Tensor:
             scale = torch.cat([size[flat.slices[name]] * (name in kept) for name in names])
-            return outputs(_output_noise_rows(base, scale))
+            rows = _noise_rows(base, scale)
+            return f0.new_zeros((0, n)) if rows is None else outputs(rows)
 
         smooth = {name for name in names if not bool(_output_noise_of(probed({name}), f0, floor)[1].any())}
         if smooth:
@@ -704,7 +707,7 @@ def along_many(
     # An output element that did not move at all on the noise lines: a staircase whose stairs
     # may be finer than the step (round(x, 3)), as reverse mode's `still`: a slope seen at the
     # step is checked at smaller ones.
-    still = (seen == f0).all(dim=0).repeat(k)
+    still = ((seen == f0).all(dim=0) if len(seen) else torch.zeros(n, dtype=torch.bool)).repeat(k)
     stage = estimated(first, values[len(probe) :])
     best = {key: value[: k * n] for key, value in stage.items()}
     for b in range(1, len(DIRECTION_STEPS)):
@@ -740,29 +743,19 @@ def _kink_multipliers(largest: torch.Tensor) -> torch.Tensor:
     return confirming / (RELATIVE_STEP * largest.abs().clamp(min=1.0))
 
 
-def _output_noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The points of NOISE_LINES lines through `base` (NOISE_POINTS − 1 each, the point itself
-    left out) whose outputs `_output_noise_of` reads: (lines·(points − 1), size)."""
-    gen = torch.Generator().manual_seed(NOISE_SEED)
-    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
-    lines = []
-    for _ in range(NOISE_LINES):
-        signs = torch.randint(0, 2, base.shape, generator=gen, dtype=torch.float64) * 2 - 1
-        lines.append(base + steps * (signs * scale))
-    return torch.cat(lines)
-
-
 def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output element, the σ of its rounding (`_measured_noise`, for a vector output; never
-    below `floor`), from the outputs at `_output_noise_rows` and at the point, and whether it
-    jumps at the point (`_noise_of`'s jumps: the difference through the point JUMP_RATIO times
-    those beside it)."""
+    below `floor`), from the outputs at `_noise_rows` (no rows: the floor) and at the point, and
+    whether it jumps at the point (`_noise_of`'s jumps: the difference through the point
+    JUMP_RATIO times those beside it)."""
+    least = torch.maximum(ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0), torch.as_tensor(floor, dtype=torch.float64))
+    if not len(values):
+        return least, torch.zeros(f0.shape, dtype=torch.bool)
     lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
     differences = torch.cat([f0.expand(NOISE_LINES, 1, -1), lines], dim=1)  # (lines, points, outputs)
     for _ in range(NOISE_ORDER):
         differences = differences[:, 1:] - differences[:, :-1]
     squares = (differences**2).nan_to_num(0.0, posinf=0.0) / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
-    least = torch.maximum(ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0), torch.as_tensor(floor, dtype=torch.float64))
     through, beside = squares[:, 0].mean(dim=0), squares[:, 1:].mean(dim=(0, 1))
     return torch.maximum(squares.mean(dim=(0, 1)).sqrt(), least), through > JUMP_RATIO**2 * torch.maximum(beside, least.square())
 
