@@ -194,6 +194,27 @@ def test_a_float32_gradient_that_underflows_is_not_a_false_alarm(op_db: dict[str
     assert gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize(("name", "index"), [("logcumsumexp", 0), ("pca_lowrank", 1)])
+def test_float64s_own_rounding_far_from_zero_or_ill_conditioned_is_no_false_alarm(
+    op_db: dict[str, Any], name: str, index: int
+) -> None:
+    # logcumsumexp of values 1e4: a derivative of order 2 that is 0 in truth comes out 9e-13
+    # (x − max errs by an ulp of 1e4); pca_lowrank's order 2 moves by 4e-9 between points one
+    # ulp apart. Torch's gradgradcheck passes both; rounding.float64_allowances.
+    fn, inputs = unit(op_db[name], torch.complex128, index)
+    assert bc.gradgradcheck(fn, inputs)
+
+
+def test_a_slip_of_1e_6_far_from_zero_is_still_caught_in_float64() -> None:
+    # The float64 rounding allowance there is ~1e-11 of the gradient: a slip a hundred thousand
+    # times larger still fails, and is still said to be the manual gradient's.
+    x = 1e4 + x64(6)
+    slip = slipped(lambda t: torch.logsumexp(t, 0), 1 + 1e-6, element=2)
+    with pytest.raises(GradcheckError) as failure:
+        gradcheck(slip, (x.requires_grad_(),))
+    assert "input0[2]" in str(failure.value)
+
+
 # --- what must never pass --------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from backprop_check.dtypes import name_of
+from backprop_check.engine.tolerance import FLOOR_ULPS
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
@@ -36,6 +37,12 @@ DEVIATION_CAP = 0.05
 # scale, not one: an element that this many ulps of the inputs move by more than the cap is
 # beyond the dtype's resolution at the point.
 UNRESOLVED_ULPS = 32
+# In float64 (float64_allowances): this many times how far a one-ulp nudge of the inputs moves
+# a gradient is its rounding, up to float64's rtol of the tensor's largest gradient, and up to
+# float64's atol of the point's largest where it is shared by every tensor.
+NUDGE_SPREAD = 4.0
+NUDGE_CAP = 1e-7
+NUDGE_SHARED_CAP = 1e-9
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,52 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
     return Rounding(result, twins, unresolved)
 
 
+def float64_allowances(case: Case, point: Point, gradients: dict[str, Gradients | None], largest: float) -> Rounding:
+    """In float64, no wider dtype can say what rounding did to a gradient; the same code at the
+    point moved by an ulp of each input tensor's largest element (the resolution of the sums
+    made of it), up and down, can. Per element the allowance is the largest of
+
+    - NUDGE_SPREAD times its own move or its tensor's root-mean-square move (which element a
+      random-sign nudge moves least is chance), capped at float64's rtol of its tensor's largest
+      gradient: a jump that a nudge crosses (a tie, a backward that reads garbage) widens nothing
+      beyond what that tensor's largest element is allowed anyway (pca_lowrank's order 2: 4e-9
+      apart at points one ulp away);
+    - NUDGE_SPREAD times the largest relative move of any tensor's gradient, of the point's
+      `largest` gradient, capped at float64's atol of it: a tensor whose gradient is 0 in truth
+      is computed as the rounding of the terms the others are made of (logcumsumexp at 1e4: a
+      derivative of order 2 that is 0 comes out 9e-13 while no nudge moves it; its cotangent's
+      derivative moves by 5e-12 of itself);
+    - the floor of FLOOR_ULPS ulps of the element itself.
+
+    Measured (two more calls of each source) only where a float64 check has a mismatch, to judge
+    it again (`check_point`)."""
+    gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
+    steps = {name: _scale_ulp_step(value, gen) for name, value in {**point.params, **point.data}.items()}
+    nudged = [_moved(point, steps, sign) for sign in (1.0, -1.0)]
+    eps = torch.finfo(torch.float64).eps
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    for source, grads in gradients.items():
+        if grads is None:
+            continue
+        moved = [SOURCES[source](case, p, "cpu", torch.float64).values for p in nudged]
+        own: dict[str, torch.Tensor] = {}
+        relative = 0.0  # the largest root-mean-square move of a tensor's gradient, relative to it
+        for name, value in grads.values.items():
+            if any(v.get(name) is None or v[name].shape != value.shape for v in moved) or not value.numel():
+                continue
+            g = torch.nan_to_num(value.detach().to("cpu", torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            move = torch.maximum(*((v[name].to("cpu", torch.float64) - g).abs() for v in moved))
+            move = torch.nan_to_num(move, nan=0.0, posinf=0.0)
+            typical, scale = float(move.square().mean().sqrt()), float(g.abs().max())
+            if scale > 0:
+                relative = max(relative, typical / scale)
+            spread = (NUDGE_SPREAD * move.clamp(min=typical)).clamp(max=NUDGE_CAP * scale)
+            own[name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs())
+        shared = min(NUDGE_SPREAD * relative, NUDGE_SHARED_CAP) * largest
+        result[source] = {name: allowed.clamp(min=shared) for name, allowed in own.items()}
+    return Rounding(result, {}, {})
+
+
 def nudged_points(case: Case, point: Point, dtype: torch.dtype) -> tuple[Point, list[Point]]:
     """The point as `dtype` holds it (in float64), and the same with every float input moved by
     one ulp of `dtype` with a random sign, up and down: where a float64 twin is computed."""
@@ -127,6 +180,18 @@ def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:
         params={k: v + sign * steps[k] for k, v in point.params.items()},
         data={k: v + sign * steps[k] if v.is_floating_point() else v for k, v in point.data.items()},
     )
+
+
+def _scale_ulp_step(value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One float64 ulp of the tensor's largest |element| for every element, with a random sign:
+    the resolution of the sums a gradient of that tensor is made of (x − max at x ≈ 1e4 errs by
+    an ulp of 1e4, whatever the element, 0 included)."""
+    if not value.is_floating_point() or not value.numel():
+        return torch.zeros(())
+    finite = value.detach()[torch.isfinite(value.detach())]
+    top = finite.abs().max().to(torch.float64) if finite.numel() else torch.zeros((), dtype=torch.float64)
+    ulp = torch.nextafter(top, torch.tensor(torch.inf, dtype=torch.float64)) - top
+    return ulp * (torch.randint(0, 2, value.shape, generator=gen, dtype=torch.float64) * 2 - 1)
 
 
 def _ulp_step(value: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
