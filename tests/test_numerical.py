@@ -121,7 +121,7 @@ def test_batched_and_one_by_one_evaluation_give_the_same_numbers(monkeypatch):
 _BATCHED_INIT = numerical.Batched.__init__
 
 
-def _loop_only(self, loss, vmap=True):  # noqa: ARG001 - vmap never, whatever the case says
+def _loop_only(self, loss, vmap=True, linear=None):  # noqa: ARG001 - vmap never, whatever the case says
     # (nor the replay: a case vmap cannot batch in the loss is never recorded either)
     _BATCHED_INIT(self, loss, vmap=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +410,63 @@ def test_forward_mode_refuses_a_forward_that_is_not_deterministic() -> None:
     report = bc.check(noisy, (x64(3),), modes=("fwd",), points=0, dtypes=["float64"])
     (fwd,) = report.results
     assert fwd.verdict == "error" and "not deterministic" in fwd.message
+
+
+# --- order 2 of a Function vmap cannot batch -------------------------------------------------
+
+
+class DetachedGrad(Square):
+    """Right to first order; its backward detaches grad_output, so the double backward says
+    that Jᵀv does not depend on v."""
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad.detach()
+
+
+@pytest.mark.parametrize(
+    ("function", "value"),
+    [(Square.apply, x64(5)), (ComplexSquare.apply, torch.randn(3, dtype=torch.complex128, generator=torch.Generator().manual_seed(1)))],
+    ids=["real", "complex"],
+)
+def test_order_2_of_a_function_vmap_cannot_batch_moves_its_cotangents_in_one_batched_backward(function, value) -> None:  # noqa: ANN001
+    # L = ⟨u, Jᵀv⟩ is linear in v: the rows that move v alone are one forward and one backward
+    # with is_grads_batched (numerical.Batched._split_linear), the same values as one by one.
+    from backprop_check.engine.orders import orders
+    from backprop_check.model.forward import call_forward
+    from backprop_check.model.function import FunctionCase
+    from backprop_check.model.points import given_point
+
+    second = orders(FunctionCase(function, (value,), order=2), seed=0)[1]
+    assert second.linear_names() == ("grad_output0",) and not second.batchable
+    at = given_point(second, 0)
+    v = at.params["grad_output0"]
+    rows = torch.stack([v, 2 * v, torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(2))])
+    batched = second.linear_rows(at, {"grad_output0": rows})
+    one_by_one = [call_forward(second, replace(at, params={**at.params, "grad_output0": row}))[0] for row in rows]
+    torch.testing.assert_close(batched, torch.stack(one_by_one).to(torch.float64), rtol=1e-12, atol=1e-14)
+
+
+def test_a_backward_that_detaches_grad_output_is_caught_at_order_2_where_rows_of_v_are_batched(monkeypatch) -> None:  # noqa: ANN001
+    from backprop_check.sources import numerical
+
+    used = []
+    split = numerical.Batched._split_linear
+    monkeypatch.setattr(numerical.Batched, "_split_linear", lambda self, *a: used.append(1) or split(self, *a))
+    results = checked(bc.check(DetachedGrad.apply, (x64(5),), order=2, points=0, dtypes=["float64"]))
+    assert results[("DetachedGrad", "float64")].verdict == "ok"
+    second = results[("DetachedGrad (order 2)", "float64")]
+    assert (second.verdict, second.culprit) == ("mismatch", "autograd")
+    assert "grad_output0" in second.message and used
+
+
+def test_batched_rows_that_differ_from_a_plain_forward_are_not_used(monkeypatch) -> None:  # noqa: ANN001
+    # A backward that vmap would batch wrongly must not corrupt the referee: two rows of every
+    # batched call are checked against plain forward passes, and one by one it goes on.
+    from backprop_check.engine.orders import Derivative
+
+    right = Derivative.linear_rows
+    monkeypatch.setattr(Derivative, "linear_rows", lambda self, at, rows: right(self, at, rows) * (1 + 1e-6))
+    results = checked(bc.check(Square.apply, (x64(5),), order=2, points=0, dtypes=["float64"]))
+    assert results[("Square (order 2)", "float64")].verdict == "ok"

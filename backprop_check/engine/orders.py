@@ -143,16 +143,56 @@ class Derivative(Case):
         return self._graph(params, data)
 
     def _graph(self, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        # Differentiable only where the caller differentiates it (its values require grad): finite
+        # differences need its value alone, without the graph of a double backward.
+        differentiated = any(v.requires_grad for v in (*params.values(), *data.values()))
         leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
             loss, _ = call_forward(self.base, self._at(leaves, data))
             if not loss.requires_grad:
                 return {k: None for k in leaves}
             try:
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=differentiated, allow_unused=True)
             except RuntimeError as exc:
                 raise CaseError(f"autograd failed on the gradient of order {self.level - 1}: {one_line(exc)}") from exc
         return dict(zip(leaves, grads))
+
+    def linear_names(self) -> tuple[str, ...]:
+        """At order 2 of a function check, L = ⟨u, Jᵀv⟩ is linear in the cotangents v: the
+        loss at many values of v is one forward pass and one batched backward (`linear_rows`)."""
+        if self.level != 2 or not hasattr(self.base, "paired_outputs"):
+            return ()
+        return tuple(name for name in self.base.cotangent_names() if name in self.params)
+
+    def linear_rows(self, at: Point, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """L at `at` with each cotangent in `rows` set to each of its rows (rows, *shape): fn's
+        outputs once, and the first-order gradient Jᵀv of every row by one backward with
+        `is_grads_batched` (through a Function's backward too), each then dotted with u as
+        `_forward` does."""
+        values = {**at.params, **at.data}
+        params, data = self._split(values)
+        count = len(next(iter(rows.values())))
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            paired = self.base.paired_outputs(self._at(leaves, data))  # type: ignore[attr-defined]
+        outputs, cotangents = [], []
+        for label, output in paired.items():
+            if not output.requires_grad:
+                continue
+            v = rows[label] if label in rows else values[label].expand(count, *values[label].shape)
+            if label in at.complex:  # its real view, as the point holds it
+                v = torch.view_as_complex(v.contiguous())
+            outputs.append(output)
+            cotangents.append(v.to(output.dtype))
+        total = torch.zeros(count, dtype=torch.float64)
+        if not outputs:
+            return total
+        grads = torch.autograd.grad(outputs, list(leaves.values()), cotangents, is_grads_batched=True, allow_unused=True)
+        for p, g in zip(leaves, grads):
+            if g is not None:
+                real = torch.view_as_real(g.resolve_conj()) if g.is_complex() else g
+                total = total + (values[self.directions[p]] * real).flatten(1).sum(1).to(torch.float64)
+        return total
 
     def _forward(self, **values: torch.Tensor) -> torch.Tensor:
         first = values[self.of[0]]

@@ -96,7 +96,9 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
     return Rounding(result, twins, unresolved)
 
 
-def float64_allowances(case: Case, point: Point, gradients: dict[str, Gradients | None], largest: float) -> Rounding:
+def float64_allowances(
+    case: Case, point: Point, device: str, gradients: dict[str, Gradients | None], largest: float
+) -> Rounding:
     """In float64, no wider dtype can say what rounding did to a gradient; the same code at the
     point moved by an ulp of each input tensor's largest element (the resolution of the sums
     made of it), up and down, can. Per element the allowance is the largest of
@@ -123,7 +125,7 @@ def float64_allowances(case: Case, point: Point, gradients: dict[str, Gradients 
     for source, grads in gradients.items():
         if grads is None:
             continue
-        moved = [SOURCES[source](case, p, "cpu", torch.float64).values for p in nudged]
+        moved = [SOURCES[source](case, p, device, torch.float64).values for p in nudged]  # where `gradients` ran
         own: dict[str, torch.Tensor] = {}
         relative = 0.0  # the largest root-mean-square move of a tensor's gradient, relative to it
         for name, value in grads.values.items():

@@ -374,7 +374,7 @@ def check_point(
         # measured only here, where a mismatch would otherwise be reported.
         largest = largest_gradient(autograd or manual, evidence.params)
         sources = {"autograd": autograd, "manual": manual}
-        evidence = replace(evidence, rounding=rounding.float64_allowances(case, point, sources, largest))
+        evidence = replace(evidence, rounding=rounding.float64_allowances(case, point, device, sources, largest))
         checks = compare(evidence)
     complexes.mark(checks, point.complex)
     unresolved = None if allowances is None else allowances.note(dtype)

@@ -83,6 +83,14 @@ class Case:
         check of the next order differentiates them too."""
         return ()
 
+    def linear_names(self) -> tuple[str, ...]:
+        """The parameters whose moves `linear_rows` evaluates in one batched call (none here)."""
+        return ()
+
+    def linear_rows(self, at: Any, rows: Mapping[str, Any]) -> Any:
+        """The loss at `at` with the tensors in `rows` (linear_names) set to each of their rows."""
+        raise NotImplementedError
+
     def output_names(self) -> tuple[str, ...]:
         return (self.what,)
 

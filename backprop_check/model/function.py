@@ -432,6 +432,16 @@ class FunctionCase(Case):
     def output_names(self) -> tuple[str, ...]:
         return tuple(f"output {k}" for k in self.cotangents)
 
+    def paired_outputs(self, at: Point) -> dict[str, torch.Tensor]:
+        """The outputs the loss pairs with its cotangents, by cotangent name: the loss is the sum
+        of Re⟨v, output⟩ over them (`_forward`)."""
+        outputs = self._call(complexes.for_user({**at.params, **at.data}, at.complex))
+        return {
+            label: outputs[k]
+            for k, label in self.cotangents.items()
+            if (self.only is None or k == self.only) and k < len(outputs)
+        }
+
     def for_output(self, k: int) -> FunctionCase:
         """This case with only output `k`'s cotangent: its loss is ⟨v_k, output_k⟩."""
         one = self._copy()

@@ -148,6 +148,8 @@ LEAF = 8
 MAX_GROUPS = 8
 
 Loss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+# The loss at the base values with some tensors set to each of their rows: (values, {name: (rows, *shape)}) → (rows,)
+Linear = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:
@@ -307,7 +309,12 @@ class FiniteDifferences:
             return call_forward(case, replace(at, params=params), offsets)[0].to(torch.float64)
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
-        self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss, vmap=case.batchable)
+        linear = case.linear_names() if not case.numpy and not nodes and not case.batchable else ()
+
+        def rows(values: Mapping[str, torch.Tensor], moved: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return case.linear_rows(replace(at, params={k: values[k] for k in at.params}), moved)
+
+        self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss, vmap=case.batchable, linear=(frozenset(linear), rows) if linear else None)
         # The rounding probes: not through `batched`, which decides alone how perturbations run.
         self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
         self._noise: tuple[float, bool] | None = None
@@ -1378,8 +1385,11 @@ def _better(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> di
 class Batched:
     """Evaluates the loss for a batch of values of some tensors, with `vmap` where it works."""
 
-    def __init__(self, loss: Loss, vmap: bool = True) -> None:
+    def __init__(self, loss: Loss, vmap: bool = True, linear: tuple[frozenset[str], Linear] | None = None) -> None:
         self.loss = loss
+        # The tensors the loss is linear in, and the loss at many of their values in one call
+        # (orders.py: order 2 of a Function vmap cannot batch, linear in its cotangents)
+        self.linear = linear
         self.vmap_works = vmap  # False: the case knows vmap cannot batch it (orders.py)
         self.recordable = vmap  # False: its loss runs autograd inside (orders.py): never recorded
         self.note: str | None = None
@@ -1487,7 +1497,41 @@ class Batched:
                         f"({type(cause).__name__}{': ' + str(cause) if 'vmap rule' in str(cause) else ''}); "
                         "finite differences ran one by one"
                     )
+            if self.linear is not None:
+                return self._split_linear(targets, flat, batch)
             return _one_by_one(self.loss, targets, flat, batch)
+
+    def _split_linear(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
+        """The rows of `batch` that move only tensors the loss is linear in, by the case's one
+        batched call (its first and last rows checked against plain forward passes; not used
+        again where one differs or it fails); the others one by one."""
+        assert self.linear is not None
+        names, rows_of = self.linear
+        moving = [name for name in flat.shapes if name in names]
+        fixed = [flat.slices[name] for name in flat.shapes if name not in names]
+        base = flat.join(targets)
+        still = torch.ones(len(batch), dtype=torch.bool)
+        for part in fixed:
+            still &= (batch[:, part] == base[part]).all(1)
+        if not moving or int(still.sum()) < 2:
+            return _one_by_one(self.loss, targets, flat, batch)
+        values = torch.empty(len(batch), dtype=torch.float64)
+        chosen = batch[still]
+        columns = flat.columns(chosen)
+        try:
+            found = rows_of({**targets, **flat.split(base)}, {name: columns[name] for name in moving})
+            for row in {0, len(chosen) - 1}:
+                if not _same(found[row], self.one(targets, flat, chosen[row])):
+                    raise RuntimeError("the batched rows differ from a plain forward")
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - what is not batched so is evaluated one by one, as before
+            self.linear = None
+            return _one_by_one(self.loss, targets, flat, batch)
+        values[still] = found.to(torch.float64)
+        if bool((~still).any()):
+            values[~still] = _one_by_one(self.loss, targets, flat, batch[~still])
+        return values
 
 
 def _under_vmap(loss: Loss, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
