@@ -410,3 +410,27 @@ def test_settle_drops_a_column_at_its_floor_without_losing_the_others():
     settled = settle(best, at, torch.full((2,), 2.0**-32), torch.ones(2, dtype=torch.bool), torch.full((2,), 2.0**-23))
     assert asked and asked[0] == [0]
     assert all(v.shape == (2,) for v in settled.values())
+
+
+def test_a_gradient_that_is_zero_is_judged_on_the_points_scale_and_a_wrong_one_still_fails():
+    # b cancels out of the output (as batch normalization cancels a bias): its gradient is 0, with
+    # no scale of its own, so its atol is the point's largest gradient's (compare.Referee.at); a
+    # backward that says 1e-6 of that largest gradient is still wrong.
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64)
+
+    class Cancelled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, b):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(w)
+            return (w * x).pow(2).sum() + (b - b.mean()).sum()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (w,) = ctx.saved_tensors
+            gw = 2 * w * x * x * grad
+            return gw, torch.full((2,), 1e-6, dtype=torch.float64) * gw.abs().max()
+
+    w, b = torch.full((6,), 3.0, dtype=torch.float64), torch.tensor([0.5, -0.25], dtype=torch.float64)
+    result = backprop_check.check(Cancelled.apply, (w, b), dtypes=["float64"], points=1).results[0]
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+    assert "input `b` at b[" in result.message and "1e-09·max|grad|" in result.message

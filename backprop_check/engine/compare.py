@@ -76,6 +76,11 @@ class Referee:
         if mask is not None:  # a sample's largest value is not the tensor's
             known = sides.subject[torch.isfinite(sides.subject)]
             scale = max(scale, float(known.abs().max()) if known.numel() else 0.0)
+        elif n.numel() and bool((n.abs() <= ERROR_BARS * e).all()):
+            # A gradient that is zero at every element has no scale of its own: its atol is the
+            # point's (logcumsumexp's order 2 at 1e4: 0 in truth, computed as the rounding of the
+            # terms the largest gradient is made of, 1e-12 against 2.9).
+            scale = max(scale, largest)
         # The floor: a source's gradient of an element that is exactly zero is its rounding
         # (a bias cancelled by batch normalization: 4.7e-9 in float32), which the allowances
         # measured from that element's own float64 value (1e-18) cannot see.

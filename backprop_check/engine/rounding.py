@@ -38,11 +38,9 @@ DEVIATION_CAP = 0.05
 # beyond the dtype's resolution at the point.
 UNRESOLVED_ULPS = 32
 # In float64 (float64_allowances): this many times how far a one-ulp nudge of the inputs moves
-# a gradient is its rounding, up to float64's rtol of the tensor's largest gradient, and up to
-# float64's atol of the point's largest where it is shared by every tensor.
+# a gradient is its rounding, up to float64's rtol of the tensor's largest gradient.
 NUDGE_SPREAD = 4.0
 NUDGE_CAP = 1e-7
-NUDGE_SHARED_CAP = 1e-9
 
 
 @dataclass(frozen=True)
@@ -97,26 +95,18 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
 
 
 def float64_allowances(
-    case: Case, point: Point, device: str, gradients: dict[str, Gradients | None], largest: float
+    case: Case, point: Point, device: str, gradients: dict[str, Gradients | None]
 ) -> Rounding:
     """In float64, no wider dtype can say what rounding did to a gradient; the same code at the
     point moved by an ulp of each input tensor's largest element (the resolution of the sums
-    made of it), up and down, can. Per element the allowance is the largest of
-
-    - NUDGE_SPREAD times its own move or its tensor's root-mean-square move (which element a
-      random-sign nudge moves least is chance), capped at float64's rtol of its tensor's largest
-      gradient: a jump that a nudge crosses (a tie, a backward that reads garbage) widens nothing
-      beyond what that tensor's largest element is allowed anyway (pca_lowrank's order 2: 4e-9
-      apart at points one ulp away);
-    - NUDGE_SPREAD times the largest relative move of any tensor's gradient, of the point's
-      `largest` gradient, capped at float64's atol of it: a tensor whose gradient is 0 in truth
-      is computed as the rounding of the terms the others are made of (logcumsumexp at 1e4: a
-      derivative of order 2 that is 0 comes out 9e-13 while no nudge moves it; its cotangent's
-      derivative moves by 5e-12 of itself);
-    - the floor of FLOOR_ULPS ulps of the element itself.
-
-    Measured (two more calls of each source) only where a float64 check has a mismatch, to judge
-    it again (`check_point`)."""
+    made of it), up and down, can. Per element the allowance is NUDGE_SPREAD times the larger of
+    its own move and its tensor's root-mean-square move (which element a random-sign nudge moves
+    least is chance), capped at float64's rtol of its tensor's largest gradient: a jump that a
+    nudge crosses (a tie, a backward that reads garbage) widens nothing beyond what that tensor's
+    largest element is allowed anyway. At least the floor of FLOOR_ULPS ulps of the element.
+    Where it matters: an ill-conditioned gradient (pca_lowrank's order 2 moves by 4e-9 between
+    points an ulp apart, and autograd is 4e-9 from the referee). Measured (two more calls of
+    each source) only where a float64 check has a mismatch, to judge it again (`check_point`)."""
     gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
     steps = {name: _scale_ulp_step(value, gen) for name, value in {**point.params, **point.data}.items()}
     nudged = [_moved(point, steps, sign) for sign in (1.0, -1.0)]
@@ -126,8 +116,7 @@ def float64_allowances(
         if grads is None:
             continue
         moved = [SOURCES[source](case, p, device, torch.float64).values for p in nudged]  # where `gradients` ran
-        own: dict[str, torch.Tensor] = {}
-        relative = 0.0  # the largest root-mean-square move of a tensor's gradient, relative to it
+        result[source] = {}
         for name, value in grads.values.items():
             if any(v.get(name) is None or v[name].shape != value.shape for v in moved) or not value.numel():
                 continue
@@ -135,12 +124,8 @@ def float64_allowances(
             move = torch.maximum(*((v[name].to("cpu", torch.float64) - g).abs() for v in moved))
             move = torch.nan_to_num(move, nan=0.0, posinf=0.0)
             typical, scale = float(move.square().mean().sqrt()), float(g.abs().max())
-            if scale > 0:
-                relative = max(relative, typical / scale)
             spread = (NUDGE_SPREAD * move.clamp(min=typical)).clamp(max=NUDGE_CAP * scale)
-            own[name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs())
-        shared = min(NUDGE_SPREAD * relative, NUDGE_SHARED_CAP) * largest
-        result[source] = {name: allowed.clamp(min=shared) for name, allowed in own.items()}
+            result[source][name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs())
     return Rounding(result, {}, {})
 
 

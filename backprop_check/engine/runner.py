@@ -17,7 +17,7 @@ from backprop_check.engine.orders import orders
 from backprop_check.engine import jvp
 from backprop_check.engine.compare import compare
 from backprop_check.engine.directions import failing_directions
-from backprop_check.engine.sides import Evidence, disputed, largest_gradient
+from backprop_check.engine.sides import Evidence, disputed
 from backprop_check.records import MISMATCH, Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.model import complexes
@@ -372,9 +372,8 @@ def check_point(
     if allowances is None and timed_out is None and any(c.verdict == MISMATCH for c in checks):
         # Judged again with float64's own rounding at this point (rounding.float64_allowances):
         # measured only here, where a mismatch would otherwise be reported.
-        largest = largest_gradient(autograd or manual, evidence.params)
         sources = {"autograd": autograd, "manual": manual}
-        evidence = replace(evidence, rounding=rounding.float64_allowances(case, point, device, sources, largest))
+        evidence = replace(evidence, rounding=rounding.float64_allowances(case, point, device, sources))
         checks = compare(evidence)
     complexes.mark(checks, point.complex)
     unresolved = None if allowances is None else allowances.note(dtype)
