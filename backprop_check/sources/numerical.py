@@ -758,11 +758,7 @@ def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor
     least = torch.maximum(ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0), torch.as_tensor(floor, dtype=torch.float64))
     if not len(values):
         return least, torch.zeros(f0.shape, dtype=torch.bool)
-    lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
-    differences = torch.cat([f0.expand(NOISE_LINES, 1, -1), lines], dim=1)  # (lines, points, outputs)
-    for _ in range(NOISE_ORDER):
-        differences = differences[:, 1:] - differences[:, :-1]
-    squares = (differences**2).nan_to_num(0.0, posinf=0.0) / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
+    squares = _noise_squares(values, f0).nan_to_num(0.0, posinf=0.0)
     through, beside = squares[:, 0].mean(dim=0), squares[:, 1:].mean(dim=(0, 1))
     return torch.maximum(squares.mean(dim=(0, 1)).sqrt(), least), through > JUMP_RATIO**2 * torch.maximum(beside, least.square())
 
@@ -1140,12 +1136,9 @@ def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
 
 def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:
     """σ, still and jumps (`_measured_noise`) from the loss at the rows of `_noise_rows`."""
-    values = values.to(torch.float64).reshape(NOISE_LINES, NOISE_POINTS - 1)
+    values = values.to(torch.float64)
     still = bool((values == f0).all())
-    differences = torch.cat([torch.full((NOISE_LINES, 1), f0, dtype=torch.float64), values], dim=1)
-    for _ in range(NOISE_ORDER):
-        differences = differences[:, 1:] - differences[:, :-1]
-    squares = differences.nan_to_num(math.inf, posinf=math.inf, neginf=math.inf) ** 2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
+    squares = _noise_squares(values, torch.tensor([f0], dtype=torch.float64))[..., 0]
     # Column 0 is the only difference through the point; the others lie beside it. Rounding
     # makes them alike (a ratio of JUMP_RATIO² in mean square is beyond chance), a jump at the
     # point shows in column 0 alone.
@@ -1154,6 +1147,18 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
     jumps = bool(through.numel() and beside.numel()) and float(through.mean()) > JUMP_RATIO**2 * max(float(beside.mean()), floor**2)
     finite = squares[torch.isfinite(squares)]
     return (max(floor, math.sqrt(float(finite.mean()))) if finite.numel() else floor), still, jumps
+
+
+def _noise_squares(values: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+    """The NOISE_ORDER-th differences along each noise line (`_noise_rows`: the point, then
+    values at NOISE_POINTS − 1 steps), squared and scaled to the variance of independent
+    rounding, per output (f0: one value per output): (lines, points, outputs). Column 0 is the
+    difference through the point, the others lie beside it. NaN and inf stay as they are."""
+    lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
+    differences = torch.cat([f0.reshape(1, 1, -1).expand(NOISE_LINES, 1, -1), lines], dim=1)
+    for _ in range(NOISE_ORDER):
+        differences = differences[:, 1:] - differences[:, :-1]
+    return differences**2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
 
 
 def _differences(f: torch.Tensor, f0: torch.Tensor | float, h: torch.Tensor | float) -> dict[str, torch.Tensor]:
