@@ -114,12 +114,7 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
     judge = _Judge(case, point, device, dtype, tol)
     names = case.output_names()
     found: list[_Finding] = []
-    along = judge.along(tangents)
-    judge.scale = [
-        max((float(e[k]["value"].abs().nan_to_num(0.0).max()) / t.step if e[k]["value"].numel() else 0.0
-             for t, e in zip(tangents, along)), default=0.0)
-        for k in range(len(names))
-    ]
+    along = judge.surveyed(tangents)
     for tangent, estimates in zip(tangents, along):
         found.extend(judge(tangent, estimates))
     # A random direction that disagrees is judged again against the sum of its two halves'
@@ -257,6 +252,18 @@ class _Judge:
                 parts.append({k: getattr(estimate, k)[part] for k in ("value", "error", "left", "right", "kink")})
                 start = part.stop
             found.append(parts)
+        return found
+
+    def surveyed(self, tangents: list[Tangent]) -> list[list[dict[str, torch.Tensor]]]:
+        """`along` the point's own tangents, which set `scale`: per output, its largest
+        derivative along any of them, per unit of the tangent (the halves and the bisection
+        that follow are judged by it too)."""
+        found = self.along(tangents)
+        self.scale = [
+            max((float(e[k]["value"].abs().nan_to_num(0.0).max()) / t.step if e[k]["value"].numel() else 0.0
+                 for t, e in zip(tangents, found)), default=0.0)
+            for k in range(len(self.f0))
+        ]
         return found
 
     def _judged(
