@@ -470,3 +470,18 @@ def test_batched_rows_that_differ_from_a_plain_forward_are_not_used(monkeypatch)
     monkeypatch.setattr(Derivative, "linear_rows", lambda self, at, rows: right(self, at, rows) * (1 + 1e-6))
     results = checked(bc.check(Square.apply, (x64(5),), order=2, points=0, dtypes=["float64"]))
     assert results[("Square (order 2)", "float64")].verdict == "ok"
+
+
+def test_order_2_of_an_op_vmap_cannot_batch_evaluates_its_cotangent_rows_together(monkeypatch) -> None:  # noqa: ANN001
+    # vmap refuses channels_last on its batched (rank 5) tensors: the referee loops, and the rows
+    # that move v alone still go in one batched backward; a wrong double backward still fails.
+    from backprop_check.sources import numerical
+
+    used = []
+    split = numerical.Batched._split_linear
+    monkeypatch.setattr(numerical.Batched, "_split_linear", lambda self, *a: used.append(1) or split(self, *a))
+    x = x64(2, 3, 2, 2).requires_grad_(True)
+    assert bc.gradgradcheck(lambda t: (t * t).to(memory_format=torch.channels_last), (x,))
+    assert used
+    with pytest.raises(bc.GradcheckError, match="order 2"):
+        bc.gradgradcheck(lambda t: DetachedGrad.apply(t).to(memory_format=torch.channels_last), (x,))

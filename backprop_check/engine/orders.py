@@ -79,6 +79,7 @@ class Derivative(Case):
         self.what = f"(∇{base.what}·u)"
         self.functional = functional  # whether torch.func.grad takes the base's gradient
         self.batchable = functional  # without it autograd.grad runs inside: vmap cannot batch that
+        self._functional_works = False  # torch.func.grad has taken the base's gradient once
         self.of = tuple(given.params)  # the base's parameters: ∂L/∂p for these
         linear = tuple(base.cotangent_names())  # the base's cotangents: L is linear in them
         values = {**given.params, **given.data}
@@ -129,10 +130,16 @@ class Derivative(Case):
         by `torch.func.grad` where finite differences only need its value, which vmap can batch.
         None where the gradient does not depend on the parameters at all."""
         params, data = self._split(values)
-        if self.functional and not any(v.requires_grad for v in params.values()):
+        # torch.func.grad under a transform (the referee's vmap), and once outside to learn that
+        # it works; else plain autograd, faster where the referee evaluates one perturbation at a
+        # time (a forward vmap cannot batch)
+        wanted = not self._functional_works or torch._C._functorch.maybe_current_level() is not None
+        if self.functional and wanted and not any(v.requires_grad for v in params.values()):
             try:
                 with torch.enable_grad():
-                    return dict(torch.func.grad(lambda p: call_forward(self.base, self._at(p, data))[0])(params))
+                    grads = dict(torch.func.grad(lambda p: call_forward(self.base, self._at(p, data))[0])(params))
+                self._functional_works = True
+                return grads
             except CaseTimeout:
                 raise
             except Exception:  # noqa: BLE001 - e.g. a Function without setup_context (a CaseError from the

@@ -309,7 +309,7 @@ class FiniteDifferences:
             return call_forward(case, replace(at, params=params), offsets)[0].to(torch.float64)
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
-        linear = case.linear_names() if not case.numpy and not nodes and not case.batchable else ()
+        linear = case.linear_names() if not case.numpy and not nodes else ()  # used where vmap cannot batch
 
         def rows(values: Mapping[str, torch.Tensor], moved: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return case.linear_rows(replace(at, params={k: values[k] for k in at.params}), moved)
