@@ -434,3 +434,18 @@ def test_a_gradient_that_is_zero_is_judged_on_the_points_scale_and_a_wrong_one_s
     result = backprop_check.check(Cancelled.apply, (w, b), dtypes=["float64"], points=1).results[0]
     assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
     assert "input `b` at b[" in result.message and "1e-09·max|grad|" in result.message
+
+
+def test_a_time_limit_while_measuring_float64s_rounding_keeps_the_mismatch_found(monkeypatch):
+    # The float64 re-judge (rounding.float64_allowances) runs each source twice more; a time
+    # limit that strikes there must not lose the mismatch already in hand.
+    from backprop_check.engine import rounding
+    from backprop_check.errors import CaseTimeout
+
+    def late(*args, **kwargs):
+        raise CaseTimeout("cancelled ran past its time limit of 1s (--timeout)")
+
+    monkeypatch.setattr(rounding, "float64_allowances", late)
+    result = backprop_check.run(_scaled("layer_norm", 1e5, 1.0, slip=1e-4), dtypes=["float64"], points=0).results[0]
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "manual"), result.message
+    assert any("time limit" in note for note in result.notes), result.notes

@@ -133,7 +133,7 @@ class Derivative(Case):
         # torch.func.grad under a transform (the referee's vmap), and once outside to learn that
         # it works; else plain autograd, faster where the referee evaluates one perturbation at a
         # time (a forward vmap cannot batch)
-        wanted = not self._functional_works or torch._C._functorch.maybe_current_level() is not None
+        wanted = not self._functional_works or _under_transform()
         if self.functional and wanted and not any(v.requires_grad for v in params.values()):
             try:
                 with torch.enable_grad():
@@ -232,6 +232,13 @@ class Derivative(Case):
         if not isinstance(returned, Mapping):
             raise CaseError(f"the .hvp must return a dict of parameter name → (H·u) for it, got {type(returned).__name__}")
         return returned
+
+
+def _under_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad) is running this call; True where this torch
+    cannot say."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is None or level() is not None
 
 
 class _Direction:
