@@ -449,3 +449,30 @@ def test_a_time_limit_while_measuring_float64s_rounding_keeps_the_mismatch_found
     result = backprop_check.run(_scaled("layer_norm", 1e5, 1.0, slip=1e-4), dtypes=["float64"], points=0).results[0]
     assert (str(result.verdict), str(result.culprit)) == ("mismatch", "manual"), result.message
     assert any("time limit" in note for note in result.notes), result.notes
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e6])
+@pytest.mark.parametrize("stairs", [torch.ceil, torch.floor, torch.round, lambda t: torch.round(t * 256) / 256], ids=["ceil", "floor", "round", "round-to-1/256"])
+def test_a_staircase_far_from_zero_is_flat_not_a_slope_at_steps_that_are_multiples_of_its_stairs(stairs, offset):
+    # At x ≈ 1e3 the first step is 16 and a refined one 128: ceil(x ± 128) differ by exactly 256,
+    # so every power-of-two step from 1 up reads a slope of 1 with no error (settle's stairs).
+    x = offset + torch.tensor([5.57605945221689581, -8.31568490838913021, 4.17759702600369565], dtype=torch.float64)
+    report = backprop_check.check(stairs, (x,), dtypes=["float64", "float32"], points=1)
+    assert [str(r.verdict) for r in report.results] == ["ok", "ok"], report.results[0].message
+
+
+def test_a_straight_through_estimator_is_still_told_from_the_staircase_far_from_zero():
+    # round's true derivative is 0 between its stairs; a backward that passes the gradient
+    # straight through is not that derivative, at 1e3 as at 0.
+    class StraightThrough(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return torch.round(x)
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            return grad
+
+    x = 1e3 + torch.tensor([5.57605945221689581, -8.31568490838913021, 4.17759702600369565], dtype=torch.float64)
+    result = backprop_check.check(StraightThrough.apply, (x,), dtypes=["float64"], points=0).results[0]
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message

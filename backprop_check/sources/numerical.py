@@ -413,13 +413,14 @@ class FiniteDifferences:
         for a, b in zip(found, found[1:]):
             apart = (a["value"] - b["value"]).abs() > a["error"] + b["error"]
             best["flat"] = best["flat"] | (apart & ~a["kink"] & ~b["kink"])
-        # The loss did not move when this tensor moved by NOISE_ULPS ulps: a staircase whose
-        # stairs may be finer than the step; a slope seen at the step is checked at smaller ones.
-        best["flat"] = best["flat"] | (still & (best["value"].abs() > 16 * best["rounding"]))
+        # The loss did not move when every input moved by NOISE_ULPS ulps: a staircase whose
+        # stairs may be finer than the step, or a multiple of them; a slope seen at the step is
+        # checked at smaller ones (`settle`'s stairs).
+        stairs = still & (best["value"].abs() > 16 * best["rounding"])
         # Not finite a first step away (asin at 0.99, θ + h past the domain's edge): smaller
         # steps, as for any step wider than the function allows.
         best["flat"] = best["flat"] | ~torch.isfinite(best["value"])
-        best = self._settled(whole, scale, chosen, best, sigma)
+        best = self._settled(whole, scale, chosen, best, sigma, stairs)
         if alone:
             best = self._widened(whole, scale, chosen, best, sigma)
             # Rounding that does not change as the element moves (x − mean at x ≈ 1e6, seen from
@@ -438,7 +439,8 @@ class FiniteDifferences:
         return out
 
     def _settled(
-        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float | torch.Tensor
+        self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float | torch.Tensor,
+        stairs: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`settle` the elementwise estimates: each round re-estimates the unsettled elements
         at a smaller step (6 forward passes each), never below STEP_FLOOR_ULPS
@@ -457,7 +459,7 @@ class FiniteDifferences:
         # Where θ is large, its own rounding hides a kink at small steps: the step must
         # still be KINK_ULPS ulps of θ.
         small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
-        return settle(best, at, _step_floor(theta), (theta.abs() > VALIDATE_FROM) | best["flat"], small)
+        return settle(best, at, _step_floor(theta), (theta.abs() > VALIDATE_FROM) | best["flat"], small, stairs)
 
     def _widened(
         self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor
@@ -719,7 +721,7 @@ def along_many(
     best = {key: value[: k * n] for key, value in stage.items()}
     for b in range(1, len(DIRECTION_STEPS)):
         best = _better(best, {key: value[b * k * n : (b + 1) * k * n] for key, value in stage.items()})
-    best["flat"] = best["flat"] | (still & (best["value"].abs() > 16 * best["rounding"]))
+    stairs = still & (best["value"].abs() > 16 * best["rounding"])
     validate = (largest > VALIDATE_FROM).repeat_interleave(n) | best["flat"]
 
     def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -732,7 +734,7 @@ def along_many(
 
     # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
     small = _kink_multipliers(largest).repeat_interleave(n)
-    best = settle(best, again, torch.full((k * n,), 2.0**-40, dtype=torch.float64), validate, small)
+    best = settle(best, again, torch.full((k * n,), 2.0**-40, dtype=torch.float64), validate, small, stairs)
     return [Estimate(*(best[key][j * n : (j + 1) * n] for key in ("value", "error", "left", "right", "kink"))) for j in range(k)]
 
 
@@ -1302,6 +1304,7 @@ def settle(
     floor: torch.Tensor,
     validate: torch.Tensor,
     small: torch.Tensor,
+    stairs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The step chosen from the function, not from the size of its inputs. `best` holds one
     estimate per column with its `step`; `at(columns, steps)` estimates columns again.
@@ -1320,12 +1323,25 @@ def settle(
       step's estimate is taken and checked in the next round: a step wider than a feature
       of the function is never taken for a kink or for the derivative.
 
+    A column in `stairs` (the loss stood still on the noise lines: a staircase, whose stairs
+    read as a slope at every step that is a multiple of them: ceil at 1e3 gives exactly 1 at
+    steps 128, 4 and any power of two from 1 up) is settled by agreement only once the step is
+    below `small`, or where the loss did not move at all at the smaller step (flat over it);
+    till then the smaller step's estimate is checked again, and the chain keeps the smallest
+    bar of its agreeing estimates (ndtr at −5.4 rounds at eps: a smooth function under stairs
+    of rounding, precise at its wide step).
+
     A column still unsettled after SHRINKS rounds or at its `floor` keeps its last estimate,
     its bar widened by its distance to the one before: the bar stays honest."""
-    coarse = best["kink"] | validate | best["wide"]
+    stairs = torch.zeros_like(validate) if stairs is None else stairs
+    coarse = best["kink"] | validate | best["wide"] | stairs
     pending = coarse | (best["truncation"] > best["rounding"])
     gap = torch.zeros_like(best["error"])
     seen = torch.zeros(best["error"].shape, dtype=torch.int64)
+    # Along a staircase's chain of agreeing steps, the estimate with the smallest bar so far
+    # (a smooth function whose rounding is the staircase keeps its wide step's precision).
+    held = {key: value.clone() for key, value in best.items()}
+    holding = torch.zeros_like(stairs)
     for _ in range(SHRINKS):
         if not bool(pending.any()):
             break
@@ -1342,6 +1358,9 @@ def settle(
         smooth = ~was["kink"] & ~other["kink"]
         distance = (other["value"] - was["value"]).abs()
         agree = smooth & ~other["wide"] & (distance <= was["error"] + other["error"])
+        still = (other["value"] == 0) & (other["left"] == 0) & (other["right"] == 0)
+        deep = stairs[where] & ~still & (h > small[where])
+        settled = agree & ~deep
         moved = torch.maximum((other["left"] - was["left"]).abs(), (other["right"] - was["right"]).abs())
         stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
         seen[where] = torch.where(stable, seen[where] + 1, torch.zeros_like(seen[where]))
@@ -1354,15 +1373,21 @@ def settle(
         # rounding plus that: tight, where |D(h) − D(h/2)|/3 alone is the error of D(h/2).
         tight = torch.minimum(other["error"], other["rounding"] + distance * factor**2)
         other["error"] = torch.where(agree, tight, other["error"])
-        take = ~(agree & (was["error"] <= other["error"]))
+        prior = {key: torch.where(holding[where], held[key][where], was[key]) for key in was}
+        take = ~(settled & (prior["error"] <= other["error"]))
+        smaller = other["error"] < prior["error"]
         for key in best:
-            best[key][where] = torch.where(take, other[key], was[key])
+            best[key][where] = torch.where(take, other[key], prior[key])
+            held[key][where] = torch.where(smaller, other[key], prior[key])
+        holding[where] = agree & deep
         gap[where] = torch.where(agree | same_kink, torch.zeros_like(distance), distance.nan_to_num(math.inf))
         pending = torch.zeros_like(pending)
         # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
-        better = agree & take & (other["truncation"] > other["rounding"])
-        pending[where] = ~(agree | same_kink) | better
-        coarse[where] = ~(agree | same_kink)
+        better = settled & take & (other["truncation"] > other["rounding"])
+        pending[where] = ~(settled | same_kink) | better
+        coarse[where] = ~(settled | same_kink)
+    for key in best:  # a staircase's chain that agreed to the last step it could take
+        best[key] = torch.where(holding, held[key], best[key])
     unsettled = (gap > 0) & ~best["kink"]
     best["error"] = torch.where(unsettled, torch.maximum(best["error"], gap), best["error"])
     return best
