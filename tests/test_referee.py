@@ -452,13 +452,23 @@ def test_a_time_limit_while_measuring_float64s_rounding_keeps_the_mismatch_found
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e6])
-@pytest.mark.parametrize("stairs", [torch.ceil, torch.floor, torch.round, lambda t: torch.round(t * 256) / 256], ids=["ceil", "floor", "round", "round-to-1/256"])
-def test_a_staircase_far_from_zero_is_flat_not_a_slope_at_steps_that_are_multiples_of_its_stairs(stairs, offset):
+@pytest.mark.parametrize(
+    "periodic",
+    [torch.ceil, torch.floor, torch.round, lambda t: torch.round(t * 256) / 256, torch.frac],
+    ids=["ceil", "floor", "round", "round-to-1/256", "frac"],
+)
+def test_stairs_and_sawtooths_far_from_zero_are_not_read_as_lines_at_steps_that_are_multiples_of_them(periodic, offset):
     # At x ≈ 1e3 the first step is 16 and a refined one 128: ceil(x ± 128) differ by exactly 256,
-    # so every power-of-two step from 1 up reads a slope of 1 with no error (settle's stairs).
+    # so every power-of-two step from 1 up reads a slope of exactly 1, and frac one of exactly 0
+    # (settle's confirm: a step set by θ's size is confirmed below a quarter, a staircase below
+    # the kink step). op_db's frac shifted by 1e3 failed on 20 of 400 elements, ceil on 250.
     x = offset + torch.tensor([5.57605945221689581, -8.31568490838913021, 4.17759702600369565], dtype=torch.float64)
-    report = backprop_check.check(stairs, (x,), dtypes=["float64", "float32"], points=1)
+    report = backprop_check.check(periodic, (x,), dtypes=["float64", "float32"], points=1)
     assert [str(r.verdict) for r in report.results] == ["ok", "ok"], report.results[0].message
+    wide = offset + 9 * torch.rand(400, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for full in (True, False):  # every element, and the default mode's samples and directions
+        result = backprop_check.check(periodic, (wide,), dtypes=["float64"], points=0, full=full).results[0]
+        assert str(result.verdict) == "ok", result.message
 
 
 def test_a_straight_through_estimator_is_still_told_from_the_staircase_far_from_zero():

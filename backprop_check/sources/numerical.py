@@ -132,6 +132,10 @@ SHRINK = 1.0 / 32
 # once at a smaller step. Below it the step is RELATIVE_STEP whatever θ, and only kinks, wide
 # steps and bars that are mostly truncation cost more.
 VALIDATE_FROM = 4.0
+# A step set by θ's size is confirmed down to this one (`settle`): a power-of-two step that is a
+# multiple of half a feature's period reads it exactly as a line (frac, floor and round at 1e3,
+# period 1), and below a quarter no feature of period 1 or more can be read so.
+CONFIRM_STEP = 2.0**-2
 SHRINKS = 8
 STEP_FLOOR_ULPS = 256.0
 # A kink whose one-sided derivatives moved less than this fraction of its jump when the step
@@ -415,7 +419,7 @@ class FiniteDifferences:
             best["flat"] = best["flat"] | (apart & ~a["kink"] & ~b["kink"])
         # The loss did not move when every input moved by NOISE_ULPS ulps: a staircase whose
         # stairs may be finer than the step, or a multiple of them; a slope seen at the step is
-        # checked at smaller ones (`settle`'s stairs).
+        # checked at smaller ones, down to the kink step (`settle`'s confirm).
         stairs = still & (best["value"].abs() > 16 * best["rounding"])
         # Not finite a first step away (asin at 0.99, θ + h past the domain's edge): smaller
         # steps, as for any step wider than the function allows.
@@ -446,7 +450,8 @@ class FiniteDifferences:
         at a smaller step (6 forward passes each), never below STEP_FLOOR_ULPS
         ulps of θ. Elements whose step is RELATIVE_STEP·|θ| with |θ| > VALIDATE_FROM (a step set by the
         value, not by the function), and those where the function is flat between two stencil
-        points (a staircase), are always checked once at a smaller step."""
+        points (a staircase), are always checked at smaller steps, down to CONFIRM_STEP and to
+        the kink step (`settle`'s confirm)."""
         theta = scale[chosen]
 
         def at(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -459,7 +464,11 @@ class FiniteDifferences:
         # Where θ is large, its own rounding hides a kink at small steps: the step must
         # still be KINK_ULPS ulps of θ.
         small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
-        return settle(best, at, _step_floor(theta), (theta.abs() > VALIDATE_FROM) | best["flat"], small, stairs)
+        sized = theta.abs() > VALIDATE_FROM
+        confirm = torch.where(sized, CONFIRM_STEP, math.inf)
+        if stairs is not None:
+            confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
+        return settle(best, at, _step_floor(theta), sized | best["flat"], small, confirm)
 
     def _widened(
         self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor
@@ -582,8 +591,14 @@ class FiniteDifferences:
             [_kink_multiplier(theta[v.reshape(-1) != 0]) for v in vectors],
             dtype=torch.float64,
         )
+        # Confirmed at a multiplier that moves its largest element by CONFIRM_STEP (a step set by
+        # θ's size), and a staircase down to the kink step (`settle`).
+        largest = torch.tensor([float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 0.0 for v in vectors], dtype=torch.float64)
+        confirm = torch.where(validate, CONFIRM_STEP / (RELATIVE_STEP * largest.clamp(min=1.0)), math.inf)
+        stairs = self.noise[1] & (best["value"].abs() > 16 * best["rounding"])
+        confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
         # A direction not finite a first step away (past a domain's edge) is taken at smaller steps.
-        best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate | ~torch.isfinite(best["value"]), small)
+        best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate | ~torch.isfinite(best["value"]), small, confirm)
         return [
             Direction(
                 v,
@@ -734,7 +749,10 @@ def along_many(
 
     # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
     small = _kink_multipliers(largest).repeat_interleave(n)
-    best = settle(best, again, torch.full((k * n,), 2.0**-40, dtype=torch.float64), validate, small, stairs)
+    sized = (largest > VALIDATE_FROM).repeat_interleave(n)
+    confirm = torch.where(sized, (CONFIRM_STEP / (RELATIVE_STEP * largest.clamp(min=1.0))).repeat_interleave(n), math.inf)
+    confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
+    best = settle(best, again, torch.full((k * n,), 2.0**-40, dtype=torch.float64), validate, small, confirm)
     return [Estimate(*(best[key][j * n : (j + 1) * n] for key in ("value", "error", "left", "right", "kink"))) for j in range(k)]
 
 
@@ -1304,7 +1322,7 @@ def settle(
     floor: torch.Tensor,
     validate: torch.Tensor,
     small: torch.Tensor,
-    stairs: torch.Tensor | None = None,
+    confirm: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The step chosen from the function, not from the size of its inputs. `best` holds one
     estimate per column with its `step`; `at(columns, steps)` estimates columns again.
@@ -1323,25 +1341,27 @@ def settle(
       step's estimate is taken and checked in the next round: a step wider than a feature
       of the function is never taken for a kink or for the derivative.
 
-    A column in `stairs` (the loss stood still on the noise lines: a staircase, whose stairs
-    read as a slope at every step that is a multiple of them: ceil at 1e3 gives exactly 1 at
-    steps 128, 4 and any power of two from 1 up) is settled by agreement only once the step is
-    below `small`, or where the loss did not move at all at the smaller step (flat over it);
-    till then the smaller step's estimate is checked again, and the chain keeps the smallest
-    bar of its agreeing estimates (ndtr at −5.4 rounds at eps: a smooth function under stairs
-    of rounding, precise at its wide step).
+    Agreement settles a column only at a step no wider than its `confirm`. A power-of-two step
+    that is a multiple of half a feature's period reads it exactly as a line (or as flat: the
+    loss is the same at θ ± h), at that step and at every wider one: ceil at 1e3 gives a slope
+    of exactly 1 at steps 128 and 4, frac a slope of exactly 0. So a
+    step set by the size of θ is confirmed down to CONFIRM_STEP, and a staircase (the loss
+    stood still on the noise lines) down to `small`; till then the smaller step's estimate is
+    checked again, and the chain keeps the smallest bar of its agreeing estimates (a smooth
+    function keeps its wide step's precision; ndtr at −5.4, a smooth function under stairs of
+    rounding, too).
 
     A column still unsettled after SHRINKS rounds or at its `floor` keeps its last estimate,
     its bar widened by its distance to the one before: the bar stays honest."""
-    stairs = torch.zeros_like(validate) if stairs is None else stairs
-    coarse = best["kink"] | validate | best["wide"] | stairs
+    confirm = torch.full_like(best["step"], math.inf) if confirm is None else confirm
+    coarse = best["kink"] | validate | best["wide"] | (best["step"] > confirm)
     pending = coarse | (best["truncation"] > best["rounding"])
     gap = torch.zeros_like(best["error"])
     seen = torch.zeros(best["error"].shape, dtype=torch.int64)
     # Along a staircase's chain of agreeing steps, the estimate with the smallest bar so far
     # (a smooth function whose rounding is the staircase keeps its wide step's precision).
     held = {key: value.clone() for key, value in best.items()}
-    holding = torch.zeros_like(stairs)
+    holding = torch.zeros_like(validate)
     for _ in range(SHRINKS):
         if not bool(pending.any()):
             break
@@ -1358,8 +1378,7 @@ def settle(
         smooth = ~was["kink"] & ~other["kink"]
         distance = (other["value"] - was["value"]).abs()
         agree = smooth & ~other["wide"] & (distance <= was["error"] + other["error"])
-        still = (other["value"] == 0) & (other["left"] == 0) & (other["right"] == 0)
-        deep = stairs[where] & ~still & (h > small[where])
+        deep = h > confirm[where]
         settled = agree & ~deep
         moved = torch.maximum((other["left"] - was["left"]).abs(), (other["right"] - was["right"]).abs())
         stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
