@@ -22,6 +22,11 @@ test_ops_gradients.py's forward-mode test does) on the ops whose `supports_forwa
 its mutants plant the slip in a Function's `jvp` (see `slipped`). Give each kind an `--out` of
 its own.
 
+`--offset 1e3` moves every differentiated input by that much (a sample whose forward is not
+finite there is left out): pixels, timestamps and shifted logits are far from zero, where a
+finite-difference step set by |θ| may span a feature of the function (a staircase or a
+sawtooth of period 1 reads as a line at every power-of-two step from 1 up). Mutants too.
+
 Results go one line per check to `--out` (JSON lines); a rerun skips what is already there, so
 the run can be cut in slices (`--budget` seconds each, `--ops`, `--limit`) and resumed. At the
 end the table of the whole file is printed (`--table` prints it alone).
@@ -130,8 +135,11 @@ def keywords(op: Any, kind: str = "gradcheck") -> dict[str, Any]:
     }
 
 
-def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str | None, kind: str = "gradcheck") -> dict[str, Any]:
-    """One check in this process (of KINDS): its verdict and a line saying why."""
+def run_check(
+    op: Any, dtype: torch.dtype, index: int, checker: str, slip: str | None, kind: str = "gradcheck", offset: float = 0.0
+) -> dict[str, Any]:
+    """One check in this process (of KINDS), its inputs moved by `offset`: its verdict and a
+    line saying why."""
     from backprop_check import gradcheck, gradgradcheck
     from backprop_check.errors import CaseError
 
@@ -139,6 +147,16 @@ def run_check(op: Any, dtype: torch.dtype, index: int, checker: str, slip: str |
     if len(found) <= index:
         return {"verdict": "no-sample", "why": ""}
     fn, inputs = unit(op, found[index])
+    if offset:
+        inputs = tuple((x.detach() + offset).requires_grad_(True) for x in inputs)
+        try:
+            with torch.no_grad():
+                value = fn(*inputs)
+            if not all(bool(torch.isfinite(t).all()) for t in (value if isinstance(value, (tuple, list)) else (value,))
+                       if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())):
+                return {"verdict": "no-sample", "why": "not finite there"}
+        except Exception:  # noqa: BLE001 - outside the op's domain there
+            return {"verdict": "no-sample", "why": "outside its domain there"}
     if slip is not None:
         fn = slipped(fn, inputs, slip, kind)
         if fn is None:
@@ -335,9 +353,9 @@ def _worker(conn: Any, ops: dict[str, Any]) -> None:
         task = conn.recv()
         if task is None:
             return
-        name, dtype, index, checker, slip, kind = task
+        name, dtype, index, checker, slip, kind, offset = task
         try:
-            result = run_check(ops[name], DTYPES[dtype], index, checker, slip, kind)
+            result = run_check(ops[name], DTYPES[dtype], index, checker, slip, kind, offset)
         except BaseException as exc:  # noqa: BLE001 - the harness around the check failed
             result = {"verdict": "crash", "why": f"runner: {type(exc).__name__}: {exc}"[:300]}
         conn.send(result)
@@ -376,7 +394,9 @@ class Worker:
             self.process.kill()
 
 
-def tasks(ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool, kind: str = "gradcheck") -> Iterator[tuple[Any, ...]]:
+def tasks(
+    ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool, kind: str = "gradcheck", offset: float = 0.0
+) -> Iterator[tuple[Any, ...]]:
     for op in ops:
         if kind == "gradgradcheck" and not op.supports_gradgrad or kind == "forward" and not op.supports_forward_ad:
             continue
@@ -385,17 +405,19 @@ def tasks(ops: Sequence[Any], dtypes: Sequence[str], count: int, mutants: bool, 
                 continue
             for index in range(count):
                 for checker in CHECKERS:
-                    yield (op_name(op), dtype, index, checker, None, kind)
+                    yield (op_name(op), dtype, index, checker, None, kind, offset)
         for dtype in MUTATED:
             if mutants and dtype in dtypes and DTYPES[dtype] in op.supported_backward_dtypes("cpu"):
                 for index in range(count):
                     for slip in COMPLEX_SLIPS if DTYPES[dtype].is_complex else SLIPS:
-                        yield (op_name(op), dtype, index, "dropin", slip, kind)
+                        yield (op_name(op), dtype, index, "dropin", slip, kind, offset)
 
 
 def key(task: Sequence[Any]) -> str:
-    """The row's key: op|dtype|index|checker|slip, then |gradgrad or |forward for those kinds."""
-    return "|".join(str(x) for x in task[:5]) + {"gradcheck": "", "gradgradcheck": "|gradgrad", "forward": "|forward"}[task[5]]
+    """The row's key: op|dtype|index|checker|slip, then |gradgrad or |forward for those kinds and
+    |+offset for an offset."""
+    kind = {"gradcheck": "", "gradgradcheck": "|gradgrad", "forward": "|forward"}[task[5]]
+    return "|".join(str(x) for x in task[:5]) + kind + (f"|+{task[6]:g}" if len(task) > 6 and task[6] else "")
 
 
 def load(path: str) -> dict[str, dict[str, Any]]:
@@ -510,7 +532,7 @@ def disagreements(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequence[str], timeout: float,
-        out: str, budget: float | None, mutants: bool, kind: str = "gradcheck") -> str:
+        out: str, budget: float | None, mutants: bool, kind: str = "gradcheck", offset: float = 0.0) -> str:
     ops = op_db()
     if names:
         wanted = set(names)
@@ -523,7 +545,7 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
     ran = 0
     try:
         with open(out, "a", encoding="utf-8") as f:
-            for task in tasks(ops, dtypes, count, mutants, kind):
+            for task in tasks(ops, dtypes, count, mutants, kind, offset):
                 if key(task) in done:
                     continue
                 if budget is not None and time.perf_counter() - started > budget:
@@ -532,8 +554,9 @@ def run(names: Sequence[str] | None, limit: int | None, count: int, dtypes: Sequ
                 result = worker.run(task, timeout)
                 if result["verdict"] == "no-sample":
                     continue
-                name, dtype, index, checker, slip, kind = task
-                row = {"key": key(task), "op": name, "dtype": dtype, "index": index, "checker": checker, "slip": slip, "kind": kind, **result}
+                name, dtype, index, checker, slip, kind, offset = task
+                row = {"key": key(task), "op": name, "dtype": dtype, "index": index, "checker": checker, "slip": slip, "kind": kind,
+                       "offset": offset, **result}
                 done[row["key"]] = row
                 f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -574,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mutants", action="store_true")
     parser.add_argument("--kind", choices=KINDS, default="gradcheck",
                         help="gradgradcheck, or gradcheck in forward mode, the drop-in's and torch's, on the ops that support it (give it an --out of its own)")
+    parser.add_argument("--offset", type=float, default=0.0, help="move every differentiated input by this much (give it an --out of its own)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
     if args.table:
@@ -581,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(rows) + "\n\n" + speed(rows) + "\n\n" + "\n".join(disagreements(rows)))
         return 0
     names = [n for n in args.ops.split(",") if n]
-    print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants, args.kind))
+    print(run(names, args.limit, args.samples, args.dtypes.split(","), args.timeout, args.out, args.budget, args.mutants, args.kind, args.offset))
     return 0
 
 
