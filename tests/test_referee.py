@@ -451,11 +451,16 @@ def test_a_time_limit_while_measuring_float64s_rounding_keeps_the_mismatch_found
     assert any("time limit" in note for note in result.notes), result.notes
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e3, 1e6])
+def _to_256ths(t: torch.Tensor) -> torch.Tensor:
+    return torch.round(t * 256) / 256
+
+
 @pytest.mark.parametrize(
-    "periodic",
-    [torch.ceil, torch.floor, torch.round, lambda t: torch.round(t * 256) / 256, torch.frac],
-    ids=["ceil", "floor", "round", "round-to-1/256", "frac"],
+    ("periodic", "offset"),
+    [(f, offset) for f in (torch.ceil, torch.floor, torch.round, torch.frac) for offset in (0.0, 1e3, 1e6)]
+    # stairs of 1/256 are 2⁻⁸ of a value near 1; at 1e3 they are finer than STAIR_MOVE of it,
+    # as a float32 result's own rounding is, and read as that (below)
+    + [(_to_256ths, 0.0), (_to_256ths, 3.0)],
 )
 def test_stairs_and_sawtooths_far_from_zero_are_not_read_as_lines_at_steps_that_are_multiples_of_them(periodic, offset):
     # At x ≈ 1e3 the first step is 16 and a refined one 128: ceil(x ± 128) differ by exactly 256,
@@ -486,3 +491,12 @@ def test_a_straight_through_estimator_is_still_told_from_the_staircase_far_from_
     x = 1e3 + torch.tensor([5.57605945221689581, -8.31568490838913021, 4.17759702600369565], dtype=torch.float64)
     result = backprop_check.check(StraightThrough.apply, (x,), dtypes=["float64"], points=0).results[0]
     assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1e3])
+def test_a_smooth_function_computed_in_float32_is_not_taken_for_a_staircase(offset):
+    # x.float() stands still on the noise lines (its stairs are float32's rounding, 2⁻²⁴ of x)
+    # and moves at STAIR_MOVE of x: read at wide steps, its slope is 1, as autograd says.
+    x = offset + torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert backprop_check.gradcheck(lambda t: t.float(), (x.requires_grad_(),))
+

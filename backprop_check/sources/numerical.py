@@ -136,6 +136,11 @@ VALIDATE_FROM = 4.0
 # multiple of half a feature's period reads it exactly as a line (frac, floor and round at 1e3,
 # period 1), and below a quarter no feature of period 1 or more can be read so.
 CONFIRM_STEP = 2.0**-2
+# A loss that stands still on the noise lines is a staircase of its own (a quantizer: ceil,
+# round(x·256)/256) where it still stands still when every input moves by this much of itself;
+# a smooth function computed in float32 (x.float()) is a staircase too, of float32's rounding
+# (2⁻²⁴ of the value), finer than this: read at wide steps, as any smooth function.
+STAIR_MOVE = 2.0**-20
 SHRINKS = 8
 STEP_FLOOR_ULPS = 256.0
 # A kink whose one-sided derivatives moved less than this fraction of its jump when the step
@@ -322,6 +327,7 @@ class FiniteDifferences:
         # The rounding probes: not through `batched`, which decides alone how perturbations run.
         self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
         self._noise: tuple[float, bool] | None = None
+        self._stairs: bool | None = None
 
     @property
     def noise(self) -> tuple[float, bool]:
@@ -333,6 +339,39 @@ class FiniteDifferences:
             self._measured(self._probe(self.targets))
         assert self._noise is not None
         return self._noise
+
+    @property
+    def stairs(self) -> bool:
+        """Whether the loss is a staircase of its own: it stood still on the noise lines, and
+        still does at one at least of the points every input moved by ±1 or ±2 times STAIR_MOVE
+        of itself (a function computed in float32 moves at every one, across many of its
+        stairs). Measured once, where the noise lines stood still; for directions, which move
+        many elements at once (`_coarse` asks element by element)."""
+        if self._stairs is None:
+            self._stairs = False
+            if self.noise[1]:
+                flat = Flat(dict(self.targets))
+                rows = _stair_rows(flat.join(self.targets), flat.join(self.scales))
+                try:
+                    values = None if rows is None else self._plain(self.targets, flat, rows)
+                except CaseTimeout:
+                    raise
+                except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
+                    values = None
+                f0 = float(self.loss0)
+                self._stairs = values is not None and bool((values.to(torch.float64) == f0).any())
+        return self._stairs
+
+    def _coarse(self, whole: Flat, chosen: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Per element in `chosen`, whether the loss stands still at one at least of the points
+        θ ± STAIR_MOVE·max(1, |θ|), θ ± half and a quarter of it, the element alone moved: a
+        staircase of its own there (one stair crossed near its edge moves some of them, not
+        all), not the rounding of a function computed in float32 (every one moves, across many
+        of its stairs). Element by element: with many elements moving at once, some cross."""
+        h = torch.ones(whole.size, dtype=torch.float64)
+        h[chosen] = STAIR_MOVE * scale[chosen].abs().clamp(min=1.0)
+        f = evaluate(self.batched, self.targets, whole, h, chosen)
+        return (f[:, chosen] == float(self.loss0)).any(dim=0)
 
     def _measured(self, found: tuple[float, bool, bool]) -> None:
         """Keep the probe of every input (`found`: σ, still, jumps) as the forward's noise."""
@@ -417,10 +456,13 @@ class FiniteDifferences:
         for a, b in zip(found, found[1:]):
             apart = (a["value"] - b["value"]).abs() > a["error"] + b["error"]
             best["flat"] = best["flat"] | (apart & ~a["kink"] & ~b["kink"])
-        # The loss did not move when every input moved by NOISE_ULPS ulps: a staircase whose
-        # stairs may be finer than the step, or a multiple of them; a slope seen at the step is
-        # checked at smaller ones, down to the kink step (`settle`'s confirm).
-        stairs = still & (best["value"].abs() > 16 * best["rounding"])
+        # The loss did not move when every input moved by NOISE_ULPS ulps, nor by STAIR_MOVE of
+        # itself: a staircase whose stairs may be finer than the step, or a multiple of them; a
+        # slope seen at the step is checked at smaller ones, down to the kink step (`settle`'s
+        # confirm).
+        sloped = best["value"].abs() > 16 * best["rounding"]
+        best["flat"] = best["flat"] | (still & sloped)
+        stairs = self._coarse(whole, chosen, scale) & sloped if still and bool(sloped.any()) else None
         # Not finite a first step away (asin at 0.99, θ + h past the domain's edge): smaller
         # steps, as for any step wider than the function allows.
         best["flat"] = best["flat"] | ~torch.isfinite(best["value"])
@@ -595,7 +637,7 @@ class FiniteDifferences:
         # θ's size), and a staircase down to the kink step (`settle`).
         largest = torch.tensor([float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 0.0 for v in vectors], dtype=torch.float64)
         confirm = torch.where(validate, CONFIRM_STEP / (RELATIVE_STEP * largest.clamp(min=1.0)), math.inf)
-        stairs = self.noise[1] & (best["value"].abs() > 16 * best["rounding"])
+        stairs = self.stairs & (best["value"].abs() > 16 * best["rounding"])
         confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
         # A direction not finite a first step away (past a domain's edge) is taken at smaller steps.
         best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate | ~torch.isfinite(best["value"]), small, confirm)
@@ -731,12 +773,19 @@ def along_many(
     # An output element that did not move at all on the noise lines: a staircase whose stairs
     # may be finer than the step (round(x, 3)), as reverse mode's `still`: a slope seen at the
     # step is checked at smaller ones.
-    still = ((seen == f0).all(dim=0) if len(seen) else torch.zeros(n, dtype=torch.bool)).repeat(k)
+    still = (seen == f0).all(dim=0) if len(seen) else torch.zeros(n, dtype=torch.bool)
+    coarse = still.clone()
+    if bool(still.any()):  # a staircase of its own, not float32's rounding (STAIR_MOVE)
+        rows = _stair_rows(base, size)
+        coarse = still & (outputs(rows) == f0).any(dim=0) if rows is not None else torch.zeros_like(still)
+    still, coarse = still.repeat(k), coarse.repeat(k)
     stage = estimated(first, values[len(probe) :])
     best = {key: value[: k * n] for key, value in stage.items()}
     for b in range(1, len(DIRECTION_STEPS)):
         best = _better(best, {key: value[b * k * n : (b + 1) * k * n] for key, value in stage.items()})
-    stairs = still & (best["value"].abs() > 16 * best["rounding"])
+    sloped = best["value"].abs() > 16 * best["rounding"]
+    best["flat"] = best["flat"] | (still & sloped)
+    stairs = coarse & sloped
     validate = (largest > VALIDATE_FROM).repeat_interleave(n) | best["flat"]
 
     def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -1131,6 +1180,17 @@ def _measured_noise(
     except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
         return floor, False, False
     return _noise_of(values, f0, floor)
+
+
+def _stair_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """The point moved by ±1 and ±2 times STAIR_MOVE of each element's `scale`, along a random
+    sign each (`_coarse`); None where nothing can move."""
+    size = scale.reshape(-1).to(torch.float64).abs()
+    if not size.numel() or not bool((size > 0).any()):
+        return None
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    signs = torch.randint(0, 2, (size.numel(),), generator=gen, dtype=torch.float64) * 2 - 1
+    return torch.stack([base + k * STAIR_MOVE * signs * size for k in (1.0, -1.0, 2.0, -2.0)])
 
 
 def _noise_floor(f0: float) -> float:
