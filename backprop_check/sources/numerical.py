@@ -370,7 +370,12 @@ class FiniteDifferences:
         of its stairs). Element by element: with many elements moving at once, some cross."""
         h = torch.ones(whole.size, dtype=torch.float64)
         h[chosen] = STAIR_MOVE * scale[chosen].abs().clamp(min=1.0)
-        f = evaluate(self.batched, self.targets, whole, h, chosen)
+        try:
+            f = evaluate(self.batched, self.targets, whole, h, chosen)
+        except CaseTimeout:
+            raise
+        except CaseError:  # fn refuses a point that far (a domain's edge): no staircase said
+            return torch.zeros(chosen.numel(), dtype=torch.bool)
         return (f[:, chosen] == float(self.loss0)).any(dim=0)
 
     def _measured(self, found: tuple[float, bool, bool]) -> None:
@@ -1405,8 +1410,8 @@ def settle(
     that is a multiple of half a feature's period reads it exactly as a line (or as flat: the
     loss is the same at θ ± h), at that step and at every wider one: ceil at 1e3 gives a slope
     of exactly 1 at steps 128 and 4, frac a slope of exactly 0. So a
-    step set by the size of θ is confirmed down to CONFIRM_STEP, and a staircase (the loss
-    stood still on the noise lines) down to `small`; till then the smaller step's estimate is
+    step set by the size of θ is confirmed down to CONFIRM_STEP, and a staircase of its own
+    (`FiniteDifferences._coarse`) down to `small`; till then the smaller step's estimate is
     checked again, and the chain keeps the smallest bar of its agreeing estimates (a smooth
     function keeps its wide step's precision; ndtr at −5.4, a smooth function under stairs of
     rounding, too).
@@ -1418,8 +1423,8 @@ def settle(
     pending = coarse | (best["truncation"] > best["rounding"])
     gap = torch.zeros_like(best["error"])
     seen = torch.zeros(best["error"].shape, dtype=torch.int64)
-    # Along a staircase's chain of agreeing steps, the estimate with the smallest bar so far
-    # (a smooth function whose rounding is the staircase keeps its wide step's precision).
+    # Along a chain of agreeing steps not yet confirmed, the estimate with the smallest bar so
+    # far (a smooth function keeps its wide step's precision).
     held = {key: value.clone() for key, value in best.items()}
     holding = torch.zeros_like(validate)
     for _ in range(SHRINKS):
