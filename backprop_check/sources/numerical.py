@@ -633,15 +633,12 @@ class FiniteDifferences:
         best = at(steps[0], everyone)
         for multiplier in steps[1:]:
             best = _better(best, at(multiplier, everyone))
-        # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
-        small = torch.tensor(
-            [_kink_multiplier(theta[v.reshape(-1) != 0]) for v in vectors],
-            dtype=torch.float64,
-        )
-        # Confirmed at a multiplier that moves its largest element by CONFIRM_STEP (a step set by
-        # θ's size), and a staircase down to the kink step (`settle`).
+        # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|): per
+        # direction, the multipliers that move its largest element by the kink step and by
+        # CONFIRM_STEP (a step set by θ's size), a staircase confirmed down to the former (`settle`).
         largest = torch.tensor([float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 0.0 for v in vectors], dtype=torch.float64)
-        confirm = torch.where(validate, CONFIRM_STEP / (RELATIVE_STEP * largest.clamp(min=1.0)), math.inf)
+        small = _kink_multipliers(largest)
+        confirm = torch.where(validate, _confirm_multipliers(largest), math.inf)
         stairs = self.stairs & (best["value"].abs() > 16 * best["rounding"])
         confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
         # A direction not finite a first step away (past a domain's edge) is taken at smaller steps.
@@ -804,24 +801,23 @@ def along_many(
     # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
     small = _kink_multipliers(largest).repeat_interleave(n)
     sized = (largest > VALIDATE_FROM).repeat_interleave(n)
-    confirm = torch.where(sized, (CONFIRM_STEP / (RELATIVE_STEP * largest.clamp(min=1.0))).repeat_interleave(n), math.inf)
+    confirm = torch.where(sized, _confirm_multipliers(largest).repeat_interleave(n), math.inf)
     confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
     best = settle(best, again, torch.full((k * n,), 2.0**-40, dtype=torch.float64), validate, small, confirm)
     return [Estimate(*(best[key][j * n : (j + 1) * n] for key in ("value", "error", "left", "right", "kink"))) for j in range(k)]
 
 
-def _kink_multiplier(theta: torch.Tensor) -> float:
-    """The step multiplier along a direction (element i moved by m·RELATIVE_STEP·max(1, |θ_i|))
-    at which a kink is confirmed: its largest element moved no more than an element's own
-    confirming step (KINK_STEP, or 2¹⁶ ulps of it)."""
-    largest = float(theta.abs().max()) if theta.numel() else 0.0
-    return float(_kink_multipliers(torch.tensor([largest], dtype=torch.float64))[0])
-
-
 def _kink_multipliers(largest: torch.Tensor) -> torch.Tensor:
-    """`_kink_multiplier` of directions whose largest elements are `largest`."""
+    """The step multipliers along directions (element i moved by m·RELATIVE_STEP·max(1, |θ_i|))
+    whose largest elements are `largest`, at which a kink is confirmed: the largest element
+    moved no more than an element's own confirming step (KINK_STEP, or 2¹⁶ ulps of it)."""
     confirming = (_step_floor(largest) * (KINK_ULPS / STEP_FLOOR_ULPS)).clamp(min=KINK_STEP)
     return confirming / (RELATIVE_STEP * largest.abs().clamp(min=1.0))
+
+
+def _confirm_multipliers(largest: torch.Tensor) -> torch.Tensor:
+    """The step multipliers that move the largest elements `largest` by CONFIRM_STEP."""
+    return CONFIRM_STEP / (RELATIVE_STEP * largest.abs().clamp(min=1.0))
 
 
 def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
