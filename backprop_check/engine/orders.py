@@ -132,14 +132,16 @@ class Derivative(Case):
         params, data = self._split(values)
         # torch.func.grad under a transform (the referee's vmap), and once outside to learn that
         # it works; else plain autograd, faster where the referee evaluates one perturbation at a
-        # time (a forward vmap cannot batch)
-        wanted = not self._functional_works or _under_transform()
-        if self.functional and wanted and not any(v.requires_grad for v in params.values()):
+        # time (a forward vmap cannot batch). Outside a transform the value is always plain
+        # autograd's: the two round differently, and the loss at one point must not depend on
+        # which call asks (the forward-is-pure guard compares three calls bit for bit).
+        outside = not _under_transform()
+        if self.functional and not (outside and self._functional_works) and not any(v.requires_grad for v in params.values()):
             try:
                 with torch.enable_grad():
                     grads = dict(torch.func.grad(lambda p: call_forward(self.base, self._at(p, data))[0])(params))
                 self._functional_works = True
-                return grads
+                return self._graph(params, data) if outside else grads
             except CaseTimeout:
                 raise
             except Exception:  # noqa: BLE001 - e.g. a Function without setup_context (a CaseError from the
