@@ -22,12 +22,13 @@ code at the same rounded point), and the result says so in a note.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from backprop_check.dtypes import name_of
-from backprop_check.engine.tolerance import FLOOR_ULPS
+from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
@@ -41,6 +42,15 @@ UNRESOLVED_ULPS = 32
 # a gradient is its rounding, up to float64's rtol of the tensor's largest gradient.
 NUDGE_SPREAD = 4.0
 NUDGE_CAP = 1e-7
+# Where that cap binds (a formula that cancels: erfcx's 2x·erfcx(x) − 2/√π at x ≈ 1e6 keeps
+# three digits of float64), the gradient at up to JITTER_MAX more points nearby (JITTER_FIRST,
+# then JITTER_ROUND at a time), each input moved by up to JITTER_ULPS ulps: its mean is judged
+# against the referee (to JITTER_RESOLUTION of the value), and its scatter is allowed where the
+# mean agrees and the scatter is at most JITTER_CAP of the tensor's largest gradient (`_jitter`).
+JITTER_FIRST, JITTER_ROUND, JITTER_MAX = 16, 64, 1024
+JITTER_ULPS = 4096
+JITTER_CAP = 1e-3
+JITTER_RESOLUTION = 5e-5
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class Rounding:
     twin: dict[str, dict[str, torch.Tensor]]
     # name → (elements the dtype cannot resolve at this point, elements): judged in float64 only
     unresolved: dict[str, tuple[int, int]]
+    # float64 (float64_allowances): what the jitter test allowed, one line per tensor
+    notes: tuple[str, ...] = ()
 
     def note(self, dtype: torch.dtype) -> str | None:
         """One line naming the elements judged by their float64 twin alone, or None."""
@@ -95,7 +107,7 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
 
 
 def float64_allowances(
-    case: Case, point: Point, device: str, gradients: dict[str, Gradients | None]
+    case: Case, point: Point, device: str, gradients: dict[str, Gradients | None], reference: Gradients | None = None
 ) -> Rounding:
     """In float64, no wider dtype can say what rounding did to a gradient; the same code at the
     point moved by an ulp of each input tensor's largest element (the resolution of the sums
@@ -106,17 +118,20 @@ def float64_allowances(
     largest element is allowed anyway. At least the floor of FLOOR_ULPS ulps of the element.
     Where it matters: an ill-conditioned gradient (pca_lowrank's order 2 moves by 4e-9 between
     points an ulp apart, and autograd is 4e-9 from the referee). Measured (two more calls of
-    each source) only where a float64 check has a mismatch, to judge it again (`check_point`)."""
+    each source) only where a float64 check has a mismatch, to judge it again (`check_point`).
+    Where the cap binds, `_jitter` may allow more, judged against the `reference`."""
     gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
     steps = {name: _scale_ulp_step(value, gen) for name, value in {**point.params, **point.data}.items()}
     nudged = [_moved(point, steps, sign) for sign in (1.0, -1.0)]
     eps = torch.finfo(torch.float64).eps
     result: dict[str, dict[str, torch.Tensor]] = {}
+    notes: list[str] = []
     for source, grads in gradients.items():
         if grads is None:
             continue
         moved = [SOURCES[source](case, p, device, torch.float64).values for p in nudged]  # where `gradients` ran
         result[source] = {}
+        binding: dict[str, torch.Tensor] = {}
         for name, value in grads.values.items():
             if any(v.get(name) is None or v[name].shape != value.shape for v in moved) or not value.numel():
                 continue
@@ -124,9 +139,90 @@ def float64_allowances(
             move = torch.maximum(*((v[name].to("cpu", torch.float64) - g).abs() for v in moved))
             move = torch.nan_to_num(move, nan=0.0, posinf=0.0)
             typical, scale = float(move.square().mean().sqrt()), float(g.abs().max())
-            spread = (NUDGE_SPREAD * move.clamp(min=typical)).clamp(max=NUDGE_CAP * scale)
+            wide = NUDGE_SPREAD * move.clamp(min=typical)
+            spread = wide.clamp(max=NUDGE_CAP * scale)
             result[source][name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs())
-    return Rounding(result, {}, {})
+            if bool((wide > spread).any()):
+                binding[name] = wide > spread
+        if binding and reference is not None:
+            values = {name: [v[name] for v in moved] for name in binding}
+            notes += _jitter(case, point, device, source, grads, values, binding, reference, gen, result[source])
+    return Rounding(result, {}, {}, tuple(notes))
+
+
+def _jitter(
+    case: Case, point: Point, device: str, source: str, grads: Gradients, moved: dict[str, list[torch.Tensor]],
+    binding: dict[str, torch.Tensor], reference: Gradients, gen: torch.Generator, allowed: dict[str, torch.Tensor],
+) -> list[str]:
+    """Where NUDGE_CAP binds, the source at more points nearby (JITTER_FIRST, then JITTER_ROUND
+    at a time, while an element is undecided), every input moved by a random whole number of
+    ulps of its tensor's largest element, up to JITTER_ULPS each way. A gradient whose float64
+    evaluation only rounds scatters around its true value (which hardly moves over so few ulps,
+    and evenly both ways), so the mean of the draws estimates it, with a standard error that
+    falls as they add up. An element is allowed NUDGE_SPREAD times its scatter once that mean
+    agrees with the referee within ERROR_BARS of its standard error (and the referee's bar),
+    that standard error is small enough to show a slip of JITTER_RESOLUTION of the value, the
+    value itself lies within NUDGE_SPREAD of the scatter, and the scatter is at most JITTER_CAP
+    of the tensor's largest gradient. A backward that reads garbage scatters around no value,
+    or by more than that, and is told in the first round; a slip moves the mean. Undecided
+    after JITTER_MAX draws, an element keeps the capped allowance. `allowed` is widened in
+    place; one note per tensor widened."""
+    eps = torch.finfo(torch.float64).eps
+    draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in binding}
+    judged: dict[str, dict[str, torch.Tensor]] = {}
+    for name, where in binding.items():
+        if name not in reference.values:
+            continue
+        ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
+        mask = reference.checked.get(name)
+        estimated = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.reshape(-1).to("cpu", torch.bool)
+        bar = reference.error[name].detach().to("cpu", torch.float64).reshape(-1) if name in reference.error else torch.zeros_like(ref)
+        judged[name] = {"ref": ref, "bar": bar, "open": where.reshape(-1) & estimated, "taken": torch.zeros_like(estimated)}
+    spreads: dict[str, torch.Tensor] = {}
+    size = JITTER_FIRST  # garbage and slips are told at once; rounding needs the draws to add up
+    while any(bool(j["open"].any()) for j in judged.values()) and len(next(iter(draws.values()))) < JITTER_MAX:
+        for _ in range(size):
+            steps = {
+                name: _scale_ulp_step(value, gen) * torch.randint(1, JITTER_ULPS + 1, value.shape, generator=gen, dtype=torch.float64)
+                if value.is_floating_point() and value.numel() else torch.zeros(())
+                for name, value in {**point.params, **point.data}.items()
+            }
+            there = SOURCES[source](case, _moved(point, steps, 1.0), device, torch.float64).values
+            for name in draws:
+                if there.get(name) is None or there[name].shape != grads.values[name].shape:
+                    return []
+                draws[name].append(there[name].detach().to("cpu", torch.float64).reshape(-1))
+        for name, j in judged.items():
+            stack = torch.stack(draws[name])
+            value, mean, spread = stack[0], stack.mean(0), stack.std(0)
+            scale = float(value.abs().nan_to_num(0.0).max())
+            floor = NUDGE_CAP * scale + FLOOR_ULPS * eps * j["ref"].abs()
+            standard = spread / len(draws[name]) ** 0.5
+            off = (mean - j["ref"]).abs()
+            rounding = (spread > 0) & (spread <= JITTER_CAP * scale) & torch.isfinite(stack).all(0)
+            agrees = off <= ERROR_BARS * (standard + j["bar"]) + floor
+            near = (value - j["ref"]).abs() <= NUDGE_SPREAD * spread + ERROR_BARS * j["bar"] + floor
+            resolved = ERROR_BARS * standard <= JITTER_RESOLUTION * j["ref"].abs()
+            j["taken"] |= j["open"] & rounding & agrees & near & resolved
+            j["open"] &= rounding & agrees & near & ~resolved  # still to decide: more draws
+            spreads[name] = spread
+        size = JITTER_ROUND
+    notes = []
+    for name, j in judged.items():
+        taken = j["taken"]
+        if not bool(taken.any()):
+            continue
+        flat, spread = allowed[name].reshape(-1), spreads[name]
+        flat[taken] = torch.maximum(flat[taken], NUDGE_SPREAD * spread[taken])
+        relative = float((spread[taken] / j["ref"][taken].abs()).max())
+        notes.append(
+            f"the {source} gradient of {name!r} at {int(taken.sum())} of {taken.numel()} elements scatters by up to "
+            f"{relative:.1e} of itself between points a few ulps apart (a formula that cancels: float64 keeps about "
+            f"{max(0, round(-math.log10(max(relative, eps))))} digits of it there); its mean over "
+            f"{len(draws[name])} such points agrees with the referee within {JITTER_RESOLUTION:g} of the value, so "
+            f"the difference is rounding, allowed there ({NUDGE_SPREAD:g}x that scatter)"
+        )
+    return notes
 
 
 def nudged_points(case: Case, point: Point, dtype: torch.dtype) -> tuple[Point, list[Point]]:

@@ -374,12 +374,14 @@ def check_point(
         # measured only here, where a mismatch would otherwise be reported.
         sources = {"autograd": autograd, "manual": manual}
         try:
-            measured = rounding.float64_allowances(case, point, device, sources)
+            measured = rounding.float64_allowances(case, point, device, sources, evidence.numerical)
         except CaseTimeout as exc:  # the mismatch found stands
             timed_out, note = exc, f"{exc} while measuring float64's rounding at the point"
         else:
             evidence = replace(evidence, rounding=measured)
             checks = compare(evidence)
+            if measured.notes:
+                note = "; ".join(measured.notes)
     complexes.mark(checks, point.complex)
     unresolved = None if allowances is None else allowances.note(dtype)
     if unresolved:

@@ -630,7 +630,13 @@ class FiniteDifferences:
             estimate["step"] = h.to(torch.float64).clone()
             return estimate
 
-        best = at(steps[0], everyone)
+        try:
+            best = at(steps[0], everyone)
+        except CaseTimeout:
+            raise
+        except CaseError:  # fn refuses a point a first step away: narrower steps, as `estimate`
+            steps = [multiplier * NARROWER for multiplier in steps]
+            best = at(steps[0], everyone)
         for multiplier in steps[1:]:
             best = _better(best, at(multiplier, everyone))
         # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|): per
@@ -751,7 +757,15 @@ def along_many(
     probe = _noise_rows(base, size)
     if probe is None:  # nothing can move (every input 0): no lines, the floor alone
         probe = base.new_zeros((0, flat.size))
-    values = outputs(torch.cat([probe, rows_for(first)]))
+    try:
+        values = outputs(torch.cat([probe, rows_for(first)]))
+    except CaseTimeout:
+        raise
+    except CaseError:
+        # fn refuses a point a first step away (a Cholesky factor of a matrix ≈ 1e3 ± 5 moved by
+        # 16): narrower first steps, as in reverse mode (`estimate`), settled from there
+        first = [(j, m * NARROWER) for j, m in first]
+        values = outputs(torch.cat([probe, rows_for(first)]))
     sizes = list(parts) or [n]
     largest_of = [float(part.abs().nan_to_num(0.0, posinf=0.0).max()) if part.numel() else 0.0 for part in f0.split(sizes)]
     floor = ROUNDING_FLOOR * torch.tensor(largest_of, dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
