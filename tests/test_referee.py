@@ -575,3 +575,39 @@ def test_a_large_input_near_the_edge_of_its_domain_is_estimated_at_narrower_step
     p = torch.linspace(0.99, 0.9995, 400, dtype=torch.float64)
     (result,) = backprop_check.check(likelihood, (p,), dtypes=["float64"], points=0, modes=(mode,)).results
     assert str(result.verdict) == "ok", result.message
+
+
+@pytest.mark.parametrize(
+    ("function", "offset"),
+    [
+        (lambda x: x.softmax(-1).sum(), 1e6),
+        (lambda x: x.log_softmax(-1).logsumexp(-1), 1e3),
+        (lambda x: F.layer_norm(x, x.shape[-1:]).mean(-1), 1e6),
+    ],
+    ids=["softmax-sum", "logsumexp-of-log-softmax", "layer-norm-mean"],
+)
+def test_a_function_flat_at_the_point_is_not_called_wrong_for_the_rounding_of_its_zero(function, offset):
+    # Constant outputs: the true gradient is 0, autograd computes it as the rounding of terms of
+    # |v| (1.7e-16 at 1e3 for logsumexp(log_softmax(x))), the referee says 0 with a smaller bar.
+    # The float32 twin rounds the same terms 2²⁹ times coarser and says how large they are
+    # (rounding._flat). These were false alarms where torch's absolute atol passes.
+    x = offset + torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    assert backprop_check.gradcheck(function, (x.requires_grad_(True),))
+
+
+@pytest.mark.parametrize("said", [1e-9, 1e-13])
+def test_a_backward_that_says_something_where_a_flat_function_has_zero_still_fails(said):
+    # softmax(x).sum() is 1 everywhere; a backward that returns said·grad instead of 0 says
+    # about as much in float32 and is allowed 64·eps64/eps32 (3e-8) of it.
+    class Flat(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return x.softmax(-1).sum()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            return torch.full((3, 5), said, dtype=grad.dtype) * grad
+
+    x = 1e6 + torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    (result,) = backprop_check.check(Flat.apply, (x,), dtypes=["float64"], points=0).results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message

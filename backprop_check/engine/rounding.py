@@ -51,6 +51,9 @@ JITTER_FIRST, JITTER_ROUND, JITTER_MAX = 16, 64, 1024
 JITTER_ULPS = 4096
 JITTER_CAP = 1e-3
 JITTER_RESOLUTION = 5e-5
+# Where the referee's gradient is 0 (`_flat`): this many times float64's share (eps64/eps32) of
+# the source's float32 value there.
+FLAT_SPREAD = 64.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,57 @@ def float64_allowances(
         if binding and reference is not None:
             values = {name: [v[name] for v in moved] for name in binding}
             notes += _jitter(case, point, device, source, grads, values, binding, reference, gen, result[source])
+        if reference is not None:
+            notes += _flat(case, point, device, source, grads, reference, result[source])
     return Rounding(result, {}, {}, tuple(notes))
+
+
+def _flat(
+    case: Case, point: Point, device: str, source: str, grads: Gradients, reference: Gradients, allowed: dict[str, torch.Tensor]
+) -> list[str]:
+    """Where the referee's gradient is 0 within its bars, the source computes 0 as the rounding
+    of the terms it is made of (softmax(x).sum() at x ≈ 1e6: v − Σ softmax·v, terms of |v|), and
+    nothing at the point says how large those terms are. The same source in float32 rounds the
+    same terms 2²⁹ times coarser: its value there says. Each such element is allowed FLAT_SPREAD
+    times float64's share of the largest float32 value at any of them (eps64/eps32 of it). A
+    backward that says s where the truth is 0 says about s in float32 too, and is allowed
+    3e-8·s: it still fails. Nothing where the source cannot run in float32."""
+    flat: dict[str, torch.Tensor] = {}
+    for name, value in grads.values.items():
+        if name not in reference.values or name not in allowed or not value.numel():
+            continue
+        ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
+        bar = reference.error[name].detach().to("cpu", torch.float64).reshape(-1) if name in reference.error else torch.zeros_like(ref)
+        mask = reference.checked.get(name)
+        estimated = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.reshape(-1).to("cpu", torch.bool)
+        zero = estimated & (ref.abs() <= ERROR_BARS * bar) & (value.detach().to("cpu", torch.float64).reshape(-1) != 0)
+        if bool(zero.any()):
+            flat[name] = zero
+    if not flat:
+        return []
+    try:
+        coarse = SOURCES[source](case, point, device, torch.float32).values
+    except Exception:  # noqa: BLE001 - fn that holds tensors of its own dtype: no float32 twin
+        return []
+    # The largest float32 value at such elements of any input: float32 may compute one tensor's
+    # zero exactly (the correlation of two values), and the point's terms are the same terms.
+    terms = max(
+        (float(coarse[name].detach().to("cpu", torch.float64).reshape(-1)[zero].abs().nan_to_num(0.0, posinf=0.0).max())
+         for name, zero in flat.items() if coarse.get(name) is not None and coarse[name].numel() == zero.numel()),
+        default=0.0,
+    )
+    if terms == 0.0:
+        return []
+    share = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    for name, zero in flat.items():
+        widened = allowed[name].reshape(-1)
+        widened[zero] = torch.clamp(widened[zero], min=FLAT_SPREAD * share * terms)
+    counts = ", ".join(f"{int(zero.sum())} of {zero.numel()} elements of {name!r}" for name, zero in flat.items())
+    return [
+        f"the referee's gradient is 0 within its bars at {counts}, where the {source} gradient is the rounding of "
+        f"the terms it is made of: {FLAT_SPREAD:g}x float64's share ({share:.1e}) of its float32 value there "
+        f"({terms:.1e}) is allowed"
+    ]
 
 
 def _jitter(
