@@ -158,6 +158,30 @@ def test_a_function_closing_over_float32_tensors_gets_a_verdict_from_a_promoted_
     assert (wrong_vjp.results[0].verdict, wrong_vjp.results[0].culprit) == ("mismatch", "manual")
 
 
+def test_a_function_closing_over_float64_tensors_is_checked_in_float32_with_them_rounded() -> None:
+    # check()'s default dtypes are float64 and float32; a weight made in float64 met float32
+    # inputs in the float32 run, and the case was an error (exit 2). Now every float64 tensor an
+    # op receives is rounded to the run's dtype, with a note, and a manual VJP that closes over
+    # the weight runs the same way: a slip in it is still found.
+    weight = x64(6, 8, seed=3)
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    x = x64(4, 8)
+    report = bc.check(linear, (x,), points=1)
+    assert report.exit_code == 0, [r.message for r in report.results]
+    (single,) = [r for r in report.results if r.dtype == "float32"]
+    assert any("rounded to the run's dtype" in note for note in single.notes)
+
+    def wrong(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return grad @ (weight * 1.01)
+
+    slipped = bc.check(linear, (x,), manual=wrong, points=1)
+    assert [(r.dtype, str(r.verdict), str(r.culprit)) for r in slipped.results] == [
+        ("float64", "mismatch", "manual"), ("float32", "mismatch", "manual")]
+
+
 def test_a_zero_tensor_gradient_is_read_as_zeros() -> None:
     assert gradcheck(torch.sgn, (x64(4, 4).requires_grad_(),))  # its backward returns a ZeroTensor
 
@@ -192,6 +216,15 @@ def test_the_layout_item_compares_the_same_values_where_the_forward_agrees(fn: C
 def test_a_float32_gradient_that_underflows_is_not_a_false_alarm(op_db: dict[str, Any]) -> None:
     fn, inputs = unit(op_db["prod"], torch.float32, 0)  # 125 numbers: the gradient is 2e-56, 0 in float32
     assert gradcheck(fn, inputs)
+
+
+def test_a_float32_gradient_that_underflows_along_a_direction_is_not_a_false_alarm() -> None:
+    # A product of 8 numbers of 1e-6 in each row: every gradient element is ~1e-43, 0 in float32,
+    # where the directional check judged it (4x8 elements: a direction's allowance had no
+    # underflow floor; a function of a weight of 1e6 met it at a standard normal random point).
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-6
+    report = bc.check(lambda x: x.prod(-1), (x,), dtypes=["float32"], points=0)
+    assert report.exit_code == 0, report.results[0].message
 
 
 @pytest.mark.parametrize(("name", "index"), [("logcumsumexp", 0), ("pca_lowrank", 1)])

@@ -38,7 +38,7 @@ from backprop_check.sources import SOURCES, Gradients
 from backprop_check.engine import reference as kernels
 from backprop_check.engine import outputs
 from backprop_check.engine.distributed import DistributedCase
-from backprop_check.model.function import FunctionCase
+from backprop_check.model.function import FunctionCase, cast_notes
 from backprop_check.sources.numerical import Reference, reference
 from backprop_check.engine.tolerance import Tolerance, tolerance_for
 
@@ -152,6 +152,7 @@ def check_case(case: Case, plan: Plan, mode: str = "rev") -> list[Result]:
                     continue
                 result = combination(device, dtype_name, plan=plan)
                 result.notes.extend(notes)
+                result.notes.extend(note for note in cast_notes(case, dtype_name) if note not in result.notes)
                 results.append(result)
         except CaseError as exc:  # the case is broken (or out of time) for what is left to check
             found = getattr(exc, "partial", None)

@@ -66,10 +66,11 @@ class Tolerance:
         per-element allowances (measured at this point below float64, else FLOOR_ULPS ulps of
         each element) projected on random signs add like √n, not like n. The dtype's default
         rtol is left out (√n of it would hide a wrong element of a large tensor); an rtol the
-        case sets is kept. `exact`: a float64 twin of the gradient, judged by float64's eps."""
+        case sets is kept, and so is the dtype's underflow (each element of a float32 gradient
+        of 1e-50 is 0). `exact`: a float64 twin of the gradient, judged by float64's eps."""
         ulps = FLOOR_ULPS if rounding is None else 4.0
         eps = torch.finfo(torch.float64).eps if exact else self.eps
-        per_element = (ulps * eps + self.rtol_given) * gradient.abs() + self.absolute
+        per_element = (ulps * eps + self.rtol_given) * gradient.abs() + self.absolute + (0.0 if exact else self.underflow)
         if rounding is not None:
             per_element = per_element + rounding
         return SIGMAS * float(torch.linalg.vector_norm(per_element * vector))

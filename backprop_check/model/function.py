@@ -81,6 +81,7 @@ class FunctionCase(Case):
         self.broken: str | None = None
         self.notes: list[str] = []  # what the check left out or did differently, said in the report
         self.promoted = False  # fn closes over lower-precision tensors: float64 runs promote them
+        self.demoted = False  # fn closes over float64 tensors: runs in a lower precision round them to it
         self.constants: dict[str, Any] = {}
         self.conjugated: tuple[str, ...] = ()  # inputs given as conjugate views (`z.conj()`)
         self.wrt: tuple[str, ...] = ()
@@ -272,17 +273,25 @@ class FunctionCase(Case):
     def _invoke(self, values: Mapping[str, Any]) -> Any:
         """fn(*inputs); what it raises is one line naming it."""
         args = self._args(values)
+        low = _below_float64(values)
         try:
             if self.promoted and _float64(values):
                 with Promote():
+                    return self.fn(*args)
+            if self.demoted and low is not None:
+                with Demote(low):
                     return self.fn(*args)
             return self.fn(*args)
         except CaseError:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
-            if not self.promoted and _float64(values) and _dtype_clash(exc) and self._promotes(args):
+            if not self.promoted and _float64(values) and _dtype_clash(exc) and self._runs(args, Promote()):
                 self.promoted = True
                 self.notes.append(PROMOTED_NOTE)
+                return self._invoke(values)
+            if not self.demoted and low is not None and _dtype_clash(exc) and self._runs(args, Demote(low)):
+                self.demoted = True
+                self.notes.append(DEMOTED_NOTE)
                 return self._invoke(values)
             line = line_in(self.file, exc)
             said = f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")
@@ -297,11 +306,11 @@ class FunctionCase(Case):
                 args[k] = args[k].conj().resolve_conj().conj()
         return args
 
-    def _promotes(self, args: list[Any]) -> bool:
-        """Whether fn runs once every lower-precision tensor an op receives is promoted: the
-        dtype clash was the only trouble (else fn's own error stands)."""
+    def _runs(self, args: list[Any], mode: torch.overrides.TorchFunctionMode) -> bool:
+        """Whether fn runs once every tensor an op receives is cast by `mode` (Promote, Demote):
+        the dtype clash was the only trouble (else fn's own error stands)."""
         try:
-            with Promote():
+            with mode:
                 self.fn(*args)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             return False
@@ -486,11 +495,37 @@ PROMOTED_NOTE = (
 )
 
 
+DEMOTED_NOTE = (
+    "fn closes over float64 tensors (weights, constants): in the runs below float64 every float64 tensor an op "
+    "receives is rounded to the run's dtype, as the inputs are, so those runs check the function in that dtype"
+)
+
+
+def cast_notes(case: Any, dtype_name: str) -> list[str]:
+    """The note a run below float64 carries where fn's float64 tensors are rounded to its dtype
+    (learnt at its first call, after the notes of the given point were taken)."""
+    return [DEMOTED_NOTE] if getattr(case, "demoted", False) and dtype_name not in ("float64", "complex128") else []
+
+
 def promoted(case: Any, dtype: torch.dtype) -> Any:
-    """Promote for a float64 run of a function check that closes over lower-precision tensors
-    (a manual VJP runs outside `_invoke`), else nothing. A custom backward that recomputes fn
-    is not promoted: torch.autograd.grad runs the engine outside any torch function mode."""
-    return Promote() if getattr(case, "promoted", False) and dtype == torch.float64 else contextlib.nullcontext()
+    """Promote for a float64 run of a function check that closes over lower-precision tensors,
+    Demote for a lower-precision run of one that closes over float64 tensors (a manual VJP runs
+    outside `_invoke`), else nothing. A custom backward that recomputes fn is not cast:
+    torch.autograd.grad runs the engine outside any torch function mode."""
+    if getattr(case, "promoted", False) and dtype == torch.float64:
+        return Promote()
+    if getattr(case, "demoted", False) and dtype != torch.float64 and dtype.is_floating_point:
+        return Demote(dtype)
+    return contextlib.nullcontext()
+
+
+def _below_float64(values: Mapping[str, Any]) -> torch.dtype | None:
+    """The run's floating dtype where it is below float64 (no float64 or complex128 value), else None."""
+    floating = [v.dtype for v in values.values() if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())]
+    if not floating or any(d in (torch.float64, torch.complex128) for d in floating):
+        return None
+    low = [d for d in floating if d.is_floating_point]
+    return low[0] if low else torch.float32
 
 
 def _float64(values: Mapping[str, Any]) -> bool:
@@ -512,6 +547,34 @@ class Promote(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         return func(*_promoted(args), **_promoted(kwargs))
+
+
+class Demote(torch.overrides.TorchFunctionMode):
+    """Every float64 tensor an op receives becomes `dtype` (complex128: complex64)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        return func(*_cast(args, self.dtype), **_cast(kwargs, self.dtype))
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.float64:
+            return value.to(dtype)
+        if value.dtype == torch.complex128:
+            return value.to(torch.complex64)
+        return value
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    if type(value) is tuple:  # a namedtuple or torch.Size is passed as it is
+        return tuple(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 def _promoted(value: Any) -> Any:
