@@ -170,6 +170,8 @@ def _flat(
         if name not in reference.values or name not in allowed or not value.numel():
             continue
         ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
+        if ref.numel() != value.numel():  # a manual gradient of the wrong shape: its own finding
+            continue
         bar = reference.error[name].detach().to("cpu", torch.float64).reshape(-1) if name in reference.error else torch.zeros_like(ref)
         mask = reference.checked.get(name)
         estimated = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.reshape(-1).to("cpu", torch.bool)
@@ -224,8 +226,8 @@ def _jitter(
     draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in binding}
     judged: dict[str, dict[str, torch.Tensor]] = {}
     for name, where in binding.items():
-        if name not in reference.values:
-            continue
+        if name not in reference.values or reference.values[name].numel() != grads.values[name].numel():
+            continue  # a manual gradient of the wrong shape is a finding of its own
         ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
         mask = reference.checked.get(name)
         estimated = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.reshape(-1).to("cpu", torch.bool)
