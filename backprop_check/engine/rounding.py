@@ -258,8 +258,10 @@ def _jitter(
             agrees = off <= ERROR_BARS * (standard + j["bar"]) + floor
             near = (value - j["ref"]).abs() <= NUDGE_SPREAD * spread + ERROR_BARS * j["bar"] + floor
             resolved = ERROR_BARS * standard <= JITTER_RESOLUTION * j["ref"].abs()
+            # the draws it would take to resolve: beyond JITTER_MAX, none are drawn for it
+            needed = (ERROR_BARS * spread / (JITTER_RESOLUTION * j["ref"].abs()).clamp(min=torch.finfo(torch.float64).tiny)).square()
             j["taken"] |= j["open"] & rounding & agrees & near & resolved
-            j["open"] &= rounding & agrees & near & ~resolved  # still to decide: more draws
+            j["open"] &= rounding & agrees & near & ~resolved & (needed <= JITTER_MAX)  # still to decide: more draws
             spreads[name] = spread
         size = JITTER_ROUND
     notes = []
