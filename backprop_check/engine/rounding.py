@@ -169,12 +169,9 @@ def _flat(
     for name, value in grads.values.items():
         if name not in reference.values or name not in allowed or not value.numel():
             continue
-        ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
-        if ref.numel() != value.numel():  # a manual gradient of the wrong shape: its own finding
+        if reference.values[name].numel() != value.numel():  # a manual gradient of the wrong shape: its own finding
             continue
-        bar = reference.error[name].detach().to("cpu", torch.float64).reshape(-1) if name in reference.error else torch.zeros_like(ref)
-        mask = reference.checked.get(name)
-        estimated = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.reshape(-1).to("cpu", torch.bool)
+        ref, bar, estimated = _refereed(reference, name)
         zero = estimated & (ref.abs() <= ERROR_BARS * bar) & (value.detach().to("cpu", torch.float64).reshape(-1) != 0)
         if bool(zero.any()):
             flat[name] = zero
@@ -205,6 +202,15 @@ def _flat(
     ]
 
 
+def _refereed(reference: Gradients, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The referee's flat values of `name`, their error bars, and which elements it estimated."""
+    ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
+    bar = reference.error[name].detach().to("cpu", torch.float64).reshape(-1) if name in reference.error else torch.zeros_like(ref)
+    mask = reference.checked.get(name)
+    estimated = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.reshape(-1).to("cpu", torch.bool)
+    return ref, bar, estimated
+
+
 def _jitter(
     case: Case, point: Point, device: str, source: str, grads: Gradients, moved: dict[str, list[torch.Tensor]],
     binding: dict[str, torch.Tensor], reference: Gradients, gen: torch.Generator, allowed: dict[str, torch.Tensor],
@@ -223,16 +229,13 @@ def _jitter(
     after JITTER_MAX draws, an element keeps the capped allowance. `allowed` is widened in
     place; one note per tensor widened."""
     eps = torch.finfo(torch.float64).eps
-    draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in binding}
     judged: dict[str, dict[str, torch.Tensor]] = {}
     for name, where in binding.items():
         if name not in reference.values or reference.values[name].numel() != grads.values[name].numel():
             continue  # a manual gradient of the wrong shape is a finding of its own
-        ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
-        mask = reference.checked.get(name)
-        estimated = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.reshape(-1).to("cpu", torch.bool)
-        bar = reference.error[name].detach().to("cpu", torch.float64).reshape(-1) if name in reference.error else torch.zeros_like(ref)
+        ref, bar, estimated = _refereed(reference, name)
         judged[name] = {"ref": ref, "bar": bar, "open": where.reshape(-1) & estimated, "taken": torch.zeros_like(estimated)}
+    draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in judged}
     spreads: dict[str, torch.Tensor] = {}
     size = JITTER_FIRST  # garbage and slips are told at once; rounding needs the draws to add up
     while any(bool(j["open"].any()) for j in judged.values()) and len(next(iter(draws.values()))) < JITTER_MAX:
