@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from backprop_check import case
@@ -74,3 +75,44 @@ def test_user_code_cannot_change_the_point_through_the_tensors_it_receives():
     received.params["w"].mul_(10)
     received.data["x"].zero_()
     assert point.params["w"].tolist() == [1.0, 2.0] and point.data["x"].tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+@pytest.mark.parametrize(
+    "fn", [torch.log, torch.sqrt, lambda p: torch.nn.functional.binary_cross_entropy(p / 2, torch.full_like(p, 0.3))],
+    ids=["log", "sqrt", "probability"],
+)
+def test_random_points_outside_the_forwards_domain_are_drawn_within_the_given_range(fn, mode):
+    # check(torch.log, positive inputs) was an error: its standard normal random points are
+    # outside log's domain. They are drawn within the given values' range instead, with a note.
+    import backprop_check as bc
+    from backprop_check.engine.guards import DOMAIN_NOTE
+
+    x = torch.rand(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    report = bc.check(fn, (x,), points=2, modes=(mode,))
+    assert report.exit_code == 0, [r.message for r in report.results]
+    assert all(DOMAIN_NOTE in r.notes for r in report.results)
+
+
+def test_a_wrong_backward_is_still_found_at_random_points_drawn_within_the_given_range():
+    # Wrong between 1.25 and 1.35 only, where no given value lies: the random points, drawn
+    # within the given range (1.0 to 1.5) since log refuses standard normal ones, find it.
+    import backprop_check as bc
+
+    class Log(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x.log()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return grad / x * torch.where((x > 1.25) & (x < 1.35), 1.01, 1.0)
+
+    x = torch.rand(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.2 + 1.0
+    x[3, 4] = 1.5
+    report = bc.check(Log.apply, (x,), points=3, dtypes=["float64"])
+    (result,) = report.results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd")
+    assert "random point" in result.message

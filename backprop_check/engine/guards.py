@@ -7,14 +7,16 @@ nothing to differentiate: each is a broken case (`error`), not a noisy mismatch.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 
-from backprop_check.errors import CaseError
+from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model.case import Case
 from backprop_check.model.forward import call_forward
-from backprop_check.model.points import Point, given_point, with_data
+from backprop_check.model.points import Point, given_point, random_point, with_data, within_given
 from backprop_check.sources import Gradients
 from backprop_check.engine.compare import unravel
 
@@ -53,6 +55,44 @@ def require_finite_gradient(numerical: Gradients, point: Point) -> None:
             )
             error.located = True
             raise error
+
+
+Judged = TypeVar("Judged")
+DOMAIN_NOTE = (
+    "random points: the forward is not finite (or raises) at standard normal values, outside its domain, "
+    "so they are drawn within the range of the given values (sample= chooses them)"
+)
+
+
+def random_in_domain(
+    case: Case, given: Point, index: int, seed: int, attempt: int, judge: Callable[[Point], Judged]
+) -> tuple[Point, Judged, str | None]:
+    """Random point `index` and `judge` of it (which raises CaseError where the forward is not
+    finite there). Where a standard normal point is outside the forward's domain (log, sqrt, a
+    probability) and the given point inside it, the point is drawn within the given values'
+    range instead (`within_given`), with DOMAIN_NOTE; where that fails too, the first error."""
+    try:
+        point = random_point(case, given, index, seed, attempt)
+        return point, judge(point), None
+    except CaseTimeout:
+        raise
+    except CaseError as exc:
+        inside = within_given(case, given, index, seed, attempt)
+        if inside is None:
+            raise exc.at(f"random point {index}") from exc
+        try:
+            return inside, judge(inside), DOMAIN_NOTE
+        except CaseTimeout:
+            raise
+        except CaseError:
+            raise exc.at(f"random point {index}") from exc
+
+
+def finite_forward(case: Case, point: Point) -> None:
+    """The forward at `point` runs and its loss is finite (forward mode's random points)."""
+    with torch.no_grad():
+        loss, _ = call_forward(case, point)
+    require_finite_loss(loss, point)
 
 
 def checked_given(case: Case, seed: int) -> tuple[Point, list[str]]:

@@ -30,8 +30,8 @@ from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check import dtypes
 from backprop_check.errors import CaseError, CaseTimeout, one_line
 from backprop_check.model import forward
-from backprop_check.engine.guards import checked_given
-from backprop_check.model.points import Point, derive_seed, generator, random_point
+from backprop_check.engine.guards import checked_given, finite_forward, random_in_domain
+from backprop_check.model.points import Point, derive_seed, generator
 from backprop_check.model.case import Case
 from backprop_check.options import Plan
 from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict, complex_label
@@ -78,10 +78,10 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], list[str]]:
     given, notes = checked_given(case, plan.seed)
     points = [given]
     for index in range(1, plan.points + 1):
-        try:
-            points.append(random_point(case, given, index, plan.seed))
-        except CaseError as exc:
-            raise exc.at(f"random point {index}") from exc
+        point, _, note = random_in_domain(case, given, index, plan.seed, 0, lambda p: finite_forward(case, p))
+        points.append(point)
+        if note and note not in notes:
+            notes.append(note)
     return points, notes
 
 

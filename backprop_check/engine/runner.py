@@ -27,8 +27,8 @@ from backprop_check.engine import threads
 from backprop_check.limits import time_limit
 from backprop_check.model.loader import LoadFailure, inventory, load
 from backprop_check.options import POINTS, TIMEOUT, Plan, devices_for, plan_from
-from backprop_check.model.points import Point, given_point, random_point
-from backprop_check.engine.guards import checked_given, require_finite_gradient, require_finite_loss
+from backprop_check.model.points import Point, given_point
+from backprop_check.engine.guards import checked_given, random_in_domain, require_finite_gradient, require_finite_loss
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
 from backprop_check.engine.verdict import error_result, outcome_of, result_for, summarize
@@ -240,15 +240,9 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
         if plan.progress:
             plan.progress(case.name, "cpu", "float64 reference", index, plan.points)
         for attempt in range(REDRAWS):
-            try:
-                point = random_point(case, given, index, plan.seed, attempt)
-                numerical = numerical_for(case, point, torch.float64, plan)
-            except CaseTimeout:
-                raise
-            except CaseError as exc:
-                raise exc.at(f"random point {index}") from exc
-            require_finite_loss(numerical.gradients.loss, point)
-            require_finite_gradient(numerical.gradients, point)
+            point, numerical, note = random_in_domain(case, given, index, plan.seed, attempt, lambda p: referee_at(case, p, plan))
+            if note and note not in notes:
+                notes.append(note)
             if not any(bool(mask.any()) for mask in numerical.gradients.kink.values()):
                 break
         else:
@@ -256,6 +250,14 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
         points.append(point)
         cache[(point.label, "float64")] = numerical
     return points, cache, notes
+
+
+def referee_at(case: Case, point: Point, plan: Plan) -> Reference:
+    """The float64 reference at a random point, whose loss and gradient must be finite there."""
+    numerical = numerical_for(case, point, torch.float64, plan)
+    require_finite_loss(numerical.gradients.loss, point)
+    require_finite_gradient(numerical.gradients, point)
+    return numerical
 
 
 def check_combination(

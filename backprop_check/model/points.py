@@ -139,6 +139,42 @@ def random_point(case: Case, given: Point, index: int, seed: int, attempt: int =
     return Point(f"random point {index}", point_seed, params, data, redrawn, complex=given.complex, module=given.module)
 
 
+def within_given(case: Case, given: Point, index: int, seed: int, attempt: int = 0) -> Point | None:
+    """Random point `index` for a case without `sample=` whose forward is not finite (or
+    raises) at standard normal values (log, sqrt, a probability): every float value drawn
+    uniformly between the smallest and largest finite value of its given tensor (a single value
+    v: between v/2 and 3v/2), where the given point is in the domain; non-finite given elements
+    stay. None where that moves nothing (every given tensor a single 0)."""
+    if case.sample is not None:
+        return None
+    point_seed = derive_seed(seed, case.name, index, attempt, "within")
+    gen = generator(point_seed)
+    moved = False
+
+    def draw(value: torch.Tensor) -> torch.Tensor:
+        nonlocal moved
+        if not value.is_floating_point() or not value.numel():
+            return value
+        finite = torch.isfinite(value)
+        if not bool(finite.any()):
+            return value
+        lo, hi = float(value[finite].min()), float(value[finite].max())
+        if lo == hi:
+            lo, hi = sorted((lo / 2, lo * 3 / 2))
+        if lo == hi:
+            return value
+        moved = True
+        u = torch.rand(value.shape, generator=gen, dtype=torch.float64)
+        drawn = (lo + (hi - lo) * u).float().double()  # as `normal`: float32 runs share the point
+        return torch.where(finite, drawn, value.to(torch.float64))
+
+    params = {k: draw(v) for k, v in given.params.items()}
+    data = {k: draw(v) for k, v in given.data.items()}
+    if not moved:
+        return None
+    return Point(f"random point {index}", point_seed, params, data, None, complex=given.complex, module=given.module)
+
+
 def normal(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     """Standard normal draws in float64, rounded to float32: a float32 run then checks the very
     point the float64 run checks, and the two share its numerical reference (runner.py), the
