@@ -130,13 +130,15 @@ def compare_tensor(
     a_ratio = none if sides.autograd is None else referee.ratio(sides.autograd, sides.rounding_a)
     m_ratio = none if sides.manual is None else referee.ratio(sides.manual, sides.rounding_m)
     pairs = _pairs(sides, referee, (ma_diff, ma_allowed))
-    if tol.twin is not None and sides.twin_a is not None:
+    if tol.twin is not None and (sides.twin_a is not None or sides.twin_m is not None):
         # Below float64 the float64 twins are judged too, by float64's tolerance: a derivation
-        # bug is in them as well, without the dtype's rounding to hide in.
+        # bug is in them as well, without the dtype's rounding to hide in (a numpy case's manual
+        # gradient has a twin and no autograd beside it).
         exact = Sides(sides.shape, sides.twin_a, sides.twin_m, torch.zeros_like(sides.rounding_a), torch.zeros_like(sides.rounding_m))
         twin_referee = Referee.at(name, numerical, exact, tol.twin, largest)
         twin_ma = exact.between(tol.twin, largest)
-        a_ratio = torch.maximum(a_ratio, twin_referee.ratio(exact.autograd, exact.rounding_a))
+        if exact.autograd is not None:
+            a_ratio = torch.maximum(a_ratio, twin_referee.ratio(exact.autograd, exact.rounding_a))
         if exact.manual is not None:
             m_ratio = torch.maximum(m_ratio, twin_referee.ratio(exact.manual, exact.rounding_m))
             ma_ratio = torch.maximum(ma_ratio, ratios(*twin_ma))
