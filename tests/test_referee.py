@@ -618,7 +618,7 @@ def _numpy_layer_norm(slip: float):
 
     x0 = np.random.default_rng(0).standard_normal((4, 6)) * 3 + 1e6
 
-    @backprop_check.case(params={"x": x0}, numpy=True, name="numpy_layer_norm",
+    @backprop_check.case(params={"x": x0}, numpy=True, name="layer_norm_1e+06",
                          sample=lambda g: {"x": x0 + torch.randn(4, 6, generator=g, dtype=torch.float64).numpy() * 3})
     def layer_norm(x):
         xc = x - x.mean(axis=1, keepdims=True)
