@@ -790,6 +790,10 @@ def along_many(
     # may be finer than the step (round(x, 3)), as reverse mode's `still`: a slope seen at the
     # step is checked at smaller ones.
     still = (seen == f0).all(dim=0) if len(seen) else torch.zeros(n, dtype=torch.bool)
+    # Such an element shows no rounding to measure; the floor is a perfect rounding's, and a
+    # function's own error is up to an ulp of its value (atan at 1e6: π/2 − 1/x, whose bars at
+    # small steps, from the floor, were half their true size and settled on chance).
+    noise = torch.where(still, torch.maximum(noise, EPS * f0.abs().nan_to_num(0.0, posinf=0.0)), noise)
     coarse = still.clone()
     if bool(still.any()):  # a staircase of its own, not float32's rounding (STAIR_MOVE)
         rows = _stair_rows(base, size)
@@ -1241,7 +1245,10 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
     through, beside = through[torch.isfinite(through)], beside[torch.isfinite(beside)]
     jumps = bool(through.numel() and beside.numel()) and float(through.mean()) > JUMP_RATIO**2 * max(float(beside.mean()), floor**2)
     finite = squares[torch.isfinite(squares)]
-    return (max(floor, math.sqrt(float(finite.mean()))) if finite.numel() else floor), still, jumps
+    sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.numel() else floor
+    if still:  # no rounding to measure: a function's own error is up to an ulp of its value (`along_many`)
+        sigma = max(sigma, EPS * abs(f0) if math.isfinite(f0) else 0.0)
+    return sigma, still, jumps
 
 
 def _noise_squares(values: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
