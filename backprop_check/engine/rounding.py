@@ -53,6 +53,7 @@ JITTER_FIRST, JITTER_ROUND, JITTER_MAX = 16, 64, 1024
 JITTER_ULPS = 4096
 JITTER_CAP = 1e-3
 JITTER_RESOLUTION = 5e-5
+JITTER_LEAST = 256
 # Where the referee's gradient is 0 (`_flat`): this many times float64's share (eps64/eps32) of
 # the source's float32 value there.
 FLAT_SPREAD = 64.0
@@ -268,7 +269,10 @@ def _jitter(
             rounding = (spread > 0) & (spread <= JITTER_CAP * scale) & torch.isfinite(stack).all(0)
             agrees = off <= ERROR_BARS * (standard + j["bar"]) + floor
             near = (value - j["ref"]).abs() <= NUDGE_SPREAD * spread + ERROR_BARS * j["bar"] + floor
-            resolved = ERROR_BARS * standard <= JITTER_RESOLUTION * j["ref"].abs()
+            # Not before JITTER_LEAST draws: a value that jumps now and then (a slip that lands on
+            # whichever of equal elements is largest, and moves as a nudge breaks the tie) has a
+            # mean off by the share of draws it jumps in, which fewer draws cannot tell.
+            resolved = (ERROR_BARS * standard <= JITTER_RESOLUTION * j["ref"].abs()) & (len(draws[name]) >= JITTER_LEAST)
             # the draws it would take to resolve: beyond JITTER_MAX, none are drawn for it
             needed = (ERROR_BARS * spread / (JITTER_RESOLUTION * j["ref"].abs()).clamp(min=torch.finfo(torch.float64).tiny)).square()
             j["taken"] |= j["open"] & rounding & agrees & near & resolved
