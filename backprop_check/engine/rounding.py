@@ -23,6 +23,7 @@ code at the same rounded point), and the result says so in a note.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -211,6 +212,59 @@ def _flat(
     ]
 
 
+def jittered(point: Point, gen: torch.Generator) -> Point:
+    """`point` with every float input moved by a random whole number of ulps of its tensor's
+    largest element, up to JITTER_ULPS each way (random signs)."""
+    steps = {
+        name: _scale_ulp_step(value, gen) * torch.randint(1, JITTER_ULPS + 1, value.shape, generator=gen, dtype=torch.float64)
+        if value.is_floating_point() and value.numel() else torch.zeros(())
+        for name, value in {**point.params, **point.data}.items()
+    }
+    return _moved(point, steps, 1.0)
+
+
+def scattered(
+    judged: dict[str, dict[str, torch.Tensor]], draws: dict[str, list[torch.Tensor]], draw: Callable[[], dict[str, torch.Tensor] | None]
+) -> dict[str, torch.Tensor]:
+    """The jitter test (`_jitter`) of flat values against a referee: `judged[name]` holds "ref",
+    "bar", the elements still "open" and those "taken" (updated in place), `draws[name]` the
+    values in hand, the value at the point first; `draw()` one more of each at a fresh point
+    (`jittered`), None to stop. The draws' spread per name, for what was taken."""
+    eps = torch.finfo(torch.float64).eps
+    spreads: dict[str, torch.Tensor] = {}
+    size = JITTER_FIRST  # garbage and slips are told at once; rounding needs the draws to add up
+    while any(bool(j["open"].any()) for j in judged.values()) and len(next(iter(draws.values()))) < JITTER_MAX:
+        for _ in range(size):
+            there = draw()
+            if there is None:  # the source changed shape at a nudged point: nothing is taken
+                for j in judged.values():
+                    j["taken"].zero_()
+                return {}
+            for name in draws:
+                draws[name].append(there[name].detach().to("cpu", torch.float64).reshape(-1))
+        for name, j in judged.items():
+            stack = torch.stack(draws[name])
+            value, mean, spread = stack[0], stack.mean(0), stack.std(0)
+            scale = float(value.abs().nan_to_num(0.0).max())
+            floor = NUDGE_CAP * scale + FLOOR_ULPS * eps * j["ref"].abs()
+            standard = spread / len(draws[name]) ** 0.5
+            off = (mean - j["ref"]).abs()
+            rounding = (spread > 0) & (spread <= JITTER_CAP * scale) & torch.isfinite(stack).all(0)
+            agrees = off <= ERROR_BARS * (standard + j["bar"]) + floor
+            near = (value - j["ref"]).abs() <= NUDGE_SPREAD * spread + ERROR_BARS * j["bar"] + floor
+            # Not before JITTER_LEAST draws: a value that jumps now and then (a slip that lands on
+            # whichever of equal elements is largest, and moves as a nudge breaks the tie) has a
+            # mean off by the share of draws it jumps in, which fewer draws cannot tell.
+            resolved = (ERROR_BARS * standard <= JITTER_RESOLUTION * j["ref"].abs()) & (len(draws[name]) >= JITTER_LEAST)
+            # the draws it would take to resolve: beyond JITTER_MAX, none are drawn for it
+            needed = (ERROR_BARS * spread / (JITTER_RESOLUTION * j["ref"].abs()).clamp(min=torch.finfo(torch.float64).tiny)).square()
+            j["taken"] |= j["open"] & rounding & agrees & near & resolved
+            j["open"] &= rounding & agrees & near & ~resolved & (needed <= JITTER_MAX)  # still to decide: more draws
+            spreads[name] = spread
+        size = JITTER_ROUND
+    return spreads
+
+
 def _refereed(reference: Gradients, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The referee's flat values of `name`, their error bars, and which elements it estimated."""
     ref = reference.values[name].detach().to("cpu", torch.float64).reshape(-1)
@@ -237,7 +291,6 @@ def _jitter(
     or by more than that, and is told in the first round; a slip moves the mean. Undecided
     after JITTER_MAX draws, an element keeps the capped allowance. `allowed` is widened in
     place; one note per tensor widened."""
-    eps = torch.finfo(torch.float64).eps
     judged: dict[str, dict[str, torch.Tensor]] = {}
     for name, where in binding.items():
         if name not in reference.values or reference.values[name].numel() != grads.values[name].numel():
@@ -245,40 +298,15 @@ def _jitter(
         ref, bar, estimated = _refereed(reference, name)
         judged[name] = {"ref": ref, "bar": bar, "open": where.reshape(-1) & estimated, "taken": torch.zeros_like(estimated)}
     draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in judged}
-    spreads: dict[str, torch.Tensor] = {}
-    size = JITTER_FIRST  # garbage and slips are told at once; rounding needs the draws to add up
-    while any(bool(j["open"].any()) for j in judged.values()) and len(next(iter(draws.values()))) < JITTER_MAX:
-        for _ in range(size):
-            steps = {
-                name: _scale_ulp_step(value, gen) * torch.randint(1, JITTER_ULPS + 1, value.shape, generator=gen, dtype=torch.float64)
-                if value.is_floating_point() and value.numel() else torch.zeros(())
-                for name, value in {**point.params, **point.data}.items()
-            }
-            there = SOURCES[source](case, _moved(point, steps, 1.0), device, torch.float64).values
-            for name in draws:
-                if there.get(name) is None or there[name].shape != grads.values[name].shape:
-                    return []
-                draws[name].append(there[name].detach().to("cpu", torch.float64).reshape(-1))
-        for name, j in judged.items():
-            stack = torch.stack(draws[name])
-            value, mean, spread = stack[0], stack.mean(0), stack.std(0)
-            scale = float(value.abs().nan_to_num(0.0).max())
-            floor = NUDGE_CAP * scale + FLOOR_ULPS * eps * j["ref"].abs()
-            standard = spread / len(draws[name]) ** 0.5
-            off = (mean - j["ref"]).abs()
-            rounding = (spread > 0) & (spread <= JITTER_CAP * scale) & torch.isfinite(stack).all(0)
-            agrees = off <= ERROR_BARS * (standard + j["bar"]) + floor
-            near = (value - j["ref"]).abs() <= NUDGE_SPREAD * spread + ERROR_BARS * j["bar"] + floor
-            # Not before JITTER_LEAST draws: a value that jumps now and then (a slip that lands on
-            # whichever of equal elements is largest, and moves as a nudge breaks the tie) has a
-            # mean off by the share of draws it jumps in, which fewer draws cannot tell.
-            resolved = (ERROR_BARS * standard <= JITTER_RESOLUTION * j["ref"].abs()) & (len(draws[name]) >= JITTER_LEAST)
-            # the draws it would take to resolve: beyond JITTER_MAX, none are drawn for it
-            needed = (ERROR_BARS * spread / (JITTER_RESOLUTION * j["ref"].abs()).clamp(min=torch.finfo(torch.float64).tiny)).square()
-            j["taken"] |= j["open"] & rounding & agrees & near & resolved
-            j["open"] &= rounding & agrees & near & ~resolved & (needed <= JITTER_MAX)  # still to decide: more draws
-            spreads[name] = spread
-        size = JITTER_ROUND
+
+    def draw() -> dict[str, torch.Tensor] | None:
+        there = SOURCES[source](case, jittered(point, gen), device, torch.float64).values
+        if any(there.get(name) is None or there[name].shape != grads.values[name].shape for name in draws):
+            return None
+        return {name: there[name] for name in draws}
+
+    spreads = scattered(judged, draws, draw)
+    eps = torch.finfo(torch.float64).eps
     notes = []
     for name, j in judged.items():
         taken = j["taken"]
