@@ -83,10 +83,14 @@ def test_correct_torch_code_far_from_zero_is_ok_at_every_point(kind, offset, spr
         pytest.param("layer_norm", 1e5, 1.0, id="layer-norm-at-1e5"),
         pytest.param("daily_cycle", 1.7e9, DAY, id="unix-timestamps"),
         pytest.param("daily_cycle", 1e6, 1e-3, id="a-cycle-whose-forward-keeps-seven-digits"),
+        # logsumexp(x/1e-3) at 1e6: the gradient itself scatters by 3e-4 of itself an ulp away
+        # and the referee's bar is 3e-5 of it; the jitter re-judge once took the slip for rounding
+        # (its test counted the mean's standard error, not the referee's bar)
+        pytest.param("logsumexp", 1e6, 1e-3, id="a-gradient-that-keeps-four-digits"),
     ],
 )
 def test_a_relative_slip_of_1e_4_in_one_element_is_found_far_from_zero_and_the_element_named(kind, offset, spread):
-    result = backprop_check.run(_scaled(kind, offset, spread, slip=1e-4), dtypes=["float64"], points=1).results[0]
+    result = backprop_check.run(_scaled(kind, offset, spread, slip=1e-4), dtypes=["float64"], points=2).results[0]
     assert str(result.verdict) == "mismatch" and str(result.culprit) == "manual", result.message
     check = next(c for c in result.checks if c.name == "x")
     assert check.manual / check.autograd - 1 == pytest.approx(1e-4, rel=1e-3)

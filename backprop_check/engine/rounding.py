@@ -255,9 +255,12 @@ def scattered(
             # Not before JITTER_LEAST draws: a value that jumps now and then (a slip that lands on
             # whichever of equal elements is largest, and moves as a nudge breaks the tie) has a
             # mean off by the share of draws it jumps in, which fewer draws cannot tell.
-            resolved = (ERROR_BARS * standard <= JITTER_RESOLUTION * j["ref"].abs()) & (len(draws[name]) >= JITTER_LEAST)
-            # the draws it would take to resolve: beyond JITTER_MAX, none are drawn for it
-            needed = (ERROR_BARS * spread / (JITTER_RESOLUTION * j["ref"].abs()).clamp(min=torch.finfo(torch.float64).tiny)).square()
+            # The referee's own bar counts too: where it cannot show a slip of JITTER_RESOLUTION
+            # (logsumexp(x/1e-3) at x ≈ 1e6, whose forward keeps seven digits), neither can the mean.
+            room = JITTER_RESOLUTION * j["ref"].abs() - ERROR_BARS * j["bar"]
+            resolved = (ERROR_BARS * standard <= room) & (len(draws[name]) >= JITTER_LEAST)
+            # the draws it would take to resolve: beyond JITTER_MAX (or no room at all), none are drawn for it
+            needed = torch.where(room > 0, (ERROR_BARS * spread / room.clamp(min=torch.finfo(torch.float64).tiny)).square(), math.inf)
             j["taken"] |= j["open"] & rounding & agrees & near & resolved
             j["open"] &= rounding & agrees & near & ~resolved & (needed <= JITTER_MAX)  # still to decide: more draws
             spreads[name] = spread
