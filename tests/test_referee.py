@@ -520,18 +520,19 @@ class _Erfcx(torch.autograd.Function):
         return torch.special.erfcx(x)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def _derivative(ctx, times):  # noqa: ANN001, ANN205
         (x,) = ctx.saved_tensors
-        g = grad * (2 * x * torch.special.erfcx(x) - 2 / math.sqrt(math.pi))
-        g[1] = g[1] * _Erfcx.slip
-        return g
+        d = times * (2 * x * torch.special.erfcx(x) - 2 / math.sqrt(math.pi))
+        d[1] = d[1] * _Erfcx.slip
+        return d
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return _Erfcx._derivative(ctx, grad)
 
     @staticmethod
     def jvp(ctx, tangent):  # noqa: ANN001, ANN205
-        (x,) = ctx.saved_tensors
-        t = tangent * (2 * x * torch.special.erfcx(x) - 2 / math.sqrt(math.pi))
-        t[1] = t[1] * _Erfcx.slip
-        return t
+        return _Erfcx._derivative(ctx, tangent)
 
 
 @pytest.mark.parametrize("mode", ["rev", "fwd"])
