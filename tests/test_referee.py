@@ -737,3 +737,19 @@ def test_a_slip_that_moves_with_a_tie_is_not_taken_for_rounding():
     x = torch.full((5,), 1e6, dtype=torch.float64)
     (result,) = backprop_check.check(Norm.apply, (x,), dtypes=["float64"], points=0).results
     assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_a_point_the_forward_refuses_while_rounding_is_measured_keeps_the_mismatch(monkeypatch, mode):
+    # The jitter re-judge moves the inputs a few thousand ulps; where fn refuses such a point,
+    # nothing is allowed and the mismatch stands: not an error in place of a verdict.
+    from backprop_check.engine import rounding
+    from backprop_check.errors import CaseError
+
+    def refused(point, gen):  # noqa: ANN001, ANN202
+        raise CaseError("fn raised ValueError: out of its domain")
+
+    monkeypatch.setattr(rounding, "jittered", refused)
+    x = 1e6 + torch.tensor([0.3, -4.1, 2.6, 7.9], dtype=torch.float64)
+    (result,) = backprop_check.check(_Erfcx.apply, (x,), dtypes=["float64"], points=0, modes=(mode,)).results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from backprop_check.dtypes import name_of
+from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
@@ -236,7 +237,7 @@ def scattered(
     while any(bool(j["open"].any()) for j in judged.values()) and len(next(iter(draws.values()))) < JITTER_MAX:
         for _ in range(size):
             there = draw()
-            if there is None:  # the source changed shape at a nudged point: nothing is taken
+            if there is None:  # the source changed shape, or failed, at a nudged point: nothing is taken
                 for j in judged.values():
                     j["taken"].zero_()
                 return {}
@@ -303,7 +304,12 @@ def _jitter(
     draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in judged}
 
     def draw() -> dict[str, torch.Tensor] | None:
-        there = SOURCES[source](case, jittered(point, gen), device, torch.float64).values
+        try:
+            there = SOURCES[source](case, jittered(point, gen), device, torch.float64).values
+        except CaseTimeout:
+            raise
+        except CaseError:  # fn refuses a point a few ulps away: nothing is taken, the mismatch stands
+            return None
         if any(there.get(name) is None or there[name].shape != grads.values[name].shape for name in draws):
             return None
         return {name: there[name] for name in draws}

@@ -512,9 +512,7 @@ class FiniteDifferences:
         # still be KINK_ULPS ulps of θ.
         small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
         sized = theta.abs() > VALIDATE_FROM
-        confirm = torch.where(sized, CONFIRM_STEP, math.inf)
-        if stairs is not None:
-            confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
+        confirm = _confirmed_at(sized, torch.full_like(theta, CONFIRM_STEP), stairs, small)
         return settle(best, at, _step_floor(theta), sized | best["flat"], small, confirm)
 
     def _widened(
@@ -644,9 +642,8 @@ class FiniteDifferences:
         # CONFIRM_STEP (a step set by θ's size), a staircase confirmed down to the former (`settle`).
         largest = torch.tensor([float(theta[v.reshape(-1) != 0].max()) if bool((v != 0).any()) else 0.0 for v in vectors], dtype=torch.float64)
         small = _kink_multipliers(largest)
-        confirm = torch.where(validate, _confirm_multipliers(largest), math.inf)
         stairs = self.stairs & (best["value"].abs() > 16 * best["rounding"])
-        confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
+        confirm = _confirmed_at(validate, _confirm_multipliers(largest), stairs, small)
         # A direction not finite a first step away (past a domain's edge) is taken at smaller steps.
         best = settle(best, again, torch.full((len(vectors),), 2.0**-40), validate | ~torch.isfinite(best["value"]), small, confirm)
         return [
@@ -819,8 +816,7 @@ def along_many(
     # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|).
     small = _kink_multipliers(largest).repeat_interleave(n)
     sized = (largest > VALIDATE_FROM).repeat_interleave(n)
-    confirm = torch.where(sized, _confirm_multipliers(largest).repeat_interleave(n), math.inf)
-    confirm = torch.where(stairs, torch.minimum(confirm, small), confirm)
+    confirm = _confirmed_at(sized, _confirm_multipliers(largest).repeat_interleave(n), stairs, small)
     best = settle(best, again, torch.full((k * n,), 2.0**-40, dtype=torch.float64), validate, small, confirm)
     return [Estimate(*(best[key][j * n : (j + 1) * n] for key in ("value", "error", "left", "right", "kink"))) for j in range(k)]
 
@@ -831,6 +827,14 @@ def _kink_multipliers(largest: torch.Tensor) -> torch.Tensor:
     moved no more than an element's own confirming step (KINK_STEP, or 2¹⁶ ulps of it)."""
     confirming = (_step_floor(largest) * (KINK_ULPS / STEP_FLOOR_ULPS)).clamp(min=KINK_STEP)
     return confirming / (RELATIVE_STEP * largest.abs().clamp(min=1.0))
+
+
+def _confirmed_at(sized: torch.Tensor, confirming: torch.Tensor, stairs: torch.Tensor | None, small: torch.Tensor) -> torch.Tensor:
+    """`settle`'s confirm, per column: a step set by θ's size (`sized`) is confirmed at
+    `confirming` (CONFIRM_STEP, in the column's units), a staircase of its own down to `small`
+    (the kink step); elsewhere any step settles."""
+    confirm = torch.where(sized, confirming, math.inf)
+    return confirm if stairs is None else torch.where(stairs, torch.minimum(confirm, small), confirm)
 
 
 def _confirm_multipliers(largest: torch.Tensor) -> torch.Tensor:
