@@ -753,3 +753,50 @@ def test_a_point_the_forward_refuses_while_rounding_is_measured_keeps_the_mismat
     x = 1e6 + torch.tensor([0.3, -4.1, 2.6, 7.9], dtype=torch.float64)
     (result,) = backprop_check.check(_Erfcx.apply, (x,), dtypes=["float64"], points=0, modes=(mode,)).results
     assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+
+
+def _saturated(slip: float = 1.0, extra: float = 0.0) -> tuple:
+    """A cross-entropy whose target's logit leads by 50: log(1 + e⁻⁵⁰ + e⁻⁴⁹·⁵) is computed as
+    exactly 0 at every step, while its true gradient is 2e-22 to 6e-22; with `slip` or `extra`,
+    a hand-written backward off by that factor, or by that much added to every element."""
+    target = torch.tensor([1])
+
+    class Saturated(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(z)
+            return F.cross_entropy(z[None], target)
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (z,) = ctx.saved_tensors
+            p = z.softmax(0)
+            p[1] -= 1
+            return grad * (p * slip + extra)
+
+    z = torch.tensor([0.0, 50.0, 0.5], dtype=torch.float64, requires_grad=True)
+    return Saturated.apply, z
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_a_loss_that_cancels_its_terms_to_exactly_zero_is_not_called_wrong(mode):
+    # The loss stands still at exactly 0: its value has no ulp to speak of, and the referee said
+    # 0 ± 0 where autograd's 2e-22 is right (torch's absolute atol passes it). Its rounding is
+    # that of the terms it cancels (the logit of 50), and the report says so.
+    fn, z = _saturated()
+    plain = lambda z: F.cross_entropy(z[None], torch.tensor([1]))  # noqa: E731
+    assert backprop_check.gradcheck(fn, (z,))
+    assert backprop_check.gradcheck(plain, (z,), check_forward_ad=mode == "fwd", check_backward_ad=mode == "rev")
+    (result,) = backprop_check.check(plain, (z,), dtypes=["float64"], points=0, modes=(mode,)).results
+    assert str(result.verdict) == "ok", result.message
+    if mode == "rev":
+        assert any("stands still at exactly 0" in note for note in result.notes), result.notes
+
+
+@pytest.mark.parametrize(("slip", "extra"), [(1.0, 1e-9), (1.0, -1e-11), (1e12, 0.0)])
+def test_a_backward_wrong_above_the_rounding_of_the_cancelled_terms_still_fails(slip, extra):
+    # The bar a loss standing still at 0 gets is the rounding of its terms (50·eps over the step),
+    # 1e-13 here: anything larger than that is still told apart.
+    fn, z = _saturated(slip, extra)
+    (result,) = backprop_check.check(fn, (z,), dtypes=["float64"], points=0).results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message

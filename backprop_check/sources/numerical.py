@@ -53,6 +53,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError, CaseTimeout
@@ -204,6 +206,11 @@ def reference(
             f"non-finite input elements ({counts}: inf or nan, as the -inf of an attention mask) are held fixed: "
             "a finite step does not move them, so their gradient is not checked; every other element is"
         )
+    if differences.cancelled:
+        notes.append(
+            f"the loss stands still at exactly 0 where its terms reach {differences.cancelled:.3g} (it cancels them): "
+            "the finite differences resolve its gradient only to the rounding of those terms"
+        )
     result.note = "; ".join(notes) or None
     return Reference(differences, result)
 
@@ -323,11 +330,13 @@ class FiniteDifferences:
         def rows(values: Mapping[str, torch.Tensor], moved: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return case.linear_rows(replace(at, params={k: values[k] for k in at.params}), moved)
 
+        self._loss = None if case.numpy else loss  # `terms`: the forward traced once, where asked
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss, vmap=case.batchable, linear=(frozenset(linear), rows) if linear else None)
         # The rounding probes: not through `batched`, which decides alone how perturbations run.
         self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
         self._noise: tuple[float, bool] | None = None
         self._stairs: bool | None = None
+        self.cancelled: float | None = None  # the terms' scale, where the loss stood still at exactly 0
 
     @property
     def noise(self) -> tuple[float, bool]:
@@ -381,6 +390,12 @@ class FiniteDifferences:
     def _measured(self, found: tuple[float, bool, bool]) -> None:
         """Keep the probe of every input (`found`: σ, still, jumps) as the forward's noise."""
         sigma, still, jumps = found
+        if still and float(self.loss0) == 0.0:
+            # A loss that stands still at exactly 0 has no ulp to speak of: its rounding is that
+            # of the terms it cancels (a cross-entropy whose logits of 2e5 leave log(1 + 1e-20),
+            # computed as 0, where the true gradient is 1e-20), not of its value.
+            self.cancelled = self.terms()
+            sigma = max(sigma, ROUNDING_FLOOR * self.cancelled)
         if jumps:
             # The loss jumps at the point itself (a ±1 label that requires grad: off ±1 the
             # loss takes another branch): that is no rounding, and as σ it would widen every
@@ -391,6 +406,14 @@ class FiniteDifferences:
             if smooth:
                 sigma, still, _ = self._probe(smooth)
         self._noise = (sigma, still)
+
+    def terms(self) -> float:
+        """The largest magnitude among the inputs and the values the forward computes from them
+        (`terms_scale`): the scale its rounding lives at where the loss itself is 0."""
+        inputs = max((float(_finite_abs(t).max()) for t in self.scales.values() if t.numel()), default=0.0)
+        if self._loss is None:  # numpy: nothing to trace, the inputs alone
+            return inputs
+        return max(inputs, terms_scale(lambda: self._loss(self.targets)))
 
     def _probe(self, moved: Mapping[str, torch.Tensor]) -> tuple[float, bool, bool]:
         return _measured_noise(self._plain, moved, self.targets, Flat(dict(moved)).join(self.scales), float(self.loss0))
@@ -791,6 +814,9 @@ def along_many(
     # function's own error is up to an ulp of its value (atan at 1e6: π/2 − 1/x, whose bars at
     # small steps, from the floor, were half their true size and settled on chance).
     noise = torch.where(still, torch.maximum(noise, EPS * f0.abs().nan_to_num(0.0, posinf=0.0)), noise)
+    if bool((still & (f0 == 0)).any()):  # exactly 0: the rounding of the terms it cancels (`_measured`)
+        terms = max(float(_finite_abs(base).max()), terms_scale(lambda: batched.one(point, flat, base)))
+        noise = torch.where(still & (f0 == 0), torch.clamp(noise, min=ROUNDING_FLOOR * terms), noise)
     coarse = still.clone()
     if bool(still.any()):  # a staircase of its own, not float32's rounding (STAIR_MOVE)
         rows = _stair_rows(base, size)
@@ -1235,6 +1261,40 @@ def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
         signs = torch.randint(0, 2, (size.numel(),), generator=gen, dtype=torch.float64) * 2 - 1
         rows.append(base + steps * (signs * size))
     return torch.cat(rows)
+
+
+class _Terms(TorchDispatchMode):
+    """Records the largest finite magnitude of every floating-point value an op makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel():
+                self.largest = max(self.largest, float(_finite_abs(value).max()))
+        return out
+
+
+def _finite_abs(value: torch.Tensor) -> torch.Tensor:
+    return value.detach().abs().to(torch.float64).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+
+
+def terms_scale(call: Callable[[], object]) -> float:
+    """The largest finite magnitude among the floating-point values `call` computes (one plain
+    forward pass under a dispatch mode); 0 where it cannot be traced. Asked only where a value
+    stands still at exactly 0, whose rounding is that of the terms it cancels."""
+    terms = _Terms()
+    try:
+        with torch.no_grad(), terms:
+            call()
+    except CaseTimeout:
+        raise
+    except Exception:  # noqa: BLE001 - what the trace cannot follow: no scale said
+        return terms.largest
+    return terms.largest
 
 
 def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:
