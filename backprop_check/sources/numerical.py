@@ -458,14 +458,14 @@ class FiniteDifferences:
             sigma, still = self.noise
         hs = [steps_for(scale) * multiplier for multiplier in steps]
         try:
-            evaluated, probed = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows)
+            evaluated, probed, known = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows, ahead=_ahead(scale, chosen, hs))
         except CaseTimeout:
             raise
         except CaseError:
             # fn refuses a point a first step away (a probability p ± h outside [0, 1]): the
             # steps a kink is confirmed at, where the old fixed steps were; settled from there.
             hs = [h * NARROWER for h in hs]
-            evaluated, probed = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows)
+            evaluated, probed, known = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows, ahead=_ahead(scale, chosen, hs))
         if rows is not None:
             f0 = float(self.loss0)
             self._measured(_noise_of(probed, f0, _noise_floor(f0)) if probed is not None else self._probe(self.targets))
@@ -494,7 +494,7 @@ class FiniteDifferences:
         # Not finite a first step away (asin at 0.99, θ + h past the domain's edge): smaller
         # steps, as for any step wider than the function allows.
         best["flat"] = best["flat"] | ~torch.isfinite(best["value"])
-        best = self._settled(whole, scale, chosen, best, sigma, stairs)
+        best = self._settled(whole, scale, chosen, best, sigma, stairs, known)
         if alone:
             best = self._widened(whole, scale, chosen, best, sigma)
             # Rounding that does not change as the element moves (x − mean at x ≈ 1e6, seen from
@@ -514,7 +514,7 @@ class FiniteDifferences:
 
     def _settled(
         self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float | torch.Tensor,
-        stairs: torch.Tensor | None = None,
+        stairs: torch.Tensor | None = None, known: Known | None = None,
     ) -> dict[str, torch.Tensor]:
         """`settle` the elementwise estimates: each round re-estimates the unsettled elements
         at a smaller step (6 forward passes each), never below STEP_FLOOR_ULPS
@@ -524,12 +524,15 @@ class FiniteDifferences:
         the kink step (`settle`'s confirm)."""
         theta = scale[chosen]
 
-        def at(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        def evaluated(elements: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
             full = torch.ones(whole.size, dtype=torch.float64)
-            full[chosen[where]] = h
-            f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+            full[elements] = h
+            return evaluate(self.batched, self.targets, whole, full, elements)[:, elements]
+
+        def at(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+            f = evaluated(chosen[where], h) if known is None else known.rows(evaluated, chosen[where], h)
             own = sigma[where] if isinstance(sigma, torch.Tensor) else sigma
-            return _estimates(f[:, chosen[where]], h, float(self.loss0), theta[where], own)
+            return _estimates(f, h, float(self.loss0), theta[where], own)
 
         # Where θ is large, its own rounding hides a kink at small steps: the step must
         # still be KINK_ULPS ulps of θ.
@@ -1013,6 +1016,16 @@ def steps_for(scale: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.round(torch.log2(target)))
 
 
+def _ahead(scale: torch.Tensor, chosen: torch.Tensor, hs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the first settling round asks for whatever the estimates say: the elements whose
+    step is set by their size (|θ| > VALIDATE_FROM, always checked at a smaller step), at
+    SHRINK times their one step (`settle`). Evaluated with the first steps, in the same batch."""
+    if len(hs) != 1:
+        return None
+    sized = chosen[scale[chosen].abs() > VALIDATE_FROM]
+    return (sized, hs[0][sized] * SHRINK) if sized.numel() else None
+
+
 def evaluate(
     batched: Batched,
     targets: Mapping[str, torch.Tensor],
@@ -1053,22 +1066,54 @@ def evaluate_steps(
     hs: Sequence[torch.Tensor],
     index: Sequence[int] | torch.Tensor,
     extra: torch.Tensor | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    ahead: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, Known | None]:
     """`evaluate` at each of the step vectors `hs`: under vmap, the rows of every step go into
     the same batches (one batched call where `evaluate` per step would make one each), and so
     do the flat vectors `extra` (the noise probe's), whose losses come second (None where they
-    were not evaluated: the replay and a numpy forward evaluate step by step)."""
+    were not evaluated: the replay and a numpy forward evaluate step by step), and the elements
+    and steps `ahead` that settling is known to ask for next (`Known`; None where not evaluated)."""
     index = torch.as_tensor(index, dtype=torch.int64)
     base = flat.join(targets)
     if isinstance(batched, InPlace) or _program(batched, targets, flat, base, len(index)) is not None:
-        return [evaluate(batched, targets, flat, h, index) for h in hs], None
-    values, probed = _vmapped(batched, targets, flat, base, index.repeat(len(hs)), torch.cat([h[index] for h in hs]), extra)
+        return [evaluate(batched, targets, flat, h, index) for h in hs], None, None
+    elements, steps = index.repeat(len(hs)), torch.cat([h[index] for h in hs])
+    if ahead is not None:
+        elements, steps = torch.cat([elements, ahead[0]]), torch.cat([steps, ahead[1]])
+    values, probed = _vmapped(batched, targets, flat, base, elements, steps, extra)
     found = []
     for k in range(len(hs)):
         f = torch.full((len(OFFSETS), flat.size), torch.nan, dtype=torch.float64)
         f[:, index] = values[:, k * len(index) : (k + 1) * len(index)]
         found.append(f)
-    return found, probed
+    known = None if ahead is None else Known(ahead[0], ahead[1], values[:, len(hs) * len(index) :])
+    return found, probed, known
+
+
+@dataclass
+class Known:
+    """The loss at θ + t·h (t in OFFSETS) for some flat elements at their steps, evaluated ahead
+    in a batch that ran anyway (`evaluate_steps`): a settling round that asks for them reads
+    them here, one batched call fewer (`rows`)."""
+
+    elements: torch.Tensor
+    steps: torch.Tensor
+    values: torch.Tensor  # (len(OFFSETS), len(elements))
+
+    def rows(
+        self, evaluate_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], elements: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """The (6, len(elements)) values at `elements` and steps `h`: those known from here, the
+        others by `evaluate_at(elements, h)` (one call, for them alone)."""
+        where = {(e, s): k for k, (e, s) in enumerate(zip(self.elements.tolist(), self.steps.tolist()))}
+        found = [where.get(pair, -1) for pair in zip(elements.tolist(), h.tolist())]
+        hit = torch.tensor([k >= 0 for k in found], dtype=torch.bool)
+        out = torch.empty((len(OFFSETS), len(elements)), dtype=torch.float64)
+        if bool(hit.any()):
+            out[:, hit] = self.values[:, torch.tensor([k for k in found if k >= 0], dtype=torch.int64)]
+        if not bool(hit.all()):
+            out[:, ~hit] = evaluate_at(elements[~hit], h[~hit])
+        return out
 
 
 def _program(batched: Batched, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor, count: int) -> Program | None:
