@@ -639,12 +639,17 @@ class FiniteDifferences:
             [bool((theta[v.reshape(-1) != 0] > VALIDATE_FROM).any()) for v in vectors], dtype=torch.bool
         )
 
-        def at(multiplier: float, chosen: list[int]) -> dict[str, torch.Tensor]:
-            # Along s ↦ loss(base + s·v) at s = ±m, ±m/2, ±m/4: the derivative in units of v.
-            f = _along(self.batched, self.targets, one, base, [vectors[i].reshape(-1) * multiplier for i in chosen])
-            estimate = _line_estimates(f, multiplier, float(self.loss0), noise=self.noise[0])
-            estimate["step"] = torch.full((len(chosen),), multiplier, dtype=torch.float64)
-            return estimate
+        def at(multipliers: Sequence[float], chosen: list[int]) -> list[dict[str, torch.Tensor]]:
+            # Along s ↦ loss(base + s·v) at s = ±m, ±m/2, ±m/4: the derivative in units of v;
+            # every multiplier's rows in the same batches, each estimated as if alone.
+            f = _along(self.batched, self.targets, one, base, [vectors[i].reshape(-1) * m for m in multipliers for i in chosen])
+            found = []
+            for b, multiplier in enumerate(multipliers):
+                block = f[:, b * len(chosen) : (b + 1) * len(chosen)]
+                estimate = _line_estimates(block, multiplier, float(self.loss0), noise=self.noise[0])
+                estimate["step"] = torch.full((len(chosen),), multiplier, dtype=torch.float64)
+                found.append(estimate)
+            return found
 
         def again(where: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
             # Every direction at its own multiplier, in one batch.
@@ -655,14 +660,15 @@ class FiniteDifferences:
             return estimate
 
         try:
-            best = at(steps[0], everyone)
+            found = at(steps, everyone)
         except CaseTimeout:
             raise
         except CaseError:  # fn refuses a point a first step away: narrower steps, as `estimate`
             steps = [multiplier * NARROWER for multiplier in steps]
-            best = at(steps[0], everyone)
-        for multiplier in steps[1:]:
-            best = _better(best, at(multiplier, everyone))
+            found = at(steps, everyone)
+        best = found[0]
+        for other in found[1:]:
+            best = _better(best, other)
         # A multiplier m moves element i by m·h_i, h_i ≈ RELATIVE_STEP·max(1, |θ_i|): per
         # direction, the multipliers that move its largest element by the kink step and by
         # CONFIRM_STEP (a step set by θ's size), a staircase confirmed down to the former (`settle`).
