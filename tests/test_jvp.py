@@ -32,11 +32,13 @@ from backprop_check.sources.numerical import steps_for
 TOL64 = tolerance_for(torch.float64)
 
 
-def cube_case(size: int, slip: int | None = None, name: str = "cubes") -> Any:
+def cube_case(size: int, slip: int | None = None, name: str = "cubes", vmap: bool = False) -> Any:
     """Σ w³ through a custom Function whose backward is right and whose jvp is right, or off
-    by 1 % at element `slip`."""
+    by 1 % at element `slip`; with `vmap`, torch.func batches it (generate_vmap_rule)."""
 
     class Cube(torch.autograd.Function):
+        generate_vmap_rule = vmap
+
         @staticmethod
         def forward(x: torch.Tensor) -> torch.Tensor:
             return x**3
@@ -55,7 +57,7 @@ def cube_case(size: int, slip: int | None = None, name: str = "cubes") -> Any:
 
         @staticmethod
         def jvp(ctx: Any, tangent: torch.Tensor) -> torch.Tensor:
-            x = ctx.x
+            (x,) = ctx.saved_tensors if vmap else (ctx.x,)
             scale = torch.ones_like(x)
             if slip is not None:
                 scale.view(-1)[slip] = 1.01
@@ -419,3 +421,38 @@ def test_a_float32_jvp_that_underflows_is_not_a_false_alarm_in_forward_mode() ->
     assert gradcheck(torch.prod, (x,), **FORWARD)
     with pytest.raises(RuntimeError, match="odd one out"):
         gradcheck(with_jvp(torch.sin, lambda x: x.cos() * 1.01), (x,), **FORWARD)
+
+
+@pytest.mark.parametrize(("slip", "batched"), [(None, True), (4, True), (None, False), (4, False)])
+def test_jvps_batched_by_torch_func_are_judged_as_the_plain_ones(monkeypatch: pytest.MonkeyPatch, slip: int | None, batched: bool) -> None:
+    # A small input's basis tangents go through torch.func.jvp under vmap in one call, checked
+    # against plain forward-mode AD at the first and the last tangent; a batch that differs there
+    # (a wrong vmap rule) is not used, and the jvps run one by one. Either way a slip is found.
+    import backprop_check.engine.jvp as forward_mode
+
+    plain, batches = [], []
+    real_jvp, real_batch = forward_mode.jvp, forward_mode._vmapped_jvps
+
+    def counted(*args: Any) -> Any:
+        plain.append(1)
+        return real_jvp(*args)
+
+    def batch(*args: Any) -> Any:
+        batches.append(1)
+        found = real_batch(*args)
+        return found if batched else tuple(t * 2 for t in found)
+
+    monkeypatch.setattr(forward_mode, "jvp", counted)
+    monkeypatch.setattr(forward_mode, "_vmapped_jvps", batch)
+    cubes = cube_case(6, slip=slip, vmap=True)
+    (check,) = check_point(cubes, given_point(cubes, 0), "cpu", torch.float64, TOL64)
+    assert batches
+    if slip is None:
+        assert (check.verdict, check.bad) == (Verdict.OK, 0), check.note
+    else:
+        assert (check.verdict, check.culprit, check.bad) == (Verdict.MISMATCH, Culprit.AUTOGRAD, 1), check.note
+        assert check.note is not None and check.note.startswith("forward mode (jvp) ∂/∂w[4] of loss: numerical ")
+    if batched and slip is None:
+        assert len(plain) == 2  # the two ends; the other four came from the batch
+    if not batched:
+        assert len(plain) >= 6

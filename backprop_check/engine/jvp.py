@@ -115,8 +115,7 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
     names = case.output_names()
     found: list[_Finding] = []
     along = judge.surveyed(tangents)
-    for tangent, estimates in zip(tangents, along):
-        found.extend(judge(tangent, estimates))
+    found.extend(judge.every(tangents, along))
     # A random direction that disagrees is judged again against the sum of its two halves'
     # estimates (`_Judge.halves`): its own estimate may be the one at fault.
     found = [judge.halves(f) if f.bad and f.tangent.element is None else f for f in found]
@@ -223,18 +222,48 @@ class _Judge:
         # Below float64, the point nudged by an ulp of the dtype both ways: how rounding-sized
         # changes move the jvp, as reverse mode measures its gradients (rounding.py).
         self.nudged = [] if dtype == torch.float64 else rounding.nudged_points(case, point, dtype)[1]
+        self.batches = True  # whether torch.func batches the jvps (`jvps`), until it does not
 
     def __call__(self, tangent: Tangent, estimates: list[dict[str, torch.Tensor]] | None = None) -> list[_Finding]:
         """Every output along `tangent`, against the referee's `estimates` of it (`along`)."""
-        fwd = jvp(self.case, self.run, tangent.vectors)
-        twin = fwd if self.dtype == torch.float64 else jvp(self.case, self.exact, tangent.vectors)
-        up, down = (jvp(self.case, p, tangent.vectors) for p in self.nudged) if self.nudged else (None, None)
         if estimates is None:
             (estimates,) = self.along([tangent])
+        return self.every([tangent], [estimates])
+
+    def every(self, tangents: list[Tangent], estimates: list[list[dict[str, torch.Tensor]]]) -> list[_Finding]:
+        """Every output along each tangent, against the referee's estimates of it (`along`): the
+        jvps along all of them at once where vmap batches them (`jvps`)."""
+        vectors = [t.vectors for t in tangents]
+        fwds = self.jvps(self.run, vectors)
+        twins = fwds if self.dtype == torch.float64 else self.jvps(self.exact, vectors)
+        ups, downs = (self.jvps(p, vectors) for p in self.nudged) if self.nudged else (None, None)
         found = []
-        for k, (f, t, est) in enumerate(zip(fwd, twin, estimates)):
-            found.append(self._judged(k, tangent, f, t, est, None if up is None else (up[k], down[k])))
+        for j, tangent in enumerate(tangents):
+            for k, (f, t, est) in enumerate(zip(fwds[j], twins[j], estimates[j])):
+                found.append(self._judged(k, tangent, f, t, est, None if ups is None else (ups[j][k], downs[j][k])))
         return found
+
+    def jvps(self, at: Point, vectors: list[Mapping[str, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+        """`jvp` along each of `vectors` at `at`: the first and the last by plain forward-mode
+        AD, all of them in one call of torch.func.jvp under vmap where that gives the same values
+        at both ends (a custom Function's own vmap and jvp rules included: a wrong vmap rule must
+        not be judged as its jvp), else one by one from then on. For a tiny check, each call's own
+        cost is most of the work."""
+        if len(vectors) < 3 or not self.batches:
+            return [jvp(self.case, at, v) for v in vectors]
+        ends = jvp(self.case, at, vectors[0]), jvp(self.case, at, vectors[-1])
+        try:
+            batched = _vmapped_jvps(self.case, at, vectors)
+            if len(batched) == len(ends[0]) and all(
+                _alike(b[0], a) and _alike(b[-1], z) for a, z, b in zip(*ends, batched)
+            ):
+                return [ends[0], *(tuple(b[j] for b in batched) for j in range(1, len(vectors) - 1)), ends[1]]
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - what torch.func cannot batch runs one by one
+            pass
+        self.batches = False
+        return [ends[0], *(jvp(self.case, at, v) for v in vectors[1:-1]), ends[1]]
 
     def along(self, tangents: list[Tangent]) -> list[list[dict[str, torch.Tensor]]]:
         """Per tangent, per output, the float64 derivative along it (in its units), with error
@@ -417,6 +446,32 @@ def jvp(case: Case, at: Point, vectors: Mapping[str, torch.Tensor]) -> tuple[tor
             tangent = fwAD.unpack_dual(output).tangent
             tangents.append(torch.zeros_like(output) if tangent is None else tangent)
         return tuple(_real(t.detach()) for t in tangents)
+
+
+def _vmapped_jvps(case: Case, at: Point, vectors: list[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Per output, the jvps along every one of `vectors` stacked (torch.func.jvp under vmap)."""
+    names = list(at.params)
+    primals = tuple(at.params[name].detach() for name in names)
+
+    def outputs(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(forward.outputs(case, replace(at, params=dict(zip(names, values)))))
+
+    def along(*tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.func.jvp(outputs, primals, tangents)[1]
+
+    stacked = tuple(torch.stack([v[name].to(device=p.device, dtype=p.dtype) for v in vectors]) for name, p in zip(names, primals))
+    return tuple(_real(t.detach()) for t in torch.func.vmap(along, randomness="error")(*stacked))
+
+
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same jvp up to its dtype's rounding (another kernel's order of sums)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    eps = torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0
+    a, b = a.double(), b.double()
+    scale = float(b.abs().nan_to_num(0.0, posinf=0.0).max()) if b.numel() else 0.0
+    close = (a - b).abs() <= 64 * eps * max(1.0, scale)
+    return bool((close | (a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _check(

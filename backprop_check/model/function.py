@@ -273,18 +273,19 @@ class FunctionCase(Case):
     def _invoke(self, values: Mapping[str, Any]) -> Any:
         """fn(*inputs); what it raises is one line naming it."""
         args = self._args(values)
-        low = _below_float64(values)
+        low = _below_float64(values) if self.demoted else None  # asked again where fn fails
         try:
             if self.promoted and _float64(values):
                 with Promote():
                     return self.fn(*args)
-            if self.demoted and low is not None:
+            if low is not None:
                 with Demote(low):
                     return self.fn(*args)
             return self.fn(*args)
         except CaseError:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
+            low = _below_float64(values)
             if not self.promoted and _float64(values) and _dtype_clash(exc) and self._runs(args, Promote()):
                 self.promoted = True
                 self.notes.append(PROMOTED_NOTE)
