@@ -120,6 +120,9 @@ MIN_REPLAY_ROWS = 64
 REPLAY_CASE_FROM = 2048
 REPLAY_SLOW_FORWARD = 1e-3
 DIRECTIONS = 2
+# Forward mode's first settling round is evaluated with the first steps where that batch stays
+# within MAX_BATCH rows and this many input or output elements (`along_many`'s `ahead`).
+AHEAD_ELEMENTS = 1 << 18
 FUSE_UP_TO = 1024
 # Step multipliers (powers of two: θ ± m·h stays exact) tried where precision matters most.
 REFINE_STEPS = (1.0, 8.0, 0.125)
@@ -780,21 +783,37 @@ def along_many(
 
     largest = torch.where(vectors != 0, base.abs(), 0.0).amax(dim=1)  # per direction, its largest |θ| moved
     units = torch.where(vectors != 0, base.abs() / vectors.abs(), 0.0).amax(dim=1)  # and its largest |θᵢ/dᵢ|
-    # The noise lines and every direction at every multiplier, in one batch.
+    # The noise lines and every direction at every multiplier, in one batch; for a small check,
+    # the first settling round of the directions whose step is set by their size too (`ahead`).
     first = [(j, m) for m in DIRECTION_STEPS for j in range(k)]
     size = torch.where(torch.isfinite(base), base.abs(), 0.0)  # a held -inf does not move
     probe = _noise_rows(base, size)
     if probe is None:  # nothing can move (every input 0): no lines, the floor alone
         probe = base.new_zeros((0, flat.size))
+
+    def ahead(pairs: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        """What the first settling round asks of the directions whose largest element is over
+        VALIDATE_FROM where the first multiplier wins, as it mostly does (`settle`: SHRINK times
+        it); only where those rows are few and fit the first batch (a small check, where a
+        batched call's own cost is most of the work). A column the other multiplier won is
+        evaluated in the round, as before."""
+        sized = [(j, m * SHRINK) for j, m in pairs[:k] if float(largest[j]) > VALIDATE_FROM]
+        rows = (len(probe) + (len(pairs) + len(sized)) * len(OFFSETS))
+        return sized if rows <= MAX_BATCH and rows * max(flat.size, n) <= AHEAD_ELEMENTS else []
+
     try:
-        values = outputs(torch.cat([probe, rows_for(first)]))
+        later = ahead(first)
+        values = outputs(torch.cat([probe, rows_for(first), *([rows_for(later)] if later else [])]))
     except CaseTimeout:
         raise
     except CaseError:
         # fn refuses a point a first step away (a Cholesky factor of a matrix ≈ 1e3 ± 5 moved by
         # 16): narrower first steps, as in reverse mode (`estimate`), settled from there
         first = [(j, m * NARROWER) for j, m in first]
-        values = outputs(torch.cat([probe, rows_for(first)]))
+        later = ahead(first)
+        values = outputs(torch.cat([probe, rows_for(first), *([rows_for(later)] if later else [])]))
+    known = dict(zip(later, values[len(probe) + len(first) * len(OFFSETS) :].reshape(len(later), len(OFFSETS), n)))
+    values = values[: len(probe) + len(first) * len(OFFSETS)]
     sizes = list(parts) or [n]
     largest_of = [float(part.abs().nan_to_num(0.0, posinf=0.0).max()) if part.numel() else 0.0 for part in f0.split(sizes)]
     floor = ROUNDING_FLOOR * torch.tensor(largest_of, dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
@@ -844,7 +863,10 @@ def along_many(
         asked = [(c // n, c % n, m) for c, m in zip(where.tolist(), h.tolist())]
         pairs = sorted({(j, m) for j, _, m in asked})
         block = {pair: b for b, pair in enumerate(pairs)}
-        estimate = estimated(pairs, outputs(rows_for(pairs)))
+        missing = [pair for pair in pairs if pair not in known]
+        if missing:
+            known.update(zip(missing, outputs(rows_for(missing)).reshape(len(missing), len(OFFSETS), n)))
+        estimate = estimated(pairs, torch.cat([known.pop(pair) for pair in pairs]))
         take = torch.tensor([block[(j, m)] * n + c for j, c, m in asked], dtype=torch.int64)
         return {key: value[take] for key, value in estimate.items()}
 
