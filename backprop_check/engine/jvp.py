@@ -16,6 +16,7 @@ gradient itself, so this is forward over reverse.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -187,11 +188,13 @@ class _Finding:
     run_ratio: torch.Tensor | None = None
     rounding: torch.Tensor | None = None
 
-    @property
+    # Read many times over (check_point's passes, `_check`): computed once. A finding is never
+    # changed once made (one judged again is a `replace`).
+    @functools.cached_property
     def worst(self) -> torch.Tensor:
         return self.ratio if self.run_ratio is None else torch.maximum(self.ratio, self.run_ratio)
 
-    @property
+    @functools.cached_property
     def bad(self) -> int:
         return int((self.worst > 1).sum())
 
@@ -311,7 +314,7 @@ class _Judge:
         # NaN and Inf never agree: a non-finite jvp, or outputs not finite a step away, disagree
         ratio = torch.nan_to_num(off / allowed.clamp(min=1e-300), nan=math.inf)
         ratio = torch.where(torch.isfinite(n), ratio, torch.full_like(ratio, math.inf))
-        finding = _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k])
+        budget, run_ratio = None, None
         if self.dtype != torch.float64:  # the run dtype's jvp against its own float64 twin
             scale = float(twin.abs().max()) if twin.numel() else 0.0
             measured = torch.zeros_like(twin)
@@ -323,9 +326,8 @@ class _Judge:
                 + self.tol.atol * scale + self.tol.floor(scale) + self.tol.absolute + self.tol.underflow
                 + measured
             )
-            finding.rounding = budget
-            finding.run_ratio = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
-        return finding
+            run_ratio = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
+        return _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k], run_ratio, budget)
 
     def rejudged(self, finding: _Finding) -> _Finding:
         """In float64, where the jvp disagrees with the referee off a kink: float64's own rounding,
@@ -381,8 +383,7 @@ class _Judge:
         again = self._judged(finding.output, finding.tangent, finding.fwd, finding.twin, summed)
         if again.ratio.isnan().any() or bool((again.ratio > 1).any()):
             return finding
-        again.run_ratio, again.rounding = finding.run_ratio, finding.rounding
-        return again
+        return replace(again, run_ratio=finding.run_ratio, rounding=finding.rounding)
 
     def bisect(self, finding: _Finding) -> list[_Finding]:
         """The input elements behind a random direction that disagrees: halve its support while
