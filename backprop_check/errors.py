@@ -33,6 +33,7 @@ class CaseTimeout(CaseError):
     mismatch already seen stays a mismatch)."""
 
     partial: object | None = None
+    checks: list | None = None  # forward mode: a point's checks when the limit struck while locating
 
 
 def one_line(exc: BaseException) -> str:

@@ -456,3 +456,20 @@ def test_jvps_batched_by_torch_func_are_judged_as_the_plain_ones(monkeypatch: py
         assert len(plain) == 2  # the two ends; the other four came from the batch
     if not batched:
         assert len(plain) >= 6
+
+
+def test_a_time_limit_while_locating_a_wrong_direction_keeps_the_mismatch_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A large input's random direction disagrees (judged, halves and float64's rounding weighed);
+    # a time limit that strikes while bisecting it down to its element must not lose the
+    # mismatch: it stands, unlocated, with a note, as in reverse mode.
+    from backprop_check.errors import CaseTimeout
+
+    def late(self: Any, finding: Any) -> Any:
+        raise CaseTimeout("cubes ran past its time limit of 1s (--timeout)")
+
+    monkeypatch.setattr(_Judge, "bisect", late)
+    cubes = cube_case(ELEMENTWISE + 34, slip=37)
+    results = run(cubes, dtypes=["float64"], points=0).results
+    (result,) = [r for r in results if r.device == "cpu"]
+    assert (result.verdict, result.culprit) == (Verdict.MISMATCH, Culprit.AUTOGRAD), result.message
+    assert any("time limit" in note and "stands" in note for note in result.notes), result.notes

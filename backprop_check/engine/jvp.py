@@ -97,7 +97,14 @@ def check_combination(case: Case, points: list[Point], device: str, dtype_name: 
             if plan.progress:
                 plan.progress(f"{case.name} (fwd)", device, dtype_name, k, len(points))
             outcomes.append(outcome_of(point, check_point(case, point, device, dtype, tol, plan.seed)))
-    except CaseTimeout:
+    except CaseTimeout as exc:
+        checks = getattr(exc, "checks", None)
+        if checks:  # a time limit while locating the elements behind a wrong direction
+            outcomes.append(outcome_of(point, checks))
+        if any(o.verdict == Verdict.MISMATCH for o in outcomes):  # what was found stands, as in reverse mode
+            result = summarize(case, device, dtype_name, outcomes, tol.describe())
+            result.notes.append(f"{exc}: the check stopped there; the mismatch found before stands")
+            exc.partial = result
         raise
     except CaseError as exc:
         return error_result(case, device, dtype_name, str(exc.at(point.describe())), exc, name_of(case))
@@ -121,14 +128,21 @@ def check_point(case: Case, point: Point, device: str, dtype: torch.dtype, tol: 
     # estimates (`_Judge.halves`): its own estimate may be the one at fault.
     found = [judge.halves(f) if f.bad and f.tangent.element is None else f for f in found]
     found = [judge.rejudged(f) if f.bad else f for f in found]
+    timed_out = None
     if any(f.bad for f in found):  # name the input elements behind a wrong random direction
-        for finding in [f for f in found if f.bad and f.tangent.element is None][:1]:
-            found.extend(judge.bisect(finding))
+        try:
+            for finding in [f for f in found if f.bad and f.tangent.element is None][:1]:
+                found.extend(judge.bisect(finding))
+        except CaseTimeout as exc:  # the disagreement is judged already: it stands, unlocated
+            timed_out = exc
     checks = []
     for k, name in enumerate(names):
         mine = [f for f in found if f.output == k]
         if any(f.worst.numel() for f in mine):  # an empty output has no jvp element to compare
             checks.append(_check(name, mine, shapes, dtype, tol, point.complex, judge.complex[k]))
+    if timed_out is not None:
+        timed_out.checks = checks  # what check_combination reports as the partial result
+        raise timed_out
     return checks
 
 
