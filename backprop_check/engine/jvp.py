@@ -98,9 +98,8 @@ def check_combination(case: Case, points: list[Point], device: str, dtype_name: 
                 plan.progress(f"{case.name} (fwd)", device, dtype_name, k, len(points))
             outcomes.append(outcome_of(point, check_point(case, point, device, dtype, tol, plan.seed)))
     except CaseTimeout as exc:
-        checks = getattr(exc, "checks", None)
-        if checks:  # a time limit while locating the elements behind a wrong direction
-            outcomes.append(outcome_of(point, checks))
+        if exc.checks:  # a time limit while locating the elements behind a wrong direction
+            outcomes.append(outcome_of(point, exc.checks))
         if any(o.verdict == Verdict.MISMATCH for o in outcomes):  # what was found stands, as in reverse mode
             result = summarize(case, device, dtype_name, outcomes, tol.describe())
             result.notes.append(f"{exc}: the check stopped there; the mismatch found before stands")

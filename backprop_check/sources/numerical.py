@@ -413,10 +413,8 @@ class FiniteDifferences:
     def terms(self) -> float:
         """The largest magnitude among the inputs and the values the forward computes from them
         (`terms_scale`): the scale its rounding lives at where the loss itself is 0."""
-        inputs = max((float(_finite_abs(t).max()) for t in self.scales.values() if t.numel()), default=0.0)
-        if self._loss is None:  # numpy: nothing to trace, the inputs alone
-            return inputs
-        return max(inputs, terms_scale(lambda: self._loss(self.targets)))
+        loss = self._loss  # numpy: nothing to trace, the inputs alone
+        return terms_scale(None if loss is None else lambda: loss(self.targets), *self.scales.values())
 
     def _probe(self, moved: Mapping[str, torch.Tensor]) -> tuple[float, bool, bool]:
         return _measured_noise(self._plain, moved, self.targets, Flat(dict(moved)).join(self.scales), float(self.loss0))
@@ -843,7 +841,7 @@ def along_many(
     # small steps, from the floor, were half their true size and settled on chance).
     noise = torch.where(still, torch.maximum(noise, EPS * f0.abs().nan_to_num(0.0, posinf=0.0)), noise)
     if bool((still & (f0 == 0)).any()):  # exactly 0: the rounding of the terms it cancels (`_measured`)
-        terms = max(float(_finite_abs(base).max()), terms_scale(lambda: batched.one(point, flat, base)))
+        terms = terms_scale(lambda: batched.one(point, flat, base), base)
         noise = torch.where(still & (f0 == 0), torch.clamp(noise, min=ROUNDING_FLOOR * terms), noise)
     coarse = still.clone()
     if bool(still.any()):  # a staircase of its own, not float32's rounding (STAIR_MOVE)
@@ -1355,19 +1353,21 @@ def _finite_abs(value: torch.Tensor) -> torch.Tensor:
     return value.detach().abs().to(torch.float64).nan_to_num(0.0, posinf=0.0, neginf=0.0)
 
 
-def terms_scale(call: Callable[[], object]) -> float:
-    """The largest finite magnitude among the floating-point values `call` computes (one plain
-    forward pass under a dispatch mode); 0 where it cannot be traced. Asked only where a value
-    stands still at exactly 0, whose rounding is that of the terms it cancels."""
+def terms_scale(call: Callable[[], object] | None, *inputs: torch.Tensor) -> float:
+    """The largest finite magnitude among `inputs` and the floating-point values `call` computes
+    (one plain forward pass under a dispatch mode, as far as it gets; None: the inputs alone).
+    Asked only where a value stands still at exactly 0, whose rounding is that of the terms it
+    cancels."""
     terms = _Terms()
-    try:
-        with torch.no_grad(), terms:
-            call()
-    except CaseTimeout:
-        raise
-    except Exception:  # noqa: BLE001 - what the trace cannot follow: no scale said
-        return terms.largest
-    return terms.largest
+    if call is not None:
+        try:
+            with torch.no_grad(), terms:
+                call()
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - what the trace cannot follow: the values seen before it
+            pass
+    return max([terms.largest, *(float(_finite_abs(t).max()) for t in inputs if t.numel())])
 
 
 def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:
