@@ -134,7 +134,13 @@ def compare_tensor(
         # Below float64 the float64 twins are judged too, by float64's tolerance: a derivation
         # bug is in them as well, without the dtype's rounding to hide in (a numpy case's manual
         # gradient has a twin and no autograd beside it).
-        exact = Sides(sides.shape, sides.twin_a, sides.twin_m, torch.zeros_like(sides.rounding_a), torch.zeros_like(sides.rounding_m))
+        # Float64's own rounding of them, where measured (`rounding.float64_allowances`, as a
+        # float64 run judges the same code again before it reports a mismatch).
+        exact = Sides(
+            sides.shape, sides.twin_a, sides.twin_m,
+            torch.zeros_like(sides.rounding_a) if sides.twin_rounding_a is None else sides.twin_rounding_a,
+            torch.zeros_like(sides.rounding_m) if sides.twin_rounding_m is None else sides.twin_rounding_m,
+        )
         twin_referee = Referee.at(name, numerical, exact, tol.twin, largest)
         twin_ma = exact.between(tol.twin, largest)
         if exact.autograd is not None:

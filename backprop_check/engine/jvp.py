@@ -200,6 +200,9 @@ class _Finding:
     # Below float64: how far the run dtype's jvp is from its twin, against the dtype's rounding.
     run_ratio: torch.Tensor | None = None
     rounding: torch.Tensor | None = None
+    # Where the run dtype's rounding of the twin's computation (`_Judge._stochastic`) covers an
+    # element that was off: how far it moves the twin there, relative to it (0: nowhere).
+    cancels: float = 0.0
 
     # Read many times over (check_point's passes, `_check`): computed once. A finding is never
     # changed once made (one judged again is a `replace`).
@@ -327,7 +330,7 @@ class _Judge:
         # NaN and Inf never agree: a non-finite jvp, or outputs not finite a step away, disagree
         ratio = torch.nan_to_num(off / allowed.clamp(min=1e-300), nan=math.inf)
         ratio = torch.where(torch.isfinite(n), ratio, torch.full_like(ratio, math.inf))
-        budget, run_ratio = None, None
+        budget, run_ratio, cancels = None, None, 0.0
         if self.dtype != torch.float64:  # the run dtype's jvp against its own float64 twin
             scale = float(twin.abs().max()) if twin.numel() else 0.0
             measured = torch.zeros_like(twin)
@@ -340,16 +343,36 @@ class _Judge:
                 + measured
             )
             run_ratio = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
-        return _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k], run_ratio, budget)
+            if nudged is not None and bool((run_ratio > 1).any()):  # the dtype's rounding of the twin's own computation
+                spread = self._stochastic(k, tangent)
+                if spread is not None:
+                    budget = budget + rounding.STOCHASTIC_SPREAD * spread
+                    wider = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
+                    covered = (run_ratio > 1) & (wider <= 1)
+                    if bool(covered.any()):
+                        cancels = float((spread[covered] / twin[covered].abs().clamp(min=torch.finfo(torch.float64).tiny)).max())
+                    run_ratio = wider
+        return _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k], run_ratio, budget, cancels)
+
+    def _stochastic(self, k: int, tangent: Tangent) -> torch.Tensor | None:
+        """How far the float64 twin of output k's jvp along `tangent` moves under the run dtype's
+        rounding of every value it computes (`rounding.stochastic`), or None."""
+        spread = rounding.stochastic(
+            lambda: {"jvp": jvp(self.case, self.exact, tangent.vectors)[k].reshape(-1).double().cpu()},
+            ["jvp"], torch.finfo(self.dtype).eps / 2,
+            derive_seed("stochastic", self.case.name, self.exact.label, k, "jvp"),
+        )
+        return spread.get("jvp")
 
     def rejudged(self, finding: _Finding) -> _Finding:
         """In float64, where the jvp disagrees with the referee off a kink: float64's own rounding,
         judged as reverse mode judges a gradient whose formula cancels (`rounding.scattered`:
         erfcx's jvp at 1e6 keeps three digits). The jvp along the same tangent at more points a
         few ulps away; an element whose draws' mean agrees with the referee is allowed
-        NUDGE_SPREAD times their scatter. Nothing below float64, where the twin is judged."""
+        NUDGE_SPREAD times their scatter. Below float64 the same for the float64 twin (the jvp at
+        the rounded point, in float64), which float64's tolerance judges."""
         open_ = (finding.ratio > 1) & ~finding.kink & torch.isfinite(finding.numerical) & torch.isfinite(finding.twin)
-        if self.dtype != torch.float64 or not bool(open_.any()):
+        if not bool(open_.any()):
             return finding
         gen = generator(derive_seed("rounding", self.case.name, self.exact.label, finding.output, "jvp"))
         judged = {"jvp": {"ref": finding.numerical, "bar": finding.error, "open": open_.clone(), "taken": torch.zeros_like(open_)}}
@@ -396,7 +419,7 @@ class _Judge:
         again = self._judged(finding.output, finding.tangent, finding.fwd, finding.twin, summed)
         if again.ratio.isnan().any() or bool((again.ratio > 1).any()):
             return finding
-        return replace(again, run_ratio=finding.run_ratio, rounding=finding.rounding)
+        return replace(again, run_ratio=finding.run_ratio, rounding=finding.rounding, cancels=finding.cancels)
 
     def bisect(self, finding: _Finding) -> list[_Finding]:
         """The input elements behind a random direction that disagrees: halve its support while
@@ -534,6 +557,13 @@ def _check(
     note = f"forward mode (jvp) {along} of {where}: {text}"
     if bad > 1:
         note += f"; {bad} of {size} derivatives disagree ({directions} directions × the output's elements)"
+    cancels = max(f.cancels for f in found)
+    if cancels:
+        note += (
+            f"; the {dtype_name} jvp is off its float64 twin by what {dtype_name} rounding does to that computation "
+            f"at some elements: the twin, with every value it computes moved within {dtype_name}'s rounding, moves by "
+            f"up to {cancels:.1e} of itself there (a difference of larger terms); {rounding.STOCHASTIC_SPREAD:g}x that is allowed"
+        )
     error = abs((f if reference == t and dtype != torch.float64 else t) - reference)
     return Check(
         name=f"jvp {name}",

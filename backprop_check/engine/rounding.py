@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
@@ -56,6 +58,12 @@ JITTER_ULPS = 4096
 JITTER_CAP = 1e-3
 JITTER_RESOLUTION = 5e-5
 JITTER_LEAST = 256
+# Below float64, where the run dtype's value is off its float64 twin by more than the allowance
+# above (`stochastic`): the twin again STOCHASTIC_PAIRS times with every value an op computes moved
+# by a random share of the dtype's unit roundoff, each draw once each way; STOCHASTIC_SPREAD times
+# how far the twin moves is the dtype's rounding of that very computation.
+STOCHASTIC_PAIRS = 4
+STOCHASTIC_SPREAD = 4.0
 # Where the referee's gradient is 0 (`_flat`): this many times float64's share (eps64/eps32) of
 # the source's float32 value there.
 FLAT_SPREAD = 64.0
@@ -73,6 +81,9 @@ class Rounding:
     unresolved: dict[str, tuple[int, int]]
     # float64 (float64_allowances): what the jitter test allowed, one line per tensor
     notes: tuple[str, ...] = ()
+    # Below float64, per source and name: float64's own rounding allowance of the twin, measured
+    # as a float64 run measures it (`float64_allowances`) where a twin would otherwise fail.
+    twin_allowance: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def note(self, dtype: torch.dtype) -> str | None:
         """One line naming the elements judged by their float64 twin alone, or None."""
@@ -118,6 +129,128 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
             if count:
                 unresolved[name] = (max(count, unresolved.get(name, (0, 0))[0]), g.numel())
     return Rounding(result, twins, unresolved)
+
+
+def stochastic_allowances(
+    case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None], found: Rounding
+) -> Rounding:
+    """`found` (from `allowances`), widened where a source's value in `dtype` is off its float64
+    twin by more than its allowance: there the twin's own response to `dtype`'s rounding of every
+    value it computes is measured (`stochastic`), and STOCHASTIC_SPREAD times it allowed. A
+    gradient that is a small difference of large terms (erfcx's 2x·erfcx(x) − 2/√π at x ≈ 1e3 in
+    float32 keeps one digit: the constant alone is off by 5e-8 of 1.13) is right to be that far
+    off, and the twin says so; a derivation bug is in the twin too, judged by float64's tolerance.
+    Measured only where a mismatch would otherwise be reported (`check_point`); one note per
+    tensor where the widening covers an element that was off. Nothing for numpy code, which runs
+    no torch op the simulated rounding could reach."""
+    if case.numpy:
+        return found
+    at = point.rounded(dtype)
+    unit = torch.finfo(dtype).eps / 2
+    allowance = {source: dict(by_name) for source, by_name in found.allowance.items()}
+    notes = list(found.notes)
+    for source, grads in gradients.items():
+        if grads is None or source not in found.twin:
+            continue
+        twin, allowed = found.twin[source], allowance[source]
+        off = {
+            name: (grads.values[name].detach().to("cpu", torch.float64) - twin[name]).abs().nan_to_num(nan=math.inf)
+            for name in allowed if name in twin
+        }
+        uncovered = {name: o > allowed[name] for name, o in off.items() if bool((o > allowed[name]).any())}
+        if not uncovered:
+            continue
+        spread = stochastic(
+            lambda source=source: SOURCES[source](case, at, "cpu", torch.float64).values,
+            list(uncovered), unit, derive_seed("stochastic", case.name, point.label, source),
+        )
+        for name, where in uncovered.items():
+            if name not in spread:
+                continue
+            widened = torch.maximum(allowed[name], STOCHASTIC_SPREAD * spread[name])
+            covered = where & (off[name] <= widened)
+            allowed[name] = widened
+            if bool(covered.any()):
+                relative = float((spread[name][covered] / twin[name][covered].abs().clamp(min=torch.finfo(torch.float64).tiny)).max())
+                notes.append(
+                    f"the {source} gradient of {name!r} in {name_of(dtype)} is off its float64 twin at "
+                    f"{int(covered.sum())} of {covered.numel()} elements by what {name_of(dtype)} rounding does to that "
+                    f"computation: the twin, with every value it computes moved within {name_of(dtype)}'s rounding, moves "
+                    f"by up to {relative:.1e} of itself there (a difference of larger terms); {STOCHASTIC_SPREAD:g}x that "
+                    "is allowed"
+                )
+    return replace(found, allowance=allowance, notes=tuple(notes))
+
+
+def stochastic(
+    compute: Callable[[], dict[str, torch.Tensor]], names: list[str], unit: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """Per name in `names`, how far the float64 values `compute()` gives for it move when every
+    floating-point value an op makes is multiplied by 1 + δ, δ uniform within ±`unit` (Monte
+    Carlo arithmetic: a dtype's rounding, simulated in float64). STOCHASTIC_PAIRS draws,
+    each applied both ways: a computation that merely rounds responds to them linearly, the two
+    moves opposite; an element whose moves are not opposite in every pair jumps (a branch, a tie
+    that the draws break) and gets 0, as a jump is no rounding. {} where `compute` fails under
+    the draws (nothing is allowed then)."""
+    eps = torch.finfo(torch.float64).eps
+    try:
+        base = compute()
+    except CaseTimeout:
+        raise
+    except Exception:  # noqa: BLE001 - as under the draws below
+        return {}
+    if any(base.get(name) is None for name in names):
+        return {}
+    flat = {name: base[name].detach().to("cpu", torch.float64) for name in names}
+    spread = {name: torch.zeros_like(value) for name, value in flat.items()}
+    smooth = {name: torch.ones_like(value, dtype=torch.bool) for name, value in flat.items()}
+    for pair in range(STOCHASTIC_PAIRS):
+        moved = []
+        for sign in (1.0, -1.0):
+            try:
+                with _Rounds(unit * sign, seed + pair):
+                    moved.append(compute())
+            except CaseTimeout:
+                raise
+            except Exception:  # noqa: BLE001 - fn that refuses the perturbed values: no allowance
+                return {}
+        for name, g in flat.items():
+            up, down = (m.get(name) for m in moved)
+            if up is None or down is None or up.shape != g.shape or down.shape != g.shape:
+                return {}
+            up, down = up.detach().to("cpu", torch.float64), down.detach().to("cpu", torch.float64)
+            odd = ((up - down).abs() / 2).nan_to_num(nan=0.0, posinf=0.0)
+            even = (up + down - 2 * g).abs()
+            smooth[name] &= even <= odd / 2 + 64 * eps * g.abs()
+            spread[name] = torch.maximum(spread[name], odd)
+    return {name: torch.where(smooth[name], s, torch.zeros_like(s)) for name, s in spread.items()}
+
+
+class _Rounds(TorchDispatchMode):
+    """Every floating-point value an op computes (not a view of another, nor written in place)
+    multiplied by 1 + δ, δ uniform within ±`unit`, drawn from a generator seeded with `seed`: the
+    same draws in the same order for -`unit`, so two runs move the values opposite ways."""
+
+    def __init__(self, unit: float, seed: int) -> None:
+        super().__init__()
+        self.unit = unit
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or any(r.alias_info is not None for r in func._schema.returns):
+            return out
+        return tree_map(self._rounded, out)
+
+    def _rounded(self, value: object) -> object:
+        if (
+            not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex())
+            or value.layout != torch.strided or not value.numel() or value._is_zerotensor()  # exact zeros, no storage
+        ):
+            return value
+        real = value.real.dtype if value.is_complex() else value.dtype
+        delta = (torch.rand(value.shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * self.unit
+        return value * (1 + delta).to(value.device, real)
 
 
 def float64_allowances(

@@ -69,9 +69,12 @@ class Sides:
     manual: torch.Tensor | None
     rounding_a: torch.Tensor
     rounding_m: torch.Tensor
-    # Below float64: each source's float64 twin at the same point (None in float64).
+    # Below float64: each source's float64 twin at the same point (None in float64), and
+    # float64's own rounding allowance of it (zeros unless measured).
     twin_a: torch.Tensor | None = None
     twin_m: torch.Tensor | None = None
+    twin_rounding_a: torch.Tensor | None = None
+    twin_rounding_m: torch.Tensor | None = None
 
     @classmethod
     def of(
@@ -82,8 +85,9 @@ class Sides:
         def flat(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to("cpu", torch.float64).reshape(-1)
 
-        def allowance(source: str) -> torch.Tensor:
-            given = None if rounding is None else rounding.allowance.get(source, {}).get(name)
+        def allowance(source: str, twin: bool = False) -> torch.Tensor:
+            found = None if rounding is None else rounding.twin_allowance if twin else rounding.allowance
+            given = None if found is None else found.get(source, {}).get(name)
             return torch.zeros(size, dtype=torch.float64) if given is None or given.numel() != size else flat(given)
 
         def twin(source: str) -> torch.Tensor | None:
@@ -98,6 +102,8 @@ class Sides:
             allowance("manual"),
             None if autograd is None else twin("autograd"),
             None if manual is None else twin("manual"),
+            allowance("autograd", twin=True),
+            allowance("manual", twin=True),
         )
 
     @property

@@ -401,10 +401,9 @@ class FiniteDifferences:
             sigma = max(sigma, ROUNDING_FLOOR * self.cancelled)
         if jumps:
             # The loss jumps at the point itself (a ±1 label that requires grad: off ±1 the
-            # loss takes another branch): that is no rounding, and as σ it would widen every
-            # bar until any gradient passed. The tensors that make it jump are left out of
-            # the probe (their own elements show the jump as a kink); where every tensor
-            # does, the jump is all there is to measure.
+            # loss takes another branch): σ and still are read beside the point (`_noise_of`).
+            # The tensors that make it jump are left out of the probe where others remain
+            # (their own elements show the jump as a kink), so that those are measured whole.
             smooth = {name: t for name, t in self.targets.items() if not self._probe({name: t})[2]}
             if smooth:
                 sigma, still, _ = self._probe(smooth)
@@ -831,11 +830,14 @@ def along_many(
         smooth = {name for name in names if not bool(_output_noise_of(probed({name}), f0, floor)[1].any())}
         if smooth:
             seen = probed(smooth)
-            noise, _ = _output_noise_of(seen, f0, floor)
+            noise, jumps = _output_noise_of(seen, f0, floor)
     # An output element that did not move at all on the noise lines: a staircase whose stairs
     # may be finer than the step (round(x, 3)), as reverse mode's `still`: a slope seen at the
-    # step is checked at smaller ones.
+    # step is checked at smaller ones. One that jumps at the point: still beside it, along each line.
     still = (seen == f0).all(dim=0) if len(seen) else torch.zeros(n, dtype=torch.bool)
+    if len(seen) and bool(jumps.any()):
+        lines = seen.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
+        still = torch.where(jumps, (lines == lines[:, :1]).all(dim=1).all(dim=0), still)
     # Such an element shows no rounding to measure; the floor is a perfect rounding's, and a
     # function's own error is up to an ulp of its value (atan at 1e6: π/2 − 1/x, whose bars at
     # small steps, from the floor, were half their true size and settled on chance).
@@ -907,7 +909,10 @@ def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor
         return least, torch.zeros(f0.shape, dtype=torch.bool)
     squares = _noise_squares(values, f0).nan_to_num(0.0, posinf=0.0)
     through, beside = squares[:, 0].mean(dim=0), squares[:, 1:].mean(dim=(0, 1))
-    return torch.maximum(squares.mean(dim=(0, 1)).sqrt(), least), through > JUMP_RATIO**2 * torch.maximum(beside, least.square())
+    jumps = through > JUMP_RATIO**2 * torch.maximum(beside, least.square())
+    # An output that jumps at the point (a sum of ceil with a whole-number input) shows its
+    # rounding beside it, as in reverse mode (`_noise_of`)
+    return torch.maximum(torch.where(jumps, beside, squares.mean(dim=(0, 1))).sqrt(), least), jumps
 
 
 def _along(
@@ -1344,7 +1349,10 @@ class _Terms(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
         out = func(*args, **(kwargs or {}))
         for value in tree_leaves(out):
-            if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel():
+            if (
+                isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel()
+                and value.layout == torch.strided and not value._is_zerotensor()  # a ZeroTensor has no storage to read
+            ):
                 self.largest = max(self.largest, float(_finite_abs(value).max()))
         return out
 
@@ -1382,6 +1390,14 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
     through, beside = through[torch.isfinite(through)], beside[torch.isfinite(beside)]
     jumps = bool(through.numel() and beside.numel()) and float(through.mean()) > JUMP_RATIO**2 * max(float(beside.mean()), floor**2)
     finite = squares[torch.isfinite(squares)]
+    if jumps:
+        # The point sits on a step of the loss (ceil at an integer element, a ±1 label): the jump
+        # is no rounding, and as σ it would widen every bar until any gradient passed. Beside the
+        # point the differences are rounding alone, and the loss may stand still there along each
+        # line (a staircase, whose slope seen at a wide step is checked at smaller ones).
+        finite = beside
+        lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
+        still = bool((lines == lines[:, :1]).all())
     sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.numel() else floor
     if still:  # no rounding to measure: a function's own error is up to an ulp of its value (`along_many`)
         sigma = max(sigma, EPS * abs(f0) if math.isfinite(f0) else 0.0)
