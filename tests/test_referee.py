@@ -908,3 +908,42 @@ def test_a_zero_tensor_in_the_traced_terms_is_not_read(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+_NEAR = 1e6 + torch.tensor([0.3, -4.1, 2.6], dtype=torch.float64)
+
+
+class _Near(torch.autograd.Function):
+    """sin(x − 1e6), defined only within 0.5 of _NEAR (a Cholesky factor of a matrix ≈ 1e6 +
+    O(1) is defined only that near); `slip` multiplies its backward and jvp."""
+
+    slip = 1.0
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        if bool(((x - _NEAR).abs() > 0.5).any()):
+            raise ValueError("outside the domain")
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return (x - 1e6).sin()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return grad * (x - 1e6).cos() * _Near.slip
+
+    @staticmethod
+    def jvp(ctx, tangent):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return tangent * (x - 1e6).cos() * _Near.slip
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+@pytest.mark.parametrize(("slip", "verdict"), [(1.0, "ok"), (1.0001, "mismatch")])
+def test_a_forward_that_refuses_the_first_steps_is_narrowed_until_it_accepts(monkeypatch, mode, slip, verdict):
+    # At 1e6 the first step is 2¹⁴, and 2⁷ after one narrowing: both outside the domain; two
+    # more narrowings (1, then 2⁻⁷) reach inside it (op_db's cholesky, order 2, at +1e6 was an
+    # error where torch passes).
+    monkeypatch.setattr(_Near, "slip", slip)
+    (result,) = backprop_check.check(_Near.apply, (_NEAR.clone(),), dtypes=["float64"], points=0, modes=(mode,)).results
+    assert str(result.verdict) == verdict, result.message

@@ -49,6 +49,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,6 +71,7 @@ from backprop_check.sources.inplace import InPlace
 # faster shows it (`_estimates`: the corrections decrease too slowly) and gets a smaller step.
 RELATIVE_STEP = 2.0**-6
 NARROWER = 2.0**-7  # a first step the forward refuses is retried this much smaller (2⁻¹³)
+NARROWINGS = 3  # and again, up to this many times (a matrix ≈ 1e6 + O(1): steps 2¹⁴, 2⁷, 1, 2⁻⁷)
 # The forward's own rounding, measured (`_measured_noise`): the loss along NOISE_LINES lines
 # through the point at NOISE_POINTS points NOISE_ULPS ulps of every input apart; the
 # NOISE_ORDER-th differences there are rounding alone. Never below ROUNDING_FLOOR·|loss|: the
@@ -456,16 +458,15 @@ class FiniteDifferences:
         rows = None if alone else self._probe_rows(whole, len(chosen))
         if rows is None:
             sigma, still = self.noise
-        hs = [steps_for(scale) * multiplier for multiplier in steps]
-        try:
-            evaluated, probed, known = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows, ahead=_ahead(scale, chosen, hs))
-        except CaseTimeout:
-            raise
-        except CaseError:
-            # fn refuses a point a first step away (a probability p ± h outside [0, 1]): the
-            # steps a kink is confirmed at, where the old fixed steps were; settled from there.
-            hs = [h * NARROWER for h in hs]
-            evaluated, probed, known = evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows, ahead=_ahead(scale, chosen, hs))
+        first = [steps_for(scale) * multiplier for multiplier in steps]
+
+        def attempt(factor: float) -> tuple[list[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor | None, Known | None]]:
+            hs = [h * factor for h in first]
+            return hs, evaluate_steps(self.batched, self.targets, whole, hs, chosen, extra=rows, ahead=_ahead(scale, chosen, hs))
+
+        # fn refuses a point a first step away (a probability p ± h outside [0, 1]): the steps
+        # a kink is confirmed at, where the old fixed steps were; settled from there.
+        hs, (evaluated, probed, known) = _narrowed(attempt)
         if rows is not None:
             f0 = float(self.loss0)
             self._measured(_noise_of(probed, f0, _noise_floor(f0)) if probed is not None else self._probe(self.targets))
@@ -659,13 +660,8 @@ class FiniteDifferences:
             estimate["step"] = h.to(torch.float64).clone()
             return estimate
 
-        try:
-            found = at(steps, everyone)
-        except CaseTimeout:
-            raise
-        except CaseError:  # fn refuses a point a first step away: narrower steps, as `estimate`
-            steps = [multiplier * NARROWER for multiplier in steps]
-            found = at(steps, everyone)
+        # fn refuses a point a first step away: narrower steps, as `estimate`
+        found = _narrowed(lambda factor: at([multiplier * factor for multiplier in steps], everyone))
         best = found[0]
         for other in found[1:]:
             best = _better(best, other)
@@ -798,17 +794,14 @@ def along_many(
         rows = (len(probe) + (len(pairs) + len(sized)) * len(OFFSETS))
         return sized if rows <= MAX_BATCH and rows * max(flat.size, n) <= AHEAD_ELEMENTS else []
 
-    try:
-        later = ahead(first)
-        values = outputs(torch.cat([probe, rows_for(first), *([rows_for(later)] if later else [])]))
-    except CaseTimeout:
-        raise
-    except CaseError:
-        # fn refuses a point a first step away (a Cholesky factor of a matrix ≈ 1e3 ± 5 moved by
-        # 16): narrower first steps, as in reverse mode (`estimate`), settled from there
-        first = [(j, m * NARROWER) for j, m in first]
-        later = ahead(first)
-        values = outputs(torch.cat([probe, rows_for(first), *([rows_for(later)] if later else [])]))
+    def attempt(factor: float) -> tuple[list[tuple[int, float]], list[tuple[int, float]], torch.Tensor]:
+        pairs = [(j, m * factor) for j, m in first]
+        later = ahead(pairs)
+        return pairs, later, outputs(torch.cat([probe, rows_for(pairs), *([rows_for(later)] if later else [])]))
+
+    # fn refuses a point a first step away (a Cholesky factor of a matrix ≈ 1e3 ± 5 moved by
+    # 16): narrower first steps, as in reverse mode (`estimate`), settled from there
+    first, later, values = _narrowed(attempt)
     known = dict(zip(later, values[len(probe) + len(first) * len(OFFSETS) :].reshape(len(later), len(OFFSETS), n)))
     values = values[: len(probe) + len(first) * len(OFFSETS)]
     sizes = list(parts) or [n]
@@ -1055,6 +1048,27 @@ def _ahead(scale: torch.Tensor, chosen: torch.Tensor, hs: Sequence[torch.Tensor]
         return None
     sized = chosen[scale[chosen].abs() > VALIDATE_FROM]
     return (sized, hs[0][sized] * SHRINK) if sized.numel() else None
+
+
+Narrowed = TypeVar("Narrowed")
+
+
+def _narrowed(attempt: Callable[[float], Narrowed]) -> Narrowed:
+    """`attempt(1.0)`, the first steps as chosen; where fn refuses a point a step away (a
+    CaseError), `attempt` at NARROWER times that, up to NARROWINGS times (a Cholesky factor of a
+    matrix ≈ 1e6 + O(1): steps of 2¹⁴ and 2⁷ leave it indefinite, 2⁻⁷ does not). The last
+    refusal is fn's own error."""
+    factor = 1.0
+    for tries in range(NARROWINGS + 1):
+        try:
+            return attempt(factor)
+        except CaseTimeout:
+            raise
+        except CaseError:
+            if tries == NARROWINGS:
+                raise
+            factor *= NARROWER
+    raise AssertionError("unreachable")
 
 
 def evaluate(
