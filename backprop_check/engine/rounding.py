@@ -36,6 +36,7 @@ from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
+from backprop_check.sources.numerical import readable_values
 
 DEVIATION_CAP = 0.05
 # The dtype's arithmetic inside fn (a mean's sum, x − mean) errs by several ulps of the inputs'
@@ -243,11 +244,9 @@ class _Rounds(TorchDispatchMode):
         return tree_map(self._rounded, out)
 
     def _rounded(self, value: object) -> object:
-        if (
-            not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex())
-            or value.layout != torch.strided or not value.numel() or value._is_zerotensor()  # exact zeros, no storage
-        ):
+        if not readable_values(value):  # an integer, an empty tensor, a ZeroTensor's exact zeros
             return value
+        assert isinstance(value, torch.Tensor)
         real = value.real.dtype if value.is_complex() else value.dtype
         delta = (torch.rand(value.shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * self.unit
         return value * (1 + delta).to(value.device, real)

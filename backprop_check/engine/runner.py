@@ -381,10 +381,9 @@ def check_point(
         except CaseTimeout as exc:  # the mismatch found stands
             timed_out, note = exc, f"{exc} while measuring {name_of(dtype)}'s rounding at the point"
         else:
-            if widened.notes:
-                evidence = replace(evidence, rounding=widened)
-                checks = compare(evidence)
-                note = "; ".join(widened.notes)
+            evidence = replace(evidence, rounding=widened)
+            checks = compare(evidence)
+            note = "; ".join(widened.notes) or None
             if any(c.verdict == MISMATCH for c in checks):
                 timed_out, note, evidence, checks = _twins_rejudged(case, point, dtype, widened, evidence, checks, note)
     elif allowances is None and timed_out is None and any(c.verdict == MISMATCH for c in checks):

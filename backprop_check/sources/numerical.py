@@ -829,8 +829,7 @@ def along_many(
     # step is checked at smaller ones. One that jumps at the point: still beside it, along each line.
     still = (seen == f0).all(dim=0) if len(seen) else torch.zeros(n, dtype=torch.bool)
     if len(seen) and bool(jumps.any()):
-        lines = seen.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
-        still = torch.where(jumps, (lines == lines[:, :1]).all(dim=1).all(dim=0), still)
+        still = torch.where(jumps, still_beside(seen), still)
     # Such an element shows no rounding to measure; the floor is a perfect rounding's, and a
     # function's own error is up to an ulp of its value (atan at 1e6: π/2 − 1/x, whose bars at
     # small steps, from the floor, were half their true size and settled on chance).
@@ -1059,16 +1058,14 @@ def _narrowed(attempt: Callable[[float], Narrowed]) -> Narrowed:
     matrix ≈ 1e6 + O(1): steps of 2¹⁴ and 2⁷ leave it indefinite, 2⁻⁷ does not). The last
     refusal is fn's own error."""
     factor = 1.0
-    for tries in range(NARROWINGS + 1):
+    for _ in range(NARROWINGS):
         try:
             return attempt(factor)
         except CaseTimeout:
             raise
         except CaseError:
-            if tries == NARROWINGS:
-                raise
             factor *= NARROWER
-    raise AssertionError("unreachable")
+    return attempt(factor)
 
 
 def evaluate(
@@ -1363,12 +1360,26 @@ class _Terms(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
         out = func(*args, **(kwargs or {}))
         for value in tree_leaves(out):
-            if (
-                isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel()
-                and value.layout == torch.strided and not value._is_zerotensor()  # a ZeroTensor has no storage to read
-            ):
+            if readable_values(value):
                 self.largest = max(self.largest, float(_finite_abs(value).max()))
         return out
+
+
+def readable_values(value: object) -> bool:
+    """Whether `value` is a non-empty floating-point or complex tensor whose values a dispatch
+    mode may read and replace: strided, and not an efficient ZeroTensor (exact zeros with no
+    storage: reading one is a segmentation fault)."""
+    return (
+        isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and bool(value.numel())
+        and value.layout == torch.strided and not value._is_zerotensor()
+    )
+
+
+def still_beside(values: torch.Tensor) -> torch.Tensor:
+    """Per output (the last dimension), whether the values at `_noise_rows` stand still along
+    each noise line: the loss beside a point it jumps at (ceil of a whole-number input)."""
+    lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
+    return (lines == lines[:, :1]).all(dim=1).all(dim=0)
 
 
 def _finite_abs(value: torch.Tensor) -> torch.Tensor:
@@ -1410,8 +1421,7 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
         # point the differences are rounding alone, and the loss may stand still there along each
         # line (a staircase, whose slope seen at a wide step is checked at smaller ones).
         finite = beside
-        lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
-        still = bool((lines == lines[:, :1]).all())
+        still = bool(still_beside(values).all())
     sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.numel() else floor
     if still:  # no rounding to measure: a function's own error is up to an ulp of its value (`along_many`)
         sigma = max(sigma, EPS * abs(f0) if math.isfinite(f0) else 0.0)
