@@ -1,9 +1,9 @@
 """`make bench`: backprop_check against `torch.autograd.gradcheck`, and its start-up time.
 
     .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel]
-        [function] [full] [orders] [distributed] [reference] [kernels] [profile] [referee] [opinfo]
+        [function] [full] [orders] [distributed] [reference] [kernels] [profile] [referee] [opinfo] [tiny]
 
-Prints fifteen sections (all of them when none is named) and writes nothing: the numbers are
+Prints sixteen sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -28,6 +28,8 @@ repeats and trials, for a short look (record figures from the full run).
 15. opinfo   — the drop-ins on op_db against torch's slow and fast gradcheck (float64, float32,
                complex128) and gradgradcheck (float64), and planted slips (a slice of it,
                resumable: benchmarks/opinfo.py runs the whole of it).
+16. tiny     — the fixed cost of a tiny check: the drop-in against torch's slow and fast gradcheck
+               on functions of one to fifty elements (benchmarks/tiny.py).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ import scale
 import soundness
 import speed
 import startup
+import tiny
 
 Section = Callable[[bool], tuple[str, list[tuple[str, bool]]]]  # quick → (text, targets)
 SECTIONS: dict[str, tuple[str, Section]] = {
@@ -85,6 +88,8 @@ SECTIONS: dict[str, tuple[str, Section]] = {
                 referee.run),
     "opinfo": ("15. the drop-ins on PyTorch's op_db vs torch's slow and fast gradcheck and gradgradcheck; mutants",
                opinfo.section),
+    "tiny": ("16. the fixed cost of a tiny check: the drop-in vs torch's slow and fast gradcheck",
+             lambda quick: tiny.run(5 if quick else 15)),
 }
 
 

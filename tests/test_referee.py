@@ -947,3 +947,36 @@ def test_a_forward_that_refuses_the_first_steps_is_narrowed_until_it_accepts(mon
     monkeypatch.setattr(_Near, "slip", slip)
     (result,) = backprop_check.check(_Near.apply, (_NEAR.clone(),), dtypes=["float64"], points=0, modes=(mode,)).results
     assert str(result.verdict) == verdict, result.message
+
+
+class _SigmoidSlip(torch.autograd.Function):
+    """sigmoid, its backward off by a relative 1e-6 (ten times float64's rtol) at element 7."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sigmoid(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        slip = torch.ones_like(y)
+        slip[7] += 1e-6
+        return grad * y * (1 - y) * slip
+
+
+def test_a_bar_far_below_the_tolerance_takes_no_smaller_step_and_a_slip_above_the_tolerance_still_fails(monkeypatch):
+    # sigmoid's bars at the first step are ~1e-11 of its values: a second batched pass for a
+    # smaller step would move no verdict (`PRECISE_ENOUGH`). A case that sets a smaller rtol
+    # gets the smaller steps; a slip of ten times the rtol still fails.
+    rows: list[int] = []
+    call = numerical.Batched.__call__
+    monkeypatch.setattr(numerical.Batched, "__call__", lambda self, t, f, b: rows.append(len(b)) or call(self, t, f, b))
+    x = torch.linspace(-3, 3, 20, dtype=torch.float64).requires_grad_()
+    assert backprop_check.gradcheck(torch.sigmoid, (x,))
+    assert len(rows) == 1
+    rows.clear()
+    assert backprop_check.gradcheck(torch.sigmoid, (x,), rtol=1e-12)
+    assert len(rows) > 1
+    assert not backprop_check.gradcheck(_SigmoidSlip.apply, (x,), raise_exception=False)

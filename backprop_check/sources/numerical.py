@@ -170,17 +170,20 @@ Linear = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torc
 
 def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradients:
     """dloss/dparam and dloss/dnode at every element by finite differences, in float64 on the
-    CPU, at the point as a `dtype` run sees it (its values rounded to `dtype`)."""
-    return reference(case, point, dtype, full=True, tighten=False).gradients
+    CPU, at the point as a `dtype` run sees it (its values rounded to `dtype`), each as precise
+    as the steps can make it (no `PRECISE_ENOUGH`: no verdict to be enough for)."""
+    return reference(case, point, dtype, full=True, tighten=False, precise=True).gradients
 
 
 def reference(
-    case: Case, point: Point, dtype: torch.dtype, *, full: bool = False, seed: int = 0, tighten: bool = True
+    case: Case, point: Point, dtype: torch.dtype, *, full: bool = False, seed: int = 0, tighten: bool = True,
+    precise: bool = False,
 ) -> Reference:
     """The numerical reference at a point: every element of the tensors cheap to estimate that
     way (all of them when `full`), samples and directions for the others; with `tighten`, the
-    elements whose error bar would decide their verdict re-estimated at the refinement steps."""
-    differences = FiniteDifferences(case, point, dtype)
+    elements whose error bar would decide their verdict re-estimated at the refinement steps;
+    with `precise`, no bar is left at PRECISE_ENOUGH of the tolerance."""
+    differences = FiniteDifferences(case, point, dtype, precise=precise)
     sampled = set() if full else {name for name, t in differences.targets.items() if is_sampled(t.numel())}
     result = Gradients("numerical", {}, loss=differences.loss0.detach(), nodes=differences.nodes)
     held = held_fixed(differences.targets)
@@ -223,6 +226,12 @@ def reference(
 # An element's error bar is loose when ERROR_BARS of it outweigh float64's rtol·|value| and
 # atol·(the tensor's largest): the verdict on that element would hang on the bar alone.
 LOOSE_BARS, LOOSE_RELATIVE, LOOSE_OF_LARGEST = 4.0, 1e-7, 1e-9
+# An element whose LOOSE_BARS bars are below this fraction of LOOSE_RELATIVE·|value| (of the
+# smallest rtol a case sets, where smaller) is precise enough: a smaller step would move the
+# allowance its verdict is judged by less than that fraction, so `settle` takes none for
+# precision's sake (it still does for every check it makes: kinks, staircases, a step set by
+# the size of θ). A sigmoid's bar of 1e-11 of its value took a second batched forward pass.
+PRECISE_ENOUGH = 2.0**-6
 # At most this many of a tensor's loosest elements are re-estimated (three steps each), which
 # bounds what the refinement adds to a full check of a large tensor.
 MAX_TIGHTENED = 256
@@ -248,6 +257,13 @@ def _tighten(result: Gradients, differences: FiniteDifferences, names: Sequence[
             _store(result, {name: _better(current, estimate[name])}, differences.targets, mask={name: index})
             if whole:  # still every element estimated, not a sample
                 result.checked.pop(name, None)
+
+
+def _smallest_rtol(rtol: object, default: float) -> float:
+    """The smallest of `default` and the rtol a case sets (a number, or one per dtype name)."""
+    given = rtol.values() if isinstance(rtol, Mapping) else [rtol]
+    numbers = [float(value) for value in given if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return min([default, *(value for value in numbers if value >= 0)])
 
 
 def held_fixed(targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -314,7 +330,7 @@ class Reference:
 class FiniteDifferences:
     """The loss as a function of every parameter and node offset, at a point as `dtype` sees it."""
 
-    def __init__(self, case: Case, point: Point, dtype: torch.dtype) -> None:
+    def __init__(self, case: Case, point: Point, dtype: torch.dtype, precise: bool = False) -> None:
         at = point.rounded(dtype)
         with torch.no_grad():
             loss0, tape = call_forward(case, at)
@@ -323,6 +339,10 @@ class FiniteDifferences:
         self.nodes = tuple(nodes)
         self.targets = {**at.params, **{name: torch.zeros_like(v) for name, v in nodes.items()}}
         self.scales = {**at.params, **nodes}
+        # The relative tolerance a verdict on these estimates uses at the least (`PRECISE_ENOUGH`);
+        # `precise`: every bar as small as the steps make it (the plain numerical gradient).
+        self.relative = _smallest_rtol(case.rtol, LOOSE_RELATIVE)
+        self.precise = precise
 
         def loss(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
             params = {k: values[k] for k in at.params}
@@ -495,7 +515,7 @@ class FiniteDifferences:
         # Not finite a first step away (asin at 0.99, θ + h past the domain's edge): smaller
         # steps, as for any step wider than the function allows.
         best["flat"] = best["flat"] | ~torch.isfinite(best["value"])
-        best = self._settled(whole, scale, chosen, best, sigma, stairs, known)
+        best = self._settled(whole, scale, chosen, best, sigma, stairs, known, precise=self.precise or alone or len(steps) > 1)
         if alone:
             best = self._widened(whole, scale, chosen, best, sigma)
             # Rounding that does not change as the element moves (x − mean at x ≈ 1e6, seen from
@@ -515,14 +535,16 @@ class FiniteDifferences:
 
     def _settled(
         self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: float | torch.Tensor,
-        stairs: torch.Tensor | None = None, known: Known | None = None,
+        stairs: torch.Tensor | None = None, known: Known | None = None, precise: bool = False,
     ) -> dict[str, torch.Tensor]:
         """`settle` the elementwise estimates: each round re-estimates the unsettled elements
         at a smaller step (6 forward passes each), never below STEP_FLOOR_ULPS
         ulps of θ. Elements whose step is RELATIVE_STEP·|θ| with |θ| > VALIDATE_FROM (a step set by the
         value, not by the function), and those where the function is flat between two stencil
         points (a staircase), are always checked at smaller steps, down to CONFIRM_STEP and to
-        the kink step (`settle`'s confirm)."""
+        the kink step (`settle`'s confirm). A bar within PRECISE_ENOUGH of the tolerance is
+        not narrowed for precision alone, unless `precise` (the few elements a verdict hangs
+        on, at the refinement steps)."""
         theta = scale[chosen]
 
         def evaluated(elements: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -540,7 +562,8 @@ class FiniteDifferences:
         small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
         sized = theta.abs() > VALIDATE_FROM
         confirm = _confirmed_at(sized, torch.full_like(theta, CONFIRM_STEP), stairs, small)
-        return settle(best, at, _step_floor(theta), sized | best["flat"], small, confirm)
+        enough = None if precise else PRECISE_ENOUGH * self.relative / LOOSE_BARS * best["value"].abs().nan_to_num(0.0)
+        return settle(best, at, _step_floor(theta), sized | best["flat"], small, confirm, enough)
 
     def _widened(
         self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor
@@ -1491,25 +1514,25 @@ def _estimates(
     times the norm of its weights. Its truncation part is predicted from the Taylor terms the
     six values resolve (`_truncation`). Computed in numpy: a few dozen operations on short
     vectors, called for every batch of elements and every direction."""
-    values = f.detach().to(torch.float64).cpu().numpy()
+    values = _array(f)
     n = values.shape[1]
-    h_ = np.broadcast_to(np.asarray(torch.as_tensor(h, dtype=torch.float64).cpu().numpy(), dtype=np.float64), (n,))
-    f0_ = np.broadcast_to(np.asarray(torch.as_tensor(f0, dtype=torch.float64).cpu().numpy(), dtype=np.float64), (n,))
+    h_ = np.broadcast_to(_array(h), (n,))
+    f0_ = np.broadcast_to(_array(f0), (n,))
     with np.errstate(all="ignore"):
         q = _differences(values, f0_, h_)
         value = q["value"]
-        sigma = np.broadcast_to(np.maximum(np.asarray(torch.as_tensor(noise, dtype=torch.float64).cpu().numpy()), 0.0), (n,))
+        sigma = np.broadcast_to(np.maximum(_array(noise), 0.0), (n,))
         sigma = np.maximum(sigma, ROUNDING_FLOOR * np.maximum(np.abs(values).max(axis=0), np.abs(f0_)))
         if theta is not None:
             # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
             # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f, this element's own share of the measured σ.
-            own = EPS * np.abs(theta.detach().to(torch.float64).cpu().numpy()) * np.abs(value)
-            sigma = sigma + np.nan_to_num(own, nan=0.0, posinf=math.inf)
+            own = EPS * np.abs(_array(theta)) * np.abs(value)
+            sigma = sigma + np.where(np.isnan(own), 0.0, own)
 
         def noise_of(key: str, power: int = 1) -> np.ndarray:
             return sigma * WEIGHTS[key] / h_**power
 
-        truncation, slope_seen = _truncation(q, h_, noise_of)
+        truncation, slope_seen = _truncation(q, h_, sigma)
         rounding = ROUNDING_SIGMAS * noise_of("value")
         error = np.where(np.isfinite(value), truncation + rounding, math.inf)
         f_h, f_half, f_quarter, m_quarter, m_half, m_h = values
@@ -1540,39 +1563,60 @@ def _estimates(
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
+def _array(value: torch.Tensor | np.ndarray | float) -> np.ndarray:
+    """`value` as a float64 numpy array (a CPU float64 tensor without a copy)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.dtype != torch.float64 or value.device.type != "cpu":
+            value = value.to("cpu", torch.float64)
+        return value.numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
 # The Taylor terms a_k = |f⁽ᵏ⁾|·h^(k−1)/k!, k = 1…6, in the derivative's units: the quantity of
 # `_differences` each is read from, the power of h it is divided by, and its weight.
 TERMS = (("value", 1, 1.0), ("q2", 2, 2.0), ("t2", 1, 0.75), ("s2", 2, 1.5), ("t4", 1, 15 / 64), ("s4", 2, 15 / 32))
 
 
 def _truncation(
-    q: dict[str, np.ndarray], h: np.ndarray, noise_of: Callable[[str, int], np.ndarray]
+    q: dict[str, np.ndarray], h: np.ndarray, sigma: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """TRUNCATION_SAFETY times the h⁶ term left in the value, |f⁽⁷⁾|·h⁶/7!/64, predicted from
     the terms a_k (`TERMS`: the value, the curvature, the corrections t2, t4 of the odd part and
     s2, s4 of the even part), each counted where it stands RESOLVED_SIGMAS of its rounding
-    clear; and per column the rate at which the last clear term falls (log x).
+    (σ, the forward's, times the term's weights) clear; and per column the rate at which the
+    last clear term falls (log x).
 
     The terms of a function smooth at the step's scale fall geometrically, by x = h/ρ per order
     (ρ: its own scale, the distance to its nearest singularity), under an envelope that a term
     may dip below at a point (a pair of complex singularities makes them oscillate): the rate
     into a clear term is the least over the clear terms before it (the upper hull of log a_k),
     and the h⁶ term is the largest of the clear terms carried on at their rates."""
-    tiny = np.finfo(np.float64).tiny
-    size = np.stack([np.abs(q[key]) * (h ** (power - 1) / weight) for key, power, weight in TERMS])
-    logs = np.log(np.maximum(size, tiny))  # (6, columns)
-    clear = np.stack([np.abs(q[key]) > RESOLVED_SIGMAS * noise_of(key, power) for key, power, _ in TERMS])
-    order = np.arange(1, 7, dtype=np.float64)
-    apart = order[:, None] - order[None, :]  # high − low
-    slopes = (logs[:, None] - logs[None, :]) / np.maximum(apart, 1)[:, :, None]
-    below = (apart > 0)[:, :, None] & clear[None, :, :]
-    slope = np.where(below, slopes, math.inf).min(axis=1)  # (6, columns), per high term
-    usable = clear & np.isfinite(slope) & (order >= 3)[:, None]
-    carried = np.where(usable, np.exp(logs + (7 - order)[:, None] * np.where(usable, slope, 0.0)), 0.0)
+    terms = np.abs(np.stack([q[key] for key, _, _ in TERMS]))  # (6, columns)
+    size = terms * (h ** _TERM_POWERS_LESS_ONE / _TERM_WEIGHTS)
+    logs = np.log(np.maximum(size, np.finfo(np.float64).tiny))
+    clear = terms > RESOLVED_SIGMAS * (sigma * _TERM_NOISE_WEIGHTS / h**_TERM_POWERS)  # σ·weight/hᵖ: each term's rounding
+    slopes = (logs[:, None] - logs[None, :]) / _APART_AT_LEAST_ONE
+    slope = np.where(_BELOW & clear[None, :, :], slopes, math.inf).min(axis=1)  # (6, columns), per high term
+    usable = clear & np.isfinite(slope) & _FROM_THIRD
+    carried = np.where(usable, np.exp(logs + _ORDERS_TO_SEVENTH * np.where(usable, slope, 0.0)), 0.0)
     seventh = carried.max(axis=0)
-    last = np.where(usable, order[:, None], 0.0).argmax(axis=0)
-    slope_seen = np.where(usable.any(axis=0), np.take_along_axis(slope, last[None], axis=0)[0], -math.inf)
+    last = np.where(usable, _ORDERS, 0.0).argmax(axis=0)
+    slope_seen = np.where(usable.any(axis=0), slope[last, np.arange(last.size)], -math.inf)
     return np.nan_to_num(TRUNCATION_SAFETY * seventh / 64, nan=math.inf), slope_seen
+
+
+# `_truncation`'s constants, per term of TERMS (rows) and pair of them (high, low, columns).
+_TERM_POWERS = np.array([[power] for _, power, _ in TERMS], dtype=np.float64)
+_TERM_POWERS_LESS_ONE = _TERM_POWERS - 1
+_TERM_WEIGHTS = np.array([[weight] for _, _, weight in TERMS])
+_TERM_NOISE_WEIGHTS = np.array([[WEIGHTS[key]] for key, _, _ in TERMS])
+_ORDERS = np.arange(1, 7, dtype=np.float64)[:, None]
+_APART = _ORDERS - _ORDERS.T  # high − low
+_APART_AT_LEAST_ONE = np.maximum(_APART, 1)[:, :, None]
+_BELOW = (_APART > 0)[:, :, None]
+_FROM_THIRD = _ORDERS >= 3
+_ORDERS_TO_SEVENTH = 7 - _ORDERS
 
 
 def settle(
@@ -1582,6 +1626,7 @@ def settle(
     validate: torch.Tensor,
     small: torch.Tensor,
     confirm: torch.Tensor | None = None,
+    enough: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The step chosen from the function, not from the size of its inputs. `best` holds one
     estimate per column with its `step`; `at(columns, steps)` estimates columns again.
@@ -1610,72 +1655,87 @@ def settle(
     function keeps its wide step's precision; ndtr at −5.4, a smooth function under stairs of
     rounding, too).
 
+    A column whose bar is mostly truncation is taken at a smaller step for precision too
+    (`_shrink_for`), unless its bar is already within its `enough`.
+
     A column still unsettled after SHRINKS rounds or at its `floor` keeps its last estimate,
     its bar widened by its distance to the one before: the bar stays honest."""
-    confirm = torch.full_like(best["step"], math.inf) if confirm is None else confirm
-    coarse = best["kink"] | validate | best["wide"] | (best["step"] > confirm)
-    pending = coarse | (best["truncation"] > best["rounding"])
-    gap = torch.zeros_like(best["error"])
-    seen = torch.zeros(best["error"].shape, dtype=torch.int64)
+    # The bookkeeping runs in numpy: a few dozen operations on short vectors each round, which
+    # in torch cost more in dispatch than in arithmetic (the arithmetic is the same: IEEE).
+    best = {key: value.numpy() for key, value in best.items()}
+    floor_, validate_, small_ = floor.numpy(), validate.numpy(), small.numpy()
+    confirm_ = np.full(best["step"].shape, math.inf) if confirm is None else confirm.numpy()
+    enough_ = np.zeros(best["step"].shape) if enough is None else enough.numpy()
+    coarse = best["kink"] | validate_ | best["wide"] | (best["step"] > confirm_)
+    pending = coarse | ((best["truncation"] > best["rounding"]) & (best["error"] > enough_))
+    gap = np.zeros_like(best["error"])
+    seen = np.zeros(best["error"].shape, dtype=np.int64)
     # Along a chain of agreeing steps not yet confirmed, the estimate with the smallest bar so
     # far (a smooth function keeps its wide step's precision).
-    held = {key: value.clone() for key, value in best.items()}
-    holding = torch.zeros_like(validate)
+    held = {key: value.copy() for key, value in best.items()}
+    holding = np.zeros_like(validate_)
     for _ in range(SHRINKS):
-        if not bool(pending.any()):
+        if not pending.any():
             break
-        where = pending.nonzero().reshape(-1)
-        factor = torch.where(coarse[where], SHRINK, _shrink_for(best["truncation"][where], best["rounding"][where]))
+        where = np.flatnonzero(pending)
+        factor = np.where(coarse[where], SHRINK, _shrink_for(best["truncation"][where], best["rounding"][where]))
         h = best["step"][where] * factor
-        keep = h >= floor[where]
+        keep = h >= floor_[where]
         where, h, factor = where[keep], h[keep], factor[keep]
-        if not where.numel():
+        if not where.size:
             break
-        other = at(where, h)
+        other = {key: value.numpy() for key, value in at(torch.from_numpy(where), torch.from_numpy(h)).items()}
         other["step"] = h
         was = {k: v[where] for k, v in best.items()}
         smooth = ~was["kink"] & ~other["kink"]
-        distance = (other["value"] - was["value"]).abs()
+        distance = np.abs(other["value"] - was["value"])
         agree = smooth & ~other["wide"] & (distance <= was["error"] + other["error"])
-        deep = h > confirm[where]
+        deep = h > confirm_[where]
         settled = agree & ~deep
-        moved = torch.maximum((other["left"] - was["left"]).abs(), (other["right"] - was["right"]).abs())
-        stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * (other["right"] - other["left"]).abs())
-        seen[where] = torch.where(stable, seen[where] + 1, torch.zeros_like(seen[where]))
+        moved = np.maximum(np.abs(other["left"] - was["left"]), np.abs(other["right"] - was["right"]))
+        stable = other["kink"] & was["kink"] & (moved <= KINK_STABLE * np.abs(other["right"] - other["left"]))
+        seen[where] = np.where(stable, seen[where] + 1, 0)
         # A smooth feature narrower than two steps in a row looks like a steady kink at both
         # (logsumexp(x/1e-3) at steps of 0.1 and 0.003 is max): a kink is real when it holds
         # over KINK_STEPS steps, 32² times apart.
-        same_kink = (seen[where] >= KINK_STEPS - 1) & (h <= small[where])
+        same_kink = (seen[where] >= KINK_STEPS - 1) & (h <= small_[where])
         # Agreeing, the two steps measure the wider one's truncation: the smaller step's is at
         # least SHRINK⁻² times less (O(h²) at worst; Richardson's is O(h⁴)), so its bar is its
         # rounding plus that: tight, where |D(h) − D(h/2)|/3 alone is the error of D(h/2).
-        tight = torch.minimum(other["error"], other["rounding"] + distance * factor**2)
-        other["error"] = torch.where(agree, tight, other["error"])
-        prior = {key: torch.where(holding[where], held[key][where], was[key]) for key in was}
+        tight = np.minimum(other["error"], other["rounding"] + distance * factor**2)
+        other["error"] = np.where(agree, tight, other["error"])
+        prior = {key: np.where(holding[where], held[key][where], was[key]) for key in was}
         take = ~(settled & (prior["error"] <= other["error"]))
         smaller = other["error"] < prior["error"]
         for key in best:
-            best[key][where] = torch.where(take, other[key], prior[key])
-            held[key][where] = torch.where(smaller, other[key], prior[key])
+            best[key][where] = np.where(take, other[key], prior[key])
+            held[key][where] = np.where(smaller, other[key], prior[key])
         holding[where] = agree & deep
-        gap[where] = torch.where(agree | same_kink, torch.zeros_like(distance), distance.nan_to_num(math.inf))
-        pending = torch.zeros_like(pending)
+        gap[where] = np.where(agree | same_kink, 0.0, _nan_to_inf(distance))
+        pending = np.zeros_like(pending)
         # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
-        better = settled & take & (other["truncation"] > other["rounding"])
+        better = settled & take & (other["truncation"] > other["rounding"]) & (other["error"] > enough_[where])
         pending[where] = ~(settled | same_kink) | better
         coarse[where] = ~(settled | same_kink)
+    unsettled = (gap > 0) & ~np.where(holding, held["kink"], best["kink"])
+    out = {}
     for key in best:  # a staircase's chain that agreed to the last step it could take
-        best[key] = torch.where(holding, held[key], best[key])
-    unsettled = (gap > 0) & ~best["kink"]
-    best["error"] = torch.where(unsettled, torch.maximum(best["error"], gap), best["error"])
-    return best
+        out[key] = torch.from_numpy(np.where(holding, held[key], best[key]))
+    out["error"] = torch.from_numpy(np.where(unsettled, np.maximum(out["error"].numpy(), gap), out["error"].numpy()))
+    return out
 
 
-def _shrink_for(truncation: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
+def _nan_to_inf(x: np.ndarray) -> np.ndarray:
+    """NaN as +inf, ±inf as ±the largest float (torch's `nan_to_num(math.inf)`)."""
+    return np.nan_to_num(x, nan=math.inf)
+
+
+def _shrink_for(truncation: np.ndarray, rounding: np.ndarray) -> np.ndarray:
     """The factor (a power of two, SHRINK to ½) that brings a step whose bar is mostly
     truncation to the one minimising the two: truncation falls as h⁶, rounding grows as 1/h."""
-    best = (rounding / (6 * truncation).clamp(min=torch.finfo(torch.float64).tiny)) ** (1 / 7)
-    return torch.exp2(torch.floor(torch.log2(best.nan_to_num(SHRINK)))).clamp(min=SHRINK, max=0.5)
+    with np.errstate(all="ignore"):
+        best = (rounding / np.maximum(6 * truncation, np.finfo(np.float64).tiny)) ** (1 / 7)
+        return np.clip(np.exp2(np.floor(np.log2(np.nan_to_num(best, nan=SHRINK)))), SHRINK, 0.5)
 
 
 def _improves(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
