@@ -79,8 +79,8 @@ def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[s
         elif was["verdict"] != row["verdict"]:
             lines.append(f"{row['unit']}: VERDICT {was['verdict']} -> {row['verdict']}: {row['why']}")
         elif was["results"] != row["results"]:
-            first = next((a, b) for x, y in zip(was["results"], row["results"]) for a, b in zip(x, y) if a != b) \
-                if len(was["results"]) == len(row["results"]) else (len(was["results"]), len(row["results"]))
+            pairs = [(a, b) for x, y in zip(was["results"], row["results"]) for a, b in zip(x, y) if a != b]
+            first = pairs[0] if pairs else (f"{sum(map(len, was['results']))} entries", f"{sum(map(len, row['results']))} entries")
             lines.append(f"{row['unit']}: {str(first[0])[:160]} -> {str(first[1])[:160]}")
     return lines
 

@@ -350,7 +350,7 @@ class _Judge:
                     wider = torch.nan_to_num((fwd - twin).abs() / budget.clamp(min=1e-300), nan=math.inf)
                     covered = (run_ratio > 1) & (wider <= 1)
                     if bool(covered.any()):
-                        cancels = float((spread[covered] / twin[covered].abs().clamp(min=torch.finfo(torch.float64).tiny)).max())
+                        cancels = rounding.cancelled_share(spread, twin, covered)
                     run_ratio = wider
         return _Finding(k, tangent, fwd, twin, n, e, allowed, ratio, kink, self.shapes[k], run_ratio, budget, cancels)
 
@@ -559,11 +559,7 @@ def _check(
         note += f"; {bad} of {size} derivatives disagree ({directions} directions × the output's elements)"
     cancels = max(f.cancels for f in found)
     if cancels:
-        note += (
-            f"; the {dtype_name} jvp is off its float64 twin by what {dtype_name} rounding does to that computation "
-            f"at some elements: the twin, with every value it computes moved within {dtype_name}'s rounding, moves by "
-            f"up to {cancels:.1e} of itself there (a difference of larger terms); {rounding.STOCHASTIC_SPREAD:g}x that is allowed"
-        )
+        note += "; " + rounding.cancels_note(f"the {dtype_name} jvp, at some elements,", dtype, cancels)
     error = abs((f if reference == t and dtype != torch.float64 else t) - reference)
     return Check(
         name=f"jvp {name}",

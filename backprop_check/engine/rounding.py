@@ -172,15 +172,26 @@ def stochastic_allowances(
             covered = where & (off[name] <= widened)
             allowed[name] = widened
             if bool(covered.any()):
-                relative = float((spread[name][covered] / twin[name][covered].abs().clamp(min=torch.finfo(torch.float64).tiny)).max())
-                notes.append(
-                    f"the {source} gradient of {name!r} in {name_of(dtype)} is off its float64 twin at "
-                    f"{int(covered.sum())} of {covered.numel()} elements by what {name_of(dtype)} rounding does to that "
-                    f"computation: the twin, with every value it computes moved within {name_of(dtype)}'s rounding, moves "
-                    f"by up to {relative:.1e} of itself there (a difference of larger terms); {STOCHASTIC_SPREAD:g}x that "
-                    "is allowed"
-                )
+                what = f"the {source} gradient of {name!r} in {name_of(dtype)}, at {int(covered.sum())} of {covered.numel()} elements,"
+                notes.append(cancels_note(what, dtype, cancelled_share(spread[name], twin[name], covered)))
     return replace(found, allowance=allowance, notes=tuple(notes))
+
+
+def cancelled_share(spread: torch.Tensor, twin: torch.Tensor, covered: torch.Tensor) -> float:
+    """How far the simulated rounding (`stochastic`) moves the float64 twin at the `covered`
+    elements, relative to the twin there: the largest."""
+    return float((spread[covered] / twin[covered].abs().clamp(min=torch.finfo(torch.float64).tiny)).max())
+
+
+def cancels_note(what: str, dtype: torch.dtype, share: float) -> str:
+    """The note for values (`what`) that `stochastic`'s allowance covers, the twin moved by up
+    to `share` of itself (`cancelled_share`)."""
+    name = name_of(dtype)
+    return (
+        f"{what} is off its float64 twin by what {name} rounding does to that computation: the twin, with every "
+        f"value it computes moved within {name}'s rounding, moves by up to {share:.1e} of itself there (a difference "
+        f"of larger terms); {STOCHASTIC_SPREAD:g}x that is allowed"
+    )
 
 
 def stochastic(

@@ -1711,7 +1711,7 @@ def settle(
             best[key][where] = np.where(take, other[key], prior[key])
             held[key][where] = np.where(smaller, other[key], prior[key])
         holding[where] = agree & deep
-        gap[where] = np.where(agree | same_kink, 0.0, _nan_to_inf(distance))
+        gap[where] = np.where(agree | same_kink, 0.0, np.nan_to_num(distance, nan=math.inf))  # ±inf: ±the largest float
         pending = np.zeros_like(pending)
         # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
         better = settled & take & (other["truncation"] > other["rounding"]) & (other["error"] > enough_[where])
@@ -1723,11 +1723,6 @@ def settle(
         out[key] = torch.from_numpy(np.where(holding, held[key], best[key]))
     out["error"] = torch.from_numpy(np.where(unsettled, np.maximum(out["error"].numpy(), gap), out["error"].numpy()))
     return out
-
-
-def _nan_to_inf(x: np.ndarray) -> np.ndarray:
-    """NaN as +inf, ±inf as ±the largest float (torch's `nan_to_num(math.inf)`)."""
-    return np.nan_to_num(x, nan=math.inf)
 
 
 def _shrink_for(truncation: np.ndarray, rounding: np.ndarray) -> np.ndarray:
