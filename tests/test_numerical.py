@@ -138,6 +138,39 @@ def test_a_forward_pass_vmap_cannot_batch_falls_back_and_says_so():
     assert "vmap" in grads.note
 
 
+class _FirstRowOnly(torch.autograd.Function):
+    """x ↦ x², whose vmap rule computes the first batch element only and repeats it: a wrong
+    rule that the rows after the first cannot be trusted under."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: ARG004 - torch's signature
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(info.batch_size, *x.shape)
+        return (x[:1] * x[:1]).expand_as(x).clone(), 0
+
+
+def test_a_wrong_vmap_rule_that_repeats_the_first_row_is_caught_and_the_forward_runs_one_by_one():
+    @case(params={"w": [0.5, -1.0, 2.0]})
+    def first_row_only(w):
+        return _FirstRowOnly.apply(w).sum()
+
+    grads = numerical.gradient(first_row_only, given_point(first_row_only, 0), "cpu", torch.float64)
+    torch.testing.assert_close(grads.values["w"], torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64))
+    assert "vmap" in grads.note
+
+
 def test_steps_are_powers_of_two_so_that_theta_plus_h_is_exact():
     theta = torch.tensor([0.0, 1e-3, 3.7, -250.0, 1e6], dtype=torch.float64)
     h = numerical.steps_for(theta)

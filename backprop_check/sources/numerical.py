@@ -359,6 +359,8 @@ class FiniteDifferences:
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss, vmap=case.batchable, linear=(frozenset(linear), rows) if linear else None)
         # The rounding probes: not through `batched`, which decides alone how perturbations run.
         self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
+        if isinstance(self.batched, Batched):
+            self.batched.at_point = loss0.detach().to(torch.float64)
         self._noise: tuple[float, bool] | None = None
         self._stairs: bool | None = None
         self.cancelled: float | None = None  # the terms' scale, where the loss stood still at exactly 0
@@ -1760,6 +1762,9 @@ class Batched:
         self.programs: dict[tuple[str, ...], Program | None] = {}
         self._tiny: bool | None = None
         self._forward_seconds: float | None = None
+        # The loss at the point (every target as given) from a plain forward pass, where the
+        # caller has it: vmap's row there is checked against it, not a plain pass of its own.
+        self.at_point: torch.Tensor | None = None
 
     def tiny(self, targets: Mapping[str, torch.Tensor], flat: Flat, base: torch.Tensor) -> bool:
         """Whether the check is too small for the replay to pay: REPLAY_CASE_FROM elements in
@@ -1845,9 +1850,17 @@ class Batched:
         with torch.no_grad():
             if self.vmap_works:
                 try:
-                    values = _under_vmap(self.loss, targets, flat, batch)
-                    # A wrong vmap rule (a custom Function's own) must not corrupt the referee.
-                    if _same(values[0], self.one(targets, flat, batch[0])):
+                    # A wrong vmap rule (a custom Function's own) must not corrupt the referee:
+                    # one row is checked against a plain forward pass, the point itself where
+                    # its loss is known (a row more in the batch, a pass fewer), else the first.
+                    known = self.at_point
+                    if known is None:
+                        values = _under_vmap(self.loss, targets, flat, batch)
+                        plain, row = self.one(targets, flat, batch[0]), values[0]
+                    else:
+                        values = _under_vmap(self.loss, targets, flat, torch.cat([batch, flat.join(targets)[None]]))
+                        values, plain, row = values[:-1], known, values[-1]
+                    if _same(row, plain):
                         return values
                     raise RuntimeError("vmap gives other values than a plain call (a wrong vmap rule?)")
                 except CaseTimeout:
