@@ -600,8 +600,9 @@ def vmap(p: Probe) -> Check:
     (and import torch._dynamo, seconds, at its first use): is_grads_batched alone is checked
     there, as torch's check_batched_grad does."""
     outputs = p.outputs
-    batch = {k: _random_like(v, p.gen) for k, v in p.v.items()}
-    looped = [p.fresh({k: v[b] for k, v in batch.items()}) for b in range(BATCH)]
+    # The first cotangents are the probe's own, whose gradient is already known (`at_v`).
+    batch = {k: torch.cat([v.unsqueeze(0), _random_like(v, p.gen, BATCH - 1)]) for k, v in p.v.items()}
+    looped = [p.at_v(), *(p.fresh({k: v[b] for k, v in batch.items()}) for b in range(1, BATCH))]
     want = {n: torch.stack([g[n] for g in looped]) for n in p.case.wrt}
     # Under torch.func.vmap the forward runs batched too (through the Function's vmap rule).
     values = {f"output {k}": torch.stack([outputs[k].detach()] * BATCH) for k in batch}
@@ -631,11 +632,11 @@ def vmap(p: Probe) -> Check:
     return _result("vmap", None, note)
 
 
-def _random_like(v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """BATCH random cotangents like `v` (complex in both parts for a complex `v`)."""
+def _random_like(v: torch.Tensor, gen: torch.Generator, count: int) -> torch.Tensor:
+    """`count` random cotangents like `v` (complex in both parts for a complex `v`)."""
     if v.is_complex():
-        return torch.view_as_complex(torch.randn((BATCH, *v.shape, 2), generator=gen, dtype=torch.float64)).to(v)
-    return torch.randn((BATCH, *v.shape), generator=gen, dtype=torch.float64).to(v)
+        return torch.view_as_complex(torch.randn((count, *v.shape, 2), generator=gen, dtype=torch.float64)).to(v)
+    return torch.randn((count, *v.shape), generator=gen, dtype=torch.float64).to(v)
 
 
 def _func_vmap(p: Probe, batch: Mapping[int, torch.Tensor]) -> Grads:
