@@ -64,9 +64,10 @@ class Referee:
         mask = numerical.checked.get(name)
         size = sides.size
         estimated = torch.arange(size) if mask is None else mask.reshape(-1).nonzero().reshape(-1)
+        where = _where(estimated, size)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to("cpu", torch.float64).reshape(-1)[estimated]
+            return t.detach().to("cpu", torch.float64).reshape(-1)[where]
 
         n, e = pick(numerical.values[name]), pick(numerical.error[name])
         lo = torch.minimum(pick(numerical.left[name]), pick(numerical.right[name]))
@@ -85,8 +86,8 @@ class Referee:
         # (a bias cancelled by batch normalization: 4.7e-9 in float32), which the allowances
         # measured from that element's own float64 value (1e-18) cannot see.
         base = ERROR_BARS * e + tol.allowed(n, scale) + tol.floor(largest)
-        rounding = torch.maximum(sides.rounding_a[estimated], sides.rounding_m[estimated])
-        kink = numerical.kink[name].reshape(-1)[estimated]
+        rounding = torch.maximum(sides.rounding_a[where], sides.rounding_m[where])
+        kink = numerical.kink[name].reshape(-1)[where]
         # Five function values cannot tell a kink from a smooth function's curvature within a
         # step (both move the one-sided derivatives apart, by the jump or by h³·f⁗/16: near
         # a minimum or at log(w) for w = 0.01 the latter passes the numerical source's kink
@@ -97,11 +98,14 @@ class Referee:
     def ratio(self, source: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
         """|source − reference| / allowed at every element (0 where nothing was estimated); on
         a kink, the distance outside its interval."""
-        x, r = source[self.estimated], rounding[self.estimated]
+        where = _where(self.estimated, source.numel())
+        x, r = source[where], rounding[where]
         inside = (self.left - x).clamp(min=0) + (x - self.right).clamp(min=0)
         diff = torch.where(self.kink, inside, (x - self.value).abs())
+        if isinstance(where, slice):
+            return ratios(diff, self.base + r)
         out = torch.zeros_like(source)
-        out[self.estimated] = ratios(diff, self.base + r)
+        out[where] = ratios(diff, self.base + r)
         return out
 
     def position(self, element: int) -> int | None:
@@ -115,6 +119,11 @@ class Referee:
             return None
         diff = float((source[element] - self.value[at]).abs())
         return diff, float(self.base[at] + rounding[element]), float(rounding[element])
+
+
+def _where(estimated: torch.Tensor, size: int) -> torch.Tensor | slice:
+    """The estimated elements as an index: every element as a slice (a view, not a gather)."""
+    return slice(None) if estimated.numel() == size else estimated
 
 
 def compare_tensor(

@@ -45,6 +45,7 @@ more through one entry, `reference()`, which returns a `Reference`:
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -924,7 +925,7 @@ def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor
     least = torch.maximum(ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0), torch.as_tensor(floor, dtype=torch.float64))
     if not len(values):
         return least, torch.zeros(f0.shape, dtype=torch.bool)
-    squares = _noise_squares(values, f0).nan_to_num(0.0, posinf=0.0)
+    squares = torch.from_numpy(_noise_squares(_array(values), _array(f0))).nan_to_num(0.0, posinf=0.0)
     through, beside = squares[:, 0].mean(dim=0), squares[:, 1:].mean(dim=(0, 1))
     jumps = through > JUMP_RATIO**2 * torch.maximum(beside, least.square())
     # An output that jumps at the point (a sum of ceil with a whole-number input) shows its
@@ -1366,13 +1367,28 @@ def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     size = scale.reshape(-1).to(torch.float64).abs()
     if not size.numel() or not bool((size > 0).any()):
         return None
+    signs = _noise_signs(size.numel()).reshape(NOISE_LINES, 1, -1)
+    return (base + _NOISE_STEPS * (signs * size)).reshape(-1, size.numel())
+
+
+# The noise lines' spacing: 1…NOISE_POINTS − 1 times NOISE_ULPS ulps, one row each.
+_NOISE_STEPS = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * EPS)
+# Up to this many elements the noise lines' signs are drawn once per size (`_noise_signs`).
+KEPT_SIGNS = 1 << 14
+
+
+def _noise_signs(size: int) -> torch.Tensor:
+    """The random signs of the NOISE_LINES noise lines over `size` elements, (lines, size): the
+    same for every call (seeded), drawn once per size up to KEPT_SIGNS elements."""
+    return _kept_signs(size) if size <= KEPT_SIGNS else _drawn_signs(size)
+
+
+def _drawn_signs(size: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(NOISE_SEED)
-    steps = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
-    rows = []
-    for _ in range(NOISE_LINES):
-        signs = torch.randint(0, 2, (size.numel(),), generator=gen, dtype=torch.float64) * 2 - 1
-        rows.append(base + steps * (signs * size))
-    return torch.cat(rows)
+    return torch.stack([torch.randint(0, 2, (size,), generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(NOISE_LINES)])
+
+
+_kept_signs = functools.lru_cache(maxsize=256)(_drawn_signs)
 
 
 class _Terms(TorchDispatchMode):
@@ -1429,17 +1445,17 @@ def terms_scale(call: Callable[[], object] | None, *inputs: torch.Tensor) -> flo
 
 
 def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:
-    """σ, still and jumps (`_measured_noise`) from the loss at the rows of `_noise_rows`."""
-    values = values.to(torch.float64)
+    """σ, still and jumps (`_measured_noise`) from the loss at the rows of `_noise_rows` (in
+    numpy: a few operations on a few dozen values)."""
     still = bool((values == f0).all())
-    squares = _noise_squares(values, torch.tensor([f0], dtype=torch.float64))[..., 0]
+    squares = _noise_squares(_array(values), np.array([f0]))[..., 0]
     # Column 0 is the only difference through the point; the others lie beside it. Rounding
     # makes them alike (a ratio of JUMP_RATIO² in mean square is beyond chance), a jump at the
     # point shows in column 0 alone.
     through, beside = squares[:, 0], squares[:, 1:]
-    through, beside = through[torch.isfinite(through)], beside[torch.isfinite(beside)]
-    jumps = bool(through.numel() and beside.numel()) and float(through.mean()) > JUMP_RATIO**2 * max(float(beside.mean()), floor**2)
-    finite = squares[torch.isfinite(squares)]
+    through, beside = through[np.isfinite(through)], beside[np.isfinite(beside)]
+    jumps = bool(through.size and beside.size) and float(through.mean()) > JUMP_RATIO**2 * max(float(beside.mean()), floor**2)
+    finite = squares[np.isfinite(squares)]
     if jumps:
         # The point sits on a step of the loss (ceil at an integer element, a ±1 label): the jump
         # is no rounding, and as σ it would widen every bar until any gradient passed. Beside the
@@ -1447,19 +1463,19 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
         # line (a staircase, whose slope seen at a wide step is checked at smaller ones).
         finite = beside
         still = bool(still_beside(values).all())
-    sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.numel() else floor
+    sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.size else floor
     if still:  # no rounding to measure: a function's own error is up to an ulp of its value (`along_many`)
         sigma = max(sigma, EPS * abs(f0) if math.isfinite(f0) else 0.0)
     return sigma, still, jumps
 
 
-def _noise_squares(values: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+def _noise_squares(values: np.ndarray, f0: np.ndarray) -> np.ndarray:
     """The NOISE_ORDER-th differences along each noise line (`_noise_rows`: the point, then
     values at NOISE_POINTS − 1 steps), squared and scaled to the variance of independent
     rounding, per output (f0: one value per output): (lines, points, outputs). Column 0 is the
     difference through the point, the others lie beside it. NaN and inf stay as they are."""
     lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
-    differences = torch.cat([f0.reshape(1, 1, -1).expand(NOISE_LINES, 1, -1), lines], dim=1)
+    differences = np.concatenate([np.broadcast_to(f0.reshape(1, 1, -1), (NOISE_LINES, 1, lines.shape[2])), lines], axis=1)
     for _ in range(NOISE_ORDER):
         differences = differences[:, 1:] - differences[:, :-1]
     return differences**2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
