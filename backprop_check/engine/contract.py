@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from backprop_check.model.function import FunctionCase
 
 ITEMS = CONTRACT  # the items, in the order they are checked (model/function.py names them)
-BATCH = 3  # cotangents in the vmap check
+BATCH = 3  # cotangents in the vmap check: the probe's own, a random one, zeros
 # float64's own allowance in the items: the gradient's response to inputs nudged by this many ulps
 NUDGE_ULPS = 4
 
@@ -600,9 +600,13 @@ def vmap(p: Probe) -> Check:
     (and import torch._dynamo, seconds, at its first use): is_grads_batched alone is checked
     there, as torch's check_batched_grad does."""
     outputs = p.outputs
-    # The first cotangents are the probe's own, whose gradient is already known (`at_v`).
-    batch = {k: torch.cat([v.unsqueeze(0), _random_like(v, p.gen, BATCH - 1)]) for k, v in p.v.items()}
-    looped = [p.at_v(), *(p.fresh({k: v[b] for k, v in batch.items()}) for b in range(1, BATCH))]
+    # The probe's own cotangents, random ones and zeros: the first and the last have their
+    # looped gradients already (`at_v`, `at_zero`), the random ones a fresh pass each.
+    batch = {
+        k: torch.cat([v.unsqueeze(0), _random_like(v, p.gen, BATCH - 2), torch.zeros_like(v).unsqueeze(0)])
+        for k, v in p.v.items()
+    }
+    looped = [p.at_v(), *(p.fresh({k: v[b] for k, v in batch.items()}) for b in range(1, BATCH - 1)), p.at_zero()]
     want = {n: torch.stack([g[n] for g in looped]) for n in p.case.wrt}
     # Under torch.func.vmap the forward runs batched too (through the Function's vmap rule).
     values = {f"output {k}": torch.stack([outputs[k].detach()] * BATCH) for k in batch}
