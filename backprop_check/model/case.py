@@ -123,6 +123,10 @@ class Case:
         unknown = sorted(set(self.expect) - set(self.params) - {"loss"})
         if unknown and self.module is None:
             return f"expect names {unknown[0]!r}, which is neither a parameter nor 'loss'"
+        return self._arguments_problem(names)
+
+    def _arguments_problem(self, names: set[str]) -> str | None:
+        """Why the forward cannot be called with `names` as its keyword arguments, or None."""
         try:
             signature = inspect.signature(self.forward)
         except (TypeError, ValueError):
