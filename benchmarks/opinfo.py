@@ -182,7 +182,7 @@ def run_check(
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         if checker == "dropin":
             why += " @ " + traceback.format_exc().strip().splitlines()[-3].strip()[:200]
-    return {"verdict": verdict, "why": why, "seconds": round(time.perf_counter() - started, 3)}
+    return {"verdict": verdict, "why": why, "seconds": round(time.perf_counter() - started, 6)}
 
 
 def slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: str, kind: str = "gradcheck") -> Callable[..., Any] | None:

@@ -360,8 +360,8 @@ class FiniteDifferences:
         self.batched = InPlace(case, at, nodes) if case.numpy else Batched(loss, vmap=case.batchable, linear=(frozenset(linear), rows) if linear else None)
         # The rounding probes: not through `batched`, which decides alone how perturbations run.
         self._plain = self.batched if case.numpy else _Probes(loss, case.batchable)
-        if isinstance(self.batched, Batched):
-            self.batched.at_point = loss0.detach().to(torch.float64)
+        if not case.numpy:  # vmap's row at the point is checked against this plain pass
+            self.batched.at_point = self._plain.at_point = loss0.detach().to(torch.float64)
         self._noise: tuple[float, bool] | None = None
         self._stairs: bool | None = None
         self.cancelled: float | None = None  # the terms' scale, where the loss stood still at exactly 0
@@ -1296,14 +1296,15 @@ class _Probes:
     def __init__(self, loss: Loss, vmap: bool) -> None:
         self.loss = loss
         self.vmap = vmap
+        self.at_point: torch.Tensor | None = None  # as `Batched.at_point`
 
     def __call__(self, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self.vmap:
                 try:
-                    values = _under_vmap(self.loss, targets, flat, batch).reshape(-1)
-                    if _same(values[:1], self.loss({**targets, **flat.split(batch[0])}).reshape(1)):
-                        return values
+                    values = _checked_under_vmap(self.loss, targets, flat, batch, self.at_point)
+                    if values is not None:
+                        return values.reshape(-1)
                 except CaseTimeout:
                     raise
                 except Exception:  # noqa: BLE001 - an op vmap cannot batch: one at a time, from now on
@@ -1866,17 +1867,8 @@ class Batched:
         with torch.no_grad():
             if self.vmap_works:
                 try:
-                    # A wrong vmap rule (a custom Function's own) must not corrupt the referee:
-                    # one row is checked against a plain forward pass, the point itself where
-                    # its loss is known (a row more in the batch, a pass fewer), else the first.
-                    known = self.at_point
-                    if known is None:
-                        values = _under_vmap(self.loss, targets, flat, batch)
-                        plain, row = self.one(targets, flat, batch[0]), values[0]
-                    else:
-                        values = _under_vmap(self.loss, targets, flat, torch.cat([batch, flat.join(targets)[None]]))
-                        values, plain, row = values[:-1], known, values[-1]
-                    if _same(row, plain):
+                    values = _checked_under_vmap(self.loss, targets, flat, batch, self.at_point)
+                    if values is not None:
                         return values
                     raise RuntimeError("vmap gives other values than a plain call (a wrong vmap rule?)")
                 except CaseTimeout:
@@ -1924,6 +1916,23 @@ class Batched:
         if bool((~still).any()):
             values[~still] = _one_by_one(self.loss, targets, flat, batch[~still])
         return values
+
+
+def _checked_under_vmap(
+    loss: Loss, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor, at_point: torch.Tensor | None
+) -> torch.Tensor | None:
+    """`_under_vmap`, or None where vmap gives other values than a plain forward pass: a wrong
+    vmap rule (a custom Function's own) must not corrupt the referee. One row is checked, the
+    point itself where `at_point` (the loss there, from a plain pass) is known: a row more in
+    the batch, a pass fewer, and a rule that computes the first row and repeats it is caught;
+    else the first row, against a plain pass of its own."""
+    if at_point is None:
+        values = _under_vmap(loss, targets, flat, batch)
+        row, plain = values[0], loss({**targets, **flat.split(batch[0])})
+    else:
+        values = _under_vmap(loss, targets, flat, torch.cat([batch, flat.join(targets)[None]]))
+        values, row, plain = values[:-1], values[-1], at_point
+    return values if _same(row.reshape(-1), plain.reshape(-1)) else None
 
 
 def _under_vmap(loss: Loss, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:
