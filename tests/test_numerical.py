@@ -171,6 +171,13 @@ def test_a_wrong_vmap_rule_that_repeats_the_first_row_is_caught_and_the_forward_
     assert "vmap" in grads.note
 
 
+def test_forward_modes_referee_catches_the_same_wrong_vmap_rule():
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    d = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    estimate = numerical.along(lambda values: _FirstRowOnly.apply(values["w"]), {"w": w}, {"w": d})
+    torch.testing.assert_close(estimate.value, 2 * w * d)
+
+
 def test_steps_are_powers_of_two_so_that_theta_plus_h_is_exact():
     theta = torch.tensor([0.0, 1e-3, 3.7, -250.0, 1e6], dtype=torch.float64)
     h = numerical.steps_for(theta)
