@@ -1538,12 +1538,12 @@ def _estimates(
     vectors, called for every batch of elements and every direction."""
     values = _array(f)
     n = values.shape[1]
-    h_ = np.broadcast_to(_array(h), (n,))
-    f0_ = np.broadcast_to(_array(f0), (n,))
+    h_ = _columns(h, n)
+    f0_ = _columns(f0, n)
     with np.errstate(all="ignore"):
         q = _differences(values, f0_, h_)
         value = q["value"]
-        sigma = np.broadcast_to(np.maximum(_array(noise), 0.0), (n,))
+        sigma = _columns(np.maximum(_array(noise), 0.0), n)
         sigma = np.maximum(sigma, ROUNDING_FLOOR * np.maximum(np.abs(values).max(axis=0), np.abs(f0_)))
         if theta is not None:
             # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
@@ -1564,7 +1564,7 @@ def _estimates(
         # it falls 8× (as h³). Seen at the smaller one, clear of rounding and of the smooth share.
         jump_h, jump_half = np.abs(q["jump_h"]), np.abs(q["jump_half"])
         spread = np.maximum(np.abs(left), np.abs(right))
-        largest = np.nan_to_num(spread, nan=0.0).reshape(groups, -1).max(axis=1).repeat(n // groups) if n else 0.0
+        largest = _finite_or(spread, 0.0).reshape(groups, -1).max(axis=1).repeat(n // groups) if n else 0.0
         floor = KINK_RELATIVE * np.maximum(spread, largest * 1e-3)
         kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
         # On a kink the derivative is the interval [left, right], not the value; no series there.
@@ -1583,6 +1583,21 @@ def _estimates(
         "truncation": truncation, "rounding": rounding, "flat": flat, "wide": wide,
     }
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+def _columns(value: torch.Tensor | np.ndarray | float, n: int) -> np.ndarray:
+    """`value` (one number, or one per column) as n columns."""
+    found = _array(value)
+    return found if found.shape == (n,) else np.broadcast_to(found, (n,))
+
+
+_LARGEST = float(np.finfo(np.float64).max)
+
+
+def _finite_or(value: np.ndarray, nan: float) -> np.ndarray:
+    """`np.nan_to_num(value, nan=nan)` (±inf become ±the largest float) in four ufunc calls, a
+    fraction of nan_to_num's own cost on the short vectors here."""
+    return np.where(np.isnan(value), nan, np.minimum(np.maximum(value, -_LARGEST), _LARGEST))
 
 
 def _array(value: torch.Tensor | np.ndarray | float) -> np.ndarray:
@@ -1625,7 +1640,7 @@ def _truncation(
     seventh = carried.max(axis=0)
     last = np.where(usable, _ORDERS, 0.0).argmax(axis=0)
     slope_seen = np.where(usable.any(axis=0), slope[last, np.arange(last.size)], -math.inf)
-    return np.nan_to_num(TRUNCATION_SAFETY * seventh / 64, nan=math.inf), slope_seen
+    return _finite_or(TRUNCATION_SAFETY * seventh / 64, math.inf), slope_seen
 
 
 # `_truncation`'s constants, per term of TERMS (rows) and pair of them (high, low, columns).
@@ -1733,7 +1748,7 @@ def settle(
             best[key][where] = np.where(take, other[key], prior[key])
             held[key][where] = np.where(smaller, other[key], prior[key])
         holding[where] = agree & deep
-        gap[where] = np.where(agree | same_kink, 0.0, np.nan_to_num(distance, nan=math.inf))  # ±inf: ±the largest float
+        gap[where] = np.where(agree | same_kink, 0.0, _finite_or(distance, math.inf))  # ±inf: ±the largest float
         pending = np.zeros_like(pending)
         # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
         better = settled & take & (other["truncation"] > other["rounding"]) & (other["error"] > enough_[where])
@@ -1752,7 +1767,7 @@ def _shrink_for(truncation: np.ndarray, rounding: np.ndarray) -> np.ndarray:
     truncation to the one minimising the two: truncation falls as h⁶, rounding grows as 1/h."""
     with np.errstate(all="ignore"):
         best = (rounding / np.maximum(6 * truncation, np.finfo(np.float64).tiny)) ** (1 / 7)
-        return np.clip(np.exp2(np.floor(np.log2(np.nan_to_num(best, nan=SHRINK)))), SHRINK, 0.5)
+        return np.clip(np.exp2(np.floor(np.log2(_finite_or(best, SHRINK)))), SHRINK, 0.5)
 
 
 def _improves(best: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
