@@ -58,6 +58,7 @@ class Referee:
     right: torch.Tensor
     kink: torch.Tensor
     base: torch.Tensor  # error bars plus the dtype's tolerance, before rounding allowances
+    whole: bool = False  # every element estimated: `estimated` is arange(size)
 
     @classmethod
     def at(cls, name: str, numerical: Gradients, sides: Sides, tol: Tolerance, largest: float = 0.0) -> Referee:
@@ -93,12 +94,12 @@ class Referee:
         # a minimum or at log(w) for w = 0.01 the latter passes the numerical source's kink
         # test). A "kink" whose one-sided derivatives agree within the tolerance is none.
         kink = kink & ((hi - lo) > base + rounding)
-        return cls(estimated, n, e, lo, hi, kink, base)
+        return cls(estimated, n, e, lo, hi, kink, base, isinstance(where, slice))
 
     def ratio(self, source: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
         """|source − reference| / allowed at every element (0 where nothing was estimated); on
         a kink, the distance outside its interval."""
-        where = _where(self.estimated, source.numel())
+        where = slice(None) if self.whole else self.estimated
         x, r = source[where], rounding[where]
         inside = (self.left - x).clamp(min=0) + (x - self.right).clamp(min=0)
         diff = torch.where(self.kink, inside, (x - self.value).abs())
@@ -109,6 +110,8 @@ class Referee:
         return out
 
     def position(self, element: int) -> int | None:
+        if self.whole:
+            return element
         found = (self.estimated == element).nonzero()
         return int(found[0, 0]) if found.numel() else None
 

@@ -29,9 +29,8 @@ def largest_gradient(source: Gradients | None, params: list[str]) -> float:
         if source is None or name not in source.values:
             continue
         value = source.values[name].detach()
-        finite = value[torch.isfinite(value)]
-        if finite.numel():
-            largest = max(largest, float(finite.abs().max()))
+        if value.numel():  # |value| where finite, 0 elsewhere: its largest is the largest finite one
+            largest = max(largest, float(torch.where(torch.isfinite(value), value.abs(), 0.0).max()))
     return largest
 
 
