@@ -1377,8 +1377,10 @@ def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
 
 # The noise lines' spacing: 1…NOISE_POINTS − 1 times NOISE_ULPS ulps, one row each.
 _NOISE_STEPS = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * EPS)
-# Up to this many elements the noise lines' signs are drawn once per size (`_noise_signs`).
-KEPT_SIGNS = 1 << 14
+# Up to this many elements the noise lines' signs are drawn once per size (`_noise_signs`),
+# for the last KEPT_SIZES sizes: at most 16 MB kept.
+KEPT_SIGNS = 1 << 12
+KEPT_SIZES = 128
 
 
 def _noise_signs(size: int) -> torch.Tensor:
@@ -1392,7 +1394,7 @@ def _drawn_signs(size: int) -> torch.Tensor:
     return torch.stack([torch.randint(0, 2, (size,), generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(NOISE_LINES)])
 
 
-_kept_signs = functools.lru_cache(maxsize=256)(_drawn_signs)
+_kept_signs = functools.lru_cache(maxsize=KEPT_SIZES)(_drawn_signs)
 
 
 class _Terms(TorchDispatchMode):
