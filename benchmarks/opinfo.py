@@ -349,6 +349,10 @@ def jvp_slipped(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], slip: 
 
 
 def _worker(conn: Any, ops: dict[str, Any]) -> None:
+    # Forked: where the parent has started OpenMP's pool (`benchmarks/run.py`'s earlier sections),
+    # the child's first parallel region waits on threads it does not have. One thread, set first,
+    # never enters the pool (as the distributed check's forked ranks do).
+    torch.set_num_threads(1)
     while True:
         task = conn.recv()
         if task is None:

@@ -24,7 +24,7 @@ import torch
 
 import backprop_check
 from backprop_check.engine import runner
-from backprop_check.engine import rounding
+from backprop_check.engine import guards, rounding
 from backprop_check.sources import SOURCES
 import kernels
 from measure import table
@@ -79,7 +79,7 @@ def clocked(clock: Clock) -> Iterator[None]:
         clock.wrap(runner, "numerical_for", reference_stage),
         clock.wrap(rounding, "allowances", "float32 twin: rounding allowances"),
         clock.wrap(runner, "checked_given", "guards at the given point (checked_given)"),
-        clock.wrap(runner, "random_point", "random points drawn"),
+        clock.wrap(guards, "random_point", "random points drawn"),
         clock.wrap(runner, "refereed", "referee: refine / locate"),
         clock.wrap(runner, "compare", "compare"),
         clock.wrap(runner, "summarize", "result and report building (summarize)"),
