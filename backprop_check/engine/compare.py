@@ -65,7 +65,8 @@ class Referee:
         mask = numerical.checked.get(name)
         size = sides.size
         estimated = torch.arange(size) if mask is None else mask.reshape(-1).nonzero().reshape(-1)
-        where = _where(estimated, size)
+        whole = estimated.numel() == size
+        where = _index(estimated, whole)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to("cpu", torch.float64).reshape(-1)[where]
@@ -94,16 +95,16 @@ class Referee:
         # a minimum or at log(w) for w = 0.01 the latter passes the numerical source's kink
         # test). A "kink" whose one-sided derivatives agree within the tolerance is none.
         kink = kink & ((hi - lo) > base + rounding)
-        return cls(estimated, n, e, lo, hi, kink, base, isinstance(where, slice))
+        return cls(estimated, n, e, lo, hi, kink, base, whole)
 
     def ratio(self, source: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
         """|source − reference| / allowed at every element (0 where nothing was estimated); on
         a kink, the distance outside its interval."""
-        where = slice(None) if self.whole else self.estimated
+        where = _index(self.estimated, self.whole)
         x, r = source[where], rounding[where]
         inside = (self.left - x).clamp(min=0) + (x - self.right).clamp(min=0)
         diff = torch.where(self.kink, inside, (x - self.value).abs())
-        if isinstance(where, slice):
+        if self.whole:
             return ratios(diff, self.base + r)
         out = torch.zeros_like(source)
         out[where] = ratios(diff, self.base + r)
@@ -124,9 +125,9 @@ class Referee:
         return diff, float(self.base[at] + rounding[element]), float(rounding[element])
 
 
-def _where(estimated: torch.Tensor, size: int) -> torch.Tensor | slice:
+def _index(estimated: torch.Tensor, whole: bool) -> torch.Tensor | slice:
     """The estimated elements as an index: every element as a slice (a view, not a gather)."""
-    return slice(None) if estimated.numel() == size else estimated
+    return slice(None) if whole else estimated
 
 
 def compare_tensor(
