@@ -119,3 +119,43 @@ def test_float64s_own_rounding_is_measured_only_where_a_comparison_needs_it(monk
     report = bc.check(lambda x, w: (x @ w).tanh(), (x64(4, 3), x64(3, 2, seed=1)), dtypes=["float64"], points=0)
     assert report.exit_code == 0 and set(contract_checks(report)) == set(contract.ITEMS)
     assert measured == []
+
+
+def test_a_forward_that_refuses_a_layout_with_an_error_is_not_compared_there():
+    # A kernel that asserts contiguous input refuses the layout: no finding against its backward,
+    # which is right (torch's gradcheck passes it); the note says what was not compared.
+    class NeedsContiguous(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            assert x.is_contiguous(), "kernel needs contiguous input"
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    args = (x64(3, 4),)
+    assert bc.gradcheck(NeedsContiguous.apply, args)
+    (result,) = bc.check(NeedsContiguous.apply, args, dtypes=["float64"], points=0).results
+    (layout,) = [c for c in result.checks if c.name == "layout"]
+    assert layout.verdict == "ok" and "non-contiguous: fn refuses it" in layout.note
+
+
+def test_a_backward_that_fails_for_a_layout_its_forward_accepted_is_still_a_finding():
+    class BackwardNeedsContiguous(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return 2 * x.view(-1).view(x.shape) * grad
+
+    args = (x64(3, 4),)
+    (result,) = bc.check(BackwardNeedsContiguous.apply, args, dtypes=["float64"], points=0).results
+    (layout,) = [c for c in result.checks if c.name == "layout"]
+    assert layout.verdict == "mismatch" and "the backward of BackwardNeedsContiguous fails for" in layout.note, layout.note

@@ -980,3 +980,82 @@ def test_a_bar_far_below_the_tolerance_takes_no_smaller_step_and_a_slip_above_th
     assert backprop_check.gradcheck(torch.sigmoid, (x,), rtol=1e-12)
     assert len(rows) > 1
     assert not backprop_check.gradcheck(_SigmoidSlip.apply, (x,), raise_exception=False)
+
+
+def _small(f: str) -> tuple[object, torch.Tensor]:
+    functions = {
+        "1 - cos(x)": lambda x: 1 - torch.cos(x),
+        "x - sin(x)": lambda x: x - torch.sin(x),
+        "log(cosh(x))": lambda x: torch.log(torch.cosh(x)),
+        "exp(x) - 1 - x": lambda x: torch.exp(x) - 1 - x,
+    }
+    x = torch.tensor([1.3e-5, -2.1e-5, 7.3e-6, 1.1e-5], dtype=torch.float64, requires_grad=True)
+    return functions[f], x
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+@pytest.mark.parametrize("f", ["1 - cos(x)", "x - sin(x)", "log(cosh(x))", "exp(x) - 1 - x"])
+def test_a_function_that_cancels_terms_near_1_at_small_inputs_is_not_called_wrong(f, mode):
+    # At x ≈ 1e-5 these losses are 1e-10 or less, computed from terms near 1 (cos x, cosh x,
+    # exp x) whose rounding moves of a few ulps of x cannot show: the noise probe read none
+    # (σ 6e-27 where the terms round at 1e-16), every bar was too small, the steps were narrowed
+    # below the terms' ulp, where the loss stands still, and the referee read a gradient of 0
+    # with a bar of 1e-13 (1 − cos: "numerical 0, autograd 1.8e-5"; torch's gradcheck passes).
+    # The wide noise lines and the terms of a loss that stands still now give the rounding.
+    fn, x = _small(f)
+    assert backprop_check.gradcheck(fn, (x,), check_forward_ad=mode == "fwd", check_backward_ad=mode == "rev")
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+@pytest.mark.parametrize("f", ["1 - cos(x)", "log(cosh(x))", "exp(x) - 1 - x"])
+def test_a_slip_in_a_function_that_cancels_terms_near_1_is_still_found(f, mode):
+    fn, x = _small(f)
+    derivative = {"1 - cos(x)": torch.sin, "log(cosh(x))": torch.tanh, "exp(x) - 1 - x": torch.expm1}[f]
+
+    class Slipped(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            ctx.x = x
+            return fn(x)
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            wrong = derivative(x).clone()
+            wrong[2] *= 1.0001
+            return grad * wrong
+
+        @staticmethod
+        def jvp(ctx, tangent):  # noqa: ANN001, ANN205
+            wrong = derivative(ctx.x).clone()
+            wrong[2] *= 1.0001
+            return tangent * wrong
+
+    (result,) = backprop_check.check(Slipped.apply, (x,), dtypes=["float64"], points=0, modes=(mode,)).results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+
+
+def test_the_wide_noise_lines_count_rounding_and_neither_a_smooth_function_nor_a_kink_some_lines_cross():
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randn((4, 8, 50), generator=rng, dtype=torch.float64).numpy() * 1e-16
+    found = numerical._wide_noise(noise)
+    assert (found > 0).all() and ((found > 3e-17) & (found < 3e-16)).all()
+    spacing, steps = 1.6e-13, torch.arange(1, 9, dtype=torch.float64)
+    signs = (1.0, -1.0, 1.0, -1.0)
+    # log x at 1e-10: the spacing is not small against its scale; differences fall order by order
+    smooth = torch.stack([torch.log(1e-10 + s * spacing * steps) for s in signs])[:, :, None]
+    assert numerical._wide_noise(smooth.numpy()).tolist() == [0.0]
+    # a ReLU whose input is three spacings from 0: some lines cross its kink, some do not
+    kink = torch.stack([torch.relu(-3 * spacing + s * spacing * steps) for s in signs])[:, :, None]
+    assert numerical._wide_noise(kink.numpy()).tolist() == [0.0]
+    # a line standing still, or moving as a straight line, shows no rounding
+    assert numerical._wide_noise(torch.zeros((4, 8, 1), dtype=torch.float64).numpy()).tolist() == [0.0]
+    line = torch.stack([3 * s * spacing * steps for s in signs])[:, :, None]
+    assert numerical._wide_noise(line.numpy()).tolist() == [0.0]
+
+
+def test_the_wide_lines_move_a_value_near_1_by_a_fraction_of_its_ulp_that_is_not_a_whole_number():
+    # whole ulps of 1 would leave exp(x + kδ)'s rounding as it was: the lines would stand still
+    ulps = numerical.NOISE_ULPS * numerical.NOISE_WIDE_SCALE
+    assert 0.3 < ulps % 1 < 0.7

@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
 from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
@@ -36,7 +34,7 @@ from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
-from backprop_check.sources.numerical import readable_values
+from backprop_check.sources.numerical import readable_values, stochastic  # noqa: F401 - stochastic: engine's callers use it from here
 
 DEVIATION_CAP = 0.05
 # The dtype's arithmetic inside fn (a mean's sum, x − mean) errs by several ulps of the inputs'
@@ -63,7 +61,6 @@ JITTER_LEAST = 256
 # above (`stochastic`): the twin again STOCHASTIC_PAIRS times with every value an op computes moved
 # by a random share of the dtype's unit roundoff, each draw once each way; STOCHASTIC_SPREAD times
 # how far the twin moves is the dtype's rounding of that very computation.
-STOCHASTIC_PAIRS = 4
 STOCHASTIC_SPREAD = 4.0
 # Where the referee's gradient is 0 (`_flat`): this many times float64's share (eps64/eps32) of
 # the source's float32 value there.
@@ -194,73 +191,6 @@ def cancels_note(what: str, dtype: torch.dtype, share: float) -> str:
     )
 
 
-def stochastic(
-    compute: Callable[[], dict[str, torch.Tensor]], names: list[str], unit: float, seed: int
-) -> dict[str, torch.Tensor]:
-    """Per name in `names`, how far the float64 values `compute()` gives for it move when every
-    floating-point value an op makes is multiplied by 1 + δ, δ uniform within ±`unit` (Monte
-    Carlo arithmetic: a dtype's rounding, simulated in float64). STOCHASTIC_PAIRS draws,
-    each applied both ways: a computation that merely rounds responds to them linearly, the two
-    moves opposite; an element whose moves are not opposite in every pair jumps (a branch, a tie
-    that the draws break) and gets 0, as a jump is no rounding. {} where `compute` fails under
-    the draws (nothing is allowed then)."""
-    eps = torch.finfo(torch.float64).eps
-    try:
-        base = compute()
-    except CaseTimeout:
-        raise
-    except Exception:  # noqa: BLE001 - as under the draws below
-        return {}
-    if any(base.get(name) is None for name in names):
-        return {}
-    flat = {name: base[name].detach().to("cpu", torch.float64) for name in names}
-    spread = {name: torch.zeros_like(value) for name, value in flat.items()}
-    smooth = {name: torch.ones_like(value, dtype=torch.bool) for name, value in flat.items()}
-    for pair in range(STOCHASTIC_PAIRS):
-        moved = []
-        for sign in (1.0, -1.0):
-            try:
-                with _Rounds(unit * sign, seed + pair):
-                    moved.append(compute())
-            except CaseTimeout:
-                raise
-            except Exception:  # noqa: BLE001 - fn that refuses the perturbed values: no allowance
-                return {}
-        for name, g in flat.items():
-            up, down = (m.get(name) for m in moved)
-            if up is None or down is None or up.shape != g.shape or down.shape != g.shape:
-                return {}
-            up, down = up.detach().to("cpu", torch.float64), down.detach().to("cpu", torch.float64)
-            odd = ((up - down).abs() / 2).nan_to_num(nan=0.0, posinf=0.0)
-            even = (up + down - 2 * g).abs()
-            smooth[name] &= even <= odd / 2 + 64 * eps * g.abs()
-            spread[name] = torch.maximum(spread[name], odd)
-    return {name: torch.where(smooth[name], s, torch.zeros_like(s)) for name, s in spread.items()}
-
-
-class _Rounds(TorchDispatchMode):
-    """Every floating-point value an op computes (not a view of another, nor written in place)
-    multiplied by 1 + δ, δ uniform within ±`unit`, drawn from a generator seeded with `seed`: the
-    same draws in the same order for -`unit`, so two runs move the values opposite ways."""
-
-    def __init__(self, unit: float, seed: int) -> None:
-        super().__init__()
-        self.unit = unit
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
-        out = func(*args, **(kwargs or {}))
-        if func.is_view or any(r.alias_info is not None for r in func._schema.returns):
-            return out
-        return tree_map(self._rounded, out)
-
-    def _rounded(self, value: object) -> object:
-        if not readable_values(value):  # an integer, an empty tensor, a ZeroTensor's exact zeros
-            return value
-        assert isinstance(value, torch.Tensor)
-        real = value.real.dtype if value.is_complex() else value.dtype
-        delta = (torch.rand(value.shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * self.unit
-        return value * (1 + delta).to(value.device, real)
 
 
 def float64_allowances(

@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from backprop_check.model.case import Case
 from backprop_check.errors import CaseError, CaseTimeout
@@ -82,6 +82,25 @@ NOISE_POINTS = 9
 NOISE_ORDER = 4
 NOISE_ULPS = 1024.0
 NOISE_SEED = 28
+# Moves of NOISE_ULPS ulps of a small element (|θ| < NOISE_WIDE_SCALE) are too small to move
+# what the forward computes from it at a larger scale: exp(x) ≈ 1 at x = 1e-5 moves by 2e-18,
+# below its own ulp, and its rounding, the same at every point of the lines, is invisible there,
+# while the steps (2⁻⁶·max(1, |θ|)) move it across thousands of its ulps. Such elements move
+# again on wide lines, NOISE_WIDE_ULPS ulps of 1 apart (1.6e-13), whose σ counts where their
+# differences look like rounding (`_wide_noise`: ECnoise's test). The spacing, in ulps of 1, has
+# the golden ratio's fractional part: the rounding of exp(x + kδ) ≈ exp(x) + kδ moves by 0.618
+# ulp a step, and over a line the rounding errors spread like independent ones. A whole number
+# of ulps would leave them as they were (exp(x + δ) − 1 − (x + δ) stands still at x = 1e-7),
+# and 724.08 ulps makes them drift by 0.08 ulp a step: a line, not noise.
+NOISE_WIDE_ULPS = 724 + (math.sqrt(5) - 1) / 2
+NOISE_WIDE_SCALE = NOISE_WIDE_ULPS / NOISE_ULPS
+NOISE_WIDE_ORDERS = 6
+NOISE_WIDE_AGREE = 4.0
+NOISE_WIDE_LINES = 16.0
+# Monte Carlo arithmetic (`stochastic`): this many draws of every computed value's rounding,
+# each applied both ways.
+STOCHASTIC_PAIRS = 4
+STOCHASTIC_MAGNIFY = 1024.0
 JUMP_RATIO = 16.0  # the differences through the point this many times those beside it: a jump
 EPS = float(torch.finfo(torch.float64).eps)
 ROUNDING_FLOOR = EPS / math.sqrt(48)
@@ -418,12 +437,6 @@ class FiniteDifferences:
     def _measured(self, found: tuple[float, bool, bool]) -> None:
         """Keep the probe of every input (`found`: σ, still, jumps) as the forward's noise."""
         sigma, still, jumps = found
-        if still and float(self.loss0) == 0.0:
-            # A loss that stands still at exactly 0 has no ulp to speak of: its rounding is that
-            # of the terms it cancels (a cross-entropy whose logits of 2e5 leave log(1 + 1e-20),
-            # computed as 0, where the true gradient is 1e-20), not of its value.
-            self.cancelled = self.terms()
-            sigma = max(sigma, ROUNDING_FLOOR * self.cancelled)
         if jumps:
             # The loss jumps at the point itself (a ±1 label that requires grad: off ±1 the
             # loss takes another branch): σ and still are read beside the point (`_noise_of`).
@@ -432,6 +445,21 @@ class FiniteDifferences:
             smooth = {name: t for name, t in self.targets.items() if not self._probe({name: t})[2]}
             if smooth:
                 sigma, still, _ = self._probe(smooth)
+        if still and float(self.loss0) == 0.0:
+            # A loss that stands still at exactly 0 has no ulp to speak of: its rounding is that
+            # of the terms it cancels (a cross-entropy whose logits of 2e5 leave log(1 + 1e-20),
+            # computed as 0, where the true gradient is 1e-20), not of its value.
+            self.cancelled = self.terms()
+            sigma = max(sigma, ROUNDING_FLOOR * self.cancelled)
+        elif still and self._loss is not None:
+            # Beside 0 it may round at a larger scale than its value too: 1 − cos(x) at x = 1e-5
+            # is 5e-11, rounded at the ulp of cos(x) ≈ 1, which no line moved; its steps were
+            # narrowed below that ulp, where the loss is flat, and read a gradient of 0. What
+            # float64's rounding of every value the forward computes does to the loss says
+            # (`stochastic`: cos(x)'s moves the loss by eps, atan(2e6)'s input's by nothing).
+            loss, targets = self._loss, self.targets
+            moved = _float64_rounding(lambda: loss(targets).reshape(1))
+            sigma = max(sigma, float(moved[0])) if moved is not None else sigma
         self._noise = (sigma, still)
 
     def terms(self) -> float:
@@ -620,29 +648,40 @@ class FiniteDifferences:
 
     def _own_noise(self, whole: Flat, chosen: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Per chosen element, the σ of the loss's rounding when that element alone moves
-        (`_measured_noise` along its own axis, 2·NOISE_POINTS − 1 points); every input's σ
-        where the probes cannot run."""
+        (`_measured_noise` along its own axis, 2·NOISE_POINTS − 1 points; for an element smaller
+        than 1, at least what its wide line shows, as `_noise_rows`); every input's σ where the
+        probes cannot run, or where the loss stood still on the element's own line (no rounding
+        seen: that of the terms it is made of, `_measured`)."""
         sigma, _ = self.noise
         count = 2 * NOISE_POINTS - 1
         base = whole.join(self.targets)
+        size = scale[chosen].abs()
+        small = ((size > 0) & (size < NOISE_WIDE_SCALE)).nonzero().reshape(-1)
+        lines = torch.cat([chosen, chosen[small]])
         offsets = torch.arange(1, count + 1, dtype=torch.float64) * (NOISE_ULPS * torch.finfo(torch.float64).eps)
-        rows = base.repeat(count * chosen.numel(), 1)
+        rows = base.repeat(count * lines.numel(), 1)
         line = torch.arange(rows.shape[0])
-        which = chosen.repeat_interleave(count)
-        rows[line, which] = base[which] + offsets.repeat(chosen.numel()) * scale[which].abs()
+        which = lines.repeat_interleave(count)
+        spacing = torch.cat([size, torch.full((small.numel(),), NOISE_WIDE_SCALE, dtype=torch.float64)]).repeat_interleave(count)
+        rows[line, which] = base[which] + offsets.repeat(lines.numel()) * spacing
         try:
-            values = self.batched(self.targets, whole, rows).to(torch.float64).reshape(chosen.numel(), count)
+            values = self.batched(self.targets, whole, rows).to(torch.float64).reshape(lines.numel(), count)
         except CaseTimeout:
             raise
         except Exception:  # noqa: BLE001 - the forward's own error is reported by the plain pass
             return torch.full((chosen.numel(),), sigma, dtype=torch.float64)
+        values, wide = values[: chosen.numel()], values[chosen.numel() :]
         differences = torch.cat([torch.full((chosen.numel(), 1), float(self.loss0), dtype=torch.float64), values], dim=1)
         for _ in range(NOISE_ORDER):
             differences = differences[:, 1:] - differences[:, :-1]
         squares = (differences**2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)).nan_to_num(math.inf, posinf=math.inf)
         own = squares.mean(dim=1).sqrt().clamp(min=ROUNDING_FLOOR * abs(float(self.loss0)))
-        # A probe that saw nothing finite, or an element of size 0 (no ulps to move by): every input's.
-        return torch.where(torch.isfinite(own) & (scale[chosen] != 0), own, torch.full_like(own, sigma))
+        if small.numel():
+            own[small] = torch.from_numpy(_beyond(own[small].numpy(), _wide_noise(_array(wide).T[None])))
+        # A probe that saw nothing finite or nothing move, or an element of size 0 (no ulps to
+        # move by): every input's.
+        seen = torch.isfinite(own) & (size != 0) & ~(values == self.loss0.to(torch.float64)).all(dim=1)
+        return torch.where(seen, own, torch.full_like(own, sigma))
 
     def random_direction(self, name: str, gen: torch.Generator) -> torch.Tensor:
         """d = v∘h: random signs v, the elementwise steps h."""
@@ -835,7 +874,7 @@ def along_many(
     largest_of = [float(part.abs().nan_to_num(0.0, posinf=0.0).max()) if part.numel() else 0.0 for part in f0.split(sizes)]
     floor = ROUNDING_FLOOR * torch.tensor(largest_of, dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
     noise, jumps = _output_noise_of(values[: len(probe)], f0, floor)
-    seen = values[: len(probe)]
+    seen = values[: min(len(probe), NOISE_ROWS)]  # the lines at each element's own scale
     if bool(jumps.any()) and len(names) > 1:
         # An output that jumps at the point when some input moves (a ±1 label that requires
         # grad: off ±1 the loss takes another branch) shows no rounding, and as σ the jump would
@@ -851,6 +890,7 @@ def along_many(
         if smooth:
             seen = probed(smooth)
             noise, jumps = _output_noise_of(seen, f0, floor)
+            seen = seen[:NOISE_ROWS]
     # An output element that did not move at all on the noise lines: a staircase whose stairs
     # may be finer than the step (round(x, 3)), as reverse mode's `still`: a slope seen at the
     # step is checked at smaller ones. One that jumps at the point: still beside it, along each line.
@@ -864,6 +904,11 @@ def along_many(
     if bool((still & (f0 == 0)).any()):  # exactly 0: the rounding of the terms it cancels (`_measured`)
         terms = terms_scale(lambda: batched.one(point, flat, base), base)
         noise = torch.where(still & (f0 == 0), torch.clamp(noise, min=ROUNDING_FLOOR * terms), noise)
+    beside = still & (f0 != 0)
+    if bool(beside.any()):  # beside it, float64's rounding of every value fn computes (`_measured`)
+        moved = _float64_rounding(lambda: batched.one(point, flat, base).reshape(-1).to(torch.float64))
+        if moved is not None:
+            noise = torch.where(beside, torch.maximum(noise, moved), noise)
     coarse = still.clone()
     if bool(still.any()):  # a staircase of its own, not float32's rounding (STAIR_MOVE)
         rows = _stair_rows(base, size)
@@ -926,12 +971,16 @@ def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor
     least = torch.maximum(ROUNDING_FLOOR * f0.abs().nan_to_num(0.0, posinf=0.0), torch.as_tensor(floor, dtype=torch.float64))
     if not len(values):
         return least, torch.zeros(f0.shape, dtype=torch.bool)
+    values, wide = values[:NOISE_ROWS], values[NOISE_ROWS:]
     squares = torch.from_numpy(_noise_squares(_array(values), _array(f0))).nan_to_num(0.0, posinf=0.0)
     through, beside = squares[:, 0].mean(dim=0), squares[:, 1:].mean(dim=(0, 1))
     jumps = through > JUMP_RATIO**2 * torch.maximum(beside, least.square())
     # An output that jumps at the point (a sum of ceil with a whole-number input) shows its
     # rounding beside it, as in reverse mode (`_noise_of`)
-    return torch.maximum(torch.where(jumps, beside, squares.mean(dim=(0, 1))).sqrt(), least), jumps
+    sigma = torch.maximum(torch.where(jumps, beside, squares.mean(dim=(0, 1))).sqrt(), least)
+    if len(wide):  # what the wide lines show beyond (`_beyond`)
+        sigma = torch.from_numpy(_beyond(sigma.numpy(), _wide_noise(_array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1))))
+    return sigma, jumps
 
 
 def _along(
@@ -1367,16 +1416,33 @@ def _noise_floor(f0: float) -> float:
 def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """The flat vectors `_measured_noise` evaluates the loss at, line after line: the point
     `base` moved by 1…NOISE_POINTS − 1 times NOISE_ULPS ulps of each element's `scale`, along
-    NOISE_LINES random signs. None where nothing can move (no element, or all of size 0)."""
+    NOISE_LINES random signs (the first NOISE_ROWS rows); then, where an element is smaller than
+    1, the wide lines, the same with every such element's scale 1 (`_wide_noise`). None where
+    nothing can move (no element, or all of size 0)."""
     size = scale.reshape(-1).to(torch.float64).abs()
     if not size.numel() or not bool((size > 0).any()):
         return None
     signs = _noise_signs(size.numel()).reshape(NOISE_LINES, 1, -1)
-    return (base + _NOISE_STEPS * (signs * size)).reshape(-1, size.numel())
+    rows = (base + _NOISE_STEPS * (signs * size)).reshape(-1, size.numel())
+    wide = _wide_rows(base, size, NOISE_WIDE_ULPS)
+    return rows if wide is None else torch.cat([rows, wide])
+
+
+def _wide_rows(base: torch.Tensor, size: torch.Tensor, ulps: float) -> torch.Tensor | None:
+    """Noise lines (`_noise_rows`) on which every element smaller than NOISE_WIDE_SCALE moves by
+    1…NOISE_POINTS − 1 times `ulps` ulps of 1, the others as on the lines at their own scale;
+    None where no element is that small."""
+    small = (size > 0) & (size < NOISE_WIDE_SCALE)
+    if not bool(small.any()):
+        return None
+    signs = _noise_signs(size.numel()).reshape(NOISE_LINES, 1, -1)
+    spacing = torch.where(small, ulps * EPS, NOISE_ULPS * EPS * size)
+    return (base + torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (signs * spacing)).reshape(-1, size.numel())
 
 
 # The noise lines' spacing: 1…NOISE_POINTS − 1 times NOISE_ULPS ulps, one row each.
 _NOISE_STEPS = torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (NOISE_ULPS * EPS)
+NOISE_ROWS = NOISE_LINES * (NOISE_POINTS - 1)  # the rows of the lines at each element's own scale
 # Up to this many elements the noise lines' signs are drawn once per size (`_noise_signs`),
 # for the last KEPT_SIZES sizes: at most 16 MB kept.
 KEPT_SIGNS = 1 << 12
@@ -1410,6 +1476,89 @@ class _Terms(TorchDispatchMode):
             if readable_values(value):
                 self.largest = max(self.largest, float(_finite_abs(value).max()))
         return out
+
+
+def stochastic(
+    compute: Callable[[], dict[str, torch.Tensor]], names: list[str], unit: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """Per name in `names`, how far the float64 values `compute()` gives for it move when every
+    floating-point value an op makes is multiplied by 1 + δ, δ uniform within ±`unit` (Monte
+    Carlo arithmetic: a dtype's rounding, simulated in float64). STOCHASTIC_PAIRS draws,
+    each applied both ways: a computation that merely rounds responds to them linearly, the two
+    moves opposite; an element whose moves are not opposite in every pair jumps (a branch, a tie
+    that the draws break) and gets 0, as a jump is no rounding. {} where `compute` fails under
+    the draws (nothing is allowed then)."""
+    eps = torch.finfo(torch.float64).eps
+    try:
+        base = compute()
+    except CaseTimeout:
+        raise
+    except Exception:  # noqa: BLE001 - as under the draws below
+        return {}
+    if any(base.get(name) is None for name in names):
+        return {}
+    flat = {name: base[name].detach().to("cpu", torch.float64) for name in names}
+    spread = {name: torch.zeros_like(value) for name, value in flat.items()}
+    smooth = {name: torch.ones_like(value, dtype=torch.bool) for name, value in flat.items()}
+    for pair in range(STOCHASTIC_PAIRS):
+        moved = []
+        for sign in (1.0, -1.0):
+            try:
+                with _Rounds(unit * sign, seed + pair):
+                    moved.append(compute())
+            except CaseTimeout:
+                raise
+            except Exception:  # noqa: BLE001 - fn that refuses the perturbed values: no allowance
+                return {}
+        for name, g in flat.items():
+            up, down = (m.get(name) for m in moved)
+            if up is None or down is None or up.shape != g.shape or down.shape != g.shape:
+                return {}
+            up, down = up.detach().to("cpu", torch.float64), down.detach().to("cpu", torch.float64)
+            odd = ((up - down).abs() / 2).nan_to_num(nan=0.0, posinf=0.0)
+            even = (up + down - 2 * g).abs()
+            smooth[name] &= even <= odd / 2 + 64 * eps * g.abs()
+            spread[name] = torch.maximum(spread[name], odd)
+    return {name: torch.where(smooth[name], s, torch.zeros_like(s)) for name, s in spread.items()}
+
+
+class _Rounds(TorchDispatchMode):
+    """Every floating-point value an op computes (not a view of another, nor written in place)
+    multiplied by 1 + δ, δ uniform within ±`unit`, drawn from a generator seeded with `seed`: the
+    same draws in the same order for -`unit`, so two runs move the values opposite ways."""
+
+    def __init__(self, unit: float, seed: int) -> None:
+        super().__init__()
+        self.unit = unit
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or any(r.alias_info is not None for r in func._schema.returns):
+            return out
+        return tree_map(self._rounded, out)
+
+    def _rounded(self, value: object) -> object:
+        if not readable_values(value):  # an integer, an empty tensor, a ZeroTensor's exact zeros
+            return value
+        assert isinstance(value, torch.Tensor)
+        real = value.real.dtype if value.is_complex() else value.dtype
+        delta = (torch.rand(value.shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * self.unit
+        return value * (1 + delta).to(value.device, real)
+
+
+def float64_rounding(compute: Callable[[], dict[str, torch.Tensor]], names: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """Per name, how far float64's rounding of every value `compute()` computes moves its values
+    (`stochastic`; 0 where they jump; {} where `compute` fails). Simulated at STOCHASTIC_MAGNIFY
+    times the unit roundoff and scaled back: at the unit itself each simulated move is rounded
+    again, to zero or a whole ulp, and a value near 1 seems to jump."""
+    moved = stochastic(compute, names, STOCHASTIC_MAGNIFY * EPS / 2, seed)
+    return {name: spread / STOCHASTIC_MAGNIFY for name, spread in moved.items()}
+
+
+def _float64_rounding(compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """`float64_rounding` of one tensor; None where `compute` fails."""
+    return float64_rounding(lambda: {"value": compute()}, ["value"], NOISE_SEED).get("value")
 
 
 def readable_values(value: object) -> bool:
@@ -1452,7 +1601,9 @@ def terms_scale(call: Callable[[], object] | None, *inputs: torch.Tensor) -> flo
 
 def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:
     """σ, still and jumps (`_measured_noise`) from the loss at the rows of `_noise_rows` (in
-    numpy: a few operations on a few dozen values)."""
+    numpy: a few operations on a few dozen values): from its lines at each element's scale, σ
+    at least what its wide lines show (`_wide_noise`)."""
+    values, wide = values[:NOISE_ROWS], values[NOISE_ROWS:]
     still = bool((values == f0).all())
     squares = _noise_squares(_array(values), np.array([f0]))[..., 0]
     # Column 0 is the only difference through the point; the others lie beside it. Rounding
@@ -1470,9 +1621,50 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
         finite = beside
         still = bool(still_beside(values).all())
     sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.size else floor
+    if len(wide):
+        sigma = float(_beyond(np.array([sigma]), _wide_noise(_array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1)))[0])
     if still:  # no rounding to measure: a function's own error is up to an ulp of its value (`along_many`)
         sigma = max(sigma, EPS * abs(f0) if math.isfinite(f0) else 0.0)
     return sigma, still, jumps
+
+
+def _beyond(sigma: np.ndarray, wide: np.ndarray) -> np.ndarray:
+    """σ from the lines at each element's own scale, or the wide lines' where those show more
+    than NOISE_WIDE_AGREE times it: rounding the others could not reach (exp(x) ≈ 1 at x = 1e-5:
+    1e-16 where they saw 1e-22), not two estimates of the same rounding a sample apart."""
+    return np.where(wide > NOISE_WIDE_AGREE * sigma, wide, sigma)
+
+
+def _wide_noise(lines: np.ndarray) -> np.ndarray:
+    """Per output (the last dimension), the σ of the rounding the wide lines show (`_noise_rows`:
+    (lines, points, outputs), the point itself left out, so that a jump at it is not read as
+    rounding), or 0 where their differences do not look like rounding. Moré and Wild's test
+    (ECnoise): the k-th differences of independent rounding have variance C(2k, k)·σ² at every
+    order k, so the σ read at three orders in a row agree within NOISE_WIDE_AGREE, and they change
+    sign along every line; a smooth function's differences fall (or grow) from one order to the
+    next and keep their sign (log x at x = 1e-10, whose scale the lines' spacing is not small
+    against). And every line sees the same rounding, within NOISE_WIDE_LINES of the others: a
+    kink that some lines cross (a ReLU's input a spacing from 0) passes the first test, and is no
+    rounding. σ is read at the lowest order that passes."""
+    differences = lines
+    sigmas, changes = [], []
+    with np.errstate(all="ignore"):
+        for k in range(1, NOISE_WIDE_ORDERS + 1):
+            differences = differences[:, 1:] - differences[:, :-1]
+            squares = differences**2 / math.comb(2 * k, k)
+            per_line = np.sqrt(squares.mean(axis=1))  # (lines, outputs)
+            alike = per_line.max(axis=0) <= NOISE_WIDE_LINES * per_line.min(axis=0)
+            sigmas.append(np.sqrt(squares.mean(axis=(0, 1))))
+            changes.append(((differences > 0).any(axis=1) & (differences < 0).any(axis=1)).all(axis=0) & alike)
+        found = np.zeros(lines.shape[-1])
+        decided = np.zeros(lines.shape[-1], dtype=bool)
+        for k in range(1, NOISE_WIDE_ORDERS - 2):  # orders 2…: the first differences hold the slope
+            three = np.stack(sigmas[k : k + 3])
+            agree = (three.max(axis=0) <= NOISE_WIDE_AGREE * three.min(axis=0)) & changes[k] & np.isfinite(three).all(axis=0)
+            take = agree & ~decided
+            found = np.where(take, sigmas[k], found)
+            decided |= agree
+    return found
 
 
 def _noise_squares(values: np.ndarray, f0: np.ndarray) -> np.ndarray:
