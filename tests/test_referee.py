@@ -1039,20 +1039,20 @@ def test_a_slip_in_a_function_that_cancels_terms_near_1_is_still_found(f, mode):
 def test_the_wide_noise_lines_count_rounding_and_neither_a_smooth_function_nor_a_kink_some_lines_cross():
     rng = torch.Generator().manual_seed(0)
     noise = torch.randn((4, 8, 50), generator=rng, dtype=torch.float64).numpy() * 1e-16
-    found = numerical._wide_noise(noise)
+    found = numerical._wide_noise(numerical._differences_of(noise))
     assert (found > 0).all() and ((found > 3e-17) & (found < 3e-16)).all()
     spacing, steps = 1.6e-13, torch.arange(1, 9, dtype=torch.float64)
     signs = (1.0, -1.0, 1.0, -1.0)
     # log x at 1e-10: the spacing is not small against its scale; differences fall order by order
     smooth = torch.stack([torch.log(1e-10 + s * spacing * steps) for s in signs])[:, :, None]
-    assert numerical._wide_noise(smooth.numpy()).tolist() == [0.0]
+    assert numerical._wide_noise(numerical._differences_of(smooth.numpy())).tolist() == [0.0]
     # a ReLU whose input is three spacings from 0: some lines cross its kink, some do not
     kink = torch.stack([torch.relu(-3 * spacing + s * spacing * steps) for s in signs])[:, :, None]
-    assert numerical._wide_noise(kink.numpy()).tolist() == [0.0]
+    assert numerical._wide_noise(numerical._differences_of(kink.numpy())).tolist() == [0.0]
     # a line standing still, or moving as a straight line, shows no rounding
-    assert numerical._wide_noise(torch.zeros((4, 8, 1), dtype=torch.float64).numpy()).tolist() == [0.0]
+    assert numerical._wide_noise(numerical._differences_of(torch.zeros((4, 8, 1), dtype=torch.float64).numpy())).tolist() == [0.0]
     line = torch.stack([3 * s * spacing * steps for s in signs])[:, :, None]
-    assert numerical._wide_noise(line.numpy()).tolist() == [0.0]
+    assert numerical._wide_noise(numerical._differences_of(line.numpy())).tolist() == [0.0]
 
 
 def test_the_wide_lines_move_a_value_near_1_by_a_fraction_of_its_ulp_that_is_not_a_whole_number():

@@ -97,6 +97,7 @@ NOISE_WIDE_SCALE = NOISE_WIDE_ULPS / NOISE_ULPS
 NOISE_WIDE_ORDERS = 6
 NOISE_WIDE_AGREE = 4.0
 NOISE_WIDE_LINES = 16.0
+NOISE_WIDE_BEYOND = 16.0  # the wide lines' σ counts where it is this many times the others'
 # Monte Carlo arithmetic (`stochastic`): this many draws of every computed value's rounding,
 # each applied both ways.
 STOCHASTIC_PAIRS = 4
@@ -677,7 +678,7 @@ class FiniteDifferences:
         squares = (differences**2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)).nan_to_num(math.inf, posinf=math.inf)
         own = squares.mean(dim=1).sqrt().clamp(min=ROUNDING_FLOOR * abs(float(self.loss0)))
         if small.numel():
-            own[small] = torch.from_numpy(_beyond(own[small].numpy(), _wide_noise(_array(wide).T[None])))
+            own[small] = torch.from_numpy(_beyond(own[small].numpy(), _array(wide).T[None]))
         # A probe that saw nothing finite or nothing move, or an element of size 0 (no ulps to
         # move by): every input's.
         seen = torch.isfinite(own) & (size != 0) & ~(values == self.loss0.to(torch.float64)).all(dim=1)
@@ -979,7 +980,7 @@ def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor
     # rounding beside it, as in reverse mode (`_noise_of`)
     sigma = torch.maximum(torch.where(jumps, beside, squares.mean(dim=(0, 1))).sqrt(), least)
     if len(wide):  # what the wide lines show beyond (`_beyond`)
-        sigma = torch.from_numpy(_beyond(sigma.numpy(), _wide_noise(_array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1))))
+        sigma = torch.from_numpy(_beyond(sigma.numpy(), _array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1)))
     return sigma, jumps
 
 
@@ -1622,49 +1623,64 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
         still = bool(still_beside(values).all())
     sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.size else floor
     if len(wide):
-        sigma = float(_beyond(np.array([sigma]), _wide_noise(_array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1)))[0])
+        sigma = float(_beyond(np.array([sigma]), _array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1))[0])
     if still:  # no rounding to measure: a function's own error is up to an ulp of its value (`along_many`)
         sigma = max(sigma, EPS * abs(f0) if math.isfinite(f0) else 0.0)
     return sigma, still, jumps
 
 
-def _beyond(sigma: np.ndarray, wide: np.ndarray) -> np.ndarray:
-    """σ from the lines at each element's own scale, or the wide lines' where those show more
-    than NOISE_WIDE_AGREE times it: rounding the others could not reach (exp(x) ≈ 1 at x = 1e-5:
-    1e-16 where they saw 1e-22), not two estimates of the same rounding a sample apart."""
-    return np.where(wide > NOISE_WIDE_AGREE * sigma, wide, sigma)
+def _beyond(sigma: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """σ from the lines at each element's own scale (per output), or what the wide `lines` show
+    (`_wide_noise`) where that is more than NOISE_WIDE_BEYOND times it: rounding the others could
+    not reach (exp(x) ≈ 1 at x = 1e-5: 1e-16 where they saw 1e-22), not two estimates of the
+    same rounding a sample apart."""
+    orders = _differences_of(lines)
+    # The σ taken is within NOISE_WIDE_AGREE of the 4th differences' (every triple of orders the
+    # test tries holds the 4th): where that is too small to count, the test need not run.
+    with np.errstate(all="ignore"):
+        fourth = np.sqrt((orders[3] ** 2).mean(axis=(0, 1)) / math.comb(8, 4))
+    if not bool((fourth > NOISE_WIDE_BEYOND / NOISE_WIDE_AGREE * sigma).any()):  # also False where NaN
+        return sigma
+    wide = _wide_noise(orders)
+    return np.where(wide > NOISE_WIDE_BEYOND * sigma, wide, sigma)
 
 
-def _wide_noise(lines: np.ndarray) -> np.ndarray:
-    """Per output (the last dimension), the σ of the rounding the wide lines show (`_noise_rows`:
-    (lines, points, outputs), the point itself left out, so that a jump at it is not read as
-    rounding), or 0 where their differences do not look like rounding. Moré and Wild's test
-    (ECnoise): the k-th differences of independent rounding have variance C(2k, k)·σ² at every
-    order k, so the σ read at three orders in a row agree within NOISE_WIDE_AGREE, and they change
-    sign along every line; a smooth function's differences fall (or grow) from one order to the
-    next and keep their sign (log x at x = 1e-10, whose scale the lines' spacing is not small
-    against). And every line sees the same rounding, within NOISE_WIDE_LINES of the others: a
-    kink that some lines cross (a ReLU's input a spacing from 0) passes the first test, and is no
-    rounding. σ is read at the lowest order that passes."""
-    differences = lines
+def _wide_noise(orders: list[np.ndarray]) -> np.ndarray:
+    """Per output (the last dimension), the σ of the rounding the wide lines show, from their
+    differences of order 1, 2, … (each (lines, points, outputs); the point itself left out of the
+    lines, so that a jump at it is not read as rounding), or 0 where they do not look like
+    rounding. Moré and Wild's test (ECnoise): the k-th differences of independent rounding have
+    variance C(2k, k)·σ² at every order k, so the σ read at three orders in a row agree within
+    NOISE_WIDE_AGREE, and they change sign along every line; a smooth function's differences
+    fall (or grow) from one order to the next and keep their sign (log x at x = 1e-10, whose
+    scale the lines' spacing is not small against). And every line sees the same rounding,
+    within NOISE_WIDE_LINES of the others: a kink that some lines cross (a ReLU's input a spacing
+    from 0) passes the first test, and is no rounding. σ is read at the lowest order that passes."""
     sigmas, changes = [], []
     with np.errstate(all="ignore"):
-        for k in range(1, NOISE_WIDE_ORDERS + 1):
-            differences = differences[:, 1:] - differences[:, :-1]
+        for k, differences in enumerate(orders, 1):
             squares = differences**2 / math.comb(2 * k, k)
             per_line = np.sqrt(squares.mean(axis=1))  # (lines, outputs)
             alike = per_line.max(axis=0) <= NOISE_WIDE_LINES * per_line.min(axis=0)
             sigmas.append(np.sqrt(squares.mean(axis=(0, 1))))
             changes.append(((differences > 0).any(axis=1) & (differences < 0).any(axis=1)).all(axis=0) & alike)
-        found = np.zeros(lines.shape[-1])
-        decided = np.zeros(lines.shape[-1], dtype=bool)
-        for k in range(1, NOISE_WIDE_ORDERS - 2):  # orders 2…: the first differences hold the slope
+        found = np.zeros(orders[0].shape[-1])
+        decided = np.zeros(orders[0].shape[-1], dtype=bool)
+        for k in range(1, len(orders) - 2):  # orders 2…: the first differences hold the slope
             three = np.stack(sigmas[k : k + 3])
             agree = (three.max(axis=0) <= NOISE_WIDE_AGREE * three.min(axis=0)) & changes[k] & np.isfinite(three).all(axis=0)
             take = agree & ~decided
             found = np.where(take, sigmas[k], found)
             decided |= agree
     return found
+
+
+def _differences_of(lines: np.ndarray) -> list[np.ndarray]:
+    """The differences of order 1…NOISE_WIDE_ORDERS along each line of (lines, points, outputs)."""
+    orders = [lines]
+    for _ in range(NOISE_WIDE_ORDERS):
+        orders.append(orders[-1][:, 1:] - orders[-1][:, :-1])
+    return orders[1:]
 
 
 def _noise_squares(values: np.ndarray, f0: np.ndarray) -> np.ndarray:
