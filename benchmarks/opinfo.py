@@ -26,6 +26,8 @@ its own.
 finite there is left out): pixels, timestamps and shifted logits are far from zero, where a
 finite-difference step set by |θ| may span a feature of the function (a staircase or a
 sawtooth of period 1 reads as a line at every power-of-two step from 1 up). Mutants too.
+`--scale 1e-5` multiplies them instead (before any offset): far below 1, where what a forward
+computes from an input (cos x, exp x ≈ 1) rounds at a larger scale than the input itself.
 
 Results go one line per check to `--out` (JSON lines); a rerun skips what is already there, so
 the run can be cut in slices (`--budget` seconds each, `--ops`, `--limit`) and resumed. At the
@@ -59,6 +61,7 @@ COMPLEX_SLIPS = (*SLIPS, "one conj")
 # The dtypes mutants are planted in, where --dtypes names them.
 MUTATED = ("float64", "complex128")
 CHECKERS = ("torch-slow", "torch-fast", "dropin")
+SCALE = 1.0  # `--scale`: every differentiated input multiplied by this much
 
 
 def op_db() -> list[Any]:
@@ -147,8 +150,8 @@ def run_check(
     if len(found) <= index:
         return {"verdict": "no-sample", "why": ""}
     fn, inputs = unit(op, found[index])
-    if offset:
-        inputs = tuple((x.detach() + offset).requires_grad_(True) for x in inputs)
+    if offset or SCALE != 1.0:
+        inputs = tuple((x.detach() * SCALE + offset).requires_grad_(True) for x in inputs)
         try:
             with torch.no_grad():
                 value = fn(*inputs)
@@ -602,8 +605,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kind", choices=KINDS, default="gradcheck",
                         help="gradgradcheck, or gradcheck in forward mode, the drop-in's and torch's, on the ops that support it (give it an --out of its own)")
     parser.add_argument("--offset", type=float, default=0.0, help="move every differentiated input by this much (give it an --out of its own)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every differentiated input by this much (give it an --out of its own)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
+    global SCALE
+    SCALE = args.scale  # set before the workers fork: they read it in run_check
     if args.table:
         rows = load(args.out)
         print(table(rows) + "\n\n" + speed(rows) + "\n\n" + "\n".join(disagreements(rows)))

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/run.py [--quick] [speed] [startup] [corpus] [soundness] [scale] [parallel]
         [function] [full] [orders] [distributed] [reference] [kernels] [profile] [referee] [opinfo] [tiny]
+        [small]
 
-Prints sixteen sections (all of them when none is named) and writes nothing: the numbers are
+Prints seventeen sections (all of them when none is named) and writes nothing: the numbers are
 recorded by hand in benchmarks/RESULTS.md. On a shared machine, run it when it is quiet; each
 section reports medians of interleaved repeats and the ratio of medians. `--quick`: fewer
 repeats and trials, for a short look (record figures from the full run).
@@ -30,6 +31,8 @@ repeats and trials, for a short look (record figures from the full run).
                resumable: benchmarks/opinfo.py runs the whole of it).
 16. tiny     — the fixed cost of a tiny check: the drop-in against torch's slow and fast gradcheck
                on functions of one to fifty elements (benchmarks/tiny.py).
+17. small    — correct code far below 1 (1 − cos x, exp x − 1 − x, … at 1e-1 to 1e-7): false
+               alarms where torch's gradcheck passes, and planted slips (benchmarks/small.py).
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ import scale
 import soundness
 import speed
 import startup
+import small
 import tiny
 
 Section = Callable[[bool], tuple[str, list[tuple[str, bool]]]]  # quick → (text, targets)
@@ -90,6 +94,8 @@ SECTIONS: dict[str, tuple[str, Section]] = {
                opinfo.section),
     "tiny": ("16. the fixed cost of a tiny check: the drop-in vs torch's slow and fast gradcheck",
              lambda quick: tiny.run(5 if quick else 15)),
+    "small": ("17. correct code far below 1: false alarms where torch passes, and planted slips",
+              lambda quick: small.run(1 if quick else 2)),
 }
 
 

@@ -650,9 +650,9 @@ class FiniteDifferences:
     def _own_noise(self, whole: Flat, chosen: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Per chosen element, the σ of the loss's rounding when that element alone moves
         (`_measured_noise` along its own axis, 2·NOISE_POINTS − 1 points; for an element smaller
-        than 1, at least what its wide line shows, as `_noise_rows`); every input's σ where the
-        probes cannot run, or where the loss stood still on the element's own line (no rounding
-        seen: that of the terms it is made of, `_measured`)."""
+        than NOISE_WIDE_SCALE, what its wide line shows beyond that, `_beyond`); every input's σ
+        where the probes cannot run, or where the loss stood still on the element's own line (no
+        rounding seen there: every input's says what the forward rounds, `_measured`)."""
         sigma, _ = self.noise
         count = 2 * NOISE_POINTS - 1
         base = whole.join(self.targets)
@@ -1418,8 +1418,8 @@ def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """The flat vectors `_measured_noise` evaluates the loss at, line after line: the point
     `base` moved by 1…NOISE_POINTS − 1 times NOISE_ULPS ulps of each element's `scale`, along
     NOISE_LINES random signs (the first NOISE_ROWS rows); then, where an element is smaller than
-    1, the wide lines, the same with every such element's scale 1 (`_wide_noise`). None where
-    nothing can move (no element, or all of size 0)."""
+    NOISE_WIDE_SCALE, the wide lines (`_wide_rows`, `_beyond`). None where nothing can move (no
+    element, or all of size 0)."""
     size = scale.reshape(-1).to(torch.float64).abs()
     if not size.numel() or not bool((size > 0).any()):
         return None
