@@ -1001,7 +1001,8 @@ def test_a_function_that_cancels_terms_near_1_at_small_inputs_is_not_called_wron
     # (σ 6e-27 where the terms round at 1e-16), every bar was too small, the steps were narrowed
     # below the terms' ulp, where the loss stands still, and the referee read a gradient of 0
     # with a bar of 1e-13 (1 − cos: "numerical 0, autograd 1.8e-5"; torch's gradcheck passes).
-    # The wide noise lines and the terms of a loss that stands still now give the rounding.
+    # The wide noise lines, and float64's simulated rounding of a loss that stands still on
+    # every line, now give the rounding.
     fn, x = _small(f)
     assert backprop_check.gradcheck(fn, (x,), check_forward_ad=mode == "fwd", check_backward_ad=mode == "rev")
 
