@@ -233,7 +233,7 @@ def test_every_row_of_a_chunk_perturbs_exactly_one_element_even_when_the_buffer_
     # element is smaller than NOISE_WIDE_SCALE.
     probe = numerical._noise_rows(theta, theta.abs()).shape[0]
     small = bool((theta.abs() < numerical.NOISE_WIDE_SCALE).any())
-    assert probe == numerical.NOISE_ROWS * (2 if small else 1)
+    assert probe == numerical.NOISE_ROWS + (numerical.NOISE_WIDE_COUNT * (numerical.NOISE_POINTS - 1) if small else 0)
     assert seen[0].shape[0] == 12 + probe
     assert not (seen[0][12:] == theta).all(dim=1).any()  # every probe row moves the point
     seen[0] = seen[0][:12]

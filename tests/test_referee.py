@@ -1047,9 +1047,13 @@ def test_the_wide_noise_lines_count_rounding_and_neither_a_smooth_function_nor_a
     # log x at 1e-10: the spacing is not small against its scale; differences fall order by order
     smooth = torch.stack([torch.log(1e-10 + s * spacing * steps) for s in signs])[:, :, None]
     assert numerical._wide_noise(numerical._differences_of(smooth.numpy())).tolist() == [0.0]
-    # a ReLU whose input is three spacings from 0: some lines cross its kink, some do not
+    # a ReLU whose input is three spacings from 0: some lines cross its kink, some do not (of
+    # four lines, and of the NOISE_WIDE_COUNT = 2 the probe draws)
     kink = torch.stack([torch.relu(-3 * spacing + s * spacing * steps) for s in signs])[:, :, None]
     assert numerical._wide_noise(numerical._differences_of(kink.numpy())).tolist() == [0.0]
+    assert numerical._wide_noise(numerical._differences_of(kink[:2].numpy())).tolist() == [0.0]
+    two = torch.randn((2, 8, 50), generator=rng, dtype=torch.float64).numpy() * 1e-16
+    assert (numerical._wide_noise(numerical._differences_of(two)) > 0).mean() > 0.9
     # a line standing still, or moving as a straight line, shows no rounding
     assert numerical._wide_noise(numerical._differences_of(torch.zeros((4, 8, 1), dtype=torch.float64).numpy())).tolist() == [0.0]
     line = torch.stack([3 * s * spacing * steps for s in signs])[:, :, None]

@@ -95,6 +95,10 @@ NOISE_SEED = 28
 NOISE_WIDE_ULPS = 724 + (math.sqrt(5) - 1) / 2
 NOISE_WIDE_SCALE = NOISE_WIDE_ULPS / NOISE_ULPS
 NOISE_WIDE_ORDERS = 6
+# Two wide lines: where the probe is a call of its own (a replayed forward, a Function vmap
+# cannot batch), each of its rows is a whole forward pass, and four made a check of vocab-
+# parallel cross-entropy 15 % slower; two still let the test refuse a kink one line crosses.
+NOISE_WIDE_COUNT = 2
 NOISE_WIDE_AGREE = 4.0
 NOISE_WIDE_LINES = 16.0
 NOISE_WIDE_BEYOND = 16.0  # the wide lines' σ counts where it is this many times the others'
@@ -980,7 +984,7 @@ def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor
     # rounding beside it, as in reverse mode (`_noise_of`)
     sigma = torch.maximum(torch.where(jumps, beside, squares.mean(dim=(0, 1))).sqrt(), least)
     if len(wide):  # what the wide lines show beyond (`_beyond`)
-        sigma = torch.from_numpy(_beyond(sigma.numpy(), _array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1)))
+        sigma = torch.from_numpy(_beyond(sigma.numpy(), _array(wide).reshape(NOISE_WIDE_COUNT, NOISE_POINTS - 1, -1)))
     return sigma, jumps
 
 
@@ -1430,13 +1434,13 @@ def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
 
 
 def _wide_rows(base: torch.Tensor, size: torch.Tensor, ulps: float) -> torch.Tensor | None:
-    """Noise lines (`_noise_rows`) on which every element smaller than NOISE_WIDE_SCALE moves by
-    1…NOISE_POINTS − 1 times `ulps` ulps of 1, the others as on the lines at their own scale;
-    None where no element is that small."""
+    """NOISE_WIDE_COUNT noise lines (`_noise_rows`, their first signs) on which every element
+    smaller than NOISE_WIDE_SCALE moves by 1…NOISE_POINTS − 1 times `ulps` ulps of 1, the others
+    as on the lines at their own scale; None where no element is that small."""
     small = (size > 0) & (size < NOISE_WIDE_SCALE)
     if not bool(small.any()):
         return None
-    signs = _noise_signs(size.numel()).reshape(NOISE_LINES, 1, -1)
+    signs = _noise_signs(size.numel())[:NOISE_WIDE_COUNT].reshape(NOISE_WIDE_COUNT, 1, -1)
     spacing = torch.where(small, ulps * EPS, NOISE_ULPS * EPS * size)
     return (base + torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (signs * spacing)).reshape(-1, size.numel())
 
@@ -1623,7 +1627,7 @@ def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, boo
         still = bool(still_beside(values).all())
     sigma = max(floor, math.sqrt(float(finite.mean()))) if finite.size else floor
     if len(wide):
-        sigma = float(_beyond(np.array([sigma]), _array(wide).reshape(NOISE_LINES, NOISE_POINTS - 1, -1))[0])
+        sigma = float(_beyond(np.array([sigma]), _array(wide).reshape(NOISE_WIDE_COUNT, NOISE_POINTS - 1, -1))[0])
     if still:  # no rounding to measure: a function's own error is up to an ulp of its value (`along_many`)
         sigma = max(sigma, EPS * abs(f0) if math.isfinite(f0) else 0.0)
     return sigma, still, jumps
