@@ -1422,27 +1422,20 @@ def _noise_rows(base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """The flat vectors `_measured_noise` evaluates the loss at, line after line: the point
     `base` moved by 1…NOISE_POINTS − 1 times NOISE_ULPS ulps of each element's `scale`, along
     NOISE_LINES random signs (the first NOISE_ROWS rows); then, where an element is smaller than
-    NOISE_WIDE_SCALE, the wide lines (`_wide_rows`, `_beyond`). None where nothing can move (no
+    NOISE_WIDE_SCALE, NOISE_WIDE_COUNT wide lines (`_beyond`). None where nothing can move (no
     element, or all of size 0)."""
     size = scale.reshape(-1).to(torch.float64).abs()
     if not size.numel() or not bool((size > 0).any()):
         return None
     signs = _noise_signs(size.numel()).reshape(NOISE_LINES, 1, -1)
     rows = (base + _NOISE_STEPS * (signs * size)).reshape(-1, size.numel())
-    wide = _wide_rows(base, size, NOISE_WIDE_ULPS)
-    return rows if wide is None else torch.cat([rows, wide])
-
-
-def _wide_rows(base: torch.Tensor, size: torch.Tensor, ulps: float) -> torch.Tensor | None:
-    """NOISE_WIDE_COUNT noise lines (`_noise_rows`, their first signs) on which every element
-    smaller than NOISE_WIDE_SCALE moves by 1…NOISE_POINTS − 1 times `ulps` ulps of 1, the others
-    as on the lines at their own scale; None where no element is that small."""
     small = (size > 0) & (size < NOISE_WIDE_SCALE)
     if not bool(small.any()):
-        return None
-    signs = _noise_signs(size.numel())[:NOISE_WIDE_COUNT].reshape(NOISE_WIDE_COUNT, 1, -1)
-    spacing = torch.where(small, ulps * EPS, NOISE_ULPS * EPS * size)
-    return (base + torch.arange(1, NOISE_POINTS, dtype=torch.float64).reshape(-1, 1) * (signs * spacing)).reshape(-1, size.numel())
+        return rows
+    # The wide lines: the first NOISE_WIDE_COUNT signs, every small element NOISE_WIDE_ULPS
+    # ulps of 1 a step, the others as above (NOISE_ULPS·NOISE_WIDE_SCALE is NOISE_WIDE_ULPS).
+    wide = base + _NOISE_STEPS * (signs[:NOISE_WIDE_COUNT] * torch.where(small, NOISE_WIDE_SCALE, size))
+    return torch.cat([rows, wide.reshape(-1, size.numel())])
 
 
 # The noise lines' spacing: 1…NOISE_POINTS − 1 times NOISE_ULPS ulps, one row each.
@@ -1493,7 +1486,6 @@ def stochastic(
     moves opposite; an element whose moves are not opposite in every pair jumps (a branch, a tie
     that the draws break) and gets 0, as a jump is no rounding. {} where `compute` fails under
     the draws (nothing is allowed then)."""
-    eps = torch.finfo(torch.float64).eps
     try:
         base = compute()
     except CaseTimeout:
@@ -1522,7 +1514,7 @@ def stochastic(
             up, down = up.detach().to("cpu", torch.float64), down.detach().to("cpu", torch.float64)
             odd = ((up - down).abs() / 2).nan_to_num(nan=0.0, posinf=0.0)
             even = (up + down - 2 * g).abs()
-            smooth[name] &= even <= odd / 2 + 64 * eps * g.abs()
+            smooth[name] &= even <= odd / 2 + 64 * EPS * g.abs()
             spread[name] = torch.maximum(spread[name], odd)
     return {name: torch.where(smooth[name], s, torch.zeros_like(s)) for name, s in spread.items()}
 
@@ -1552,18 +1544,13 @@ class _Rounds(TorchDispatchMode):
         return value * (1 + delta).to(value.device, real)
 
 
-def float64_rounding(compute: Callable[[], dict[str, torch.Tensor]], names: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """Per name, how far float64's rounding of every value `compute()` computes moves its values
-    (`stochastic`; 0 where they jump; {} where `compute` fails). Simulated at STOCHASTIC_MAGNIFY
-    times the unit roundoff and scaled back: at the unit itself each simulated move is rounded
-    again, to zero or a whole ulp, and a value near 1 seems to jump."""
-    moved = stochastic(compute, names, STOCHASTIC_MAGNIFY * EPS / 2, seed)
-    return {name: spread / STOCHASTIC_MAGNIFY for name, spread in moved.items()}
-
-
 def _float64_rounding(compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """`float64_rounding` of one tensor; None where `compute` fails."""
-    return float64_rounding(lambda: {"value": compute()}, ["value"], NOISE_SEED).get("value")
+    """Per value `compute()` gives, how far float64's rounding of every value it computes moves
+    it (`stochastic`; 0 where it jumps; None where `compute` fails). Simulated at
+    STOCHASTIC_MAGNIFY times the unit roundoff and scaled back: at the unit itself each simulated
+    move is rounded again, to zero or a whole ulp, and a value near 1 seems to jump."""
+    moved = stochastic(lambda: {"value": compute()}, ["value"], STOCHASTIC_MAGNIFY * EPS / 2, NOISE_SEED)
+    return moved["value"] / STOCHASTIC_MAGNIFY if "value" in moved else None
 
 
 def readable_values(value: object) -> bool:
