@@ -44,7 +44,7 @@ from backprop_check import check_layer, layer  # noqa: E402
 from backprop_check.model.forward import call_forward  # noqa: E402
 from backprop_check.model.points import given_point  # noqa: E402
 from backprop_check.sources import numerical  # noqa: E402
-from backprop_check.sources.numerical import Batched  # noqa: E402
+from backprop_check.sources.batches import Batched, Flat, evaluate  # noqa: E402
 
 CALLS = [0]
 
@@ -154,12 +154,12 @@ class Generic(Batched):
 
 
 def harness_generic() -> Any:
-    problem = numerical.Problem(CASE, POINT, torch.float64)
+    problem = numerical.FiniteDifferences(CASE, POINT, torch.float64)
     generic = Generic(CASE, POINT, {name: problem.targets[name] for name in problem.nodes})
     out = {}
     for name in problem.targets:
-        flat = numerical.Flat({name: problem.targets[name]})
-        out[name] = numerical.evaluate(generic, problem.targets, flat, flat.join(problem.scales), torch.arange(flat.size))
+        flat = Flat({name: problem.targets[name]})
+        out[name] = evaluate(generic, problem.targets, flat, flat.join(problem.scales), torch.arange(flat.size))
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 
 from backprop_check import case
 from backprop_check.model.points import given_point
-from backprop_check.sources import numerical
+from backprop_check.sources import batches, noise, numerical, stencil
 
 KNOWN = [
     pytest.param(lambda t: (torch.sin(t) * torch.exp(t / 3)).sum(),
@@ -180,10 +180,10 @@ def test_forward_modes_referee_catches_the_same_wrong_vmap_rule():
 
 def test_steps_are_powers_of_two_so_that_theta_plus_h_is_exact():
     theta = torch.tensor([0.0, 1e-3, 3.7, -250.0, 1e6], dtype=torch.float64)
-    h = numerical.steps_for(theta)
+    h = stencil.steps_for(theta)
     assert torch.all(torch.log2(h) == torch.round(torch.log2(h)))
     assert torch.all((theta + h) - theta == h)
-    assert torch.all(h <= 2 * numerical.RELATIVE_STEP * theta.abs().clamp(min=1))
+    assert torch.all(h <= 2 * stencil.RELATIVE_STEP * theta.abs().clamp(min=1))
 
 
 def test_sampled_tensors_carry_directions_and_a_sample_only():
@@ -225,22 +225,22 @@ def test_every_row_of_a_chunk_perturbs_exactly_one_element_even_when_the_buffer_
         return call(self, targets, flat, batch)
 
     # 2 elements (6 rows each) a chunk: 30 elements make 15 chunks through one buffer.
-    monkeypatch.setattr(numerical, "CHUNK_BYTES", 8 * theta.numel() * 12)
+    monkeypatch.setattr(batches, "CHUNK_BYTES", 8 * theta.numel() * 12)
     monkeypatch.setattr(numerical.Batched, "__call__", recording)
     chunked = numerical.gradient(net, point, "cpu", torch.float64)
     # The noise probe's rows ride along in the first call (`FiniteDifferences._probe_rows`),
     # after its chunk's rows: the lines at each element's scale, then the wide lines where an
     # element is smaller than NOISE_WIDE_SCALE.
-    probe = numerical._noise_rows(theta, theta.abs()).shape[0]
-    small = bool((theta.abs() < numerical.NOISE_WIDE_SCALE).any())
-    assert probe == numerical.NOISE_ROWS + (numerical.NOISE_WIDE_COUNT * (numerical.NOISE_POINTS - 1) if small else 0)
+    probe = noise._noise_rows(theta, theta.abs()).shape[0]
+    small = bool((theta.abs() < noise.NOISE_WIDE_SCALE).any())
+    assert probe == noise.NOISE_ROWS + (noise.NOISE_WIDE_COUNT * (noise.NOISE_POINTS - 1) if small else 0)
     assert seen[0].shape[0] == 12 + probe
     assert not (seen[0][12:] == theta).all(dim=1).any()  # every probe row moves the point
     seen[0] = seen[0][:12]
     # the first pass; the elements whose bar is mostly truncation are then estimated again at
     # smaller steps (`settle`), through the same buffer
     assert [b.shape[0] for b in seen[:15]] == [12] * 15
-    assert all(b.shape[0] % len(numerical.OFFSETS) == 0 for b in seen[15:])
+    assert all(b.shape[0] % len(stencil.OFFSETS) == 0 for b in seen[15:])
     rows = torch.cat(seen)
     changed = rows != theta
     assert changed.sum(dim=1).tolist() == [1] * rows.shape[0]  # no stale perturbation left behind
@@ -252,7 +252,7 @@ def test_every_row_of_a_chunk_perturbs_exactly_one_element_even_when_the_buffer_
 
 def test_a_chunk_holds_at_most_chunk_bytes_of_rows_at_any_size():
     for size in (1, 10, 1000, 10**6, 10**8):
-        rows = numerical.elements_per_chunk(size) * len(numerical.OFFSETS)
-        assert rows <= numerical.MAX_BATCH
+        rows = batches.elements_per_chunk(size) * len(stencil.OFFSETS)
+        assert rows <= batches.MAX_BATCH
         # one element (4 rows, the least a batch needs) even where a row alone exceeds the budget
-        assert rows * size * 8 <= max(numerical.CHUNK_BYTES, len(numerical.OFFSETS) * size * 8)
+        assert rows * size * 8 <= max(batches.CHUNK_BYTES, len(stencil.OFFSETS) * size * 8)

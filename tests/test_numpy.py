@@ -16,9 +16,9 @@ from backprop_check.model.arrays import NUMPY_NOTE
 from backprop_check.commands.cli import main
 from backprop_check.model.forward import call_forward
 from backprop_check.model.points import given_point, random_point
-from backprop_check.sources import numerical
+from backprop_check.sources import numerical, stencil
 from backprop_check.sources.inplace import InPlace
-from backprop_check.sources.numerical import Batched, Flat, evaluate
+from backprop_check.sources.batches import Batched, Flat, evaluate
 
 pytest_plugins = ["pytester"]
 
@@ -149,7 +149,7 @@ def test_the_in_place_loop_gives_the_generic_loops_values_bit_for_bit():
     assert set(problem.targets) == {"w", "y_pred", "s"}
     for name in problem.targets:
         flat = Flat({name: problem.targets[name]})
-        h, index = numerical.steps_for(flat.join(problem.scales)), torch.arange(flat.size)
+        h, index = stencil.steps_for(flat.join(problem.scales)), torch.arange(flat.size)
         fast = evaluate(problem.batched, problem.targets, flat, h, index)
         slow = evaluate(generic, problem.targets, flat, h, index)
         assert torch.equal(fast, slow), name

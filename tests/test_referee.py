@@ -20,6 +20,7 @@ from backprop_check.engine.sides import Sides
 from backprop_check.engine.tolerance import tolerance_for
 from backprop_check.model.points import given_point
 from backprop_check.sources import Direction, Gradients, numerical
+from backprop_check.sources.noise import NOISE_ULPS, NOISE_WIDE_SCALE, _differences_of, _wide_noise
 
 DAY = 86400 / (2 * math.pi)
 
@@ -320,7 +321,7 @@ def test_forward_mode_imports_no_private_helper_of_the_referee():
     tree = ast.parse(Path(jvp.__file__).read_text())
     imported = [
         alias.name for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "backprop_check.sources.numerical"
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("backprop_check.sources.")
         for alias in node.names
     ]
     assert imported and not [name for name in imported if name.startswith("_")]
@@ -398,7 +399,7 @@ def test_a_forward_that_refuses_a_point_a_first_step_away_is_estimated_at_narrow
 def test_settle_drops_a_column_at_its_floor_without_losing_the_others():
     """Two unsettled columns, one already at its floor: the other is estimated again alone
     (the shrink factors follow the columns kept; _safe_softmax's sample crashed here)."""
-    from backprop_check.sources.numerical import settle
+    from backprop_check.sources.stencil import settle
 
     def estimates(count: int, value: float, step: float) -> dict:
         full = lambda v: torch.full((count,), v, dtype=torch.float64)  # noqa: E731
@@ -1040,27 +1041,27 @@ def test_a_slip_in_a_function_that_cancels_terms_near_1_is_still_found(f, mode):
 def test_the_wide_noise_lines_count_rounding_and_neither_a_smooth_function_nor_a_kink_some_lines_cross():
     rng = torch.Generator().manual_seed(0)
     noise = torch.randn((4, 8, 50), generator=rng, dtype=torch.float64).numpy() * 1e-16
-    found = numerical._wide_noise(numerical._differences_of(noise))
+    found = _wide_noise(_differences_of(noise))
     assert (found > 0).all() and ((found > 3e-17) & (found < 3e-16)).all()
     spacing, steps = 1.6e-13, torch.arange(1, 9, dtype=torch.float64)
     signs = (1.0, -1.0, 1.0, -1.0)
     # log x at 1e-10: the spacing is not small against its scale; differences fall order by order
     smooth = torch.stack([torch.log(1e-10 + s * spacing * steps) for s in signs])[:, :, None]
-    assert numerical._wide_noise(numerical._differences_of(smooth.numpy())).tolist() == [0.0]
+    assert _wide_noise(_differences_of(smooth.numpy())).tolist() == [0.0]
     # a ReLU whose input is three spacings from 0: some lines cross its kink, some do not (of
     # four lines, and of the NOISE_WIDE_COUNT = 2 the probe draws)
     kink = torch.stack([torch.relu(-3 * spacing + s * spacing * steps) for s in signs])[:, :, None]
-    assert numerical._wide_noise(numerical._differences_of(kink.numpy())).tolist() == [0.0]
-    assert numerical._wide_noise(numerical._differences_of(kink[:2].numpy())).tolist() == [0.0]
+    assert _wide_noise(_differences_of(kink.numpy())).tolist() == [0.0]
+    assert _wide_noise(_differences_of(kink[:2].numpy())).tolist() == [0.0]
     two = torch.randn((2, 8, 50), generator=rng, dtype=torch.float64).numpy() * 1e-16
-    assert (numerical._wide_noise(numerical._differences_of(two)) > 0).mean() > 0.9
+    assert (_wide_noise(_differences_of(two)) > 0).mean() > 0.9
     # a line standing still, or moving as a straight line, shows no rounding
-    assert numerical._wide_noise(numerical._differences_of(torch.zeros((4, 8, 1), dtype=torch.float64).numpy())).tolist() == [0.0]
+    assert _wide_noise(_differences_of(torch.zeros((4, 8, 1), dtype=torch.float64).numpy())).tolist() == [0.0]
     line = torch.stack([3 * s * spacing * steps for s in signs])[:, :, None]
-    assert numerical._wide_noise(numerical._differences_of(line.numpy())).tolist() == [0.0]
+    assert _wide_noise(_differences_of(line.numpy())).tolist() == [0.0]
 
 
 def test_the_wide_lines_move_a_value_near_1_by_a_fraction_of_its_ulp_that_is_not_a_whole_number():
     # whole ulps of 1 would leave exp(x + kδ)'s rounding as it was: the lines would stand still
-    ulps = numerical.NOISE_ULPS * numerical.NOISE_WIDE_SCALE
+    ulps = NOISE_ULPS * NOISE_WIDE_SCALE
     assert 0.3 < ulps % 1 < 0.7

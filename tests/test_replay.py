@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import backprop_check
 from backprop_check.model.points import given_point
-from backprop_check.sources import replay, numerical
+from backprop_check.sources import batches, numerical, replay
 from backprop_check.sources.replay import Program, Unreplayable
 
 
@@ -221,8 +221,8 @@ def _case(name: str) -> backprop_check.Case:
 
 @pytest.mark.parametrize("name", sorted(FORWARDS))
 def test_the_referee_is_the_same_with_and_without_the_replay(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)  # these tensors are small: replay them anyway
-    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
+    monkeypatch.setattr(batches, "REPLAY_FROM", 0)  # these tensors are small: replay them anyway
+    monkeypatch.setattr(batches, "REPLAY_CASE_FROM", 0)
     case = _case(name)
     point = given_point(case, 0)
     reference = numerical.reference(case, point, torch.float64, full=True)
@@ -242,8 +242,8 @@ def test_the_referee_is_the_same_with_and_without_the_replay(name: str, monkeypa
 def test_a_replay_that_disagrees_with_the_forward_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     """A wrong rule (here: every product off by 1e-6) is caught by the rows each chunk checks
     against a plain forward pass; the referee then runs the forward under vmap, and is right."""
-    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
-    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
+    monkeypatch.setattr(batches, "REPLAY_FROM", 0)
+    monkeypatch.setattr(batches, "REPLAY_CASE_FROM", 0)
     case = _case("mlp")
     point = given_point(case, 0)
     right = numerical.reference(case, point, torch.float64, full=True).gradients
@@ -279,8 +279,8 @@ def test_a_few_elements_or_huge_values_are_left_to_vmap(monkeypatch: pytest.Monk
     case = _case("mlp")  # 41 elements in all
     reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
     assert not reference.differences.batched.programs
-    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
-    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
+    monkeypatch.setattr(batches, "REPLAY_FROM", 0)
+    monkeypatch.setattr(batches, "REPLAY_CASE_FROM", 0)
     monkeypatch.setattr(replay, "STATE_BYTES", 8 * 4 * 20 * 10)  # 10 rows of the widest value
     reference = numerical.reference(case, given_point(case, 0), torch.float64, full=True)
     programs = reference.differences.batched.programs.values()
@@ -298,7 +298,7 @@ def test_a_module_case_is_replayed_through_its_bound_parameters(monkeypatch: pyt
     def sequential(model, X, Y):  # noqa: ANN001, ANN201
         return F.mse_loss(model(X), Y)
 
-    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)  # 163 elements: a tiny check, replayed anyway
+    monkeypatch.setattr(batches, "REPLAY_CASE_FROM", 0)  # 163 elements: a tiny check, replayed anyway
     point = given_point(sequential, 0)
     reference = numerical.reference(sequential, point, torch.float64, full=True)
     programs = reference.differences.batched.programs
@@ -369,10 +369,10 @@ def test_a_tiny_check_is_left_to_vmap_and_a_large_one_replayed(monkeypatch: pyte
     recording; the same check counted as large is replayed, with the same estimates."""
     case = _case("mlp")
     point = given_point(case, 0)
-    monkeypatch.setattr(numerical, "REPLAY_FROM", 0)
+    monkeypatch.setattr(batches, "REPLAY_FROM", 0)
     tiny = numerical.reference(case, point, torch.float64, full=True)
     assert not tiny.differences.batched.programs
-    monkeypatch.setattr(numerical, "REPLAY_CASE_FROM", 0)
+    monkeypatch.setattr(batches, "REPLAY_CASE_FROM", 0)
     large = numerical.reference(case, point, torch.float64, full=True)
     programs = large.differences.batched.programs.values()
     assert programs and all(program is not None for program in programs)
@@ -400,7 +400,7 @@ def test_each_tensor_of_a_batch_is_in_storage_of_its_own_under_vmap() -> None:
     """`Flat.columns`: every row of every tensor starts its own storage (as_strided with an
     offset reads that tensor's values, never a neighbour's), and holds what `split` gives."""
     tensors = {"a": _randn(2, 3, seed=1), "b": _randn(4, seed=2), "c": _randn(3, 3, seed=3)}
-    flat = numerical.Flat(tensors)
+    flat = batches.Flat(tensors)
     batch = torch.stack([flat.join(tensors) + k for k in range(5)])
     columns = flat.columns(batch)
     for k in range(5):
@@ -409,7 +409,7 @@ def test_each_tensor_of_a_batch_is_in_storage_of_its_own_under_vmap() -> None:
             torch.testing.assert_close(columns[name][k], split[name], rtol=0, atol=0)
             assert columns[name].storage_offset() == 0 and columns[name].is_contiguous()
     # one tensor, a fresh batch: the rows themselves, not copied
-    alone = numerical.Flat({"c": tensors["c"]})
+    alone = batches.Flat({"c": tensors["c"]})
     rows = torch.stack([tensors["c"].reshape(-1)] * 3)
     assert alone.columns(rows)["c"].data_ptr() == rows.data_ptr()
     # ... but a batch that starts inside another storage is copied
@@ -466,16 +466,16 @@ def test_a_forward_vmap_cannot_batch_is_replayed_once_a_recording_has_been_paid(
         return no_vmap_rule
 
     point = given_point(make(0.0), 0)
-    monkeypatch.setattr(numerical, "_first_recording_paid", lambda: False)  # as in a fresh process
-    monkeypatch.setattr(numerical.Looped, "seconds", 0.0)
+    monkeypatch.setattr(batches, "_first_recording_paid", lambda: False)  # as in a fresh process
+    monkeypatch.setattr(batches.Looped, "seconds", 0.0)
     # where the loop costs less than a recording would (a busy machine's slow passes must not
     # tip the ski rental: that is timing, not what is checked here)
-    paid_at = numerical.FIRST_RECORDING
-    monkeypatch.setattr(numerical, "FIRST_RECORDING", math.inf)
+    paid_at = batches.FIRST_RECORDING
+    monkeypatch.setattr(batches, "FIRST_RECORDING", math.inf)
     looped = numerical.reference(make(0.0), point, torch.float64)
-    monkeypatch.setattr(numerical, "FIRST_RECORDING", paid_at)
+    monkeypatch.setattr(batches, "FIRST_RECORDING", paid_at)
     assert not looped.differences.batched.vmap_works and not looped.differences.batched.programs
-    monkeypatch.setattr(numerical, "_first_recording_paid", lambda: True)
+    monkeypatch.setattr(batches, "_first_recording_paid", lambda: True)
     replayed = numerical.reference(make(0.0), point, torch.float64)
     programs = replayed.differences.batched.programs.values()
     assert programs and all(program is not None for program in programs)
@@ -518,12 +518,12 @@ def test_a_tiled_function_is_replayed_for_each_tensor_once_the_loop_has_cost_a_r
         return _TiledNoVmapRule.apply(a, b)
 
     point = given_point(tiled, 0)
-    monkeypatch.setattr(numerical, "_first_recording_paid", lambda: False)
-    monkeypatch.setattr(numerical.Looped, "seconds", 0.0)
-    monkeypatch.setattr(numerical, "FIRST_RECORDING", 1e9)
+    monkeypatch.setattr(batches, "_first_recording_paid", lambda: False)
+    monkeypatch.setattr(batches.Looped, "seconds", 0.0)
+    monkeypatch.setattr(batches, "FIRST_RECORDING", 1e9)
     looped = numerical.reference(tiled, point, torch.float64)
-    assert not looped.differences.batched.programs and numerical.Looped.seconds > 0
-    monkeypatch.setattr(numerical, "FIRST_RECORDING", numerical.Looped.seconds / 2)  # the loop has cost more
+    assert not looped.differences.batched.programs and batches.Looped.seconds > 0
+    monkeypatch.setattr(batches, "FIRST_RECORDING", batches.Looped.seconds / 2)  # the loop has cost more
     replayed = numerical.reference(tiled, point, torch.float64)
     programs = replayed.differences.batched.programs
     assert set(programs) == {("a",), ("b",)} and all(program is not None for program in programs.values())

@@ -129,7 +129,7 @@ def step_scan(case: Case, seed: int = 0) -> StepScan:
     estimate there (two rounds of Richardson extrapolation over h, h/2, h/4: O(h⁶)), in float64
     at the given point: the element of the first wrong parameter, else the closest call."""
     from backprop_check.formats.plot import StepScan
-    from backprop_check.sources.numerical import steps_for
+    from backprop_check.sources.stencil import steps_for
 
     result = run(case, devices=["cpu"], dtypes=["float64"], points=0, seed=seed).results[0]
     params = [c for c in result.checks if c.kind == CheckKind.PARAM and c.index is not None and c.numerical is not None]

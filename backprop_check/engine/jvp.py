@@ -37,7 +37,7 @@ from backprop_check.model.case import Case
 from backprop_check.options import Plan
 from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict, complex_label
 from backprop_check.sources import numerical
-from backprop_check.sources.numerical import steps_for
+from backprop_check.sources.stencil import steps_for
 
 ELEMENTWISE = 30  # inputs with at most this many elements in all: every basis direction
 DIRECTIONS = 4  # random directions otherwise

@@ -34,7 +34,7 @@ from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.sources import SOURCES, Gradients
-from backprop_check.sources.numerical import stochastic  # Monte Carlo arithmetic, shared with the referee's noise
+from backprop_check.sources.noise import stochastic  # Monte Carlo arithmetic, shared with the referee's noise
 
 DEVIATION_CAP = 0.05
 # The dtype's arithmetic inside fn (a mean's sum, x − mean) errs by several ulps of the inputs'

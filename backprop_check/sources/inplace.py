@@ -24,7 +24,7 @@ from backprop_check.model.nodes import Tape, using
 from backprop_check.model.points import Point
 
 if TYPE_CHECKING:
-    from backprop_check.sources.numerical import Flat
+    from backprop_check.sources.batches import Flat
 
 
 class _Offsets(Tape):
