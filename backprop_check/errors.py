@@ -1,6 +1,8 @@
 """Error types: each names what the user did wrong, in one line."""
 from __future__ import annotations
 
+import sys
+import sysconfig
 import traceback
 from pathlib import Path
 
@@ -52,3 +54,20 @@ def line_in(file: str | None, exc: BaseException) -> int | None:
         if Path(frame.filename).resolve() == target:
             line = frame.lineno
     return line
+
+
+
+def raised_at(exc: BaseException) -> str:
+    """" (at file.py:line)": the innermost frame of the traceback in the user's code (not in
+    torch, this package or Python's standard library), where a custom Function's backward
+    raised; "" where there is none."""
+    skipped = [Path(__file__).resolve().parent, Path(sysconfig.get_paths()["stdlib"]).resolve()]
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.__file__:
+        skipped.append(Path(torch.__file__).resolve().parent)
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename).resolve()
+        if not any(path.is_relative_to(root) for root in skipped):
+            found = f" (at {path.name}:{frame.lineno})"
+    return found

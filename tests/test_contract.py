@@ -159,3 +159,62 @@ def test_a_backward_that_fails_for_a_layout_its_forward_accepted_is_still_a_find
     (result,) = bc.check(BackwardNeedsContiguous.apply, args, dtypes=["float64"], points=0).results
     (layout,) = [c for c in result.checks if c.name == "layout"]
     assert layout.verdict == "mismatch" and "the backward of BackwardNeedsContiguous fails for" in layout.note, layout.note
+
+
+class _LayerNorm(torch.autograd.Function):
+    """A correct layer norm with its hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):  # noqa: ANN001, ANN205
+        mu = x.mean(-1, keepdim=True)
+        rstd = 1 / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+        xhat = (x - mu) * rstd
+        ctx.save_for_backward(xhat, rstd, w)
+        return xhat * w + b
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        xhat, rstd, w = ctx.saved_tensors
+        gxh = g * w
+        gx = rstd * (gxh - gxh.mean(-1, keepdim=True) - xhat * (gxh * xhat).mean(-1, keepdim=True))
+        return gx, (g * xhat).sum(0), g.sum(0)
+
+
+@pytest.mark.parametrize(("features", "offset", "seed"), [(64, 1e4, 0), (16, 1e4, 2), (64, 1e5, 1)], ids=["64-at-1e4", "16-at-1e4", "64-at-1e5"])
+def test_a_float32_layout_that_sums_in_another_order_is_rounding_not_a_finding(features: int, offset: float, seed: int) -> None:
+    # Sensor readings near 1e4 in float32: torch sums a strided row in another order than a
+    # contiguous one, and the layer norm's outputs and gradients round 2–3× as far from float64
+    # (1.2e-3 against 5e-4 at 1e4). The allowance is the dtype's own error, REORDERED times over.
+    g = torch.Generator().manual_seed(seed)
+    x = (offset + torch.randn(8, features, generator=g, dtype=torch.float64)).float().requires_grad_()
+    w = (1 + 0.1 * torch.randn(features, generator=g, dtype=torch.float64)).float().requires_grad_()
+    b = (0.1 * torch.randn(features, generator=g, dtype=torch.float64)).float().requires_grad_()
+    assert bc.gradcheck(_LayerNorm.apply, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_a_forward_that_reads_storage_as_contiguous_is_named_as_the_forward(dtype: torch.dtype) -> None:
+    x = x64(3, 4).to(dtype)
+    report = bc.check(FUNCTIONS.ContiguousOnly.apply, (x,), dtypes=[str(dtype).removeprefix("torch.")], points=0)
+    (result,) = report.results
+    (layout,) = [c for c in result.checks if c.name == "layout"]
+    assert layout.verdict == "mismatch" and layout.note.startswith("the forward of FlatSquare gives a different output 0"), layout.note
+    assert any("FlatSquare.forward (a kernel that reads storage as if it were contiguous" in hint for hint in result.hints), result.hints
+
+
+def test_a_backward_that_raises_is_the_users_error_with_its_line_not_an_internal_one() -> None:
+    class Broken(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            return (g * 2,).clone()  # the slip: a tuple has no clone
+
+    (result,) = bc.check(Broken.apply, (x64(3),), dtypes=["float64"], points=0).results
+    line = Broken.backward.__code__.co_firstlineno + 2
+    assert result.verdict == "error" and "internal error" not in result.message
+    assert f"autograd failed: AttributeError: 'tuple' object has no attribute 'clone' (at test_contract.py:{line})" in result.message
+    with pytest.raises(bc.CaseError, match="autograd failed: AttributeError"):
+        bc.gradcheck(Broken.apply, (x64(3).requires_grad_(),))

@@ -127,6 +127,8 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
 
 
 # The hint for a gradient that is zero in every element (a more specific one may replace it).
+# How the contract's layout item opens a finding in a custom Function's forward (not its backward).
+FORWARD_LAYOUT = "the forward of "
 NOTHING_FLOWS = "zero in every element while the true gradient is not: no gradient flows back to it"
 
 
@@ -261,6 +263,13 @@ def _function_hints(shown: Outcome) -> list[str]:
     graph = shown.graph
     if not bad or graph is None or not graph.functions:
         return []
+    if all(c.kind == CheckKind.CONTRACT and (c.note or "").startswith(FORWARD_LAYOUT) for c in bad):
+        functions = list(dict.fromkeys(f for found in graph.functions.values() for f in found))
+        return [
+            f"the custom torch.autograd.Function {' and '.join(_function_name(f, 'forward') for f in functions)} gives other outputs "
+            f"for the same values in another memory layout: check {functions[0].__qualname__}.forward (a kernel that "
+            "reads storage as if it were contiguous, ignoring the strides?)"
+        ]
     good = [c.name for c in shown.checks if c.kind == CheckKind.NODE and c.verdict != MISMATCH]
     first = next((c.name for c in bad if c.kind == CheckKind.NODE), None)
     wrong = [first] if first else [c.name for c in bad if c.kind == CheckKind.PARAM]
@@ -279,11 +288,11 @@ def _function_hints(shown: Outcome) -> list[str]:
     ]
 
 
-def _function_name(cls: type) -> str:
+def _function_name(cls: type, method: str = "backward") -> str:
     """`MyFunction (backward at path.py:42)`, or the class name alone when its code is not at hand."""
-    backward = getattr(cls, "backward", None)
+    found = getattr(cls, method, None)
     # a decorated backward (@torch.no_grad(), @once_differentiable) is shown where the user wrote it
-    code = getattr(inspect.unwrap(backward) if callable(backward) else None, "__code__", None)
+    code = getattr(inspect.unwrap(found) if callable(found) else None, "__code__", None)
     if code is None:
         return cls.__qualname__
     try:
@@ -291,7 +300,7 @@ def _function_name(cls: type) -> str:
     except ValueError:  # another drive (Windows)
         path = code.co_filename
     shown = code.co_filename if path.startswith("..") else path
-    return f"{cls.__qualname__} (backward at {shown}:{code.co_firstlineno})"
+    return f"{cls.__qualname__} ({method} at {shown}:{code.co_firstlineno})"
 
 
 def _missing_factor(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, name: str) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
-from backprop_check.errors import CaseError, line_in, one_line
+from backprop_check.errors import CaseError, line_in, one_line, raised_at
 from backprop_check.model.points import Point, generator
 from backprop_check.model.function import FunctionCase
 from backprop_check.options import TIMEOUT
@@ -313,8 +313,10 @@ class DistributedCase(FunctionCase):
                 grads = torch.autograd.grad(
                     [o for o, _ in pairs], list(leaves.values()), [v.to(o.dtype) for o, v in pairs], allow_unused=True
                 )
-            except RuntimeError as exc:
-                raise CaseError(f"the backward raised {one_line(exc)}") from exc
+            except CaseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch's RuntimeError, or anything the backward raises
+                raise CaseError(f"the backward raised {one_line(exc)}{raised_at(exc)}") from exc
         return {
             name: (g if g is not None else torch.zeros_like(leaf)).detach()
             for (name, leaf), g in zip(leaves.items(), grads)

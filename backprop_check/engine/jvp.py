@@ -29,7 +29,7 @@ from backprop_check.engine import rounding
 from backprop_check.engine.compare import unravel
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check import dtypes
-from backprop_check.errors import CaseError, CaseTimeout, one_line
+from backprop_check.errors import CaseError, CaseTimeout, one_line, raised_at
 from backprop_check.model import forward
 from backprop_check.engine.guards import checked_given, finite_forward, random_in_domain
 from backprop_check.model.points import Point, derive_seed, generator
@@ -476,8 +476,8 @@ def jvp(case: Case, at: Point, vectors: Mapping[str, torch.Tensor]) -> tuple[tor
             outputs = forward.outputs(case, replace(at, params=duals))
         except CaseError as exc:
             raise CaseError(f"forward mode: {exc}") from exc.__cause__
-        except RuntimeError as exc:
-            raise CaseError(f"forward-mode AD failed: {one_line(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - torch's RuntimeError, or anything a custom Function's jvp raises
+            raise CaseError(f"forward-mode AD failed: {one_line(exc)}{raised_at(exc)}") from exc
         tangents = []
         for output in outputs:
             tangent = fwAD.unpack_dual(output).tangent

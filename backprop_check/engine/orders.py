@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from backprop_check.diagnosis.hints import NOTHING_FLOWS
-from backprop_check.errors import CaseError, CaseTimeout, one_line
+from backprop_check.errors import CaseError, CaseTimeout, one_line, raised_at
 from backprop_check.model.forward import call_forward, call_user
 from backprop_check.model.points import Point, given_point
 from backprop_check.model.case import Case
@@ -162,8 +162,10 @@ class Derivative(Case):
                 return {k: None for k in leaves}
             try:
                 grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=differentiated, allow_unused=True)
-            except RuntimeError as exc:
-                raise CaseError(f"autograd failed on the gradient of order {self.level - 1}: {one_line(exc)}") from exc
+            except CaseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch's RuntimeError, or anything a custom Function's backward raises
+                raise CaseError(f"autograd failed on the gradient of order {self.level - 1}: {one_line(exc)}{raised_at(exc)}") from exc
         return dict(zip(leaves, grads))
 
     def linear_names(self) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from backprop_check.model.case import Case
-from backprop_check.errors import CaseError, one_line
+from backprop_check.errors import CaseError, one_line, raised_at
 from backprop_check.model.forward import call_forward
 from backprop_check.model.points import Point
 from backprop_check.sources import Gradients
@@ -25,9 +25,11 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
         else:
             try:
                 grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
-            except RuntimeError as exc:
+            except CaseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch's RuntimeError, or anything a custom Function's backward raises
                 failure = getattr(case, "describe_failure", None)
-                raise CaseError(failure(exc) if failure else f"autograd failed: {one_line(exc)}") from exc
+                raise CaseError(failure(exc) if failure else f"autograd failed: {one_line(exc)}{raised_at(exc)}") from exc
     values = {name: dense(g, t) for (name, t), g in zip(inputs.items(), grads)}
     return Gradients("autograd", values, loss=loss.detach(), nodes=tuple(tape.values))
 
