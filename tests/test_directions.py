@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from backprop_check import case
+from backprop_check import check as bc_check
 from backprop_check.engine.directions import Along, agreement, along_tensor, direction_verdict, failing_directions, sides_along
 from backprop_check.engine.sides import Evidence, Sides
 from backprop_check.engine.tolerance import ERROR_BARS, tolerance_for
@@ -179,3 +180,46 @@ def test_a_flagged_direction_is_bisected_down_to_the_wrong_element() -> None:
     located = numerical.locate(name, direction, agrees)
     assert 37 in located.tolist() and located.numel() <= 8
     assert failing_directions(Evidence(numerical.gradients, autograd, Gradients("manual", {"w": w.clone()}), ["w"], TOL64)) == []
+
+
+# --- a direction that crosses many near-ties (a sort) ------------------------------------------------
+
+
+class _Sorted(torch.autograd.Function):
+    """torch.sort's values, with a hand-written backward that may slip at one element."""
+
+    @staticmethod
+    def forward(ctx, x, factor):  # noqa: ANN001, ANN205
+        values, order = torch.sort(x)
+        ctx.save_for_backward(order)
+        ctx.factor = factor
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (order,) = ctx.saved_tensors
+        out = torch.zeros_like(grad).scatter(0, order, grad)
+        out[1500] = out[1500] * ctx.factor
+        return out, None
+
+
+def _near_ties(gap: float) -> torch.Tensor:
+    x = torch.randn(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[1:200:2] = x[0:200:2] + gap  # a hundred pairs `gap` apart: every direction crosses some
+    return x
+
+
+def test_a_direction_across_many_near_ties_is_judged_closer_not_blamed_on_autograd() -> None:
+    # The function is smooth at the point, but a direction moving every element crosses some of
+    # its hundred near-ties at every step down to the kink step, on both sides: its one-sided
+    # derivatives bound nothing (autograd -0.059 against [-0.512, -0.375] before). Estimated
+    # again down to the smallest steps, it is smooth; a[45], within a step of its tie, is a kink.
+    (result,) = bc_check(lambda a: _Sorted.apply(a, 1.0), (_near_ties(1e-13),), dtypes=["float64"], points=0).results
+    assert result.verdict == "nondifferentiable", result.message
+    (result,) = bc_check(lambda a: _Sorted.apply(a, 1.0), (_near_ties(1e-9),), dtypes=["float64"], points=0).results
+    assert result.verdict == "ok", result.message
+
+
+def test_a_slip_across_the_near_ties_is_still_located() -> None:
+    (result,) = bc_check(lambda a: _Sorted.apply(a, 1.01), (_near_ties(1e-13),), dtypes=["float64"], points=0).results
+    assert result.verdict == "mismatch" and "a[1500]" in result.message, result.message

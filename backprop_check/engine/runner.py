@@ -433,10 +433,13 @@ def _twins_rejudged(
 
 def refereed(numerical: Reference, evidence: Evidence) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
-    autograd disagree, and where a disagreeing direction's bisection leads."""
+    autograd disagree, and where a disagreeing direction's bisection leads; a disagreeing
+    direction that crosses a kink is estimated again, closer (`Reference.sharpened`)."""
     wanted = disputed(evidence)
     located: set[str] = set()
     for name, direction, agrees in failing_directions(evidence):
+        if direction.kink:  # perhaps several features near the point, not one at it: judged closer
+            numerical = numerical.sharpened(name, direction)
         # One bisection per tensor (it finds what any direction shows), and none where manual
         # and autograd already disagree element by element: those elements are estimated.
         if name in located or name in wanted:
