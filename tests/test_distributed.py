@@ -81,6 +81,8 @@ def test_a_slipped_backward_is_a_mismatch_of_autograd_naming_the_rank_and_the_sl
     assert (result.verdict, result.culprit) == ("mismatch", "autograd")
     assert rank in result.message and slip in result.message, result.message
     assert "of the global gradient" in result.message and "_OnRanks" not in " ".join(result.hints)
+    # the rank's slip says the factor; no calculus hint says it again (d(s²)/ds for an all-reduce done twice)
+    assert not any("the true gradient" in hint for hint in result.hints), result.hints
 
 
 def test_a_replicated_gradient_that_is_only_this_ranks_part_says_which_replicas_disagree(

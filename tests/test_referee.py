@@ -697,6 +697,15 @@ def test_a_backward_that_says_something_where_a_flat_function_has_zero_still_fai
     x = 1e6 + torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
     (result,) = backprop_check.check(Flat.apply, (x,), dtypes=["float64"], points=0).results
     assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+    # and the allowance, which covers none of its values, is not said to explain them
+    assert not any("taken for the rounding" in note for note in result.notes), result.notes
+
+
+def test_the_allowance_for_the_rounding_of_a_zero_is_said_where_it_lets_a_value_pass():
+    x = 1e6 + torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    (result,) = backprop_check.check(lambda x: x.softmax(-1).sum(), (x,), dtypes=["float64"], points=0).results
+    assert str(result.verdict) == "ok"
+    assert any("autograd gradient is taken for the rounding of the terms it is made of" in note for note in result.notes), result.notes
 
 
 def _numpy_layer_norm(slip: float):

@@ -41,6 +41,8 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[s
     `code` the source of the manual gradient (see `code_of`), which a hint may quote."""
     hints: list[str] = []
     factors: dict[tuple[str, str], list[str]] = {}
+    # A distributed check names the factor itself (2 = the world size: an all-reduce done twice)
+    diagnosed = any(LIKELY_SLIP in (c.note or "") for c in shown.checks)
     for check in _wrong(shown):
         remedy = check.slip.remedy(check.name) if check.slip is not None else None
         if remedy:
@@ -58,7 +60,7 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[s
         if transposed:
             hints.append(transposed)
             continue
-        reason = _factor_reason(odd, reference, shown, str(check.culprit), code if check.culprit == Culprit.MANUAL else "")
+        reason = None if diagnosed else _factor_reason(odd, reference, shown, str(check.culprit), code if check.culprit == Culprit.MANUAL else "")
         if reason and check.complex:
             reason = reason.replace(_HALF, f"half the true gradient: ∂L/∂z̄ without torch's factor 2 ({CONVENTION})")
         if reason:
@@ -127,6 +129,8 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
 
 
 # The hint for a gradient that is zero in every element (a more specific one may replace it).
+# How a distributed check says the slip it sees (engine/distributed.py), which no factor hint repeats.
+LIKELY_SLIP = "likely slip: "
 # How the contract's layout item opens a finding in a custom Function's forward (not its backward).
 FORWARD_LAYOUT = "the forward of "
 NOTHING_FLOWS = "zero in every element while the true gradient is not: no gradient flows back to it"

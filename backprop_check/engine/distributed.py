@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from backprop_check.diagnosis.hints import LIKELY_SLIP
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.errors import CaseError, line_in, one_line, raised_at
 from backprop_check.model.points import Point, generator
@@ -504,7 +505,7 @@ class DistributedCase(FunctionCase):
             f"gradient, held by {whose}: {values}"
         )
         if slip:
-            note += f"; likely slip: {slip}"
+            note += f"; {LIKELY_SLIP}{slip}"
         return Check(
             name=f"{name} on rank {rank}",
             kind=CheckKind.OUTPUT,

@@ -275,14 +275,20 @@ def _flat(
     if terms == 0.0:
         return []
     share = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    covered = {}
     for name, zero in flat.items():
         widened = allowed[name].reshape(-1)
         widened[zero] = torch.clamp(widened[zero], min=FLAT_SPREAD * share * terms)
-    counts = ", ".join(f"{int(zero.sum())} of {zero.numel()} elements of {name!r}" for name, zero in flat.items())
+        # Said where it lets a value pass: a value the allowance does not cover is a finding.
+        value = grads.values[name].detach().to("cpu", torch.float64).reshape(-1)
+        covered[name] = int((zero & (value.abs() <= widened)).sum())
+    counts = ", ".join(f"{count} of {flat[name].numel()} elements of {name!r}" for name, count in covered.items() if count)
+    if not counts:
+        return []
     return [
-        f"the referee's gradient is 0 within its bars at {counts}, where the {source} gradient is the rounding of "
-        f"the terms it is made of: {FLAT_SPREAD:g}x float64's share ({share:.1e}) of its float32 value there "
-        f"({terms:.1e}) is allowed"
+        f"the referee's gradient is 0 within its bars at {counts}, where the {source} gradient is taken for the "
+        f"rounding of the terms it is made of: {FLAT_SPREAD:g}x float64's share ({share:.1e}) of its value "
+        f"computed in float32 there ({terms:.1e}) is allowed"
     ]
 
 
