@@ -54,6 +54,16 @@ class Culprit(_Word):
 PARTS = ("real", "imag")  # a complex tensor's element is differentiated as its two real parts
 
 
+def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The index of element `flat` of a tensor of `shape` (torch.unravel_index imports sympy on
+    its first call, half a second of start-up)."""
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
 def complex_label(name: str, index: tuple[int, ...]) -> str:
     """`z[3].imag`: an element of a complex tensor, from the index of its real view."""
     *at, part = index

@@ -223,3 +223,59 @@ def test_a_direction_across_many_near_ties_is_judged_closer_not_blamed_on_autogr
 def test_a_slip_across_the_near_ties_is_still_located() -> None:
     (result,) = bc_check(lambda a: _Sorted.apply(a, 1.01), (_near_ties(1e-13),), dtypes=["float64"], points=0).results
     assert result.verdict == "mismatch" and "a[1500]" in result.message, result.message
+
+
+# --- elements tied on a kink, moved together ---------------------------------------------------------
+
+
+def _window_of_ties() -> torch.Tensor:
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[0, 0, :2, :2] = 1.5  # one pooling window of four equal values (pixels clipped, after a ReLU)
+    return x
+
+
+class _Pool(torch.autograd.Function):
+    """2×2 max-pooling whose backward routes the gradient to the first maximum of a window, or
+    (`every`) to every tied maximum: 4× the true gradient over a window of four equal values."""
+
+    @staticmethod
+    def forward(ctx, x, every):  # noqa: ANN001, ANN205
+        out, where = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+        ctx.save_for_backward(x, out, where)
+        ctx.every = every
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, out, where = ctx.saved_tensors
+        if ctx.every:
+            up = out.repeat_interleave(2, 2).repeat_interleave(2, 3)
+            return (x == up) * grad.repeat_interleave(2, 2).repeat_interleave(2, 3), None
+        return torch.nn.functional.max_unpool2d(grad, where, 2, output_size=x.shape[-2:]), None
+
+
+def test_a_gradient_routed_to_every_tied_maximum_is_caught_where_each_element_alone_passes() -> None:
+    # Each tied element alone is a kink whose interval [0, v] holds v; moved together the window
+    # is smooth (its max moves with them), and the four gradients must sum to v, not 4v.
+    (result,) = bc_check(lambda a: _Pool.apply(a, True), (_window_of_ties(),), dtypes=["float64"], points=0).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message
+    assert "along the tied elements a[0, 0, 0, 0], a[0, 0, 0, 1], a[0, 0, 1, 0], a[0, 0, 1, 1] moved together" in result.message
+    (result,) = bc_check(lambda a: _Pool.apply(a, False), (_window_of_ties(),), dtypes=["float64"], points=0).results
+    assert result.verdict == "nondifferentiable", result.message
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda a: torch.nn.functional.max_pool2d(a, 2),
+        lambda a: a.amax((2, 3)),
+        lambda a: torch.relu(a - 1.5),
+        lambda a: (a - 1.5).abs(),
+        lambda a: a.reshape(4, 4).sort(1).values,
+        lambda a: a.clamp(min=1.5),
+    ],
+    ids=["max-pool", "amax-splits-evenly", "relu-at-zeros", "abs-at-zeros", "sort-two-way-ties", "clamp-at-its-bound"],
+)
+def test_torch_at_a_tie_on_a_kink_is_no_mismatch(fn) -> None:
+    (result,) = bc_check(fn, (_window_of_ties(),), dtypes=["float64"], points=0).results
+    assert result.verdict in ("ok", "nondifferentiable"), result.message

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from backprop_check import dtypes
-from backprop_check.engine.compare import unravel
+from backprop_check.records import unravel
 
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit, Verdict
 from backprop_check.errors import UsageError
@@ -204,7 +204,7 @@ class Baseline:
         agreed = result.verdict in (Verdict.OK, Verdict.NONDIFFERENTIABLE)
         text = (
             f"{result.case} drifted from the baseline {self.path}: {first}"
-            + (f"; {len(found) - 1} more values drifted" if len(found) > 1 else "")
+            + (f"; {len(found) - 1} more value{'s' * (len(found) > 2)} drifted" if len(found) > 1 else "")
             + (f"; the {'three sources' if source == 'autograd' else 'manual and numerical gradients'} still agree with each other" if agreed else "")
             + f"; update the baseline with: {self.command}"
         )

@@ -20,7 +20,7 @@ import torch
 from backprop_check.engine.directions import along_tensor
 from backprop_check.engine.sides import Evidence, Sides, aligned_manual, largest_gradient, ratios
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
-from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit
+from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, unravel
 from backprop_check.sources import Gradients
 
 
@@ -295,13 +295,5 @@ def _single(counts: dict[str, int]) -> Culprit | None:
     return Culprit(named.pop()) if len(named) == 1 and Culprit.UNKNOWN not in counts else None
 
 
-def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The index of element `flat` of a tensor of `shape` (torch.unravel_index imports sympy on
-    its first call, half a second of start-up)."""
-    index = []
-    for size in reversed(shape):
-        flat, i = divmod(flat, size)
-        index.append(i)
-    return tuple(reversed(index))
 
 

@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from backprop_check.diagnosis.hints import FORWARD_LAYOUT
-from backprop_check.engine.compare import unravel
 from backprop_check.engine.guards import identical
 
-from backprop_check.records import MISMATCH, OK, PARTS, Check, CheckKind, Culprit
+from backprop_check.records import MISMATCH, OK, PARTS, Check, CheckKind, Culprit, unravel
 from backprop_check.errors import CaseError, one_line
 from backprop_check.model import complexes
 from backprop_check.model.function import CONTRACT

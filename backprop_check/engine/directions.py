@@ -13,7 +13,7 @@ import torch
 from backprop_check.engine.sides import TINY, Evidence, Sides
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
 from backprop_check.records import Check, Culprit
-from backprop_check.sources import Direction, Gradients
+from backprop_check.sources import RANDOM, Direction, Gradients
 
 
 def agreement(name: str, evidence: Evidence) -> Callable[[Direction], bool]:
@@ -100,6 +100,7 @@ class Along:
     sources: dict[str, float] = field(default_factory=dict)
     numerical: float = 0.0
     error: float = 0.0
+    what: str = RANDOM
 
     def mismatch(self, check: Check) -> Check:
         """`check` as a mismatch seen along a direction, no single element located."""
@@ -109,7 +110,7 @@ class Along:
         check.autograd, check.manual = self.sources.get("autograd"), self.sources.get("manual")
         check.abs_err, check.allowed, check.ratio = self.diff, self.allowed, self.ratio
         check.rel_err = self.diff / abs(self.numerical) if self.numerical else math.inf
-        check.compared = "along a random direction"
+        check.compared = f"along {self.what}"
         check.note = self.note
         return check
 
@@ -134,7 +135,7 @@ def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) 
         result.bad, result.ratio = True, ratio
         result.diff, result.allowed = off[worst], verdicts[worst][2]
         result.sources = {source: value for source, (_, value, _) in verdicts.items()}
-        result.numerical, result.error = direction.value, direction.error
+        result.numerical, result.error, result.what = direction.value, direction.error, direction.what
         if not math.isfinite(direction.value):
             result.culprit = None
         elif "autograd" not in sources:
@@ -147,13 +148,18 @@ def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) 
             result.culprit = Culprit.NUMERICAL
         shown = ", ".join(f"{source} {value:.8g}" for source, value in result.sources.items())
         relative = result.diff / abs(direction.value) if direction.value else math.inf
-        seen = (
-            f"the direction crosses a kink (one-sided derivatives {direction.left:.8g} and {direction.right:.8g})"
-            if direction.kink
-            else f"a relative difference of {relative:.2g} along it, spread over many elements: no single one could be located"
-        )
+        if direction.kink:
+            seen = f"the direction crosses a kink (one-sided derivatives {direction.left:.8g} and {direction.right:.8g})"
+        elif direction.what != RANDOM:  # a tie moved together (`Reference.with_ties`)
+            seen = (
+                "each of them alone is on a kink, but moved together they are not: the sum of their gradients "
+                "is the derivative along them (a max's or a pool's gradient routed to every tied element?)"
+            )
+        else:
+            seen = f"a relative difference of {relative:.2g} along it, spread over many elements: no single one could be located"
+
         result.note = (
-            f"along a random direction, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
+            f"along {direction.what}, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
             f"(allowed {result.allowed:.3g}); {seen}"
         )
     return result

@@ -18,7 +18,7 @@ from backprop_check.model.case import Case
 from backprop_check.model.forward import call_forward
 from backprop_check.model.points import Point, given_point, random_point, with_data, within_given
 from backprop_check.sources import Gradients
-from backprop_check.engine.compare import unravel
+from backprop_check.records import unravel
 
 
 class NonFiniteLoss(CaseError):

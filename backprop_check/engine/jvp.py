@@ -26,7 +26,6 @@ import torch.autograd.forward_ad as fwAD
 
 from backprop_check.engine.verdict import error_result, outcome_of, summarize
 from backprop_check.engine import rounding
-from backprop_check.engine.compare import unravel
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance, tolerance_for
 from backprop_check import dtypes
 from backprop_check.errors import CaseError, CaseTimeout, one_line, raised_at
@@ -35,7 +34,7 @@ from backprop_check.engine.guards import checked_given, finite_forward, random_i
 from backprop_check.model.points import Point, derive_seed, generator
 from backprop_check.model.case import Case
 from backprop_check.options import Plan
-from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict, complex_label
+from backprop_check.records import Check, CheckKind, Culprit, Outcome, Result, Verdict, complex_label, unravel
 from backprop_check.sources import numerical
 from backprop_check.sources.stencil import steps_for
 

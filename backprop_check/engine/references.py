@@ -6,7 +6,7 @@ import torch
 
 from backprop_check import dtypes
 from backprop_check.model.case import Case
-from backprop_check.records import MISMATCH, OK, Check, CheckKind, Culprit
+from backprop_check.records import MISMATCH, OK, Check, CheckKind, Culprit, complex_label, unravel
 from backprop_check.errors import CaseError
 from backprop_check.sources import Gradients
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
@@ -64,10 +64,7 @@ def expect_checks(
         if bad.any():
             shown = name
             if name in complex_names:  # `z[1].imag`, never a bare index of the real view
-                from backprop_check.engine.compare import unravel
-                from backprop_check.records import complex_label as label
-
-                shown = label(name, unravel(worst, tuple(numerical.values[name].shape)))
+                shown = complex_label(name, unravel(worst, tuple(numerical.values[name].shape)))
             check.note = f"expected {shown} = {float(expected[worst]):.8g}, the case gives {float(got[worst]):.8g}"
         checks.append(check)
     return checks

@@ -434,7 +434,8 @@ def _twins_rejudged(
 def refereed(numerical: Reference, evidence: Evidence) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
     autograd disagree, and where a disagreeing direction's bisection leads; a disagreeing
-    direction that crosses a kink is estimated again, closer (`Reference.sharpened`)."""
+    direction that crosses a kink is estimated again, closer (`Reference.sharpened`); elements
+    tied on a kink are moved together (`Reference.with_ties`)."""
     wanted = disputed(evidence)
     located: set[str] = set()
     for name, direction, agrees in failing_directions(evidence):
@@ -448,4 +449,5 @@ def refereed(numerical: Reference, evidence: Evidence) -> Reference:
         found = numerical.locate(name, direction, agrees)
         if found.numel():
             wanted[name] = torch.cat([wanted[name], found]).unique() if name in wanted else found
-    return numerical.refine(wanted)
+    # Elements tied on a kink (a max over equal values) pass one by one; moved together they must sum right.
+    return numerical.refine(wanted).with_ties()

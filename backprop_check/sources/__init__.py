@@ -15,6 +15,9 @@ from backprop_check.model.case import Case
 from backprop_check.model.points import Point
 
 
+RANDOM = "a random direction"  # what a Direction is, unless it says otherwise
+
+
 @dataclass(frozen=True)
 class Direction:
     """A numerical directional derivative: dloss along `vector`, with its error bar; on a kink
@@ -27,6 +30,7 @@ class Direction:
     left: float = float("nan")
     right: float = float("nan")
     step: float = 1.0  # the step multiplier the estimate was taken at
+    what: str = RANDOM  # how a report names it: "the tied elements x[0], x[3] moved together" (`with_ties`)
 
 
 @dataclass

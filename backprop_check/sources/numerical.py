@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from backprop_check.model.case import Case
+from backprop_check.records import unravel
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model.forward import call_forward
 from backprop_check.model.points import Point, derive_seed
@@ -75,6 +76,8 @@ KINK_ULPS = 2.0**16
 # The few elements a verdict hangs on (`Reference.refine`) are estimated this many times over at
 # nearby steps and averaged: the bar's rounding part falls as √(AVERAGED/4).
 AVERAGED = 32
+# At most this many groups of tied elements on a kink are moved together, per tensor (`with_ties`).
+TIE_GROUPS = 8
 # Bisection stops at groups this small (checked element by element) or this many groups.
 LEAF = 8
 MAX_GROUPS = 8
@@ -213,6 +216,41 @@ class Reference:
             if loose.numel():
                 precise = self.differences.estimate([name], {name: loose}, steps=REFINE_STEPS, alone=True)
                 _store(merged, precise, self.differences.targets, mask={name: loose})
+        return Reference(self.differences, merged)
+
+    def with_ties(self) -> Reference:
+        """A new Reference with, per tensor, one direction for each group of elements that sit
+        on a kink with exactly equal values (at most TIE_GROUPS, the largest): the group moved
+        together. Each alone is a kink, and any value between its one-sided derivatives passes:
+        a max-pool backward that routes the gradient to every tied element (4× the true one over
+        a window of four equal pixels) passes element by element. Moved together, the tie stays
+        a tie and a max is smooth: the sum of their gradients is the derivative along them. A
+        kink along the group too (relu at several zeros) keeps its interval."""
+        found: dict[str, list[Direction]] = {}
+        for name, kink in self.gradients.kink.items():
+            if name not in self.differences.scales or not bool(kink.any()):
+                continue
+            values = self.differences.scales[name].reshape(-1).to(torch.float64)
+            where = kink.reshape(-1).nonzero().reshape(-1)
+            _, group, counts = torch.unique(values[where], return_inverse=True, return_counts=True)
+            tied = [where[group == g] for g in counts.argsort(descending=True)[:TIE_GROUPS].tolist() if int(counts[g]) > 1]
+            if not tied:
+                continue
+            shape = tuple(self.differences.targets[name].shape)
+            vectors, labels = [], []
+            for members in tied:
+                vector = torch.zeros(values.numel(), dtype=torch.float64)
+                vector[members] = steps_for(values[members])
+                vectors.append(vector.reshape(shape))
+                shown = ", ".join(f"{name}[{', '.join(map(str, unravel(int(i), shape)))}]" for i in members[:4].tolist())
+                more = f" and {members.numel() - 4} more" if members.numel() > 4 else ""
+                labels.append(f"the tied elements {shown}{more} moved together")
+            found[name] = [replace(d, what=label) for d, label in zip(self.differences.along(name, vectors), labels)]
+        if not found:
+            return self
+        merged = self.gradients.copy()
+        for name, directions in found.items():
+            merged.directions[name] = [*merged.directions.get(name, []), *directions]
         return Reference(self.differences, merged)
 
     def sharpened(self, name: str, direction: Direction) -> Reference:
