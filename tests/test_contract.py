@@ -218,3 +218,13 @@ def test_a_backward_that_raises_is_the_users_error_with_its_line_not_an_internal
     assert f"autograd failed: AttributeError: 'tuple' object has no attribute 'clone' (at test_contract.py:{line})" in result.message
     with pytest.raises(bc.CaseError, match="autograd failed: AttributeError"):
         bc.gradcheck(Broken.apply, (x64(3).requires_grad_(),))
+
+
+def test_the_drop_in_answers_true_where_no_output_is_floating_point_as_torch_does() -> None:
+    x = x64(4, 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: a.argmax(), (x,))
+    assert bc.gradcheck(lambda a: a.argmax(), (x,)) and bc.gradcheck(lambda a: (a > 0).long(), (x,))
+    # check() still says there is nothing to check, and a detached float output is still a finding
+    assert bc.check(lambda a: a.argmax(), (x.detach(),)).exit_code == 2
+    with pytest.raises(bc.GradcheckError, match="no gradient\nflows back|no gradient flows back|autograd is the odd one out"):
+        bc.gradcheck(lambda a: a.detach() * 2, (x,))

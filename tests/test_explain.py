@@ -51,7 +51,7 @@ def test_a_tensor_row_shows_its_worst_element_and_shape(capsys: pytest.CaptureFi
     assert main(["explain", LINEAR, "-k", "linear_mse"]) == 0
     rows = table(capsys.readouterr().out)
     tensor_rows = [name for name in rows if name.startswith("s[")]
-    assert len(tensor_rows) == 1 and rows[tensor_rows[0]][0].endswith("(of 4)")
+    assert len(tensor_rows) == 1 and rows[tensor_rows[0]][0].endswith("(of 4 elements)")
     assert rows["w"] == ["0", "-30", "-30", "-30", "ok"]  # dJ/dw = −30
 
 

@@ -156,3 +156,27 @@ def test_a_parameter_that_also_reaches_the_loss_directly_names_both_paths() -> N
     result = only(run(ridge, **CPU64))
     assert "between node 'y_hat' and parameter 'w' (dy_hat/dw)" in result.message
     assert "or on a path from 'w' to the loss that passes none of these nodes" in result.message
+
+
+def test_a_node_that_takes_another_directly_and_through_a_third_names_both_steps() -> None:
+    # c = exp(tanh(a))·a uses a directly as well as through b = tanh(a): forgetting the direct
+    # term dc/da is a slip at a, in the step dc/da or db/da, not in db/da alone.
+    @case(params={"w": [0.7, -0.4]}, data={"x": [1.2, -0.5]}, name="two_paths")
+    def two_paths(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a = node("a", w * x)
+        b = node("b", torch.tanh(a))
+        c = node("c", torch.exp(b) * a)
+        return 0.5 * (c**2).sum()
+
+    @two_paths.manual
+    def two_paths_manual(w: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = w * x
+        b = torch.tanh(a)
+        c = torch.exp(b) * a
+        db = c * torch.exp(b) * a
+        da = db * (1 - b**2)  # the slip: + c·exp(b), the path from a to c directly, forgotten
+        return {"w": da * x, "a": da, "b": db, "c": c}
+
+    result = only(run(two_paths, **CPU64))
+    assert (result.verdict, result.culprit, result.first_bad_node) == ("mismatch", "manual", "a")
+    assert "dloss/dc and dloss/db agree, dloss/da does not, so the slip is in the step dc/da or db/da" in result.message

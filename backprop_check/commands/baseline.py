@@ -33,9 +33,8 @@ from typing import Any
 import torch
 
 from backprop_check import dtypes
-from backprop_check.records import unravel
 
-from backprop_check.records import MISMATCH, Check, CheckKind, Culprit, Verdict
+from backprop_check.records import MISMATCH, Check, CheckKind, Culprit, Verdict, unravel
 from backprop_check.errors import UsageError
 from backprop_check.formats import STDOUT, check_writable, write
 from backprop_check.records import Report, Result

@@ -11,7 +11,7 @@ returns True when everything agrees. Unlike torch's, its reference has an error 
 float32 input is judged fairly), its cotangents are random, it checks the custom-Function
 contract, and a failure says which source is wrong, for which output and input, at which
 element, with the three values and the tolerance. Where torch has nothing to check (every
-input empty) it answers True, as torch does; outputs autograd declares non-differentiable are
+input empty, or no floating-point output: `x.argmax()`) it answers True, as torch does; outputs autograd declares non-differentiable are
 left out, as in torch (docs/explanation/dropin.md says what else differs, and why).
 """
 from __future__ import annotations
@@ -215,6 +215,8 @@ def _checked(
         full=not fast_mode and _elements(checked) <= FULL_UP_TO,
     )
     broken = [r for r in report.results if r.verdict == Verdict.ERROR]
+    if broken and _no_float_output(checked):  # argmax, a mask: torch's gradcheck has nothing to compare either
+        return True
     if broken:
         # The time limit names the CLI's option; here it is this function's keyword.
         raise CaseError(broken[0].message.replace("(--timeout)", f"(timeout= of {what}(), in seconds; None for no limit)"))
@@ -228,6 +230,16 @@ def _checked(
 
 def _elements(checked: FunctionCase) -> int:
     return sum(t.numel() for t in checked.params.values() if isinstance(t, torch.Tensor))
+
+
+def _no_float_output(checked: FunctionCase) -> bool:
+    """fn ran and returned tensors, none of them floating-point or complex (`x.argmax()`): torch's
+    gradcheck answers True, with no output to differentiate, and so does the drop-in; `check()`
+    and the CLI say that there is no gradient to check (an `error`). Asked only of a check that
+    failed to run: fn is called once more."""
+    ready = checked.prepared()
+    dtypes = ready.output_dtypes
+    return bool(ready.broken) and bool(dtypes) and not any(d.is_floating_point or d.is_complex for d in dtypes)
 
 
 def _nothing_to_check(checked: FunctionCase) -> bool:

@@ -175,9 +175,10 @@ def summary(tensor: torch.Tensor, index: tuple[int, ...] | None = None) -> str:
     """A scalar as its number, a tensor as its shape (and the element at `index`)."""
     if tensor.numel() == 1:
         return number(float(tensor.detach().reshape(())))
-    shape = "×".join(map(str, tensor.shape))
+    # 4×6, but a vector as its length in words: "w = 2 tensor" reads like a value
+    shape = "×".join(map(str, tensor.shape)) if tensor.dim() > 1 else f"{tensor.numel()} elements"
     if index is None or len(index) != tensor.dim():
-        return f"{shape} tensor"
+        return f"{shape} tensor" if tensor.dim() > 1 else f"tensor of {shape}"
     return f"{number(float(tensor.detach()[index]))} (of {shape})"
 
 

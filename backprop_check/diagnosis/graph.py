@@ -55,10 +55,24 @@ class Graph:
         return seen
 
     def nearest(self, param: str, among: Iterable[str]) -> list[str]:
-        """Of the nodes `among`, those that depend on `param` with none of the others in
-        between: where the last step of the chain rule to `param` starts."""
+        """Of the nodes `among`, those that depend on `param` along a path with none of the
+        others on it: where the last step of the chain rule to `param` starts. A node that
+        takes `param` directly and through another of them (c = exp(tanh(a))·a) is one."""
         fed = [name for name in among if param in self.upstream(name)]
-        return [name for name in fed if not any(other in self.upstream(name) for other in fed if other != name)]
+        return [name for name in fed if self._reaches(name, param, set(fed) - {name})]
+
+    def _reaches(self, name: str, param: str, blocked: set[str]) -> bool:
+        """Whether `name` depends on `param` along a path that passes none of `blocked`."""
+        seen: set[str] = set()
+        stack = list(self.inputs.get(name, ()))
+        while stack:
+            item = stack.pop()
+            if item == param:
+                return True
+            if item not in seen and item not in blocked:
+                seen.add(item)
+                stack.extend(self.inputs.get(item, ()))
+        return False
 
     def bypasses(self, name: str, nodes: Iterable[str]) -> bool:
         """Whether `name` reaches the loss along a path that passes none of `nodes`."""

@@ -107,7 +107,8 @@ def where_it_slips(result: Result, shown: Outcome) -> str:
         text = f"; the derivation first goes wrong at node {bad!r}"
         if after:
             step = " or ".join(f"d{name}/d{bad}" for name in after)
-            return f"{text}: dloss/d{after[0]} agrees, dloss/d{bad} does not, so the slip is in the step {step}"
+            agree = f"{' and '.join(f'dloss/d{name}' for name in after)} agree{'s' * (len(after) == 1)}"
+            return f"{text}: {agree}, dloss/d{bad} does not, so the slip is in the step {step}"
         if graph.consumers(bad) == [graph.root]:
             return f"{text}, in the first step back from the loss (d{graph.root}/d{bad})"
         return text
