@@ -16,7 +16,7 @@ from backprop_check.model.case import Case
 from backprop_check.engine.orders import orders
 from backprop_check.engine import jvp
 from backprop_check.engine.compare import compare
-from backprop_check.engine.directions import failing_directions
+from backprop_check.engine.directions import agreement, failing_directions
 from backprop_check.engine.sides import Evidence, disputed
 from backprop_check.records import MISMATCH, Check
 from backprop_check.errors import CaseError, CaseTimeout, one_line
@@ -35,7 +35,7 @@ from backprop_check.records import Interrupted, Report, Result
 from backprop_check.engine.verdict import error_result, outcome_of, result_for, summarize
 from backprop_check.records import Outcome, Verdict
 from backprop_check.selection import matches
-from backprop_check.sources import SOURCES, Gradients
+from backprop_check.sources import RANDOM, SOURCES, Gradients
 from backprop_check.engine import reference as kernels
 from backprop_check.engine import outputs
 from backprop_check.engine.distributed import DistributedCase
@@ -434,18 +434,25 @@ def _twins_rejudged(
 def refereed(numerical: Reference, evidence: Evidence) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
     autograd disagree, and where a disagreeing direction's bisection leads; a disagreeing
-    direction that crosses a kink is estimated again, closer (`Reference.sharpened`); elements
+    direction on a kink is replaced by one that is not, where one is found (`Reference.unkinked`); elements
     tied on a kink are moved together (`Reference.with_ties`)."""
     wanted = disputed(evidence)
-    located: set[str] = set()
-    for name, direction, agrees in failing_directions(evidence):
-        if direction.kink:  # perhaps several features near the point, not one at it: judged closer
-            numerical = numerical.sharpened(name, direction)
-        # One bisection per tensor (it finds what any direction shows), and none where manual
-        # and autograd already disagree element by element: those elements are estimated.
-        if name in located or name in wanted:
+    guides = failing_directions(evidence)
+    # A direction on a kink at the point is no verdict (directions.py): each is replaced by one
+    # that is not, where one is found, and that one guides a bisection too where it disagrees.
+    for name, directions in list(numerical.gradients.directions.items()):
+        agrees = agreement(name, evidence)
+        for direction in [d for d in directions if d.kink and d.what == RANDOM]:
+            numerical, other = numerical.unkinked(name, direction)
+            if other is not direction and not agrees(other):
+                guides.append((name, other, agrees))
+    # One bisection per tensor and kind of direction (it finds what any direction shows), and
+    # none where manual and autograd already disagree element by element: those are estimated.
+    disputed_names, located = set(wanted), set()
+    for name, direction, agrees in guides:
+        if (name, direction.kink) in located or name in disputed_names:
             continue
-        located.add(name)
+        located.add((name, direction.kink))
         found = numerical.locate(name, direction, agrees)
         if found.numel():
             wanted[name] = torch.cat([wanted[name], found]).unique() if name in wanted else found

@@ -63,6 +63,9 @@ REFINE_STEPS = (1.0, 8.0, 0.125)
 DIRECTION_STEPS = (1.0, 0.125)
 # The smallest step multiplier along a direction (its largest element moved by ~1e-14 of itself).
 DIRECTION_FLOOR = 2.0**-40
+# A direction estimated again at smaller steps is smooth there where its one-sided derivatives
+# agree within this many error bars (`Reference.unkinked`).
+ERROR_BARS_KINK = 2.0
 # Elements beyond this size have a step set by their value (RELATIVE_STEP·|θ|): always checked
 # once at a smaller step. Below it the step is RELATIVE_STEP whatever θ, and only kinks, wide
 # steps and bars that are mostly truncation cost more.
@@ -253,18 +256,36 @@ class Reference:
             merged.directions[name] = [*merged.directions.get(name, []), *directions]
         return Reference(self.differences, merged)
 
-    def sharpened(self, name: str, direction: Direction) -> Reference:
-        """A new Reference with `direction` estimated again, a kink counted only where it holds
-        down to the smallest steps (DIRECTION_FLOOR). A feature closer to the point than the
-        kink step is taken for a kink at it, which is right for one: every subgradient lies
-        between its one-sided derivatives. A direction that crosses several (the near-ties of a
-        sort: 50,000 values of randn come as close as 1e-9) has one-sided derivatives that bound
-        nothing, each side crossing some of them; at smaller steps it crosses none and is
-        smooth. A kink at the point stays one, with the same interval."""
-        (found,) = self.differences.along(name, [direction.vector], steps=(direction.step,), kinks_to=DIRECTION_FLOOR)
+    def unkinked(self, name: str, direction: Direction) -> tuple[Reference, Direction]:
+        """A direction that shows a kink at the point, replaced by one that does not, where one
+        is found (else this Reference and `direction`). A direction on a kink judges nothing
+        (several kinks at the point add their one-sided derivatives per side), and its
+        bisection finds little: every half is on kinks too. Where some elements share their
+        value with another (a third of the inputs exactly 0 under a ReLU, ties in a pool), the
+        same signs without them: the point's kinks are mostly there, and an element on a kink
+        passes anything between its one-sided derivatives anyway (they are still sampled one by
+        one). Else `direction` again with a kink counted only where it holds down to the
+        smallest steps (DIRECTION_FLOOR): a feature closer to the point than the kink step is
+        taken for one at it, and a direction across several (the near-ties of a sort: 50,000
+        values of randn come as close as 1e-9) is smooth below them."""
+        values = self.differences.scales[name].reshape(-1).to(torch.float64)
+        _, group, counts = torch.unique(values, return_inverse=True, return_counts=True)
+        shared = counts[group] > 1
+        vector = direction.vector.reshape(-1).clone()
+        if bool((shared & (vector != 0)).any()) and bool((~shared & (vector != 0)).any()):
+            # Exact ties (zeros under a ReLU): the direction without them. Taken first: at a kink
+            # of the point the smallest steps below see its jump drown in rounding, not vanish.
+            vector[shared] = 0.0
+            (found,) = self.differences.along(name, [vector.reshape(direction.vector.shape)], steps=(direction.step,))
+        else:
+            (found,) = self.differences.along(name, [direction.vector], steps=(direction.step,), kinks_to=DIRECTION_FLOOR)
+        # A kink, or one-sided derivatives still apart beyond the bar (a kink the small steps'
+        # rounding hides): nothing better found.
+        if found.kink or not abs(found.left - found.right) <= ERROR_BARS_KINK * found.error:
+            return self, direction
         merged = self.gradients.copy()
         merged.directions[name] = [found if d is direction else d for d in merged.directions[name]]
-        return Reference(self.differences, merged)
+        return Reference(self.differences, merged), found
 
     def locate(self, name: str, direction: Direction, agrees: Callable[[Direction], bool]) -> torch.Tensor:
         """The flat indices of `name` behind a disagreeing `direction`: halves are estimated along
@@ -641,7 +662,7 @@ class FiniteDifferences:
         whose error bar is smallest off a kink. One direction costs 6 forward passes a step
         multiplier: cheap next to the precision it buys, which is what a single wrong element
         among millions needs. A kink is one that holds down to the kink step, or to the
-        multiplier `kinks_to` (`Reference.sharpened`)."""
+        multiplier `kinks_to` (`Reference.unkinked`)."""
         one = Flat({name: self.targets[name]})
         base = one.join(self.targets)
 
