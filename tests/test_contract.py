@@ -228,3 +228,19 @@ def test_the_drop_in_answers_true_where_no_output_is_floating_point_as_torch_doe
     assert bc.check(lambda a: a.argmax(), (x.detach(),)).exit_code == 2
     with pytest.raises(bc.GradcheckError, match="no gradient\nflows back|no gradient flows back|autograd is the odd one out"):
         bc.gradcheck(lambda a: a.detach() * 2, (x,))
+
+
+def test_inputs_given_as_a_dict_are_passed_by_name_in_any_order() -> None:
+    a, b = x64(2), x64(3, seed=1)
+    seen: list[tuple[int, int]] = []
+
+    def f(a, b, *, scale=1.0):  # noqa: ANN001, ANN202
+        seen.append((a.numel(), b.numel()))
+        return a.sum() * b**2 * scale
+
+    def manual(g, a, b, scale):  # noqa: ANN001, ANN202 - a slip in dloss/da only (×3)
+        return 3 * (g * b**2).sum().expand(a.shape) * scale, g * 2 * a.sum() * b * scale, None
+
+    (result,) = bc.check(f, {"b": b, "scale": 2.0, "a": a}, manual=manual, points=0, dtypes=["float64"]).results
+    assert set(seen) == {(2, 3)}
+    assert (result.verdict, result.culprit) == ("mismatch", "manual") and "input `a` at a[" in result.message, result.message

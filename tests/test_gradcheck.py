@@ -197,3 +197,19 @@ def test_the_time_limit_message_names_gradchecks_keyword_not_the_cli_option() ->
         gradcheck(slow, (torch.randn(3, dtype=torch.float64),), timeout=0.2)
     assert "ran past its time limit of 0.2s (timeout= of gradcheck()" in str(raised.value)
     assert "--timeout" not in str(raised.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the device is checked")
+def test_a_device_asked_for_and_missing_is_no_true() -> None:
+    # check() exits 5 there; the drop-in used to answer True for a backward it never ran.
+    with pytest.raises(bc.CaseError, match="nothing was checked on cuda: CUDA is not available"):
+        bc.gradcheck(FUNCTIONS.WrongInput.apply, (x64(3, 4), x64(4, seed=1)), devices=["cuda"])
+    with pytest.raises(bc.CaseError, match="nothing was checked on cuda"):
+        bc.gradgradcheck(torch.sin, (x64(3),), devices=["cuda"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_check_takes_allow_skip_as_run_does() -> None:
+    x = x64(3)
+    assert bc.check(torch.tanh, (x,), devices=["cpu", "cuda"], points=0).exit_code == 5
+    assert bc.check(torch.tanh, (x,), devices=["cpu", "cuda"], points=0, allow_skip=True).exit_code == 0

@@ -121,3 +121,21 @@ def test_the_cli_writes_no_escape_codes_into_a_pipe(capsys: pytest.CaptureFixtur
     captured = capsys.readouterr()
     assert "a_case_with_a_rather_long_name" in captured.out
     assert "\x1b" not in captured.out and "\x1b" not in captured.err and "\r" not in captured.err
+
+
+def test_a_name_longer_than_the_width_loses_its_middle_in_the_table_only() -> None:
+    long = "weight_of_the_seventeenth_layer_of_the_encoder_stack_after_the_attention_block"
+
+    @case(params={long: [[1.0, 2.0], [3.0, 4.0]]})
+    def wide(**values):  # noqa: ANN003, ANN202
+        return (values[long] ** 2).sum()
+
+    @wide.manual
+    def _(**values):  # noqa: ANN003, ANN202
+        return {long: 3 * values[long]}
+
+    lines = text.lines(run([wide], devices=["cpu"], dtypes=["float64"], points=0), Style(width=100))
+    assert all(len(line) <= 100 for line in lines), [line for line in lines if len(line) > 100]
+    (row,) = [line for line in lines if line.startswith("wide ")]
+    assert "weight_of_the_sevent" in row and "…" in row and "[0,0]" in row and "mismatch" in row
+    assert long in "".join(line.strip() for line in lines)  # the paragraph says it whole

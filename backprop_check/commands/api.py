@@ -40,7 +40,9 @@ def function_case(
 ) -> Any:
     """Turn a function returning tensors into a function check, in a case file like `@case`.
 
-    `inputs` is a tuple in `fn`'s argument order (or a dict name → value): tensors, callables
+    `inputs` is a tuple in `fn`'s argument order (or a dict name → value, passed by name: fn,
+    manual and reference are called with keywords, and manual's gradients are taken in its own
+    parameters' order): tensors, callables
     taking a `torch.Generator` and returning a tensor, or constants passed through as they are
     (numbers, None, shapes). `@<check>.manual` (or `manual=`) registers a hand-written VJP
     `manual(grad_outputs, *inputs)`. `reference=` is a plain float64 version of a kernel
@@ -85,6 +87,7 @@ def check(
     nondet_tol: float = 0.0,
     full: bool = False,
     timeout: float | None = TIMEOUT,
+    allow_skip: bool = False,
     world_size: int | None = None,
     placements: Sequence[Any] | None = None,
     out_placements: Sequence[Any] | None = None,
@@ -100,12 +103,13 @@ def check(
     checks forward-mode AD (jvp, a custom Function's `jvp`) instead of the backward, both
     with `("rev", "fwd")`.
 
-    `inputs` is a tensor or a tuple (a dict names them); the floating inputs that require grad
+    `inputs` is a tensor or a tuple (a dict names them, and fn is called with them by name); the floating inputs that require grad
     are differentiated (all floating inputs when none does, or those `wrt` names); other inputs
     are passed through. Inputs are named by `fn`'s parameter names, else `input0`, `input1`, …
     `devices` defaults to the inputs' devices, `dtypes` to float64 and float32 (every floating
-    input is cast to the run's dtype). Bad input is an `error` result with one line, never a
-    raise. The other keywords are `backprop_check.run`'s and `@case`'s.
+    input is cast to the run's dtype); a device named in `devices` that is missing makes the
+    exit code 5, unless `allow_skip`. Bad input is an `error` result with one line. The other
+    keywords are `backprop_check.run`'s and `@case`'s.
 
     `reference=`: a plain function with `fn`'s signature and outputs that runs in float64 on
     the CPU. `fn` (a kernel, in bfloat16, float16 or float32, on any device) is then judged
@@ -127,7 +131,8 @@ def check(
     )
     try:
         return run(
-            checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full
+            checked, devices=devices or checked.devices, dtypes=dtypes, points=points, seed=seed, timeout=timeout, full=full,
+            allow_skip=allow_skip,
         )
     finally:
         checked.close()  # a distributed check's ranks stop with it

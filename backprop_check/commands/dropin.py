@@ -214,6 +214,9 @@ def _checked(
         timeout=timeout,
         full=not fast_mode and _elements(checked) <= FULL_UP_TO,
     )
+    skipped = [r for r in report.results if r.verdict == Verdict.SKIPPED]
+    if skipped:  # a device asked for by name and missing: nothing was checked there, so no True
+        raise CaseError(f"{what}: nothing was checked on {skipped[0].device}: {skipped[0].message}")
     broken = [r for r in report.results if r.verdict == Verdict.ERROR]
     if broken and _no_float_output(checked):  # argmax, a mask: torch's gradcheck has nothing to compare either
         return True

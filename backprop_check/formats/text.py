@@ -4,8 +4,8 @@ One row per result that agrees (its closest call), one row per wrong parameter o
 mismatch, and below the table a paragraph per failing result, wrapped to the width.
 
 The table fits the width it is given (the terminal's, or 100 columns in a file): the columns that
-tell rows apart — the case, the run and the located element — are never cut; the numbers give up
-digits first, then the error columns go. On a terminal the verdicts are coloured.
+tell rows apart — the case, the run and the located element — are cut last: the numbers give up
+digits first, then the error columns go, then a name too long for the width loses its middle. On a terminal the verdicts are coloured.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ NUMBERS = {"manual": (9, 7), "numerical": (9, 7), "autograd": (9, 8), "abs err":
 SHORT_HEADER = {"numerical": "numeric"}  # when its column is narrowed below the full word
 DROPPED_FIRST = ("rel err", "abs err")  # when even the narrowest numbers do not fit
 MAX_ROWS = 6
+CUT_TO = 24  # the least a name is cut to where it does not fit the width
 SHORT_VERDICT = {Verdict.NONDIFFERENTIABLE: "nondiff"}
 MARKS = {Verdict.MISMATCH: "✗", Verdict.ERROR: "!", Verdict.NONDIFFERENTIABLE: "~"}
 
@@ -110,6 +111,11 @@ def _table(rows: list[Row], style: Style) -> list[str]:
         if total() <= style.width:
             break
         columns.remove(name)
+    # Last, a name too long for the width (a weight called after its whole layer) is cut in the
+    # middle, keeping its start and its element; the paragraph below says it whole.
+    for name in ("param", "case"):
+        if total() > style.width and widths[name] > CUT_TO:
+            widths[name] = max(CUT_TO, widths[name] - (total() - style.width))
     labels = {name: name if len(name) <= widths[name] else SHORT_HEADER[name] for name in columns}
     header = _line(labels, columns, widths, style)
     out = [header, "-" * min(len(header), style.width)]
@@ -122,6 +128,9 @@ def _line(row: Row, columns: list[str], widths: dict[str, int], style: Style) ->
     for name in columns:
         value = row.get(name)
         cell = _num(value, widths[name]) if name in NUMBERS and not isinstance(value, str) else str(value or "")
+        if len(cell) > widths[name]:  # a name cut to fit (`_table`)
+            keep = widths[name] - 1
+            cell = cell[: keep - keep // 2] + "…" + cell[len(cell) - keep // 2 :]
         padded = cell.ljust(widths[name])
         if name == "verdict" and "_verdict" in row:
             padded = style.paint(cell, str(row["_verdict"])) + " " * (widths[name] - len(cell))

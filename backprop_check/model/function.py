@@ -97,6 +97,7 @@ class FunctionCase(Case):
         unknown = sorted(set(self.contract) - set(CONTRACT))
         if unknown:
             self.broken = f"contract= names {unknown[0]!r}; choose from {', '.join(CONTRACT)}"
+        self.by_name = False  # inputs given as {name: value}: fn, manual and reference called by keyword
         self.names, values = self._unpack(inputs)
         if self.broken is None:
             self._classify(values, wrt)
@@ -112,7 +113,8 @@ class FunctionCase(Case):
     # --- what the user gave -----------------------------------------------------------------
 
     def _unpack(self, inputs: Inputs) -> tuple[tuple[str, ...], list[Any]]:
-        if isinstance(inputs, Mapping):
+        if isinstance(inputs, Mapping):  # fn(**inputs): each by its name, in any order
+            self.by_name = True
             return tuple(str(k) for k in inputs), list(inputs.values())
         values = [inputs] if isinstance(inputs, torch.Tensor) or callable(inputs) else inputs
         if not isinstance(values, (tuple, list)):
@@ -215,7 +217,8 @@ class FunctionCase(Case):
             return self.prepared().problem()
         if self.vjp is not None:
             try:
-                inspect.signature(self.vjp).bind(None, *self.names)
+                signature = inspect.signature(self.vjp)
+                signature.bind(None, **dict.fromkeys(self.names)) if self.by_name else signature.bind(None, *self.names)
             except TypeError as exc:
                 return f"the manual VJP cannot be called as manual(grad_outputs, {', '.join(self.names)}): {exc}"
             except ValueError:
@@ -282,11 +285,11 @@ class FunctionCase(Case):
         try:
             if self.promoted and _float64(values):
                 with Promote():
-                    return self.fn(*args)
+                    return self._apply(self.fn, args)
             if low is not None:
                 with Demote(low):
-                    return self.fn(*args)
-            return self.fn(*args)
+                    return self._apply(self.fn, args)
+            return self._apply(self.fn, args)
         except CaseError:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
@@ -303,6 +306,10 @@ class FunctionCase(Case):
             said = f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")
             raise CaseError(said + self._refuses_float64(args)) from exc
 
+    def _apply(self, f: Callable[..., Any], args: list[Any], *first: Any) -> Any:
+        """f(*first, *args), or with each input by its name where the inputs were a dict."""
+        return f(*first, **dict(zip(self.names, args))) if self.by_name else f(*first, *args)
+
     def _args(self, values: Mapping[str, Any]) -> list[Any]:
         """fn's arguments, in order: an input given as a conjugate view is handed on as one (a
         kernel's conjugate path is the one checked), holding the same values."""
@@ -317,7 +324,7 @@ class FunctionCase(Case):
         the dtype clash was the only trouble (else fn's own error stands)."""
         try:
             with mode:
-                self.fn(*args)
+                self._apply(self.fn, args)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             return False
         return True
@@ -366,7 +373,7 @@ class FunctionCase(Case):
             args.append(value)
         try:
             with torch.no_grad():
-                returned = self.reference(*args)
+                returned = self._apply(self.reference, args)
             outputs = as_outputs(returned, label)
         except CaseError as exc:
             return str(exc)
@@ -418,7 +425,7 @@ class FunctionCase(Case):
             else:
                 grads.append(values[label])
         grad_outputs = grads[0] if self.single else tuple(grads)
-        returned = self.vjp(grad_outputs, *args)  # type: ignore[misc]
+        returned = self._apply(self.vjp, args, grad_outputs)  # type: ignore[arg-type]
         if not isinstance(returned, (tuple, list)):
             returned = (returned,)
         if len(returned) != len(self.names):
@@ -428,13 +435,26 @@ class FunctionCase(Case):
                 "return one per input, None for those not differentiated"
             )
         gradients = {}
-        for name, value in zip(self.names, returned):
+        for name, value in zip(self._returned_order(), returned):
             if name not in self.wrt:
                 continue
             if value is None:
                 raise CaseError(f"the manual VJP returned None for input `{name}`, which is differentiated")
             gradients[name] = value
         return gradients
+
+    def _returned_order(self) -> tuple[str, ...]:
+        """The inputs the manual VJP's gradients are for, in the order it returns them: its own
+        parameters' order where the inputs were a dict it names (manual(g, a, b) returns (da, db),
+        whatever the dict's order), else the inputs' order."""
+        if self.by_name and self.vjp is not None:
+            try:
+                named = [p for p in inspect.signature(self.vjp).parameters][1:]
+            except (TypeError, ValueError):
+                return self.names
+            if sorted(named[: len(self.names)]) == sorted(self.names):
+                return tuple(named[: len(self.names)])
+        return self.names
 
     def cotangent_names(self) -> tuple[str, ...]:
         return tuple(self.cotangents.values())
