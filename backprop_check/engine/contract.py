@@ -45,8 +45,8 @@ ITEMS = CONTRACT  # the items, in the order they are checked (model/function.py 
 BATCH = 3  # cotangents in the vmap check: the probe's own, a random one, zeros
 # float64's own allowance in the items: the gradient's response to inputs nudged by this many ulps
 NUDGE_ULPS = 4
-# Below float64, an output computed in another order may be this many times as far from float64 as
-# the given computation is (`Probe._rounding`).
+# Below float64, a value (an output, a gradient) computed in another order may be this many times
+# as far from float64 as the given computation is (`Probe._rounding`).
 REORDERED = 4.0
 
 Grads = dict[str, torch.Tensor]

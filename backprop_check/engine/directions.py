@@ -161,7 +161,6 @@ def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) 
             )
         else:
             seen = f"a relative difference of {relative:.2g} along it, spread over many elements: no single one could be located"
-
         result.note = (
             f"along {direction.what}, numerical {direction.value:.8g} ± {direction.error:.2g}, {shown} "
             f"(allowed {result.allowed:.3g}); {seen}"

@@ -328,7 +328,7 @@ class DistributedCase(FunctionCase):
 
     def _local_call(self, local: list[Any]) -> tuple[bool, list[torch.Tensor]]:
         try:
-            returned = self.fn(*local)
+            returned = self._apply(self.fn, local)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
             line = line_in(self.file, exc)
             raise CaseError(f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")) from exc

@@ -433,8 +433,8 @@ def _twins_rejudged(
 
 def refereed(numerical: Reference, evidence: Evidence) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
-    autograd disagree, and where a disagreeing direction's bisection leads; a disagreeing
-    direction on a kink is replaced by one that is not, where one is found (`Reference.unkinked`); elements
+    autograd disagree, and where a disagreeing direction's bisection leads; every direction on
+    a kink is replaced by one that is not, where one is found (`Reference.unkinked`); elements
     tied on a kink are moved together (`Reference.with_ties`)."""
     wanted = disputed(evidence)
     guides = failing_directions(evidence)

@@ -218,7 +218,10 @@ class FunctionCase(Case):
         if self.vjp is not None:
             try:
                 signature = inspect.signature(self.vjp)
-                signature.bind(None, **dict.fromkeys(self.names)) if self.by_name else signature.bind(None, *self.names)
+                if self.by_name:
+                    signature.bind(None, **dict.fromkeys(self.names))
+                else:
+                    signature.bind(None, *self.names)
             except TypeError as exc:
                 return f"the manual VJP cannot be called as manual(grad_outputs, {', '.join(self.names)}): {exc}"
             except ValueError:
