@@ -343,3 +343,23 @@ def test_the_cycle_finder_finds_a_cycle_and_the_import_reader_reads_lazy_imports
         for target in [n.module]
     }
     assert {t for t in lazy if t in MODULES} <= imported(some, MODULES[some])
+
+
+def test_a_module_that_cannot_be_deep_copied_is_built_again_for_each_dtype() -> None:
+    # The hook-based torch.nn.utils.weight_norm keeps `weight` as a tensor that is no leaf: deepcopy
+    # refuses it ("Only Tensors created explicitly by the user ... support the deepcopy protocol").
+    import warnings
+
+    from backprop_check import case, run
+
+    def model() -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.nn.Sequential(torch.nn.utils.weight_norm(torch.nn.Linear(4, 3)), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+    @case(module=model, data={"x": lambda g: torch.randn(5, 4, generator=g)})
+    def wn_old(model, x):  # noqa: ANN001, ANN202
+        return model(x).pow(2).mean()
+
+    report = run([wn_old], devices=["cpu"], dtypes=["float64", "float32"], points=1)
+    assert [str(r.verdict) for r in report.results] == ["ok", "ok"], [r.message for r in report.results]

@@ -244,3 +244,25 @@ def test_inputs_given_as_a_dict_are_passed_by_name_in_any_order() -> None:
     (result,) = bc.check(f, {"b": b, "scale": 2.0, "a": a}, manual=manual, points=0, dtypes=["float64"]).results
     assert set(seen) == {(2, 3)}
     assert (result.verdict, result.culprit) == ("mismatch", "manual") and "input `a` at a[" in result.message, result.message
+
+
+def test_a_manual_gradient_that_copies_a_wrong_backward_is_said_to_share_its_slip() -> None:
+    class Swish(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x * torch.sigmoid(x)
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            s = torch.sigmoid(x)
+            return g * (s + x * (1 - s))  # the slip: s·(1 + x·(1 − s))
+
+    def manual(g, x):  # noqa: ANN001, ANN202 - the same formula, copied
+        s = torch.sigmoid(x)
+        return (g * (s + x * (1 - s)),)
+
+    (result,) = bc.check(Swish.apply, (x64(4),), manual=manual, dtypes=["float64"], points=0).results
+    assert (result.verdict, result.culprit) == ("mismatch", "numerical")  # two against one, as documented
+    assert any("may share one slipped derivation" in hint and "Swish" in hint for hint in result.hints), result.hints

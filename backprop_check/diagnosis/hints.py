@@ -70,7 +70,28 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[s
         hints.append(f"the {source} {grads} {'is' if len(names) == 1 else 'are each'} {reason}")
     hints.extend(_given_point_hints(shown, outcomes))
     hints.extend(_function_hints(shown))
+    hints.extend(_shared_derivation_hints(shown))
     return hints
+
+
+def _shared_derivation_hints(shown: Outcome) -> list[str]:
+    """Manual and autograd agree and the referee, precise there, does not: two against one
+    blames the referee, but both may come from one formula (a manual VJP written from a custom
+    backward, or the backward from the manual derivation), slipped once."""
+    for check in shown.checks:
+        bar, gap = check.error_bar, check.abs_err
+        if check.verdict != MISMATCH or check.culprit != Culprit.NUMERICAL or bar is None or not gap:
+            continue
+        if not 0 <= PRECISE_REFEREE * bar < gap:
+            continue
+        functions = [] if shown.graph is None else list(dict.fromkeys(f for found in shown.graph.functions.values() for f in found))
+        shared = f" and the backward of {' and '.join(f.__qualname__ for f in functions)}" if functions else ""
+        return [
+            f"manual and autograd agree, but the finite differences are precise here (± {bar:.2g} against a "
+            f"difference of {gap:.3g}): the manual gradient{shared} may share one slipped derivation (one written "
+            "from the other); check that formula before the referee"
+        ]
+    return []
 
 
 def _wrong(shown: Outcome) -> list[Check]:
@@ -129,6 +150,8 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
 
 
 # The hint for a gradient that is zero in every element (a more specific one may replace it).
+# A referee whose error bar is this many times below a disagreement is not its likely source.
+PRECISE_REFEREE = 1000.0
 # How a distributed check says the slip it sees (engine/distributed.py), which no factor hint repeats.
 LIKELY_SLIP = "likely slip: "
 # How the contract's layout item opens a finding in a custom Function's forward (not its backward).

@@ -138,7 +138,9 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
             where = f"node {differs[0]!r}" if differs and torch.equal(first, loss) else "the loss"
             raise CaseError(
                 f"the forward pass is not deterministic: {where} differs between two runs at the same point "
-                f"(loss {float(first):.17g} and {float(loss):.17g}; dropout or unseeded randomness?)"
+                f"(loss {float(first):.17g} and {float(loss):.17g}; dropout or unseeded randomness, or state the "
+                "forward updates each run: a module in train mode whose buffers move, such as spectral_norm's power "
+                "iteration; eval() holds them)"
             )
 
 

@@ -32,7 +32,7 @@ class Built:
     point to point, the module's other state does not)."""
 
     def __init__(self, case: Case, seed: int) -> None:
-        self.seed = seed
+        self.seed, self._case = seed, case
         self.module = _build(case, seed)
         self._copies: dict[tuple[torch.dtype, str], torch.nn.Module] = {}
 
@@ -50,7 +50,11 @@ class Built:
         """The module moved to the dtype and device of `like` (buffers too), one copy per pair."""
         key = (like.dtype, str(like.device))
         if key not in self._copies:
-            self._copies[key] = copy.deepcopy(self.module).to(device=like.device, dtype=like.dtype)
+            try:
+                module = copy.deepcopy(self.module)
+            except RuntimeError:  # a tensor that is no leaf held as an attribute (the old hook-based weight_norm)
+                module = _build(self._case, self.seed)  # the same module: built from the same seed
+            self._copies[key] = module.to(device=like.device, dtype=like.dtype)
         return self._copies[key]
 
 
