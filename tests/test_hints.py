@@ -174,3 +174,15 @@ def test_the_mean_of_a_sum_is_mentioned_only_where_the_manual_code_has_one(manua
     (hint,) = [h for h in result.hints if "4× the true gradient" in h]
     assert hint.endswith("the 1/N of a mean over the batch is missing" + (
         " (a .mean() of a number that is already a sum does nothing)" if said else ""))
+
+
+def test_a_nan_gradient_from_the_branch_a_where_leaves_unused_is_named() -> None:
+    import backprop_check as bc
+
+    x = torch.tensor([1.5, -0.5, 2.0, -1.0], dtype=torch.float64)
+    (result,) = bc.check(lambda a: torch.where(a > 0, torch.sqrt(a), 0.0), (x,), dtypes=["float64"], points=0).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert any("is NaN at 2 of 4 elements where the true gradient is finite" in hint for hint in result.hints), result.hints
+    # the fix the hint gives passes
+    safe = bc.check(lambda a: torch.where(a > 0, torch.sqrt(torch.where(a > 0, a, 1.0)), 0.0), (x,), dtypes=["float64"], points=0)
+    assert safe.exit_code == 0

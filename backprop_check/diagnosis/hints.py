@@ -51,6 +51,16 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[s
         if check.slip is not None:  # a wrong shape: said above, and no factor pattern applies
             continue
         odd = odd.reshape(reference.shape)
+        broken = ~torch.isfinite(odd)
+        if bool(broken.any()):  # where the true gradient is finite (`_suspects`)
+            hints.append(
+                f"the {check.culprit} dloss/d{check.name} is {'NaN' if bool(odd.isnan().any()) else 'infinite'} at "
+                f"{int(broken.sum())} of {broken.numel()} elements where the true gradient is finite: often a branch that "
+                "torch.where or a mask leaves unused still has its gradient computed, and 0 times an infinite local "
+                "gradient there is NaN (sqrt, log or a division at values that branch never uses); give that branch a "
+                "safe input too, e.g. torch.sqrt(torch.where(x > 0, x, 1)) inside the torch.where"
+            )
+            continue
         if check.complex:
             conjugated = _conjugate_hint(check, odd, reference, _rtol(shown))
             if conjugated:
