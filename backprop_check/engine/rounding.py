@@ -33,6 +33,7 @@ from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS
 from backprop_check.model.case import Case
 from backprop_check.model.points import Point, derive_seed
+from backprop_check.records import unravel
 from backprop_check.sources import SOURCES, Gradients
 from backprop_check.sources.noise import stochastic  # Monte Carlo arithmetic, shared with the referee's noise
 
@@ -403,8 +404,11 @@ def _jitter(
         flat, spread = allowed[name].reshape(-1), spreads[name]
         flat[taken] = torch.maximum(flat[taken], NUDGE_SPREAD * spread[taken])
         relative = float((spread[taken] / j["ref"][taken].abs()).max())
+        shape = tuple(allowed[name].shape)
+        at = [f"{name}[{', '.join(map(str, unravel(i, shape)))}]" for i in taken.nonzero().reshape(-1)[:4].tolist()]
+        shown = ", ".join(at) + (", …" if int(taken.sum()) > len(at) else "")
         notes.append(
-            f"the {source} gradient of {name!r} at {int(taken.sum())} of {taken.numel()} elements scatters by up to "
+            f"the {source} gradient of {name!r} at {int(taken.sum())} of {taken.numel()} elements ({shown}) scatters by up to "
             f"{relative:.1e} of itself between points a few ulps apart (a formula that cancels: float64 keeps about "
             f"{max(0, round(-math.log10(max(relative, eps))))} digits of it there); its mean over "
             f"{len(draws[name])} such points agrees with the referee within {JITTER_RESOLUTION:g} of the value, so "
