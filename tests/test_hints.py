@@ -186,3 +186,21 @@ def test_a_nan_gradient_from_the_branch_a_where_leaves_unused_is_named() -> None
     # the fix the hint gives passes
     safe = bc.check(lambda a: torch.where(a > 0, torch.sqrt(torch.where(a > 0, a, 1.0)), 0.0), (x,), dtypes=["float64"], points=0)
     assert safe.exit_code == 0
+
+
+def test_a_straight_through_estimator_is_named_as_a_surrogate() -> None:
+    import backprop_check as bc
+
+    class RoundSTE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return torch.round(x)
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            return g  # identity: a surrogate, not the derivative of round
+
+    x = torch.tensor([0.3, 1.2, -0.7, 2.4], dtype=torch.float64)
+    (result,) = bc.check(RoundSTE.apply, (x,), dtypes=["float64"], points=0).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert any("the true dloss/dx is 0 at every element" in hint and "straight-through" in hint for hint in result.hints), result.hints

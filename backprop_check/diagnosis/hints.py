@@ -61,6 +61,15 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[s
                 "safe input too, e.g. torch.sqrt(torch.where(x > 0, x, 1)) inside the torch.where"
             )
             continue
+        if not bool(reference.any()) and bool(odd.ne(0).all()):
+            hints.append(
+                f"the true dloss/d{check.name} is 0 at every element (the forward does not move with it here) while the "
+                f"{check.culprit} gradient is not: a forward that rounds, quantizes or takes a sign with an identity "
+                "backward (a straight-through estimator) is such a surrogate by design, which no gradient check can "
+                "confirm; else the backward differentiates something the forward does not compute (a .detach(), "
+                "a torch.no_grad() block)"
+            )
+            continue
         if check.complex:
             conjugated = _conjugate_hint(check, odd, reference, _rtol(shown))
             if conjugated:
