@@ -243,6 +243,21 @@ class GatherLastDimWrongRank(torch.autograd.Function):
         return grad.chunk(_world(), dim=-1)[_world() - 1 - _rank()].contiguous()
 
 
+class CopyToRanksLastRankSilent(torch.autograd.Function):
+    """f whose last rank feeds zeros to the all-reduce (a masked or early-returned rank): every
+    rank ends with the same gradient, so the replicas agree, but the last rank's part is missing."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = torch.zeros_like(grad) if _rank() == _world() - 1 else grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class SumOverRanksOnes(torch.autograd.Function):
     """g whose backward returns ones: right under `.sum()` (v = 1), wrong for any other v."""
 
@@ -270,6 +285,11 @@ def slip_doubled_all_reduce(x, w1, w2):
 @function_case(**MLP)
 def slip_average_for_sum(x, w1, w2):
     return SumOverRanks.apply(torch.tanh(AverageToRanks.apply(x) @ w1) @ w2)
+
+
+@function_case(**MLP)
+def slip_last_rank_feeds_zeros(x, w1, w2):
+    return SumOverRanks.apply(torch.tanh(CopyToRanksLastRankSilent.apply(x) @ w1) @ w2)
 
 
 @function_case(**COLUMN)

@@ -69,6 +69,7 @@ def test_a_correct_parallel_layer_is_ok_on_two_ranks(example_results: dict[str, 
         pytest.param("slip_missing_all_reduce", "x on rank 0", "an all-reduce is missing", id="missing-all-reduce"),
         pytest.param("slip_doubled_all_reduce", "on rank 0", "2× the true one", id="doubled-all-reduce"),
         pytest.param("slip_average_for_sum", "x on rank 0", "an average over ranks", id="average-where-a-sum-belongs"),
+        pytest.param("slip_last_rank_feeds_zeros", "x on rank 1", "without rank 1's part", id="one-rank-feeds-zeros"),
         pytest.param("slip_gather_rank_order", "w on rank 0", "rank 0 holds rank 1's chunk", id="all-gather-backward-rank-order"),
         pytest.param("slip_right_only_under_sum", "on rank 0", "right under a .sum() loss", id="right-only-under-sum"),
         pytest.param("slip_norm_weight_not_reduced", "gamma on rank 0", "an all-reduce is missing", id="layernorm-weight-never-reduced"),
@@ -124,6 +125,39 @@ def test_four_ranks_check_the_tensor_parallel_mlp_and_find_its_missing_all_reduc
     (result,) = bad.results
     assert (result.verdict, result.culprit) == ("mismatch", "autograd")
     assert "x on rank 0" in result.message and "an all-reduce is missing" in result.message
+    assert no_ranks_left()
+
+
+class LastRankSilent(torch.autograd.Function):
+    """Megatron's f whose backward on the last rank feeds zeros to the all-reduce."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = torch.zeros_like(grad) if dist.get_rank() == dist.get_world_size() - 1 else grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _mlp_last_rank_silent(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return TP.SumOverRanks.apply(torch.tanh(LastRankSilent.apply(x) @ w1) @ w2)
+
+
+def test_four_ranks_name_the_one_rank_whose_part_the_all_reduce_misses() -> None:
+    """Every replica holds the same wrong gradient (the reduction ran, rank 3 fed it zeros): the
+    ranks' parts, each estimated by moving one rank's replica alone, name rank 3."""
+    x, w1, w2 = x64(3, 4, seed=1), x64(4, 8, seed=2), x64(8, 5, seed=3)
+    report = bc.check(
+        _mlp_last_rank_silent, (x, w1, w2), world_size=4, placements=(Replicate(), Shard(1), Shard(0)),
+        out_placements=(Replicate(),), **QUICK,
+    )
+    (result,) = report.results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert "x on rank 3" in result.message and "without rank 3's part" in result.message, result.message
+    assert "the replicas disagree" not in result.message
     assert no_ranks_left()
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import atexit
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,19 @@ REGISTRY: weakref.WeakValueDictionary[str, DistributedCase] = weakref.WeakValueD
 KEPT = 8
 # How many elements of a wrong input the diagnosis estimates anew to tell the slip.
 SLIP_ELEMENTS = 64
+# Along how many random directions each rank's part of a replicated input's gradient is
+# estimated (`_parts_slip`): one to fit a rank's factor, two more to confirm it.
+PART_DIRECTIONS = 3
+# The ranks' parts are told apart for up to this many ranks (every subset of them is a hypothesis).
+PART_RANKS = 8
+
+
+@dataclass(frozen=True)
+class PerRank:
+    """An input whose value differs by rank (`values[r]` on rank r): one rank's replica of a
+    `Replicate()` input moved while the others stay, to tell the ranks' parts of its gradient."""
+
+    values: tuple[Any, ...]
 
 
 def _placement_classes() -> tuple[type, type, type]:
@@ -212,17 +225,25 @@ class DistributedCase(FunctionCase):
         outputs = _OnRanks.apply(self, *args)
         return outputs[0] if self.single_output else tuple(outputs)
 
-    def run_forward(self, args: Sequence[Any], rows: int | None = None, batched: Sequence[bool] = ()) -> tuple[torch.Tensor, ...]:
-        """The global outputs of `fn` at `args` (with `rows`: a batch of them, stacked)."""
+    def run_forward(
+        self, args: Sequence[Any], rows: int | None = None, batched: Sequence[bool] = (), replicas_agree: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        """The global outputs of `fn` at `args` (with `rows`: a batch of them, stacked). Without
+        `replicas_agree` (some input `PerRank`), a `Replicate()` output is the ranks' mean."""
         answers = self._ask({"kind": "forward", "args": list(args), "rows": rows, "batched": list(batched)})
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         answers = [(single, [o.to(device) for o in outputs]) for single, outputs in answers]
         if rows is None:
-            return self._assemble_outputs([a[1] for a in answers], answers[0][0])
-        per_row = [self._assemble_outputs([[o[b] for o in a[1]] for a in answers], answers[0][0]) for b in range(rows)]
+            return self._assemble_outputs([a[1] for a in answers], answers[0][0], replicas_agree)
+        per_row = [
+            self._assemble_outputs([[o[b] for o in a[1]] for a in answers], answers[0][0], replicas_agree)
+            for b in range(rows)
+        ]
         return tuple(torch.stack([row[k] for row in per_row]) for k in range(len(per_row[0])))
 
-    def _assemble_outputs(self, local: list[list[torch.Tensor]], single: bool) -> tuple[torch.Tensor, ...]:
+    def _assemble_outputs(
+        self, local: list[list[torch.Tensor]], single: bool, replicas_agree: bool = True
+    ) -> tuple[torch.Tensor, ...]:
         self.single_output = single
         count = len(local[0])
         placements = self.out_placements
@@ -239,6 +260,8 @@ class DistributedCase(FunctionCase):
                 outputs.append(torch.cat(parts, dim=placement.dim))
             elif isinstance(placement, Partial):
                 outputs.append(torch.stack(parts).sum(0))
+            elif not replicas_agree:
+                outputs.append(torch.stack(parts).mean(0))
             else:
                 outputs.append(parts[0])
                 for rank, part in enumerate(parts[1:], 1):
@@ -275,7 +298,7 @@ class DistributedCase(FunctionCase):
     def serve(self, request: dict[str, Any], rank: int, world_size: int) -> Any:
         """On one rank: `fn` on this rank's shards (a forward, a batch of them, or a backward);
         what it answers is on the CPU, for the driver to place."""
-        args = _on_rank_device(request["args"], rank)
+        args = _on_rank_device([a.values[rank] if isinstance(a, PerRank) else a for a in request["args"]], rank)
         request = {**request, "cotangents": _on_rank_device(request.get("cotangents") or [], rank)}
         found = self._serve(request, args, rank, world_size)
         if isinstance(found, dict):
@@ -489,16 +512,18 @@ class DistributedCase(FunctionCase):
         true = check.numerical if check.numerical is not None else float("nan")
         if len(owners) == 1:
             rank = owners[0]
-            value = float(locals_[rank][name].reshape(-1)[_flat(local_index, locals_[rank][name].shape)])
             whose = f"rank {rank}, element {list(local_index)} of its shard ({describe_placement(grad)})"
         else:
             wrong = [r for r in owners if abs(float(locals_[r][name][index]) - true) > check.allowed]
             rank = (wrong or owners)[0]
-            value = float(locals_[rank][name][index])
             listed = ", ".join(str(r) for r in wrong) if wrong else "the ranks together"
             kind = "sum over the ranks" if _is_partial(grad) else "copy on every rank"
             whose = f"rank{'s' * (len(wrong) != 1)} {listed} ({describe_placement(grad)}: the gradient is the {kind})"
         slip = self._slip(name, point, device, dtype, locals_, tol, rank)
+        if slip is None:
+            parts = self._parts_slip(name, point, dtype, locals_, tol, rank)
+            if parts is not None:
+                slip, rank = parts
         values = f"autograd {check.autograd:.8g}, numerical {true:.8g} ± {check.error_bar or 0.0:.2g}"
         note = (
             f"input `{name}` (placed {describe_placement(placement)}) at element {list(index)} of the global "
@@ -611,6 +636,119 @@ class DistributedCase(FunctionCase):
                 )
         return None
 
+    def _parts_slip(
+        self, name: str, point: Point, dtype: torch.dtype, locals_: list[dict[str, torch.Tensor]], tol: Tolerance, rank: int
+    ) -> tuple[str, int] | None:
+        """The rank whose part a replicated input's wrong gradient leaves out, counts twice or
+        scales, and the likely slip; None where the parts do not tell.
+
+        A `Replicate()` input's gradient is the sum over the ranks of each rank's part, the
+        derivative through its own replica (the replicas move together). Each part is estimated
+        along PART_DIRECTIONS random directions by moving one rank's replica alone (`PerRank`;
+        a `Replicate()` output is then the ranks' mean), all in one batched request, and the
+        gradient's own projections are matched against the parts summed with one rank's part
+        scaled by a fitted factor (0: a rank that feeds zeros, or nothing, to an all-reduce; 2: one
+        that adds its part twice), or with several ranks' parts left out. A hypothesis is named
+        only where it is the one that fits within the error bars."""
+        Shard, Replicate, Partial = _placement_classes()
+        w = self.world_size
+        k = self.names.index(name)
+        if not (1 < w <= PART_RANKS) or not isinstance(self.placements[k], Replicate) or isinstance(self.grad_placements[k], Shard):
+            return None
+        at = point.rounded(dtype)
+        values = {**at.params, **at.data}
+        args = [values[n] if n in values else self.constants[n] for n in self.names]
+        x = args[k]
+        if not isinstance(x, torch.Tensor) or not x.numel() or not x.is_floating_point() or not self.cotangents:
+            return None
+        from backprop_check.sources.stencil import OFFSETS, _estimates, steps_for
+
+        gen = torch.Generator().manual_seed(0)
+        directions = torch.randint(0, 2, (PART_DIRECTIONS, *x.shape), generator=gen).to(x) * 2 - 1  # |dᵢ| = 1
+        largest = float(x.abs().max())
+        h = float(steps_for(torch.tensor(largest, dtype=torch.float64)))
+        moves = torch.tensor(OFFSETS, dtype=x.dtype).reshape(1, -1, *[1] * x.dim()) * h * directions[:, None]
+        count = w * PART_DIRECTIONS * len(OFFSETS)  # rows by (moved rank, direction, offset)
+        replicas = []
+        for r in range(w):
+            rows = x.expand(w, PART_DIRECTIONS, len(OFFSETS), *x.shape).clone()
+            rows[r] += moves
+            replicas.append(rows.reshape(count, *x.shape))
+        moved = [PerRank(tuple(replicas)) if n == name else a for n, a in zip(self.names, args)]
+
+        def loss(outputs: Sequence[torch.Tensor], batch: int | None) -> torch.Tensor:
+            terms = [
+                (values[label].double() * outputs[j].double()).reshape(batch or 1, -1).sum(1)
+                for j, label in self.cotangents.items() if j < len(outputs)
+            ]
+            return torch.stack(terms).sum(0)
+
+        f0 = loss(self.run_forward(args), None)
+        f = loss(self.run_forward(moved, rows=count, batched=[n == name for n in self.names], replicas_agree=False), count)
+        columns = w * PART_DIRECTIONS
+        found = _estimates(
+            f.reshape(columns, len(OFFSETS)).T, torch.full((columns,), h, dtype=torch.float64), float(f0[0]),
+            theta=torch.full((columns,), largest, dtype=torch.float64),
+        )
+        if bool(found["kink"].any()) or not bool(torch.isfinite(found["error"]).all()):
+            return None
+        parts, bars = found["value"].reshape(w, -1), found["error"].reshape(w, -1)  # (ranks, directions)
+        mine = self._assemble_local(name, [a[name] for a in locals_]) if _is_partial(self.grad_placements[k]) else locals_[rank][name]
+        seen = (mine.double() * directions).reshape(PART_DIRECTIONS, -1).sum(1)
+        slack = max(tol.rtol, 1e-6)
+
+        def fits(c: torch.Tensor) -> bool:
+            c = c.reshape(-1, 1)
+            predicted = (c * parts).sum(0)
+            allowed = ERROR_BARS * (c.abs() * bars).sum(0) + slack * (seen.abs() + (c.abs() * parts.abs()).sum(0))
+            return bool(((predicted - seen).abs() <= allowed).all())
+
+        ones = torch.ones(w, dtype=torch.float64)
+        if fits(ones):
+            return None
+        left = seen - parts.sum(0)
+        hypotheses: list[tuple[torch.Tensor, list[int], float]] = []
+        for r in range(w):
+            norm = float((parts[r] ** 2).sum())
+            if norm == 0:
+                continue
+            factor = 1 + float((left * parts[r]).sum()) / norm
+            for said in (round(factor), factor):  # a whole factor (0, 2) where it fits as well
+                c = ones.clone()
+                c[r] = said
+                if fits(c):
+                    hypotheses.append((c, [r], float(said)))
+                    break
+        from itertools import combinations
+
+        for size in range(2, w):
+            for missing in combinations(range(w), size):
+                c = ones.clone()
+                c[list(missing)] = 0
+                if fits(c):
+                    hypotheses.append((c, list(missing), 0.0))
+        if len(hypotheses) != 1:
+            return None
+        _, ranks, factor = hypotheses[0]
+        listed = ", ".join(str(r) for r in ranks)
+        whose = f"rank {listed}'s part" if len(ranks) == 1 else f"the parts of ranks {listed}"
+        head = (
+            f"`{name}`'s gradient is the sum of the ranks' parts (each rank's part: the derivative through its own "
+            "replica, estimated by moving it alone) "
+        )
+        if factor == 0:
+            text = head + (
+                f"without {whose}: rank{'s' * (len(ranks) > 1)} {listed} add{'s' * (len(ranks) == 1)} nothing to the "
+                "all-reduce (zeros fed in, or the part dropped before the reduction)"
+            )
+        elif factor == 2:
+            text = head + f"with {whose} counted twice: rank {listed} adds its part to the all-reduce twice"
+        elif factor == -1:
+            text = head + f"with {whose} negated: rank {listed} flips its part's sign before the all-reduce"
+        else:
+            text = head + f"with {whose} times {factor:.4g}: rank {listed} scales its part before the all-reduce"
+        return text, ranks[0]
+
     def _assemble_local(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
         Shard, Replicate, Partial = _placement_classes()
         grad = self.grad_placements[self.names.index(name)]
@@ -714,13 +852,6 @@ def _owners(placement: Any, index: tuple[int, ...], shape: tuple[int, ...], worl
 
 def _is_partial(placement: Any) -> bool:
     return isinstance(placement, _placement_classes()[2])
-
-
-def _flat(index: tuple[int, ...], shape: Sequence[int]) -> int:
-    flat = 0
-    for i, size in zip(index, shape):
-        flat = flat * size + i
-    return flat
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...] | None:
