@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from backprop_check.diagnosis.hints import NOTHING_FLOWS
+from backprop_check.diagnosis.hints import NOTHING_FLOWS, _function_name
 from backprop_check.errors import CaseError, CaseTimeout, one_line, raised_at
 from backprop_check.model.forward import call_forward, call_user
 from backprop_check.model.points import Point, given_point
@@ -255,6 +255,26 @@ class _Direction:
         return torch.randn(self.shape, generator=gen, dtype=torch.float64)
 
 
+# The code of every backward that @once_differentiable wraps (one wrapper, one code object).
+_ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def _once_differentiable(case: Derivative) -> list[type]:
+    """The user's custom Functions in the root case's graph whose backward is decorated with
+    @once_differentiable: each makes every derivative of order ≥ 2 through it zero."""
+    from backprop_check.diagnosis.graph import graph_of
+
+    first = case
+    while isinstance(first.base, Derivative):
+        first = first.base
+    try:
+        graph = graph_of(first.base, first.template)
+    except Exception:  # noqa: BLE001 - only a hint: a forward that will not run again says nothing here
+        return []
+    found = dict.fromkeys(f for functions in graph.functions.values() for f in functions)
+    return [f for f in found if getattr(getattr(f, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE]
+
+
 def hints_for(case: Case, outcome: Any, found: list[str]) -> list[str]:
     """The hints of a mismatch at `outcome` for `case`, given those the patterns `found`: a
     derivative (order ≥ 2) knows better. A double backward that is zero where finite differences
@@ -270,6 +290,16 @@ def hints_for(case: Case, outcome: Any, found: list[str]) -> list[str]:
     if not wrong or autograd is None:
         return found
     below = f"order {case.level - 1}"
+    once = _once_differentiable(case)
+    if once:
+        named = " and ".join(_function_name(f) for f in once)
+        return [
+            f"{named}: its backward is decorated with @once_differentiable, which runs it under no_grad and "
+            f"records no graph, so autograd's derivative of the {below} gradient through it is zero; to check "
+            f"order {case.level}, write the backward in differentiable torch ops and drop the decorator (or check "
+            f"order {case.level - 1} only)",
+            *(hint for hint in found if NOTHING_FLOWS not in hint),
+        ]
     if all(float(autograd.values[c.name].abs().max()) == 0.0 for c in wrong):
         return [
             f"autograd's derivative of the {below} gradient is exactly zero here, finite differences are not: the "
