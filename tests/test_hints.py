@@ -204,3 +204,32 @@ def test_a_straight_through_estimator_is_named_as_a_surrogate() -> None:
     (result,) = bc.check(RoundSTE.apply, (x,), dtypes=["float64"], points=0).results
     assert (result.verdict, result.culprit) == ("mismatch", "autograd")
     assert any("the true dloss/dx is 0 at every element" in hint and "straight-through" in hint for hint in result.hints), result.hints
+
+
+def test_an_embeddings_padding_row_is_named_as_torchs_convention() -> None:
+    """padding_idx's row gets a zero gradient by design though the forward reads it: flagged (as
+    by torch's gradcheck) with the row and the convention named, as a function and as a module."""
+    import backprop_check as bc
+
+    weight = torch.randn(10, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids = torch.tensor([[0, 3, 5], [2, 0, 9]])
+    (result,) = bc.check(
+        lambda weight, ids: torch.nn.functional.embedding(ids, weight, padding_idx=0).tanh(), (weight, ids),
+        dtypes=["float64"], points=0,
+    ).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert any("row 0 of `weight` is read by an embedding with padding_idx=0" in hint for hint in result.hints), result.hints
+
+    def build() -> torch.nn.Module:
+        return torch.nn.Embedding(10, 4, padding_idx=2)
+
+    @case(module=build, data={"ids": torch.tensor([[2, 3, 5], [2, 0, 9]])})
+    def embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return (model(ids).tanh() ** 2).sum()
+
+    (result,) = run([embed], **CPU64).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert any("row 2 of `weight`" in hint and "padding_idx=2" in hint for hint in result.hints), result.hints
+    # without padding_idx the same embedding is right, and no such hint is made up
+    plain = bc.check(lambda weight, ids: torch.nn.functional.embedding(ids, weight).tanh(), (weight, ids), dtypes=["float64"], points=0)
+    assert plain.exit_code == 0

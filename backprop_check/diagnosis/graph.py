@@ -32,6 +32,9 @@ class Graph:
     # name → the custom torch.autograd.Functions autograd runs between it and its direct inputs
     # (their backward is what autograd uses for that step; finite differences never run it).
     functions: dict[str, list[type]] = field(default_factory=dict)
+    # parameter → the rows an embedding reads with padding_idx: torch leaves their gradient zero
+    # by design, although the forward reads them (`padding_rows`)
+    padding: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def order(self) -> list[str]:
@@ -119,7 +122,28 @@ def graph_of(case: Case, point: Point, *, keep_values: bool = False) -> Graph:
         values.pop(LOSS)
     functions = {name: _custom_functions(t, named_fns) for name, t in {**tape.values, LOSS: loss}.items()}
     functions = {name: found for name, found in functions.items() if found}
-    return Graph(root, list(tape.values), list(params), inputs, values, functions)
+    return Graph(root, list(tape.values), list(params), inputs, values, functions, padding_rows(loss, params))
+
+
+def padding_rows(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per parameter, the padding rows of the embeddings (`embedding`, `embedding_bag` with
+    padding_idx) that read it directly: their gradient is zero by torch's convention."""
+    names = {id(tensor): name for name, tensor in params.items()}
+    found: dict[str, list[int]] = {}
+    stack, seen = [loss.grad_fn] if loss.grad_fn is not None else [], set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        row = getattr(fn, "_saved_padding_idx", None)
+        if isinstance(row, int) and fn.next_functions:  # without one, torch saves -1 (as 2⁶⁴ − 1)
+            weight = getattr(fn.next_functions[0][0], "variable", None)  # AccumulateGrad of a leaf
+            name = names.get(id(weight))
+            if name is not None and 0 <= row < weight.shape[0] and row not in found.setdefault(name, []):
+                found[name].append(row)
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return found
 
 
 def _custom_functions(tensor: torch.Tensor, named_fns: dict[object, str]) -> list[type]:

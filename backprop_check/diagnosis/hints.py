@@ -87,10 +87,29 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[s
     for (source, reason), names in factors.items():
         grads = ", ".join(f"dloss/d{name}" for name in names)
         hints.append(f"the {source} {grads} {'is' if len(names) == 1 else 'are each'} {reason}")
+    hints.extend(_padding_hints(shown))
     hints.extend(_given_point_hints(shown, outcomes))
     hints.extend(_function_hints(shown))
     hints.extend(_shared_derivation_hints(shown))
     return hints
+
+
+def _padding_hints(shown: Outcome) -> list[str]:
+    """A disagreement at an embedding's padding row: torch's convention (a zero gradient for a
+    row the forward reads), not a derivative, so no gradient check can confirm it."""
+    padding = {} if shown.graph is None else shown.graph.padding
+    for check in shown.checks:
+        rows = padding.get(check.name, [])
+        if check.verdict != MISMATCH or check.kind != CheckKind.PARAM or not check.index or check.index[0] not in rows:
+            continue
+        row = check.index[0]
+        return [
+            f"row {row} of `{check.name}` is read by an embedding with padding_idx={row}: torch gives that row a zero "
+            "gradient by design (nn.Embedding keeps the padding vector fixed in training) although the forward reads "
+            "it, so the finite differences see a derivative the backward leaves out; no slip if the row is meant to "
+            f"stay fixed: check with padding_idx=None, or with ids that avoid row {row}"
+        ]
+    return []
 
 
 def _shared_derivation_hints(shown: Outcome) -> list[str]:
