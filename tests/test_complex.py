@@ -220,6 +220,8 @@ def test_function_mode_checks_a_complex_custom_function_and_catches_the_forgotte
     bad = bc.check(ForgotConj.apply, (cz().requires_grad_(),), dtypes=["float64"], points=1).results[0]
     assert (bad.verdict, bad.culprit) == ("mismatch", "autograd")
     assert "output 0 → z" in bad.message and "z[" in bad.message and (".real" in bad.message or ".imag" in bad.message)
+    # the output is complex, so a random complex v hides the pattern: a real one shows it
+    assert any("with a real grad_output the autograd dloss/dz is the complex conjugate" in h for h in bad.hints), bad.hints
 
 
 def test_function_mode_mixes_complex_and_real_inputs_and_real_outputs() -> None:
@@ -264,6 +266,11 @@ def test_a_manual_vjp_receives_complex_grad_outputs_and_is_checked_against_torch
     assert set(received) == {torch.complex128, torch.complex64}
     bad = bc.check(lambda z: z * z, (cz(),), manual=lambda g, z: (g * 2 * z,), dtypes=["float64"], points=1).results[0]
     assert (bad.verdict, bad.culprit) == ("mismatch", "manual")
+    assert any("the manual VJP multiplies grad_output by f′(z)" in hint for hint in bad.hints), bad.hints
+    # another slip (a factor) is not called a conjugate
+    other = bc.check(lambda z: z * z, (cz(),), manual=lambda g, z: (g * z.conj(),), dtypes=["float64"], points=1).results[0]
+    assert (other.verdict, other.culprit) == ("mismatch", "manual")
+    assert not any("complex conjugate of the true one" in hint for hint in other.hints), other.hints
 
 
 def test_the_custom_function_contract_runs_on_complex_tensors() -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import traceback
 
+from backprop_check import dtypes
+from backprop_check.engine.conjugate import conjugate_hint
 from backprop_check.engine.orders import hints_for as derivative_hints
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result, Verdict
@@ -75,9 +77,28 @@ def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tole
     result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
     if verdict == MISMATCH:
         code = code_of(case.manual_fn) if culprit == Culprit.MANUAL else ""
-        result.hints = derivative_hints(case, shown, _said_of(case, hints_for(shown, outcomes, code)))
+        hints = hints_for(shown, outcomes, code)
+        if culprit in (Culprit.MANUAL, Culprit.AUTOGRAD) and not any("conjugate" in hint for hint in hints):
+            hints += _conjugate_hints(case, shown, device, dtype)
+        result.hints = derivative_hints(case, shown, _said_of(case, hints))
     result.message = describe(result, shown, len(failing), len(outcomes), tolerance, case.what)
     return result
+
+
+def _conjugate_hints(case: Case, shown: Outcome, device: str, dtype: str) -> list[str]:
+    """The conjugate slip of a backward whose function has complex outputs (engine/conjugate.py):
+    only a hint, so a check that cannot run again says nothing."""
+    if not shown.point.complex or not any(c.complex for c in shown.checks):
+        return []
+    import torch
+
+    try:
+        found = conjugate_hint(case, shown, device, getattr(torch, dtype), dtypes.row(dtype).hint_rtol)
+    except CaseTimeout:
+        raise
+    except Exception:  # noqa: BLE001 - the mismatch stands without the hint
+        return []
+    return [found] if found else []
 
 
 def _said_of(case: Case, hints: list[str]) -> list[str]:
