@@ -293,3 +293,42 @@ def test_a_backward_that_saves_r_is_right_to_first_order_and_wrong_to_the_second
     assert first.verdict == "ok"
     assert (second.verdict, second.culprit, second.order) == ("mismatch", "autograd", 2)
     assert "double backward" in second.message
+
+
+class _SoftmaxInPlace(torch.autograd.Function):
+    """A bfloat16 softmax whose backward reuses grad_output's memory (Liger's style), or returns
+    a float32 gradient: right values, and two hazards the contract finds."""
+
+    widen = False
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = torch.softmax(x.float(), -1).to(x.dtype)
+        ctx.save_for_backward(y)
+        return y
+
+    @classmethod
+    def backward(cls, ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        if cls.widen:
+            return y.float() * (g.float() - (g.float() * y.float()).sum(-1, keepdim=True))
+        s = (g.float() * y.float()).sum(-1, keepdim=True)
+        return g.sub_(s.to(g.dtype)).mul_(y)  # grad_output overwritten
+
+
+class _SoftmaxWide(_SoftmaxInPlace):
+    widen = True
+
+
+@pytest.mark.parametrize(
+    "kernel, said",
+    [
+        pytest.param(_SoftmaxInPlace, "in_place: the backward of _SoftmaxInPlace modifies grad_output", id="grad-output-edited-in-place"),
+        pytest.param(_SoftmaxWide, "grad_meta: the backward of _SoftmaxWide returns a float32 gradient", id="float32-gradient-for-bfloat16"),
+    ],
+)
+def test_a_kernel_is_held_to_the_contract_items_that_read_no_values(kernel: Any, said: str) -> None:
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    result = only(bc.check(kernel.apply, (x,), reference=lambda x: torch.softmax(x, -1), points=0))
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert said in result.message, result.message

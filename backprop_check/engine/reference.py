@@ -62,6 +62,10 @@ TENSOR_ULPS = 1.0
 # The reference's own error is sampled at the rounded point and one ulp either side of it.
 NUDGES = (0.0, 1.0, -1.0)
 COMPARED = "kernel against the float64 reference"
+# The custom-Function contract's items a kernel is held to in its own dtype: those that read no
+# values (a gradient of the wrong dtype or shape, a grad_output edited in place); the items that
+# compare values (linearity, repeatability, layouts, vmap) are float64's, without reference=.
+KERNEL_CONTRACT = ("grad_meta", "in_place")
 
 
 def applies(case: Case) -> bool:
@@ -249,6 +253,16 @@ def kernel_checks(kernel: Any, twin: Any, point: Point, device: str, dtype: torc
     return checks, Gradients("autograd", mine), Gradients("numerical", base.gradients)
 
 
+def _contract_checks(kernel: Any, point: Point, device: str, dtype: torch.dtype) -> list[Check]:
+    """The kernel's custom-Function contract in its own dtype at the given point (KERNEL_CONTRACT)."""
+    from backprop_check.engine import contract
+    from backprop_check.engine.tolerance import tolerance_for
+
+    if not set(getattr(kernel, "contract", ())) & set(KERNEL_CONTRACT) or kernel.level != 1:
+        return []
+    return contract.checks(kernel, point.rounded(dtype), device, dtype, tolerance_for(dtype), only=KERNEL_CONTRACT)
+
+
 def _real(value: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(value) if value.is_complex() else value
 
@@ -292,6 +306,8 @@ def check_combination(
             refereed = [replace(check) for check in referee[point.label]]
             wrong = {c.name for c in refereed if c.verdict in (MISMATCH, NONDIFFERENTIABLE) and c.kind == CheckKind.PARAM}
             checks, mine, theirs = kernel_checks(kernel, twin, point, device, dtype, plan.seed)
+            if point.seed is None:
+                checks += _contract_checks(kernel, point, device, dtype)
             # Against a reference the referee finds wrong (or at a kink), the kernel cannot be judged.
             judged = [c for c in checks if c.kind != CheckKind.PARAM or c.name not in wrong]
             note = "where the reference itself is wrong or on a kink, the kernel is not judged against it"
