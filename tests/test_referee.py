@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -1074,3 +1075,39 @@ def test_the_wide_lines_move_a_value_near_1_by_a_fraction_of_its_ulp_that_is_not
     # whole ulps of 1 would leave exp(x + kδ)'s rounding as it was: the lines would stand still
     ulps = NOISE_ULPS * NOISE_WIDE_SCALE
     assert 0.3 < ulps % 1 < 0.7
+
+
+@pytest.mark.parametrize(
+    "fn, x",
+    [
+        # lse − x_t at x_t = 20 rounds at the ulp of 20, where the loss is 2e-9: stairs that the
+        # noise lines and a move of 2⁻²⁰ do not cross, read as a staircase of gradient 0
+        pytest.param(
+            lambda x: torch.nn.functional.cross_entropy(x, torch.tensor([1])),
+            torch.tensor([[0.0, 20.0, -3.0]], dtype=torch.float64), id="confident-cross-entropy",
+        ),
+        # float32 inside a float64 forward: stairs of float32's ulp
+        pytest.param(lambda x: x.float().exp(), torch.tensor([1.5, -0.3, 0.7], dtype=torch.float64), id="float32-inside"),
+        pytest.param(
+            lambda x: torch.nn.functional.binary_cross_entropy_with_logits(x, torch.tensor([1.0, 0.0, 1.0])),
+            torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64), id="bce-with-a-float32-target",
+        ),
+    ],
+)
+def test_a_smooth_loss_rounded_coarser_than_its_ulp_is_read_at_wide_steps_not_as_a_staircase(fn: Any, x: torch.Tensor) -> None:
+    import backprop_check as bc
+
+    (result,) = bc.check(fn, (x,), dtypes=["float64"], points=0).results
+    assert result.verdict == "ok", result.message
+    # and a slip in its backward is still found: the stairs' noise is rounding-sized
+    class Slipped(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return g * 1.01
+
+    (slipped,) = bc.check(lambda x: fn(Slipped.apply(x)), (x,), dtypes=["float64"], points=0).results
+    assert (slipped.verdict, slipped.culprit) == ("mismatch", "autograd"), slipped.message

@@ -64,6 +64,17 @@ JUMP_RATIO = 16.0  # the differences through the point this many times those bes
 # a smooth function computed in float32 (x.float()) is a staircase too, of float32's rounding
 # (2⁻²⁴ of the value), finer than this: read at wide steps, as any smooth function.
 STAIR_MOVE = 2.0**-20
+# A loss that stands still there may still be smooth, computed at a coarser rounding than its
+# own ulp: a cross-entropy of 2e-9 read as lse − x_t at x_t = 20 rounds at the ulp of 20, whose
+# stairs a move of STAIR_MOVE·max(1, |θ|) does not cross where the gradient is 2e-9; so does a
+# float32 value inside a float64 forward. Where it stands still, the element moves on, STAIR_GROW
+# times further each time, STAIR_GROWS times, and the first change of the loss is the height of
+# its stairs: no more than STAIR_ROUNDING ulps of the coarsest value the forward computes (its
+# largest |v|·eps of v's dtype), it is rounding, whose σ it gives (`rounding_stairs`); more, a
+# staircase of its own (a quantizer: round(x, 3) moves by 1e-3, 2⁴⁰ ulps of 1).
+STAIR_GROW = 4.0
+STAIR_GROWS = 6
+STAIR_ROUNDING = 1024.0
 
 
 def _output_noise_of(values: torch.Tensor, f0: torch.Tensor, floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,18 +190,45 @@ _kept_signs = functools.lru_cache(maxsize=KEPT_SIZES)(_drawn_signs)
 
 
 class _Terms(TorchDispatchMode):
-    """Records the largest finite magnitude of every floating-point value an op makes."""
+    """Records the largest finite magnitude of every floating-point value an op makes, and the
+    largest ulp among them (|v|·eps of v's own dtype: a float32 value rounds 2²⁹ times coarser)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0.0
+        self.coarsest = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
         out = func(*args, **(kwargs or {}))
         for value in tree_leaves(out):
             if readable_values(value):
-                self.largest = max(self.largest, float(_finite_abs(value).max()))
+                largest = float(_finite_abs(value).max())
+                self.largest = max(self.largest, largest)
+                eps = torch.finfo(value.dtype if value.is_floating_point() else value.real.dtype).eps
+                self.coarsest = max(self.coarsest, largest * eps)
         return out
+
+
+def coarsest_ulp(call: Callable[[], object] | None, *inputs: torch.Tensor) -> float:
+    """The largest ulp among `inputs` (float64) and the floating-point values `call` computes
+    (`_Terms`): the coarsest rounding any value of the forward suffers."""
+    terms = _Terms()
+    if call is not None:
+        try:
+            with torch.no_grad(), terms:
+                call()
+        except CaseTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - what the trace cannot follow: the values seen before it
+            pass
+    return max([terms.coarsest, *(float(_finite_abs(t).max()) * EPS for t in inputs if t.numel())])
+
+
+def rounding_stairs(jumps: torch.Tensor, coarsest: float) -> torch.Tensor:
+    """Per element, whether the first change of a loss that stood still (`jumps`, its height;
+    inf where it never changed) is a stair of rounding: at most STAIR_ROUNDING of the coarsest
+    ulp the forward computes."""
+    return jumps <= STAIR_ROUNDING * coarsest
 
 
 def stochastic(

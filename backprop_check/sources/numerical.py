@@ -42,7 +42,8 @@ from backprop_check.sources.inplace import InPlace
 from backprop_check.sources.batches import MAX_BATCH, MAX_BATCH_ELEMENTS, Batched, Flat, Known, _Probes, _program, evaluate, evaluate_steps
 from backprop_check.sources.noise import (
     NOISE_ORDER, NOISE_POINTS, NOISE_ROWS, NOISE_ULPS, NOISE_WIDE_SCALE, STAIR_MOVE, _beyond, _float64_rounding, _measured_noise,
-    _noise_floor, _noise_of, _noise_rows, _output_noise_of, _stair_rows, still_beside, terms_scale,
+    STAIR_GROW, STAIR_GROWS, _noise_floor, _noise_of, _noise_rows, _output_noise_of, _stair_rows, coarsest_ulp,
+    rounding_stairs, still_beside, terms_scale,
 )
 from backprop_check.sources.stencil import (
     EPS, OFFSETS, RELATIVE_STEP, ROUNDING_FLOOR, ROUNDING_SIGMAS, SHRINK, STEP_FLOOR_ULPS, _array, _better, _estimates, _step_floor,
@@ -387,16 +388,49 @@ class FiniteDifferences:
         θ ± STAIR_MOVE·max(1, |θ|), θ ± half and a quarter of it, the element alone moved: a
         staircase of its own there (one stair crossed near its edge moves some of them, not
         all), not the rounding of a function computed in float32 (every one moves, across many
-        of its stairs). Element by element: with many elements moving at once, some cross."""
+        of its stairs). Element by element: with many elements moving at once, some cross.
+
+        Where it stands still, the stairs' height says which (`rounding_stairs`): the element
+        moves on, STAIR_GROW times further each time, until the loss changes. Stairs of rounding
+        (a smooth loss rounded at a coarser scale than its own ulp) are no staircase; their
+        height, as σ, is the loss's noise (a uniform rounding's: height/√12), which the noise
+        lines, too narrow to cross them, could not see."""
         h = torch.ones(whole.size, dtype=torch.float64)
         h[chosen] = STAIR_MOVE * scale[chosen].abs().clamp(min=1.0)
+        f0 = float(self.loss0)
         try:
             f = evaluate(self.batched, self.targets, whole, h, chosen)
         except CaseTimeout:
             raise
         except CaseError:  # fn refuses a point that far (a domain's edge): no staircase said
             return torch.zeros(chosen.numel(), dtype=torch.bool)
-        return (f[:, chosen] == float(self.loss0)).any(dim=0)
+        coarse = (f[:, chosen] == f0).any(dim=0)
+        if not math.isfinite(f0):
+            return coarse
+
+        def smallest(f: torch.Tensor) -> torch.Tensor:
+            moves = (f - f0).abs()
+            return torch.where((moves > 0) & torch.isfinite(moves), moves, math.inf).amin(dim=0)
+
+        jumps = smallest(f[:, chosen])  # a loss that moved crossed a stair at least
+        for _ in range(STAIR_GROWS):
+            waiting = torch.isinf(jumps)
+            if not bool(waiting.any()):
+                break
+            h[chosen] = h[chosen] * STAIR_GROW
+            try:
+                f = evaluate(self.batched, self.targets, whole, h, chosen[waiting])
+            except CaseTimeout:
+                raise
+            except CaseError:  # fn refuses a point that far: the stairs stay unmeasured there
+                break
+            jumps[waiting] = smallest(f[:, chosen[waiting]])
+        loss = self._loss
+        rounding = rounding_stairs(jumps, coarsest_ulp(None if loss is None else lambda: loss(self.targets), *self.scales.values()))
+        if bool(rounding.any()):
+            sigma, still = self.noise
+            self._noise = (max(sigma, float(jumps[rounding].min()) / math.sqrt(12)), still)
+        return coarse & ~rounding
 
     def _measured(self, found: tuple[float, bool, bool]) -> None:
         """Keep the probe of every input (`found`: σ, still, jumps) as the forward's noise."""
@@ -486,6 +520,10 @@ class FiniteDifferences:
             f0 = float(self.loss0)
             self._measured(_noise_of(probed, f0, _noise_floor(f0)) if probed is not None else self._probe(self.targets))
             sigma, still = self.noise
+        # Standing still on the noise lines: a staircase of its own, or a smooth loss rounded at a
+        # coarser scale than its ulp, whose stairs give its noise (`_coarse`) before any estimate.
+        coarse = self._coarse(whole, chosen, scale) if still else None
+        sigma, still = self.noise
         if alone:
             sigma = self._own_noise(whole, chosen, scale)
         for h, f in zip(hs, evaluated):
@@ -506,7 +544,7 @@ class FiniteDifferences:
         # confirm).
         sloped = best["value"].abs() > 16 * best["rounding"]
         best["flat"] = best["flat"] | (still & sloped)
-        stairs = self._coarse(whole, chosen, scale) & sloped if still and bool(sloped.any()) else None
+        stairs = coarse & sloped if coarse is not None and bool(sloped.any()) else None
         # Not finite a first step away (asin at 0.99, θ + h past the domain's edge): smaller
         # steps, as for any step wider than the function allows.
         best["flat"] = best["flat"] | ~torch.isfinite(best["value"])
