@@ -206,3 +206,43 @@ def test_full_mode_finds_one_wrong_element_by_replaying_the_forward(build, culpr
     assert result.checks[0].label == f"W[{rows}, {columns}]"
     correct = run([build(layer(*SIZES["10k"], seed=1), None, 1.0)], devices=["cpu"], dtypes=[dtype], points=2, full=True)
     assert [r.verdict for r in correct.results] == ["ok"], [r.message for r in correct.results]
+
+
+class _Doubled(torch.autograd.Function):
+    """Identity forward, a backward 2× the truth: every element of the gradient behind it wrong."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return 2 * g
+
+
+@pytest.mark.parametrize(
+    "fn, inputs, wrt",
+    [
+        pytest.param(
+            lambda ids, weight: _Doubled.apply(torch.nn.functional.embedding(ids, weight)),
+            (torch.tensor([[0, 11, 5, 6], [3, 7, 9, 2]]), torch.randn(12, 5, generator=torch.Generator().manual_seed(20), dtype=torch.float64)),
+            ["weight"],
+            id="embedding-with-unused-rows",
+        ),
+        pytest.param(
+            lambda x, w: _Doubled.apply(torch.relu(x @ w)),
+            (torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+             torch.randn(6, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - torch.tensor([10.0] * 3 + [0.0] * 7, dtype=torch.float64)),
+            ["w"],
+            id="relu-layer-with-dead-units",
+        ),
+    ],
+)
+def test_a_wrong_gradient_with_exact_zeros_beside_it_is_caught(fn, inputs, wrt):
+    """A sampled tensor whose directions disagree has every element estimated, then its loose
+    ones (the exact zeros: no bar is below a fraction of 0) again: the second store kept only the
+    zeros as estimated, and the ×2 elsewhere passed unseen."""
+    import backprop_check as bc
+
+    (result,) = bc.check(fn, inputs, dtypes=["float64"], points=0, wrt=wrt).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message

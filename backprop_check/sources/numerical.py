@@ -1022,6 +1022,9 @@ def _store(
     for name, estimate in estimates.items():
         shape = targets[name].shape
         index = None if mask is None else mask[name]
+        # Stored already with no mask of its own: every element is estimated (a whole tensor, or
+        # a sample that grew to all of it), and a re-estimate of some leaves it so.
+        whole = name in result.values and name not in result.checked
         for part, key in zip(PARTS, ("value", "error", "left", "right", "kink")):
             store: dict[str, torch.Tensor] = getattr(result, part)
             if index is None:
@@ -1036,6 +1039,8 @@ def _store(
             store[name] = flat.reshape(shape)
         if index is None:
             result.checked.pop(name, None)
+            continue
+        if whole:
             continue
         checked = result.checked.get(name)
         flat = torch.zeros(shape.numel(), dtype=torch.bool) if checked is None else checked.reshape(-1).clone()
