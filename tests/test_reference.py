@@ -184,7 +184,7 @@ def test_other_precisions_a_right_kernel_is_ok_and_one_element_off_is_caught(dty
 
 
 def test_the_tolerance_catches_a_quarter_off_where_the_reference_rounds_exactly() -> None:
-    """An element whose own error is zero is still held to the tensor's median own error and a
+    """An element whose own error is zero is still held to the 90th percentile of the tensor's own errors and a
     few ulps of itself: 1.25× is far outside, one ulp is inside."""
     reference = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     own = torch.tensor([0.0, 0.01, 0.01, 0.01], dtype=torch.float64)
@@ -332,3 +332,28 @@ def test_a_kernel_is_held_to_the_contract_items_that_read_no_values(kernel: Any,
     result = only(bc.check(kernel.apply, (x,), reference=lambda x: torch.softmax(x, -1), points=0))
     assert (result.verdict, result.culprit) == ("mismatch", "autograd")
     assert said in result.message, result.message
+
+
+def _causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    t = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -float("inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("dtype, seed", [(torch.bfloat16, 1), (torch.float16, 2)], ids=["bfloat16", "float16"])
+def test_torchs_fused_attention_is_ok_against_the_plain_math(dtype: torch.dtype, seed: int) -> None:
+    """torch's own flash kernel (F.scaled_dot_product_attention) against softmax(QKᵀ/√d)·V with
+    sharp logits: its errors are the reference's in size (half its largest) but not element for
+    element, and held to the median own error it was called wrong at 4 of 6 seeds."""
+    g = torch.Generator().manual_seed(101)
+    q, k, v = (torch.randn(1, 2, 128, 64, generator=g) for _ in range(3))
+    inputs = tuple(t.to(dtype) for t in (3 * q, k, v))
+
+    def sharp(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"q": 3 * torch.randn(1, 2, 128, 64, generator=gen)}
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    result = only(bc.check(kernel, inputs, reference=_causal_reference, sample=sharp, seed=seed))
+    assert result.verdict == "ok", result.message

@@ -19,14 +19,16 @@ kernel's dtype on the kernel's device, at the rounded point and at two points on
 dtype away; its own error there, |reference_dtype − reference_float64|, is what rounding honestly
 does to this computation. An element of the kernel may be off from the float64 reference by
 
-    MULTIPLE · max(own error at the element, the tensor's median own error)
+    MULTIPLE · max(own error at the element, the 90th percentile of the tensor's own errors)
       + FLOOR_ULPS · eps · |reference| + TENSOR_ULPS · eps · rms(reference)
 
 - per element, so that a slip of 1.25× in one bfloat16 element (some 60 of its ulps) is caught
   where a tensor-wide maximum would hide it under the largest element's rounding;
 - the largest own error of three samples (the rounded point and its two neighbours), and never
-  below the tensor's median, so that an element where the reference happened to round exactly
-  is not a false alarm;
+  below the 90th percentile of the tensor's (TYPICAL), so that an element where the reference
+  happened to round well is not a false alarm, nor one where a kernel that computes in another
+  order rounds worse than the reference there (its errors are the reference's in size, not
+  element for element);
 - the floor: a few ulps of the element itself (the kernel's final rounding to its dtype, which
   the reference may happen to avoid), and one ulp of the tensor's root-mean-square value (an
   element that cancels is rounded on the scale of its terms, where a kernel that keeps a partial
@@ -35,6 +37,7 @@ does to this computation. An element of the kernel may be off from the float64 r
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,6 +62,13 @@ FLOOR_ULPS = 4.0
 # difference of large terms (a dot product that cancels) is rounded on the scale of its terms,
 # which the reference, rounding once at the end, need not show at that element.
 TENSOR_ULPS = 1.0
+# An element's own error is taken no lower than this quantile of the tensor's: a kernel that
+# computes in another order errs like the reference, but not element for element (a fused
+# attention backward's D = rowsum(dO·O) rounds where the reference's softmax backward is exact,
+# 73× the reference's own error at that element, half its largest over the tensor). The median
+# cried wolf there; the 90th percentile keeps the slips of a battery of 53 found (the closest at
+# 1.35× the tolerance, where the median gave 3.4×).
+TYPICAL = 0.9
 # The reference's own error is sampled at the rounded point and one ulp either side of it.
 NUDGES = (0.0, 1.0, -1.0)
 COMPARED = "kernel against the float64 reference"
@@ -164,10 +174,18 @@ def judge(kernel: torch.Tensor, reference: torch.Tensor, own: torch.Tensor, dtyp
     """The tolerance of every element (see the module docstring)."""
     eps = torch.finfo(dtype).eps
     own = torch.nan_to_num(own, nan=0.0, posinf=0.0)  # the reference overflowed: no excuse from it
-    typical = float(own.median()) if own.numel() else 0.0
+    typical = _quantile(own, TYPICAL)
     rms = float(reference.square().mean().sqrt()) if reference.numel() else 0.0
     allowed = MULTIPLE * own.clamp(min=typical) + FLOOR_ULPS * eps * reference.abs() + TENSOR_ULPS * eps * rms
     return Judged(kernel, reference, own, allowed)
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """The q-quantile of `values` (kthvalue: no size limit, unlike torch.quantile)."""
+    flat = values.reshape(-1)
+    if not flat.numel():
+        return 0.0
+    return float(flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values)
 
 
 def compare(
