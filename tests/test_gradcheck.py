@@ -213,3 +213,36 @@ def test_check_takes_allow_skip_as_run_does() -> None:
     x = x64(3)
     assert bc.check(torch.tanh, (x,), devices=["cpu", "cuda"], points=0).exit_code == 5
     assert bc.check(torch.tanh, (x,), devices=["cpu", "cuda"], points=0, allow_skip=True).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        pytest.param(lambda: torch.nn.LayerNorm(3), (4, 3), id="layer-norm"),
+        pytest.param(lambda: torch.nn.BatchNorm1d(3), (6, 3), id="batch-norm"),
+        pytest.param(lambda: torch.nn.GroupNorm(2, 4), (2, 4, 3), id="group-norm"),
+        pytest.param(lambda: torch.nn.Conv2d(2, 3, 3), (1, 2, 5, 5), id="conv-with-bias"),
+        pytest.param(lambda: torch.nn.PReLU(), (4, 3), id="prelu"),
+    ],
+)
+def test_a_float32_module_closed_over_is_promoted_for_the_float64_reference(module: Any, shape: tuple[int, ...]) -> None:
+    """The kernels that name no dtype in their error (norms: "mixed dtype (CPU)…", conv: "Input
+    type (double) and bias type (float)…", prelu: "Type promoting not supported") were one
+    error line advising reference=; the module's float32 tensors are promoted as any others."""
+    torch.manual_seed(0)
+    m = module()
+    x = torch.randn(*shape, requires_grad=True)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = m(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    assert bc.gradcheck(fn, (x,))
+
+
+def test_a_module_that_checks_its_inputs_dtype_itself_is_told_to_run_in_float64() -> None:
+    """nn.GRU compares its input's dtype with its weights' in Python, where no promotion of what
+    its ops receive reaches: one line that says so, not the advice for a float32-only kernel."""
+    gru = torch.nn.GRU(3, 2, batch_first=True)
+    with pytest.raises(bc.CaseError, match=r"checks their dtypes itself: build it in float64 for the check \(module.double\(\)\)"):
+        bc.gradcheck(lambda x: gru(x)[0], (torch.randn(2, 4, 3, requires_grad=True),))

@@ -307,7 +307,7 @@ class FunctionCase(Case):
                 return self._invoke(values)
             line = line_in(self.file, exc)
             said = f"{self.label} raised {one_line(exc)}" + (f" (line {line})" if line else "")
-            raise CaseError(said + self._refuses_float64(args)) from exc
+            raise CaseError(said + self._refuses_float64(args, exc)) from exc
 
     def _apply(self, f: Callable[..., Any], args: list[Any], *first: Any) -> Any:
         """f(*first, *args), or with each input by its name where the inputs were a dict."""
@@ -332,12 +332,20 @@ class FunctionCase(Case):
             return False
         return True
 
-    def _refuses_float64(self, args: list[Any]) -> str:
-        """What to do when a function given in low precision fails in float64: a kernel."""
+    def _refuses_float64(self, args: list[Any], exc: BaseException | None = None) -> str:
+        """What to do when a function given in low precision fails in float64: a kernel, or a
+        module of another dtype that checks its input's dtype in Python (nn.RNN), which no
+        promotion of what its ops receive can reach."""
         wide = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
         low = bool(self.input_dtypes) and "float64" not in self.input_dtypes
         if not wide or not low or self.reference is not None or getattr(self, "is_reference", False):
             return ""
+        if exc is not None and "dtype" in str(exc) and "does not match" in str(exc):
+            return (
+                f"; it fails in float64, which the numerical referee needs: {self.label} mixes its inputs with "
+                f"{'/'.join(self.input_dtypes)} tensors it holds (a module's weights) and checks their dtypes itself: "
+                "build it in float64 for the check (module.double()), or give reference="
+            )
         return (
             f"; it fails in float64, which the numerical referee needs: a kernel that runs in "
             f"{'/'.join(self.input_dtypes)} only is checked against a reference, so give reference=, a plain "
@@ -564,9 +572,15 @@ def _float64(values: Mapping[str, Any]) -> bool:
 def _dtype_clash(exc: BaseException) -> bool:
     """Whether fn failed because float64 inputs met tensors of another floating dtype."""
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
+    if not isinstance(exc, RuntimeError):
+        return False
+    # torch's kernels that say no dtype by name: layer, batch, group and instance norm ("mixed
+    # dtype (CPU): all inputs must share same datatype"), prelu ("Type promoting not supported")
+    if any(words in text for words in ("mixed dtype", "same datatype", "Type promoting")):
+        return True
+    return any(
         words in text
-        for words in ("expected scalar type", "same dtype", "expected both", "Expected object of scalar type", "dtype",)
+        for words in ("expected scalar type", "same dtype", "expected both", "Expected object of scalar type", "dtype", " type (")
     ) and any(name in text for name in ("Double", "Float", "float64", "float32", "Half", "BFloat16", "double", "float"))
 
 
