@@ -357,3 +357,43 @@ def test_torchs_fused_attention_is_ok_against_the_plain_math(dtype: torch.dtype,
 
     result = only(bc.check(kernel, inputs, reference=_causal_reference, sample=sharp, seed=seed))
     assert result.verdict == "ok", result.message
+
+
+def test_a_reference_that_overflows_the_kernels_dtype_excuses_nothing() -> None:
+    """x·x past float16's 65504 makes the reference's own float16 error as large as the values:
+    as a yardstick it let a kernel that halves its gradient pass. Its overflowing runs excuse
+    nothing now: the kernel is held to its ulps, and the result says why."""
+
+    def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
+
+    def kernel(halve: bool) -> Any:
+        class RMSNorm(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                r = torch.rsqrt((x.float() * x.float()).mean(-1, keepdim=True) + 1e-6)  # float32 inside
+                ctx.save_for_backward(x, w, r)
+                return (x.float() * r * w.float()).to(x.dtype)
+
+            @staticmethod
+            def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                x, w, r = ctx.saved_tensors
+                xh, dxh = x.float() * r, g.float() * w.float()
+                dx, dw = r * (dxh - xh * (dxh * xh).mean(-1, keepdim=True)), (g.float() * xh).sum(0)
+                if halve:
+                    dx, dw = dx / 2, dw / 2
+                return dx.to(x.dtype), dw.to(w.dtype)
+
+        return RMSNorm.apply
+
+    gen = torch.Generator().manual_seed(0)
+    given = ((300 * torch.randn(4, 256, generator=gen)).half(), (1 + 0.3 * torch.randn(256, generator=gen)).half())
+
+    def large(g: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"x": 300 * torch.randn(4, 256, generator=g)}
+
+    right = only(bc.check(kernel(False), given, reference=rms, sample=large, points=1))
+    assert right.verdict == "ok", right.message
+    assert any("the reference overflows float16 here" in note for note in right.notes), right.notes
+    halved = only(bc.check(kernel(True), given, reference=rms, sample=large, points=1))
+    assert (halved.verdict, halved.culprit) == ("mismatch", "autograd"), halved.message

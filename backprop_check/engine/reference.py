@@ -42,6 +42,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
@@ -72,6 +74,10 @@ TYPICAL = 0.9
 # The reference's own error is sampled at the rounded point and one ulp either side of it.
 NUDGES = (0.0, 1.0, -1.0)
 COMPARED = "kernel against the float64 reference"
+OVERFLOWED = (
+    "the reference overflows {dtype} here (`{op}` makes an infinity of finite values): its own {dtype} error "
+    "measures no rounding, so the kernel is held to 4 ulps of each element and 1 ulp of its tensor's rms there"
+)
 # The custom-Function contract's items a kernel is held to in its own dtype: those that read no
 # values (a gradient of the wrong dtype or shape, a grad_output edited in place); the items that
 # compare values (linearity, repeatability, layouts, vmap) are float64's, without reference=.
@@ -235,18 +241,52 @@ def _note(check: Check, judged: Judged, own: float, dtype: torch.dtype, level: i
     return text
 
 
+class Overflows(TorchDispatchMode):
+    """The first op that makes an infinity or a NaN of finite operands (x·x past float16's 65504,
+    exp of 89 in bfloat16): where the reference overflows at the kernel's precision, its own
+    error there is as large as the values and measures no rounding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        if self.first is None and _non_finite(out) and not _non_finite((args, kwargs)):
+            self.first = str(getattr(func, "__name__", func)).split(".")[0]
+        return out
+
+
+def _non_finite(value: Any) -> bool:
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex()) and leaf.numel():
+            if leaf.layout == torch.strided and not leaf._is_zerotensor() and not bool(torch.isfinite(leaf).all()):
+                return True
+        elif isinstance(leaf, float) and not math.isfinite(leaf):
+            return True
+    return False
+
+
 def kernel_checks(kernel: Any, twin: Any, point: Point, device: str, dtype: torch.dtype, seed: int) -> tuple[list[Check], Gradients, Gradients]:
     """The kernel's outputs and gradients against the float64 reference at `point` rounded to
-    `dtype`, with the gradients of both (for the hints)."""
+    `dtype`, with the gradients of both (for the hints). Where the reference overflows at the
+    kernel's precision (`Overflows`), its own error there is no yardstick and counts as 0: the
+    kernel is held to its ulps alone, and a note says so (`OVERFLOWED`)."""
     at = point.rounded(dtype)
     got = evaluate(kernel, at, device, dtype, "the kernel")
     own_outputs: list[torch.Tensor] = []
     own_gradients: dict[str, torch.Tensor] = {}
     base: Values | None = None
+    overflowed: str | None = None
     for sign in NUDGES:
         here = nudged(at, dtype, sign, derive_seed(seed, "reference", kernel.name, point.label, sign))
         exact = evaluate(twin, here, "cpu", torch.float64, "the reference")
-        low = evaluate(twin, here, device, dtype, "the reference (run at the kernel's precision for its own error)")
+        watch = Overflows()
+        with watch:
+            low = evaluate(twin, here, device, dtype, "the reference (run at the kernel's precision for its own error)")
+        if watch.first is not None:
+            overflowed = overflowed or watch.first
+            low = exact  # no excuse from a run that overflowed
         base = base or exact
         errors = [(low_output - output).abs() for output, low_output in zip(exact.outputs, low.outputs)]
         own_outputs = [torch.maximum(a, b) for a, b in zip(own_outputs, errors)] if own_outputs else errors
@@ -268,7 +308,10 @@ def kernel_checks(kernel: Any, twin: Any, point: Point, device: str, dtype: torc
         checks.append(compare(name, CheckKind.PARAM, judged, dtype, culprit, name in point.complex, kernel.level))
     # The kernel's gradient in its own dtype: the hints judge a factor by the dtype's noise.
     mine = {name: g.to(dtype) for name, g in got.gradients.items()}
-    return checks, Gradients("autograd", mine), Gradients("numerical", base.gradients)
+    theirs = Gradients("numerical", base.gradients)
+    if overflowed is not None:
+        theirs.note = OVERFLOWED.format(dtype=name_of(dtype), op=overflowed)
+    return checks, Gradients("autograd", mine), theirs
 
 
 def _contract_checks(kernel: Any, point: Point, device: str, dtype: torch.dtype) -> list[Check]:
@@ -324,6 +367,8 @@ def check_combination(
             refereed = [replace(check) for check in referee[point.label]]
             wrong = {c.name for c in refereed if c.verdict in (MISMATCH, NONDIFFERENTIABLE) and c.kind == CheckKind.PARAM}
             checks, mine, theirs = kernel_checks(kernel, twin, point, device, dtype, plan.seed)
+            if theirs.note and theirs.note not in notes:
+                notes.append(theirs.note)
             if point.seed is None:
                 checks += _contract_checks(kernel, point, device, dtype)
             # Against a reference the referee finds wrong (or at a kink), the kernel cannot be judged.
