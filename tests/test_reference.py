@@ -397,3 +397,17 @@ def test_a_reference_that_overflows_the_kernels_dtype_excuses_nothing() -> None:
     assert any("the reference overflows float16 here" in note for note in right.notes), right.notes
     halved = only(bc.check(kernel(True), given, reference=rms, sample=large, points=1))
     assert (halved.verdict, halved.culprit) == ("mismatch", "autograd"), halved.message
+
+
+@pytest.mark.parametrize("factor, named", [(1.1, None), (2.0, "twice the true gradient")], ids=["1.1x-no-name", "2x-twice"])
+def test_a_factor_is_named_only_near_the_named_one_even_in_bfloat16(factor: float, named: str | None) -> None:
+    """bfloat16's hint rtol (5e-2) times 10 read a gradient 1.1× the truth as "twice"."""
+    kernel = _kernel(matmul, lambda g, x, w: (factor * (g @ w.T), x.T @ g))
+    g = torch.Generator().manual_seed(3)
+    given = (torch.randn(16, 32, generator=g).to(torch.bfloat16), torch.randn(32, 8, generator=g).to(torch.bfloat16))
+    result = only(bc.check(kernel, given, reference=matmul, points=0))
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    if named is None:
+        assert not any("twice" in hint for hint in result.hints), result.hints
+    else:
+        assert any(named in hint for hint in result.hints), result.hints

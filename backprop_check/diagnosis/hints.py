@@ -187,6 +187,8 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
     )
 
 
+# A factor fitted within this fraction of a named one (2, ½, 1/N, −1) is named.
+NAMED_WITHIN = 0.05
 # The hint for a gradient that is zero in every element (a more specific one may replace it).
 # A referee whose error bar is this many times below a disagreement is not its likely source.
 PRECISE_REFEREE = 1000.0
@@ -213,7 +215,11 @@ def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, c
     # margin (10·rtol: half of 1) must not read it as "twice" (one wrong element among right ones).
     if abs(factor - 1) <= 2 * rtol:
         return None
-    named = [reason for value, reason in _named_factors(shown, code) if abs(factor - value) <= 10 * rtol * abs(value)]
+    # The factor is a least-squares fit over the whole tensor, far more precise than one element:
+    # a named factor within 10·rtol of it, but never beyond NAMED_WITHIN (bfloat16's rtol would
+    # read 1.1× as "twice").
+    near = min(10 * rtol, NAMED_WITHIN)
+    named = [reason for value, reason in _named_factors(shown, code) if abs(factor - value) <= near * abs(value)]
     if named:
         return " or ".join(named)
     if int((reference != 0).sum()) < 2:  # one number is always some multiple of another
