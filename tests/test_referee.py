@@ -1111,3 +1111,30 @@ def test_a_smooth_loss_rounded_coarser_than_its_ulp_is_read_at_wide_steps_not_as
 
     (slipped,) = bc.check(lambda x: fn(Slipped.apply(x)), (x,), dtypes=["float64"], points=0).results
     assert (slipped.verdict, slipped.culprit) == ("mismatch", "autograd"), slipped.message
+
+
+def test_an_estimate_that_settles_nowhere_is_no_verdict_never_an_ok() -> None:
+    """pinv of a rank-deficient matrix is discontinuous there: the steps never agree, the bar
+    (1e14) covers any gradient, and "all agree" passed a backward 1000× the truth."""
+    import backprop_check as bc
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 4, generator=g, dtype=torch.float64)
+
+    class Pinv1000(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(a)
+            return torch.linalg.pinv(a)
+
+        @staticmethod
+        def backward(ctx: Any, go: torch.Tensor) -> torch.Tensor:
+            (a,) = ctx.saved_tensors
+            with torch.enable_grad():
+                a = a.detach().requires_grad_()
+                return 1000 * torch.autograd.grad(torch.linalg.pinv(a), a, go)[0]
+
+    for fn in (torch.linalg.pinv, Pinv1000.apply):
+        (result,) = bc.check(fn, (a,), dtypes=["float64"], points=0).results
+        assert result.verdict == "nondifferentiable", result.message
+        assert "no verdict at the given point: the finite differences do not settle" in result.message

@@ -164,6 +164,7 @@ def compare_tensor(
         pairs.update({f"{k} (float64 twins)": v for k, v in _pairs(exact, twin_referee, twin_ma).items()})
     kink = torch.zeros(size, dtype=torch.bool)
     kink[referee.estimated] = referee.kink
+    vacuous = _vacuous(referee, sides)
     a_ok, m_ok, ma_ok = a_ratio <= 1, m_ratio <= 1, ma_ratio <= 1
     bad = ~(a_ok & m_ok & ma_ok)
     disagree = bool(bad.any())
@@ -176,7 +177,7 @@ def compare_tensor(
         name=name,
         kind=kind,
         shape=sides.shape,
-        verdict=MISMATCH if disagree or along.bad else (NONDIFFERENTIABLE if bool(kink.any()) else OK),
+        verdict=MISMATCH if disagree or along.bad else (NONDIFFERENTIABLE if bool(kink.any() or vacuous.any()) else OK),
         size=size,
         bad=int(bad.sum()),
         kinks=int(kink.sum()),
@@ -195,7 +196,7 @@ def compare_tensor(
     ratio = torch.maximum(torch.maximum(a_ratio, m_ratio), ma_ratio)
     # The element shown: a disagreeing one first, else one on a kink (what a nondifferentiable
     # verdict is about), else the closest call.
-    rank = torch.where(bad, ratio + 1e300, torch.where(kink, ratio + 1e200, ratio))
+    rank = torch.where(bad, ratio + 1e300, torch.where(kink | vacuous, ratio + 1e200, ratio))
     worst = int(torch.argmax(rank))
     check.index = unravel(worst, sides.shape)
     check.autograd = None if sides.autograd is None else float(sides.autograd[worst])
@@ -214,7 +215,31 @@ def compare_tensor(
     _decisive(check, worst, odd, pairs)
     if at is not None and bool(kink[worst]):
         check.note = f"kink: left derivative {float(referee.left[at]):.6g}, right {float(referee.right[at]):.6g}"
+    elif at is not None and bool(vacuous[worst]) and not disagree:
+        check.note = (
+            f"unresolved: the finite differences do not settle at {check.label} (± {float(referee.error[at]):.3g}, "
+            f"over {VACUOUS_BARS:g}× its value and every gradient of `{name}`): the function jumps or turns sharply here (pinv "
+            "of a rank-deficient matrix is discontinuous), and no gradient can be confirmed at this point"
+        )
     return check
+
+
+# An estimate whose bar is this many times beyond both its own value and the tensor's largest
+# gradient settled nowhere (steps that never agreed: a discontinuity at the point): it confirms
+# any gradient, so it is no verdict, never an ok.
+VACUOUS_BARS = 1e3
+
+
+def _vacuous(referee: Referee, sides: Sides) -> torch.Tensor:
+    """Per element, whether its estimate's bar is vacuous (VACUOUS_BARS)."""
+    vacuous = torch.zeros(sides.size, dtype=torch.bool)
+    known = [t[torch.isfinite(t)] for t in (sides.autograd, sides.manual) if t is not None]
+    largest = max((float(t.abs().max()) for t in known if t.numel()), default=0.0)
+    if not referee.estimated.numel() or largest == 0.0:
+        return vacuous
+    beyond = referee.error > VACUOUS_BARS * torch.maximum(referee.value.abs(), torch.tensor(largest, dtype=torch.float64))
+    vacuous[referee.estimated] = beyond & ~referee.kink
+    return vacuous
 
 
 Pair = Callable[[int], "tuple[float, float, float] | None"]

@@ -184,6 +184,9 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         )
     if result.verdict == NONDIFFERENTIABLE:
         kinks = [c for c in shown.checks if c.kinks]
+        unresolved = [c for c in shown.checks if c.verdict == NONDIFFERENTIABLE and (c.note or "").startswith("unresolved: ")]
+        if unresolved and not kinks:
+            return f"no verdict at the {shown.point.describe()}: {unresolved[0].note.removeprefix('unresolved: ')}"
         names = ", ".join(f"{c.label} ({c.note})" for c in kinks[:3])
         far = "move the given point" if shown.point.seed is None else "constrain random points with sample= to lie"
         far += " farther than a step from the kink"
