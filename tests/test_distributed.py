@@ -161,6 +161,26 @@ def test_four_ranks_name_the_one_rank_whose_part_the_all_reduce_misses() -> None
     assert no_ranks_left()
 
 
+class _ThreeOnRank1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g * 3.0 if dist.get_rank() == 1 else g
+
+
+def test_a_rank_that_scales_its_own_shard_is_named_with_the_factor() -> None:
+    report = bc.check(
+        lambda x, w: torch.tanh(TP.CopyToRanks.apply(x) @ _ThreeOnRank1.apply(w)), (x64(3, 4, seed=7), x64(4, 6, seed=8)),
+        world_size=2, placements=(Replicate(), Shard(1)), out_placements=(Shard(1),), **QUICK,
+    )
+    (result,) = report.results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert "w on rank 1" in result.message and "rank 1's chunk of the gradient is 3× the true one" in result.message, result.message
+
+
 def test_four_ranks_check_the_sequence_parallel_block() -> None:
     inputs = (x64(8, 4, seed=4), 1 + 0.1 * x64(4, seed=5), 0.1 * x64(4, seed=6), x64(4, 8, seed=7), x64(8, 4, seed=8))
     report = bc.check(

@@ -516,9 +516,9 @@ class DistributedCase(FunctionCase):
         else:
             wrong = [r for r in owners if abs(float(locals_[r][name][index]) - true) > check.allowed]
             rank = (wrong or owners)[0]
-            listed = ", ".join(str(r) for r in wrong) if wrong else "the ranks together"
             kind = "sum over the ranks" if _is_partial(grad) else "copy on every rank"
-            whose = f"rank{'s' * (len(wrong) != 1)} {listed} ({describe_placement(grad)}: the gradient is the {kind})"
+            listed = f"rank{'s' * (len(wrong) != 1)} {', '.join(str(r) for r in wrong)}" if wrong else "the ranks together"
+            whose = f"{listed} ({describe_placement(grad)}: the gradient is the {kind})"
         slip = self._slip(name, point, device, dtype, locals_, tol, rank)
         if slip is None:
             parts = self._parts_slip(name, point, dtype, locals_, tol, rank)
@@ -614,6 +614,13 @@ class DistributedCase(FunctionCase):
                             f"rank {rank}'s chunk of the gradient is {said} the true one ({w} = the world size), "
                             "while the gradient as a whole is not: this rank reduces (or averages) what it should not"
                         )
+                truth_own = chunks[rank][own]
+                fitted = float((mine[own] * truth_own).sum() / (truth_own * truth_own).sum())
+                if abs(fitted - 1) > 1e-3 and close(mine[own], fitted * truth_own, abs(fitted) * bar_chunks[rank][own]):
+                    return (
+                        f"rank {rank}'s chunk of the gradient is {fitted:.4g}× the true one: a factor applied on this "
+                        "rank (a rank-dependent scale, or a branch on the rank)"
+                    )
             for other in range(w):
                 seen = ~torch.isnan(chunks[other])
                 if other == rank or holds_own or not bool(seen.any()):
