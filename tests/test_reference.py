@@ -217,7 +217,13 @@ def test_a_reference_whose_backward_is_wrong_is_the_culprit_reference() -> None:
 def test_a_kernel_whose_forward_differs_names_no_culprit_for_its_gradient() -> None:
     result = only(bc.check(_kernel(lambda x: 2 * x, lambda g, x: (2 * g,)), torch.randn(5).to(torch.bfloat16), reference=lambda x: x))
     assert result.verdict == "mismatch" and result.culprit is None
-    assert "output 0" in result.message
+    assert "output 0" in result.message and result.message.startswith("the kernel's forward is the odd one out")
+
+
+def test_a_kernel_whose_forward_is_infinite_says_inf_times_the_tolerance() -> None:
+    kernel = _kernel(lambda x: x * torch.inf, lambda g, x: (g,))
+    result = only(bc.check(kernel, torch.randn(5).to(torch.bfloat16), reference=lambda x: x, points=0))
+    assert result.verdict == "mismatch" and "inf× the tolerance" in result.message and "e+308" not in result.message
 
 
 # --- bad input: one line each -------------------------------------------------------------------

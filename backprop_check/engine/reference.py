@@ -49,7 +49,7 @@ from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model import forward
 from backprop_check.engine.orders import Derivative
-from backprop_check.engine.verdict import error_result, outcome_of, summarize
+from backprop_check.engine.verdict import KERNEL_COMPARED, error_result, outcome_of, summarize
 from backprop_check.model.points import Point, derive_seed, given_point
 from backprop_check.model.case import Case
 from backprop_check.records import MISMATCH, NONDIFFERENTIABLE, OK, Check, CheckKind, Culprit, Outcome, Result
@@ -73,7 +73,7 @@ TENSOR_ULPS = 1.0
 TYPICAL = 0.9
 # The reference's own error is sampled at the rounded point and one ulp either side of it.
 NUDGES = (0.0, 1.0, -1.0)
-COMPARED = "kernel against the float64 reference"
+COMPARED = KERNEL_COMPARED
 OVERFLOWED = (
     "the reference overflows {dtype} here (`{op}` makes an infinity of finite values): its own {dtype} error "
     "measures no rounding, so the kernel is held to 4 ulps of each element and 1 ulp of its tensor's rms there"
@@ -202,7 +202,7 @@ def compare(
     error, allowed = judged.error, judged.allowed
     bad = error > allowed
     ratios = torch.where(allowed > 0, error / allowed.clamp(min=torch.finfo(torch.float64).tiny), error * torch.inf)
-    ratios = torch.nan_to_num(ratios, nan=0.0)
+    ratios = torch.nan_to_num(ratios, nan=0.0, posinf=math.inf)
     flat = int(ratios.reshape(-1).argmax()) if ratios.numel() else 0
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratios.shape)) if ratios.numel() else ()
     at = (lambda t: float(t.reshape(-1)[flat])) if ratios.numel() else (lambda t: 0.0)

@@ -15,6 +15,8 @@ from backprop_check.model.points import Point
 from backprop_check.sources import Gradients
 from backprop_check.engine.tolerance import Tolerance
 
+# How engine/reference.py names a kernel's comparison with its reference.
+KERNEL_COMPARED = "kernel against the float64 reference"
 # How compare.py names a comparison of the float64 twins ("manual vs numerical (float64 twins)").
 TWINS = "(float64 twins)"
 
@@ -207,6 +209,8 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         who = f"{result.culprit} is the odd one out"
     elif all(c.kind == CheckKind.EXPECT for c in bad):  # manual, numerical and autograd agree with each other
         who = "the published value (expect=) is the odd one out: the three sources agree with each other"
+    elif any(c.kind == CheckKind.OUTPUT and c.compared == KERNEL_COMPARED for c in bad):
+        who = "the kernel's forward is the odd one out"
     else:
         who = "the sources disagree and no single one is the odd one out"
     # A kernel against its reference, or the reference against the referee, says itself in its
