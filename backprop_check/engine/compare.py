@@ -58,6 +58,7 @@ class Referee:
     right: torch.Tensor
     kink: torch.Tensor
     base: torch.Tensor  # error bars plus the dtype's tolerance, before rounding allowances
+    unresolved: torch.Tensor  # the bar there is not the forward's rounding (`Gradients.unresolved`)
     whole: bool = False  # every element estimated: `estimated` is arange(size)
 
     @classmethod
@@ -95,7 +96,9 @@ class Referee:
         # a minimum or at log(w) for w = 0.01 the latter passes the numerical source's kink
         # test). A "kink" whose one-sided derivatives agree within the tolerance is none.
         kink = kink & ((hi - lo) > base + rounding)
-        return cls(estimated, n, e, lo, hi, kink, base, whole)
+        unresolved = numerical.unresolved.get(name)
+        unresolved = torch.zeros_like(kink) if unresolved is None else pick(unresolved).bool()
+        return cls(estimated, n, e, lo, hi, kink, base, unresolved, whole)
 
     def ratio(self, source: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
         """|source − reference| / allowed at every element (0 where nothing was estimated); on
@@ -164,7 +167,7 @@ def compare_tensor(
         pairs.update({f"{k} (float64 twins)": v for k, v in _pairs(exact, twin_referee, twin_ma).items()})
     kink = torch.zeros(size, dtype=torch.bool)
     kink[referee.estimated] = referee.kink
-    vacuous = _vacuous(referee, sides)
+    vacuous = _vacuous(referee, sides, largest)
     a_ok, m_ok, ma_ok = a_ratio <= 1, m_ratio <= 1, ma_ratio <= 1
     bad = ~(a_ok & m_ok & ma_ok)
     disagree = bool(bad.any())
@@ -218,7 +221,7 @@ def compare_tensor(
     elif at is not None and bool(vacuous[worst]) and not disagree:
         check.note = (
             f"unresolved: the finite differences do not settle at {check.label} (± {float(referee.error[at]):.3g}, "
-            f"over {VACUOUS_BARS:g}× its value and every gradient of `{name}`): the function jumps or turns sharply here (pinv "
+            f"over {VACUOUS_BARS:g}× its value and every gradient at the point): the function jumps or turns sharply here (pinv "
             "of a rank-deficient matrix is discontinuous), and no gradient can be confirmed at this point"
         )
     return check
@@ -230,15 +233,17 @@ def compare_tensor(
 VACUOUS_BARS = 1e3
 
 
-def _vacuous(referee: Referee, sides: Sides) -> torch.Tensor:
-    """Per element, whether its estimate's bar is vacuous (VACUOUS_BARS)."""
+def _vacuous(referee: Referee, sides: Sides, point_largest: float = 0.0) -> torch.Tensor:
+    """Per element, whether its estimate's bar is vacuous (VACUOUS_BARS): beyond its value and
+    the largest gradient of the tensor and of the point (a bias that batch normalization cancels
+    has a gradient of 1e-18 in truth 0, and a bar of 1e-13 set by the loss's other terms)."""
     vacuous = torch.zeros(sides.size, dtype=torch.bool)
     known = [t[torch.isfinite(t)] for t in (sides.autograd, sides.manual) if t is not None]
-    largest = max((float(t.abs().max()) for t in known if t.numel()), default=0.0)
+    largest = max([point_largest, *(float(t.abs().max()) for t in known if t.numel())])
     if not referee.estimated.numel() or largest == 0.0:
         return vacuous
     beyond = referee.error > VACUOUS_BARS * torch.maximum(referee.value.abs(), torch.tensor(largest, dtype=torch.float64))
-    vacuous[referee.estimated] = beyond & ~referee.kink
+    vacuous[referee.estimated] = beyond & referee.unresolved & ~referee.kink
     return vacuous
 
 

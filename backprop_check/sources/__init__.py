@@ -51,6 +51,7 @@ class Gradients:
             left=dict(self.left),
             right=dict(self.right),
             kink=dict(self.kink),
+            unresolved=dict(self.unresolved),
             checked=dict(self.checked),
             directions=dict(self.directions),
         )
@@ -62,6 +63,10 @@ class Gradients:
     left: dict[str, torch.Tensor] = field(default_factory=dict)
     right: dict[str, torch.Tensor] = field(default_factory=dict)
     kink: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Where the bar is not the forward's rounding (`stencil.settle`: steps that never agreed, or a
+    # bar that is mostly truncation: the function is not smooth at the step's scale). Beyond the
+    # values, such a bar confirms nothing (engine/compare.py, `_vacuous`).
+    unresolved: dict[str, torch.Tensor] = field(default_factory=dict)
     # Sampled tensors: which elements were estimated, and directional derivatives.
     checked: dict[str, torch.Tensor] = field(default_factory=dict)
     directions: dict[str, list[Direction]] = field(default_factory=dict)

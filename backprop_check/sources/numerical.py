@@ -151,6 +151,9 @@ LOOSE_BARS, LOOSE_RELATIVE, LOOSE_OF_LARGEST = 4.0, 1e-7, 1e-9
 # precision's sake (it still does for every check it makes: kinks, staircases, a step set by
 # the size of θ). A sigmoid's bar of 1e-11 of its value took a second batched forward pass.
 PRECISE_ENOUGH = 2.0**-6
+# Rounding moves a loss by a few ulps of the largest value its forward computes; noise this many
+# ulps beyond it is no rounding (FiniteDifferences.rough).
+ROUGH_BEYOND = 2.0**20
 # At most this many of a tensor's loosest elements are re-estimated (three steps each), which
 # bounds what the refinement adds to a full check of a large tensor.
 MAX_TIGHTENED = 256
@@ -172,6 +175,9 @@ def _tighten(result: Gradients, differences: FiniteDifferences, names: Sequence[
             estimate = differences.estimate([name], {name: index}, steps=REFINE_STEPS)
             current = {key: store[name].reshape(-1)[index] for key, store in
                        zip(("value", "error", "left", "right", "kink"), (result.values, result.error, result.left, result.right, result.kink))}
+            unresolved = result.unresolved.get(name)
+            current["unresolved"] = torch.zeros_like(current["kink"]) if unresolved is None else unresolved.reshape(-1)[index]
+            estimate[name].setdefault("unresolved", torch.zeros_like(current["kink"]))
             whole = name not in result.checked
             _store(result, {name: _better(current, estimate[name])}, differences.targets, mask={name: index})
             if whole:  # still every element estimated, not a sample
@@ -349,6 +355,10 @@ class FiniteDifferences:
         self._noise: tuple[float, bool] | None = None
         self._stairs: bool | None = None
         self.cancelled: float | None = None  # the terms' scale, where the loss stood still at exactly 0
+        # The noise lines moved the loss by far more than rounding can (ROUGH_BEYOND ulps of the
+        # largest value its forward computes at the point): it jumps at their scale (pinv of a
+        # rank-deficient matrix), and a bar made of that noise resolves nothing.
+        self.rough = False
 
     @property
     def noise(self) -> tuple[float, bool]:
@@ -458,6 +468,9 @@ class FiniteDifferences:
             loss, targets = self._loss, self.targets
             moved = _float64_rounding(lambda: loss(targets).reshape(1))
             sigma = max(sigma, float(moved[0])) if moved is not None else sigma
+        f0 = abs(float(self.loss0))
+        if math.isfinite(sigma) and math.isfinite(f0) and sigma > ROUGH_BEYOND * EPS * f0:
+            self.rough = sigma > ROUGH_BEYOND * EPS * self.terms()
         self._noise = (sigma, still)
 
     def terms(self) -> float:
@@ -549,6 +562,8 @@ class FiniteDifferences:
         # steps, as for any step wider than the function allows.
         best["flat"] = best["flat"] | ~torch.isfinite(best["value"])
         best = self._settled(whole, scale, chosen, best, sigma, stairs, known, precise=self.precise or alone or len(steps) > 1)
+        if self.rough:
+            best["unresolved"] = torch.ones_like(best["kink"])
         if alone:
             best = self._widened(whole, scale, chosen, best, sigma)
             # Rounding that does not change as the element moves (x − mean at x ≈ 1e6, seen from
@@ -615,6 +630,7 @@ class FiniteDifferences:
         f = evaluate(self.batched, self.targets, whole, full, chosen[where])
         other = _estimates(f[:, chosen[where]], h, float(self.loss0), scale[chosen][where], sigma[where])
         other["step"] = h
+        other["unresolved"] = torch.zeros_like(other["kink"])  # taken only where it agrees
         was = {k: v[where] for k, v in best.items()}
         take = (
             ~other["kink"] & ~other["wide"] & (other["error"] < was["error"])
@@ -1008,7 +1024,7 @@ def _groups(names: list[str], targets: Mapping[str, torch.Tensor]) -> list[list[
     return groups
 
 
-PARTS = ("values", "error", "left", "right", "kink")
+PARTS = ("values", "error", "left", "right", "kink", "unresolved")
 
 
 def _store(
@@ -1025,17 +1041,20 @@ def _store(
         # Stored already with no mask of its own: every element is estimated (a whole tensor, or
         # a sample that grew to all of it), and a re-estimate of some leaves it so.
         whole = name in result.values and name not in result.checked
-        for part, key in zip(PARTS, ("value", "error", "left", "right", "kink")):
+        for part, key in zip(PARTS, ("value", "error", "left", "right", "kink", "unresolved")):
             store: dict[str, torch.Tensor] = getattr(result, part)
+            found = estimate.get(key)
+            if found is None:  # an estimate that says nothing of it: resolved
+                found = torch.zeros(estimate["value"].shape, dtype=torch.bool)
             if index is None:
-                store[name] = estimate[key].reshape(shape)
+                store[name] = found.reshape(shape)
                 continue
             have = store.get(name)
             if have is None:
-                kink = key == "kink"
+                kink = key in ("kink", "unresolved")
                 have = torch.full(shape, False if kink else math.nan, dtype=torch.bool if kink else torch.float64)
             flat = have.reshape(-1).clone()
-            flat[index] = estimate[key]
+            flat[index] = found
             store[name] = flat.reshape(shape)
         if index is None:
             result.checked.pop(name, None)

@@ -356,6 +356,7 @@ def settle(
     for key in best:  # a staircase's chain that agreed to the last step it could take
         out[key] = torch.from_numpy(np.where(holding, held[key], best[key]))
     out["error"] = torch.from_numpy(np.where(unsettled, np.maximum(out["error"].numpy(), gap), out["error"].numpy()))
+    out["unresolved"] = torch.from_numpy(unsettled) | (out["truncation"] > out["rounding"])
     return out
 
 
