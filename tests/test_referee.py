@@ -1138,3 +1138,4 @@ def test_an_estimate_that_settles_nowhere_is_no_verdict_never_an_ok() -> None:
         (result,) = bc.check(fn, (a,), dtypes=["float64"], points=0).results
         assert result.verdict == "nondifferentiable", result.message
         assert "no verdict at the given point: the finite differences do not settle" in result.message
+        assert bc.gradcheck(fn, (a,), raise_exception=False) is False  # as torch's: nothing confirmed

@@ -15,6 +15,8 @@ from backprop_check.model.points import Point
 from backprop_check.sources import Gradients
 from backprop_check.engine.tolerance import Tolerance
 
+# How a result with no verdict because the finite differences settle nowhere begins.
+UNRESOLVED = "no verdict at the"
 # How engine/reference.py names a kernel's comparison with its reference.
 KERNEL_COMPARED = "kernel against the float64 reference"
 # How compare.py names a comparison of the float64 twins ("manual vs numerical (float64 twins)").
@@ -188,7 +190,7 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
         kinks = [c for c in shown.checks if c.kinks]
         unresolved = [c for c in shown.checks if c.verdict == NONDIFFERENTIABLE and (c.note or "").startswith("unresolved: ")]
         if unresolved and not kinks:
-            return f"no verdict at the {shown.point.describe()}: {unresolved[0].note.removeprefix('unresolved: ')}"
+            return f"{UNRESOLVED} {shown.point.describe()}: {unresolved[0].note.removeprefix('unresolved: ')}"
         names = ", ".join(f"{c.label} ({c.note})" for c in kinks[:3])
         far = "move the given point" if shown.point.seed is None else "constrain random points with sample= to lie"
         far += " farther than a step from the kink"
