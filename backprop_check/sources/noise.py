@@ -209,9 +209,8 @@ class _Terms(TorchDispatchMode):
         return out
 
 
-def coarsest_ulp(call: Callable[[], object] | None, *inputs: torch.Tensor) -> float:
-    """The largest ulp among `inputs` (float64) and the floating-point values `call` computes
-    (`_Terms`): the coarsest rounding any value of the forward suffers."""
+def _traced(call: Callable[[], object] | None) -> _Terms:
+    """`_Terms` of one plain forward pass of `call`, as far as it gets (None: no pass)."""
     terms = _Terms()
     if call is not None:
         try:
@@ -221,7 +220,13 @@ def coarsest_ulp(call: Callable[[], object] | None, *inputs: torch.Tensor) -> fl
             raise
         except Exception:  # noqa: BLE001 - what the trace cannot follow: the values seen before it
             pass
-    return max([terms.coarsest, *(float(_finite_abs(t).max()) * EPS for t in inputs if t.numel())])
+    return terms
+
+
+def coarsest_ulp(call: Callable[[], object] | None, *inputs: torch.Tensor) -> float:
+    """The largest ulp among `inputs` (float64) and the floating-point values `call` computes
+    (`_Terms`): the coarsest rounding any value of the forward suffers."""
+    return max([_traced(call).coarsest, *(float(_finite_abs(t).max()) * EPS for t in inputs if t.numel())])
 
 
 def rounding_stairs(jumps: torch.Tensor, coarsest: float) -> torch.Tensor:
@@ -334,16 +339,7 @@ def terms_scale(call: Callable[[], object] | None, *inputs: torch.Tensor) -> flo
     (one plain forward pass under a dispatch mode, as far as it gets; None: the inputs alone).
     Asked only where a value stands still at exactly 0, whose rounding is that of the terms it
     cancels."""
-    terms = _Terms()
-    if call is not None:
-        try:
-            with torch.no_grad(), terms:
-                call()
-        except CaseTimeout:
-            raise
-        except Exception:  # noqa: BLE001 - what the trace cannot follow: the values seen before it
-            pass
-    return max([terms.largest, *(float(_finite_abs(t).max()) for t in inputs if t.numel())])
+    return max([_traced(call).largest, *(float(_finite_abs(t).max()) for t in inputs if t.numel())])
 
 
 def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:
