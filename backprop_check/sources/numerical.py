@@ -151,6 +151,10 @@ LOOSE_BARS, LOOSE_RELATIVE, LOOSE_OF_LARGEST = 4.0, 1e-7, 1e-9
 # precision's sake (it still does for every check it makes: kinks, staircases, a step set by
 # the size of θ). A sigmoid's bar of 1e-11 of its value took a second batched forward pass.
 PRECISE_ENOUGH = 2.0**-6
+# Stairs are seen where the odd parts of the changes at h, h/2, h/4 (a smooth loss's halve, to
+# f‴h³ and float64's rounding: ~1e-9 of the smallest change at STAIR_MOVE) are off by this much of
+# the smallest change (a quantized loss's by a fraction of a stair, the stairs one or a few).
+STAIR_SEEN = 2.0**-10
 # Rounding moves a loss by a few ulps of the largest value its forward computes; noise this many
 # ulps beyond it is no rounding (FiniteDifferences.rough).
 ROUGH_BEYOND = 2.0**20
@@ -359,6 +363,7 @@ class FiniteDifferences:
         # largest value its forward computes at the point): it jumps at their scale (pinv of a
         # rank-deficient matrix), and a bar made of that noise resolves nothing.
         self.rough = False
+        self._coarsest: float | None = None  # the largest ulp the forward computes (`coarsest_ulp`), once
 
     @property
     def noise(self) -> tuple[float, bool]:
@@ -418,11 +423,17 @@ class FiniteDifferences:
         if not math.isfinite(f0):
             return coarse
 
-        def smallest(f: torch.Tensor) -> torch.Tensor:
+        def stairs_of(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """The smallest change of the loss at the six offsets (inf: none), and whether the
+            changes show stairs: a smooth loss's odd part is proportional to the offset (the
+            differences at h, h/2 and h/4 halve), a quantized one's is off by a stair."""
             moves = (f - f0).abs()
-            return torch.where((moves > 0) & torch.isfinite(moves), moves, math.inf).amin(dim=0)
+            jump = torch.where((moves > 0) & torch.isfinite(moves), moves, math.inf).amin(dim=0)
+            d1, d2, d4 = f[0] - f[5], f[1] - f[4], f[2] - f[3]
+            off = torch.maximum((d1 - 2 * d2).abs(), (d2 - 2 * d4).abs())
+            return jump, torch.isfinite(jump) & (off >= jump * STAIR_SEEN)
 
-        jumps = smallest(f[:, chosen])  # a loss that moved crossed a stair at least
+        jumps, seen = stairs_of(f[:, chosen])  # a loss that moved crossed a stair at least
         for _ in range(STAIR_GROWS):
             waiting = torch.isinf(jumps)
             if not bool(waiting.any()):
@@ -434,9 +445,13 @@ class FiniteDifferences:
                 raise
             except CaseError:  # fn refuses a point that far: the stairs stay unmeasured there
                 break
-            jumps[waiting] = smallest(f[:, chosen[waiting]])
+            jumps[waiting], seen[waiting] = stairs_of(f[:, chosen[waiting]])
         loss = self._loss
-        rounding = rounding_stairs(jumps, coarsest_ulp(None if loss is None else lambda: loss(self.targets), *self.scales.values()))
+        if not bool(seen.any()):
+            return coarse
+        if self._coarsest is None:
+            self._coarsest = coarsest_ulp(None if loss is None else lambda: loss(self.targets), *self.scales.values())
+        rounding = seen & rounding_stairs(jumps, self._coarsest)
         if bool(rounding.any()):
             sigma, still = self.noise
             self._noise = (max(sigma, float(jumps[rounding].min()) / math.sqrt(12)), still)
