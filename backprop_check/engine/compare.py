@@ -227,9 +227,9 @@ def compare_tensor(
     return check
 
 
-# An estimate whose bar is this many times beyond both its own value and the tensor's largest
-# gradient settled nowhere (steps that never agreed: a discontinuity at the point): it confirms
-# any gradient, so it is no verdict, never an ok.
+# An estimate whose bar is not the forward's rounding (`Gradients.unresolved`) and this many times
+# beyond both its own value and the point's largest gradient settled nowhere (a discontinuity at
+# the point): it confirms any gradient, so it is no verdict, never an ok.
 VACUOUS_BARS = 1e3
 
 
@@ -238,7 +238,7 @@ def _vacuous(referee: Referee, sides: Sides, point_largest: float = 0.0) -> torc
     the largest gradient of the tensor and of the point (a bias that batch normalization cancels
     has a gradient of 1e-18 in truth 0, and a bar of 1e-13 set by the loss's other terms)."""
     vacuous = torch.zeros(sides.size, dtype=torch.bool)
-    known = [t[torch.isfinite(t)] for t in (sides.autograd, sides.manual) if t is not None]
+    known = [t[torch.isfinite(t)] for t in (sides.autograd, sides.manual, referee.value) if t is not None]
     largest = max([point_largest, *(float(t.abs().max()) for t in known if t.numel())])
     if not referee.estimated.numel() or largest == 0.0:
         return vacuous
