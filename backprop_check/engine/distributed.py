@@ -52,8 +52,10 @@ SLIP_ELEMENTS = 64
 # Along how many random directions each rank's part of a replicated input's gradient is
 # estimated (`_parts_slip`): one to fit a rank's factor, two more to confirm it.
 PART_DIRECTIONS = 3
-# The ranks' parts are told apart for up to this many ranks (every subset of them is a hypothesis).
+# The ranks' parts are told apart for up to this many ranks (every subset of them is a hypothesis),
+# where the rows that move one replica at a time hold at most PART_ELEMENTS values in all.
 PART_RANKS = 8
+PART_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -657,6 +659,8 @@ class DistributedCase(FunctionCase):
         scaled by a fitted factor (0: a rank that feeds zeros, or nothing, to an all-reduce; 2: one
         that adds its part twice), or with several ranks' parts left out. A hypothesis is named
         only where it is the one that fits within the error bars."""
+        from backprop_check.sources.stencil import OFFSETS, _estimates, steps_for
+
         Shard, Replicate, Partial = _placement_classes()
         w = self.world_size
         k = self.names.index(name)
@@ -668,8 +672,8 @@ class DistributedCase(FunctionCase):
         x = args[k]
         if not isinstance(x, torch.Tensor) or not x.numel() or not x.is_floating_point() or not self.cotangents:
             return None
-        from backprop_check.sources.stencil import OFFSETS, _estimates, steps_for
-
+        if w * w * PART_DIRECTIONS * len(OFFSETS) * x.numel() > PART_ELEMENTS:  # every rank's rows, for each rank
+            return None
         gen = torch.Generator().manual_seed(0)
         directions = torch.randint(0, 2, (PART_DIRECTIONS, *x.shape), generator=gen).to(x) * 2 - 1  # |dᵢ| = 1
         largest = float(x.abs().max())
