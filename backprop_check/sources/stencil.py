@@ -144,8 +144,13 @@ def _estimates(
         sigma = np.maximum(sigma, ROUNDING_FLOOR * np.maximum(np.abs(values).max(axis=0), np.abs(f0_)))
         if theta is not None:
             # The forward rounds θ's contribution at every use (sin(2πt/86400) at t ≈ 1.7e9, x − mean
-            # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f, this element's own share of the measured σ.
-            own = EPS * np.abs(_array(theta)) * np.abs(value)
+            # at x ≈ 1e5): noise of ~eps·|θ·∂f/∂θ| in f, this element's own share of the measured σ,
+            # with ∂f/∂θ as large as it is anywhere on the stencil: at a minimum the slope is 0 at
+            # the point and not a step away (x.var() at ones: the mean's rounding moves each
+            # x − mean by an ulp of 1 where x − mean is h/5, 4e-17 in the estimate, against a bar
+            # of 5e-18 from the slope at the point alone).
+            slope = np.maximum(np.abs(value), np.maximum(np.abs(values[0] - f0_), np.abs(values[5] - f0_)) / h_)
+            own = EPS * np.abs(_array(theta)) * slope
             sigma = sigma + np.where(np.isnan(own), 0.0, own)
 
         def noise_of(key: str, power: int = 1) -> np.ndarray:
