@@ -8,8 +8,9 @@ a parameter) and gives `explain` its local gradients.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -130,20 +131,26 @@ def padding_rows(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[st
     padding_idx) that read it directly: their gradient is zero by torch's convention."""
     names = {id(tensor): name for name, tensor in params.items()}
     found: dict[str, list[int]] = {}
-    stack, seen = [loss.grad_fn] if loss.grad_fn is not None else [], set()
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
+    for fn in _backward_nodes(loss, {}):
         row = getattr(fn, "_saved_padding_idx", None)
         if isinstance(row, int) and fn.next_functions:  # without one, torch saves -1 (as 2⁶⁴ − 1)
             weight = getattr(fn.next_functions[0][0], "variable", None)  # AccumulateGrad of a leaf
             name = names.get(id(weight))
             if name is not None and 0 <= row < weight.shape[0] and row not in found.setdefault(name, []):
                 found[name].append(row)
-        stack.extend(f for f, _ in fn.next_functions if f is not None)
     return found
+
+
+def _backward_nodes(tensor: torch.Tensor, named_fns: dict[object, str]) -> Iterator[Any]:
+    """Autograd's nodes on the way from `tensor` back, each once, not past the named ones."""
+    stack, seen = [tensor.grad_fn] if tensor.grad_fn is not None else [], set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        yield fn
+        stack.extend(f for f, _ in fn.next_functions if f is not None and f not in named_fns)
 
 
 def _custom_functions(tensor: torch.Tensor, named_fns: dict[object, str]) -> list[type]:
@@ -151,16 +158,10 @@ def _custom_functions(tensor: torch.Tensor, named_fns: dict[object, str]) -> lis
     things it is computed from (autograd's node for one is `<Class>Backward`, with `_forward_cls`);
     the harness's own (a distributed check's `_OnRanks`) are not the user's to fix."""
     found: list[type] = []
-    stack, seen = [tensor.grad_fn] if tensor.grad_fn is not None else [], set()
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
+    for fn in _backward_nodes(tensor, named_fns):
         cls = getattr(type(fn), "_forward_cls", None)
         if cls is not None and cls not in found and not cls.__module__.startswith("backprop_check."):
             found.append(cls)
-        stack.extend(f for f, _ in fn.next_functions if f is not None and f not in named_fns)
     return found
 
 
