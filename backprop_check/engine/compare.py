@@ -238,9 +238,11 @@ def _vacuous(referee: Referee, sides: Sides, point_largest: float = 0.0) -> torc
     the largest gradient of the tensor and of the point (a bias that batch normalization cancels
     has a gradient of 1e-18 in truth 0, and a bar of 1e-13 set by the loss's other terms)."""
     vacuous = torch.zeros(sides.size, dtype=torch.bool)
+    if not bool(referee.unresolved.any()):  # every bar is the forward's rounding: the usual case
+        return vacuous
     known = [t[torch.isfinite(t)] for t in (sides.autograd, sides.manual, referee.value) if t is not None]
     largest = max([point_largest, *(float(t.abs().max()) for t in known if t.numel())])
-    if not referee.estimated.numel() or largest == 0.0:
+    if largest == 0.0:
         return vacuous
     beyond = referee.error > VACUOUS_BARS * torch.maximum(referee.value.abs(), torch.tensor(largest, dtype=torch.float64))
     vacuous[referee.estimated] = beyond & referee.unresolved & ~referee.kink

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import traceback
 
+import torch
+
 from backprop_check import dtypes
 from backprop_check.engine.conjugate import conjugate_hint
 from backprop_check.engine.orders import hints_for as derivative_hints
@@ -94,8 +96,6 @@ def _conjugate_hints(case: Case, shown: Outcome, device: str, dtype: str) -> lis
     only a hint, so a check that cannot run again says nothing."""
     if not shown.point.complex or not any(c.complex for c in shown.checks):
         return []
-    import torch
-
     try:
         found = conjugate_hint(case, shown, device, getattr(torch, dtype), dtypes.row(dtype).hint_rtol)
     except CaseTimeout:

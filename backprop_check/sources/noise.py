@@ -223,10 +223,13 @@ def _traced(call: Callable[[], object] | None) -> _Terms:
     return terms
 
 
-def coarsest_ulp(call: Callable[[], object] | None, *inputs: torch.Tensor) -> float:
-    """The largest ulp among `inputs` (float64) and the floating-point values `call` computes
-    (`_Terms`): the coarsest rounding any value of the forward suffers."""
-    return max([_traced(call).coarsest, *(float(_finite_abs(t).max()) * EPS for t in inputs if t.numel())])
+def term_scales(call: Callable[[], object] | None, *inputs: torch.Tensor) -> tuple[float, float]:
+    """From one traced forward pass (`_traced`): the largest finite magnitude among `inputs` and
+    the values `call` computes (`terms_scale`), and the largest ulp among them (|v|·eps of v's
+    dtype, `inputs` as float64): the coarsest rounding any value of the forward suffers."""
+    terms = _traced(call)
+    given = [float(_finite_abs(t).max()) for t in inputs if t.numel()]
+    return max([terms.largest, *given]), max([terms.coarsest, *(value * EPS for value in given)])
 
 
 def rounding_stairs(jumps: torch.Tensor, coarsest: float) -> torch.Tensor:
@@ -339,7 +342,7 @@ def terms_scale(call: Callable[[], object] | None, *inputs: torch.Tensor) -> flo
     (one plain forward pass under a dispatch mode, as far as it gets; None: the inputs alone).
     Asked only where a value stands still at exactly 0, whose rounding is that of the terms it
     cancels."""
-    return max([_traced(call).largest, *(float(_finite_abs(t).max()) for t in inputs if t.numel())])
+    return term_scales(call, *inputs)[0]
 
 
 def _noise_of(values: torch.Tensor, f0: float, floor: float) -> tuple[float, bool, bool]:

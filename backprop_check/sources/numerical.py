@@ -42,8 +42,8 @@ from backprop_check.sources.inplace import InPlace
 from backprop_check.sources.batches import MAX_BATCH, MAX_BATCH_ELEMENTS, Batched, Flat, Known, _Probes, _program, evaluate, evaluate_steps
 from backprop_check.sources.noise import (
     NOISE_ORDER, NOISE_POINTS, NOISE_ROWS, NOISE_ULPS, NOISE_WIDE_SCALE, STAIR_MOVE, _beyond, _float64_rounding, _measured_noise,
-    STAIR_GROW, STAIR_GROWS, _noise_floor, _noise_of, _noise_rows, _output_noise_of, _stair_rows, coarsest_ulp,
-    rounding_stairs, still_beside, terms_scale,
+    STAIR_GROW, STAIR_GROWS, _noise_floor, _noise_of, _noise_rows, _output_noise_of, _stair_rows, rounding_stairs,
+    still_beside, term_scales, terms_scale,
 )
 from backprop_check.sources.stencil import (
     EPS, OFFSETS, RELATIVE_STEP, ROUNDING_FLOOR, ROUNDING_SIGMAS, SHRINK, STEP_FLOOR_ULPS, _array, _better, _estimates, _step_floor,
@@ -363,7 +363,7 @@ class FiniteDifferences:
         # largest value its forward computes at the point): it jumps at their scale (pinv of a
         # rank-deficient matrix), and a bar made of that noise resolves nothing.
         self.rough = False
-        self._coarsest: float | None = None  # the largest ulp the forward computes (`coarsest_ulp`), once
+        self._scales: tuple[float, float] | None = None  # `term_scales` of the forward at the point, once
 
     @property
     def noise(self) -> tuple[float, bool]:
@@ -446,12 +446,9 @@ class FiniteDifferences:
             except CaseError:  # fn refuses a point that far: the stairs stay unmeasured there
                 break
             jumps[waiting], seen[waiting] = stairs_of(f[:, chosen[waiting]])
-        loss = self._loss
         if not bool(seen.any()):
             return coarse
-        if self._coarsest is None:
-            self._coarsest = coarsest_ulp(None if loss is None else lambda: loss(self.targets), *self.scales.values())
-        rounding = seen & rounding_stairs(jumps, self._coarsest)
+        rounding = seen & rounding_stairs(jumps, self._term_scales()[1])
         if bool(rounding.any()):
             sigma, still = self.noise
             self._noise = (max(sigma, float(jumps[rounding].min()) / math.sqrt(12)), still)
@@ -491,8 +488,14 @@ class FiniteDifferences:
     def terms(self) -> float:
         """The largest magnitude among the inputs and the values the forward computes from them
         (`terms_scale`): the scale its rounding lives at where the loss itself is 0."""
-        loss = self._loss  # numpy: nothing to trace, the inputs alone
-        return terms_scale(None if loss is None else lambda: loss(self.targets), *self.scales.values())
+        return self._term_scales()[0]
+
+    def _term_scales(self) -> tuple[float, float]:
+        """`term_scales` at the point: the largest value and the largest ulp, traced once."""
+        if self._scales is None:
+            loss = self._loss  # numpy: nothing to trace, the inputs alone
+            self._scales = term_scales(None if loss is None else lambda: loss(self.targets), *self.scales.values())
+        return self._scales
 
     def _probe(self, moved: Mapping[str, torch.Tensor]) -> tuple[float, bool, bool]:
         return _measured_noise(self._plain, moved, self.targets, Flat(dict(moved)).join(self.scales), float(self.loss0))
