@@ -364,3 +364,37 @@ def test_a_rank_that_raises_while_the_others_wait_in_a_collective_ends_the_check
     assert result.verdict == "error" and "rank 1: _raises_before_a_collective_on_rank_1 raised RuntimeError" in result.message
     assert time.monotonic() - started < 30  # not the 120 s a collective would wait
     assert no_ranks_left()
+
+
+def test_the_slip_is_told_once_per_run_from_the_referees_own_estimates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row of a numerical estimate runs the function on the ranks, a collective's latency
+    each: the slip is told at the point whose message is shown (the first that fails), from the
+    elements the referee estimated there, not estimated afresh at every point and dtype."""
+    from backprop_check.engine.distributed import DistributedCase
+    from backprop_check.sources.numerical import FiniteDifferences
+
+    told, fresh, inside = [], [], []
+    slip, estimate = DistributedCase._slip, FiniteDifferences.estimate
+
+    def counted_slip(self: Any, name: str, point: Any, *args: Any, **kwargs: Any) -> Any:
+        told.append((name, point.label))
+        inside.append(True)
+        try:
+            return slip(self, name, point, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def counted_estimate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if inside:
+            fresh.append(args)
+        return estimate(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistributedCase, "_slip", counted_slip)
+    monkeypatch.setattr(FiniteDifferences, "estimate", counted_estimate)
+    report = bc.run(str(EXAMPLE), devices=["cpu"], dtypes=["float64"], points=2, select="slip_doubled_all_reduce")
+    (result,) = report.results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert "2× the true one" in result.message and "3 of 3 points disagree" in result.message, result.message
+    assert len({label for _, label in told}) == 1, told  # one point, each wrong input once
+    assert not fresh, fresh  # every element of these small tensors was estimated by the referee
+    assert no_ranks_left()

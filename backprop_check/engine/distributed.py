@@ -28,7 +28,7 @@ import atexit
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,13 +42,20 @@ from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
 from backprop_check.engine import outputs
 from backprop_check.engine import ranks as processes
 
+if TYPE_CHECKING:
+    from backprop_check.sources import Gradients
+
 # Every distributed check by key (file:line:name): under a launcher, the other ranks find the
 # check rank 0 asks for here, having loaded the same case files.
 REGISTRY: weakref.WeakValueDictionary[str, DistributedCase] = weakref.WeakValueDictionary()
 # How many backward passes per check keep their ranks' local gradients for the diagnosis.
 KEPT = 8
-# How many elements of a wrong input the diagnosis estimates anew to tell the slip.
+# How many elements of a wrong input the diagnosis estimates anew to tell the slip, unless the
+# referee has estimated SLIP_KNOWN of them (of a small tensor, half) at the point already, each
+# settled with its bar (its sample of a large tensor, the elements a verdict hangs on): those
+# tell it, at no cost to the ranks.
 SLIP_ELEMENTS = 64
+SLIP_KNOWN = 16
 # Along how many random directions each rank's part of a replicated input's gradient is
 # estimated (`_parts_slip`): one to fit a rank's factor, two more to confirm it.
 PART_DIRECTIONS = 3
@@ -367,17 +374,21 @@ class DistributedCase(FunctionCase):
     # --- the diagnosis ----------------------------------------------------------------------
 
     def rank_checks(
-        self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance
+        self, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance,
+        numerical: Gradients | None = None, diagnose: bool = True,
     ) -> list[Check]:
         """Per rank: every replica of a `Replicate()` gradient against rank 0's, and for each
-        wrong input the rank, the element (global and local) and the likely slip."""
+        wrong input the rank, the element (global and local) and, where `diagnose`, the likely
+        slip, told from the referee's own estimates at this point (`numerical`) where it has
+        enough of them. Without `diagnose` (an earlier point's failure is the one shown) no
+        estimate is made: each of its rows costs the ranks a collective's latency."""
         locals_ = self._locals_at(point, device, dtype)
         found: list[Check] = []
         if locals_ is not None:
             for check in checks:
                 if check.kind == CheckKind.PARAM and check.verdict == MISMATCH and check.index is not None:
                     if check.name in self.wrt:
-                        found.append(self._rank_check(check, point, device, dtype, locals_, tol))
+                        found.append(self._rank_check(check, point, device, dtype, locals_, tol, numerical, diagnose))
             # The most specific slip first: a rank-order slip also looks right under .sum() (v's
             # chunks are all ones), so it speaks for the input that shows it.
             found.sort(key=lambda c: "rank-order" not in (c.note or ""))
@@ -504,7 +515,8 @@ class DistributedCase(FunctionCase):
         return found
 
     def _rank_check(
-        self, check: Check, point: Point, device: str, dtype: torch.dtype, locals_: list[dict[str, torch.Tensor]], tol: Tolerance
+        self, check: Check, point: Point, device: str, dtype: torch.dtype, locals_: list[dict[str, torch.Tensor]],
+        tol: Tolerance, numerical: Gradients | None = None, diagnose: bool = True,
     ) -> Check:
         name = check.name
         k = self.names.index(name)
@@ -521,8 +533,8 @@ class DistributedCase(FunctionCase):
             kind = "sum over the ranks" if _is_partial(grad) else "copy on every rank"
             listed = f"rank{'s' * (len(wrong) != 1)} {', '.join(str(r) for r in wrong)}" if wrong else "the ranks together"
             whose = f"{listed} ({describe_placement(grad)}: the gradient is the {kind})"
-        slip = self._slip(name, point, device, dtype, locals_, tol, rank)
-        if slip is None:
+        slip = self._slip(name, point, device, dtype, locals_, tol, rank, numerical) if diagnose else None
+        if slip is None and diagnose:
             parts = self._parts_slip(name, point, dtype, locals_, tol, rank)
             if parts is not None:
                 slip, rank = parts
@@ -554,10 +566,13 @@ class DistributedCase(FunctionCase):
 
     def _slip(
         self, name: str, point: Point, device: str, dtype: torch.dtype, locals_: list[dict[str, torch.Tensor]],
-        tol: Tolerance, rank: int,
+        tol: Tolerance, rank: int, numerical: Gradients | None = None,
     ) -> str | None:
-        """The likely slip behind a wrong gradient of `name`, told from a fresh numerical
-        estimate of (up to SLIP_ELEMENTS of) its elements."""
+        """The likely slip behind a wrong gradient of `name`, told from numerical estimates of
+        (up to SLIP_ELEMENTS of) its elements: the referee's own at this point (`numerical`)
+        where it has enough of them (SLIP_KNOWN), else a fresh estimate. Every row of an estimate runs the
+        function on the ranks, a collective's latency each: at every point and dtype of a
+        failing check, fresh estimates cost the ranks twice the check's own rows."""
         from backprop_check.sources import SOURCES
         from backprop_check.sources.numerical import FiniteDifferences
 
@@ -566,9 +581,15 @@ class DistributedCase(FunctionCase):
         w = self.world_size
         size = locals_[0][name].numel() if not isinstance(grad, _placement_classes()[0]) else sum(a[name].numel() for a in locals_)
         gen = torch.Generator().manual_seed(0)
-        chosen = torch.randperm(size, generator=gen)[:SLIP_ELEMENTS].sort().values
-        estimate = FiniteDifferences(self, point, dtype).estimate([name], {name: chosen})[name]
-        truth, error = estimate["value"], estimate["error"]
+        known = _estimated(numerical, name, size)
+        if known is not None and known.numel() >= min(SLIP_KNOWN, (size + 1) // 2):
+            chosen = known[torch.randperm(known.numel(), generator=gen)[:SLIP_ELEMENTS]].sort().values
+            truth = numerical.values[name].detach().to("cpu", torch.float64).reshape(-1)[chosen]  # type: ignore[union-attr]
+            error = numerical.error[name].detach().to("cpu", torch.float64).reshape(-1)[chosen]  # type: ignore[union-attr]
+        else:
+            chosen = torch.randperm(size, generator=gen)[:SLIP_ELEMENTS].sort().values
+            estimate = FiniteDifferences(self, point, dtype).estimate([name], {name: chosen})[name]
+            truth, error = estimate["value"], estimate["error"]
         assembled = self._assemble_local(name, [a[name] for a in locals_]).double().reshape(-1)[chosen]
         # Agreement within the error bars plus a relative slack wide enough for float32 ranks.
         slack = max(tol.rtol, 1e-6)
@@ -847,6 +868,22 @@ def _shard(value: torch.Tensor, placement: Any, rank: int, world_size: int) -> t
     if isinstance(placement, Shard):
         return value.chunk(world_size, dim=placement.dim)[rank].contiguous()
     return value
+
+
+def _estimated(numerical: Gradients | None, name: str, size: int) -> torch.Tensor | None:
+    """The flat elements of `name` the referee estimated as a smooth function's derivative with
+    a finite bar (not on a kink, not unresolved), or None where it has no values of `name`."""
+    if numerical is None or name not in numerical.values or name not in numerical.error:
+        return None
+    values = numerical.values[name].detach().to("cpu", torch.float64).reshape(-1)
+    if values.numel() != size:
+        return None
+    good = torch.isfinite(values) & torch.isfinite(numerical.error[name].detach().to("cpu", torch.float64).reshape(-1))
+    for mask in (numerical.checked.get(name), ~numerical.kink[name] if name in numerical.kink else None,
+                 ~numerical.unresolved[name].bool() if name in numerical.unresolved else None):
+        if mask is not None:
+            good &= mask.detach().cpu().reshape(-1).bool()
+    return good.nonzero().reshape(-1)
 
 
 def _owners(placement: Any, index: tuple[int, ...], shape: tuple[int, ...], world_size: int) -> tuple[list[int], tuple[int, ...]]:

@@ -32,7 +32,7 @@ from backprop_check.model.points import Point, given_point
 from backprop_check.engine.guards import checked_given, random_in_domain, require_finite_gradient, require_finite_loss
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
-from backprop_check.engine.verdict import error_result, outcome_of, result_for, summarize
+from backprop_check.engine.verdict import error_result, outcome_of, result_for, shown_already, summarize
 from backprop_check.records import Outcome, Verdict
 from backprop_check.selection import matches
 from backprop_check.sources import RANDOM, SOURCES, Gradients
@@ -289,7 +289,9 @@ def check_combination(
             require_finite_gradient(numerical, point)
             checked = check_point(case, point, device, dtype, cache[key], tol)
             checks, autograd = checked.checks, checked.gradients["autograd"]
-            checks[:0] = extra_checks(case, point, device, dtype, checks, tol)
+            checks[:0] = extra_checks(
+                case, point, device, dtype, checks, tol, checked.gradients["numerical"], diagnose=not shown_already(outcomes)
+            )
             if point.seed is None:
                 checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol, point.complex))
                 # numpy case: no autograd; the baseline keeps the manual gradient instead
@@ -321,11 +323,16 @@ def check_combination(
     return result
 
 
-def extra_checks(case: Case, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance) -> list[Check]:
+def extra_checks(
+    case: Case, point: Point, device: str, dtype: torch.dtype, checks: list[Check], tol: Tolerance,
+    numerical: Gradients | None = None, diagnose: bool = True,
+) -> list[Check]:
     """The checks of a kind of case beyond its three gradients, shown before `checks`: a
-    distributed check's ranks, a function check's outputs and contract; a plain case has none."""
+    distributed check's ranks (the likely slip only where `diagnose`: at a point whose
+    message can still be the one shown; told from the referee's `numerical` estimates where
+    it has them), a function check's outputs and contract; a plain case has none."""
     if isinstance(case, DistributedCase):
-        return case.rank_checks(point, device, dtype, checks, tol)
+        return case.rank_checks(point, device, dtype, checks, tol, numerical, diagnose)
     if isinstance(case, FunctionCase):
         return outputs.extra_checks(case, point, device, dtype, checks, tol)
     return []

@@ -58,6 +58,12 @@ def _undecided(outcome: Outcome) -> bool:
     return bool(bad) and all(check.culprits and set(check.culprits) == {Culprit.UNDECIDED} for check in bad)
 
 
+def shown_already(outcomes: list[Outcome]) -> bool:
+    """Whether a point among `outcomes` fails with a culprit: `summarize` shows the first such
+    point, so a diagnosis made at a later point would never be read."""
+    return any(o.verdict == MISMATCH and not _undecided(o) for o in outcomes)
+
+
 def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tolerance: str | Tolerance) -> Result:
     """One result from the outcomes at every point: the worst point speaks for the rest.
     `tolerance`: the run's (a `Tolerance`, or its description)."""
