@@ -118,6 +118,50 @@ def test_the_error_bar_bounds_the_true_error_where_the_step_must_shrink():
     assert torch.all(grads.error["t"] <= 1e-5 * true.abs().max())  # 100× below rtol, where gradcheck fails
 
 
+@pytest.mark.parametrize("where", [1.0, -1.0, 12.0, 2.5e4], ids=["delta", "minus-delta", "pixel", "large"])
+def test_the_error_bar_bounds_the_true_error_where_the_second_derivative_jumps(where):
+    # Huber's loss (δ = 1) at a residual of exactly ±1 (integer data): f′ is continuous there and
+    # f″ jumps, so the central differences converge as h, not h², and Richardson cancels nothing.
+    # relu(x)² at 0 likewise. The bar must say so (it was 24× too small: a false alarm).
+    residual = torch.tensor([1.0, -1.0, 0.5, 3.0], dtype=torch.float64) * math.copysign(1.0, where)
+    target = torch.full((4,), abs(where) - 1.0, dtype=torch.float64)
+
+    @backprop_check.case(params={"x": target + residual, "z": torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)})
+    def huber(x, z):
+        return F.huber_loss(x, target, delta=1.0, reduction="sum") + torch.relu(z).pow(2).sum()
+
+    grads = numerical.gradient(huber, given_point(huber, 0), "cpu", torch.float64)
+    true_x = torch.where(residual.abs() <= 1, residual, residual.sign())
+    true_z = 2 * torch.relu(torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64))
+    for name, true in (("x", true_x), ("z", true_z)):
+        assert not grads.kink[name].any()
+        assert torch.all((grads.values[name] - true).abs() <= grads.error[name]), name
+        assert torch.all(grads.error[name] <= 1e-7 * (1 + abs(where)))  # still precise enough to judge
+
+    assert backprop_check.gradcheck(lambda x: F.huber_loss(x, target, delta=1.0), (huber.params["x"].clone().requires_grad_(),))
+
+
+def test_a_slip_at_a_jump_of_the_second_derivative_is_still_found():
+    target = torch.tensor([11.0, 180.0, 9.0, 0.0], dtype=torch.float64)
+    x = torch.tensor([12.0, 200.0, 7.0, 0.0], dtype=torch.float64, requires_grad=True)
+
+    class Huber(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            ctx.save_for_backward(a)
+            return F.huber_loss(a, target, delta=1.0)
+
+        @staticmethod
+        def backward(ctx, g):
+            (a,) = ctx.saved_tensors
+            r = a - target
+            d = torch.where(r.abs() <= 1, r, r.sign()) / r.numel()
+            return g * d * torch.tensor([1 + 1e-6, 1.0, 1.0, 1.0], dtype=torch.float64)  # 1e-6 off at r = 1
+
+    with pytest.raises(backprop_check.GradcheckError, match=r"at a\[0\]"):
+        backprop_check.gradcheck(Huber.apply, (x,))
+
+
 def test_a_real_kink_is_still_a_kink_at_every_step():
     @backprop_check.case(params={"t": [1e6, 3.0, -2.0]})
     def shifted_relu(t):
@@ -407,7 +451,8 @@ def test_settle_drops_a_column_at_its_floor_without_losing_the_others():
         return {
             "value": full(value), "error": full(1e-6), "left": full(value), "right": full(value),
             "kink": torch.zeros(count, dtype=torch.bool), "truncation": full(1e-6), "rounding": full(1e-12),
-            "flat": torch.zeros(count, dtype=torch.bool), "wide": torch.zeros(count, dtype=torch.bool), "step": full(step),
+            "flat": torch.zeros(count, dtype=torch.bool), "wide": torch.zeros(count, dtype=torch.bool), "linear": torch.zeros(count, dtype=torch.bool),
+            "step": full(step),
         }
 
     best = estimates(2, 1.0, 2.0**-6)

@@ -50,6 +50,14 @@ TRUNCATION_SAFETY = 4.0
 # less than 4× each) say the step is not small against the function's own scale.
 RESOLVED_SIGMAS = 4.0
 WIDE = 0.5
+# A jump in the second derivative at θ (Huber's loss at a residual of exactly δ, relu(x)² at 0:
+# integer data put points there) leaves an error of first order in h, which Richardson's
+# extrapolation does not cancel: the central differences' corrections then fall 2× per halving of
+# the step, not 4×. Where they fall by less than LINEAR_FALL (clear of rounding), the value's
+# truncation is at least LINEAR_SHARE of the last correction (exact for a piecewise quadratic:
+# value = f′ − 14κh/90 where D(h/2) − D(h/4) = −κh/4), times TRUNCATION_SAFETY.
+LINEAR_FALL = 3.0
+LINEAR_SHARE = 56 / 90
 # A jump in the one-sided derivatives is a kink when it stands KINK_SIGMAS of its rounding clear.
 KINK_SIGMAS = 20.0
 KINK_RELATIVE = 1e-7
@@ -98,7 +106,7 @@ def _differences(f: torch.Tensor, f0: torch.Tensor | float, h: torch.Tensor | fl
     # A kink at θ: second differences that do not fall as h³ from one half-step to the next.
     s_h, s_half, s_quarter = f_h + m_h - 2 * f0, f_half + m_half - 2 * f0, f_quarter + m_quarter - 2 * f0
     return {
-        "value": r2 + (r2 - r1) / 15, "t2": d1 - d2, "t4": r2 - r1, "q2": q2, "s2": e1 - e2, "s4": q2 - q1,
+        "value": r2 + (r2 - r1) / 15, "t2": d1 - d2, "t2_half": d2 - d4, "t4": r2 - r1, "q2": q2, "s2": e1 - e2, "s4": q2 - q1,
         "jump_h": (s_h - 4 * s_half) / h, "jump_half": (s_half - 4 * s_quarter) / (h / 2),
     }
 
@@ -157,6 +165,9 @@ def _estimates(
             return sigma * WEIGHTS[key] / h_**power
 
         truncation, slope_seen = _truncation(q, h_, sigma)
+        last = np.abs(q["t2_half"])
+        linear = (last > RESOLVED_SIGMAS * noise_of("t2_half")) & (LINEAR_FALL * last > np.abs(q["t2"]))
+        truncation = np.where(linear, np.maximum(truncation, TRUNCATION_SAFETY * LINEAR_SHARE * last), truncation)
         rounding = ROUNDING_SIGMAS * noise_of("value")
         error = np.where(np.isfinite(value), truncation + rounding, math.inf)
         f_h, f_half, f_quarter, m_quarter, m_half, m_h = values
@@ -172,6 +183,7 @@ def _estimates(
         # On a kink the derivative is the interval [left, right], not the value; no series there.
         truncation = np.where(kink, 0.0, truncation)
         error = np.where(kink, rounding, error)
+        linear &= ~kink
         # Bitwise equal values at two neighbouring stencil points, where the estimate says the
         # function changes visibly over a quarter step: a staircase finer than the step (round(x,
         # 3) at a step of 2e-4, a histogram). Its difference quotients count stairs, not a slope,
@@ -182,7 +194,7 @@ def _estimates(
         wide = (slope_seen > math.log(WIDE)) & np.isfinite(value)
     out = {
         "value": value, "error": error, "left": left, "right": right, "kink": kink,
-        "truncation": truncation, "rounding": rounding, "flat": flat, "wide": wide,
+        "truncation": truncation, "rounding": rounding, "flat": flat, "wide": wide, "linear": linear,
     }
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
@@ -341,7 +353,9 @@ def settle(
         # Agreeing, the two steps measure the wider one's truncation: the smaller step's is at
         # least SHRINK⁻² times less (O(h²) at worst; Richardson's is O(h⁴)), so its bar is its
         # rounding plus that: tight, where |D(h) − D(h/2)|/3 alone is the error of D(h/2).
-        tight = np.minimum(other["error"], other["rounding"] + distance * factor**2)
+        # Not where the differences converge as h (`LINEAR_FALL`): there |D(h) − D(h/2)| is only
+        # twice the error of D(h/2), and the smaller step's own bar stands.
+        tight = np.where(other["linear"], other["error"], np.minimum(other["error"], other["rounding"] + distance * factor**2))
         other["error"] = np.where(agree, tight, other["error"])
         prior = {key: np.where(holding[where], held[key][where], was[key]) for key in was}
         take = ~(settled & (prior["error"] <= other["error"]))
