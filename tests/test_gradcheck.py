@@ -108,6 +108,20 @@ def test_check_forward_ad_checks_the_functions_jvp() -> None:
         bc.gradcheck(torch.sin, (x64(3),), check_forward_ad=False, check_backward_ad=False)
 
 
+def test_gradgradcheck_checks_forward_over_reverse_where_asked_as_torchs_does() -> None:
+    # torch's gradgradcheck(check_fwd_over_rev=True) fails a Function whose jvp is wrong; the
+    # drop-in ignored the keyword (a warning, and True): one import line lost a check.
+    assert bc.gradgradcheck(_WrongJvp.apply, (x64(3),))  # reverse over reverse alone is right
+    with pytest.raises(bc.GradcheckError, match=r"_WrongJvp \((order 2, )?fwd\).*forward mode"):
+        bc.gradgradcheck(_WrongJvp.apply, (x64(3),), check_fwd_over_rev=True)
+    assert not bc.gradgradcheck(
+        _WrongJvp.apply, (x64(3),), check_fwd_over_rev=True, check_rev_over_rev=False, raise_exception=False
+    )
+    assert bc.gradgradcheck(torch.tanh, (x64(3),), check_fwd_over_rev=True, check_rev_over_rev=False)
+    with pytest.raises(ValueError, match="nothing to check"):
+        bc.gradgradcheck(torch.sin, (x64(3),), check_fwd_over_rev=False, check_rev_over_rev=False)
+
+
 def test_gradgradcheck_is_a_drop_in_that_catches_a_detached_backward() -> None:
     class Detached(torch.autograd.Function):
         @staticmethod

@@ -40,16 +40,12 @@ IGNORED = {
     "check_batched_forward_grad": "the vmap rule of a jvp is not checked",
     "grad_outputs": "random cotangents are drawn instead, at every point",
     "gen_non_contig_grad_outputs": "the contract's layout item checks non-contiguous inputs",
-    "check_fwd_over_rev": "forward over reverse is checked with modes=('fwd',) and order=2 in check()",
-    "check_rev_over_rev": "reverse over reverse is what gradgradcheck checks",
 }
 # What torch does when a keyword is not given, for the ones that only matter when switched on.
 IGNORED_DEFAULTS = {
     "check_batched_forward_grad": False,
     "grad_outputs": None,
     "gen_non_contig_grad_outputs": False,
-    "check_fwd_over_rev": False,
-    "check_rev_over_rev": True,
 }
 
 
@@ -143,6 +139,8 @@ def gradgradcheck(
     seed: int = 0,
     timeout: float | None = TIMEOUT,
     reference: Callable[..., Any] | None = None,
+    check_fwd_over_rev: bool = False,
+    check_rev_over_rev: bool = True,
     **torch_options: Any,
 ) -> bool:
     """A drop-in for `torch.autograd.gradgradcheck`: the derivative of the gradient (autograd's
@@ -150,15 +148,19 @@ def gradgradcheck(
     differences of the first-order gradient, plus the first-order check itself (a wrong
     gradient fails here too, where torch's gradgradcheck would compare the wrong backward with
     its own derivative). The keywords are `gradcheck`'s; `grad_outputs` is ignored (random
-    cotangents are drawn), with a warning.
+    cotangents are drawn), with a warning. `check_fwd_over_rev=True` also checks the
+    derivative of the gradient in forward mode (the Functions' `jvp` through their backward),
+    `check_rev_over_rev=False` leaves the double backward out, as torch's do.
     """
     __tracebackhide__ = True
     del check_grad_dtypes  # grad_meta always checks dtypes (and device and shape)
+    if not (check_fwd_over_rev or check_rev_over_rev):
+        raise ValueError("gradgradcheck: check_fwd_over_rev and check_rev_over_rev are both False: nothing to check")
     return _checked(
         "gradgradcheck", fn, inputs, torch_options, raise_exception=raise_exception, atol=atol, rtol=rtol,
         nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad, check_batched_grad=check_batched_grad,
         fast_mode=fast_mode, points=points, dtypes=dtypes, devices=devices, seed=seed, manual=None,
-        timeout=timeout, order=2, modes=("rev",), reference=reference,
+        timeout=timeout, order=2, modes=("rev",) * check_rev_over_rev + ("fwd",) * check_fwd_over_rev, reference=reference,
     )
 
 
