@@ -109,6 +109,45 @@ def test_a_random_point_catches_a_factor_that_is_one_at_the_given_point():
     assert result.verdict == "mismatch" and "random point" in result.point
 
 
+@pytest.mark.parametrize("slip", [None, "s * (1 + s)"], ids=["correct", "slipped"])
+def test_float32_numpy_code_is_allowed_its_own_rounding_and_a_slip_still_fails(slip):
+    # Raw pixels: float32's sigmoid is exactly 1 from x ≈ 17, and s·(1 − s) is 0 there (the truth
+    # 3e-10). The float64 twin of this very code moves by 6e-8 when s moves by float32's rounding:
+    # simulated through the arrays numpy code is given, as torch code's through its ops (a false
+    # alarm blaming the manual gradient before). The same slip in the twin still fails.
+    x = np.array([[113.0, 40.0, 138.0, 150.0], [62.0, 210.0, 73.0, 76.0], [22.0, 175.0, 165.0, 118.0]])
+
+    @case(params={"x": x}, numpy=True)
+    def sigmoid(x):
+        return (1 / (1 + np.exp(-x))).sum()
+
+    sigmoid.manual(lambda x: {"x": eval(slip or "s * (1 - s)", {"s": 1 / (1 + np.exp(-x))})})
+    result = by_case(run([sigmoid], devices=["cpu"], dtypes=["float32"]))[("sigmoid", "float32")]
+    if slip is None:
+        assert result.verdict == "ok", result.message
+        assert any("moved within float32's rounding" in note for note in result.notes), result.notes
+    else:
+        assert (result.verdict, result.culprit) == ("mismatch", "manual"), result.message
+
+
+def test_the_simulated_rounding_reaches_numpy_ufuncs_and_reductions_and_nothing_outside_it():
+    from backprop_check.model.arrays import Jittered, as_array
+
+    def compute():
+        a = as_array("a", torch.full((4,), 1.0, dtype=torch.float64))
+        return np.exp(a).sum(), a @ a, np.mean(a * 3.0)
+
+    plain = compute()
+    with Jittered(2.0**-24, seed=0):
+        up = compute()
+    with Jittered(-(2.0**-24), seed=0):
+        down = compute()
+    assert compute() == plain  # nothing left moving once the draws are done
+    for p, u, d in zip(plain, up, down):
+        assert u != p and abs(u - p) < 1e-6 * abs(p) and (u - p) * (d - p) < 0  # moved, a rounding's share, opposite
+    assert type(as_array("a", torch.ones(2))) is np.ndarray
+
+
 def test_a_kink_at_the_given_point_is_nondifferentiable_not_a_mismatch():
     @case(params={"w": [0.0, 1.5]}, numpy=True, sample=lambda gen: {"w": torch.rand(2, generator=gen, dtype=torch.float64) + 0.5})
     def l1(w):

@@ -33,7 +33,64 @@ def as_arrays(values: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def as_array(name: str, tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         raise CaseError("numpy has no bfloat16: check a numpy=True case in float64, float32 or float16")
-    return tensor.detach().cpu().numpy()
+    array = tensor.detach().cpu().numpy()
+    return array.view(_Jittered) if _DRAWS else array
+
+
+# The draws of the active `Jittered` (innermost last): (unit, generator).
+_DRAWS: list[tuple[float, np.random.Generator]] = []
+
+
+class Jittered:
+    """A dtype's rounding simulated in float64 for numpy code, as `noise._Rounds` simulates it
+    for torch ops: while active, the arrays the user's code receives (`as_array`) multiply every
+    floating-point value a ufunc computes from them (arithmetic, exp, matmul, the sums of
+    np.sum and np.mean) by 1 + δ, δ uniform within ±`unit`, drawn from a generator seeded with
+    `seed`: the same draws in the same order for −`unit`. numpy functions that are not ufuncs
+    (np.dot, np.where) pass their values on unmoved: a share of the rounding, never more."""
+
+    def __init__(self, unit: float, seed: int) -> None:
+        self.draws = (unit, np.random.default_rng(seed))
+
+    def __enter__(self) -> Jittered:
+        _DRAWS.append(self.draws)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _DRAWS.remove(self.draws)
+
+
+class _Jittered(np.ndarray):
+    """An array whose ufunc results are moved by the active `Jittered`'s draws (none outside)."""
+
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, out: Any = None, **kwargs: Any) -> Any:
+        args = [x.view(np.ndarray) if isinstance(x, _Jittered) else x for x in inputs]
+        if out is not None:
+            kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, _Jittered) else o for o in out)
+        result = getattr(ufunc, method)(*args, **kwargs)
+        if out is not None or method == "at":  # written in place: moved there
+            for o in out or ():
+                _move(o.view(np.ndarray) if isinstance(o, np.ndarray) else o)
+            return out[0] if out is not None and len(out) == 1 else out
+        return tuple(_moved(r) for r in result) if isinstance(result, tuple) else _moved(result)
+
+
+def _moved(value: Any) -> Any:
+    if not _DRAWS:
+        return value.view(_Jittered) if isinstance(value, np.ndarray) else value
+    if isinstance(value, np.ndarray):
+        return _move(value).view(_Jittered)
+    if isinstance(value, np.floating):
+        unit, gen = _DRAWS[-1]
+        return value * type(value)(1 + unit * (2 * gen.random() - 1))
+    return value
+
+
+def _move(array: Any) -> Any:
+    if _DRAWS and isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating) and array.size:
+        unit, gen = _DRAWS[-1]
+        array *= 1 + unit * (2 * gen.random(array.shape) - 1)
+    return array
 
 
 def numpy_loss(loss: Any) -> torch.Tensor:

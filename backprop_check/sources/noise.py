@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from backprop_check.errors import CaseTimeout
+from backprop_check.model.arrays import Jittered
 from backprop_check.sources.batches import Batched, Flat, _Probes
 from backprop_check.sources.inplace import InPlace
 from backprop_check.sources.stencil import EPS, ROUNDING_FLOOR, _array
@@ -240,7 +241,7 @@ def rounding_stairs(jumps: torch.Tensor, coarsest: float) -> torch.Tensor:
 
 
 def stochastic(
-    compute: Callable[[], dict[str, torch.Tensor]], names: list[str], unit: float, seed: int
+    compute: Callable[[], dict[str, torch.Tensor]], names: list[str], unit: float, seed: int, numpy: bool = False
 ) -> dict[str, torch.Tensor]:
     """Per name in `names`, how far the float64 values `compute()` gives for it move when every
     floating-point value an op makes is multiplied by 1 + δ, δ uniform within ±`unit` (Monte
@@ -248,7 +249,9 @@ def stochastic(
     each applied both ways: a computation that merely rounds responds to them linearly, the two
     moves opposite; an element whose moves are not opposite in every pair jumps (a branch, a tie
     that the draws break) and gets 0, as a jump is no rounding. {} where `compute` fails under
-    the draws (nothing is allowed then)."""
+    the draws (nothing is allowed then). `numpy`: `compute` runs numpy code, whose ufuncs the
+    draws reach through the arrays it is given (`arrays.Jittered`), not torch's dispatch."""
+    rounds = Jittered if numpy else _Rounds
     try:
         base = compute()
     except CaseTimeout:
@@ -264,7 +267,7 @@ def stochastic(
         moved = []
         for sign in (1.0, -1.0):
             try:
-                with _Rounds(unit * sign, seed + pair):
+                with rounds(unit * sign, seed + pair):
                     moved.append(compute())
             except CaseTimeout:
                 raise
