@@ -319,3 +319,38 @@ def test_relu_at_many_exact_zeros_is_nondifferentiable_and_a_slip_beside_them_is
     at = int((x > 0).nonzero()[5])
     (result,) = bc_check(lambda a: _Relu.apply(a, at), (x,), dtypes=["float64"], points=0).results
     assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message
+
+
+def test_a_wrong_element_is_located_once_per_run_and_every_point_still_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bisection's estimates cost most of a failing check: they are made at the point whose
+    failure is shown (the first), not again at every later point, which its disagreeing
+    directions already fail."""
+    from backprop_check.sources.numerical import Reference
+
+    located = []
+    locate = Reference.locate
+
+    def counted(self, name, direction, agrees):  # noqa: ANN001, ANN202
+        located.append(name)
+        return locate(self, name, direction, agrees)
+
+    monkeypatch.setattr(Reference, "locate", counted)
+
+    class Slipped(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            out = grad * x.cos()
+            out[5, 7] *= 1.001
+            return out
+
+    x = torch.randn(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (result,) = bc_check(Slipped.apply, (x,), devices=["cpu"], dtypes=["float64"], points=2).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    assert "x[5, 7]" in result.message and "3 of 3 points disagree" in result.message, result.message
+    assert len(located) == 1, located

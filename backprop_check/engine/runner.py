@@ -287,7 +287,7 @@ def check_combination(
             numerical = cache[key].gradients
             require_finite_loss(numerical.loss, point)
             require_finite_gradient(numerical, point)
-            checked = check_point(case, point, device, dtype, cache[key], tol)
+            checked = check_point(case, point, device, dtype, cache[key], tol, locate=not shown_already(outcomes))
             checks, autograd = checked.checks, checked.gradients["autograd"]
             checks[:0] = extra_checks(
                 case, point, device, dtype, checks, tol, checked.gradients["numerical"], diagnose=not shown_already(outcomes)
@@ -349,14 +349,16 @@ class PointCheck:
 
 
 def check_point(
-    case: Case, point: Point, device: str, dtype: torch.dtype, numerical: Reference, tol: Tolerance
+    case: Case, point: Point, device: str, dtype: torch.dtype, numerical: Reference, tol: Tolerance, locate: bool = True
 ) -> PointCheck:
     """Compute manual and autograd at `point` and compare them with the numerical reference.
 
     Manual and autograd are compared at every element; where they disagree and the reference
     has no estimate, the referee estimates exactly those elements. A sampled tensor whose
-    random directions disagree is bisected down to the elements behind it. Below float64, the
-    tolerance also allows for the dtype's rounding at this very point.
+    random directions disagree is bisected down to the elements behind it, where `locate`
+    (not at a point after one whose failure is the one shown: the disagreeing directions are
+    its verdict, and the bisection's estimates cost most of a failing check). Below float64,
+    the tolerance also allows for the dtype's rounding at this very point.
     """
     if case.numpy:  # no autograd for numpy code; its forward still runs in the run's dtype
         autograd = None
@@ -375,7 +377,7 @@ def check_point(
     evidence = Evidence(numerical.gradients, autograd, manual, list(point.params), tol, allowances)
     note, timed_out = None, None
     try:
-        numerical = refereed(numerical, evidence)
+        numerical = refereed(numerical, evidence, locate)
         evidence = replace(evidence, numerical=numerical.gradients)
     except CaseTimeout as exc:  # the directions that disagree still make a mismatch below
         timed_out, note = exc, f"{exc} while locating the wrong elements"
@@ -438,20 +440,20 @@ def _twins_rejudged(
     return None, note, evidence, checks
 
 
-def refereed(numerical: Reference, evidence: Evidence) -> Reference:
+def refereed(numerical: Reference, evidence: Evidence, locate: bool = True) -> Reference:
     """The reference with every element estimated that a verdict hangs on: where manual and
     autograd disagree, and where a disagreeing direction's bisection leads; every direction on
     a kink is replaced by one that is not, where one is found (`Reference.unkinked`); elements
     tied on a kink are moved together (`Reference.with_ties`)."""
     wanted = disputed(evidence)
-    guides = failing_directions(evidence)
+    guides = failing_directions(evidence) if locate else []
     # A direction on a kink at the point is no verdict (directions.py): each is replaced by one
     # that is not, where one is found, and that one guides a bisection too where it disagrees.
     for name, directions in list(numerical.gradients.directions.items()):
         agrees = agreement(name, evidence)
         for direction in [d for d in directions if d.kink and d.what == RANDOM]:
             numerical, other = numerical.unkinked(name, direction)
-            if other is not direction and not agrees(other):
+            if other is not direction and not agrees(other) and locate:
                 guides.append((name, other, agrees))
     # One bisection per tensor and kind of direction (it finds what any direction shows), and
     # none where manual and autograd already disagree element by element: those are estimated.
