@@ -287,3 +287,40 @@ def test_the_pytest_plugin_collects_numpy_cases_on_the_cpu_only(pytester: pytest
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines(["*tutorial[[]cpu-float64[]]*", "*manual is the odd one out*"])
     assert "collected 4 items" in result.stdout.str()  # two cases × two dtypes, no cuda items
+
+
+def _pool_forward(x):
+    n, c, h, w = x.shape
+    out = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+    return out, (x, out)
+
+
+def _pool_backward_to_every_tie(dout, cache):
+    x, out = cache
+    n, c, h, w = x.shape
+    mask = x.reshape(n, c, h // 2, 2, w // 2, 2) == out[:, :, :, None, :, None]
+    return (mask * dout[:, :, :, None, :, None]).reshape(x.shape)
+
+
+def _pool_backward_to_one(dout, cache):
+    x, out = cache
+    n, c, h, w = x.shape
+    windows = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    first = np.eye(4)[windows.argmax(axis=-1)] * dout[..., None]
+    return first.reshape(n, c, h // 2, w // 2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(x.shape)
+
+
+@pytest.mark.parametrize("shape, seed", [((2, 2, 4, 4), 11), ((2, 3, 8, 8), 0), ((1, 2, 16, 16), 0)])
+def test_a_pool_that_routes_the_gradient_to_every_tied_maximum_fails_at_any_size(shape, seed):
+    # Integer pixels tie in a window; a sample of a large tensor seldom holds the tie, and a random
+    # direction passes it where it moves the tied pixels apart (the 8×8 image passed before).
+    from backprop_check import check_layer
+
+    x = np.random.default_rng(seed).integers(0, 256, size=shape).astype(np.float64)
+    windows = x.reshape(*shape[:2], shape[2] // 2, 2, shape[3] // 2, 2)
+    assert ((windows == windows.max(axis=(3, 5), keepdims=True)).sum(axis=(3, 5)) > 1).any()  # a tie to find
+    wrong = check_layer(_pool_forward, _pool_backward_to_every_tie, (x,), dtypes=["float64"], points=0).results[0]
+    assert (wrong.verdict, wrong.culprit) == ("mismatch", "manual"), wrong.message
+    assert "moved together" in wrong.message
+    right = check_layer(_pool_forward, _pool_backward_to_one, (x,), dtypes=["float64"], points=0).results[0]
+    assert right.verdict in ("ok", "nondifferentiable"), right.message

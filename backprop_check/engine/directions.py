@@ -156,8 +156,8 @@ def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) 
         relative = result.diff / abs(direction.value) if direction.value else math.inf
         if direction.what != RANDOM:  # a tie moved together (`Reference.with_ties`)
             seen = (
-                "each of them alone is on a kink, but moved together they are not: the sum of their gradients "
-                "is the derivative along them (a max's or a pool's gradient routed to every tied element?)"
+                "tied elements moved apart are a kink, but a tie moved together is not: the sum of their gradients "
+                "is the derivative along it (a max's or a pool's gradient routed to every tied element?)"
             )
         else:
             seen = f"a relative difference of {relative:.2g} along it, spread over many elements: no single one could be located"

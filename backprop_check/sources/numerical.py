@@ -217,8 +217,14 @@ class Reference:
     def refine(self, elements: Mapping[str, torch.Tensor]) -> Reference:
         """A new Reference with the flat `elements` of each name estimated at their best step;
         those whose bar is still loose (LOOSE_BARS of it above LOOSE_RELATIVE·|value|: the forward
-        keeps few digits there) again, as precisely as the forward allows (`estimate`'s `alone`)."""
-        wanted = {name: index for name, index in elements.items() if index.numel()}
+        keeps few digits there) again, as precisely as the forward allows (`estimate`'s `alone`).
+        Elements held fixed (`held_fixed`: a -inf of an attention mask) are left out: no finite
+        step moves them, and a bisection's half may hold them."""
+        held = held_fixed({name: self.differences.targets[name] for name in elements if name in self.differences.targets})
+        wanted = {
+            name: index[~held[name].reshape(-1)[index]] if name in held else index for name, index in elements.items()
+        }
+        wanted = {name: index for name, index in wanted.items() if index.numel()}
         if not wanted:
             return self
         merged = self.gradients.copy()
@@ -242,14 +248,15 @@ class Reference:
         kink along the group too (relu at several zeros) keeps its interval."""
         found: dict[str, list[Direction]] = {}
         for name, kink in self.gradients.kink.items():
-            if name not in self.differences.scales or not bool(kink.any()):
+            if name not in self.differences.scales:
+                continue
+            sampled = name in self.gradients.checked
+            if not bool(kink.any()) and not sampled:
                 continue
             values = self.differences.scales[name].reshape(-1).to(torch.float64)
             where = kink.reshape(-1).nonzero().reshape(-1)
             _, group, counts = torch.unique(values[where], return_inverse=True, return_counts=True)
             tied = [where[group == g] for g in counts.argsort(descending=True)[:TIE_GROUPS].tolist() if int(counts[g]) > 1]
-            if not tied:
-                continue
             shape = tuple(self.differences.targets[name].shape)
             vectors, labels = [], []
             for members in tied:
@@ -259,6 +266,23 @@ class Reference:
                 shown = ", ".join(f"{name}[{', '.join(map(str, unravel(int(i), shape)))}]" for i in members[:4].tolist())
                 more = f" and {members.numel() - 4} more" if members.numel() > 4 else ""
                 labels.append(f"the tied elements {shown}{more} moved together")
+            if sampled:
+                # A sample of a large tensor seldom holds a tie (two tied maxima among 384 pixels
+                # of integer values), and a random direction passes one where it moves the tied
+                # elements apart (the average of the one-sided derivatives is what a backward that
+                # routes the gradient to both says there). Every element that shares its value
+                # with another, each group moved together, keeps every tie a tie: smooth where its
+                # ties are the kinks, and it weighs each tie's sum of gradients. Nothing where no
+                # two values are equal (floats drawn at random).
+                _, group, counts = torch.unique(values, return_inverse=True, return_counts=True)
+                shared = ((counts[group] > 1) & torch.isfinite(values)).nonzero().reshape(-1)  # not a held -inf
+                if shared.numel():
+                    vector = torch.zeros(values.numel(), dtype=torch.float64)
+                    vector[shared] = steps_for(values[shared])
+                    vectors.append(vector.reshape(shape))
+                    labels.append(f"the {shared.numel()} elements that share their value with another moved together, each group as one")
+            if not vectors:
+                continue
             found[name] = [replace(d, what=label) for d, label in zip(self.differences.along(name, vectors), labels)]
         if not found:
             return self
