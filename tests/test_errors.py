@@ -187,19 +187,6 @@ BROKEN = [
     ),
     pytest.param(
         """
-        @case(params={"w": [1.0, 2.0, 3.0]}, data={"x": 2.0})
-        def broken(w, x):
-            return (w * x).sum()
-
-        @broken.manual
-        def broken_manual(w, x):
-            return {"w": torch.ones(5)}
-        """,
-        ["the manual gradient for 'w' has shape (5,), expected (3,)"],
-        id="manual-gradient-of-an-unexplainable-shape",
-    ),
-    pytest.param(
-        """
         @case(params={"w": 1.0}, data={"x": 2.0})
         def broken(w, x):
             return w * x

@@ -29,8 +29,10 @@ def test_a_wrong_shape_names_its_slip(value, reference, slip, matches, batch):
     assert (found.slip, found.matches, found.batch) == (slip, matches, batch)
 
 
-def test_an_unexplainable_shape_has_no_slip():
-    assert shape_slip(torch.zeros(5), torch.zeros(2, 3)) is None
+def test_an_unexplainable_shape_is_still_a_slip_with_no_remedy():
+    found = shape_slip(torch.zeros(5), torch.zeros(2, 3))
+    assert found.slip == "other" and not found.matches and found.remedy("w") is None
+    assert found.fact().startswith("manual gradient has shape (5,), expected (2, 3)")
 
 
 def test_a_reference_with_unestimated_elements_never_matches():

@@ -19,11 +19,13 @@ from backprop_check import dtypes
 
 
 class Slip(str, Enum):
-    """What was left undone: a transpose, a sum over the batch, a mean over the batch."""
+    """What was left undone: a transpose, a sum over the batch, a mean over the batch; or a shape
+    no such slip explains (a sum over the wrong axis)."""
 
     TRANSPOSE = "transpose"
     SUM = "sum"
     MEAN = "mean"
+    OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class ShapeSlip:
                 f"manual gradient has shape {self.got}, expected {self.want}: a missing mean over the batch "
                 "dimension; averaged over it, it matches the reference"
             )
+        if self.slip is Slip.OTHER:
+            return (
+                f"manual gradient has shape {self.got}, expected {self.want} (a gradient has the shape of its "
+                "parameter): no transpose or sum over a batch dimension explains it (a sum over the wrong axis? a slice?)"
+            )
         fits = "; summed over it, it matches the reference" if self.matches else ""
         return f"manual gradient has shape {self.got}, expected {self.want}: a missing sum over the batch dimension{fits}"
 
@@ -65,9 +72,9 @@ class ShapeSlip:
         return f"{name} is shared by all {self.batch} samples, so dloss/d{name} is the sum of their per-sample shares"
 
 
-def shape_slip(value: torch.Tensor, reference: torch.Tensor) -> ShapeSlip | None:
+def shape_slip(value: torch.Tensor, reference: torch.Tensor) -> ShapeSlip:
     """The slip that explains `value`'s shape against `reference`'s (a whole gradient: every
-    element known), or None when none does. The two match within the hint tolerance of the
+    element known), or Slip.OTHER when none does. The two match within the hint tolerance of the
     coarser of their dtypes."""
     got, want = tuple(value.shape), tuple(reference.shape)
     rtol = max(dtypes.row(str(value.dtype)).hint_rtol, dtypes.row(str(reference.dtype)).hint_rtol)
@@ -84,7 +91,7 @@ def shape_slip(value: torch.Tensor, reference: torch.Tensor) -> ShapeSlip | None
         batch = math.prod(got[:extra])
         summed = val.sum(dim=tuple(range(extra)))
     else:
-        return None
+        return ShapeSlip(Slip.OTHER, got, want, False)
     if not _close(summed, ref, rtol) and _close(summed / batch, ref, rtol):
         return ShapeSlip(Slip.MEAN, got, want, True, batch)
     return ShapeSlip(Slip.SUM, got, want, _close(summed, ref, rtol), batch)

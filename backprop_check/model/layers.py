@@ -126,9 +126,18 @@ class Pair:
         return None
 
     def out_shape(self) -> tuple[int, ...]:
-        """The shape of `out` at the given inputs (the shape of `dout`)."""
+        """The shape of `out` at the given inputs (the shape of `dout`), from a forward on copies
+        of them: one that changes its inputs in place (`out = x; out[out < 0] = 0`) would change
+        the caller's arrays, the given point among them, and is a broken case."""
+        copies = [_snapshot(v) for v in self.values]
         with torch.no_grad():
-            out, _ = self._call_forward(list(self.values))
+            out, _ = self._call_forward(copies)
+        for name, given, after in zip(self.names, self.values, copies):
+            if name not in self.constants and _changed(_snapshot(given), after, name):
+                raise CaseError(
+                    f"the forward changes {name!r} in place; it must not modify its inputs (compute into a new "
+                    "array, e.g. out = np.maximum(x, 0), or copy first)"
+                )
         return tuple(out.shape)
 
     def loss(self, **values: Any) -> Any:
