@@ -354,3 +354,30 @@ def test_a_wrong_element_is_located_once_per_run_and_every_point_still_disagrees
     assert (result.verdict, result.culprit) == ("mismatch", "autograd")
     assert "x[5, 7]" in result.message and "3 of 3 points disagree" in result.message, result.message
     assert len(located) == 1, located
+
+
+def test_the_bisection_never_names_an_element_held_fixed() -> None:
+    """A -inf of an attention mask is held fixed (no finite step moves it): a bisection's half
+    may hold such elements, and the one named was one of them, "numerical nan ± inf"."""
+
+    class MaskedSoftmax(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, bias):  # noqa: ANN001, ANN205
+            p = torch.softmax(x + bias, dim=-1)
+            ctx.save_for_backward(p)
+            return p
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (p,) = ctx.saved_tensors
+            dz = p * (grad - (grad * p).sum(-1, keepdim=True))
+            return dz, dz / 4  # the bias's gradient scaled: a slip
+
+    x = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    bias = torch.zeros(8, 8, dtype=torch.float64).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), -math.inf)
+    (result,) = bc_check(MaskedSoftmax.apply, (x, bias), devices=["cpu"], dtypes=["float64"], points=0).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd")
+    import re
+
+    row, col = map(int, re.search(r"at bias\[(\d+), (\d+)\]", result.message).groups())
+    assert math.isfinite(float(bias[row, col])) and "nan" not in result.message, result.message
