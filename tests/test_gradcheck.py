@@ -260,3 +260,26 @@ def test_a_module_that_checks_its_inputs_dtype_itself_is_told_to_run_in_float64(
     gru = torch.nn.GRU(3, 2, batch_first=True)
     with pytest.raises(bc.CaseError, match=r"checks their dtypes itself: build it in float64 for the check \(module.double\(\)\)"):
         bc.gradcheck(lambda x: gru(x)[0], (torch.randn(2, 4, 3, requires_grad=True),))
+
+
+def test_a_backward_meant_to_run_once_fails_repeatable_and_contract_leaves_it_out() -> None:
+    class ScalesSaved(torch.autograd.Function):
+        """A fused kernel's habit: the gradient is computed in the forward and scaled in place."""
+
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            grad = 2 * x
+            ctx.save_for_backward(grad)
+            return (x * x).sum()
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (grad,) = ctx.saved_tensors
+            return grad.mul_(g)
+
+    with pytest.raises(bc.GradcheckError, match=r"repeatable.*leave `repeatable` out of contract="):
+        bc.gradcheck(ScalesSaved.apply, (x64(4),))
+    from backprop_check.engine.contract import ITEMS
+
+    items = [item for item in ITEMS if item not in ("repeatable", "vmap")]
+    assert bc.gradcheck(ScalesSaved.apply, (x64(4),), contract=items)

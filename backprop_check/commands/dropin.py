@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from backprop_check.engine import contract
+from backprop_check.engine.contract import ITEMS
 from backprop_check.errors import CaseError
 from backprop_check.formats import text
 from backprop_check.model.function import FunctionCase, Inputs
@@ -87,6 +87,7 @@ def gradcheck(
     manual: Callable[..., Any] | None = None,
     timeout: float | None = TIMEOUT,
     reference: Callable[..., Any] | None = None,
+    contract: Sequence[str] | None = None,
     **torch_options: Any,
 ) -> bool:
     """True when autograd (and `manual`, if given) agree with the float64 reference and the
@@ -105,9 +106,11 @@ def gradcheck(
     directional derivatives that weigh every element, elementwise where they disagree).
     `eps`, `masked` and the other options are ignored, with one warning saying why. Beyond
     torch: `points` random points besides the given inputs (default 0, as torch),
-    `dtypes`/`devices` (default: the inputs' own), `seed`, and `reference=`: a plain float64
+    `dtypes`/`devices` (default: the inputs' own), `seed`, `reference=`: a plain float64
     version of a low-precision kernel to judge it against (`check`'s; the kernel then runs in
-    its inputs' dtype only).
+    its inputs' dtype only), and `contract=`: the Function contract's items to check (`check`'s;
+    default every item but `vmap`, which `check_batched_grad=True` adds), e.g. without
+    `repeatable` for a backward that may run only once.
     """
     __tracebackhide__ = True
     if not (check_forward_ad or check_backward_ad):
@@ -117,7 +120,7 @@ def gradcheck(
         "gradcheck", fn, inputs, torch_options, raise_exception=raise_exception, atol=atol, rtol=rtol,
         nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad, check_batched_grad=check_batched_grad,
         fast_mode=fast_mode, points=points, dtypes=dtypes, devices=devices, seed=seed, manual=manual,
-        timeout=timeout, order=1, modes=modes, reference=reference,
+        timeout=timeout, order=1, modes=modes, reference=reference, contract=contract,
     )
 
 
@@ -141,6 +144,7 @@ def gradgradcheck(
     reference: Callable[..., Any] | None = None,
     check_fwd_over_rev: bool = False,
     check_rev_over_rev: bool = True,
+    contract: Sequence[str] | None = None,
     **torch_options: Any,
 ) -> bool:
     """A drop-in for `torch.autograd.gradgradcheck`: the derivative of the gradient (autograd's
@@ -161,6 +165,7 @@ def gradgradcheck(
         nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad, check_batched_grad=check_batched_grad,
         fast_mode=fast_mode, points=points, dtypes=dtypes, devices=devices, seed=seed, manual=None,
         timeout=timeout, order=2, modes=("rev",) * check_rev_over_rev + ("fwd",) * check_fwd_over_rev, reference=reference,
+        contract=contract,
     )
 
 
@@ -186,6 +191,7 @@ def _checked(
     order: int,
     modes: tuple[str, ...],
     reference: Callable[..., Any] | None = None,
+    contract: Sequence[str] | None = None,
 ) -> bool:
     """Run the check and answer as torch's checks do (see gradcheck)."""
     __tracebackhide__ = True
@@ -199,9 +205,12 @@ def _checked(
     ]
     if ignored:
         warnings.warn(f"backprop_check.{what} ignores {', '.join(ignored)}", stacklevel=3)
-    items = [item for item in contract.ITEMS if item != "vmap" or check_batched_grad]
-    if not check_undefined_grad:
-        items.remove("undefined_grad")
+    if contract is None:
+        items = [item for item in ITEMS if item != "vmap" or check_batched_grad]
+        if not check_undefined_grad:
+            items.remove("undefined_grad")
+    else:
+        items = list(contract)
     checked = FunctionCase(
         fn, inputs, manual=manual, rtol=rtol, atol=atol, contract=items, nondet_tol=nondet_tol, order=order, modes=modes,
         reference=reference,

@@ -412,7 +412,7 @@ def repeatable(p: Probe) -> Check:
             "repeatable",
             f"{p.owner} can run only once per graph: a second backward on the same graph (retain_graph=True) "
             f"fails: {one_line(exc)[:240]} (it edits or frees a tensor it saved; the other contract items "
-            "used a fresh graph for every backward)",
+            "used a fresh graph for every backward; a backward meant to run once: leave `repeatable` out of contract=)",
             "",
         )
     spread, where = _spread(first, second)
@@ -424,7 +424,8 @@ def repeatable(p: Probe) -> Check:
                 f"{p.owner} is not repeatable on one graph: a second backward with the same grad_output differs by "
                 f"up to {spread:.3g} for input `{where[0]}`{_at(where[1])}, while a fresh graph gives the first "
                 f"values again (spread {fresh:.3g}; nondet_tol {tol:g}): the backward changes what it saved (in place, as "
-                "probs.mul_(...), or state kept on ctx), so retain_graph=True gives wrong gradients"
+                "probs.mul_(...), or state kept on ctx), so retain_graph=True gives wrong gradients (a backward "
+                "meant to run once: leave `repeatable` out of contract=)"
             )
         else:
             failure = (
