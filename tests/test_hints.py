@@ -54,6 +54,20 @@ def true_matrix_gradient(W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> t
     return (2 * (x @ W.T - y)).T @ x
 
 
+def test_a_factor_2_is_called_a_squares_only_where_a_square_is_in_sight() -> None:
+    # linear_case's forward returns s**2: a missing 2 there is d(s²)/ds's
+    (square,) = hints_of(linear_case(lambda w, x, y: {"w": (w * x - y) * x}))
+    assert "a missing factor 2 (d(s²)/ds = 2s)" in square
+
+    @case(params={"x": [1.0, -2.0, 3.0]}, data={"mask": [1.0, 0.0, 1.0]})
+    def dropout(x, mask):
+        return (x * mask / 0.5).sum()  # inverted dropout at p = ½: no square anywhere
+
+    dropout.manual(lambda x, mask: {"x": x * 0 + mask})  # the 1/p forgotten
+    (hint,) = hints_of(dropout)
+    assert "half the true gradient: a missing factor 2" in hint and "d(s²)" not in hint
+
+
 def hints_of(target: Any) -> list[str]:
     (result,) = run(target, **CPU64).results
     return result.hints

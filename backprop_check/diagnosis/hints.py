@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 # How close a ratio must be to a named factor, by the dtype the gradients were computed in.
 
 
-def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[str]:
+def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "", forward_code: str = "") -> list[str]:
     """Hints for the shown (failing) outcome; `outcomes` are all the points of the result;
-    `code` the source of the manual gradient (see `code_of`), which a hint may quote."""
+    `code` the source of the manual gradient (see `code_of`), which a hint may quote;
+    `forward_code` the forward's (a factor 2 is said to be a square's only where one is in sight)."""
     hints: list[str] = []
     factors: dict[tuple[str, str], list[str]] = {}
     # A distributed check names the factor itself (2 = the world size: an all-reduce done twice)
@@ -79,9 +80,11 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "") -> list[s
         if transposed:
             hints.append(transposed)
             continue
-        reason = None if diagnosed else _factor_reason(odd, reference, shown, str(check.culprit), code if check.culprit == Culprit.MANUAL else "")
+        own = code if check.culprit == Culprit.MANUAL else ""
+        reason = None if diagnosed else _factor_reason(odd, reference, shown, str(check.culprit), own, f"{own}\n{forward_code}")
         if reason and check.complex:
-            reason = reason.replace(_HALF, f"half the true gradient: ∂L/∂z̄ without torch's factor 2 ({CONVENTION})")
+            conjugate = f"half the true gradient: ∂L/∂z̄ without torch's factor 2 ({CONVENTION})"
+            reason = reason.replace(f"{_HALF} (d(s²)/ds = 2s)", conjugate).replace(_HALF, conjugate)
         if reason:
             factors.setdefault((str(check.culprit), reason), []).append(check.name)
     for (source, reason), names in factors.items():
@@ -199,7 +202,9 @@ FORWARD_LAYOUT = "the forward of "
 NOTHING_FLOWS = "zero in every element while the true gradient is not: no gradient flows back to it"
 
 
-def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, culprit: str, code: str = "") -> str | None:
+def _factor_reason(
+    odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, culprit: str, code: str = "", seen: str = ""
+) -> str | None:
     """Why `odd` is a constant multiple of `reference`, or None when it is not one."""
     norm = float((reference * reference).sum())
     if norm == 0.0:
@@ -219,7 +224,7 @@ def _factor_reason(odd: torch.Tensor, reference: torch.Tensor, shown: Outcome, c
     # a named factor within 10·rtol of it, but never beyond NAMED_WITHIN (bfloat16's rtol would
     # read 1.1× as "twice").
     near = min(10 * rtol, NAMED_WITHIN)
-    named = [reason for value, reason in _named_factors(shown, code) if abs(factor - value) <= near * abs(value)]
+    named = [reason for value, reason in _named_factors(shown, code, seen) if abs(factor - value) <= near * abs(value)]
     if named:
         return " or ".join(named)
     if int((reference != 0).sum()) < 2:  # one number is always some multiple of another
@@ -238,14 +243,16 @@ _ZERO = {
 }
 
 
-_HALF = "half the true gradient: a missing factor 2 (d(s²)/ds = 2s)"
+_HALF = "half the true gradient: a missing factor 2"
+# A square on the way (s**2, s.pow(2), np.square(s), s * s): its derivative 2s is the usual factor 2.
+_SQUARE = re.compile(r"\*\*\s*2\b|\.pow\(\s*2\s*\)|square\(|\b(\w+)\s*\*\s*\1\b")
 
 
 # A `.mean()` with nothing to average over: the tutorial's `np.dot(2*x, y_pred - y).mean()`.
 _EMPTY_MEAN = re.compile(r"\.mean\(\s*\)")
 
 
-def _named_factors(shown: Outcome, code: str = "") -> list[tuple[float, str]]:
+def _named_factors(shown: Outcome, code: str = "", seen: str = "") -> list[tuple[float, str]]:
     # Said only where the manual gradient's code has a .mean(): elsewhere it explains nothing.
     why = " (a .mean() of a number that is already a sum does nothing)" if _EMPTY_MEAN.search(code) else ""
     factors = [(n, f"{n}× the true gradient, with N = {n} = {label}: the 1/N of a mean over the batch is "
@@ -253,9 +260,12 @@ def _named_factors(shown: Outcome, code: str = "") -> list[tuple[float, str]]:
                for n, label in _batch_sizes(shown)]
     factors += [(1 / n, f"1/{n} of the true gradient, with N = {n} = {label}: divided by N once too often")
                 for n, label in _batch_sizes(shown)]
+    # d(s²)/ds is named only where the code `seen` (the forward's, the manual gradient's) shows a
+    # square: the factor ½ of a dropout's 1/p at p = ½, or of GELU's x·φ(x) term near 0, is none.
+    square = bool(_SQUARE.search(seen))
     factors += [
-        (2.0, "twice the true gradient: a factor 2 too many (d(s²)/ds is 2s, and only once)"),
-        (0.5, _HALF),
+        (2.0, "twice the true gradient: a factor 2 too many" + (" (d(s²)/ds is 2s, and only once)" if square else "")),
+        (0.5, _HALF + (" (d(s²)/ds = 2s)" if square else "")),
         (-1.0, "the true gradient with the sign flipped: a minus lost, or ŷ − y and y − ŷ swapped"),
         (-2.0, "−2× the true gradient: the sign flipped and a factor 2 too many"),
         (-0.5, "−½× the true gradient: the sign flipped and a factor 2 missing"),

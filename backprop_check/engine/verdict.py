@@ -89,7 +89,7 @@ def summarize(case: Case, device: str, dtype: str, outcomes: list[Outcome], tole
     result.first_bad_node = first_bad_node(shown.checks, culprit) if verdict == MISMATCH else None
     if verdict == MISMATCH:
         code = code_of(case.manual_fn) if culprit == Culprit.MANUAL else ""
-        hints = hints_for(shown, outcomes, code)
+        hints = hints_for(shown, outcomes, code, code_of(getattr(case, "fn", None) or case.forward))
         if culprit in (Culprit.MANUAL, Culprit.AUTOGRAD) and not any("conjugate" in hint for hint in hints):
             hints += _conjugate_hints(case, shown, device, dtype)
         result.hints = derivative_hints(case, shown, _said_of(case, hints))
