@@ -80,9 +80,32 @@ def test_a_small_input_gets_one_basis_tangent_per_element_of_its_step() -> None:
     assert [tangent.element for tangent in tangents] == [("w", j) for j in range(6)]
     for j, tangent in enumerate(tangents):
         vector = tangent.vectors["w"]
-        assert tangent.step == float(steps[j]) and float(vector[j]) == tangent.step
+        sign = -1.0 if j % 2 == 0 else 1.0  # every other one points down: a jvp must be linear in its tangent
+        assert tangent.step == sign * float(steps[j]) and float(vector[j]) == tangent.step
         assert int(vector.count_nonzero()) == 1
-        assert math.log2(tangent.step) == round(math.log2(tangent.step))  # a power of two: θ ± h is exact
+        assert math.log2(abs(tangent.step)) == round(math.log2(abs(tangent.step)))  # a power of two: θ ± h is exact
+
+
+def test_a_jvp_that_is_not_linear_in_its_tangent_fails_on_a_small_input() -> None:
+    class AbsTangent(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_forward(x)
+            ctx.save_for_backward(x)
+            return x.exp()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return grad * x.exp()
+
+        @staticmethod
+        def jvp(ctx, tangent):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return x.exp() * tangent.abs()  # right along every +e_j, not along -e_j
+
+    x = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert not gradcheck(AbsTangent.apply, (x,), check_forward_ad=True, raise_exception=False)
 
 
 def test_a_large_input_gets_random_sign_tangents_of_its_steps_repeatable_by_seed() -> None:

@@ -158,12 +158,15 @@ def _tangents(point: Point, seed: int) -> list[Tangent]:
     total = sum(s.numel() for s in steps.values())
 
     def basis(name: str) -> list[Tangent]:
+        # Every other element's direction points down (the first's too): a jvp is linear in its
+        # tangent, and one that is not (|t| for t) agrees along every +e_j.
         found = []
         for j in range(steps[name].numel()):
             if moves[name][j]:
+                step = -steps[name][j] if j % 2 == 0 else steps[name][j]
                 vectors = _zeros(point.params)
-                vectors[name].view(-1)[j] = steps[name][j]
-                found.append(Tangent(vectors, (name, j), float(steps[name][j])))
+                vectors[name].view(-1)[j] = step
+                found.append(Tangent(vectors, (name, j), float(step)))
         return found
 
     if total <= ELEMENTWISE:
