@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,3 +271,9 @@ def test_the_pytest_plugin_collects_function_checks(pytester: pytest.Pytester) -
     result = pytester.runpytest("checks.py", "--bc-device", "cpu", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*checks.py*"])
+
+
+def test_a_numpy_input_to_check_points_to_the_numpy_ways_too() -> None:
+    (result,) = bc.check(lambda x: 1 / (1 + np.exp(-x)), (np.ones(3),), dtypes=["float64"]).results
+    assert result.verdict == "error" and "is a numpy array, not a tensor" in result.message
+    assert "check_layer(forward, backward, inputs) or @case(numpy=True)" in result.message

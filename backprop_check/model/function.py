@@ -691,7 +691,11 @@ def _not_an_input(name: str, value: Any) -> str | None:
             return f"input `{name}` has layout {value.layout}: only dense (strided) tensors can be checked"
         return None
     if isinstance(value, np.ndarray):
-        return f"input `{name}` is a numpy array, not a tensor: pass torch.from_numpy(...) to differentiate it"
+        return (
+            f"input `{name}` is a numpy array, not a tensor: check() differentiates torch code (pass "
+            "torch.from_numpy(...) where fn computes with torch); a numpy forward with its hand-written backward "
+            "is checked with check_layer(forward, backward, inputs) or @case(numpy=True)"
+        )
     if isinstance(value, (list, tuple)) and not _all_integers(value):
         return (
             f"input `{name}` is a {type(value).__name__} of numbers, not a tensor: pass torch.tensor(...) to "
