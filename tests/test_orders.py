@@ -511,3 +511,21 @@ def test_the_order_2_loss_at_a_point_is_the_same_at_every_call() -> None:
     losses = [float(call_forward(second, at)[0]) for _ in range(3)]
     assert losses[0] == losses[1] == losses[2]
     assert bc.gradgradcheck(norm, tuple(t.requires_grad_(True) for t in (x, w, b)))
+
+
+def test_a_saved_intermediate_of_forward_is_named_where_order_2_is_zero() -> None:
+    class SavesIntermediate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            d = x - 1.0
+            ctx.save_for_backward(d)  # computed without a graph: a constant to the double backward
+            return 0.5 * (d * d).sum()
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (d,) = ctx.saved_tensors
+            return g * d
+
+    x = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (result,) = [r for r in bc.check(SavesIntermediate.apply, (x,), order=2, dtypes=["float64"], points=0).results if r.verdict == "mismatch"]
+    assert any("intermediates of forward saved" in hint for hint in result.hints), result.hints

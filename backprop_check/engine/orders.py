@@ -304,12 +304,14 @@ def hints_for(case: Case, outcome: Any, found: list[str]) -> list[str]:
         return [
             f"autograd's derivative of the {below} gradient is exactly zero here, finite differences are not: the "
             "backward does not record a graph of its own (a saved tensor .detach()ed, torch.no_grad() or "
-            "numpy inside backward, or @once_differentiable), which is invisible to first order",
+            "numpy inside backward, @once_differentiable, an inner Function whose backward returns None, or only "
+            "intermediates of forward saved, which carry no graph), which is invisible to first order",
             *(hint for hint in found if NOTHING_FLOWS not in hint),
         ]
     return [
         f"where the check of {below} agrees, the backward is right but is differentiated wrongly: typically a "
         "saved tensor used .detach()ed, or a term computed outside autograd, inside backward, so double backward "
-        "misses that term",
+        "misses that term; or an intermediate computed in forward and saved (forward runs without a graph, so "
+        "it is a constant to the double backward: save the inputs and recompute it in backward)",
         *found,
     ]
