@@ -108,6 +108,12 @@ def test_check_forward_ad_checks_the_functions_jvp() -> None:
         bc.gradcheck(torch.sin, (x64(3),), check_forward_ad=False, check_backward_ad=False)
 
 
+def test_a_jvp_that_is_not_linear_in_its_tangent_fails_on_a_small_input() -> None:
+    # right along every +e_j, not along -e_j: every other basis direction of a small input points down
+    abs_tangent = type("AbsTangent", (_WrongJvp,), {"jvp": staticmethod(lambda ctx, t: ctx.saved_tensors[0].exp() * t.abs())})
+    assert not bc.gradcheck(abs_tangent.apply, (x64(5),), check_forward_ad=True, raise_exception=False)
+
+
 def test_gradgradcheck_checks_forward_over_reverse_where_asked_as_torchs_does() -> None:
     # torch's gradgradcheck(check_fwd_over_rev=True) fails a Function whose jvp is wrong; the
     # drop-in ignored the keyword (a warning, and True): one import line lost a check.
