@@ -161,6 +161,7 @@ def stochastic_allowances(
         spread = stochastic(
             lambda source=source: SOURCES[source](case, at, "cpu", torch.float64).values,
             list(uncovered), unit, derive_seed("stochastic", case.name, point.label, source), numpy=case.numpy,
+            decompose=True,
         )
         for name, where in uncovered.items():
             if name not in spread:

@@ -241,7 +241,8 @@ def rounding_stairs(jumps: torch.Tensor, coarsest: float) -> torch.Tensor:
 
 
 def stochastic(
-    compute: Callable[[], dict[str, torch.Tensor]], names: list[str], unit: float, seed: int, numpy: bool = False
+    compute: Callable[[], dict[str, torch.Tensor]], names: list[str], unit: float, seed: int, numpy: bool = False,
+    decompose: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per name in `names`, how far the float64 values `compute()` gives for it move when every
     floating-point value an op makes is multiplied by 1 + δ, δ uniform within ±`unit` (Monte
@@ -250,8 +251,11 @@ def stochastic(
     moves opposite; an element whose moves are not opposite in every pair jumps (a branch, a tie
     that the draws break) and gets 0, as a jump is no rounding. {} where `compute` fails under
     the draws (nothing is allowed then). `numpy`: `compute` runs numpy code, whose ufuncs the
-    draws reach through the arrays it is given (`arrays.Jittered`), not torch's dispatch."""
-    rounds = Jittered if numpy else _Rounds
+    draws reach through the arrays it is given (`arrays.Jittered`), not torch's dispatch.
+    `decompose`: a fused op with a decomposition runs as its decomposition, so that the values
+    computed inside it are drawn too (torch's cross-entropy backward forms softmax − onehot in
+    one op: at p ≈ 1 − 3e-8 its float32 result is 0, and only the rounding of p shows why)."""
+    rounds = Jittered if numpy else functools.partial(_Rounds, decompose=decompose)
     try:
         base = compute()
     except CaseTimeout:
@@ -290,12 +294,25 @@ class _Rounds(TorchDispatchMode):
     multiplied by 1 + δ, δ uniform within ±`unit`, drawn from a generator seeded with `seed`: the
     same draws in the same order for -`unit`, so two runs move the values opposite ways."""
 
-    def __init__(self, unit: float, seed: int) -> None:
+    def __init__(self, unit: float, seed: int, decompose: bool = False) -> None:
         super().__init__()
         self.unit = unit
         self.gen = torch.Generator().manual_seed(seed)
+        self.decompose = decompose
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if self.decompose and not func.is_view:
+            from torch._decomp import decomposition_table
+
+            decomposition = decomposition_table.get(func)
+            if decomposition is not None:
+                try:
+                    with self:  # the ops it is made of come here again, each drawn
+                        found = decomposition(*args, **(kwargs or {}))
+                except Exception:  # noqa: BLE001 - no decomposition for these arguments: the op itself
+                    found = NotImplemented
+                if found is not NotImplemented:
+                    return found
         out = func(*args, **(kwargs or {}))
         if func.is_view or any(r.alias_info is not None for r in func._schema.returns):
             return out
