@@ -478,20 +478,22 @@ def _checked_under_vmap(
     else:
         values = _under_vmap(loss, targets, flat, torch.cat([batch, flat.join(targets)[None]]))
         values, row, plain = values[:-1], values[-1], at_point
+    if not _same(row.reshape(-1), plain.reshape(-1)):
+        return None
+    if len(values) > 1 and bool((values == values[:1]).all()):
+        # Every row alike: a loss standing still on a stair, a constant, or a vmap rule that
+        # repeats its first row. A plain pass at the last row tells: the rule's rows differ from
+        # it, a stair's or a constant's do by rounding alone (then shifted onto it, as below).
+        row, plain = values[-1], loss({**targets, **flat.split(batch[-1])})
         if not _same(row.reshape(-1), plain.reshape(-1)):
             return None
-        if bool((values == values[:1]).all()):
-            # Every row alike: a constant, or a vmap rule that repeats its first row (a noise
-            # line's, within 1e-12 of the point): left as computed, the referee sees which.
-            return values
-        # vmap's kernels may round the loss at the point otherwise than the plain pass does (a
-        # cross-entropy of confident logits: 3.5e-16 apart, terms of 20); its rows differ from
-        # each other by its own rounding, and from the plain pass's value by that offset too.
-        # Shifted onto the plain pass at the point, the rows and the loss there are one
-        # computation: the stencil's even part and the noise lines see no step at the point that
-        # is none (a loss standing still on its stairs read as a slope of 0 ± 1e-24).
-        return values + (plain - row).to(values.dtype)
-    return values if _same(row.reshape(-1), plain.reshape(-1)) else None
+    # vmap's kernels may round the loss otherwise than the plain pass does (a cross-entropy of
+    # confident logits: 3.5e-16 apart, terms of 20); its rows differ from each other by its own
+    # rounding, and from the plain pass by that offset too. Shifted onto the plain pass at the
+    # row checked, the rows and the loss at the point are one computation: the stencil's even
+    # part and the noise lines see no step at the point that is none (a loss standing still on
+    # its stairs read as a slope of 0 ± 1e-24).
+    return values + (plain - row).to(values.dtype)
 
 
 def _under_vmap(loss: Loss, targets: Mapping[str, torch.Tensor], flat: Flat, batch: torch.Tensor) -> torch.Tensor:

@@ -123,12 +123,15 @@ def reference(
         if name in held:  # a direction moves no infinite element, and no sample is one
             vectors = [v.masked_fill(held[name], 0.0) for v in vectors]
             finite = held[name].reshape(-1).logical_not().nonzero().reshape(-1)
+        sigma = differences.noise[0]
+        result.directions[name] = differences.along(name, vectors)
         index = finite[torch.randperm(finite.numel(), generator=gen)[:SAMPLES]].sort().values
         _store(result, differences.estimate([name], {name: index}), differences.targets, mask={name: index})
-        # After the samples: where the loss stood still on the noise lines, their estimate has
-        # measured its stairs (`_coarse`), and the directions' bars are built from that noise,
-        # not from a floor 1e-8 times too small (a confident cross-entropy read as a slope of 0).
-        result.directions[name] = differences.along(name, vectors)
+        if differences.noise[0] > sigma:
+            # Where the loss stood still on the noise lines, the samples' estimate has measured
+            # its stairs (`_coarse`): the directions again, their bars from that noise, not from
+            # a floor 1e-8 times too small (a confident cross-entropy read as a slope of 0).
+            result.directions[name] = differences.along(name, vectors)
     notes = [differences.batched.note] if differences.batched.note else []
     if held:
         counts = ", ".join(f"{int(mask.sum())} of `{name}`" for name, mask in held.items())
