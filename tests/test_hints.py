@@ -247,3 +247,26 @@ def test_an_embeddings_padding_row_is_named_as_torchs_convention() -> None:
     # without padding_idx the same embedding is right, and no such hint is made up
     plain = bc.check(lambda weight, ids: torch.nn.functional.embedding(ids, weight).tanh(), (weight, ids), dtypes=["float64"], points=0)
     assert plain.exit_code == 0
+
+
+def test_a_missing_attention_scale_is_named_by_the_inputs_dimension() -> None:
+    class Score(torch.autograd.Function):
+        """s = q·k/√d for a head of d = 16, summed with weights; dq forgets the 1/√d."""
+
+        @staticmethod
+        def forward(ctx, q, k):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(q, k)
+            return torch.tanh(q @ k.T / 4)
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            q, k = ctx.saved_tensors
+            inner = g * (1 - torch.tanh(q @ k.T / 4) ** 2)
+            return inner @ k, inner.T @ q / 4  # dq without its 1/√16
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 16, generator=gen, dtype=torch.float64), torch.randn(1, 16, generator=gen, dtype=torch.float64)
+    from backprop_check import check
+
+    (result,) = check(Score.apply, (q, k), **CPU64).results
+    assert any("4× the true gradient, with 4 = √16" in hint for hint in result.hints), result.hints

@@ -19,6 +19,7 @@ manual gradient is the culprit, the numerical one when autograd is):
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -255,11 +256,17 @@ _EMPTY_MEAN = re.compile(r"\.mean\(\s*\)")
 def _named_factors(shown: Outcome, code: str = "", seen: str = "") -> list[tuple[float, str]]:
     # Said only where the manual gradient's code has a .mean(): elsewhere it explains nothing.
     why = " (a .mean() of a number that is already a sum does nothing)" if _EMPTY_MEAN.search(code) else ""
+    sizes = _batch_sizes(shown, inputs=True)
     factors = [(n, f"{n}× the true gradient, with N = {n} = {label}: the 1/N of a mean over the batch is "
                    f"missing{why}")
-               for n, label in _batch_sizes(shown)]
+               for n, label in sizes]
     factors += [(1 / n, f"1/{n} of the true gradient, with N = {n} = {label}: divided by N once too often")
-                for n, label in _batch_sizes(shown)]
+                for n, label in sizes]
+    # An attention's 1/√d: the scale of a score q·k/√d, missing from a hand-written dQ or dK.
+    factors += [(r, f"{r}× the true gradient, with {r} = √{n} = √{label}: a 1/√d scale missing (as of q·k/√d)")
+                for n, label in sizes if (r := math.isqrt(n)) > 1 and r * r == n]
+    factors += [(1 / r, f"1/{r} of the true gradient, with {r} = √{n} = √{label}: a 1/√d scale applied twice")
+                for n, label in sizes if (r := math.isqrt(n)) > 1 and r * r == n]
     # d(s²)/ds is named only where the code `seen` (the forward's, the manual gradient's) shows a
     # square: the factor ½ of a dropout's 1/p at p = ½, or of GELU's x·φ(x) term near 0, is none.
     square = bool(_SQUARE.search(seen))
@@ -273,11 +280,14 @@ def _named_factors(shown: Outcome, code: str = "", seen: str = "") -> list[tuple
     return factors
 
 
-def _batch_sizes(shown: Outcome) -> list[tuple[int, str]]:
-    """Sizes of the data a mean may run over, leading dimensions first, each with its name."""
+def _batch_sizes(shown: Outcome, inputs: bool = False) -> list[tuple[int, str]]:
+    """Sizes of the data a mean may run over, leading dimensions first, each with its name; with
+    `inputs`, the differentiated inputs' dimensions after them (a function's inputs are its
+    parameters: log-probabilities over a vocabulary of V, an attention head of d)."""
     sizes: dict[int, str] = {}
     # a complex datum's real view ends in its two parts: no size a mean runs over
-    data = {k: v[..., 0] if k in shown.point.complex else v for k, v in shown.point.data.items()}
+    values = {**shown.point.data, **(shown.point.params if inputs else {})}
+    data = {k: v[..., 0] if k in shown.point.complex else v for k, v in values.items()}
     for dim in range(max((v.dim() for v in data.values()), default=0)):
         for name, value in data.items():
             if value.dim() > dim and value.shape[dim] > 1:
