@@ -263,10 +263,11 @@ def _named_factors(shown: Outcome, code: str = "", seen: str = "") -> list[tuple
     factors += [(1 / n, f"1/{n} of the true gradient, with N = {n} = {label}: divided by N once too often")
                 for n, label in sizes]
     # An attention's 1/√d: the scale of a score q·k/√d, missing from a hand-written dQ or dK.
+    roots = [(r, n, label) for n, label in sizes if (r := math.isqrt(n)) > 1 and r * r == n]
     factors += [(r, f"{r}× the true gradient, with {r} = √{n} = √{label}: a 1/√d scale missing (as of q·k/√d)")
-                for n, label in sizes if (r := math.isqrt(n)) > 1 and r * r == n]
+                for r, n, label in roots]
     factors += [(1 / r, f"1/{r} of the true gradient, with {r} = √{n} = √{label}: a 1/√d scale applied twice")
-                for n, label in sizes if (r := math.isqrt(n)) > 1 and r * r == n]
+                for r, n, label in roots]
     # d(s²)/ds is named only where the code `seen` (the forward's, the manual gradient's) shows a
     # square: the factor ½ of a dropout's 1/p at p = ½, or of GELU's x·φ(x) term near 0, is none.
     square = bool(_SQUARE.search(seen))

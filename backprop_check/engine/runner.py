@@ -287,11 +287,10 @@ def check_combination(
             numerical = cache[key].gradients
             require_finite_loss(numerical.loss, point)
             require_finite_gradient(numerical, point)
-            checked = check_point(case, point, device, dtype, cache[key], tol, locate=not shown_already(outcomes))
+            first = not shown_already(outcomes)  # else this point's diagnosis is never shown
+            checked = check_point(case, point, device, dtype, cache[key], tol, locate=first)
             checks, autograd = checked.checks, checked.gradients["autograd"]
-            checks[:0] = extra_checks(
-                case, point, device, dtype, checks, tol, checked.gradients["numerical"], diagnose=not shown_already(outcomes)
-            )
+            checks[:0] = extra_checks(case, point, device, dtype, checks, tol, checked.gradients["numerical"], diagnose=first)
             if point.seed is None:
                 checks.extend(expect_checks(case, checked.gradients["numerical"], autograd, dtype, tol, point.complex))
                 # numpy case: no autograd; the baseline keeps the manual gradient instead

@@ -133,7 +133,7 @@ class Pair:
         with torch.no_grad():
             out, _ = self._call_forward(copies)
         for name, given, after in zip(self.names, self.values, copies):
-            if name not in self.constants and _changed(_snapshot(given), after, name):
+            if name not in self.constants and _changed(given, after, name):
                 raise CaseError(
                     f"the forward changes {name!r} in place; it must not modify its inputs (compute into a new "
                     "array, e.g. out = np.maximum(x, 0), or copy first)"

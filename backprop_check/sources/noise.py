@@ -14,9 +14,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
+from torch._decomp import decomposition_table  # loaded with torch: no start-up cost
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -299,20 +301,23 @@ class _Rounds(TorchDispatchMode):
         self.unit = unit
         self.gen = torch.Generator().manual_seed(seed)
         self.decompose = decompose
+        self.decomposing: set[Any] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
-        if self.decompose and not func.is_view:
-            from torch._decomp import decomposition_table
-
-            decomposition = decomposition_table.get(func)
-            if decomposition is not None:
-                try:
-                    with self:  # the ops it is made of come here again, each drawn
-                        found = decomposition(*args, **(kwargs or {}))
-                except Exception:  # noqa: BLE001 - no decomposition for these arguments: the op itself
-                    found = NotImplemented
-                if found is not NotImplemented:
-                    return found
+        # A functional op only (one that writes in place or into out= is left whole), and not
+        # inside its own decomposition (one that falls back on the op it decomposes).
+        decomposition = decomposition_table.get(func) if self.decompose and func not in self.decomposing else None
+        if decomposition is not None and not func.is_view and not func._schema.is_mutable:
+            self.decomposing.add(func)
+            try:
+                with self:  # the ops it is made of come here again, each drawn
+                    found = decomposition(*args, **(kwargs or {}))
+            except Exception:  # noqa: BLE001 - no decomposition for these arguments: the op itself
+                found = NotImplemented
+            finally:
+                self.decomposing.discard(func)
+            if found is not NotImplemented:
+                return found
         out = func(*args, **(kwargs or {}))
         if func.is_view or any(r.alias_info is not None for r in func._schema.returns):
             return out
