@@ -24,7 +24,7 @@ class Row:
 
 
 TABLE: dict[str, Row] = {
-    "float64": Row(1e-7, 1e-9, 1e-6, 1e-6, 1e-10, 1e-12, "f64"),
+    "float64": Row(1e-7, 1e-12, 1e-6, 1e-6, 1e-10, 1e-12, "f64"),
     "float32": Row(1e-4, 2e-5, 1e-4, 1e-3, 1e-5, 1e-6, "f32"),
     "float16": Row(5e-3, 1e-3, 1e-3, 2e-2, 1e-2, 1e-3, "f16"),
     "bfloat16": Row(3e-2, 1e-2, 1e-3, 5e-2, 5e-2, 1e-2, "bf16"),

@@ -145,7 +145,7 @@ def judged(dtype: torch.dtype, fwd: float, twin: float, n: float, e: float, **es
 
 def test_the_judges_allowance_is_error_bars_rtol_atol_and_floor() -> None:
     finding = judged(torch.float64, 2.0, 2.0, 2.0, 1e-10)
-    expected = ERROR_BARS * 1e-10 + 1e-7 * 2.0 + 1e-9 * 2.0 + TOL64.floor(2.0)
+    expected = ERROR_BARS * 1e-10 + 1e-7 * 2.0 + 1e-12 * 2.0 + TOL64.floor(2.0)
     assert float(finding.allowed[0]) == pytest.approx(expected, rel=1e-12)
     assert finding.run_ratio is None and finding.bad == 0
 

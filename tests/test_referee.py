@@ -508,7 +508,54 @@ def test_a_gradient_that_is_zero_is_judged_on_the_points_scale_and_a_wrong_one_s
     w, b = torch.full((6,), 3.0, dtype=torch.float64), torch.tensor([0.5, -0.25], dtype=torch.float64)
     result = backprop_check.check(Cancelled.apply, (w, b), dtypes=["float64"], points=1).results[0]
     assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
-    assert "input `b` at b[" in result.message and "1e-09·max|grad|" in result.message
+    assert "input `b` at b[" in result.message and "1e-12·max|grad|" in result.message
+
+
+class _Slipped(torch.autograd.Function):
+    """x·[1e10, 1, 1], whose backward multiplies element 1 of the true gradient by `slip`."""
+
+    slip = 1.0
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x * torch.tensor([1e10, 1.0, 1.0], dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return g * torch.tensor([1e10, _Slipped.slip, 1.0], dtype=g.dtype)
+
+
+@pytest.mark.parametrize(("slip", "verdict"), [(1.0, "ok"), (2.0, "mismatch")])
+def test_a_wrong_element_ten_billion_times_smaller_than_its_neighbours_fails(
+    monkeypatch: pytest.MonkeyPatch, slip: float, verdict: str
+) -> None:
+    # Its gradient is 1 where its neighbour's is 1e10: float64's atol of 1e-9 of the largest
+    # allowed 4.4 at an element of 0.49 (its error bar is 3.2e-4), and a backward twice the true
+    # gradient there passed; torch's gradcheck fails it.
+    monkeypatch.setattr(_Slipped, "slip", slip)
+    x = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+    for dtype in ("float64", "float32"):
+        (result,) = backprop_check.check(_Slipped.apply, (x,), dtypes=[dtype], points=0).results
+        assert str(result.verdict) == verdict, result.message
+        if verdict == "mismatch":
+            assert str(result.culprit) == "autograd" and "at x[1]" in result.message, result.message
+    assert backprop_check.gradcheck(_Slipped.apply, (x.requires_grad_(),), raise_exception=False) is (slip == 1.0)
+
+
+def test_least_squares_at_an_exact_fit_is_rounding_where_every_gradient_is_computed_as_zero() -> None:
+    # b = A·w: the residual is 0 in float64 and about an ulp of A·w in truth, so the true gradient
+    # of A (r·wᵀ, |w| ~ 1e3) is ~1e-10 where autograd computes exactly 0. The float64 re-judge's
+    # cap (its rtol of the tensor's largest gradient) was 0 there, and the drop-in failed A at
+    # 1.3× its tolerance; torch's gradcheck passes.
+    gen = torch.Generator().manual_seed(76)
+    a = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    w = torch.randn(8, generator=gen, dtype=torch.float64) * 1e3
+    b = a @ w
+
+    def squares(w, a, b):  # noqa: ANN001, ANN202
+        return ((a @ w - b) ** 2).sum() / 2
+
+    assert backprop_check.gradcheck(squares, tuple(t.clone().requires_grad_() for t in (w, a, b)))
 
 
 def test_a_time_limit_while_measuring_float64s_rounding_keeps_the_mismatch_found(monkeypatch):

@@ -30,7 +30,7 @@ def t(*values: float) -> torch.Tensor:
 
 def test_float64_defaults_have_no_twin_and_float64s_epsilon() -> None:
     tol = tolerance_for(torch.float64)
-    assert (tol.rtol, tol.atol, tol.absolute, tol.rtol_given) == (1e-7, 1e-9, 0.0, 0.0)
+    assert (tol.rtol, tol.atol, tol.absolute, tol.rtol_given) == (1e-7, 1e-12, 0.0, 0.0)
     assert tol.eps == EPS64
     assert tol.underflow == TINY64
     assert tol.twin is None
@@ -46,7 +46,7 @@ def test_float32_defaults_are_looser_and_carry_a_float64_twin() -> None:
 
 def test_a_cases_rtol_replaces_the_default_and_is_remembered_as_given() -> None:
     tol = tolerance_for(torch.float64, rtol=1e-3)
-    assert (tol.rtol, tol.rtol_given, tol.atol) == (1e-3, 1e-3, 1e-9)
+    assert (tol.rtol, tol.rtol_given, tol.atol) == (1e-3, 1e-3, 1e-12)
 
 
 def test_a_cases_atol_is_absolute_and_drops_the_scaled_atol() -> None:
@@ -83,7 +83,7 @@ def test_a_difference_just_inside_the_float64_tolerance_passes_and_just_outside_
     tol = tolerance_for(torch.float64)
     reference, scale = t(3.0), 5.0
     allowed = tol.allowed(reference, scale)
-    expected = 1e-7 * 3.0 + 1e-9 * 5.0 + TINY64
+    expected = 1e-7 * 3.0 + 1e-12 * 5.0 + TINY64
     assert float(allowed) == pytest.approx(expected, rel=1e-12)
     ratio = ratios(allowed * factor, allowed)
     assert bool(ratio <= 1) is passes
@@ -164,7 +164,7 @@ def test_along_for_a_float64_twin_uses_float64s_epsilon() -> None:
 @pytest.mark.parametrize(
     "tol, text",
     [
-        pytest.param(Tolerance(rtol=1e-7, atol=1e-9), "rtol 1e-07, atol 1e-09·max|grad|", id="default"),
+        pytest.param(Tolerance(rtol=1e-7, atol=1e-12), "rtol 1e-07, atol 1e-12·max|grad|", id="default"),
         pytest.param(Tolerance(rtol=1e-3, atol=0.0, absolute=1e-5), "rtol 0.001, atol 1e-05", id="absolute"),
     ],
 )

@@ -229,6 +229,13 @@ def float64_allowances(
             typical, scale = float(move.square().mean().sqrt()), float(g.abs().max())
             wide = NUDGE_SPREAD * move.clamp(min=typical)
             spread = wide.clamp(max=NUDGE_CAP * scale)
+            if scale == 0.0:
+                # Every element computed as exactly 0 leaves no largest element to bound the
+                # allowance by: least squares at an exact fit (b = A·w) has a residual of 0 in
+                # float64 and of an ulp of A·w in truth, and a nudge moves it by ulps of A·w,
+                # rounded one way or the other. The moves are the allowance (a backward that
+                # returns zeros where the truth is not moves by nothing, and still fails).
+                spread = wide
             result[source][name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs())
             if bool((wide > spread).any()):
                 binding[name] = wide > spread
