@@ -270,3 +270,45 @@ def test_a_missing_attention_scale_is_named_by_the_inputs_dimension() -> None:
 
     (result,) = check(Score.apply, (q, k), **CPU64).results
     assert any("4× the true gradient, with 4 = √16" in hint for hint in result.hints), result.hints
+
+
+class _Scores(torch.autograd.Function):
+    """s = q·kᵀ/√d for a head of d = 16; the backward forgets the 1/√d (in the rows `slipped`)."""
+
+    slipped = slice(None)
+
+    @staticmethod
+    def forward(ctx, q, k):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(q, k)
+        return q @ k.T / 4
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        q, k = ctx.saved_tensors
+        dq = g @ k / 4
+        dq[_Scores.slipped] *= 4
+        return dq, g.T @ q / 4
+
+
+@pytest.mark.parametrize(("slipped", "named"), [(slice(None), True), (slice(0, 1), False)], ids=["every-row", "one-row"])
+def test_a_large_tensors_factor_is_named_from_the_elements_estimated(monkeypatch: pytest.MonkeyPatch, slipped: slice, named: bool) -> None:
+    # 64×16 queries: the default check estimates a sample of dq's 1024 elements, not all of them;
+    # a factor every estimated element shares is named (as for a whole tensor), one that a single
+    # row has is none.
+    monkeypatch.setattr(_Scores, "slipped", slipped)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(64, 16, generator=gen, dtype=torch.float64), torch.randn(48, 16, generator=gen, dtype=torch.float64)
+    from backprop_check import check
+
+    (result,) = check(_Scores.apply, (q, k), dtypes=["float64"], points=0).results
+    (dq,) = [c for c in result.checks if c.name == "q"]
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message
+    assert dq.coverage["numerical"] < dq.size  # sampled
+    factor = [hint for hint in result.hints if "4× the true gradient" in hint]
+    if named:
+        assert factor == [
+            "the autograd dloss/dq is 4× the true gradient, with 4 = √16 = √q.shape[1]: a 1/√d scale missing "
+            "(as of q·k/√d) (at every element estimated numerically)"
+        ], result.hints
+    else:
+        assert factor == [], result.hints

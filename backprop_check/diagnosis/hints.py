@@ -4,7 +4,8 @@ The patterns, tried on the whole tensors of the odd source and a reference (auto
 manual gradient is the culprit, the numerical one when autograd is):
 
 - a constant factor over the whole tensor: ×2, ×½, ×−1, ×N or ×1/N, N being a size of the
-  data (the samples a mean runs over), or any other factor shared by every element;
+  data (the samples a mean runs over), or any other factor shared by every element; on a large
+  tensor whose numerical reference is a sample, by every element estimated (SAMPLED_LEAST or more);
 - a wrong shape (a transposed matrix, per-sample gradients left unreduced): shapes.py finds
   the slip, the message states it, and the hint says what the chain rule wants instead;
 - a square matrix equal to the reference's transpose (its shape could not tell);
@@ -88,6 +89,15 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "", forward_c
             reason = reason.replace(f"{_HALF} (d(s²)/ds = 2s)", conjugate).replace(_HALF, conjugate)
         if reason:
             factors.setdefault((str(check.culprit), reason), []).append(check.name)
+    for check, odd, reference in _sampled(shown):  # a large tensor: the factor of the elements estimated
+        own = code if check.culprit == Culprit.MANUAL else ""
+        reason = None if diagnosed or check.slip is not None or check.complex else _factor_reason(
+            odd, reference, shown, str(check.culprit), own, f"{own}\n{forward_code}"
+        )
+        if reason and not reason.startswith(NOTHING_FLOWS):
+            where = "at every element estimated numerically"
+            reason = reason.replace("in every element", where) if "in every element" in reason else f"{reason} ({where})"
+            factors.setdefault((str(check.culprit), reason), []).append(check.name)
     for (source, reason), names in factors.items():
         grads = ", ".join(f"dloss/d{name}" for name in names)
         hints.append(f"the {source} {grads} {'is' if len(names) == 1 else 'are each'} {reason}")
@@ -145,6 +155,22 @@ def _wrong(shown: Outcome) -> list[Check]:
 
 def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tensor]]:
     """(check, odd tensor, reference tensor) for each of `_wrong`'s names where both are whole."""
+    for check, odd, ref in _references(shown):
+        if bool(torch.isfinite(ref).all()):  # a sampled numerical estimate is not whole
+            yield check, odd, ref
+
+
+def _sampled(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tensor]]:
+    """(check, odd elements, reference elements) for each of `_wrong`'s names whose numerical
+    reference is sampled (a large tensor: the elements estimated, flat) at SAMPLED_LEAST elements
+    or more: enough for a factor shared by all of them to say something of the whole tensor."""
+    for check, odd, ref in _references(shown):
+        estimated = torch.isfinite(ref)
+        if not bool(estimated.all()) and int((ref[estimated] != 0).sum()) >= SAMPLED_LEAST:
+            yield check, odd.reshape(ref.shape)[estimated], ref[estimated]
+
+
+def _references(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tensor]]:
     for check in _wrong(shown):
         odd = shown.gradients.get(check.culprit)
         reference = shown.gradients.get("autograd" if check.culprit == Culprit.MANUAL else "numerical")
@@ -152,10 +178,10 @@ def _suspects(shown: Outcome) -> Iterator[tuple[Check, torch.Tensor, torch.Tenso
             reference = shown.gradients.get("numerical")
         if odd is None or reference is None or check.name not in odd.values or check.name not in reference.values:
             continue
+        odd_values = odd.values[check.name].detach().to("cpu", torch.float64)
         ref = reference.values[check.name].detach().to("cpu", torch.float64)
-        if not bool(torch.isfinite(ref).all()):  # a sampled numerical estimate: not whole
-            continue
-        yield check, odd.values[check.name].detach().to("cpu", torch.float64), ref
+        if odd_values.numel() == ref.numel():
+            yield check, odd_values, ref
 
 
 def _conjugate_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rtol: float) -> str | None:
@@ -193,6 +219,9 @@ def _transpose_hint(check: Check, odd: torch.Tensor, reference: torch.Tensor, rt
 
 # A factor fitted within this fraction of a named one (2, ½, 1/N, −1) is named.
 NAMED_WITHIN = 0.05
+# A sampled reference (a large tensor) names a factor only where it estimated this many nonzero
+# elements: one number is always some multiple of another, eight that share one are a pattern.
+SAMPLED_LEAST = 8
 # The hint for a gradient that is zero in every element (a more specific one may replace it).
 # A referee whose error bar is this many times below a disagreement is not its likely source.
 PRECISE_REFEREE = 1000.0
