@@ -558,6 +558,41 @@ def test_least_squares_at_an_exact_fit_is_rounding_where_every_gradient_is_compu
     assert backprop_check.gradcheck(squares, tuple(t.clone().requires_grad_() for t in (w, a, b)))
 
 
+class _Squares(torch.autograd.Function):
+    """½‖A·w − b‖² with its backward written out; `slip` is added to the gradient of A."""
+
+    slip = 0.0
+
+    @staticmethod
+    def forward(ctx, w, a, b):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(w, a, b)
+        return ((a @ w - b) ** 2).sum() / 2
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        w, a, b = ctx.saved_tensors
+        r = a @ w - b
+        return g * (a.T @ r), g * torch.outer(r, w) + _Squares.slip, -g * r
+
+
+@pytest.mark.parametrize(("slip", "verdict"), [(0.0, "ok"), (1e-6, "mismatch")])
+def test_least_squares_at_the_fit_lstsq_finds_is_rounding_and_a_slip_there_is_not(
+    monkeypatch: pytest.MonkeyPatch, slip: float, verdict: str
+) -> None:
+    # At w = lstsq(A, b) with b = A·w₀ the residual is the rounding of A·w − b, and so is every
+    # gradient (2.9e-11 ± 2.4e-12 where float64 rounds the terms to 6.6e-8): the check and the
+    # drop-in failed every one of 20 seeds. A backward that adds 1e-6 to dA still fails.
+    monkeypatch.setattr(_Squares, "slip", slip)
+    gen = torch.Generator().manual_seed(88)
+    a = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    b = a @ (torch.randn(8, generator=gen, dtype=torch.float64) * 1e3)
+    w = torch.linalg.lstsq(a, b.unsqueeze(-1)).solution.squeeze(-1)
+    (result,) = backprop_check.check(_Squares.apply, (w, a, b), dtypes=["float64"]).results
+    assert str(result.verdict) == verdict, result.message
+    inputs = tuple(t.clone().requires_grad_() for t in (w, a, b))
+    assert backprop_check.gradcheck(_Squares.apply, inputs, raise_exception=False) is (verdict == "ok")
+
+
 def test_a_time_limit_while_measuring_float64s_rounding_keeps_the_mismatch_found(monkeypatch):
     # The float64 re-judge (rounding.float64_allowances) runs each source twice more; a time
     # limit that strikes there must not lose the mismatch already in hand.
