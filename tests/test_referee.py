@@ -575,6 +575,17 @@ class _Squares(torch.autograd.Function):
         return g * (a.T @ r), g * torch.outer(r, w) + _Squares.slip, -g * r
 
 
+def test_least_squares_a_hair_off_an_exact_fit_is_rounding_where_float32_keeps_no_digit() -> None:
+    # w + 1e-13 off b = A·w: the residual keeps a few digits in float64 and none in float32
+    # (2.2e-4 against 2e-10 at an element of A's gradient); float64 rounds it by its share of the
+    # float32 value, 4.4e-13 there, which the drop-in called 1.7× its tolerance.
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 100
+    b = a @ w + 1e-11 * torch.randn(30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert backprop_check.gradcheck(_Squares.apply, tuple(t.clone().requires_grad_() for t in (w, a, b)))
+
+
 @pytest.mark.parametrize(("slip", "verdict"), [(0.0, "ok"), (1e-6, "mismatch")])
 def test_least_squares_at_the_fit_lstsq_finds_is_rounding_and_a_slip_there_is_not(
     monkeypatch: pytest.MonkeyPatch, slip: float, verdict: str

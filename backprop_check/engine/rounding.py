@@ -284,28 +284,50 @@ def _flat(
     if terms == 0.0:
         return []
     share = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
-    rounded = FLAT_SPREAD * share * terms
-    covered = {}
-    for name, zero in flat.items():
-        # The elements whose true gradient, bars and all, is below that rounding too (least
-        # squares at the fit lstsq finds: its residual is the rounding of A·w − b, and so is every
-        # gradient, 2.9e-11 ± 2.4e-12 where float64 rounds the terms to 6.6e-8): no float64
-        # computation resolves them at this point.
-        ref, bar, estimated = refereed[name]
-        below = zero | (estimated & (ref.abs() + ERROR_BARS * bar <= rounded))
-        widened = allowed[name].reshape(-1)
-        widened[below] = torch.clamp(widened[below], min=rounded)
-        # Said where it lets a value pass: a value the allowance does not cover is a finding.
+    covered, cancelled = {}, {}
+    for name, (ref, bar, estimated) in refereed.items():
+        # The elements whose true gradient, bars and all, is below that rounding too, or below
+        # float64's share of their own float32 value (which is then that much larger than the
+        # truth: the rounding of terms that cancel), as least squares at its fit has it: the
+        # residual is the rounding of A·w − b, and so is every gradient (2.9e-11 ± 2.4e-12 where
+        # float64 rounds the terms to 6.6e-8). No float64 computation resolves them at this point;
+        # a backward that says s where the truth is smaller says about s in float32 too, and is
+        # allowed 1.2e-7·s.
+        low = coarse.get(name)
         value = grads.values[name].detach().to("cpu", torch.float64).reshape(-1)
+        own = (
+            low.detach().to("cpu", torch.float64).reshape(-1).abs().nan_to_num(0.0, posinf=0.0)
+            if low is not None and low.numel() == ref.numel() else torch.zeros_like(ref)
+        )
+        rounded = FLAT_SPREAD * share * torch.clamp(own, min=terms)
+        zero = flat.get(name, torch.zeros_like(estimated))
+        below = zero | (estimated & (ref.abs() + ERROR_BARS * bar <= rounded))
+        # Elsewhere, where float32 keeps no digit of the element (off its float64 value by half
+        # its own or more: the same terms cancel), float64 rounds them by its share of that value:
+        # NUDGE_SPREAD times it is allowed (least squares a hair off its fit, w + 1e-13: 4.4e-13
+        # at an element of 2e-10 whose float32 value is 2.2e-4).
+        lost = estimated & ~below & ((own - value.abs()).abs() >= own / 2) & (own > 0)
+        widened = allowed[name].reshape(-1)
+        widened[below] = torch.maximum(widened[below], rounded[below])
+        widened[lost] = torch.maximum(widened[lost], NUDGE_SPREAD * share * own[lost])
+        # Said where it lets a value pass: a value the allowance does not cover is a finding.
         covered[name] = int((below & (value.abs() <= widened)).sum())
-    counts = ", ".join(f"{count} of {flat[name].numel()} elements of {name!r}" for name, count in covered.items() if count)
-    if not counts:
-        return []
-    return [
-        f"the referee's gradient is 0 within its bars (or below the allowance) at {counts}, where the {source} "
-        f"gradient is taken for the rounding of the terms it is made of: {FLAT_SPREAD:g}x float64's share "
-        f"({share:.1e}) of its value computed in float32 there ({terms:.1e}) is allowed"
-    ]
+        cancelled[name] = int(lost.sum())
+    counts = ", ".join(f"{count} of {refereed[name][0].numel()} elements of {name!r}" for name, count in covered.items() if count)
+    notes = []
+    if counts:
+        notes.append(
+            f"the referee's gradient is 0 within its bars (or below the allowance) at {counts}, where the {source} "
+            f"gradient is taken for the rounding of the terms it is made of: {FLAT_SPREAD:g}x float64's share "
+            f"({share:.1e}) of its value computed in float32 there (at least {terms:.1e}) is allowed"
+        )
+    lost_counts = ", ".join(f"{count} of {refereed[name][0].numel()} elements of {name!r}" for name, count in cancelled.items() if count)
+    if lost_counts:
+        notes.append(
+            f"float32 keeps no digit of the {source} gradient at {lost_counts} (its terms cancel): "
+            f"{NUDGE_SPREAD:g}x float64's share ({share:.1e}) of its float32 value is allowed there for float64's rounding"
+        )
+    return notes
 
 
 def jittered(point: Point, gen: torch.Generator) -> Point:
