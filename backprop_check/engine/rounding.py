@@ -312,7 +312,7 @@ def _flat(
         widened[lost] = torch.maximum(widened[lost], NUDGE_SPREAD * share * own[lost])
         # Said where it lets a value pass: a value the allowance does not cover is a finding.
         covered[name] = int((below & (value.abs() <= widened)).sum())
-        cancelled[name] = int(lost.sum())
+        cancelled[name] = int((lost & ((value - ref).abs() <= widened)).sum())
     counts = ", ".join(f"{count} of {refereed[name][0].numel()} elements of {name!r}" for name, count in covered.items() if count)
     notes = []
     if counts:
