@@ -46,6 +46,11 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "", forward_c
     factors: dict[tuple[str, str], list[str]] = {}
     # A distributed check names the factor itself (2 = the world size: an all-reduce done twice)
     diagnosed = any(LIKELY_SLIP in (c.note or "") for c in shown.checks)
+
+    def factor_of(check: Check, odd: torch.Tensor, reference: torch.Tensor) -> str | None:
+        own = code if check.culprit == Culprit.MANUAL else ""  # a .mean() is quoted from the manual code only
+        return _factor_reason(odd, reference, shown, str(check.culprit), own, f"{own}\n{forward_code}")
+
     for check in _wrong(shown):
         remedy = check.slip.remedy(check.name) if check.slip is not None else None
         if remedy:
@@ -82,18 +87,14 @@ def hints_for(shown: Outcome, outcomes: list[Outcome], code: str = "", forward_c
         if transposed:
             hints.append(transposed)
             continue
-        own = code if check.culprit == Culprit.MANUAL else ""
-        reason = None if diagnosed else _factor_reason(odd, reference, shown, str(check.culprit), own, f"{own}\n{forward_code}")
+        reason = None if diagnosed else factor_of(check, odd, reference)
         if reason and check.complex:
             conjugate = f"half the true gradient: ∂L/∂z̄ without torch's factor 2 ({CONVENTION})"
             reason = reason.replace(f"{_HALF} (d(s²)/ds = 2s)", conjugate).replace(_HALF, conjugate)
         if reason:
             factors.setdefault((str(check.culprit), reason), []).append(check.name)
     for check, odd, reference in _sampled(shown):  # a large tensor: the factor of the elements estimated
-        own = code if check.culprit == Culprit.MANUAL else ""
-        reason = None if diagnosed or check.slip is not None or check.complex else _factor_reason(
-            odd, reference, shown, str(check.culprit), own, f"{own}\n{forward_code}"
-        )
+        reason = None if diagnosed or check.slip is not None or check.complex else factor_of(check, odd, reference)
         if reason and not reason.startswith(NOTHING_FLOWS):
             where = "at every element estimated numerically"
             reason = reason.replace("in every element", where) if "in every element" in reason else f"{reason} ({where})"

@@ -53,6 +53,7 @@ from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model import forward
 from backprop_check.engine.orders import Derivative
+from backprop_check.engine.tolerance import tolerance_for
 from backprop_check.engine.verdict import KERNEL_COMPARED, error_result, outcome_of, summarize
 from backprop_check.model.points import Point, derive_seed, given_point
 from backprop_check.model.case import Case
@@ -232,8 +233,6 @@ def compare(
 
 def _given(kernel: Any, dtype: torch.dtype) -> tuple[float, float]:
     """The (rtol, atol) the case gives for `dtype` (a number, or a dict by dtype name), 0 if none."""
-    from backprop_check.engine.tolerance import tolerance_for
-
     tol = tolerance_for(dtype, getattr(kernel, "rtol", None), getattr(kernel, "atol", None))
     return tol.rtol_given, tol.absolute
 

@@ -256,7 +256,10 @@ def _flat(
     same terms 2²⁹ times coarser: its value there says. Each such element is allowed FLAT_SPREAD
     times float64's share of the largest float32 value at any of them (eps64/eps32 of it). A
     backward that says s where the truth is 0 says about s in float32 too, and is allowed
-    3e-8·s: it still fails. Nothing where the source cannot run in float32."""
+    3e-8·s: it still fails. Once float32 has run, the same goes for any element whose referee
+    value, bars and all, is below that allowance (or below FLAT_SPREAD times float64's share of
+    its own float32 value), and an element float32 keeps no digit of is allowed NUDGE_SPREAD
+    times float64's share of its float32 value. Nothing where the source cannot run in float32."""
     flat: dict[str, torch.Tensor] = {}
     refereed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for name, value in grads.values.items():
