@@ -30,11 +30,13 @@ import torch
 
 from backprop_check.dtypes import name_of
 from backprop_check.errors import CaseError, CaseTimeout
-from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS
+from backprop_check.engine.tolerance import ERROR_BARS, FLOOR_ULPS, Tolerance
 from backprop_check.model.case import Case
+from backprop_check.model.forward import call_forward
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.records import unravel
 from backprop_check.sources import SOURCES, Gradients
+from backprop_check.sources.numerical import FiniteDifferences
 from backprop_check.sources.noise import stochastic  # Monte Carlo arithmetic, shared with the referee's noise
 
 DEVIATION_CAP = 0.05
@@ -172,6 +174,93 @@ def stochastic_allowances(
             if bool(covered.any()):
                 what = f"the {source} gradient of {name!r} in {name_of(dtype)}, at {int(covered.sum())} of {covered.numel()} elements,"
                 notes.append(cancels_note(what, dtype, cancelled_share(spread[name], twin[name], covered)))
+    return replace(found, allowance=allowance, notes=tuple(notes))
+
+
+# Below float64, a function that is another function in the run's dtype than in float64 (a
+# constant the dtype chooses: nn.RMSNorm's eps=None is torch.finfo(dtype).eps, 1.2e-7 in float32
+# and 2.2e-16 in float64): its loss off the float64 twin's by more than FORWARD_BEYOND times how
+# far the dtype's rounding moves the twin's (`stochastic`). At most OWN_MOST elements a tensor
+# are then estimated from the dtype's own function (`own_function_allowances`).
+FORWARD_BEYOND = 64.0
+OWN_MOST = 256
+
+
+def own_function_allowances(
+    case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None], found: Rounding,
+    tol: Tolerance,
+) -> Rounding:
+    """`found`, widened where the run's dtype computes another function than its float64 twin.
+
+    The float64 twin is the referee's function. Where the dtype's forward is off it by more
+    than the dtype's rounding explains, a gradient off its twin may be the right gradient of the
+    dtype's own function: an element off its twin by more than `found` allows is estimated
+    again, by finite differences of the forward run in the dtype itself (`FiniteDifferences`
+    with `inside`, each element's bar from its own rounding), and its distance from the twin is
+    allowed only where that estimate sides with the source against the twin: within the
+    tolerance and ERROR_BARS bars of the source, and beyond them of the twin. A bug that shows
+    in one dtype only is judged by that dtype's own differences then, as precise as its
+    rounding allows; the derivation is still judged in float64 by the twin. Not for numpy
+    cases and cases with nodes (their offsets are float64)."""
+    if case.numpy or not found.twin:
+        return found
+    with torch.no_grad():
+        low = float(call_forward(case, point.cast(dtype))[0].to(torch.float64))
+        at = point.rounded(dtype)
+        wide, tape = call_forward(case, at)
+    if tape.values:
+        return found
+    twin_loss = float(wide.to(torch.float64))
+    spread = stochastic(
+        lambda: {"loss": call_forward(case, at)[0]}, ["loss"], torch.finfo(dtype).eps / 2,
+        derive_seed("own function", case.name, point.label), decompose=True,
+    ).get("loss")
+    if spread is None or not float(spread) > 0 or not abs(low - twin_loss) > FORWARD_BEYOND * float(spread):
+        return found
+    allowance = {source: dict(by_name) for source, by_name in found.allowance.items()}
+    off: dict[str, dict[str, torch.Tensor]] = {}
+    for source, grads in gradients.items():
+        if grads is None or source not in found.twin:
+            continue
+        for name, allowed in allowance[source].items():
+            twin = found.twin[source].get(name)
+            if twin is None:
+                continue
+            here = grads.values[name].detach().to("cpu", torch.float64)
+            beyond = ((here - twin).abs().nan_to_num(nan=math.inf) > allowed).reshape(-1)
+            if bool(beyond.any()):
+                off.setdefault(name, {})[source] = beyond
+    if not off:
+        return found
+    differences = FiniteDifferences(case, point, dtype, inside=dtype)
+    notes = list(found.notes)
+    for name, by_source in off.items():
+        index = torch.stack(list(by_source.values())).any(0).nonzero().reshape(-1)[:OWN_MOST]
+        own = differences.estimate([name], {name: index}, alone=True)[name]
+        value, bar = own["value"], ERROR_BARS * own["error"]
+        usable = torch.isfinite(value) & torch.isfinite(bar) & ~own["kink"].bool()
+        for source, beyond in by_source.items():
+            here = gradients[source].values[name].detach().to("cpu", torch.float64).reshape(-1)  # type: ignore[union-attr]
+            twin = found.twin[source][name].reshape(-1)
+            largest = float(here.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
+            limit = bar + tol.allowed(value, largest)
+            sides = usable & ((here[index] - value).abs() <= limit) & ((twin[index] - value).abs() > limit)
+            if not bool(sides.any()):
+                continue
+            chosen = index[sides]
+            widened = allowance[source][name].reshape(-1).clone()
+            # The dtype's own gradient is within `limit` of its estimate: that far from the twin.
+            widened[chosen] = torch.maximum(widened[chosen], (value[sides] - twin[chosen]).abs() + limit[sides])
+            allowance[source][name] = widened.reshape(allowance[source][name].shape)
+            kind = name_of(dtype)
+            notes.append(
+                f"{kind} computes another function than its float64 twin here (its loss is off the twin's by "
+                f"{abs(low - twin_loss):.2g}, where {kind}'s rounding moves the twin's by {float(spread):.2g}: a "
+                f"constant taken from the dtype, as nn.RMSNorm's eps=None takes torch.finfo(dtype).eps); the "
+                f"{source} gradient of {name!r}, off its twin at {int(sides.sum())} of {here.numel()} elements, "
+                f"agrees there with finite differences of the {kind} function itself (to their error bars), and "
+                "is allowed that distance"
+            )
     return replace(found, allowance=allowance, notes=tuple(notes))
 
 

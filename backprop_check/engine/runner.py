@@ -394,6 +394,8 @@ def check_point(
             note = "; ".join(widened.notes) or None
             if any(c.verdict == MISMATCH for c in checks):
                 timed_out, note, evidence, checks = _twins_rejudged(case, point, dtype, widened, evidence, checks, note)
+            if timed_out is None and any(c.verdict == MISMATCH for c in checks):
+                timed_out, note, evidence, checks = _own_function(case, point, dtype, evidence, checks, note, tol, autograd, manual)
     elif allowances is None and timed_out is None and any(c.verdict == MISMATCH for c in checks):
         # Judged again with float64's own rounding at this point (rounding.float64_allowances):
         # measured only here, where a mismatch would otherwise be reported.
@@ -437,6 +439,29 @@ def _twins_rejudged(
         twin_note = "; ".join(f"float64 twin: {line}" for line in measured.notes)
         note = twin_note if note is None else f"{note}; {twin_note}"
     return None, note, evidence, checks
+
+
+def _own_function(
+    case: Case, point: Point, dtype: torch.dtype, evidence: Evidence, checks: list[Check], note: str | None,
+    tol: Tolerance, autograd: Gradients | None, manual: Gradients | None,
+) -> tuple[CaseTimeout | None, str | None, Evidence, list[Check]]:
+    """Below float64, a mismatch judged again where the dtype's function is another than its
+    float64 twin (`rounding.own_function_allowances`: nn.RMSNorm's eps=None)."""
+    found = evidence.rounding
+    assert found is not None
+    try:
+        widened = rounding.own_function_allowances(case, point, dtype, {"autograd": autograd, "manual": manual}, found, tol)
+    except CaseTimeout as exc:  # the mismatch found stands
+        return exc, f"{exc} while estimating {name_of(dtype)}'s own function at the point", evidence, checks
+    except CaseError:  # the forward refuses a step in the dtype itself: the mismatch found stands
+        return None, note, evidence, checks
+    if widened is found:
+        return None, note, evidence, checks
+    evidence = replace(evidence, rounding=widened)
+    added = [line for line in widened.notes if line not in found.notes]
+    if added:
+        note = "; ".join(added) if note is None else f"{note}; {'; '.join(added)}"
+    return None, note, evidence, compare(evidence)
 
 
 def refereed(numerical: Reference, evidence: Evidence, locate: bool = True) -> Reference:

@@ -96,13 +96,13 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
 
 def reference(
     case: Case, point: Point, dtype: torch.dtype, *, full: bool = False, seed: int = 0, tighten: bool = True,
-    precise: bool = False,
+    precise: bool = False, inside: torch.dtype | None = None,
 ) -> Reference:
     """The numerical reference at a point: every element of the tensors cheap to estimate that
     way (all of them when `full`), samples and directions for the others; with `tighten`, the
     elements whose error bar would decide their verdict re-estimated at the refinement steps;
     with `precise`, no bar is left at PRECISE_ENOUGH of the tolerance."""
-    differences = FiniteDifferences(case, point, dtype, precise=precise)
+    differences = FiniteDifferences(case, point, dtype, precise=precise, inside=inside)
     sampled = set() if full else {name for name, t in differences.targets.items() if is_sampled(t.numel())}
     result = Gradients("numerical", {}, loss=differences.loss0.detach(), nodes=differences.nodes)
     held = held_fixed(differences.targets)
@@ -358,10 +358,11 @@ class Reference:
 class FiniteDifferences:
     """The loss as a function of every parameter and node offset, at a point as `dtype` sees it."""
 
-    def __init__(self, case: Case, point: Point, dtype: torch.dtype, precise: bool = False) -> None:
+    def __init__(self, case: Case, point: Point, dtype: torch.dtype, precise: bool = False, inside: torch.dtype | None = None) -> None:
         at = point.rounded(dtype)
+        here = at if inside is None else at.cast(inside)
         with torch.no_grad():
-            loss0, tape = call_forward(case, at)
+            loss0, tape = call_forward(case, here)
         nodes = {name: value.detach().to(torch.float64) for name, value in tape.values.items()}
         self.loss0 = loss0
         self.nodes = tuple(nodes)
@@ -373,12 +374,12 @@ class FiniteDifferences:
         self.precise = precise
 
         def loss(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            params = {k: values[k] for k in at.params}
+            params = {k: values[k] if inside is None else values[k].to(inside) for k in at.params}
             offsets = {k: values[k] for k in nodes}
-            return call_forward(case, replace(at, params=params), offsets)[0].to(torch.float64)
+            return call_forward(case, replace(here, params=params), offsets)[0].to(torch.float64)
 
         # numpy case: no vmap, no tensor rows; each element perturbed in place (inplace.py)
-        linear = case.linear_names() if not case.numpy and not nodes else ()  # used where vmap cannot batch
+        linear = case.linear_names() if not case.numpy and not nodes and inside is None else ()  # used where vmap cannot batch
 
         def rows(values: Mapping[str, torch.Tensor], moved: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return case.linear_rows(replace(at, params={k: values[k] for k in at.params}), moved)
