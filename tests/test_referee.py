@@ -1364,3 +1364,52 @@ def test_torchs_rmsnorm_with_its_default_eps_is_ok_in_float32_at_small_activatio
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 1e-3
     report = backprop_check.check(torch.nn.RMSNorm(8), x)
     assert [str(r.verdict) for r in report.results] == ["ok", "ok"], [r.message for r in report.results]
+
+
+def _saturated_attention_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v at 1000 + N(0, 1): a causal attention's softmax is one-hot in every row, so the
+    gradients of q and k are 0 in truth, and float64 computes them as the rounding of
+    dP − Σ dO∘O, terms of ~4e3 that cancel (2e-11 to 2e-10)."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple((torch.randn(1, 4, 5, 4, dtype=torch.float64, generator=gen) + 1000).requires_grad_() for _ in range(3))
+
+
+class _LeakyAttention(torch.autograd.Function):
+    """A causal attention whose backward adds `leak` to dq: not rounding."""
+
+    leak = 0.0
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            dq, dk, dv = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g)
+        return dq + _LeakyAttention.leak, dk, dv
+
+
+@pytest.mark.parametrize("float32", [True, False])
+def test_a_gradient_that_is_zero_in_truth_and_computed_as_rounding_is_not_blamed(float32):
+    # torch's causal attention at inputs of 1e3: dq and dk are 0 in truth and 2e-11..2e-10 as
+    # computed (the same math in plain ops gives exactly 0). The drop-in blamed autograd (5.5×
+    # its tolerance) since float64's atol became 1e-12 of the largest gradient: the float32 run
+    # that says how large the terms are (rounding._flat) widened a copy of the allowance, since
+    # the gradient is a permuted tensor; where fn runs in float64 only, float64's own rounding,
+    # simulated (rounding._simulated), says it.
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not float32 and q.dtype != torch.float64:
+            raise TypeError("this kernel takes float64 only")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    assert backprop_check.gradcheck(attention, _saturated_attention_inputs()) is True
+
+
+@pytest.mark.parametrize("leak", [1e-9, 1e-6])
+def test_a_backward_that_leaks_into_a_gradient_that_is_zero_in_truth_still_fails(monkeypatch, leak):
+    monkeypatch.setattr(_LeakyAttention, "leak", leak)
+    with pytest.raises(backprop_check.GradcheckError, match=r"autograd is the odd one out .* `q`"):
+        backprop_check.gradcheck(_LeakyAttention.apply, _saturated_attention_inputs())

@@ -68,6 +68,13 @@ STOCHASTIC_SPREAD = 4.0
 # Where the referee's gradient is 0 (`_flat`): this many times float64's share (eps64/eps32) of
 # the source's float32 value there.
 FLAT_SPREAD = 64.0
+# Where that misses (`_simulated`): float64's rounding simulated at MAGNIFIED times its size,
+# and SIMULATED_SPREAD times how far the source moves per unit of it allowed. The draws move each
+# op's result once, where a sum rounds at every term it adds: a value made of rounding was up to
+# 4x that spread in the attention below, so a wider factor than STOCHASTIC_SPREAD. A value that
+# is not rounding moves by float64's rounding of itself, and 16 of that is still 4e-15 of it.
+MAGNIFIED = 2.0**20
+SIMULATED_SPREAD = 16.0
 
 
 @dataclass(frozen=True)
@@ -325,7 +332,9 @@ def float64_allowances(
                 # rounded one way or the other. The moves are the allowance (a backward that
                 # returns zeros where the truth is not moves by nothing, and still fails).
                 spread = wide
-            result[source][name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs())
+            # Contiguous: `_jitter`, `_flat` and `_simulated` widen it through flat views (a
+            # backward's gradient may be a permuted one, as attention's is, and so its maximum).
+            result[source][name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs()).contiguous()
             if bool((wide > spread).any()):
                 binding[name] = wide > spread
         if binding and reference is not None:
@@ -333,6 +342,7 @@ def float64_allowances(
             notes += _jitter(case, point, device, source, grads, values, binding, reference, gen, result[source])
         if reference is not None:
             notes += _flat(case, point, device, source, grads, reference, result[source])
+            notes += _simulated(case, point, device, source, grads, reference, result[source])
     return Rounding(result, {}, {}, tuple(notes))
 
 
@@ -420,6 +430,60 @@ def _flat(
             f"{NUDGE_SPREAD:g}x float64's share ({share:.1e}) of its float32 value is allowed there for float64's rounding"
         )
     return notes
+
+
+def _simulated(
+    case: Case, point: Point, device: str, source: str, grads: Gradients, reference: Gradients, allowed: dict[str, torch.Tensor]
+) -> list[str]:
+    """Where the referee's gradient is 0 within its bars and the source's value is still beyond
+    its allowance, how far float64's own rounding moves the source there, simulated: every
+    value the source computes (forward and backward) moved by a random share of MAGNIFIED times
+    float64's unit roundoff (`stochastic`), its spread divided by MAGNIFIED. Magnified, the draws
+    outweigh the rounding of the draws themselves, and a computation that merely rounds answers
+    them in proportion (a causal attention at inputs of 1e3 saturates its softmax, and its
+    backward's dP − Σ dO∘O cancels terms of 4e3 to 2e-10: it moves by 1.2e-10 a unit, at 2¹⁰,
+    2²⁰ and 2³⁰ alike). SIMULATED_SPREAD times that is allowed. Where float32 says nothing
+    (`_flat`: a source that runs in float64 only), this still does. Ops are drawn whole, not
+    decomposed: float64's own kernels are the ones whose rounding is measured. A value made of
+    rounding moves by about itself; a backward that says s where the truth is 0, s not a
+    rounding, moves by float64's rounding of s and still fails. Only where the truth is 0:
+    elsewhere a slip as large as the rounding hides in it (erfcx at 1e6)."""
+    uncovered: dict[str, torch.Tensor] = {}
+    for name, value in grads.values.items():
+        if name not in reference.values or name not in allowed or reference.values[name].numel() != value.numel():
+            continue
+        ref, bar, estimated = _refereed(reference, name)
+        flat = value.detach().to("cpu", torch.float64).reshape(-1).abs()
+        over = estimated & (ref.abs() <= ERROR_BARS * bar) & (flat > allowed[name].reshape(-1))
+        if bool(over.any()):
+            uncovered[name] = over
+    if not uncovered:
+        return []
+    unit = MAGNIFIED * torch.finfo(torch.float64).eps / 2
+    spread = stochastic(
+        lambda: SOURCES[source](case, point, device, torch.float64).values, list(uncovered), unit,
+        derive_seed("simulated", case.name, point.label, source), numpy=case.numpy,
+    )
+    counts, moves = [], []
+    for name, over in uncovered.items():
+        if name not in spread:
+            continue
+        value = grads.values[name].detach().to("cpu", torch.float64).reshape(-1).abs()
+        widened = allowed[name].reshape(-1)
+        move = spread[name].reshape(-1) / MAGNIFIED
+        widened[over] = torch.maximum(widened[over], SIMULATED_SPREAD * move[over])
+        covered = over & (value <= widened)
+        if bool(covered.any()):
+            counts.append(f"{int(covered.sum())} of {value.numel()} elements of {name!r}")
+            moves.append(float(move[covered].max()))
+    if not counts:
+        return []
+    return [
+        f"the referee's gradient is 0 within its bars at {', '.join(counts)}, where the {source} gradient is the rounding "
+        f"of terms that cancel: with every value it computes moved within 2^{round(math.log2(MAGNIFIED))} times "
+        f"float64's rounding, it moves in proportion, by up to {max(moves):.1e} per unit of float64's rounding; "
+        f"{SIMULATED_SPREAD:g}x that is allowed"
+    ]
 
 
 def jittered(point: Point, gen: torch.Generator) -> Point:
