@@ -1413,3 +1413,16 @@ def test_a_backward_that_leaks_into_a_gradient_that_is_zero_in_truth_still_fails
     monkeypatch.setattr(_LeakyAttention, "leak", leak)
     with pytest.raises(backprop_check.GradcheckError, match=r"autograd is the odd one out .* `q`"):
         backprop_check.gradcheck(_LeakyAttention.apply, _saturated_attention_inputs())
+
+
+def test_a_float_label_that_fn_validates_is_not_nudged_off_its_values():
+    # A 0/1 label given as a float datum: the float32 run's rounding allowance nudged every float
+    # input by an ulp, the label too (0 → 1.4e-45), and Bernoulli's log_prob refused it: an
+    # `error` for correct code. Where fn refuses its data an ulp away, the parameters alone move.
+    def log_likelihood(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.distributions.Bernoulli(probs=p).log_prob(y)
+
+    p = torch.tensor([0.3, 0.6, 0.45, 0.7, 0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1.0, 0, 1, 0, 1, 1], dtype=torch.float64)
+    report = backprop_check.check(log_likelihood, {"p": p, "y": y}, points=0)
+    assert [str(r.verdict) for r in report.results] == ["ok", "ok"], [r.message for r in report.results]
