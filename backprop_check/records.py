@@ -121,6 +121,9 @@ class Check:
     # A reference other than the three sources: autograd on the CPU for a device check, the
     # stored value for a baseline check (the `numerical` field stays the numerical gradient's).
     reference: float | None = None
+    # Below float64, where the comparison shown is of a source's float64 twin (`compared` ends with
+    # "(float64 twins)"): the twin's value at the element, which `abs_err` is the error of.
+    twin: float | None = None
     # A complex tensor, checked as its real view: `shape` and `index` are the view's, whose last
     # index is the part (0 real, 1 imaginary); it is shown as `z[3].imag` (model/complexes.py).
     complex: bool = False
@@ -175,6 +178,7 @@ class Check:
             "elements": self.size,
             "note": self.note,
             "compared": self.compared,
+            "twin": self.twin,
             "coverage": dict(self.coverage),
             "reference": self.reference,
         }

@@ -1426,3 +1426,29 @@ def test_a_float_label_that_fn_validates_is_not_nudged_off_its_values():
     y = torch.tensor([1.0, 0, 1, 0, 1, 1], dtype=torch.float64)
     report = backprop_check.check(log_likelihood, {"p": p, "y": y}, points=0)
     assert [str(r.verdict) for r in report.results] == ["ok", "ok"], [r.message for r in report.results]
+
+
+def test_a_float32_mismatch_decided_by_the_float64_twin_shows_the_twins_value():
+    # Where float32 cannot resolve an element (a gradient whose formula cancels) and its float64
+    # twin is judged instead, the message quoted the float32 value beside the twin's error and
+    # float64's tolerance: "autograd 4.47e-06; error 4.46e-06, 4.64e+05× the tolerance 9.63e-12".
+    # It now says which value was judged, and its error is that value's.
+    class CancelledTwin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            slip = 1.0 + 1e-4 * (x.dtype == torch.float64)  # the float64 path only: its twin is wrong
+            return g * x.cos() * slip
+
+    x = torch.tensor([0.3, 1.1, -0.7], dtype=torch.float64)
+    (result,) = backprop_check.check(CancelledTwin.apply, (x,), dtypes=["float32"], points=0).results
+    (check,) = [c for c in result.checks if c.kind == "param"]
+    assert str(result.verdict) == "mismatch" and check.compared == "autograd vs numerical (float64 twins)", result.message
+    assert check.twin is not None and abs(check.abs_err - abs(check.twin - check.numerical)) < 1e-15
+    assert f"(its float64 twin {check.twin:.8g}, judged here)" in result.message, result.message
+    assert check.to_dict()["twin"] == check.twin

@@ -128,6 +128,10 @@ class Referee:
         return diff, float(self.base[at] + rounding[element]), float(rounding[element])
 
 
+# How a comparison of the float64 twins is named ("manual vs numerical (float64 twins)").
+TWINS = "(float64 twins)"
+
+
 def _index(estimated: torch.Tensor, whole: bool) -> torch.Tensor | slice:
     """The estimated elements as an index: every element as a slice (a view, not a gather)."""
     return slice(None) if whole else estimated
@@ -146,6 +150,7 @@ def compare_tensor(
     a_ratio = none if sides.autograd is None else referee.ratio(sides.autograd, sides.rounding_a)
     m_ratio = none if sides.manual is None else referee.ratio(sides.manual, sides.rounding_m)
     pairs = _pairs(sides, referee, (ma_diff, ma_allowed))
+    exact = None
     if tol.twin is not None and (sides.twin_a is not None or sides.twin_m is not None):
         # Below float64 the float64 twins are judged too, by float64's tolerance: a derivation
         # bug is in them as well, without the dtype's rounding to hide in (a numpy case's manual
@@ -164,7 +169,7 @@ def compare_tensor(
         if exact.manual is not None:
             m_ratio = torch.maximum(m_ratio, twin_referee.ratio(exact.manual, exact.rounding_m))
             ma_ratio = torch.maximum(ma_ratio, ratios(*twin_ma))
-        pairs.update({f"{k} (float64 twins)": v for k, v in _pairs(exact, twin_referee, twin_ma).items()})
+        pairs.update({f"{k} {TWINS}": v for k, v in _pairs(exact, twin_referee, twin_ma).items()})
     kink = torch.zeros(size, dtype=torch.bool)
     kink[referee.estimated] = referee.kink
     vacuous = _vacuous(referee, sides, largest)
@@ -216,6 +221,9 @@ def compare_tensor(
     odd = _name_of(int(culprit[worst])) if culprit is not None and bool(bad[worst]) else None
     check.culprit = _single(counts) if disagree else None
     _decisive(check, worst, odd, pairs)
+    if exact is not None and (check.compared or "").endswith(TWINS):
+        twin = {"manual": exact.manual, "autograd": exact.autograd}.get(check.compared.split(" vs ")[0])
+        check.twin = None if twin is None or check.compared.startswith("manual vs autograd") else float(twin[worst])
     if at is not None and bool(kink[worst]):
         check.note = f"kink: left derivative {float(referee.left[at]):.6g}, right {float(referee.right[at]):.6g}"
     elif at is not None and bool(vacuous[worst]) and not disagree:

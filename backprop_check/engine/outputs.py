@@ -8,7 +8,7 @@ import torch
 
 from backprop_check.engine import contract
 from backprop_check.engine.tolerance import ERROR_BARS, Tolerance
-from backprop_check.engine.verdict import disagreeing, judged_by
+from backprop_check.engine.verdict import disagreeing, judged_by, twin_of
 from backprop_check.model.function import FunctionCase
 from backprop_check.model.points import Point
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
@@ -39,7 +39,9 @@ def by_output(case: FunctionCase, point: Point, device: str, dtype: torch.dtype,
         floor = max(0.0, check.allowed - ERROR_BARS * (check.error_bar or 0.0) - tol.rtol * abs(check.numerical))
         if len(case.cotangents) == 1:
             (k,) = case.cotangents
-            found.append(_output_check(k, check, check.manual, check.numerical, check.error_bar or 0.0, check.autograd, check.allowed, tol))
+            found.append(_output_check(
+                k, check, check.manual, check.numerical, check.error_bar or 0.0, check.autograd, check.allowed, tol, twin=True,
+            ))
             continue
         per_output = []
         for k in case.cotangents:
@@ -59,15 +61,22 @@ def by_output(case: FunctionCase, point: Point, device: str, dtype: torch.dtype,
 
 
 def _output_check(
-    k: int, check: Check, m: float | None, n: float, e: float, a: float, allowed: float, tol: Tolerance
+    k: int, check: Check, m: float | None, n: float, e: float, a: float, allowed: float, tol: Tolerance, twin: bool = False
 ) -> Check:
+    """`check` said of output k, from these values (`twin`: `check`'s own, whose float64 twin
+    may be what was judged: `check.twin`)."""
     culprit = check.culprit
     odd = {Culprit.MANUAL: m, Culprit.AUTOGRAD: a}.get(culprit) if culprit else None
     if odd is None:
         odd = a if m is None or abs(a - n) >= abs(m - n) else m
+    judged = {source: twin_of(check, source) if twin else "" for source in ("manual", "autograd")}
+    if any(judged.values()):
+        odd = check.twin
     error = abs(odd - n)
     ratio = error / allowed if allowed > 0 else float("inf")
-    values = ([f"manual {m:.8g}"] if m is not None else []) + [f"numerical {n:.8g} ± {e:.2g}", f"autograd {a:.8g}"]
+    values = ([f"manual {m:.8g}{judged['manual']}"] if m is not None else []) + [
+        f"numerical {n:.8g} ± {e:.2g}", f"autograd {a:.8g}{judged['autograd']}"
+    ]
     label = check.label
     note = (
         f"the gradient of output {k} with respect to input `{check.name}` at {label} (Jᵀv for a random "

@@ -6,6 +6,7 @@ import traceback
 import torch
 
 from backprop_check import dtypes
+from backprop_check.engine.compare import TWINS
 from backprop_check.engine.conjugate import conjugate_hint
 from backprop_check.engine.orders import hints_for as derivative_hints
 from backprop_check.model.case import Case
@@ -21,8 +22,6 @@ from backprop_check.engine.tolerance import Tolerance
 UNRESOLVED = "no verdict at the"
 # How engine/reference.py names a kernel's comparison with its reference.
 KERNEL_COMPARED = "kernel against the float64 reference"
-# How compare.py names a comparison of the float64 twins ("manual vs numerical (float64 twins)").
-TWINS = "(float64 twins)"
 
 
 def outcome_of(
@@ -168,6 +167,15 @@ def judged_by(tolerance: str | Tolerance, compared: str | None) -> str:
     return tolerance.describe()
 
 
+def twin_of(check: Check, source: str) -> str:
+    """Where a comparison of `source`'s float64 twin decided (below float64), its value, which the
+    error and tolerance beside it are of: float32 cannot resolve an attention's scores of 2e6
+    (its gradient is 4e-6 where the truth is 7e-10), and the twin is what was judged."""
+    if check.twin is None or not (check.compared or "").startswith(f"{source} vs numerical {TWINS}"):
+        return ""
+    return f" (its float64 twin {check.twin:.8g}, judged here)"
+
+
 def disagreeing(check: Check, of: str = "") -> str:
     """How many elements (`of` a named tensor) disagree, when more than one does. Where only some
     were estimated numerically, only those and the ones where manual and autograd differ are
@@ -231,9 +239,9 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
     else:
         values = [f"numerical {check.numerical:.8g} ± {check.error_bar:.2g}"]
         if check.manual is not None:
-            values.insert(0, f"manual {check.manual:.8g}")
+            values.insert(0, f"manual {check.manual:.8g}{twin_of(check, 'manual')}")
         if check.autograd is not None:  # None for a numpy case
-            values.append(f"autograd {check.autograd:.8g}")
+            values.append(f"autograd {check.autograd:.8g}{twin_of(check, 'autograd')}")
         text = (
             f"d{what}/d{check.label}: {', '.join(values)}; error {check.abs_err:.3g} "
             f"(rel {check.rel_err:.3g}), {check.ratio:.3g}× the tolerance {check.allowed:.3g} "
