@@ -1360,10 +1360,14 @@ def test_a_function_that_takes_a_constant_from_its_dtype_is_judged_by_its_own_di
 
 
 def test_torchs_rmsnorm_with_its_default_eps_is_ok_in_float32_at_small_activations():
-    # The module itself (eps=None), at the given point and three random points.
+    # The module itself (eps=None), at the given point and three random points; and a tensor of
+    # 4096 elements, whose elements off their twin are more than the 256 estimated each alone.
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 1e-3
     report = backprop_check.check(torch.nn.RMSNorm(8), x)
     assert [str(r.verdict) for r in report.results] == ["ok", "ok"], [r.message for r in report.results]
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(0)) * 1e-3
+    (result,) = backprop_check.check(torch.nn.RMSNorm(256), x, dtypes=["float32"], points=0).results
+    assert str(result.verdict) == "ok", result.message
 
 
 def _saturated_attention_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -188,9 +188,11 @@ def stochastic_allowances(
 # constant the dtype chooses: nn.RMSNorm's eps=None is torch.finfo(dtype).eps, 1.2e-7 in float32
 # and 2.2e-16 in float64): its loss off the float64 twin's by more than FORWARD_BEYOND times how
 # far the dtype's rounding moves the twin's (`stochastic`). At most OWN_MOST elements a tensor
-# are then estimated from the dtype's own function (`own_function_allowances`).
+# are then estimated from the dtype's own function (`own_function_allowances`), each with the
+# bar of its own rounding up to OWN_ALONE of them (beyond, the bar of every input's: 4096
+# elements of an RMSNorm took 40 s alone, 5 s so).
 FORWARD_BEYOND = 64.0
-OWN_MOST = 256
+OWN_MOST, OWN_ALONE = 4096, 256
 
 
 def own_function_allowances(
@@ -203,7 +205,7 @@ def own_function_allowances(
     than the dtype's rounding explains, a gradient off its twin may be the right gradient of the
     dtype's own function: an element off its twin by more than `found` allows is estimated
     again, by finite differences of the forward run in the dtype itself (`FiniteDifferences`
-    with `inside`, each element's bar from its own rounding), and its distance from the twin is
+    with `inside`), and its distance from the twin is
     allowed only where that estimate sides with the source against the twin: within the
     tolerance and ERROR_BARS bars of the source, and beyond them of the twin. A bug that shows
     in one dtype only is judged by that dtype's own differences then, as precise as its
@@ -243,7 +245,7 @@ def own_function_allowances(
     notes = list(found.notes)
     for name, by_source in off.items():
         index = torch.stack(list(by_source.values())).any(0).nonzero().reshape(-1)[:OWN_MOST]
-        own = differences.estimate([name], {name: index}, alone=True)[name]
+        own = differences.estimate([name], {name: index}, alone=index.numel() <= OWN_ALONE)[name]
         value, bar = own["value"], ERROR_BARS * own["error"]
         usable = torch.isfinite(value) & torch.isfinite(bar) & ~own["kink"].bool()
         for source, beyond in by_source.items():
