@@ -187,9 +187,9 @@ def stochastic_allowances(
 # Below float64, a function that is another function in the run's dtype than in float64 (a
 # constant the dtype chooses: nn.RMSNorm's eps=None is torch.finfo(dtype).eps, 1.2e-7 in float32
 # and 2.2e-16 in float64): its loss off the float64 twin's by more than FORWARD_BEYOND times how
-# far the dtype's rounding moves the twin's (`stochastic`). At most OWN_MOST elements a tensor
-# are then estimated from the dtype's own function (`own_function_allowances`), each with the
-# bar of its own rounding up to OWN_ALONE of them (beyond, the bar of every input's: 4096
+# far the dtype's rounding moves the twin's (`stochastic`). Every element of a tensor of up to
+# OWN_MOST is then estimated from the dtype's own function (`own_function_allowances`), each with
+# the bar of its own rounding up to OWN_ALONE of them (beyond, the bar of every input's: 4096
 # elements of an RMSNorm took 40 s alone, 5 s so).
 FORWARD_BEYOND = 64.0
 OWN_MOST, OWN_ALONE = 4096, 256
@@ -202,15 +202,16 @@ def own_function_allowances(
     """`found`, widened where the run's dtype computes another function than its float64 twin.
 
     The float64 twin is the referee's function. Where the dtype's forward is off it by more
-    than the dtype's rounding explains, a gradient off its twin may be the right gradient of the
-    dtype's own function: an element off its twin by more than `found` allows is estimated
+    than the dtype's rounding explains, the twin is no referee of the dtype's gradient at any
+    element: each element of a tensor with one off its twin (up to OWN_MOST) is estimated
     again, by finite differences of the forward run in the dtype itself (`FiniteDifferences`
-    with `inside`), and its distance from the twin is
-    allowed only where that estimate sides with the source against the twin: within the
-    tolerance and ERROR_BARS bars of the source, and beyond them of the twin. A bug that shows
-    in one dtype only is judged by that dtype's own differences then, as precise as its
-    rounding allows; the derivation is still judged in float64 by the twin. Not for numpy
-    cases and cases with nodes (their offsets are float64)."""
+    with `inside`). Only where the source agrees with those estimates at every element (within
+    the tolerance and ERROR_BARS bars) is its distance from the twin allowed, at the elements
+    where the estimate sides with it against the twin (the twin beyond those bars). An element
+    that agrees with the twin and not with the dtype's own function (a float32-only slip that
+    lands on the float64 function's value) allows nothing, and a note names it. The derivation
+    is still judged in float64 by the twin. Not for numpy cases and cases with nodes (their
+    offsets are float64), nor for tensors beyond OWN_MOST elements."""
     if case.numpy or not found.twin:
         return found
     with torch.no_grad():
@@ -227,48 +228,59 @@ def own_function_allowances(
     if spread is None or not float(spread) > 0 or not abs(low - twin_loss) > FORWARD_BEYOND * float(spread):
         return found
     allowance = {source: dict(by_name) for source, by_name in found.allowance.items()}
-    off: dict[str, dict[str, torch.Tensor]] = {}
+    off: set[str] = set()
     for source, grads in gradients.items():
         if grads is None or source not in found.twin:
             continue
         for name, allowed in allowance[source].items():
             twin = found.twin[source].get(name)
-            if twin is None:
+            if twin is None or twin.numel() > OWN_MOST:
                 continue
             here = grads.values[name].detach().to("cpu", torch.float64)
-            beyond = ((here - twin).abs().nan_to_num(nan=math.inf) > allowed).reshape(-1)
-            if bool(beyond.any()):
-                off.setdefault(name, {})[source] = beyond
+            if bool(((here - twin).abs().nan_to_num(nan=math.inf) > allowed).any()):
+                off.add(name)
     if not off:
         return found
     differences = FiniteDifferences(case, point, dtype, inside=dtype)
     notes = list(found.notes)
-    for name, by_source in off.items():
-        index = torch.stack(list(by_source.values())).any(0).nonzero().reshape(-1)[:OWN_MOST]
-        own = differences.estimate([name], {name: index}, alone=index.numel() <= OWN_ALONE)[name]
+    kind = name_of(dtype)
+    for name in sorted(off):
+        size = differences.targets[name].numel()
+        own = differences.estimate([name], {name: torch.arange(size)}, alone=size <= OWN_ALONE)[name]
         value, bar = own["value"], ERROR_BARS * own["error"]
         usable = torch.isfinite(value) & torch.isfinite(bar) & ~own["kink"].bool()
-        for source, beyond in by_source.items():
-            here = gradients[source].values[name].detach().to("cpu", torch.float64).reshape(-1)  # type: ignore[union-attr]
+        for source, grads in gradients.items():
+            if grads is None or name not in allowance.get(source, {}) or name not in found.twin.get(source, {}):
+                continue
+            here = grads.values[name].detach().to("cpu", torch.float64).reshape(-1)
             twin = found.twin[source][name].reshape(-1)
             largest = float(here.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
             limit = bar + tol.allowed(value, largest)
-            sides = usable & ((here[index] - value).abs() <= limit) & ((twin[index] - value).abs() > limit)
+            agrees = usable & ((here - value).abs() <= limit)
+            if not bool(agrees.all()):
+                worst = int((~agrees).nonzero()[0, 0])
+                where = f"{name}[{', '.join(map(str, unravel(worst, tuple(grads.values[name].shape))))}]"
+                notes.append(
+                    f"{kind} computes another function than its float64 twin here (its loss is off the twin's by "
+                    f"{abs(low - twin_loss):.2g}, where {kind}'s rounding moves the twin's by {float(spread):.2g}), "
+                    f"and the {source} gradient disagrees with finite differences of the {kind} function itself at "
+                    f"{where}: {float(here[worst]):.6g} against {float(value[worst]):.6g} ± {float(own['error'][worst]):.2g}"
+                )
+                continue
+            sides = (twin - value).abs() > limit
             if not bool(sides.any()):
                 continue
-            chosen = index[sides]
             widened = allowance[source][name].reshape(-1).clone()
             # The dtype's own gradient is within `limit` of its estimate: that far from the twin.
-            widened[chosen] = torch.maximum(widened[chosen], (value[sides] - twin[chosen]).abs() + limit[sides])
+            widened[sides] = torch.maximum(widened[sides], (value[sides] - twin[sides]).abs() + limit[sides])
             allowance[source][name] = widened.reshape(allowance[source][name].shape)
-            kind = name_of(dtype)
             notes.append(
                 f"{kind} computes another function than its float64 twin here (its loss is off the twin's by "
                 f"{abs(low - twin_loss):.2g}, where {kind}'s rounding moves the twin's by {float(spread):.2g}: a "
                 f"constant taken from the dtype, as nn.RMSNorm's eps=None takes torch.finfo(dtype).eps); the "
-                f"{source} gradient of {name!r}, off its twin at {int(sides.sum())} of {here.numel()} elements, "
-                f"agrees there with finite differences of the {kind} function itself (to their error bars), and "
-                "is allowed that distance"
+                f"{source} gradient of {name!r} agrees with finite differences of the {kind} function itself at every "
+                f"element (to their error bars), and is allowed its distance from the twin at the {int(sides.sum())} "
+                f"of {here.numel()} elements where they side with it"
             )
     return replace(found, allowance=allowance, notes=tuple(notes))
 
