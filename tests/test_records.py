@@ -78,14 +78,14 @@ def test_a_checks_dict_uses_the_contracts_names() -> None:
     made = check(
         verdict="mismatch", culprit="autograd", index=(0, 1), manual=1.0, numerical=2.0, autograd=3.0, error_bar=1e-9,
         abs_err=1.0, rel_err=0.5, allowed=1e-7, ratio=1e7, rounding=1e-8, bad=2, kinks=1, size=6,
-        note="off", coverage={"elements": 6}, compared="manual vs numerical", reference=4.0,
+        note="off", coverage={"elements": 6}, compared="manual vs numerical (float64 twins)", reference=4.0, twin=1.5,
     ).to_dict()
     assert made == {
         "name": "w", "kind": "param", "shape": [2, 3], "index": [0, 1], "complex": False, "part": None,
         "verdict": "mismatch", "culprit": "autograd", "manual": 1.0, "numerical": 2.0, "numerical_error": 1e-9,
         "autograd": 3.0, "abs_err": 1.0, "rel_err": 0.5, "tolerance": 1e-7, "tolerance_ratio": 1e7,
         "rounding_allowance": 1e-8, "bad_elements": 2, "kink_elements": 1, "elements": 6, "note": "off",
-        "compared": "manual vs numerical", "coverage": {"elements": 6}, "reference": 4.0,
+        "compared": "manual vs numerical (float64 twins)", "twin": 1.5, "coverage": {"elements": 6}, "reference": 4.0,
     }
 
 

@@ -173,6 +173,9 @@ def twin_of(check: Check, source: str) -> str:
     (its gradient is 4e-6 where the truth is 7e-10), and the twin is what was judged."""
     if check.twin is None or not (check.compared or "").startswith(f"{source} vs numerical {TWINS}"):
         return ""
+    shown = check.manual if source == "manual" else check.autograd
+    if shown is not None and f"{shown:.8g}" == f"{check.twin:.8g}":  # the same digits: nothing to tell apart
+        return ""
     return f" (its float64 twin {check.twin:.8g}, judged here)"
 
 
