@@ -258,7 +258,7 @@ def own_function_allowances(
             limit = bar + tol.allowed(value, largest)
             agrees = usable & ((here - value).abs() <= limit)
             if not bool(agrees.all()):
-                worst = int((~agrees).nonzero()[0, 0])
+                worst = int(torch.where(agrees, 0.0, ((here - value).abs() / limit).nan_to_num(nan=math.inf)).argmax())
                 where = f"{name}[{', '.join(map(str, unravel(worst, tuple(grads.values[name].shape))))}]"
                 notes.append(
                     f"{kind} computes another function than its float64 twin here (its loss is off the twin's by "

@@ -96,13 +96,13 @@ def gradient(case: Case, point: Point, device: str, dtype: torch.dtype) -> Gradi
 
 def reference(
     case: Case, point: Point, dtype: torch.dtype, *, full: bool = False, seed: int = 0, tighten: bool = True,
-    precise: bool = False, inside: torch.dtype | None = None,
+    precise: bool = False,
 ) -> Reference:
     """The numerical reference at a point: every element of the tensors cheap to estimate that
     way (all of them when `full`), samples and directions for the others; with `tighten`, the
     elements whose error bar would decide their verdict re-estimated at the refinement steps;
     with `precise`, no bar is left at PRECISE_ENOUGH of the tolerance."""
-    differences = FiniteDifferences(case, point, dtype, precise=precise, inside=inside)
+    differences = FiniteDifferences(case, point, dtype, precise=precise)
     sampled = set() if full else {name for name, t in differences.targets.items() if is_sampled(t.numel())}
     result = Gradients("numerical", {}, loss=differences.loss0.detach(), nodes=differences.nodes)
     held = held_fixed(differences.targets)
@@ -356,7 +356,9 @@ class Reference:
 
 
 class FiniteDifferences:
-    """The loss as a function of every parameter and node offset, at a point as `dtype` sees it."""
+    """The loss as a function of every parameter and node offset, at a point as `dtype` sees it.
+    With `inside`, the forward runs in that dtype, the steps still taken in float64: the dtype's
+    own function, where it is another than its float64 twin (rounding.own_function_allowances)."""
 
     def __init__(self, case: Case, point: Point, dtype: torch.dtype, precise: bool = False, inside: torch.dtype | None = None) -> None:
         at = point.rounded(dtype)
