@@ -681,7 +681,10 @@ class FiniteDifferences:
         h = best["step"][where] * grow[where]
         full = torch.ones(whole.size, dtype=torch.float64)
         full[chosen[where]] = h
-        f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+        try:
+            f = evaluate(self.batched, self.targets, whole, full, chosen[where])
+        except CaseError:  # fn refuses the wider step (Bernoulli's p of 1e-8 moved below 0): the settled one stands
+            return self._averaged(whole, scale, chosen, best, sigma)
         other = _estimates(f[:, chosen[where]], h, float(self.loss0), scale[chosen][where], sigma[where])
         other["step"] = h
         other["unresolved"] = torch.zeros_like(other["kink"])  # taken only where it agrees
