@@ -1520,3 +1520,17 @@ def test_a_distribution_that_clamps_its_probabilities_at_float32s_eps_is_ok_in_f
     (result,) = backprop_check.check(log_prob, {"p": p.requires_grad_(), "y": y}, dtypes=["float32"], points=0).results
     assert str(result.verdict) == "ok", result.message
     assert any("float32 computes another function" in n for n in result.notes), result.notes
+
+
+def test_an_input_that_fn_refuses_to_move_is_said_to_be_a_step_away():
+    # With no input requiring grad every float input is differentiated, a 0/1 label too: fn
+    # refuses it a finite-difference step away, and the error read as if the given point failed.
+    def log_likelihood(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.distributions.Bernoulli(probs=p).log_prob(y)
+
+    p, y = torch.full((6,), 0.3, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    (result,) = backprop_check.check(log_likelihood, {"p": p, "y": y}, dtypes=["float64"], points=0).results
+    assert str(result.verdict) == "error", result.message
+    assert "a finite-difference step from the point" in result.message and "without requires_grad" in result.message
+    (result,) = backprop_check.check(log_likelihood, {"p": p.requires_grad_(), "y": y}, dtypes=["float64"], points=0).results
+    assert str(result.verdict) == "ok", result.message

@@ -1145,7 +1145,7 @@ def _narrowed(attempt: Callable[[float], Narrowed]) -> Narrowed:
     """`attempt(1.0)`, the first steps as chosen; where fn refuses a point a step away (a
     CaseError), `attempt` at NARROWER times that, up to NARROWINGS times (a Cholesky factor of a
     matrix ≈ 1e6 + O(1): steps of 2¹⁴ and 2⁷ leave it indefinite, 2⁻⁷ does not). The last
-    refusal is fn's own error."""
+    refusal is fn's own error, said to be a step away: fn accepts the point itself."""
     factor = 1.0
     for _ in range(NARROWINGS):
         try:
@@ -1154,4 +1154,17 @@ def _narrowed(attempt: Callable[[float], Narrowed]) -> Narrowed:
             raise
         except CaseError:
             factor *= NARROWER
-    return attempt(factor)
+    try:
+        return attempt(factor)
+    except CaseError as exc:
+        if exc.located:
+            raise
+        raise CaseError(f"{exc}, a finite-difference step from the point: {STEP_AWAY}") from exc
+
+
+# Why fn can refuse a step it accepts the point of, and what to do (`_narrowed`).
+STEP_AWAY = (
+    "the finite differences move every differentiated input a little; an input that may not move (a label, "
+    "a mask) is given as data: without requires_grad in function mode (where none requires grad, every float "
+    "input is differentiated), under data= in a case file; a point at the edge of fn's domain is moved"
+)
