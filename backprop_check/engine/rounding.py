@@ -109,7 +109,7 @@ class Rounding:
 
 def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str, Gradients | None]) -> Rounding:
     """The rounding allowances and float64 twins of the sources in `gradients`."""
-    at, nudged, kept = nudged_points(case, point, dtype)
+    at, nudged = nudged_points(case, point, dtype)
     result: dict[str, dict[str, torch.Tensor]] = {}
     twins: dict[str, dict[str, torch.Tensor]] = {}
     unresolved: dict[str, tuple[int, int]] = {}
@@ -118,7 +118,7 @@ def allowances(case: Case, point: Point, dtype: torch.dtype, gradients: dict[str
             continue
         compute = SOURCES[source]
         base = compute(case, at, "cpu", torch.float64).values
-        up, down = _nudged(lambda p, compute=compute: compute(case, p, "cpu", torch.float64).values, nudged, kept) or (base, base)
+        up, down = _nudged(lambda p, compute=compute: compute(case, p, "cpu", torch.float64).values, nudged, at.data) or (base, base)
         result[source] = {}
         twins[source] = {name: g.to(torch.float64) for name, g in base.items()}
         for name, value in grads.values.items():
@@ -321,14 +321,13 @@ def float64_allowances(
     gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
     steps = {name: _scale_ulp_step(value, gen) for name, value in {**point.params, **point.data}.items()}
     nudged = [_moved(point, steps, sign) for sign in (1.0, -1.0)]
-    kept = [_moved(point, {name: steps[name] for name in point.params}, sign) for sign in (1.0, -1.0)]  # `_nudged`
     eps = torch.finfo(torch.float64).eps
     result: dict[str, dict[str, torch.Tensor]] = {}
     notes: list[str] = []
     for source, grads in gradients.items():
         if grads is None:
             continue
-        moved = _nudged(lambda p, source=source: SOURCES[source](case, p, device, torch.float64).values, nudged, kept)  # where `gradients` ran
+        moved = _nudged(lambda p, source=source: SOURCES[source](case, p, device, torch.float64).values, nudged, point.data)  # where `gradients` ran
         if moved is None:
             moved = [grads.values, grads.values]  # no move measured: the floor alone
         result[source] = {}
@@ -627,15 +626,13 @@ def _jitter(
     return notes
 
 
-def nudged_points(case: Case, point: Point, dtype: torch.dtype) -> tuple[Point, list[Point], list[Point]]:
+def nudged_points(case: Case, point: Point, dtype: torch.dtype) -> tuple[Point, list[Point]]:
     """The point as `dtype` holds it (in float64), and the same with every float input moved by
-    one ulp of `dtype` with a random sign, up and down: where a float64 twin is computed; last,
-    the same with the parameters alone moved (`_nudged`)."""
+    one ulp of `dtype` with a random sign, up and down: where a float64 twin is computed."""
     at = point.rounded(dtype)
     gen = torch.Generator().manual_seed(derive_seed("rounding", case.name, point.label))
     steps = {name: _ulp_step(value, dtype, gen) for name, value in {**at.params, **at.data}.items()}
-    params = {name: steps[name] for name in at.params}
-    return at, [_moved(at, steps, sign) for sign in (1.0, -1.0)], [_moved(at, params, sign) for sign in (1.0, -1.0)]
+    return at, [_moved(at, steps, sign) for sign in (1.0, -1.0)]
 
 
 def allowance(
@@ -662,19 +659,20 @@ def allowance(
 
 
 def _moved(point: Point, steps: dict[str, torch.Tensor], sign: float) -> Point:
-    """The point with each input in `steps` moved by `sign` times its step (the others as they are)."""
     return replace(
         point,
-        params={k: v + sign * steps[k] if k in steps else v for k, v in point.params.items()},
-        data={k: v + sign * steps[k] if k in steps and v.is_floating_point() else v for k, v in point.data.items()},
+        params={k: v + sign * steps[k] for k, v in point.params.items()},
+        data={k: v + sign * steps[k] if v.is_floating_point() else v for k, v in point.data.items()},
     )
 
 
-def _nudged(evaluate: Callable[[Point], dict[str, torch.Tensor]], nudged: list[Point], kept: list[Point]) -> list[dict[str, torch.Tensor]] | None:
+def _nudged(
+    evaluate: Callable[[Point], dict[str, torch.Tensor]], nudged: list[Point], data: dict[str, torch.Tensor]
+) -> list[dict[str, torch.Tensor]] | None:
     """`evaluate` at the `nudged` points; where fn refuses its data an ulp away (a 0/1 label that a
-    distribution validates: Bernoulli's log_prob), at the points with the data `kept` as they
-    are; None where it refuses those too (no move is measured then)."""
-    for points in (nudged, kept):
+    distribution validates: Bernoulli's log_prob), at the same points with the unmoved `data`;
+    None where it refuses those too (no move is measured then)."""
+    for points in (nudged, [replace(p, data=data) for p in nudged]):
         try:
             return [evaluate(p) for p in points]
         except CaseError:
