@@ -60,6 +60,12 @@ JITTER_ULPS = 4096
 JITTER_CAP = 1e-3
 JITTER_RESOLUTION = 5e-5
 JITTER_LEAST = 256
+# Where the referee itself cannot show a slip of BLUNT of an element (its ERROR_BARS bars are
+# wider, the element told from 0: dq of a saturated attention at inputs of 1e3, 4e-3 of it), no
+# mean can show one of JITTER_RESOLUTION: there the draws' mean may be off the referee by its bars
+# and by the scatter (rounding the jitter does not move), and the scatter is capped by JITTER_CAP
+# of the point's largest gradient.
+BLUNT = 1e-3
 # Below float64, where the run dtype's value is off its float64 twin by more than the allowance
 # above (`stochastic`): the twin again STOCHASTIC_PAIRS times with every value an op computes moved
 # by a random share of the dtype's unit roundoff, each draw once each way; STOCHASTIC_SPREAD times
@@ -92,6 +98,9 @@ class Rounding:
     # Below float64, per source and name: float64's own rounding allowance of the twin, measured
     # as a float64 run measures it (`float64_allowances`) where a twin would otherwise fail.
     twin_allowance: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # float64 (float64_allowances): the names whose allowance the jitter test, `_flat` or
+    # `_simulated` widened beyond the nudges' at some element
+    widened: frozenset[str] = frozenset()
 
     def note(self, dtype: torch.dtype) -> str | None:
         """One line naming the elements judged by their float64 twin alone, or None."""
@@ -324,6 +333,7 @@ def float64_allowances(
     eps = torch.finfo(torch.float64).eps
     result: dict[str, dict[str, torch.Tensor]] = {}
     notes: list[str] = []
+    widened: set[str] = set()
     for source, grads in gradients.items():
         if grads is None:
             continue
@@ -353,13 +363,16 @@ def float64_allowances(
             result[source][name] = torch.maximum(spread, FLOOR_ULPS * eps * g.abs()).contiguous()
             if bool((wide > spread).any()):
                 binding[name] = wide > spread
-        if binding and reference is not None:
+        if reference is None:
+            continue
+        nudges = {name: allowed.clone() for name, allowed in result[source].items()}
+        if binding:
             values = {name: [v[name] for v in moved] for name in binding}
             notes += _jitter(case, point, device, source, grads, values, binding, reference, gen, result[source])
-        if reference is not None:
-            notes += _flat(case, point, device, source, grads, reference, result[source])
-            notes += _simulated(case, point, device, source, grads, reference, result[source])
-    return Rounding(result, {}, {}, tuple(notes))
+        notes += _flat(case, point, device, source, grads, reference, result[source])
+        notes += _simulated(case, point, device, source, grads, reference, result[source])
+        widened |= {name for name, allowed in result[source].items() if bool((allowed > nudges[name]).any())}
+    return Rounding(result, {}, {}, tuple(notes), widened=frozenset(widened))
 
 
 def _flat(
@@ -539,15 +552,23 @@ def scattered(
             floor = NUDGE_CAP * scale + FLOOR_ULPS * eps * j["ref"].abs()
             standard = spread / len(draws[name]) ** 0.5
             off = (mean - j["ref"]).abs()
-            rounding = (spread > 0) & (spread <= JITTER_CAP * scale) & torch.isfinite(stack).all(0)
-            agrees = off <= ERROR_BARS * (standard + j["bar"]) + floor
+            blunt = _blunt(j["ref"], j["bar"])
+            largest = max(scale, float(j["largest"])) if "largest" in j else scale
+            cap = JITTER_CAP * torch.where(blunt, largest, scale)
+            rounding = (spread > 0) & (spread <= cap) & torch.isfinite(stack).all(0)
+            # Where the referee is blunt the jitter may not move every rounding an element is made
+            # of (a softmax's 1 − 2e-9 keeps its last bits over 4096 ulps of its inputs): its mean
+            # may be off the truth by up to its scatter, as its value at the point may.
+            agrees = off <= ERROR_BARS * (standard + j["bar"]) + floor + torch.where(blunt, spread, 0.0)
             near = (value - j["ref"]).abs() <= NUDGE_SPREAD * spread + ERROR_BARS * j["bar"] + floor
             # Not before JITTER_LEAST draws: a value that jumps now and then (a slip that lands on
             # whichever of equal elements is largest, and moves as a nudge breaks the tie) has a
             # mean off by the share of draws it jumps in, which fewer draws cannot tell.
             # The referee's own bar counts too: where it cannot show a slip of JITTER_RESOLUTION
             # (logsumexp(x/1e-3) at x ≈ 1e6, whose forward keeps seven digits), neither can the mean.
-            room = JITTER_RESOLUTION * j["ref"].abs() - ERROR_BARS * j["bar"]
+            # Where it cannot show one of BLUNT, the mean need only be as sharp as its bar and the
+            # scatter it may be off by (`agrees`).
+            room = torch.where(blunt, ERROR_BARS * j["bar"] + spread, JITTER_RESOLUTION * j["ref"].abs() - ERROR_BARS * j["bar"])
             resolved = (ERROR_BARS * standard <= room) & (len(draws[name]) >= JITTER_LEAST)
             # the draws it would take to resolve: beyond JITTER_MAX (or no room at all), none are drawn for it
             needed = torch.where(room > 0, (ERROR_BARS * spread / room.clamp(min=torch.finfo(torch.float64).tiny)).square(), math.inf)
@@ -556,6 +577,11 @@ def scattered(
             spreads[name] = spread
         size = JITTER_ROUND
     return spreads
+
+
+def _blunt(ref: torch.Tensor, bar: torch.Tensor) -> torch.Tensor:
+    """The elements the referee tells from 0 but cannot show a slip of BLUNT of."""
+    return (ERROR_BARS * bar > BLUNT * ref.abs()) & (ref.abs() > ERROR_BARS * bar)
 
 
 def _refereed(reference: Gradients, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -580,16 +606,25 @@ def _jitter(
     agrees with the referee within ERROR_BARS of its standard error (and the referee's bar),
     that standard error is small enough to show a slip of JITTER_RESOLUTION of the value, the
     value itself lies within NUDGE_SPREAD of the scatter, and the scatter is at most JITTER_CAP
-    of the tensor's largest gradient. A backward that reads garbage scatters around no value,
+    of the tensor's largest gradient. Where the referee cannot show a slip of BLUNT of the
+    value (`_blunt`), the mean need only agree as sharply as the referee's bar, and the scatter
+    is capped by JITTER_CAP of the point's largest gradient: a slip the referee could see still
+    moves the mean beyond it. A backward that reads garbage scatters around no value,
     or by more than that, and is told in the first round; a slip moves the mean. Undecided
     after JITTER_MAX draws, an element keeps the capped allowance. `allowed` is widened in
     place; one note per tensor widened."""
     judged: dict[str, dict[str, torch.Tensor]] = {}
+    largest = torch.tensor(max(
+        (float(v.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max()) for v in grads.values.values() if v.numel()),
+        default=0.0,
+    ))
     for name, where in binding.items():
         if name not in reference.values or reference.values[name].numel() != grads.values[name].numel():
             continue  # a manual gradient of the wrong shape is a finding of its own
         ref, bar, estimated = _refereed(reference, name)
-        judged[name] = {"ref": ref, "bar": bar, "open": where.reshape(-1) & estimated, "taken": torch.zeros_like(estimated)}
+        judged[name] = {
+            "ref": ref, "bar": bar, "open": where.reshape(-1) & estimated, "taken": torch.zeros_like(estimated), "largest": largest,
+        }
     draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in judged}
 
     def draw() -> dict[str, torch.Tensor] | None:
@@ -620,8 +655,9 @@ def _jitter(
             f"the {source} gradient of {name!r} at {int(taken.sum())} of {taken.numel()} elements ({shown}) scatters by up to "
             f"{relative:.1e} of itself between points a few ulps apart (a formula that cancels: float64 keeps about "
             f"{max(0, round(-math.log10(max(relative, eps))))} digits of it there); its mean over "
-            f"{len(draws[name])} such points agrees with the referee within {JITTER_RESOLUTION:g} of the value, so "
-            f"the difference is rounding, allowed there ({NUDGE_SPREAD:g}x that scatter)"
+            f"{len(draws[name])} such points agrees with the referee within {JITTER_RESOLUTION:g} of the value"
+            + (f" (within the referee's bars where they are wider than {BLUNT:g} of it)" if bool((taken & _blunt(j["ref"], j["bar"])).any()) else "")
+            + f", so the difference is rounding, allowed there ({NUDGE_SPREAD:g}x that scatter)"
         )
     return notes
 
