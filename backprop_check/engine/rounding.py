@@ -554,7 +554,7 @@ def scattered(
             off = (mean - j["ref"]).abs()
             blunt = _blunt(j["ref"], j["bar"])
             largest = max(scale, float(j["largest"])) if "largest" in j else scale
-            cap = JITTER_CAP * torch.where(blunt, largest, scale)
+            cap = torch.full_like(spread, JITTER_CAP * scale).masked_fill(blunt, JITTER_CAP * largest)
             rounding = (spread > 0) & (spread <= cap) & torch.isfinite(stack).all(0)
             # Where the referee is blunt the jitter may not move every rounding an element is made
             # of (a softmax's 1 − 2e-9 keeps its last bits over 4096 ulps of its inputs): its mean
@@ -617,7 +617,7 @@ def _jitter(
     largest = torch.tensor(max(
         (float(v.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max()) for v in grads.values.values() if v.numel()),
         default=0.0,
-    ))
+    ), dtype=torch.float64)
     for name, where in binding.items():
         if name not in reference.values or reference.values[name].numel() != grads.values[name].numel():
             continue  # a manual gradient of the wrong shape is a finding of its own
