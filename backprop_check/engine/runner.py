@@ -407,23 +407,26 @@ def check_point(
         else:
             evidence = replace(evidence, rounding=measured)
             checks = compare(evidence)
-            whole = _sampled(numerical, measured.widened)
+            whole, stopped = _sampled(numerical, measured.widened), None
             if whole and not any(c.verdict == MISMATCH for c in checks):
                 # Widened elements' rounding adds up along a sampled tensor's random directions,
                 # where a slip in an element not estimated could hide (a saturated attention at
                 # 1e3: dq is rounding at some elements, and 3 % off at its largest one passed):
                 # every element of it is estimated, and float64's rounding measured again.
                 try:
-                    numerical = numerical.refine({name: torch.arange(numerical.gradients.values[name].numel()) for name in whole})
-                    evidence = replace(evidence, numerical=numerical.gradients)
-                    measured = rounding.float64_allowances(case, point, device, sources, evidence.numerical)
+                    refined = numerical.refine({name: torch.arange(numerical.gradients.values[name].numel()) for name in whole})
+                    remeasured = rounding.float64_allowances(case, point, device, sources, refined.gradients)
                 except CaseTimeout as exc:  # what was found stands
-                    timed_out, note = exc, f"{exc} while estimating every element of {', '.join(whole)}"
+                    timed_out, stopped = exc, f"{exc} while estimating every element of {', '.join(whole)}"
+                except CaseError:  # fn refuses a step at an element the samples left out: likewise
+                    pass
                 else:
-                    evidence = replace(evidence, rounding=measured)
+                    numerical, measured = refined, remeasured
+                    evidence = replace(evidence, numerical=numerical.gradients, rounding=measured)
                     checks = compare(evidence)
-            if measured.notes:
-                note = "; ".join(measured.notes)
+            lines = [*measured.notes, *([stopped] if stopped else [])]
+            if lines:
+                note = "; ".join(lines)
     complexes.mark(checks, point.complex)
     unresolved = None if allowances is None else allowances.note(dtype)
     if unresolved:
