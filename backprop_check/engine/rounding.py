@@ -607,9 +607,9 @@ def _jitter(
     that standard error is small enough to show a slip of JITTER_RESOLUTION of the value, the
     value itself lies within NUDGE_SPREAD of the scatter, and the scatter is at most JITTER_CAP
     of the tensor's largest gradient. Where the referee cannot show a slip of BLUNT of the
-    value (`_blunt`), the mean need only agree as sharply as the referee's bar, and the scatter
-    is capped by JITTER_CAP of the point's largest gradient: a slip the referee could see still
-    moves the mean beyond it. A backward that reads garbage scatters around no value,
+    value (`_blunt`), the mean need only agree within the referee's bars and the scatter (the
+    jitter may leave some rounding the element is made of unmoved), and the scatter is capped by
+    JITTER_CAP of the point's largest gradient: a slip beyond those still moves the mean out. A backward that reads garbage scatters around no value,
     or by more than that, and is told in the first round; a slip moves the mean. Undecided
     after JITTER_MAX draws, an element keeps the capped allowance. `allowed` is widened in
     place; one note per tensor widened."""
@@ -656,7 +656,7 @@ def _jitter(
             f"{relative:.1e} of itself between points a few ulps apart (a formula that cancels: float64 keeps about "
             f"{max(0, round(-math.log10(max(relative, eps))))} digits of it there); its mean over "
             f"{len(draws[name])} such points agrees with the referee within {JITTER_RESOLUTION:g} of the value"
-            + (f" (within the referee's bars where they are wider than {BLUNT:g} of it)" if bool((taken & _blunt(j["ref"], j["bar"])).any()) else "")
+            + (f" (within the referee's bars and the scatter where those bars are wider than {BLUNT:g} of it)" if bool((taken & _blunt(j["ref"], j["bar"])).any()) else "")
             + f", so the difference is rounding, allowed there ({NUDGE_SPREAD:g}x that scatter)"
         )
     return notes
