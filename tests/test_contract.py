@@ -192,6 +192,26 @@ def test_a_float32_layout_that_sums_in_another_order_is_rounding_not_a_finding(f
     assert bc.gradcheck(_LayerNorm.apply, (x, w, b))
 
 
+@pytest.mark.parametrize("seed", [2, 4])
+def test_a_float64_layout_whose_attention_rounds_in_another_order_is_rounding_not_a_finding(seed: int) -> None:
+    # nn.MultiheadAttention (kdim, vdim of its own) at inputs of 1e2 in float64: column-major
+    # inputs give gradients 2.4 times as far from the contiguous ones as four ulps of the inputs
+    # move them; `layout` said autograd was wrong where torch's gradcheck passes.
+    from torch.func import functional_call
+
+    torch.manual_seed(seed)
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=6).double().eval()
+    params = {name.replace(".", "__"): p.detach().clone().requires_grad_() for name, p in attention.named_parameters()}
+
+    def fn(x: torch.Tensor, **weights: torch.Tensor) -> torch.Tensor:
+        named = {name.replace("__", "."): w for name, w in weights.items()}
+        return functional_call(attention, named, (x, x[..., :6], x[..., :6]), {"need_weights": False})[0]
+
+    x = (torch.randn(2, 4, 8, dtype=torch.float64) + 100).requires_grad_()
+    (result,) = bc.check(fn, {"x": x, **params}, dtypes=["float64"], points=0).results
+    assert str(result.verdict) == "ok", result.message
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_a_forward_that_reads_storage_as_contiguous_is_named_as_the_forward(dtype: torch.dtype) -> None:
     x = x64(3, 4).to(dtype)

@@ -45,8 +45,9 @@ ITEMS = CONTRACT  # the items, in the order they are checked (model/function.py 
 BATCH = 3  # cotangents in the vmap check: the probe's own, a random one, zeros
 # float64's own allowance in the items: the gradient's response to inputs nudged by this many ulps
 NUDGE_ULPS = 4
-# Below float64, a value (an output, a gradient) computed in another order may be this many times
-# as far from float64 as the given computation is (`Probe._rounding`).
+# A value (an output, a gradient) computed in another order may be this many times as far from
+# float64 as the given computation is below float64 (`Probe._rounding`), and this many times as
+# far as the nudges move it in float64 (`Probe._sensitivity`).
 REORDERED = 4.0
 
 Grads = dict[str, torch.Tensor]
@@ -168,11 +169,14 @@ class Probe:
             return {}
 
     def _sensitivity(self) -> dict[str, float]:
-        """In float64, per input, how far this gradient moves when every input is nudged by
-        NUDGE_ULPS ulps (relative), both ways. Where the function is ill-conditioned (x − mean
-        at x ≈ 1e6 ± 1e-3: a layer norm of raw timestamps) two computations of one gradient in
-        another order (vmap's batch, another layout) differ by about that much, and it is no
-        finding; a well-conditioned gradient moves by a few ulps, far below the tolerance."""
+        """In float64, per input, REORDERED times how far this gradient moves when every input
+        is nudged by NUDGE_ULPS ulps (relative), both ways. Where the function is ill-conditioned
+        (x − mean at x ≈ 1e6 ± 1e-3: a layer norm of raw timestamps) two computations of one
+        gradient in another order (vmap's batch, another layout) differ by about that much, and
+        it is no finding; a well-conditioned gradient moves by a few ulps, far below the
+        tolerance. Computed in another order a value may round worse, as below float64
+        (`_rounding`): nn.MultiheadAttention at inputs of 1e2 gives gradients for column-major
+        inputs 2.4 times as far from its own as the nudges move them."""
         try:
             here = self.at_v()
             cotangents = set(self.case.cotangents.values())
@@ -191,7 +195,7 @@ class Probe:
                         moved[name] = max(moved.get(name, 0.0), float(gap))
                 for k in self.v:
                     moved[_output(k)] = max(moved.get(_output(k), 0.0), _largest_gap(self.outputs[k], outputs[k]))
-            return moved
+            return {name: REORDERED * gap for name, gap in moved.items()}
         except Exception:  # noqa: BLE001 - fn that cannot run twice more: no allowance, the tolerance alone
             return {}
 
