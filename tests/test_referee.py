@@ -23,6 +23,8 @@ from backprop_check.model.points import given_point
 from backprop_check.sources import Direction, Gradients, numerical
 from backprop_check.sources.noise import NOISE_ULPS, NOISE_WIDE_SCALE, _differences_of, _wide_noise
 
+from .saturated_gate import W0, cell_sum
+
 DAY = 86400 / (2 * math.pi)
 
 
@@ -952,6 +954,41 @@ def test_a_smooth_function_whose_output_an_ulp_does_not_move_keeps_its_wide_step
         x = 1e6 + torch.rand(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 18 - 9
     (result,) = backprop_check.check(_Atan.apply, (x,), dtypes=["float64"], points=0, modes=(mode,)).results
     assert str(result.verdict) == ("ok" if slip == 1.0 else "mismatch"), result.message
+
+
+def test_an_element_flat_where_its_gate_saturates_is_not_averaged_across_where_it_stops_being_flat():
+    # An LSTM cell's gates at raw pixels, float32: a direction disagrees by float32's rounding,
+    # the bisection refines W[11, 2] alone, and its settled 0 (the loss is flat there) was taken
+    # again at a step 16x wider and averaged with steps a little smaller, across where the
+    # saturated tanh's flat stretch ends: "numerical -0.0726 ± 4.8e-12, autograd 0". Values that
+    # disagree beyond two bars are not averaged, and the wider step is not taken.
+    (result,) = backprop_check.check(cell_sum, {"W": W0.clone().requires_grad_()}, dtypes=["float32"], points=0).results
+    assert str(result.verdict) == "ok", result.message
+
+
+def test_a_slip_beside_an_element_flat_where_its_gate_saturates_is_named_where_it_is():
+    # The same gates in float64, one element of a hand-written backward ×1.5: the verdict was
+    # right, but it named W[11, 2], where autograd's 0 is the truth, read as −0.27 ± 4e-11.
+    class Cell(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, W):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(W)
+            return cell_sum(W)
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (W,) = ctx.saved_tensors
+            with torch.enable_grad():
+                w = W.detach().requires_grad_()
+                (dw,) = torch.autograd.grad(cell_sum(w), w)
+            dw = dw.clone()
+            dw[12, 1] *= 1.5
+            return grad * dw
+
+    (result,) = backprop_check.check(Cell.apply, {"W": W0.clone().requires_grad_()}, dtypes=["float64"], points=0).results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+    check = next(c for c in result.checks if c.name == "W")
+    assert check.index == (12, 1), result.message
 
 
 def _causal_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
