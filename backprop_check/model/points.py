@@ -55,6 +55,8 @@ class Point:
 
     def rounded(self, dtype: torch.dtype) -> Point:
         """The point rounded to `dtype` and back to float64: where a `dtype` run really is."""
+        if dtype == torch.float64:  # nothing to round: one copy, not two
+            return self.cast(torch.float64)
         return self.cast(dtype).cast(torch.float64)
 
     def describe(self) -> str:

@@ -11,6 +11,7 @@ points (`Known`) in the same call.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -217,9 +218,9 @@ def _vmapped(
     count = min(per_chunk, len(elements)) * len(OFFSETS)
     if count == 0:
         return out, None
-    rows = base.repeat(count, 1)
+    rows = base.expand(count, -1).clone(memory_format=torch.contiguous_format)  # base.repeat(count, 1), at a third of its cost
     line = torch.arange(count)
-    offsets = torch.tensor(OFFSETS, dtype=torch.float64).repeat(count // len(OFFSETS))
+    offsets = _OFFSETS.repeat(count // len(OFFSETS))
     previous: torch.Tensor | None = None
     probed = None
     for start in range(0, len(elements), per_chunk):
@@ -238,6 +239,9 @@ def _vmapped(
         out[:, start : start + len(idx)] = values.reshape(len(idx), len(OFFSETS)).T
         previous = which
     return out, probed
+
+
+_OFFSETS = torch.tensor(OFFSETS, dtype=torch.float64)  # read, never written
 
 
 def _replayed(
@@ -527,6 +531,15 @@ def _first_recording_paid() -> bool:
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to the rounding of a differently ordered float64 sum."""
+    if a.numel() == 1 and b.numel() == 1 and a.dtype == torch.float64 and b.dtype == torch.float64:
+        # One loss each (the usual case): the same tests on Python floats (IEEE doubles, the
+        # same arithmetic), where torch.isclose's composite of a dozen ops costs 15-40 µs.
+        x, y = float(a), float(b)
+        gap = abs(x - y)
+        if x == y or (x != x and y != y) or (math.isfinite(gap) and gap <= abs(1e-12 * y)):
+            return True
+        size = abs(y)
+        return gap <= 1e-12 * (size if size != size or size >= 1.0 else 1.0)  # clamp(min=1) keeps NaN
     return bool(torch.isclose(a, b, rtol=1e-12, atol=0.0, equal_nan=True).all()) or bool(
         ((a - b).abs() <= 1e-12 * b.abs().clamp(min=1.0)).all()
     )

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from backprop_check.model.case import Case
@@ -178,9 +179,19 @@ def _tighten(result: Gradients, differences: FiniteDifferences, names: Sequence[
     step's bar is 1e-4 of the value and a wrong element by 1e-4 would hide under it)."""
     for name in names:
         value, error = result.values[name].reshape(-1), result.error[name].reshape(-1)
-        largest = float(value.abs().nan_to_num(0.0).max()) if value.numel() else 0.0
-        allowed = LOOSE_RELATIVE * value.abs() + LOOSE_OF_LARGEST * largest
-        looseness = torch.where(torch.isfinite(value), LOOSE_BARS * error / allowed.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+        if not value.numel():
+            continue
+        # The same arithmetic in numpy (IEEE, elementwise), where torch's dispatch costs more than
+        # the work; torch again only where some element is loose (to rank and re-estimate them).
+        v, e = value.detach().cpu().double().numpy(), error.detach().cpu().double().numpy()
+        magnitude = np.abs(v)
+        largest = float(np.where(np.isnan(magnitude), 0.0, np.minimum(magnitude, _LARGEST)).max())  # nan_to_num(0.0)
+        allowed = LOOSE_RELATIVE * magnitude + LOOSE_OF_LARGEST * largest
+        with np.errstate(all="ignore"):
+            looseness = np.where(np.isfinite(v), LOOSE_BARS * e / np.maximum(allowed, _TINY), 0.0)
+        if not (looseness > 1).any():  # also False where NaN, as torch's comparison
+            continue
+        looseness = torch.from_numpy(looseness)
         index = (looseness > 1).nonzero().reshape(-1)
         if index.numel() > MAX_TIGHTENED:
             index = index[looseness[index].topk(MAX_TIGHTENED).indices].sort().values
@@ -195,6 +206,10 @@ def _tighten(result: Gradients, differences: FiniteDifferences, names: Sequence[
             _store(result, {name: _better(current, estimate[name])}, differences.targets, mask={name: index})
             if whole:  # still every element estimated, not a sample
                 result.checked.pop(name, None)
+
+
+_LARGEST = float(np.finfo(np.float64).max)
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 def _smallest_rtol(rtol: object, default: float) -> float:
