@@ -73,8 +73,8 @@ class Referee:
             return t.detach().to("cpu", torch.float64).reshape(-1)[where]
 
         n, e = pick(numerical.values[name]), pick(numerical.error[name])
-        lo = torch.minimum(pick(numerical.left[name]), pick(numerical.right[name]))
-        hi = torch.maximum(pick(numerical.left[name]), pick(numerical.right[name]))
+        left, right = pick(numerical.left[name]), pick(numerical.right[name])
+        lo, hi = torch.minimum(left, right), torch.maximum(left, right)
         finite = n[torch.isfinite(n)]
         scale = float(finite.abs().max()) if finite.numel() else 0.0
         if mask is not None:  # a sample's largest value is not the tensor's

@@ -142,7 +142,8 @@ def evaluate_steps(
     base = flat.join(targets)
     if isinstance(batched, InPlace) or _program(batched, targets, flat, base, len(index)) is not None:
         return [evaluate(batched, targets, flat, h, index) for h in hs], None, None
-    elements, steps = index.repeat(len(hs)), torch.cat([h[index] for h in hs])
+    # (one step vector, the usual case: the index itself, read only, and its steps)
+    elements, steps = (index, hs[0][index]) if len(hs) == 1 else (index.repeat(len(hs)), torch.cat([h[index] for h in hs]))
     if ahead is not None:
         elements, steps = torch.cat([elements, ahead[0]]), torch.cat([steps, ahead[1]])
     values, probed = _vmapped(batched, targets, flat, base, elements, steps, extra)

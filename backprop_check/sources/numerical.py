@@ -643,6 +643,8 @@ class FiniteDifferences:
             best["error"] = best["error"] + torch.where(best["kink"], 0.0, bias)
         best.pop("step")
         out: dict[str, dict[str, torch.Tensor]] = {}
+        if len(names) == 1:  # one tensor: its estimates are the columns, no slice to take
+            return {names[0]: best}
         offset = 0
         for name in names:
             count = whole.slices[name].stop - whole.slices[name].start if index is None else index[name].numel()
@@ -676,11 +678,12 @@ class FiniteDifferences:
 
         # Where θ is large, its own rounding hides a kink at small steps: the step must
         # still be KINK_ULPS ulps of θ.
-        small = torch.maximum(torch.full_like(theta, KINK_STEP), _step_floor(theta) * (KINK_ULPS / STEP_FLOOR_ULPS))
+        floor = _step_floor(theta)
+        small = torch.maximum(torch.full_like(theta, KINK_STEP), floor * (KINK_ULPS / STEP_FLOOR_ULPS))
         sized = theta.abs() > VALIDATE_FROM
         confirm = _confirmed_at(sized, torch.full_like(theta, CONFIRM_STEP), stairs, small)
         enough = None if precise else PRECISE_ENOUGH * self.relative / LOOSE_BARS * best["value"].abs().nan_to_num(0.0)
-        return settle(best, at, _step_floor(theta), sized | best["flat"], small, confirm, enough)
+        return settle(best, at, floor, sized | best["flat"], small, confirm, enough)
 
     def _widened(
         self, whole: Flat, scale: torch.Tensor, chosen: torch.Tensor, best: dict[str, torch.Tensor], sigma: torch.Tensor

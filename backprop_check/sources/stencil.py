@@ -357,7 +357,8 @@ def settle(
         # twice the error of D(h/2), and the smaller step's own bar stands.
         tight = np.where(other["linear"], other["error"], np.minimum(other["error"], other["rounding"] + distance * factor**2))
         other["error"] = np.where(agree, tight, other["error"])
-        prior = {key: np.where(holding[where], held[key][where], was[key]) for key in was}
+        # (no chain held here, the usual case: the estimates as they were)
+        prior = {key: np.where(holding[where], held[key][where], was[key]) for key in was} if holding[where].any() else was
         take = ~(settled & (prior["error"] <= other["error"]))
         smaller = other["error"] < prior["error"]
         for key in best:
