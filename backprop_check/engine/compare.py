@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from backprop_check.engine.directions import along_tensor
@@ -75,11 +76,9 @@ class Referee:
         n, e = pick(numerical.values[name]), pick(numerical.error[name])
         left, right = pick(numerical.left[name]), pick(numerical.right[name])
         lo, hi = torch.minimum(left, right), torch.maximum(left, right)
-        finite = n[torch.isfinite(n)]
-        scale = float(finite.abs().max()) if finite.numel() else 0.0
+        scale = _largest_finite(n)
         if mask is not None:  # a sample's largest value is not the tensor's
-            known = sides.subject[torch.isfinite(sides.subject)]
-            scale = max(scale, float(known.abs().max()) if known.numel() else 0.0)
+            scale = max(scale, _largest_finite(sides.subject))
         elif n.numel() and bool((n.abs() <= ERROR_BARS * e).all()):
             # A gradient that is zero at every element has no scale of its own: its atol is the
             # point's (logcumsumexp's order 2 at 1e4: 0 in truth, computed as the rounding of the
@@ -97,7 +96,7 @@ class Referee:
         # test). A "kink" whose one-sided derivatives agree within the tolerance is none.
         kink = kink & ((hi - lo) > base + rounding)
         unresolved = numerical.unresolved.get(name)
-        unresolved = torch.zeros_like(kink) if unresolved is None else pick(unresolved).bool()
+        unresolved = torch.zeros_like(kink) if unresolved is None else unresolved.detach().cpu().reshape(-1)[where].bool()
         return cls(estimated, n, e, lo, hi, kink, base, unresolved, whole)
 
     def ratio(self, source: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
@@ -126,6 +125,14 @@ class Referee:
             return None
         diff = float((source[element] - self.value[at]).abs())
         return diff, float(self.base[at] + rounding[element]), float(rounding[element])
+
+
+def _largest_finite(t: torch.Tensor) -> float:
+    """The largest |element| among the finite ones of a float64 CPU vector, 0 where none is (in
+    numpy: the same comparisons, without torch's dispatch and a boolean gather)."""
+    a = np.abs(t.numpy())
+    finite = a[np.isfinite(a)]
+    return float(finite.max()) if finite.size else 0.0
 
 
 # How a comparison of the float64 twins is named ("manual vs numerical (float64 twins)").

@@ -118,8 +118,11 @@ class Along:
 def along_tensor(name: str, numerical: Gradients, sides: Sides, tol: Tolerance) -> Along:
     """The worst disagreement of `name`'s gradients along the referee's random directions."""
     result = Along()
+    directions = numerical.directions.get(name)
+    if not directions:  # every element estimated (the usual tiny check): nothing to project
+        return result
     sources = sides_along(sides)
-    for direction in numerical.directions.get(name, []):
+    for direction in directions:
         if direction.kink:
             # A kink at the point along a direction may be several (relu at exact zeros, a pool
             # over tied values): their one-sided derivatives add up per side, a subgradient per
