@@ -322,8 +322,9 @@ def settle(
     gap = np.zeros_like(best["error"])
     seen = np.zeros(best["error"].shape, dtype=np.int64)
     # Along a chain of agreeing steps not yet confirmed, the estimate with the smallest bar so
-    # far (a smooth function keeps its wide step's precision).
-    held = {key: value.copy() for key, value in best.items()}
+    # far (a smooth function keeps its wide step's precision). Read only where `holding`, and
+    # written in the round that sets it there: kept from the first round that holds a chain.
+    held: dict[str, np.ndarray] | None = None
     holding = np.zeros_like(validate_)
     for _ in range(SHRINKS):
         if not pending.any():
@@ -358,23 +359,32 @@ def settle(
         tight = np.where(other["linear"], other["error"], np.minimum(other["error"], other["rounding"] + distance * factor**2))
         other["error"] = np.where(agree, tight, other["error"])
         # (no chain held here, the usual case: the estimates as they were)
-        prior = {key: np.where(holding[where], held[key][where], was[key]) for key in was} if holding[where].any() else was
+        prior = {key: np.where(holding[where], held[key][where], was[key]) for key in was} if held is not None and holding[where].any() else was
         take = ~(settled & (prior["error"] <= other["error"]))
-        smaller = other["error"] < prior["error"]
         for key in best:
             best[key][where] = np.where(take, other[key], prior[key])
-            held[key][where] = np.where(smaller, other[key], prior[key])
-        holding[where] = agree & deep
+        chain = agree & deep
+        if chain.any():  # a chain held from here on
+            if held is None:
+                held = {key: value.copy() for key, value in best.items()}
+            smaller = other["error"] < prior["error"]
+            for key in best:
+                held[key][where] = np.where(smaller, other[key], prior[key])
+        holding[where] = chain
         gap[where] = np.where(agree | same_kink, 0.0, _finite_or(distance, math.inf))  # ±inf: ±the largest float
         pending = np.zeros_like(pending)
         # Agreeing, the smaller step's bar still mostly truncation: a smaller one may do better.
         better = settled & take & (other["truncation"] > other["rounding"]) & (other["error"] > enough_[where])
         pending[where] = ~(settled | same_kink) | better
         coarse[where] = ~(settled | same_kink)
-    unsettled = (gap > 0) & ~np.where(holding, held["kink"], best["kink"])
-    out = {}
-    for key in best:  # a staircase's chain that agreed to the last step it could take
-        out[key] = torch.from_numpy(np.where(holding, held[key], best[key]))
+    if held is None or not holding.any():  # no chain held at the end (the usual case)
+        unsettled = (gap > 0) & ~best["kink"]
+        out = {key: torch.from_numpy(best[key].copy()) for key in best}
+    else:
+        unsettled = (gap > 0) & ~np.where(holding, held["kink"], best["kink"])
+        out = {}
+        for key in best:  # a staircase's chain that agreed to the last step it could take
+            out[key] = torch.from_numpy(np.where(holding, held[key], best[key]))
     out["error"] = torch.from_numpy(np.where(unsettled, np.maximum(out["error"].numpy(), gap), out["error"].numpy()))
     out["unresolved"] = torch.from_numpy(unsettled) | (out["truncation"] > out["rounding"])
     return out
