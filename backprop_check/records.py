@@ -133,8 +133,12 @@ class Check:
 
     def __post_init__(self) -> None:
         # A plain string ("param", "ok", "manual") becomes the member it names; any other fails here.
-        self.kind, self.verdict = CheckKind(self.kind), Verdict(self.verdict)
-        self.culprit = None if self.culprit is None else Culprit(self.culprit)
+        if not isinstance(self.kind, CheckKind):
+            self.kind = CheckKind(self.kind)
+        if not isinstance(self.verdict, Verdict):
+            self.verdict = Verdict(self.verdict)
+        if self.culprit is not None and not isinstance(self.culprit, Culprit):
+            self.culprit = Culprit(self.culprit)
 
     @property
     def label(self) -> str:

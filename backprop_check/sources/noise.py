@@ -459,7 +459,10 @@ def _noise_squares(values: np.ndarray, f0: np.ndarray) -> np.ndarray:
     rounding, per output (f0: one value per output): (lines, points, outputs). Column 0 is the
     difference through the point, the others lie beside it. NaN and inf stay as they are."""
     lines = values.reshape(NOISE_LINES, NOISE_POINTS - 1, -1)
-    differences = np.concatenate([np.broadcast_to(f0.reshape(1, 1, -1), (NOISE_LINES, 1, lines.shape[2])), lines], axis=1)
+    # the point, then each line's values (np.concatenate of a broadcast f0 and the lines, filled in place)
+    differences = np.empty((NOISE_LINES, NOISE_POINTS, lines.shape[2]), dtype=np.result_type(f0, lines))
+    differences[:, 0, :] = f0.reshape(1, -1)
+    differences[:, 1:, :] = lines
     for _ in range(NOISE_ORDER):
         differences = differences[:, 1:] - differences[:, :-1]
     return differences**2 / math.comb(2 * NOISE_ORDER, NOISE_ORDER)
