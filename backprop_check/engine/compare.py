@@ -75,11 +75,18 @@ class Referee:
 
         n, e = pick(numerical.values[name]), pick(numerical.error[name])
         left, right = pick(numerical.left[name]), pick(numerical.right[name])
-        lo, hi = torch.minimum(left, right), torch.maximum(left, right)
+        kink = numerical.kink[name].detach().reshape(-1)[where]
+        rounding_a, rounding_m = sides.rounding_a[where], sides.rounding_m[where]
+        # The arithmetic below in numpy where every operand is a CPU tensor of float64 (bool for
+        # the kinks): the same IEEE operations, each a fraction of torch's dispatch on a few elements.
+        fast = kink.device.type == "cpu" and all(t.dtype == torch.float64 and t.device.type == "cpu" for t in (rounding_a, rounding_m))
+        xp, to = (np, torch.from_numpy) if fast else (torch, lambda t: t)
+        n_, e_, left_, right_ = (t.numpy() for t in (n, e, left, right)) if fast else (n, e, left, right)
+        lo, hi = xp.minimum(left_, right_), xp.maximum(left_, right_)
         scale = _largest_finite(n)
         if mask is not None:  # a sample's largest value is not the tensor's
             scale = max(scale, _largest_finite(sides.subject))
-        elif n.numel() and bool((n.abs() <= ERROR_BARS * e).all()):
+        elif n.numel() and bool((abs(n_) <= ERROR_BARS * e_).all()):
             # A gradient that is zero at every element has no scale of its own: its atol is the
             # point's (logcumsumexp's order 2 at 1e4: 0 in truth, computed as the rounding of the
             # terms the largest gradient is made of, 1e-12 against 2.9).
@@ -87,14 +94,14 @@ class Referee:
         # The floor: a source's gradient of an element that is exactly zero is its rounding
         # (a bias cancelled by batch normalization: 4.7e-9 in float32), which the allowances
         # measured from that element's own float64 value (1e-18) cannot see.
-        base = ERROR_BARS * e + tol.allowed(n, scale) + tol.floor(largest)
-        rounding = torch.maximum(sides.rounding_a[where], sides.rounding_m[where])
-        kink = numerical.kink[name].reshape(-1)[where]
+        base = ERROR_BARS * e_ + tol.allowed(n_, scale) + tol.floor(largest)
+        rounding = xp.maximum(rounding_a.numpy(), rounding_m.numpy()) if fast else torch.maximum(rounding_a, rounding_m)
         # Five function values cannot tell a kink from a smooth function's curvature within a
         # step (both move the one-sided derivatives apart, by the jump or by h³·f⁗/16: near
         # a minimum or at log(w) for w = 0.01 the latter passes the numerical source's kink
         # test). A "kink" whose one-sided derivatives agree within the tolerance is none.
-        kink = kink & ((hi - lo) > base + rounding)
+        kink = kink & to((hi - lo) > base + rounding)
+        lo, hi, base = to(lo), to(hi), to(base)
         unresolved = numerical.unresolved.get(name)
         unresolved = torch.zeros_like(kink) if unresolved is None else unresolved.detach().cpu().reshape(-1)[where].bool()
         return cls(estimated, n, e, lo, hi, kink, base, unresolved, whole)
@@ -128,9 +135,13 @@ class Referee:
 
 
 def _largest_finite(t: torch.Tensor) -> float:
-    """The largest |element| among the finite ones of a float64 CPU vector, 0 where none is (in
-    numpy: the same comparisons, without torch's dispatch and a boolean gather)."""
-    a = np.abs(t.numpy())
+    """The largest |element| among the finite ones of a vector, 0 where none is (for a float64
+    CPU vector, the usual one, in numpy: the same comparisons, without torch's dispatch and a
+    boolean gather)."""
+    if t.dtype != torch.float64 or t.device.type != "cpu":
+        finite = t[torch.isfinite(t)]
+        return float(finite.abs().max()) if finite.numel() else 0.0
+    a = np.abs(t.detach().numpy())
     finite = a[np.isfinite(a)]
     return float(finite.max()) if finite.size else 0.0
 
@@ -256,11 +267,15 @@ def _vacuous(referee: Referee, sides: Sides, point_largest: float = 0.0) -> torc
     vacuous = torch.zeros(sides.size, dtype=torch.bool)
     if not bool(referee.unresolved.any()):  # every bar is the forward's rounding: the usual case
         return vacuous
-    known = [t[torch.isfinite(t)] for t in (sides.autograd, sides.manual, referee.value) if t is not None]
-    largest = max([point_largest, *(float(t.abs().max()) for t in known if t.numel())])
+    # (a tensor with no finite element adds nothing: its largest finite |element| is 0, no more than the point's)
+    largest = max([point_largest, *(_largest_finite(t) for t in (sides.autograd, sides.manual, referee.value) if t is not None)])
     if largest == 0.0:
         return vacuous
-    beyond = referee.error > VACUOUS_BARS * torch.maximum(referee.value.abs(), torch.tensor(largest, dtype=torch.float64))
+    if referee.error.dtype == referee.value.dtype == torch.float64 and referee.error.device.type == referee.value.device.type == "cpu":
+        # (always: numpy's ops, the same IEEE ones)
+        beyond = torch.from_numpy(referee.error.numpy() > VACUOUS_BARS * np.maximum(np.abs(referee.value.numpy()), largest))
+    else:
+        beyond = referee.error > VACUOUS_BARS * torch.maximum(referee.value.abs(), torch.tensor(largest, dtype=torch.float64))
     vacuous[referee.estimated] = beyond & referee.unresolved & ~referee.kink
     return vacuous
 

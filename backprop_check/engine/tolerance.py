@@ -44,7 +44,8 @@ class Tolerance:
     underflow: float = 0.0
 
     def allowed(self, reference: torch.Tensor, scale: float) -> torch.Tensor:
-        return self.rtol * reference.abs() + self.atol * scale + self.absolute + self.underflow
+        """(a tensor, or a numpy array: the same arithmetic)"""
+        return self.rtol * abs(reference) + self.atol * scale + self.absolute + self.underflow
 
     def between(
         self, first: torch.Tensor, second: torch.Tensor, rounding: torch.Tensor, largest: float
