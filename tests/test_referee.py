@@ -991,6 +991,25 @@ def test_a_slip_beside_an_element_flat_where_its_gate_saturates_is_named_where_i
     assert check.index == (12, 1), result.message
 
 
+def test_a_point_off_its_flat_neighbours_by_a_few_ulps_is_no_kink():
+    # A stock two-layer bidirectional GRU at raw pixels, flat in one recurrent weight: the loss
+    # at the point itself is 21 ulps off its value at every step on either side (which agree to
+    # an ulp), so the one-sided differences grow as the step shrinks (±82 at 1.4e-14). It was
+    # "nondifferentiable: the given point is on a kink", and went unchecked; torch's gradcheck passes.
+    from torch.func import functional_call
+
+    torch.manual_seed(7)
+    gru = torch.nn.GRU(3, 4, num_layers=2, bidirectional=True).double().eval()
+    params = {name: p.detach().clone().requires_grad_() for name, p in gru.named_parameters()}
+    x = (torch.randn(5, 2, 3, dtype=torch.float64) * 50 + 128).requires_grad_()
+
+    def fn(x: torch.Tensor, **weights: torch.Tensor) -> torch.Tensor:
+        return functional_call(gru, weights, (x,))[0] ** 2
+
+    (result,) = backprop_check.check(fn, {"x": x, **params}, dtypes=["float64"], points=0).results
+    assert str(result.verdict) == "ok", result.message
+
+
 def _causal_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Grouped-query causal attention in plain ops, masked with the dtype's smallest value."""
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)

@@ -180,6 +180,13 @@ def _estimates(
         largest = _finite_or(spread, 0.0).reshape(groups, -1).max(axis=1).repeat(n // groups) if n else 0.0
         floor = KINK_RELATIVE * np.maximum(spread, largest * 1e-3)
         kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
+        # The same value within a few ulps at all six points, on both sides: flat there, whatever
+        # the value at the point itself (a two-layer GRU at raw pixels, flat in one recurrent
+        # weight, is 21 ulps off at the point alone: one-sided differences that grow as the step
+        # shrinks are no kink).
+        level = (values.max(axis=0) - values.min(axis=0)) <= LEVEL_ULPS * EPS * np.abs(values).max(axis=0)
+        kink &= ~level
+        left, right = np.where(level, value, left), np.where(level, value, right)
         # On a kink the derivative is the interval [left, right], not the value; no series there.
         truncation = np.where(kink, 0.0, truncation)
         error = np.where(kink, rounding, error)
@@ -197,6 +204,10 @@ def _estimates(
         "truncation": truncation, "rounding": rounding, "flat": flat, "wide": wide, "linear": linear,
     }
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+# Six values this many ulps apart at most are one level (`_estimates`).
+LEVEL_ULPS = 4.0
 
 
 def _columns(value: torch.Tensor | np.ndarray | float, n: int) -> np.ndarray:
