@@ -644,3 +644,16 @@ def test_an_empty_parameter_still_catches_a_bug_in_the_others():
 
     (result,) = run([partly_empty], **CPU64).results
     assert (result.verdict, result.culprit) == ("mismatch", "manual")
+
+
+def test_a_function_whose_output_is_infinite_is_said_so_not_by_the_sign_of_its_loss():
+    # soft_margin_loss overflows exp(1000) to +inf; the loss (the output summed against a random
+    # grad_output) was -inf, and the message said "the loss is -inf".
+    import backprop_check
+
+    x = torch.full((4,), 1000.0, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    (result,) = backprop_check.check(
+        lambda x, y: torch.nn.functional.soft_margin_loss(x, y), {"x": x, "y": y}, dtypes=["float64"], points=0
+    ).results
+    assert str(result.verdict) == "error" and "fn's outputs are not finite" in result.message, result.message

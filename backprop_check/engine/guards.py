@@ -30,7 +30,10 @@ class NonFiniteLoss(CaseError):
         self.value = value
 
 
-def require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
+def require_finite_loss(loss: torch.Tensor | None, point: Point, case: Case | None = None) -> None:
+    """A CaseError where `loss` is NaN or infinite at `point`. For a function check (`case` with
+    cotangents) the loss is fn's outputs summed against random grad_outputs, whose sign is theirs
+    and not fn's: the message names fn's outputs."""
     if loss is None:
         return
     # A real loss (every loss here) read as a Python float: the same test, a fraction of the
@@ -38,7 +41,10 @@ def require_finite_loss(loss: torch.Tensor | None, point: Point) -> None:
     finite = math.isfinite(float(loss)) if loss.dtype.is_floating_point and loss.numel() == 1 else bool(torch.isfinite(loss))
     if not finite:
         hint = "" if point.seed is None else f"; {point.constrain_hint()}"
-        error = NonFiniteLoss(f"the loss is {float(loss)} at the {point.describe()}{hint}", float(loss))
+        what = f"the loss is {float(loss)}"
+        if getattr(case, "cotangents", None):  # fn(+inf) summed against a negative grad_output is -inf
+            what = f"fn's outputs are not finite (their sum against random grad_outputs is {float(loss)})"
+        error = NonFiniteLoss(f"{what} at the {point.describe()}{hint}", float(loss))
         error.located = True
         raise error
 
@@ -98,7 +104,7 @@ def finite_forward(case: Case, point: Point) -> None:
     """The forward at `point` runs and its loss is finite (forward mode's random points)."""
     with torch.no_grad():
         loss, _ = call_forward(case, point)
-    require_finite_loss(loss, point)
+    require_finite_loss(loss, point, case)
 
 
 def checked_given(case: Case, seed: int) -> tuple[Point, list[str]]:
@@ -137,7 +143,7 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
         if not torch.equal(value, original):
             raise CaseError(f"the forward pass changes {name!r} in place; it must not modify its inputs")
     first, tape = outputs[0]
-    require_finite_loss(first, point)
+    require_finite_loss(first, point, case)
     for loss, other in outputs[1:]:
         differs = [k for k, v in tape.values.items() if k in other.values and not identical(v, other.values[k])]
         if not torch.equal(first, loss) or differs:

@@ -182,7 +182,7 @@ def prepare_kernel(case: Case, plan: Plan) -> tuple[Callable[..., Result], list[
         key = (point.label, "float64")
         if key not in cache:
             cache[key] = numerical_for(twin, point, torch.float64, plan)
-        require_finite_loss(cache[key].gradients.loss, point)
+        require_finite_loss(cache[key].gradients.loss, point, case)
         checked = check_point(twin, point, "cpu", torch.float64, cache[key], tol)
         referee[point.label] = kernels.as_reference(checked.checks, tol.describe())
 
@@ -256,7 +256,7 @@ def prepare_points(case: Case, plan: Plan) -> tuple[list[Point], dict[tuple[str,
 def referee_at(case: Case, point: Point, plan: Plan) -> Reference:
     """The float64 reference at a random point, whose loss and gradient must be finite there."""
     numerical = numerical_for(case, point, torch.float64, plan)
-    require_finite_loss(numerical.gradients.loss, point)
+    require_finite_loss(numerical.gradients.loss, point, case)
     require_finite_gradient(numerical.gradients, point)
     return numerical
 
@@ -285,7 +285,7 @@ def check_combination(
                 shared = cache.get((point.label, "float64")) if exact_in(point, dtype) else None
                 cache[key] = shared or numerical_for(case, point, dtype, plan)
             numerical = cache[key].gradients
-            require_finite_loss(numerical.loss, point)
+            require_finite_loss(numerical.loss, point, case)
             require_finite_gradient(numerical, point)
             first = not shown_already(outcomes)  # else this point's diagnosis is never shown
             checked = check_point(case, point, device, dtype, cache[key], tol, locate=first)
@@ -362,10 +362,10 @@ def check_point(
     if case.numpy:  # no autograd for numpy code; its forward still runs in the run's dtype
         autograd = None
         at = point.cast(dtype)
-        require_finite_loss(call_forward(case, at)[0], point)
+        require_finite_loss(call_forward(case, at)[0], point, case)
     else:
         autograd = SOURCES["autograd"](case, point, device, dtype)
-        require_finite_loss(autograd.loss, point)
+        require_finite_loss(autograd.loss, point, case)
     manual = SOURCES["manual"](case, point, device, dtype) if case.manual_fn else None
     clash = set(numerical.gradients.nodes) & set(point.params)
     if clash:
