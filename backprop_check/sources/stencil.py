@@ -180,11 +180,13 @@ def _estimates(
         largest = _finite_or(spread, 0.0).reshape(groups, -1).max(axis=1).repeat(n // groups) if n else 0.0
         floor = KINK_RELATIVE * np.maximum(spread, largest * 1e-3)
         kink = (jump_half > KINK_SIGMAS * noise_of("jump_half")) & (jump_half > floor) & (jump_half > jump_h / 2)
-        # The same value within a few ulps at all six points, on both sides: flat there, whatever
-        # the value at the point itself (a two-layer GRU at raw pixels, flat in one recurrent
-        # weight, is 21 ulps off at the point alone: one-sided differences that grow as the step
-        # shrinks are no kink).
-        level = (values.max(axis=0) - values.min(axis=0)) <= LEVEL_ULPS * EPS * np.abs(values).max(axis=0)
+        # The same value within a few ulps at all six points, on both sides, and the point itself
+        # off it by rounding only: flat there (a two-layer GRU at raw pixels, flat in one recurrent
+        # weight, is 1.3e-13 of itself off at the point alone, computed another way there: one-sided
+        # differences that grow as the step shrinks are no kink). A point further off is a jump
+        # (a hinge at its margin: 1e13 ulps).
+        size = EPS * np.maximum(np.abs(values).max(axis=0), np.abs(f0_))
+        level = ((values.max(axis=0) - values.min(axis=0)) <= LEVEL_ULPS * size) & (np.abs(f0_ - values[0]) <= LEVEL_OFF * size)
         kink &= ~level
         left, right = np.where(level, value, left), np.where(level, value, right)
         # On a kink the derivative is the interval [left, right], not the value; no series there.
@@ -206,8 +208,9 @@ def _estimates(
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
-# Six values this many ulps apart at most are one level (`_estimates`).
-LEVEL_ULPS = 4.0
+# Six values this many ulps apart at most are one level, and a point at most LEVEL_OFF ulps off
+# it is on it, off only by its rounding (`_estimates`).
+LEVEL_ULPS, LEVEL_OFF = 4.0, 4096.0
 
 
 def _columns(value: torch.Tensor | np.ndarray | float, n: int) -> np.ndarray:
