@@ -41,10 +41,10 @@ def require_finite_loss(loss: torch.Tensor | None, point: Point, case: Case | No
     finite = math.isfinite(float(loss)) if loss.dtype.is_floating_point and loss.numel() == 1 else bool(torch.isfinite(loss))
     if not finite:
         hint = "" if point.seed is None else f"; {point.constrain_hint()}"
-        what = f"the loss is {float(loss)}"
+        said = f"the loss is {float(loss)} at the {point.describe()}"
         if getattr(case, "cotangents", None):  # fn(+inf) summed against a negative grad_output is -inf
-            what = f"fn's outputs are not finite (their sum against random grad_outputs is {float(loss)})"
-        error = NonFiniteLoss(f"{what} at the {point.describe()}{hint}", float(loss))
+            said = f"fn's outputs are not finite at the {point.describe()} (their sum against random grad_outputs is {float(loss)})"
+        error = NonFiniteLoss(f"{said}{hint}", float(loss))
         error.located = True
         raise error
 
