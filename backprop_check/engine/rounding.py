@@ -35,7 +35,7 @@ from backprop_check.model.case import Case
 from backprop_check.model.forward import call_forward
 from backprop_check.model.points import Point, derive_seed
 from backprop_check.records import unravel
-from backprop_check.sources import SOURCES, Gradients
+from backprop_check.sources import SOURCES, Gradients, largest_gradient
 from backprop_check.sources.numerical import FiniteDifferences
 from backprop_check.sources.noise import stochastic  # Monte Carlo arithmetic, shared with the referee's noise
 
@@ -527,12 +527,15 @@ def jittered(point: Point, gen: torch.Generator) -> Point:
 
 
 def scattered(
-    judged: dict[str, dict[str, torch.Tensor]], draws: dict[str, list[torch.Tensor]], draw: Callable[[], dict[str, torch.Tensor] | None]
+    judged: dict[str, dict[str, torch.Tensor]], draws: dict[str, list[torch.Tensor]], draw: Callable[[], dict[str, torch.Tensor] | None],
+    largest: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The jitter test (`_jitter`) of flat values against a referee: `judged[name]` holds "ref",
     "bar", the elements still "open" and those "taken" (updated in place), `draws[name]` the
     values in hand, the value at the point first; `draw()` one more of each at a fresh point
-    (`jittered`), None to stop. The draws' spread per name, for what was taken."""
+    (`jittered`), None to stop; `largest`: the point's largest gradient, which caps the scatter
+    where the referee is blunt (`_blunt`; 0: the tensor's own). The draws' spread per name, for
+    what was taken."""
     eps = torch.finfo(torch.float64).eps
     spreads: dict[str, torch.Tensor] = {}
     size = JITTER_FIRST  # garbage and slips are told at once; rounding needs the draws to add up
@@ -553,8 +556,7 @@ def scattered(
             standard = spread / len(draws[name]) ** 0.5
             off = (mean - j["ref"]).abs()
             blunt = _blunt(j["ref"], j["bar"])
-            largest = max(scale, float(j["largest"])) if "largest" in j else scale
-            cap = torch.full_like(spread, JITTER_CAP * scale).masked_fill(blunt, JITTER_CAP * largest)
+            cap = torch.full_like(spread, JITTER_CAP * scale).masked_fill(blunt, JITTER_CAP * max(scale, largest))
             rounding = (spread > 0) & (spread <= cap) & torch.isfinite(stack).all(0)
             # Where the referee is blunt the jitter may not move every rounding an element is made
             # of (a softmax's 1 − 2e-9 keeps its last bits over 4096 ulps of its inputs): its mean
@@ -609,22 +611,17 @@ def _jitter(
     of the tensor's largest gradient. Where the referee cannot show a slip of BLUNT of the
     value (`_blunt`), the mean need only agree within the referee's bars and the scatter (the
     jitter may leave some rounding the element is made of unmoved), and the scatter is capped by
-    JITTER_CAP of the point's largest gradient: a slip beyond those still moves the mean out. A backward that reads garbage scatters around no value,
-    or by more than that, and is told in the first round; a slip moves the mean. Undecided
+    JITTER_CAP of the point's largest gradient: a slip beyond those still moves the mean out. A
+    backward that reads garbage scatters around no value, or by more than that, and is told in
+    the first round; a slip moves the mean. Undecided
     after JITTER_MAX draws, an element keeps the capped allowance. `allowed` is widened in
     place; one note per tensor widened."""
     judged: dict[str, dict[str, torch.Tensor]] = {}
-    largest = torch.tensor(max(
-        (float(v.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max()) for v in grads.values.values() if v.numel()),
-        default=0.0,
-    ), dtype=torch.float64)
     for name, where in binding.items():
         if name not in reference.values or reference.values[name].numel() != grads.values[name].numel():
             continue  # a manual gradient of the wrong shape is a finding of its own
         ref, bar, estimated = _refereed(reference, name)
-        judged[name] = {
-            "ref": ref, "bar": bar, "open": where.reshape(-1) & estimated, "taken": torch.zeros_like(estimated), "largest": largest,
-        }
+        judged[name] = {"ref": ref, "bar": bar, "open": where.reshape(-1) & estimated, "taken": torch.zeros_like(estimated)}
     draws = {name: [t.detach().to("cpu", torch.float64).reshape(-1) for t in (grads.values[name], *moved[name])] for name in judged}
 
     def draw() -> dict[str, torch.Tensor] | None:
@@ -638,7 +635,7 @@ def _jitter(
             return None
         return {name: there[name] for name in draws}
 
-    spreads = scattered(judged, draws, draw)
+    spreads = scattered(judged, draws, draw, largest_gradient(grads, list(grads.values)))
     eps = torch.finfo(torch.float64).eps
     notes = []
     for name, j in judged.items():

@@ -10,33 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from backprop_check.diagnosis.shapes import shape_slip
 from backprop_check.engine.tolerance import Tolerance
 from backprop_check.errors import CaseError
 from backprop_check.records import MISMATCH, Check, CheckKind, Culprit
-from backprop_check.sources import Gradients
+from backprop_check.sources import Gradients, largest_gradient
 from backprop_check.engine.rounding import Rounding
 
 TINY = torch.finfo(torch.float64).tiny
-
-
-def largest_gradient(source: Gradients | None, params: list[str]) -> float:
-    """The largest finite |dloss/dparam| at the point: the scale of its rounding floor."""
-    largest = 0.0
-    for name in params:
-        if source is None or name not in source.values:
-            continue
-        value = source.values[name].detach()
-        if value.numel() and value.dtype in (torch.float64, torch.float32) and value.device.type == "cpu":
-            # the same in numpy, whose ops on a few elements cost a fraction of torch's
-            magnitude = np.abs(value.numpy())
-            largest = max(largest, float(np.where(np.isfinite(magnitude), magnitude, 0.0).max()))
-        elif value.numel():  # |value| where finite, 0 elsewhere: its largest is the largest finite one
-            largest = max(largest, float(torch.where(torch.isfinite(value), value.abs(), 0.0).max()))
-    return largest
 
 
 def ratios(diff: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from backprop_check.model.case import Case
@@ -75,6 +76,23 @@ class Gradients:
 
 
 Source = Callable[[Case, Point, str, torch.dtype], Gradients]
+
+
+def largest_gradient(source: Gradients | None, params: list[str]) -> float:
+    """The largest finite |dloss/dparam| at the point: the scale of its rounding floor."""
+    largest = 0.0
+    for name in params:
+        if source is None or name not in source.values:
+            continue
+        value = source.values[name].detach()
+        if value.numel() and value.dtype in (torch.float64, torch.float32) and value.device.type == "cpu":
+            # the same in numpy, whose ops on a few elements cost a fraction of torch's
+            magnitude = np.abs(value.numpy())
+            largest = max(largest, float(np.where(np.isfinite(magnitude), magnitude, 0.0).max()))
+        elif value.numel():  # |value| where finite, 0 elsewhere: its largest is the largest finite one
+            largest = max(largest, float(torch.where(torch.isfinite(value), value.abs(), 0.0).max()))
+    return largest
+
 
 from backprop_check.sources import autograd  # noqa: E402 - they import Gradients from here
 from backprop_check.sources import manual
