@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backprop_check import case, run
+from backprop_check import case, check, run
 
 from .models import MODELS
 
@@ -60,3 +60,41 @@ def test_float32_rounding_of_a_saturated_tanh_is_not_a_false_alarm():
 def test_a_wrong_factor_in_the_saturated_tanh_is_still_flagged_in_float64():
     (result,) = run([saturated(1.001)], devices=["cpu"], dtypes=["float64"], points=0).results
     assert (result.verdict, result.culprit) == ("mismatch", "manual")
+
+
+def stock_cell(kind: type[torch.nn.Module], slip: float = 1.0):
+    """A stock GRU or LSTM cell (3 → 4) at raw pixels (128 ± 50), seed 5: its gates saturate, and
+    torch computes them in place (sigmoid_, tanh_), where float32's sigmoid of 17 is exactly 1.
+    `slip` scales autograd's gradient of x[0, 0]."""
+    torch.manual_seed(5)
+    module = kind(3, 4).double()
+    params = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
+    x = (torch.randn(2, 3, dtype=torch.float64) * 50 + 128).requires_grad_()
+    scale = torch.ones(2, 3, dtype=torch.float64)
+    scale[0, 0] = slip
+
+    def fn(x, **given):
+        if slip != 1.0 and x.requires_grad:
+            x = x * 1  # a copy to hook, so the hook sees only this input's gradient
+            x.register_hook(lambda g: g * scale.to(g.dtype))
+        out = torch.func.functional_call(module.to(x.dtype), given, (x,))
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+    return fn, {"x": x, **params}
+
+
+@pytest.mark.parametrize("kind", [torch.nn.GRUCell, torch.nn.LSTMCell], ids=["GRUCell", "LSTMCell"])
+def test_float32_rounding_inside_a_stock_rnn_cell_is_not_a_false_alarm(kind):
+    # float32's gradient there is 0 where float64's is 8e-6: the cell's in-place sigmoid_ rounded
+    # to 1, which the simulated rounding now moves too (it left ops written in place whole).
+    fn, inputs = stock_cell(kind)
+    (result,) = check(fn, inputs, dtypes=["float32"], points=0).results
+    assert result.verdict == "ok", result.message
+
+
+@pytest.mark.parametrize("kind", [torch.nn.GRUCell, torch.nn.LSTMCell], ids=["GRUCell", "LSTMCell"])
+def test_a_slip_in_a_stock_rnn_cell_is_still_flagged_in_float32(kind):
+    fn, inputs = stock_cell(kind, slip=1.01)
+    (result,) = check(fn, inputs, dtypes=["float32"], points=0).results
+    assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message
+    assert "x[0, 0]" in result.message

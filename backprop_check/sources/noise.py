@@ -292,9 +292,13 @@ def stochastic(
 
 
 class _Rounds(TorchDispatchMode):
-    """Every floating-point value an op computes (not a view of another, nor written in place)
-    multiplied by 1 + δ, δ uniform within ±`unit`, drawn from a generator seeded with `seed`: the
-    same draws in the same order for -`unit`, so two runs move the values opposite ways."""
+    """Every floating-point value an op computes (not a view of another) multiplied by 1 + δ, δ
+    uniform within ±`unit`, drawn from a generator seeded with `seed`: the same draws in the same
+    order for -`unit`, so two runs move the values opposite ways. A value an op writes in place or
+    into out= is moved where it is written (a fused RNN's cell computes its gates with sigmoid_
+    and tanh_: float32's sigmoid of 17 is exactly 1, and only its moved result shows why the
+    gradient there is 0); an op that changes only a tensor's shape or strides (transpose_) is
+    left whole."""
 
     def __init__(self, unit: float, seed: int, decompose: bool = False) -> None:
         super().__init__()
@@ -319,17 +323,35 @@ class _Rounds(TorchDispatchMode):
             if found is not NotImplemented:
                 return found
         out = func(*args, **(kwargs or {}))
-        if func.is_view or any(r.alias_info is not None for r in func._schema.returns):
+        if func.is_view or torch.Tag.inplace_view in func.tags:
             return out
-        return tree_map(self._rounded, out)
+        returns = func._schema.returns
+        if not any(r.alias_info is not None for r in returns):
+            return tree_map(self._rounded, out)
+        written = out if isinstance(out, (tuple, list)) and len(returns) > 1 else (out,)
+        for r, value in zip(returns, written):
+            if r.alias_info is not None and r.alias_info.is_write and readable_values(value):
+                self._rounded_in_place(value)
+        return out
 
     def _rounded(self, value: object) -> object:
         if not readable_values(value):  # an integer, an empty tensor, a ZeroTensor's exact zeros
             return value
         assert isinstance(value, torch.Tensor)
+        return value * self._factor(value)
+
+    def _rounded_in_place(self, value: torch.Tensor) -> None:
+        factor = self._factor(value)
+        try:
+            value.mul_(factor)
+        except RuntimeError:  # elements that share memory (stride 0): written once, left as written
+            pass
+
+    def _factor(self, value: torch.Tensor) -> torch.Tensor:
+        """1 + δ per element of `value`, in its real dtype and on its device."""
         real = value.real.dtype if value.is_complex() else value.dtype
         delta = (torch.rand(value.shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * self.unit
-        return value * (1 + delta).to(value.device, real)
+        return (1 + delta).to(value.device, real)
 
 
 def _float64_rounding(compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
