@@ -286,3 +286,39 @@ def test_a_manual_gradient_that_copies_a_wrong_backward_is_said_to_share_its_sli
     (result,) = bc.check(Swish.apply, (x64(4),), manual=manual, dtypes=["float64"], points=0).results
     assert (result.verdict, result.culprit) == ("mismatch", "numerical")  # two against one, as documented
     assert any("may share one slipped derivation" in hint and "Swish" in hint for hint in result.hints), result.hints
+
+
+class _AdjointLike(torch.autograd.Function):
+    """torchdiffeq's adjoint layout: forward(ctx, shapes, func, x, t, w), non-tensors first."""
+
+    @staticmethod
+    def forward(ctx, shapes, func, x, t, w):
+        ctx.save_for_backward(x, w)
+        return torch.tanh(x @ w.T)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gz = g * (1 - torch.tanh(x @ w.T) ** 2)
+        return None, None, gz @ w, None, (gz.T @ x).to(ctx.wrong_dtype or w.dtype)
+
+
+@pytest.mark.parametrize("wrong_dtype", [None, torch.float32])
+def test_grad_meta_pairs_each_gradient_with_its_argument_where_non_tensors_come_first(wrong_dtype) -> None:
+    # The backward returns one value per argument, the node has an edge per tensor argument: x's
+    # (3, 2) gradient was compared with w's (2, 2), and w's float32 one with t's missing edge.
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+    def fn(x, w):
+        def forward(ctx, *args):
+            ctx.wrong_dtype = wrong_dtype
+            return _AdjointLike.forward(ctx, *args)
+
+        return type("Adjoint", (_AdjointLike,), {"forward": staticmethod(forward)}).apply(None, torch.nn.Identity(), x, t, w)
+
+    (result,) = bc.check(fn, {"x": x64(3, 2), "w": x64(2, 2, seed=1)}, dtypes=["float64"], points=0, contract=("grad_meta",)).results
+    if wrong_dtype is None:
+        assert result.verdict == "ok", result.message
+    else:
+        assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message
+        assert "float32 gradient for input `w`, which is float64" in result.message

@@ -502,8 +502,9 @@ def grad_meta(p: Probe) -> Check:
         except Exception:  # noqa: BLE001 - a second call is not guaranteed; repeatable covers it
             continue
         raw = raw if isinstance(raw, tuple) else (raw,)
-        for i, ((next_node, slot), gradient) in enumerate(zip(node.next_functions, raw)):
-            if next_node is None or not isinstance(gradient, torch.Tensor):
+        for i, (next_node, slot) in _edges(node):
+            gradient = raw[i] if i < len(raw) else None
+            if not isinstance(gradient, torch.Tensor):
                 continue
             meta = next_node._input_metadata[slot]
             leaf = getattr(next_node, "variable", None)
@@ -530,6 +531,16 @@ def grad_meta(p: Probe) -> Check:
                     "",
                 )
     return _result("grad_meta", None, "gradients have their inputs' dtype, device and shape")
+
+
+def _edges(node: Any) -> list[tuple[int, tuple[Any, int]]]:
+    """(the forward argument's position, its edge) for each input of a custom Function's node that
+    requires grad. The backward returns one value per forward argument; the node has an edge per
+    tensor argument only (fn(ctx, shapes, func, y0, …): torchdiffeq's adjoint), and those that
+    require grad are the ones `needs_input_grad` marks, in order. [] where the two disagree."""
+    wanted = [i for i, needed in enumerate(node.needs_input_grad) if needed]
+    edges = [edge for edge in node.next_functions if edge[0] is not None]
+    return list(zip(wanted, edges)) if len(wanted) == len(edges) else []
 
 
 def in_place(p: Probe) -> Check:
