@@ -657,3 +657,21 @@ def test_a_function_whose_output_is_infinite_is_said_so_not_by_the_sign_of_its_l
         lambda x, y: torch.nn.functional.soft_margin_loss(x, y), {"x": x, "y": y}, dtypes=["float64"], points=0
     ).results
     assert str(result.verdict) == "error" and "fn's outputs are not finite" in result.message, result.message
+
+
+def test_a_random_point_whose_outputs_are_not_finite_does_not_name_the_cotangents():
+    # sample= returns x; the cotangents (grad_output0) are drawn as always, and never make fn's
+    # outputs NaN: the hint said "sample= leaves out 'grad_output0' … return it from sample= too".
+    def fn(x):
+        var = (x * x).mean(0) - x.mean(0) ** 2  # E[x²] − mean²: NaN at x ≈ 1e4 in float32
+        return (x - x.mean(0)) / var.sqrt()
+
+    x = torch.ones(6, 3, dtype=torch.float64) + torch.arange(18, dtype=torch.float64).reshape(6, 3) / 17
+    report = backprop_check.check(
+        fn, {"x": x.requires_grad_()}, points=1, dtypes=["float32"],
+        sample=lambda g: {"x": torch.randn(6, 3, generator=g, dtype=torch.float64) + 1e4},
+    )
+    (result,) = report.results
+    assert result.verdict == "error" and "not finite at the random point" in result.message, result.message
+    assert "grad_output" not in result.message.split("grad_outputs is")[-1], result.message
+    assert "outside the loss's domain" in result.message
