@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backprop_check import Result, case, node, run
+from backprop_check import Result, case, check, node, run
 
 
 def check(*cases, points: int = 3) -> list[Result]:  # noqa: ANN002
@@ -196,3 +196,18 @@ def test_a_sampled_tensor_says_its_count_of_wrong_elements_is_a_lower_bound() ->
     (result,) = check(_TwiceTheSine.apply, (_inputs(140),), points=0, devices=["cpu"], dtypes=["float64"]).results
     assert result.checks[0].culprits == {"autograd": result.checks[0].bad} and result.checks[0].bad < 140
     assert f"at least {result.checks[0].bad} of 140 elements of `x` disagree (counted among the" in result.message
+
+
+def test_where_every_comparison_is_exact_the_closest_call_names_an_input_not_a_contract_item():
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.floor(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 0
+
+    x = torch.tensor([1.3, 2.6], dtype=torch.float64, requires_grad=True)
+    (result,) = check(Floor.apply, {"x": x}, dtypes=["float64"], points=0).results
+    assert result.message.startswith("all agree; closest call x[0] at 0×"), result.message

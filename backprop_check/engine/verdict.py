@@ -198,7 +198,9 @@ def describe(result: Result, shown: Outcome, failing: int, total: int, tolerance
     """The result in one or two sentences: which source, which element, how far off (the
     gradient of `what`: the loss, or at order 2 ∇loss·u)."""
     if result.verdict == OK:
-        worst = max(shown.checks, key=lambda c: c.ratio, default=None)
+        # A gradient before a contract item where they tie (every comparison exact: 0×), so that
+        # "closest call grad_output at 0×" does not read as an input's element.
+        worst = max(shown.checks, key=lambda c: (c.ratio, c.kind != CheckKind.CONTRACT), default=None)
         return "" if worst is None else (
             f"all agree; closest call {worst.label} at {worst.ratio:.2g}× its tolerance "
             f"({judged_by(tolerance, worst.compared)})"
