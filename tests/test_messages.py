@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from backprop_check import Result, case, check, node, run
+import backprop_check
+
+from backprop_check import Result, case, node, run
 
 
 def check(*cases, points: int = 3) -> list[Result]:  # noqa: ANN002
@@ -209,5 +211,5 @@ def test_where_every_comparison_is_exact_the_closest_call_names_an_input_not_a_c
             return g * 0
 
     x = torch.tensor([1.3, 2.6], dtype=torch.float64, requires_grad=True)
-    (result,) = check(Floor.apply, {"x": x}, dtypes=["float64"], points=0).results
+    (result,) = backprop_check.check(Floor.apply, {"x": x}, dtypes=["float64"], points=0).results
     assert result.message.startswith("all agree; closest call x[0] at 0×"), result.message
