@@ -683,6 +683,93 @@ def test_a_smooth_function_computed_in_float32_is_not_taken_for_a_staircase(offs
 
 
 
+def _tanh_in_float32(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    """A float64 layer whose tanh runs in float32 (mixed precision: x.float() … .double())."""
+    return torch.tanh((x @ W1).float()).to(x.dtype) @ W2
+
+
+def _mixed_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    return {"x": x, "W1": torch.randn(4, 6, dtype=torch.float64, generator=g) * 0.5,
+            "W2": torch.randn(6, 2, dtype=torch.float64, generator=g) * 0.5}
+
+
+class _Scaled(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `slip`."""
+
+    slip = 1.01
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g * _Scaled.slip
+
+
+def test_a_float32_stretch_inside_a_float64_forward_is_read_at_its_slope_when_float64_inputs_follow_it():
+    # W2 moves the loss in float64 after the float32 tanh: the noise lines did not stand still and
+    # saw float64's rounding alone; x's steps, read with that σ, disagreed by float32's stairs down to
+    # where x moved no float32 value, and the loss stood still there: x read as 0 ± 2e-6, autograd
+    # blamed. The stairs' own σ now makes the bars, and they cover the float64 twin's gradient.
+    inputs = _mixed_inputs()
+    v = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    @backprop_check.case(params=inputs)
+    def mixed(x, W1, W2):  # noqa: ANN001, ANN202, N803
+        return (_tanh_in_float32(x, W1, W2) * v).sum()
+
+    grads = numerical.gradient(mixed, given_point(mixed, 0), "cpu", torch.float64)
+    twin = {name: t.clone().requires_grad_() for name, t in inputs.items()}
+    (torch.tanh(twin["x"] @ twin["W1"]) @ twin["W2"] * v).sum().backward()
+    for name in ("x", "W1"):
+        error, bar = (grads.values[name] - twin[name].grad).abs(), grads.error[name]
+        assert bool((error <= bar).all()), (name, error / bar)
+        assert bool((bar <= 1e-3 * twin[name].grad.abs().max()).all()), (name, bar)  # and precise enough to judge
+    result = backprop_check.check(
+        _tanh_in_float32, {k: t.clone().requires_grad_() for k, t in inputs.items()}, dtypes=["float64"], points=0
+    ).results[0]
+    assert result.verdict == "ok", result.message
+
+
+@pytest.mark.parametrize("seed", [1, 2, 7, 10, 11])
+def test_a_cross_entropy_computed_in_float32_from_float64_logits_is_not_blamed_on_autograd(seed):
+    # Megatron's vocab-parallel cross-entropy calls logits.float(): each row's loss steps by its own
+    # float32 ulp (1e-9 where it is 0.01, 7e-7 where it is 9), and the lowest stair as every element's
+    # σ left the others' bars far too small; counts of one stair a quarter step can also make a line
+    # (−4, −2, −1, 1, 2, 4 stairs), taken for a smooth loss or a staircase of its own.
+    target = torch.tensor([1, 3, 0, 2, 4, 1])
+    logits = 3 * torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(z.float(), target, reduction="none")
+
+    (result,) = backprop_check.check(loss, (logits.clone().requires_grad_(),), dtypes=["float64"], points=0).results
+    assert result.verdict == "ok", result.message
+
+
+def test_a_slip_in_a_function_with_a_float32_stretch_inside_is_still_found(monkeypatch):
+    # The stairs' σ widens the bars to float32's rounding of the loss (1e-5 of these gradients),
+    # far below a slip of 1 %: in the layer above, with every input differentiated, and in the
+    # float32 cross-entropy.
+    monkeypatch.setattr(_Scaled, "slip", 1.01)
+    inputs = {k: t.clone().requires_grad_() for k, t in _mixed_inputs().items()}
+    (result,) = backprop_check.check(
+        lambda x, W1, W2: _tanh_in_float32(_Scaled.apply(x), W1, W2), inputs, dtypes=["float64"], points=0  # noqa: N803
+    ).results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+    assert "`x`" in result.message, result.message
+    target = torch.tensor([1, 3, 0, 2, 4, 1])
+    logits = 3 * torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (result,) = backprop_check.check(
+        lambda z: F.cross_entropy(_Scaled.apply(z).float(), target, reduction="none"),
+        (logits.requires_grad_(),), dtypes=["float64"], points=0,
+    ).results
+    assert (str(result.verdict), str(result.culprit)) == ("mismatch", "autograd"), result.message
+
+
 class _Erfcx(torch.autograd.Function):
     """erfcx with torch's own backward formula, 2x·erfcx(x) − 2/√π: at x ≈ 1e6 the two terms
     cancel to 5.6e-13 from 1.13, and float64 keeps about three digits of the result. `slip`

@@ -168,6 +168,22 @@ STAIR_SEEN = 2.0**-10
 # Rounding moves a loss by a few ulps of the largest value its forward computes; noise this many
 # ulps beyond it is no rounding (FiniteDifferences.rough).
 ROUGH_BEYOND = 2.0**20
+# The second move of `FiniteDifferences._coarse`, in units of the first: no ratio of small whole numbers.
+STAIR_ASIDE = (math.sqrt(5) - 1) / 2
+
+
+def _stair_residual() -> tuple[torch.Tensor, int]:
+    """The projection onto what a cubic in the offset cannot fit, over the six values at OFFSETS
+    and the value at the point (the last), and its degrees of freedom (`FiniteDifferences._coarse`)."""
+    t = torch.tensor([*OFFSETS, 0.0], dtype=torch.float64)
+    basis = torch.stack([t**k for k in range(4)], dim=1)
+    return torch.eye(len(t), dtype=torch.float64) - basis @ torch.linalg.pinv(basis), len(t) - 4
+
+
+STAIR_RESIDUAL, STAIR_RESIDUAL_DOF = _stair_residual()
+# The forward computes values in a coarser dtype than float64 where the largest ulp among them is
+# this many of float64's ulps of the largest value (`FiniteDifferences._coarser`).
+COARSER_ULPS = 16.0
 # At most this many of a tensor's loosest elements are re-estimated (three steps each), which
 # bounds what the refinement adds to a full check of a large tensor.
 MAX_TIGHTENED = 256
@@ -457,7 +473,7 @@ class FiniteDifferences:
                 self._stairs = values is not None and bool((values.to(torch.float64) == f0).any())
         return self._stairs
 
-    def _coarse(self, whole: Flat, chosen: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _coarse(self, whole: Flat, chosen: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per element in `chosen`, whether the loss stands still at one at least of the points
         θ ± STAIR_MOVE·max(1, |θ|), θ ± half and a quarter of it, the element alone moved: a
         staircase of its own there (one stair crossed near its edge moves some of them, not
@@ -468,7 +484,13 @@ class FiniteDifferences:
         moves on, STAIR_GROW times further each time, until the loss changes. Stairs of rounding
         (a smooth loss rounded at a coarser scale than its own ulp) are no staircase; their
         height, as σ, is the loss's noise (a uniform rounding's: height/√12), which the noise
-        lines, too narrow to cross them, could not see."""
+        lines, too narrow to cross them, could not see. The loss's σ (`noise`) takes the lowest
+        stairs seen; each element's own stairs are returned too, as its σ (0 where none are
+        rounding): stairs of float32's rounding are as high as the float32 values an element moves
+        and what multiplies them (a cross-entropy computed in float32 steps by 1.3e-9 in a row whose
+        loss is 0.01 and by 1.7e-7 in one whose loss is 2: the lowest as every element's σ left the
+        bars of the second row 100 times too small)."""
+        none = torch.zeros(chosen.numel(), dtype=torch.float64)
         h = torch.ones(whole.size, dtype=torch.float64)
         h[chosen] = STAIR_MOVE * scale[chosen].abs().clamp(min=1.0)
         f0 = float(self.loss0)
@@ -477,22 +499,30 @@ class FiniteDifferences:
         except CaseTimeout:
             raise
         except CaseError:  # fn refuses a point that far (a domain's edge): no staircase said
-            return torch.zeros(chosen.numel(), dtype=torch.bool)
+            return torch.zeros(chosen.numel(), dtype=torch.bool), none
         coarse = (f[:, chosen] == f0).any(dim=0)
         if not math.isfinite(f0):
-            return coarse
+            return coarse, none
 
-        def stairs_of(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """The smallest change of the loss at the six offsets (inf: none), and whether the
+        def stairs_of(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """The smallest change of the loss at the six offsets (inf: none), whether the
             changes show stairs: a smooth loss's odd part is proportional to the offset (the
-            differences at h, h/2 and h/4 halve), a quantized one's is off by a stair."""
+            differences at h, h/2 and h/4 halve), a quantized one's is off by a stair; and the
+            σ of what is left of the seven values off the cubic nearest them (`STAIR_RESIDUAL`):
+            over so short a stretch a smooth loss is a cubic far below its rounding."""
             moves = (f - f0).abs()
             jump = torch.where((moves > 0) & torch.isfinite(moves), moves, math.inf).amin(dim=0)
             d1, d2, d4 = f[0] - f[5], f[1] - f[4], f[2] - f[3]
             off = torch.maximum((d1 - 2 * d2).abs(), (d2 - 2 * d4).abs())
-            return jump, torch.isfinite(jump) & (off >= jump * STAIR_SEEN)
+            left = STAIR_RESIDUAL @ torch.cat([f, torch.full_like(f[:1], f0)]).to(torch.float64)
+            residual = (left.square().sum(dim=0) / STAIR_RESIDUAL_DOF).sqrt().nan_to_num(0.0, posinf=0.0)
+            # Off that cubic by as much shows stairs too, where the odd parts happen to halve (a
+            # loss computed in float32 moved by 10, 5, 3, −2, −5 and −10 of its stairs of 7e-7).
+            return jump, torch.isfinite(jump) & (torch.maximum(off, residual) >= jump * STAIR_SEEN), residual
 
-        jumps, seen = stairs_of(f[:, chosen])  # a loss that moved crossed a stair at least
+        # a loss that moved crossed a stair at least
+        jumps, seen, residual = stairs_of(f[:, chosen])
+        first = h.clone()
         for _ in range(STAIR_GROWS):
             waiting = torch.isinf(jumps)
             if not bool(waiting.any()):
@@ -504,14 +534,48 @@ class FiniteDifferences:
                 raise
             except CaseError:  # fn refuses a point that far: the stairs stay unmeasured there
                 break
-            jumps[waiting], seen[waiting] = stairs_of(f[:, chosen[waiting]])
+            jumps[waiting], seen[waiting], residual[waiting] = stairs_of(f[:, chosen[waiting]])
+        if self._coarser():
+            # Where the forward computes float32 values, one stair a quarter step makes a line as
+            # well as a slope does (−4, −2, −1, 1, 2, 4 stairs of 1.7e-7): an element that moved at
+            # every point without showing stairs moves again, STAIR_ASIDE of that, where the
+            # counts of the same stairs make no line.
+            aside = torch.isfinite(jumps) & ~seen & ~coarse
+            if bool(aside.any()):
+                h = first * STAIR_ASIDE
+                try:
+                    f = evaluate(self.batched, self.targets, whole, h, chosen[aside])[:, chosen[aside]]
+                except CaseTimeout:
+                    raise
+                except CaseError:  # fn refuses a point that far: what the first moves showed stands
+                    f = None
+                if f is not None:
+                    more, shown, scatter = stairs_of(f)
+                    jumps[aside] = torch.minimum(jumps[aside], more)
+                    seen[aside] = shown | (f == f0).any(dim=0)
+                    residual[aside] = torch.maximum(residual[aside], scatter)
+        # Where the loss stood still at some of the points and moved at others, it has stairs
+        # whatever its values' shape says: counts of one float32 stair can make a line (a
+        # cross-entropy computed in float32 moved by 4, 2, 1, 0, −2 and −4 stairs of 1.7e-7: taken
+        # for a staircase of its own, and read as 0 ± 0.027 where the gradient is 0.21).
+        seen = seen | (coarse & torch.isfinite(jumps))
         if not bool(seen.any()):
-            return coarse
+            return coarse, none
         rounding = seen & rounding_stairs(jumps, self._term_scales()[1])
         if bool(rounding.any()):
             sigma, still = self.noise
             self._noise = (max(sigma, float(jumps[rounding].min()) / math.sqrt(12)), still)
-        return coarse & ~rounding
+        # An element's own: its lowest stair, or what its values scatter by, where that is more
+        # (the lowest change may be one stair of a small term, or a slope a stair cancels in part,
+        # where the element moves several float32 values: tanh((x @ W1).float()) by x).
+        own = torch.where(rounding, torch.maximum(jumps / math.sqrt(12), residual), 0.0)
+        if self._coarser():
+            # Where the loss computed in float32 did not move at all as the element moved by
+            # STAIR_GROW^STAIR_GROWS of STAIR_MOVE, the element's gradient is below what its stairs
+            # resolve (a logit of a confident float32 cross-entropy: 1.5e-5, read as 0 ± 2e-6):
+            # its σ is the highest stairs seen, the loss's stairs it did not cross.
+            own = torch.where(torch.isinf(jumps), own.max(), own)
+        return coarse & ~rounding, own
 
     def _measured(self, found: tuple[float, bool, bool]) -> None:
         """Keep the probe of every input (`found`: σ, still, jumps) as the forward's noise."""
@@ -543,6 +607,13 @@ class FiniteDifferences:
         if math.isfinite(sigma) and math.isfinite(f0) and sigma > ROUGH_BEYOND * EPS * f0:
             self.rough = sigma > ROUGH_BEYOND * EPS * self.terms()
         self._noise = (sigma, still)
+
+    def _coarser(self) -> bool:
+        """Whether the forward computes floating-point values in a coarser dtype than float64
+        (float32's ulp on a value of 2⁻²⁵ of the largest or more: x.float() inside a float64 check),
+        whose rounding the noise lines, NOISE_ULPS of float64's ulps apart, cannot move."""
+        largest, coarsest = self._term_scales()
+        return coarsest > COARSER_ULPS * EPS * largest
 
     def terms(self) -> float:
         """The largest magnitude among the inputs and the values the forward computes from them
@@ -612,10 +683,18 @@ class FiniteDifferences:
             sigma, still = self.noise
         # Standing still on the noise lines: a staircase of its own, or a smooth loss rounded at a
         # coarser scale than its ulp, whose stairs give its noise (`_coarse`) before any estimate.
-        coarse = self._coarse(whole, chosen, scale) if still else None
+        # So too where the forward computes values in a coarser dtype than float64 (x.float()):
+        # the lines move no float32 value, and where a float64 input moves the loss past them
+        # (tanh(x.float()).double() @ w, w differentiated too) they do not stand still, and saw
+        # float64's rounding alone; x's steps, read with that σ, disagreed by float32's stairs at
+        # every step down to where x moved no float32 value and the loss stood still: 0 ± 2e-6.
+        coarse, stairs_sigma = self._coarse(whole, chosen, scale) if still or self._coarser() else (None, None)
         sigma, still = self.noise
         if alone:
             sigma = self._own_noise(whole, chosen, scale)
+        if stairs_sigma is not None and bool((stairs_sigma > 0).any()):
+            # each element's own stairs (`_coarse`), where they are higher than the loss's lowest
+            sigma = torch.maximum(torch.as_tensor(sigma, dtype=torch.float64), stairs_sigma)
         for h, f in zip(hs, evaluated):
             estimate = _estimates(f[:, chosen], h[chosen], float(self.loss0), scale[chosen], sigma)
             estimate["step"] = h[chosen]
