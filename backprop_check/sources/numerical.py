@@ -574,7 +574,7 @@ class FiniteDifferences:
             # STAIR_GROW^STAIR_GROWS of STAIR_MOVE, the element's gradient is below what its stairs
             # resolve (a logit of a confident float32 cross-entropy: 1.5e-5, read as 0 ± 2e-6):
             # its σ is the highest stairs seen, the loss's stairs it did not cross.
-            own = torch.where(torch.isinf(jumps), own.max(), own)
+            own = torch.where(torch.isinf(jumps), own.max(), own) if own.numel() else own
         return coarse & ~rounding, own
 
     def _measured(self, found: tuple[float, bool, bool]) -> None:
