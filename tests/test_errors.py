@@ -675,3 +675,37 @@ def test_a_random_point_whose_outputs_are_not_finite_does_not_name_the_cotangent
     assert result.verdict == "error" and "not finite at the random point" in result.message, result.message
     assert "grad_output" not in result.message.split("grad_outputs is")[-1], result.message
     assert "outside the loss's domain" in result.message
+
+
+class _SoftmaxInPlace(torch.autograd.Function):
+    """Megatron's cross-entropy pattern: logits.float() then exp_ and div_ on it, a copy in
+    float64 and the caller's own tensor in float32."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.dtype = logits.dtype
+        p = logits.float()
+        p.sub_(p.max(-1, keepdim=True).values).exp_()
+        p.div_(p.sum(-1, keepdim=True))
+        ctx.save_for_backward(p)
+        return p[..., 0]
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        grad = -p * p[..., :1]
+        grad[..., 0] += p[..., 0]
+        return (grad * g[..., None]).to(ctx.dtype)
+
+
+def test_a_forward_that_edits_its_input_only_in_float32_is_said_so():
+    # The float64 purity check runs on a copy fn makes; in float32 `.float()` is the input
+    # itself, and the contract said only "modified by an inplace operation … version 6".
+    def fn(logits):
+        return _SoftmaxInPlace.apply(logits)
+
+    x = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    report = backprop_check.check(fn, {"logits": x.clone().requires_grad_()}, dtypes=["float64", "float32"], points=0)
+    f64, f32 = report.results
+    assert f64.verdict == "ok", f64.message
+    assert f32.verdict == "error" and "changes 'logits' in place in float32" in f32.message, f32.message

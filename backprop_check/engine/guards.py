@@ -156,6 +156,25 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
             )
 
 
+def leaves_inputs_alone(case: Case, point: Point, dtype: torch.dtype) -> None:
+    """Below float64, the forward in `dtype` leaves its inputs alone too: an op that copies an
+    input in float64 returns the input itself in its own dtype (`logits.float()` in float32:
+    Megatron's cross-entropy then writes its softmax into the caller's logits), which the
+    float64 purity check cannot see."""
+    at = point.cast(dtype)
+    params = {k: v.clone() for k, v in at.params.items()}
+    data = {k: v.clone() for k, v in at.data.items()}
+    with torch.no_grad():
+        call_forward(case, replace(at, params=params, data=data))
+    for name, value in {**params, **data}.items():
+        original = at.params.get(name, at.data.get(name))
+        if not identical(value, original):
+            raise CaseError(
+                f"the forward pass changes {name!r} in place in {str(dtype).removeprefix('torch.')} (an op that copies "
+                f"it in float64, such as .float(), returns it itself there); it must not modify its inputs"
+            )
+
+
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The same shape and the same values, NaN where the other has NaN."""
     return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())

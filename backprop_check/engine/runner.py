@@ -29,7 +29,9 @@ from backprop_check.limits import time_limit
 from backprop_check.model.loader import LoadFailure, inventory, load
 from backprop_check.options import POINTS, TIMEOUT, Plan, devices_for, plan_from
 from backprop_check.model.points import Point, given_point
-from backprop_check.engine.guards import checked_given, random_in_domain, require_finite_gradient, require_finite_loss
+from backprop_check.engine.guards import (
+    checked_given, leaves_inputs_alone, random_in_domain, require_finite_gradient, require_finite_loss,
+)
 from backprop_check.engine.references import device_checks, expect_checks
 from backprop_check.records import Interrupted, Report, Result
 from backprop_check.engine.verdict import error_result, outcome_of, result_for, shown_already, summarize
@@ -280,6 +282,8 @@ def check_combination(
         for k, point in enumerate(points, 1):
             if plan.progress:
                 plan.progress(case.name, device, dtype_name, k, len(points))
+            if k == 1 and dtype != torch.float64 and not case.numpy:
+                leaves_inputs_alone(case, point, dtype)
             key = (point.label, dtype_name)
             if key not in cache:
                 shared = cache.get((point.label, "float64")) if exact_in(point, dtype) else None
