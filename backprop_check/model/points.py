@@ -139,10 +139,8 @@ def random_point(case: Case, given: Point, index: int, seed: int, attempt: int =
     if case.sample is not None:
         # Not a function check's cotangents: fn's outputs do not depend on them, and a hint that
         # names them where the outputs are not finite points at the wrong thing.
-        linear = set(case.cotangent_names())
-        redrawn = tuple(
-            k for k, v in {**given.params, **given.data}.items() if v.is_floating_point() and k not in overrides and k not in linear
-        )
+        held = set(overrides) | set(case.cotangent_names())
+        redrawn = tuple(k for k, v in {**given.params, **given.data}.items() if v.is_floating_point() and k not in held)
     return Point(f"random point {index}", point_seed, params, data, redrawn, complex=given.complex, module=given.module)
 
 
