@@ -321,4 +321,21 @@ def test_grad_meta_pairs_each_gradient_with_its_argument_where_non_tensors_come_
         assert result.verdict == "ok", result.message
     else:
         assert (result.verdict, result.culprit) == ("mismatch", "autograd"), result.message
-        assert "float32 gradient for input `w`, which is float64" in result.message
+        assert "float32 gradient for input `w`, which is float64: autograd casts it silently (precision is lost)" in result.message
+
+
+def test_grad_meta_says_a_wider_gradient_loses_nothing() -> None:
+    # A float64 gradient for a float32 input (fast-soft-sort's numpy backward) was "precision is lost".
+    given, says = torch.float64, "nothing is lost"
+    class Cast(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return (g * 2).to(given)
+
+    x = torch.randn(3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    (result,) = bc.check(Cast.apply, {"x": x}, dtypes=["float32"], points=0, contract=("grad_meta",)).results
+    assert result.verdict == "mismatch" and says in result.message, result.message

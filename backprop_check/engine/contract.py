@@ -514,7 +514,7 @@ def grad_meta(p: Probe) -> Check:
                 return _result(
                     "grad_meta",
                     f"the backward of {cls} returns a {str(gradient.dtype).removeprefix('torch.')} gradient for {what}, "
-                    f"which is {str(meta.dtype).removeprefix('torch.')}: autograd casts it silently (precision is lost)",
+                    f"which is {str(meta.dtype).removeprefix('torch.')}: autograd casts it silently {_cast_cost(gradient.dtype, meta.dtype)}",
                     "",
                 )
             if tuple(gradient.shape) != tuple(meta.shape):
@@ -531,6 +531,13 @@ def grad_meta(p: Probe) -> Check:
                     "",
                 )
     return _result("grad_meta", None, "gradients have their inputs' dtype, device and shape")
+
+
+def _cast_cost(given: torch.dtype, wanted: torch.dtype) -> str:
+    """What casting a gradient of dtype `given` to its input's `wanted` costs, in words."""
+    if given.is_floating_point and wanted.is_floating_point and torch.finfo(given).eps < torch.finfo(wanted).eps:
+        return "(a wider dtype than its input's: nothing is lost, but the backward spends memory and time on it)"
+    return "(precision is lost)"
 
 
 def _edges(node: Any) -> list[tuple[int, tuple[Any, int]]]:
