@@ -105,7 +105,9 @@ def check(
 
     `inputs` is a tensor or a tuple (a dict names them, and fn is called with them by name); the floating inputs that require grad
     are differentiated (all floating inputs when none does, or those `wrt` names); other inputs
-    are passed through. Inputs are named by `fn`'s parameter names, else `input0`, `input1`, …
+    are passed through, except a callable, which is called with a seeded `torch.Generator` and
+    must return a tensor (pass a function as a constant with `functools.partial` on fn
+    instead). Inputs are named by `fn`'s parameter names, else `input0`, `input1`, …
     `devices` defaults to the inputs' devices, `dtypes` to float64 and float32 (every floating
     input is cast to the run's dtype); a device named in `devices` that is missing makes the
     exit code 5, unless `allow_skip`. Bad input is an `error` result with one line. The other
