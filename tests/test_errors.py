@@ -709,3 +709,15 @@ def test_a_forward_that_edits_its_input_only_in_float32_is_said_so():
     f64, f32 = report.results
     assert f64.verdict == "ok", f64.message
     assert f32.verdict == "error" and "changes 'logits' in place in float32" in f32.message, f32.message
+
+
+def test_data_holding_nan_is_not_taken_for_an_input_the_forward_changed():
+    # Missing values as NaN: NaN is not equal to itself, and the purity check read the unchanged
+    # data as "the forward pass changes 'x' in place".
+    def fn(w, x):
+        return (w * torch.nan_to_num(x)).sum()
+
+    x = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64)
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    report = backprop_check.check(fn, {"w": w, "x": x}, dtypes=["float64", "float32"], points=0)
+    assert [str(r.verdict) for r in report.results] == ["ok", "ok"], [r.message for r in report.results]

@@ -17,6 +17,7 @@ import torch
 from backprop_check.errors import CaseError, CaseTimeout
 from backprop_check.model.case import Case
 from backprop_check.model.forward import call_forward
+from backprop_check.model.nodes import Tape
 from backprop_check.model.points import Point, given_point, random_point, with_data, within_given
 from backprop_check.sources import Gradients
 from backprop_check.records import unravel
@@ -133,15 +134,12 @@ def check_forward_is_pure(case: Case, point: Point, runs: int = 3) -> None:
     """The forward pass must be deterministic and leave its inputs alone: it is run `runs`
     times at the same point, and the loss and every node must come out the same each time
     (dropout can give an equal loss twice by chance; rarely three times, never at every node)."""
-    params = {k: v.clone() for k, v in point.params.items()}
-    data = {k: v.clone() for k, v in point.data.items()}
-    with torch.no_grad():
-        outputs = [call_forward(case, replace(point, params=params, data=data))]
-        outputs += [call_forward(case, replace(point, params={k: v.clone() for k, v in point.params.items()}, data=data)) for _ in range(runs - 1)]
-    for name, value in {**params, **data}.items():
-        original = point.params.get(name, point.data.get(name))
-        if not torch.equal(value, original):
-            raise CaseError(f"the forward pass changes {name!r} in place; it must not modify its inputs")
+    outputs, changed = [], None
+    for _ in range(runs):
+        found, changed = _on_copies(case, point)
+        if changed is not None:
+            raise CaseError(f"the forward pass changes {changed!r} in place; it must not modify its inputs")
+        outputs.append(found)
     first, tape = outputs[0]
     require_finite_loss(first, point, case)
     for loss, other in outputs[1:]:
@@ -161,18 +159,23 @@ def leaves_inputs_alone(case: Case, point: Point, dtype: torch.dtype) -> None:
     input in float64 returns the input itself in its own dtype (`logits.float()` in float32:
     Megatron's cross-entropy then writes its softmax into the caller's logits), which the
     float64 purity check cannot see."""
-    at = point.cast(dtype)
+    _, changed = _on_copies(case, point.cast(dtype))
+    if changed is not None:
+        raise CaseError(
+            f"the forward pass changes {changed!r} in place in {str(dtype).removeprefix('torch.')} (an op that copies "
+            f"it in float64, such as .float(), returns it itself there); it must not modify its inputs"
+        )
+
+
+def _on_copies(case: Case, at: Point) -> tuple[tuple[torch.Tensor, Tape], str | None]:
+    """The forward at `at`, run on copies of its values, and the first value it changed in place
+    (None: none). NaN data (missing values) are the same NaN after it."""
     params = {k: v.clone() for k, v in at.params.items()}
     data = {k: v.clone() for k, v in at.data.items()}
     with torch.no_grad():
-        call_forward(case, replace(at, params=params, data=data))
-    for name, value in {**params, **data}.items():
-        original = at.params.get(name, at.data.get(name))
-        if not identical(value, original):
-            raise CaseError(
-                f"the forward pass changes {name!r} in place in {str(dtype).removeprefix('torch.')} (an op that copies "
-                f"it in float64, such as .float(), returns it itself there); it must not modify its inputs"
-            )
+        found = call_forward(case, replace(at, params=params, data=data))
+    changed = (name for name, value in {**params, **data}.items() if not identical(value, at.params.get(name, at.data.get(name))))
+    return found, next(changed, None)
 
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
